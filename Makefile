@@ -1,0 +1,52 @@
+# One command per task. Every target sets up what it needs (virtualenv,
+# dependencies, generated code) on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+PROTOS := $(wildcard protos/datasetd/v1/*.proto)
+GEN_DIR := service/gen
+
+.PHONY: run test test-slow lint proto proto-check bench clean setup
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+## proto: generate Python code and typed stubs from protos/ into service/gen
+proto: $(VENV)/.installed
+	$(PY) -m service.tools.gen_protos $(GEN_DIR)
+
+## proto-check: fail when the committed generated code is stale
+proto-check: $(VENV)/.installed
+	$(PY) -m service.tools.gen_protos --check $(GEN_DIR)
+
+## run: start datasetd (embedded PostgreSQL and S3 unless configured otherwise)
+run: $(VENV)/.installed
+	$(PY) -m service.tools.gen_protos --check $(GEN_DIR) || $(PY) -m service.tools.gen_protos $(GEN_DIR)
+	$(PY) -m service serve
+
+## test: the whole suite against real PostgreSQL and a real S3 server
+test: $(VENV)/.installed proto-check
+	$(PY) -m pytest -q
+
+## test-slow: soak and crash tests excluded from `make test`
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+## lint: ruff (lint + format check) and mypy --strict
+lint: $(VENV)/.installed
+	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
+	$(BIN)/mypy service tests bench
+
+## bench: benchmarks, printing figures beside raw limits measured in the same run
+bench: $(VENV)/.installed
+	$(PY) -m bench.bench_datasets
+
+clean:
+	rm -rf $(VENV) .data build *.egg-info
