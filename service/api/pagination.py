@@ -1,0 +1,59 @@
+"""Opaque, signed page tokens for keyset pagination.
+
+A token carries the last row's sort key and a hash of the request's other
+parameters, signed with an installation-wide key: a token cannot be forged,
+altered, or replayed against a different query, app or server installation.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from typing import Any
+
+from service.domain.errors import InvalidArgument
+
+_MAC_BYTES = 16
+
+
+def _bad(description: str) -> InvalidArgument:
+    return InvalidArgument.field("page_token", description, reason="INVALID_PAGE_TOKEN")
+
+
+class PageTokens:
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    @staticmethod
+    def _scope_hash(scope: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(scope, sort_keys=True).encode()).hexdigest()[:32]
+
+    def encode(self, scope: dict[str, Any], cursor: list[Any]) -> str:
+        payload = json.dumps({"v": 1, "s": self._scope_hash(scope), "c": cursor}).encode()
+        mac = hmac.new(self._secret, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        return base64.urlsafe_b64encode(payload + mac).decode().rstrip("=")
+
+    def decode(self, token: str, scope: dict[str, Any]) -> list[Any]:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except ValueError:
+            raise _bad("is malformed; pass next_page_token unchanged") from None
+        payload, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+        expected = hmac.new(self._secret, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        if len(raw) <= _MAC_BYTES or not hmac.compare_digest(mac, expected):
+            raise _bad("is invalid (altered, or issued by another server); pass next_page_token unchanged")
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            raise _bad("is malformed; pass next_page_token unchanged") from None
+        if data.get("s") != self._scope_hash(scope):
+            raise _bad(
+                "belongs to a different request; keep app_id, sort and query the same "
+                "while paging"
+            )
+        cursor = data.get("c")
+        if not isinstance(cursor, list):
+            raise _bad("is malformed")
+        return cursor

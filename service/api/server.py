@@ -1,0 +1,44 @@
+"""The grpc.aio server with our services, health checking and reflection."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from datasetd.v1 import dataset_service_pb2, dataset_service_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.api.datasets import DatasetServicer
+from service.api.interceptors import RequestInterceptor
+from service.domain.auth import Authenticator
+
+SERVICE_NAMES: Sequence[str] = (
+    dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
+)
+
+
+def build_server(
+    *,
+    authenticator: Authenticator,
+    datasets: DatasetServicer,
+    health_servicer: health.aio.HealthServicer,
+    max_message_bytes: int,
+    max_concurrent_rpcs: int,
+) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        interceptors=[RequestInterceptor(authenticator)],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
+    dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(datasets, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    return server

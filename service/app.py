@@ -1,0 +1,257 @@
+"""Composition root: builds storage, domain and transport, runs and stops them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from service.api.datasets import DatasetServicer
+from service.api.pagination import PageTokens
+from service.api.server import SERVICE_NAMES, build_server
+from service.config import Config
+from service.domain.auth import Authenticator, ensure_bootstrap_key
+from service.domain.clock import SystemClock
+from service.domain.datasets import DatasetService, DatasetSettings
+from service.domain.idempotency import Idempotency
+from service.domain.maintenance import Maintenance
+from service.storage.api_keys import PgApiKeyRepository
+from service.storage.blobs import ContentAddressedBlobStore, ObjectStore
+from service.storage.datasets import PgDatasetRepository
+from service.storage.db import Database, migrate, server_secret
+from service.storage.embedded import EmbeddedPostgres, EmbeddedS3
+from service.storage.idempotency import PgIdempotencyRepository
+
+log = logging.getLogger("datasetd")
+
+BOOTSTRAP_LOCK_ID = 0x64617461_0002
+MAINTENANCE_LOCK_ID = 0x64617461_0003
+HEALTH_INTERVAL_SECONDS = 5.0
+
+
+@dataclass
+class Resources:
+    """Connections to PostgreSQL and S3, started embedded where not configured."""
+
+    db: Database
+    objects: ObjectStore
+    embedded: list[EmbeddedPostgres | EmbeddedS3] = field(default_factory=list)
+
+    async def close(self) -> None:
+        await self.db.close()
+        self.objects.close()
+        # Reverse order of start; each stop waits until its process is gone.
+        for process in reversed(self.embedded):
+            await asyncio.to_thread(process.stop)
+
+
+async def open_resources(config: Config) -> Resources:
+    embedded: list[EmbeddedPostgres | EmbeddedS3] = []
+    try:
+        dsn = config.database_url
+        pg_start = s3_start = None
+        if not dsn:
+            postgres = EmbeddedPostgres(config.data_dir / "postgres")
+            embedded.append(postgres)
+            pg_start = asyncio.to_thread(postgres.start)
+        endpoint = None
+        if not config.s3_endpoint:
+            s3 = EmbeddedS3(config.data_dir / "s3", config.s3_bucket)
+            embedded.append(s3)
+            s3_start = asyncio.to_thread(s3.start)
+        # Both embedded servers start concurrently: S3 alone takes several seconds.
+        if pg_start is not None:
+            log.info("starting embedded PostgreSQL in %s", config.data_dir / "postgres")
+        if s3_start is not None:
+            log.info("starting embedded S3 (SeaweedFS) in %s", config.data_dir / "s3")
+        results = await asyncio.gather(
+            *(c for c in (pg_start, s3_start) if c is not None)
+        )
+        results_iter = iter(results)
+        if pg_start is not None:
+            dsn = next(results_iter)
+        if s3_start is not None:
+            endpoint = next(results_iter)
+        if endpoint is not None:
+            objects = ObjectStore(
+                endpoint.endpoint, endpoint.access_key, endpoint.secret_key, endpoint.bucket,
+                secure=endpoint.secure,
+            )
+        else:
+            objects = ObjectStore(
+                config.s3_endpoint,
+                config.s3_access_key,
+                config.s3_secret_key,
+                config.s3_bucket,
+                secure=config.s3_secure,
+                region=config.s3_region or None,
+            )
+        db = await Database.connect(dsn, max_size=config.db_pool_size)
+    except BaseException:
+        for process in reversed(embedded):
+            await asyncio.to_thread(process.stop)
+        raise
+    return Resources(db, objects, embedded)
+
+
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    port: int
+    resources: Resources
+    bootstrap_secret: str | None
+    health_servicer: health.aio.HealthServicer
+    tasks: list[asyncio.Task[Any]]
+    config: Config
+
+    async def stop(self) -> None:
+        await self.health_servicer.enter_graceful_shutdown()
+        # In-flight calls get the grace period to finish; new ones are refused.
+        await self.server.stop(self.config.shutdown_grace.total_seconds())
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.resources.close()
+
+
+async def start(config: Config, resources: Resources | None = None) -> Running:
+    """Starts the server; with `resources` given (tests), uses them instead of opening new ones."""
+    resources = resources or await open_resources(config)
+    db, objects = resources.db, resources.objects
+    try:
+        async with db.connection() as conn:
+            await migrate(conn)
+        await objects.ensure_bucket()
+        clock = SystemClock()
+        keys = PgApiKeyRepository(db)
+        async with db.transaction(), db.connection() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK_ID)
+            bootstrap_secret = await ensure_bootstrap_key(
+                keys, config.bootstrap_app, config.bootstrap_key or None
+            )
+        blobs = ContentAddressedBlobStore(db, objects)
+        idempotency_records = PgIdempotencyRepository(db)
+        datasets = DatasetService(
+            PgDatasetRepository(db),
+            blobs,
+            db,
+            clock,
+            DatasetSettings(config.delete_retention, config.download_url_ttl),
+        )
+        maintenance = Maintenance(
+            datasets,
+            blobs,
+            idempotency_records,
+            orphan_grace=config.orphan_grace,
+            request_id_ttl=config.request_id_ttl,
+        )
+        health_servicer = health.aio.HealthServicer()
+        await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        server = build_server(
+            authenticator=Authenticator(keys, clock, config.auth_cache_seconds),
+            datasets=DatasetServicer(
+                datasets,
+                Idempotency(db, idempotency_records),
+                PageTokens(await server_secret(db, "page_tokens")),
+            ),
+            health_servicer=health_servicer,
+            max_message_bytes=config.max_message_bytes,
+            max_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        port = server.add_insecure_port(config.listen)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {config.listen}")
+        await server.start()
+    except BaseException:
+        await resources.close()
+        raise
+    tasks = [
+        asyncio.create_task(_watch_health(health_servicer, resources), name="health"),
+        asyncio.create_task(
+            _maintain(maintenance, db, config.maintenance_interval.total_seconds()),
+            name="maintenance",
+        ),
+    ]
+    return Running(server, port, resources, bootstrap_secret, health_servicer, tasks, config)
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in ("", *SERVICE_NAMES):
+        await servicer.set(name, status)
+
+
+async def _watch_health(servicer: health.aio.HealthServicer, resources: Resources) -> None:
+    """SERVING only while the database and the bucket answer."""
+    while True:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(resources.db.ping(), resources.objects.ping()),
+                HEALTH_INTERVAL_SECONDS,
+            )
+            status = health_pb2.HealthCheckResponse.SERVING
+        except Exception as exc:
+            log.warning("health check failed: %s", exc)
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        await _set_health(servicer, status)
+        await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+
+
+async def _maintain(maintenance: Maintenance, db: Database, interval: float) -> None:
+    while True:
+        try:
+            async with db.exclusive(MAINTENANCE_LOCK_ID) as mine:
+                # One replica at a time; the others skip this round.
+                if mine:
+                    report = await maintenance.run_once()
+                    if any(vars(report).values()):
+                        log.info("maintenance: %s", report)
+        except Exception:
+            log.exception("maintenance round failed; retrying next round")
+        await asyncio.sleep(interval)
+
+
+def banner(config: Config, running: Running) -> str:
+    host = config.listen.rsplit(":", 1)[0]
+    address = f"{host}:{running.port}"
+    key = running.bootstrap_secret
+    lines = [f"datasetd is serving on {address} (app {config.bootstrap_app!r})"]
+    if key:
+        lines.append(f"bootstrap API key for app {config.bootstrap_app!r}: {key}")
+        if not config.bootstrap_key:
+            lines.append("  (created now and shown only once: store it somewhere safe)")
+    else:
+        key = "<your key>"
+        lines.append(
+            "bootstrap API key: shown on first start only; create another with "
+            f"`.venv/bin/python -m service keys create --app {config.bootstrap_app}`"
+        )
+    lines += [
+        "try it:",
+        f"  .venv/bin/grpcurl -plaintext -H 'authorization: Key {key}' "
+        f"-d '{{\"app_id\": \"{config.bootstrap_app}\"}}' {address} "
+        "datasetd.v1.DatasetService/ListDatasets",
+        "stop with Ctrl-C",
+    ]
+    return "\n".join(lines)
+
+
+async def serve(config: Config) -> None:
+    running = await start(config)
+    print(banner(config, running), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("shutting down: finishing in-flight calls", file=sys.stderr, flush=True)
+    await running.stop()
+    print("datasetd stopped", file=sys.stderr, flush=True)

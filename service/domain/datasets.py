@@ -1,0 +1,366 @@
+"""Dataset use cases: create, get, list, patch, delete, undelete, purge."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from service.domain.auth import Permission, authorize
+from service.domain.errors import (
+    Aborted,
+    FailedPrecondition,
+    NotFound,
+    Violations,
+)
+from service.domain.media import probe_image
+from service.domain.models import (
+    CoverImage,
+    Dataset,
+    DatasetListQuery,
+    DatasetView,
+    Principal,
+    SortField,
+    Visibility,
+)
+from service.domain.patch import PatchAction, apply_json, merge_json
+from service.domain.ports import BlobStore, Clock, DatasetRepository, TransactionManager
+from service.domain.validation import check_id, check_metadata, check_text
+
+DESCRIPTION_MAX_CHARS = 1024
+NOTES_MAX_CHARS = 64 * 1024
+URL_MAX_CHARS = 2048
+COVER_MAX_BYTES = 10 * 1024 * 1024
+QUERY_MAX_CHARS = 256
+FILTER_MAX_CONCEPTS = 100
+CONCEPT_ID_MAX_CHARS = 256
+FILTER_MEDIA_TYPES = ("MEDIA_TYPE_IMAGE", "MEDIA_TYPE_VIDEO", "MEDIA_TYPE_AUDIO", "MEDIA_TYPE_TEXT")
+FILTER_ANNOTATION_STATES = ("ANNOTATION_STATE_ANNOTATED", "ANNOTATION_STATE_UNANNOTATED")
+
+
+@dataclass(frozen=True)
+class CoverImageInput:
+    """A cover image as given by a caller: bytes to store, a URL, or neither (no cover)."""
+
+    data: bytes = b""
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetFields:
+    """The fields a caller gave in a create or update; None means not given."""
+
+    description: str | None = None
+    notes: str | None = None
+    metadata: dict[str, Any] | None = None
+    visibility: Visibility | None = None
+    cover: CoverImageInput | None = None
+    default_filter: dict[str, Any] | None = None
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
+class DeleteOutcome:
+    purged: bool
+    purge_after: datetime | None
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    delete_retention: timedelta = timedelta(days=7)
+    download_url_ttl: timedelta = timedelta(hours=1)
+
+
+def _check_url(violations: Violations, field: str, url: str) -> None:
+    if len(url) > URL_MAX_CHARS:
+        violations.add(field, f"must be at most {URL_MAX_CHARS} characters")
+    elif not url.lower().startswith(("http://", "https://")):
+        violations.add(field, "must be an http:// or https:// URL")
+
+
+def _check_concept_ids(violations: Violations, field: str, value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        violations.add(field, "must be a list of concept ids")
+        return
+    if len(value) > FILTER_MAX_CONCEPTS:
+        violations.add(field, f"must have at most {FILTER_MAX_CONCEPTS} ids, got {len(value)}")
+    for index, concept in enumerate(value):
+        if not 1 <= len(concept) <= CONCEPT_ID_MAX_CHARS:
+            violations.add(f"{field}[{index}]", f"must be 1..{CONCEPT_ID_MAX_CHARS} characters")
+
+
+def check_filter(violations: Violations, field: str, value: dict[str, Any]) -> None:
+    """Validates the JSON form of an InputFilter (proto field names)."""
+    for key, item in value.items():
+        where = f"{field}.{key}"
+        if key in ("concept_ids", "negative_concept_ids"):
+            _check_concept_ids(violations, where, item)
+        elif key == "metadata":
+            check_metadata(violations, where, item)
+        elif key == "media_types":
+            if not isinstance(item, list) or any(v not in FILTER_MEDIA_TYPES for v in item):
+                violations.add(where, f"must be a list of {', '.join(FILTER_MEDIA_TYPES)}")
+        elif key == "annotation_state":
+            if item not in FILTER_ANNOTATION_STATES:
+                violations.add(where, f"must be one of {', '.join(FILTER_ANNOTATION_STATES)}")
+        else:
+            violations.add(where, "is not a field of InputFilter")
+
+
+def _check_fields(violations: Violations, fields: DatasetFields) -> None:
+    if fields.description is not None:
+        check_text(violations, "dataset.description", fields.description, DESCRIPTION_MAX_CHARS)
+    if fields.notes is not None:
+        check_text(violations, "dataset.notes", fields.notes, NOTES_MAX_CHARS)
+    if fields.metadata is not None:
+        check_metadata(violations, "dataset.metadata", fields.metadata)
+    if fields.default_filter is not None:
+        check_filter(violations, "dataset.default_filter", fields.default_filter)
+    cover = fields.cover
+    if cover is not None:
+        if cover.data and cover.url:
+            violations.add("dataset.image", "set either image.base64 (bytes) or image.url, not both")
+        elif len(cover.data) > COVER_MAX_BYTES:
+            violations.add(
+                "dataset.image.base64",
+                f"must be at most {COVER_MAX_BYTES} bytes, got {len(cover.data)}",
+            )
+        elif cover.url:
+            _check_url(violations, "dataset.image.url", cover.url)
+
+
+class DatasetService:
+    def __init__(
+        self,
+        datasets: DatasetRepository,
+        blobs: BlobStore,
+        tx: TransactionManager,
+        clock: Clock,
+        settings: DatasetSettings,
+    ) -> None:
+        self._datasets = datasets
+        self._blobs = blobs
+        self._tx = tx
+        self._clock = clock
+        self._settings = settings
+
+    async def create(
+        self, principal: Principal, app_id: str, dataset_id: str, fields: DatasetFields
+    ) -> DatasetView:
+        authorize(principal, app_id, Permission.WRITE)
+        violations = Violations()
+        check_id(violations, "dataset.id", dataset_id, required=False)
+        _check_fields(violations, fields)
+        violations.raise_if_any()
+        # Bytes go to the object store before the row that references them.
+        cover = await self._store_cover(fields.cover)
+        draft = Dataset(
+            app_id=app_id,
+            id=dataset_id or uuid.uuid4().hex,
+            description=fields.description or "",
+            notes=fields.notes or "",
+            metadata=fields.metadata or {},
+            visibility=fields.visibility or Visibility.PRIVATE,
+            cover=cover,
+            default_filter=fields.default_filter or None,
+        )
+        async with self._tx.transaction():
+            created = await self._datasets.insert(draft)
+        return await self._view(created, with_statistics=True)
+
+    async def get(self, principal: Principal, app_id: str, dataset_id: str) -> DatasetView:
+        authorize(principal, app_id, Permission.READ)
+        dataset = await self._require(app_id, dataset_id)
+        return await self._view(dataset, with_statistics=True)
+
+    async def list(
+        self,
+        principal: Principal,
+        app_id: str,
+        *,
+        sort_field: SortField,
+        descending: bool,
+        text: str,
+        limit: int,
+        after: tuple[Any, str] | None,
+    ) -> tuple[list[DatasetView], bool]:
+        """One page and whether more rows follow."""
+        authorize(principal, app_id, Permission.READ)
+        violations = Violations()
+        check_text(violations, "query", text, QUERY_MAX_CHARS)
+        violations.raise_if_any()
+        rows = await self._datasets.list(
+            DatasetListQuery(app_id, sort_field, descending, text, limit + 1, after)
+        )
+        views = [await self._view(row, with_statistics=False) for row in rows[:limit]]
+        return views, len(rows) > limit
+
+    async def update(
+        self,
+        principal: Principal,
+        app_id: str,
+        dataset_id: str,
+        action: PatchAction,
+        fields: DatasetFields,
+        etag: str,
+    ) -> DatasetView:
+        authorize(principal, app_id, Permission.WRITE)
+        violations = Violations()
+        check_id(violations, "dataset.id", dataset_id)
+        if fields.is_empty():
+            violations.add(
+                "dataset", "nothing to update: set the fields to change or name them in update_mask"
+            )
+        if action is PatchAction.REMOVE and fields.visibility is not None:
+            violations.add("dataset.visibility", "cannot be removed; OVERWRITE it instead")
+        _check_fields(violations, fields)
+        violations.raise_if_any()
+        new_cover = None
+        if action is not PatchAction.REMOVE and fields.cover is not None:
+            new_cover = await self._store_cover(fields.cover)
+        async with self._tx.transaction():
+            current = await self._require(app_id, dataset_id, lock=True)
+            if etag and etag != current.etag:
+                raise Aborted(
+                    f"dataset {dataset_id!r} changed since etag {etag!r} (now {current.etag!r}); "
+                    "get it again and retry",
+                    reason="ETAG_MISMATCH",
+                    metadata={"current_etag": current.etag},
+                )
+            updated = self._apply(current, action, fields, new_cover)
+            saved = await self._datasets.update(updated)
+        return await self._view(saved, with_statistics=True)
+
+    async def delete(
+        self, principal: Principal, app_id: str, dataset_id: str, *, force: bool
+    ) -> DeleteOutcome:
+        authorize(principal, app_id, Permission.WRITE)
+        self._check_dataset_id(dataset_id)
+        async with self._tx.transaction():
+            current = await self._datasets.get(app_id, dataset_id, include_deleted=True, lock=True)
+            if current is None or (current.deleted_at is not None and not force):
+                raise self._not_found(app_id, dataset_id)
+            if force:
+                await self._datasets.purge(app_id, dataset_id)
+                return DeleteOutcome(purged=True, purge_after=None)
+            now = self._clock.now()
+            purge_after = now + self._settings.delete_retention
+            await self._datasets.update(
+                dataclasses.replace(current, deleted_at=now, purge_after=purge_after)
+            )
+            return DeleteOutcome(purged=False, purge_after=purge_after)
+
+    async def undelete(self, principal: Principal, app_id: str, dataset_id: str) -> DatasetView:
+        authorize(principal, app_id, Permission.WRITE)
+        self._check_dataset_id(dataset_id)
+        async with self._tx.transaction():
+            current = await self._datasets.get(app_id, dataset_id, include_deleted=True, lock=True)
+            if current is None or (
+                current.purge_after is not None and current.purge_after <= self._clock.now()
+            ):
+                raise NotFound(
+                    f"no deleted dataset {dataset_id!r} in app {app_id!r} "
+                    "(never created, or already purged)",
+                    reason="DATASET_NOT_FOUND",
+                    metadata={"dataset_id": dataset_id},
+                )
+            if current.deleted_at is None:
+                raise FailedPrecondition(
+                    f"dataset {dataset_id!r} is not deleted", reason="DATASET_NOT_DELETED"
+                )
+            restored = await self._datasets.update(
+                dataclasses.replace(current, deleted_at=None, purge_after=None)
+            )
+        return await self._view(restored, with_statistics=True)
+
+    async def purge_expired(self, limit: int = 1000) -> int:
+        return await self._datasets.purge_expired(self._clock.now(), limit)
+
+    def _apply(
+        self,
+        current: Dataset,
+        action: PatchAction,
+        fields: DatasetFields,
+        new_cover: CoverImage | None,
+    ) -> Dataset:
+        remove = action is PatchAction.REMOVE
+        changes: dict[str, Any] = {}
+        if fields.description is not None:
+            changes["description"] = "" if remove else fields.description
+        if fields.notes is not None:
+            changes["notes"] = "" if remove else fields.notes
+        if fields.visibility is not None:
+            changes["visibility"] = fields.visibility
+        if fields.cover is not None:
+            changes["cover"] = None if remove else new_cover
+        if fields.metadata is not None:
+            metadata = apply_json(action, current.metadata, fields.metadata, "dataset.metadata")
+            violations = Violations()
+            check_metadata(violations, "dataset.metadata", metadata)
+            violations.raise_if_any(reason="METADATA_TOO_LARGE")
+            changes["metadata"] = metadata
+        if fields.default_filter is not None:
+            if remove:
+                changes["default_filter"] = None
+            elif action is PatchAction.MERGE:
+                merged = merge_json(current.default_filter or {}, fields.default_filter)
+                violations = Violations()
+                check_filter(violations, "dataset.default_filter", merged)
+                violations.raise_if_any()
+                changes["default_filter"] = merged or None
+            else:
+                changes["default_filter"] = fields.default_filter or None
+        return dataclasses.replace(current, **changes)
+
+    async def _store_cover(self, cover: CoverImageInput | None) -> CoverImage | None:
+        if cover is None:
+            return None
+        if cover.url:
+            return CoverImage(url=cover.url)
+        if not cover.data:
+            return None
+        probe = probe_image(cover.data, "dataset.image.base64")
+        blob = await self._blobs.put(cover.data, probe.content_type)
+        return CoverImage(
+            blob=blob,
+            width=probe.width,
+            height=probe.height,
+            format=probe.format,
+            color_mode=probe.color_mode,
+        )
+
+    async def _view(self, dataset: Dataset, *, with_statistics: bool) -> DatasetView:
+        url = ""
+        if dataset.cover is not None and dataset.cover.blob is not None:
+            url = await self._blobs.download_url(
+                dataset.cover.blob, self._settings.download_url_ttl
+            )
+        statistics = None
+        if with_statistics:
+            statistics = await self._datasets.statistics(dataset.app_id, dataset.id)
+        return DatasetView(dataset, url, statistics)
+
+    @staticmethod
+    def _check_dataset_id(dataset_id: str) -> None:
+        violations = Violations()
+        check_id(violations, "dataset_id", dataset_id)
+        violations.raise_if_any()
+
+    @staticmethod
+    def _not_found(app_id: str, dataset_id: str) -> NotFound:
+        return NotFound(
+            f"dataset {dataset_id!r} not found in app {app_id!r}",
+            reason="DATASET_NOT_FOUND",
+            metadata={"dataset_id": dataset_id},
+        )
+
+    async def _require(self, app_id: str, dataset_id: str, *, lock: bool = False) -> Dataset:
+        self._check_dataset_id(dataset_id)
+        dataset = await self._datasets.get(app_id, dataset_id, lock=lock)
+        if dataset is None:
+            raise self._not_found(app_id, dataset_id)
+        return dataset

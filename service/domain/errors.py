@@ -1,0 +1,105 @@
+"""Typed domain errors with stable reasons; the transport maps them to status codes."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field: `field` is a path such as `dataset.metadata` or `inputs[3].id`."""
+
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    kind: ErrorKind = ErrorKind.INVALID_ARGUMENT
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        violations: Iterable[FieldViolation] = (),
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.violations = tuple(violations)
+        self.metadata = dict(metadata or {})
+
+
+class InvalidArgument(DomainError):
+    kind = ErrorKind.INVALID_ARGUMENT
+
+    @classmethod
+    def field(cls, field: str, description: str, *, reason: str = "INVALID_FIELD") -> InvalidArgument:
+        return cls(
+            f"{field}: {description}",
+            reason=reason,
+            violations=[FieldViolation(field, description)],
+        )
+
+
+class NotFound(DomainError):
+    kind = ErrorKind.NOT_FOUND
+
+
+class AlreadyExists(DomainError):
+    kind = ErrorKind.ALREADY_EXISTS
+
+
+class PermissionDenied(DomainError):
+    kind = ErrorKind.PERMISSION_DENIED
+
+
+class Unauthenticated(DomainError):
+    kind = ErrorKind.UNAUTHENTICATED
+
+
+class FailedPrecondition(DomainError):
+    kind = ErrorKind.FAILED_PRECONDITION
+
+
+class Aborted(DomainError):
+    kind = ErrorKind.ABORTED
+
+
+class ResourceExhausted(DomainError):
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+
+
+class Unavailable(DomainError):
+    kind = ErrorKind.UNAVAILABLE
+
+
+class Violations:
+    """Collects every problem of a request so the caller sees them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self, reason: str = "INVALID_FIELD") -> None:
+        if not self.items:
+            return
+        summary = "; ".join(f"{v.field}: {v.description}" for v in self.items)
+        raise InvalidArgument(summary, reason=reason, violations=self.items)

@@ -1,0 +1,49 @@
+"""Retry safety for mutations: the same request id and body return the first response."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from service.domain.errors import InvalidArgument
+from service.domain.ports import IdempotencyRepository, TransactionManager
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    app_id: str
+    method: str
+    request_id: str
+    # Hash of the request without its request id.
+    fingerprint: bytes
+
+
+class Idempotency:
+    def __init__(self, tx: TransactionManager, records: IdempotencyRepository) -> None:
+        self._tx = tx
+        self._records = records
+
+    async def run(
+        self, key: IdempotencyKey | None, operation: Callable[[], Awaitable[bytes]]
+    ) -> bytes:
+        """Runs `operation` once per key. The claim, the operation's writes and the
+        stored response commit in one transaction, so a crash leaves either all of
+        them or none; a concurrent retry waits on the claim and then replays."""
+        if key is None:
+            return await operation()
+        async with self._tx.transaction():
+            earlier = await self._records.claim(
+                key.app_id, key.method, key.request_id, key.fingerprint
+            )
+            if earlier is not None:
+                if earlier.fingerprint != key.fingerprint or earlier.response is None:
+                    raise InvalidArgument.field(
+                        "request_id",
+                        f"was already used for a different {key.method} request; "
+                        "use a new request id for a new request",
+                        reason="REQUEST_ID_REUSED",
+                    )
+                return earlier.response
+            response = await operation()
+            await self._records.complete(key.app_id, key.method, key.request_id, response)
+            return response

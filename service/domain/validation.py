@@ -1,0 +1,64 @@
+"""Rules for identifiers, text fields and JSON metadata shared by every resource."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from service.domain.errors import Violations
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ID_RULE = "must be 1..64 characters of [A-Za-z0-9_-]"
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+REQUEST_ID_RULE = "must be 1..128 characters of [A-Za-z0-9_.:-]"
+METADATA_MAX_BYTES = 64 * 1024
+METADATA_MAX_DEPTH = 8
+
+
+def check_id(violations: Violations, field: str, value: str, *, required: bool = True) -> None:
+    if not value:
+        if required:
+            violations.add(field, f"is required and {ID_RULE}")
+        return
+    if not ID_PATTERN.match(value):
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        violations.add(field, f"{ID_RULE}, got {shown!r} ({len(value)} characters)")
+
+
+def check_request_id(violations: Violations, value: str) -> None:
+    if value and not REQUEST_ID_PATTERN.match(value):
+        violations.add("request_id", REQUEST_ID_RULE)
+
+
+def check_text(violations: Violations, field: str, value: str, max_chars: int) -> None:
+    if len(value) > max_chars:
+        violations.add(field, f"must be at most {max_chars} characters, got {len(value)}")
+    if "\x00" in value:
+        violations.add(field, "must not contain NUL characters")
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth: a scalar is 0, `{}` is 1, `{"a": []}` is 2."""
+    if isinstance(value, dict):
+        return 1 + max((json_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((json_depth(v) for v in value), default=0)
+    return 0
+
+
+def check_metadata(violations: Violations, field: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        violations.add(field, "must be a JSON object")
+        return
+    depth = json_depth(value)
+    if depth > METADATA_MAX_DEPTH:
+        violations.add(field, f"nesting depth must be at most {METADATA_MAX_DEPTH}, got {depth}")
+        return
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > METADATA_MAX_BYTES:
+        violations.add(
+            field, f"must be at most {METADATA_MAX_BYTES} bytes as JSON, got {size} bytes"
+        )
+    if "\\u0000" in json.dumps(value):
+        violations.add(field, "must not contain NUL characters (PostgreSQL jsonb rejects them)")

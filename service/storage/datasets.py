@@ -1,0 +1,223 @@
+"""PostgreSQL repository of datasets."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from service.domain.errors import AlreadyExists
+from service.domain.models import (
+    CoverImage,
+    Dataset,
+    DatasetListQuery,
+    DatasetStatistics,
+    SortField,
+    StoredBlob,
+    Visibility,
+)
+from service.storage.db import Database
+
+_COLUMNS = (
+    "d.app_id, d.id, d.description, d.notes, d.metadata, d.visibility, d.cover_url,"
+    " d.cover_info, d.default_filter, d.created_at, d.modified_at, d.revision, d.deleted_at,"
+    " d.purge_after, b.key AS blob_key, b.sha256 AS blob_sha256, b.size AS blob_size,"
+    " b.content_type AS blob_content_type"
+)
+_FROM = "datasets d LEFT JOIN blobs b ON b.key = d.cover_blob"
+
+INSERT = """
+INSERT INTO datasets (app_id, id, description, notes, metadata, visibility, cover_url,
+                      cover_blob, cover_info, default_filter)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (app_id, id) DO NOTHING
+RETURNING app_id, id
+"""
+
+SELECT_ONE = f"SELECT {_COLUMNS} FROM {_FROM} WHERE d.app_id = $1 AND d.id = $2"
+SELECT_ONE_LIVE = SELECT_ONE + " AND d.deleted_at IS NULL"
+LOCK_ONE = "SELECT 1 FROM datasets WHERE app_id = $1 AND id = $2 FOR UPDATE"
+
+UPDATE = """
+UPDATE datasets SET description = $3, notes = $4, metadata = $5, visibility = $6,
+       cover_url = $7, cover_blob = $8, cover_info = $9, default_filter = $10,
+       deleted_at = $11, purge_after = $12, revision = revision + 1,
+       modified_at = greatest(now(), modified_at + interval '1 microsecond')
+WHERE app_id = $1 AND id = $2
+"""
+
+PURGE = "DELETE FROM datasets WHERE app_id = $1 AND id = $2"
+PURGE_EXPIRED = """
+DELETE FROM datasets WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM datasets
+    WHERE deleted_at IS NOT NULL AND purge_after <= $1
+    LIMIT $2 FOR UPDATE SKIP LOCKED))
+"""
+
+# $2 is the search text, $3 its ILIKE pattern; $4/$5 the keyset cursor; $6 the limit.
+_TEXT_FILTER = "($2 = '' OR d.id ILIKE $3 OR d.description ILIKE $3 OR d.notes ILIKE $3)"
+
+
+def _list_sql(column: str, descending: bool, with_cursor: bool) -> str:
+    direction, compare = ("DESC", "<") if descending else ("ASC", ">")
+    cursor = f" AND (d.{column}, d.id) {compare} ($4, $5)" if with_cursor else ""
+    limit = "$6" if with_cursor else "$4"
+    return (
+        f"SELECT {_COLUMNS} FROM {_FROM} WHERE d.app_id = $1 AND d.deleted_at IS NULL"
+        f" AND {_TEXT_FILTER}{cursor} ORDER BY d.{column} {direction}, d.id {direction}"
+        f" LIMIT {limit}"
+    )
+
+
+# Every statement the list call can run, built once from whitelisted names.
+LIST_SQL = {
+    (field, descending, with_cursor): _list_sql(field.value, descending, with_cursor)
+    for field in SortField
+    for descending in (False, True)
+    for with_cursor in (False, True)
+}
+
+
+def _like_pattern(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _cover_columns(cover: CoverImage | None) -> tuple[str, str | None, dict[str, Any] | None]:
+    if cover is None:
+        return "", None, None
+    info = {
+        "width": cover.width,
+        "height": cover.height,
+        "format": cover.format,
+        "color_mode": cover.color_mode,
+    }
+    return cover.url, cover.blob.key if cover.blob else None, info
+
+
+def _row_to_dataset(row: asyncpg.Record) -> Dataset:
+    cover = None
+    info = row["cover_info"] or {}
+    blob = None
+    if row["blob_key"] is not None:
+        blob = StoredBlob(
+            row["blob_key"], row["blob_sha256"], row["blob_size"], row["blob_content_type"]
+        )
+    if blob is not None or row["cover_url"]:
+        cover = CoverImage(
+            url=row["cover_url"],
+            blob=blob,
+            width=info.get("width", 0),
+            height=info.get("height", 0),
+            format=info.get("format", ""),
+            color_mode=info.get("color_mode", ""),
+        )
+    return Dataset(
+        app_id=row["app_id"],
+        id=row["id"],
+        description=row["description"],
+        notes=row["notes"],
+        metadata=row["metadata"],
+        visibility=Visibility(row["visibility"]),
+        cover=cover,
+        default_filter=row["default_filter"],
+        created_at=row["created_at"],
+        modified_at=row["modified_at"],
+        revision=row["revision"],
+        deleted_at=row["deleted_at"],
+        purge_after=row["purge_after"],
+    )
+
+
+class PgDatasetRepository:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def insert(self, dataset: Dataset) -> Dataset:
+        cover_url, cover_blob, cover_info = _cover_columns(dataset.cover)
+        async with self._db.connection() as conn:
+            inserted = await conn.fetchrow(
+                INSERT,
+                dataset.app_id,
+                dataset.id,
+                dataset.description,
+                dataset.notes,
+                dataset.metadata,
+                int(dataset.visibility),
+                cover_url,
+                cover_blob,
+                cover_info,
+                dataset.default_filter,
+            )
+            if inserted is None:
+                existing = await conn.fetchrow(SELECT_ONE, dataset.app_id, dataset.id)
+                deleted = existing is not None and existing["deleted_at"] is not None
+                raise AlreadyExists(
+                    f"dataset {dataset.id!r} already exists in app {dataset.app_id!r}"
+                    + (
+                        " (deleted; undelete it, or delete it with force to reuse the id)"
+                        if deleted
+                        else ""
+                    ),
+                    reason="DATASET_DELETED_EXISTS" if deleted else "DATASET_EXISTS",
+                    metadata={"dataset_id": dataset.id},
+                )
+            row = await conn.fetchrow(SELECT_ONE, dataset.app_id, dataset.id)
+        return _row_to_dataset(row)
+
+    async def get(
+        self, app_id: str, dataset_id: str, *, include_deleted: bool = False, lock: bool = False
+    ) -> Dataset | None:
+        async with self._db.connection() as conn:
+            if lock and await conn.fetchval(LOCK_ONE, app_id, dataset_id) is None:
+                return None
+            row = await conn.fetchrow(
+                SELECT_ONE if include_deleted else SELECT_ONE_LIVE, app_id, dataset_id
+            )
+        return None if row is None else _row_to_dataset(row)
+
+    async def list(self, query: DatasetListQuery) -> list[Dataset]:
+        sql = LIST_SQL[(query.sort_field, query.descending, query.after is not None)]
+        args: list[Any] = [query.app_id, query.text, _like_pattern(query.text)]
+        if query.after is not None:
+            args.extend(query.after)
+        args.append(query.limit)
+        async with self._db.connection() as conn:
+            rows = await conn.fetch(sql, *args)
+        return [_row_to_dataset(row) for row in rows]
+
+    async def update(self, dataset: Dataset) -> Dataset:
+        cover_url, cover_blob, cover_info = _cover_columns(dataset.cover)
+        async with self._db.connection() as conn:
+            await conn.execute(
+                UPDATE,
+                dataset.app_id,
+                dataset.id,
+                dataset.description,
+                dataset.notes,
+                dataset.metadata,
+                int(dataset.visibility),
+                cover_url,
+                cover_blob,
+                cover_info,
+                dataset.default_filter,
+                dataset.deleted_at,
+                dataset.purge_after,
+            )
+            row = await conn.fetchrow(SELECT_ONE, dataset.app_id, dataset.id)
+        return _row_to_dataset(row)
+
+    async def purge(self, app_id: str, dataset_id: str) -> None:
+        async with self._db.connection() as conn:
+            await conn.execute(PURGE, app_id, dataset_id)
+
+    async def purge_expired(self, now: datetime, limit: int) -> int:
+        async with self._db.connection() as conn:
+            status = await conn.execute(PURGE_EXPIRED, now, limit)
+        return int(status.split()[-1])
+
+    async def statistics(self, app_id: str, dataset_id: str) -> DatasetStatistics:
+        # Inputs and annotations arrive with their own tables in a later
+        # migration; until then every dataset is empty.
+        return DatasetStatistics()

@@ -1,0 +1,138 @@
+"""The asyncpg pool, ambient transactions and migrations."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+# Any constant works; it only has to be the same for every replica.
+MIGRATION_LOCK_ID = 0x64617461_7365_7464
+
+_current: contextvars.ContextVar[asyncpg.Connection | None] = contextvars.ContextVar(
+    "datasetd_db_connection", default=None
+)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+class Database:
+    """Repositories ask it for a connection; inside `transaction()` they all get
+    the same one, so use cases compose writes into one transaction without
+    passing connections around."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Database:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, init=_init_connection
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        current = _current.get()
+        if current is not None:
+            yield current
+            return
+        async with self.pool.acquire() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        current = _current.get()
+        if current is not None:
+            # Nested: a savepoint, so an inner failure does not poison the outer work.
+            async with current.transaction():
+                yield
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            token = _current.set(conn)
+            try:
+                yield
+            finally:
+                _current.reset(token)
+
+    @asynccontextmanager
+    async def exclusive(self, lock_id: int) -> AsyncIterator[bool]:
+        """Yields whether this process got the session lock (held for the block)."""
+        async with self.pool.acquire() as conn:
+            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_id))
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", lock_id)
+
+    async def ping(self) -> None:
+        async with self.connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+
+def _migration_files() -> list[tuple[int, str, str]]:
+    found = []
+    for entry in resources.files("service.storage.migrations").iterdir():
+        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Applies pending migrations; returns the versions applied.
+
+    The advisory lock makes servers starting together take turns: the second
+    finds the work done. Each migration commits with its version row.
+    """
+    applied: list[int] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, name, sql in _migration_files():
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+                )
+            log.info("applied migration %04d_%s", version, name)
+            applied.append(version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    return applied
+
+
+async def server_secret(db: Database, name: str, size: int = 32) -> bytes:
+    """A random secret created once per installation and shared by all replicas."""
+    import secrets
+
+    async with db.connection() as conn:
+        value: Any = await conn.fetchval(
+            "INSERT INTO server_secrets (name, value) VALUES ($1, $2)"
+            " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING value",
+            name,
+            secrets.token_bytes(size),
+        )
+    return bytes(value)
