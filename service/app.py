@@ -7,6 +7,8 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,7 @@ from service.storage.api_keys import PgApiKeyRepository
 from service.storage.blobs import ContentAddressedBlobStore, ObjectStore
 from service.storage.datasets import PgDatasetRepository
 from service.storage.db import Database, migrate, server_secret
-from service.storage.embedded import EmbeddedPostgres, EmbeddedS3
+from service.storage.embedded import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
 from service.storage.idempotency import PgIdempotencyRepository
 
 log = logging.getLogger("datasetd")
@@ -47,58 +49,82 @@ class Resources:
     async def close(self) -> None:
         await self.db.close()
         self.objects.close()
-        # Reverse order of start; each stop waits until its process is gone.
-        for process in reversed(self.embedded):
-            await asyncio.to_thread(process.stop)
+        await _stop_embedded(self.embedded)
+
+
+async def _database_url(config: Config, embedded: list[EmbeddedPostgres | EmbeddedS3]) -> str:
+    if config.database_url:
+        return config.database_url
+    postgres = EmbeddedPostgres(config.data_dir / "postgres")
+    embedded.append(postgres)
+    log.info("starting embedded PostgreSQL in %s", postgres.data_dir)
+    return await asyncio.to_thread(postgres.start)
+
+
+async def _object_store(
+    config: Config, embedded: list[EmbeddedPostgres | EmbeddedS3]
+) -> ObjectStore:
+    if config.s3_endpoint:
+        return ObjectStore(
+            config.s3_endpoint,
+            config.s3_access_key,
+            config.s3_secret_key,
+            config.s3_bucket,
+            secure=config.s3_secure,
+            region=config.s3_region or None,
+        )
+    s3 = EmbeddedS3(config.data_dir / "s3", config.s3_bucket)
+    embedded.append(s3)
+    log.info("starting embedded S3 (SeaweedFS) in %s", config.data_dir / "s3")
+    endpoint = await asyncio.to_thread(s3.start)
+    return ObjectStore(
+        endpoint.endpoint,
+        endpoint.access_key,
+        endpoint.secret_key,
+        endpoint.bucket,
+        secure=endpoint.secure,
+    )
+
+
+async def _stop_embedded(embedded: list[EmbeddedPostgres | EmbeddedS3]) -> None:
+    # Reverse order of start; each stop waits until its process is gone.
+    for process in reversed(embedded):
+        await asyncio.to_thread(process.stop)
 
 
 async def open_resources(config: Config) -> Resources:
+    """Connects to PostgreSQL and S3, starting embedded servers for what is not configured.
+
+    The two start concurrently: the embedded S3 server alone takes seconds."""
     embedded: list[EmbeddedPostgres | EmbeddedS3] = []
     try:
-        dsn = config.database_url
-        pg_start = s3_start = None
-        if not dsn:
-            postgres = EmbeddedPostgres(config.data_dir / "postgres")
-            embedded.append(postgres)
-            pg_start = asyncio.to_thread(postgres.start)
-        endpoint = None
-        if not config.s3_endpoint:
-            s3 = EmbeddedS3(config.data_dir / "s3", config.s3_bucket)
-            embedded.append(s3)
-            s3_start = asyncio.to_thread(s3.start)
-        # Both embedded servers start concurrently: S3 alone takes several seconds.
-        if pg_start is not None:
-            log.info("starting embedded PostgreSQL in %s", config.data_dir / "postgres")
-        if s3_start is not None:
-            log.info("starting embedded S3 (SeaweedFS) in %s", config.data_dir / "s3")
-        results = await asyncio.gather(
-            *(c for c in (pg_start, s3_start) if c is not None)
+        dsn, objects = await asyncio.gather(
+            _database_url(config, embedded), _object_store(config, embedded)
         )
-        results_iter = iter(results)
-        if pg_start is not None:
-            dsn = next(results_iter)
-        if s3_start is not None:
-            endpoint = next(results_iter)
-        if endpoint is not None:
-            objects = ObjectStore(
-                endpoint.endpoint, endpoint.access_key, endpoint.secret_key, endpoint.bucket,
-                secure=endpoint.secure,
-            )
-        else:
-            objects = ObjectStore(
-                config.s3_endpoint,
-                config.s3_access_key,
-                config.s3_secret_key,
-                config.s3_bucket,
-                secure=config.s3_secure,
-                region=config.s3_region or None,
-            )
         db = await Database.connect(dsn, max_size=config.db_pool_size)
     except BaseException:
-        for process in reversed(embedded):
-            await asyncio.to_thread(process.stop)
+        await _stop_embedded(embedded)
         raise
     return Resources(db, objects, embedded)
+
+
+@asynccontextmanager
+async def open_database(config: Config) -> AsyncIterator[Database]:
+    """The database alone, for administrative commands."""
+    embedded: list[EmbeddedPostgres | EmbeddedS3] = []
+    try:
+        dsn = await _database_url(config, embedded)
+    except EmbeddedServerError as exc:
+        await _stop_embedded(embedded)
+        raise SystemExit(
+            f"{exc}\nstop the running server first, or set DATASETD_DATABASE_URL"
+        ) from None
+    db = await Database.connect(dsn, min_size=1, max_size=2)
+    try:
+        yield db
+    finally:
+        await db.close()
+        await _stop_embedded(embedded)
 
 
 @dataclass
@@ -237,7 +263,7 @@ def banner(config: Config, running: Running) -> str:
     lines += [
         "try it:",
         f"  .venv/bin/grpcurl -plaintext -H 'authorization: Key {key}' "
-        f"-d '{{\"app_id\": \"{config.bootstrap_app}\"}}' {address} "
+        f'-d \'{{"app_id": "{config.bootstrap_app}"}}\' {address} '
         "datasetd.v1.DatasetService/ListDatasets",
         "stop with Ctrl-C",
     ]

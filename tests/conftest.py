@@ -59,9 +59,7 @@ def stack_env(stack: Stack) -> dict[str, str]:
 
 
 def object_store(stack: Stack) -> ObjectStore:
-    return ObjectStore(
-        stack.s3.endpoint, stack.s3.access_key, stack.s3.secret_key, stack.s3.bucket
-    )
+    return ObjectStore(stack.s3.endpoint, stack.s3.access_key, stack.s3.secret_key, stack.s3.bucket)
 
 
 @pytest.fixture(scope="session")
@@ -118,5 +116,5 @@ async def channel(server: Running) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture(scope="session")
-def datasets(channel: grpc.aio.Channel) -> dataset_service_pb2_grpc.DatasetServiceStub:
+def datasets(channel: grpc.aio.Channel) -> dataset_service_pb2_grpc.DatasetServiceAsyncStub:
     return dataset_service_pb2_grpc.DatasetServiceStub(channel)

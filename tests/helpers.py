@@ -51,7 +51,9 @@ async def call_error(call: Awaitable[T]) -> CallError:
     raise AssertionError("the call succeeded but was expected to fail")
 
 
-def png_bytes(width: int = 8, height: int = 6, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+def png_bytes(
+    width: int = 8, height: int = 6, color: tuple[int, int, int] = (200, 30, 30)
+) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -11,7 +11,14 @@ from service.domain.datasets import CoverImageInput, DatasetFields
 from service.domain.errors import Violations
 from service.domain.models import DatasetView, Visibility
 
-PATCHABLE_DATASET_FIELDS = ("description", "notes", "metadata", "visibility", "image", "default_filter")
+PATCHABLE_DATASET_FIELDS = (
+    "description",
+    "notes",
+    "metadata",
+    "visibility",
+    "image",
+    "default_filter",
+)
 
 
 def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:

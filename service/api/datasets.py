@@ -153,7 +153,8 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             action = _ACTIONS.get(request.action)
             if action is None:
                 violations.add(
-                    "action", "must be PATCH_ACTION_MERGE, PATCH_ACTION_OVERWRITE or PATCH_ACTION_REMOVE"
+                    "action",
+                    "must be PATCH_ACTION_MERGE, PATCH_ACTION_OVERWRITE or PATCH_ACTION_REMOVE",
                 )
             fields = dataset_fields(request.dataset, list(request.update_mask.paths), violations)
             violations.raise_if_any()

@@ -7,7 +7,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -28,6 +28,8 @@ PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
 
 def current_principal() -> Principal:
     principal = PRINCIPAL.get()
@@ -36,106 +38,114 @@ def current_principal() -> Principal:
     return principal
 
 
+class _Call:
+    """The per-call part: request id, authentication, error mapping, access log."""
+
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        method: str,
+        metadata: Sequence[tuple[str, str | bytes]],
+    ) -> None:
+        self._authenticator = authenticator
+        self.method = method
+        self._authorization = [str(v) for k, v in metadata if k == "authorization"]
+        self._client_request_id = next((str(v) for k, v in metadata if k == _REQUEST_ID_HEADER), "")
+        self._started = time.perf_counter()
+        self.outcome = "OK"
+
+    async def begin(self, context: Context) -> None:
+        request_id = (
+            self._client_request_id
+            if _CLIENT_REQUEST_ID.match(self._client_request_id)
+            else uuid.uuid4().hex
+        )
+        REQUEST_ID.set(request_id)
+        context.set_trailing_metadata(((_REQUEST_ID_HEADER, request_id),))
+        secret = parse_authorization(self._authorization)
+        PRINCIPAL.set(await self._authenticator.authenticate(secret))
+
+    async def fail(self, context: Context, exc: Exception) -> None:
+        request_id = REQUEST_ID.get()
+        if isinstance(exc, DomainError):
+            self.outcome = exc.kind.value
+            status = to_rpc_status(exc, request_id)
+        else:
+            self.outcome = "INTERNAL"
+            log.error("unexpected error in %s", self.method, exc_info=exc)
+            status = internal_status(request_id)
+        trailing = (*status.trailing_metadata, (_REQUEST_ID_HEADER, request_id))
+        await context.abort(status.code, status.details, trailing)
+
+    def done(self) -> None:
+        elapsed_ms = (time.perf_counter() - self._started) * 1000
+        log.info(
+            "%s %s %.1fms",
+            self.method,
+            self.outcome,
+            elapsed_ms,
+            extra={"method": self.method, "outcome": self.outcome, "elapsed_ms": elapsed_ms},
+        )
+
+
 class RequestInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
         self._authenticator = authenticator
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
         method: str = handler_call_details.method
-        if method.startswith(PUBLIC_PREFIXES):
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
-        metadata = handler_call_details.invocation_metadata or ()
-        authorization = [str(v) for k, v in metadata if k == "authorization"]
-        client_request_id = next((str(v) for k, v in metadata if k == _REQUEST_ID_HEADER), "")
+        authenticator = self._authenticator
+        metadata = tuple(handler_call_details.invocation_metadata or ())
         kwargs: dict[str, Any] = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        # The generic handler types describe sync behaviours; ours are coroutines.
+        inner: Any = handler.unary_unary or handler.stream_unary
+        if inner is not None:
 
-        async def begin(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-            request_id = (
-                client_request_id
-                if _CLIENT_REQUEST_ID.match(client_request_id)
-                else uuid.uuid4().hex
-            )
-            REQUEST_ID.set(request_id)
-            context.set_trailing_metadata(((_REQUEST_ID_HEADER, request_id),))
-            secret = parse_authorization(authorization)
-            PRINCIPAL.set(await self._authenticator.authenticate(secret))
-            return request_id
-
-        async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
-            request_id = REQUEST_ID.get()
-            if isinstance(exc, DomainError):
-                status = to_rpc_status(exc, request_id)
-            else:
-                log.error("unexpected error in %s", method, exc_info=exc)
-                status = internal_status(request_id)
-            trailing = (*status.trailing_metadata, (_REQUEST_ID_HEADER, request_id))
-            await context.abort(status.code, status.details, trailing)
-
-        def done(started: float, outcome: str) -> None:
-            log.info(
-                "%s %s %.1fms",
-                method,
-                outcome,
-                (time.perf_counter() - started) * 1000,
-                extra={"method": method, "outcome": outcome},
-            )
-
-        if handler.unary_unary or handler.stream_unary:
-            inner = handler.unary_unary or handler.stream_unary
-
-            async def unary_response(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                started, outcome = time.perf_counter(), "OK"
+            async def unary_response(request: Any, context: Context) -> Any:
+                call = _Call(authenticator, method, metadata)
                 try:
-                    await begin(context)
+                    await call.begin(context)
                     return await inner(request, context)
                 except grpc.aio.AbortError:
-                    outcome = "ABORTED_BY_HANDLER"
+                    call.outcome = "ABORTED_BY_HANDLER"
                     raise
                 except Exception as exc:
-                    outcome = getattr(getattr(exc, "kind", None), "value", "INTERNAL")
-                    await fail(context, exc)
+                    await call.fail(context, exc)
                 finally:
-                    done(started, outcome)
+                    call.done()
 
-            factory = (
-                grpc.unary_unary_rpc_method_handler
-                if handler.unary_unary
-                else grpc.stream_unary_rpc_method_handler
-            )
-            return factory(unary_response, **kwargs)
+            if handler.unary_unary:
+                return grpc.unary_unary_rpc_method_handler(unary_response, **kwargs)
+            return grpc.stream_unary_rpc_method_handler(unary_response, **kwargs)
 
-        inner_stream = handler.unary_stream or handler.stream_stream
+        inner_stream: Any = handler.unary_stream or handler.stream_stream
 
-        async def stream_response(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            started, outcome = time.perf_counter(), "OK"
+        async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
+            call = _Call(authenticator, method, metadata)
             try:
-                await begin(context)
+                await call.begin(context)
                 async for item in inner_stream(request, context):
                     yield item
             except grpc.aio.AbortError:
-                outcome = "ABORTED_BY_HANDLER"
+                call.outcome = "ABORTED_BY_HANDLER"
                 raise
             except Exception as exc:
-                outcome = getattr(getattr(exc, "kind", None), "value", "INTERNAL")
-                await fail(context, exc)
+                await call.fail(context, exc)
             finally:
-                done(started, outcome)
+                call.done()
 
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(stream_response, **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream_response, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(stream_response, **kwargs)

@@ -43,15 +43,16 @@ class PageTokens:
         payload, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
         expected = hmac.new(self._secret, payload, hashlib.sha256).digest()[:_MAC_BYTES]
         if len(raw) <= _MAC_BYTES or not hmac.compare_digest(mac, expected):
-            raise _bad("is invalid (altered, or issued by another server); pass next_page_token unchanged")
+            raise _bad(
+                "is invalid (altered, or issued by another server); pass next_page_token unchanged"
+            )
         try:
             data = json.loads(payload)
         except ValueError:
             raise _bad("is malformed; pass next_page_token unchanged") from None
         if data.get("s") != self._scope_hash(scope):
             raise _bad(
-                "belongs to a different request; keep app_id, sort and query the same "
-                "while paging"
+                "belongs to a different request; keep app_id, sort and query the same while paging"
             )
         cursor = data.get("c")
         if not isinstance(cursor, list):

@@ -123,7 +123,9 @@ def _check_fields(violations: Violations, fields: DatasetFields) -> None:
     cover = fields.cover
     if cover is not None:
         if cover.data and cover.url:
-            violations.add("dataset.image", "set either image.base64 (bytes) or image.url, not both")
+            violations.add(
+                "dataset.image", "set either image.base64 (bytes) or image.url, not both"
+            )
         elif len(cover.data) > COVER_MAX_BYTES:
             violations.add(
                 "dataset.image.base64",

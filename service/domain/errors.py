@@ -49,7 +49,9 @@ class InvalidArgument(DomainError):
     kind = ErrorKind.INVALID_ARGUMENT
 
     @classmethod
-    def field(cls, field: str, description: str, *, reason: str = "INVALID_FIELD") -> InvalidArgument:
+    def field(
+        cls, field: str, description: str, *, reason: str = "INVALID_FIELD"
+    ) -> InvalidArgument:
         return cls(
             f"{field}: {description}",
             reason=reason,

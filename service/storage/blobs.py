@@ -44,7 +44,9 @@ class ObjectStore:
         http = urllib3.PoolManager(
             maxsize=max_workers,
             timeout=urllib3.Timeout(connect=5, read=60),
-            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+            retries=urllib3.Retry(
+                total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
         )
         self._client = Minio(
             endpoint,

@@ -164,6 +164,7 @@ class PgDatasetRepository:
                     metadata={"dataset_id": dataset.id},
                 )
             row = await conn.fetchrow(SELECT_ONE, dataset.app_id, dataset.id)
+        assert row is not None, "the row was written in this transaction"
         return _row_to_dataset(row)
 
     async def get(
@@ -206,6 +207,7 @@ class PgDatasetRepository:
                 dataset.purge_after,
             )
             row = await conn.fetchrow(SELECT_ONE, dataset.app_id, dataset.id)
+        assert row is not None, "the row was written in this transaction"
         return _row_to_dataset(row)
 
     async def purge(self, app_id: str, dataset_id: str) -> None:

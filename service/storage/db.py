@@ -9,21 +9,27 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger(__name__)
 
 # Any constant works; it only has to be the same for every replica.
 MIGRATION_LOCK_ID = 0x64617461_7365_7464
 
-_current: contextvars.ContextVar[asyncpg.Connection | None] = contextvars.ContextVar(
+# A pooled connection or a direct one: repositories use either the same way.
+Connection: TypeAlias = (
+    "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+)
+
+_current: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
     "datasetd_db_connection", default=None
 )
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
@@ -32,7 +38,7 @@ class Database:
     the same one, so use cases compose writes into one transaction without
     passing connections around."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
         self.pool = pool
 
     @classmethod
@@ -46,7 +52,7 @@ class Database:
         await self.pool.close()
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self) -> AsyncIterator[Connection]:
         current = _current.get()
         if current is not None:
             yield current
@@ -94,7 +100,7 @@ def _migration_files() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[int]:
+async def migrate(conn: Connection) -> list[int]:
     """Applies pending migrations; returns the versions applied.
 
     The advisory lock makes servers starting together take turns: the second

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from typing import Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 from datasetd.v1 import common_pb2, data_pb2, dataset_pb2
 from datasetd.v1 import dataset_service_pb2 as api
-from datasetd.v1 import dataset_service_pb2_grpc
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
 
 from service.storage.db import Database
 from tests.conftest import Caller, new_caller
 from tests.helpers import call_error, png_bytes
 
-Stub = dataset_service_pb2_grpc.DatasetServiceStub
+if TYPE_CHECKING:
+    from datasetd.v1.dataset_service_pb2_grpc import DatasetServiceAsyncStub as Stub
 PUBLIC = dataset_pb2.Visibility(gettable=dataset_pb2.Visibility.GETTABLE_PUBLIC)
 
 
@@ -192,7 +193,7 @@ async def test_every_bad_field_is_reported_at_once(datasets: Stub, caller: Calle
 
 
 def _download(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback test server)
+    with urllib.request.urlopen(url, timeout=10) as response:
         data: bytes = response.read()
         return data
 
@@ -239,9 +240,7 @@ async def test_pagination_in_every_order_sees_each_dataset_once(
         datasets, caller, page_size=2, sort_order=common_pb2.SORT_ORDER_ASCENDING
     )
     assert oldest_first == names
-    by_id = await list_all(
-        datasets, caller, page_size=3, sort_by=api.DATASET_SORT_FIELD_ID
-    )
+    by_id = await list_all(datasets, caller, page_size=3, sort_by=api.DATASET_SORT_FIELD_ID)
     assert by_id == sorted(names)
     by_id_desc = await list_all(
         datasets,
@@ -286,9 +285,7 @@ async def test_pages_stay_correct_while_rows_are_inserted(datasets: Stub, caller
     assert seen == [f"old-{i}" for i in range(6)] + [f"new-{i}" for i in range(3)]
 
 
-async def test_search_text_matches_id_description_and_notes(
-    datasets: Stub, caller: Caller
-) -> None:
+async def test_search_text_matches_id_description_and_notes(datasets: Stub, caller: Caller) -> None:
     await create(datasets, caller, id="street-scenes", description="Cars")
     await create(datasets, caller, id="x1", description="Street CATS at night")
     await create(datasets, caller, id="x2", notes="collected on the street")
@@ -331,7 +328,7 @@ async def test_bad_page_size_and_tokens(datasets: Stub, caller: Caller, db: Data
     assert token
     tampered = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
     foreign_caller = await new_caller(db)
-    cases = {
+    cases: dict[str, Awaitable[Any]] = {
         "malformed": page(page_size=1, page_token="not a token!"),
         "tampered": page(page_size=1, page_token=tampered),
         "other query": page(page_size=1, page_token=token, query="p"),
@@ -448,9 +445,7 @@ async def test_remove_deletes_keys_list_items_and_cover(datasets: Stub, caller: 
     assert not removed.HasField("image")
     assert not (await get(datasets, caller, "r")).HasField("image")
     error = await call_error(
-        update(
-            datasets, caller, common_pb2.PATCH_ACTION_REMOVE, id="r", metadata=struct({"a": 5})
-        )
+        update(datasets, caller, common_pb2.PATCH_ACTION_REMOVE, id="r", metadata=struct({"a": 5}))
     )
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "dataset.metadata.a" in error.fields
@@ -476,7 +471,11 @@ async def test_update_errors(datasets: Stub, caller: Caller) -> None:
     assert error.code == grpc.StatusCode.NOT_FOUND
     # Merging must not push metadata past its limits either.
     await update(
-        datasets, caller, common_pb2.PATCH_ACTION_MERGE, id="u", metadata=struct({"a": "x" * 40_000})
+        datasets,
+        caller,
+        common_pb2.PATCH_ACTION_MERGE,
+        id="u",
+        metadata=struct({"a": "x" * 40_000}),
     )
     error = await call_error(
         update(
@@ -630,9 +629,7 @@ async def test_errors_carry_the_request_id(datasets: Stub, caller: Caller) -> No
 # --- idempotency ----------------------------------------------------------------------------
 
 
-async def test_retry_with_request_id_returns_first_response(
-    datasets: Stub, caller: Caller
-) -> None:
+async def test_retry_with_request_id_returns_first_response(datasets: Stub, caller: Caller) -> None:
     request = api.CreateDatasetRequest(
         app_id=caller.app_id, dataset=dataset_pb2.Dataset(description="once"), request_id="req-1"
     )
@@ -667,9 +664,7 @@ async def test_concurrent_retries_create_once(datasets: Stub, caller: Caller) ->
     assert len(await list_all(datasets, caller)) == 1
 
 
-async def test_retried_delete_replays_instead_of_not_found(
-    datasets: Stub, caller: Caller
-) -> None:
+async def test_retried_delete_replays_instead_of_not_found(datasets: Stub, caller: Caller) -> None:
     await create(datasets, caller, id="gone")
     request = api.DeleteDatasetRequest(app_id=caller.app_id, dataset_id="gone", request_id="del-1")
     first = await datasets.DeleteDataset(request, metadata=caller.metadata)
@@ -677,9 +672,7 @@ async def test_retried_delete_replays_instead_of_not_found(
     assert again == first
 
 
-async def test_failed_call_does_not_consume_the_request_id(
-    datasets: Stub, caller: Caller
-) -> None:
+async def test_failed_call_does_not_consume_the_request_id(datasets: Stub, caller: Caller) -> None:
     request = api.UndeleteDatasetRequest(
         app_id=caller.app_id, dataset_id="later", request_id="undo-1"
     )

@@ -141,11 +141,17 @@ async def test_expired_deletions_are_purged(db: Database) -> None:
     repo = PgDatasetRepository(db)
     app = "purge-" + secrets.token_hex(4)
     now = datetime.now(UTC)
-    for name, purge_after in [("old", now - timedelta(seconds=1)), ("young", now + timedelta(days=1))]:
+    for name, purge_after in [
+        ("old", now - timedelta(seconds=1)),
+        ("young", now + timedelta(days=1)),
+    ]:
         created = await repo.insert(Dataset(app_id=app, id=name))
         await repo.update(
             Dataset(
-                app_id=app, id=name, deleted_at=now, purge_after=purge_after,
+                app_id=app,
+                id=name,
+                deleted_at=now,
+                purge_after=purge_after,
                 revision=created.revision,
             )
         )

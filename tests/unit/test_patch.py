@@ -14,8 +14,9 @@ from service.domain.patch import PatchAction, apply_json, merge_json, remove_jso
 json_scalars = st.none() | st.booleans() | st.integers(-1000, 1000) | st.text(max_size=5)
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=3), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3), children, max_size=3)
+    ),
     max_leaves=10,
 )
 json_objects = st.dictionaries(st.text(max_size=3), json_values, max_size=4)
