@@ -1,0 +1,233 @@
+"""The server as a process: start-up banner, embedded and external stacks, signals.
+
+These run `python -m service serve` exactly as `make run` does and talk to it
+over a real channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from datasetd.v1 import common_pb2, data_pb2, dataset_pb2, dataset_service_pb2_grpc
+from datasetd.v1 import dataset_service_pb2 as api
+
+from service.storage.db import Database
+from tests.conftest import Stack, stack_env
+from tests.helpers import png_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    process: asyncio.subprocess.Process
+    address: str
+    banner: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.pid).children(recursive=True)
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
+        self.process.send_signal(sig)
+        return await asyncio.wait_for(self.process.wait(), timeout)
+
+
+@asynccontextmanager
+async def run_server(env: dict[str, str]) -> AsyncIterator[ServerProcess]:
+    port = free_port()
+    env = {**env, "DATASETD_LISTEN": f"127.0.0.1:{port}", "PYTHONUNBUFFERED": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+
+    async def read_banner() -> None:
+        assert process.stdout is not None
+        while not lines or not lines[-1].startswith("stop with Ctrl-C"):
+            line = await process.stdout.readline()
+            if not line:
+                raise AssertionError(f"server exited before serving: {''.join(lines)}")
+            lines.append(line.decode())
+
+    try:
+        await asyncio.wait_for(read_banner(), START_TIMEOUT)
+        yield ServerProcess(process, f"127.0.0.1:{port}", "".join(lines))
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATASETD_")}
+    return {**env, **overrides}
+
+
+@asynccontextmanager
+async def stub_for(address: str) -> AsyncIterator[dataset_service_pb2_grpc.DatasetServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield dataset_service_pb2_grpc.DatasetServiceStub(channel)
+
+
+async def test_embedded_stack_starts_persists_and_stops_cleanly(tmp_path: Path) -> None:
+    env = clean_env(DATASETD_DATA_DIR=str(tmp_path), DATASETD_SHUTDOWN_GRACE="5s")
+    cover = png_bytes(12, 9)
+    async with run_server(env) as server:
+        assert f"serving on {server.address}" in server.banner
+        assert "shown only once" in server.banner
+        key = next(
+            line.rsplit(" ", 1)[-1]
+            for line in server.banner.splitlines()
+            if line.startswith("bootstrap API key for app")
+        )
+        assert f"grpcurl -plaintext -H 'authorization: Key {key}'" in server.banner
+        children = server.descendants()
+        names = " ".join(" ".join(p.cmdline()) for p in children)
+        assert "weed" in names and "postgres" in names
+        for child in children:
+            for conn in child.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    assert conn.laddr.ip == "127.0.0.1", (child.cmdline(), conn)
+        metadata = (("authorization", f"Key {key}"),)
+        async with stub_for(server.address) as stub:
+            await stub.CreateDataset(
+                api.CreateDatasetRequest(
+                    app_id="main",
+                    dataset=dataset_pb2.Dataset(
+                        id="kept", description="survives", image=data_pb2.Image(base64=cover)
+                    ),
+                ),
+                metadata=metadata,
+            )
+        assert await server.stop(signal.SIGINT) == 0
+        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    async with run_server(env) as server:
+        assert "shown on first start only" in server.banner
+        assert key not in server.banner
+        async with stub_for(server.address) as stub:
+            got = await stub.GetDataset(
+                api.GetDatasetRequest(app_id="main", dataset_id="kept"), metadata=metadata
+            )
+            assert got.dataset.description == "survives"
+            assert got.dataset.image.image_info.width == 12
+            data = await asyncio.to_thread(_download, got.dataset.image.url)
+            assert data == cover
+        children = server.descendants()
+        assert await server.stop(signal.SIGTERM) == 0
+        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _download(url: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback)
+        data: bytes = response.read()
+        return data
+
+
+async def test_external_stack_starts_nothing_and_drains_in_flight_calls(
+    stack: Stack, db: Database, tmp_path: Path
+) -> None:
+    app = "proc-" + secrets.token_hex(4)
+    key = "configured-bootstrap-" + secrets.token_hex(8)
+    env = {
+        **clean_env(),
+        **{k: v for k, v in stack_env(stack).items() if k.startswith("DATASETD_")},
+        "DATASETD_DATA_DIR": str(tmp_path / "unused"),
+        "DATASETD_BOOTSTRAP_KEY": key,
+        "DATASETD_BOOTSTRAP_APP": app,
+        "DATASETD_SHUTDOWN_GRACE": "20s",
+    }
+    metadata = (("authorization", f"Bearer {key}"),)
+    async with run_server(env) as server:
+        assert key in server.banner
+        assert server.descendants() == []
+        assert not (tmp_path / "unused").exists()
+        async with stub_for(server.address) as stub:
+            await stub.CreateDataset(
+                api.CreateDatasetRequest(app_id=app, dataset=dataset_pb2.Dataset(id="busy")),
+                metadata=metadata,
+            )
+            # Hold the row lock so that an update is in flight when the signal comes.
+            async with db.transaction(), db.connection() as conn:
+                await conn.execute(
+                    "SELECT 1 FROM datasets WHERE app_id = $1 AND id = 'busy' FOR UPDATE", app
+                )
+                in_flight = asyncio.ensure_future(
+                    stub.UpdateDataset(
+                        api.UpdateDatasetRequest(
+                            app_id=app,
+                            dataset=dataset_pb2.Dataset(id="busy", description="finished"),
+                            action=common_pb2.PATCH_ACTION_MERGE,
+                        ),
+                        metadata=metadata,
+                    )
+                )
+                await asyncio.sleep(1.0)
+                assert not in_flight.done()
+                server.process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(1.0)
+                assert server.process.returncode is None
+            response = await asyncio.wait_for(in_flight, 20)
+            assert response.dataset.description == "finished"
+        assert await asyncio.wait_for(server.process.wait(), 20) == 0
+    async with db.connection() as conn:
+        stored = await conn.fetchval(
+            "SELECT description FROM datasets WHERE app_id = $1 AND id = 'busy'", app
+        )
+    assert stored == "finished"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [({"DATASETD_S3_ENDPOINT": "127.0.0.1:1"}, "DATASETD_S3_ACCESS_KEY")],
+)
+async def test_bad_configuration_exits_with_a_clear_message(
+    env: dict[str, str], message: str
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        cwd=ROOT,
+        env=clean_env(**env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert message in stderr.decode()
