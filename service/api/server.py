@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.api.datasets import DatasetServicer
 from service.api.interceptors import RequestInterceptor
+from service.api.reflection import enable_reflection
 from service.domain.auth import Authenticator
 
 SERVICE_NAMES: Sequence[str] = (
@@ -37,8 +38,12 @@ def build_server(
     )
     dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(datasets, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+    enable_reflection(
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     return server

@@ -110,23 +110,37 @@ async def test_describe_message_fields(server: Running) -> None:
         assert field in out, f"{field!r} missing from:\n{out}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="grpcio-reflection serves FileDescriptorProtos rebuilt with CopyToProto, which "
-    "has no source_code_info, and the generated _pb2 modules embed none either",
-)
 async def test_describe_shows_proto_comments(server: Running) -> None:
-    """Reflection should carry the .proto comments, the API's documentation."""
+    """Reflection carries the .proto comments, the API's documentation.
+
+    grpcurl prints each comment line as `// ...` above the element it documents.
+    """
     code, out, err = await grpcurl(*target(server), "describe", "datasetd.v1.Dataset")
     assert code == 0, err
-    # From the comments of the message and of its `default_filter` field.
-    assert "A named collection of inputs with their annotations." in out, out
-    assert "Filter applied by default when listing the dataset's inputs." in out, out
+    # The comments of the message and of its `description` and `default_filter` fields.
+    for comment, element in (
+        ("// A named collection of inputs with their annotations.", "message Dataset {"),
+        ("// Optional. At most 1024 characters.", "string description = 7;"),
+        (
+            "// Optional. Filter applied by default when listing the dataset's inputs.",
+            ".datasetd.v1.InputFilter default_filter = 100;",
+        ),
+    ):
+        assert f"{comment}\n" in out, f"{comment!r} missing from:\n{out}"
+        assert out.index(comment) < out.index(element), out
 
     code, out, err = await grpcurl(*target(server), "describe", SERVICE)
     assert code == 0, err
     assert "Manages datasets." in out, out
-    assert "Gets a dataset with its statistics." in out, out
+    assert "// Gets a dataset with its statistics." in out, out
+    # A multi-line RPC comment, line by line, right above its RPC.
+    undelete = (
+        "  // Brings back a deleted dataset within the retention window. NOT_FOUND when\n"
+        "  // no deleted dataset with the id exists (never created, or purged);\n"
+        "  // FAILED_PRECONDITION when the dataset is not deleted.\n"
+        "  rpc UndeleteDataset ("
+    )
+    assert undelete in out, out
 
 
 async def test_describe_service_rpcs(server: Running) -> None:
