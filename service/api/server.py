@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from datasetd.v1 import dataset_service_pb2, dataset_service_pb2_grpc
+from datasetd.v1 import (
+    annotation_pb2,  # noqa: F401  (registered so reflection can describe Annotation)
+    dataset_service_pb2,
+    dataset_service_pb2_grpc,
+    input_pb2,  # noqa: F401  (registered so reflection can describe Input, InputBatch)
+)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 

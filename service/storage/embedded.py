@@ -946,6 +946,7 @@ class EmbeddedS3:
             try:
                 child = self._spawn(weed, ports, access_key, secret_key)
                 self._wait_ready(child, endpoint, deadline)
+                self._wait_volumes_registered(ports["master"], deadline)
                 _write_private_file(self.ports_path, json.dumps(ports, indent=2) + "\n")
             except _PortConflict:
                 _release_weed_ports(ports)
@@ -1071,6 +1072,40 @@ class EmbeddedS3:
         child.start()
         _write_private_file(self.pid_path, f"{child.pid}\n")
         return child
+
+    def _wait_volumes_registered(self, master_port: int, deadline: float) -> None:
+        """After a restart the S3 API answers before the volume server has told
+        the master about its volumes; reads of existing objects fail with
+        "volume not found" until then. Waits until every volume file on disk is
+        known to the master."""
+        on_disk = len(list(self._data_dir.glob("*.dat")))
+        if on_disk == 0:
+            return
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1.0, read=5.0), retries=False)
+        registered = 0
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    response = http.request("GET", f"http://127.0.0.1:{master_port}/dir/status")
+                    topology = json.loads(response.data).get("Topology", {})
+                    registered = sum(
+                        node.get("Volumes", 0)
+                        for center in topology.get("DataCenters") or []
+                        for rack in center.get("Racks") or []
+                        for node in rack.get("DataNodes") or []
+                    )
+                    if registered >= on_disk:
+                        return
+                except (urllib3.exceptions.HTTPError, ValueError, AttributeError):
+                    pass
+                time.sleep(0.1)
+        finally:
+            http.clear()
+        raise EmbeddedServerError(
+            f"weed's master knows {registered} of the {on_disk} volumes in {self._data_dir} "
+            f"after {_START_TIMEOUT:.0f}s; last lines of {self.log_path}:\n"
+            f"{_log_tail(self.log_path)}"
+        )
 
     def _wait_ready(self, child: _Child, endpoint: S3Endpoint, deadline: float) -> None:
         http = urllib3.PoolManager(
