@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import urllib.request
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -49,6 +50,13 @@ async def call_error(call: Awaitable[T]) -> CallError:
     except grpc.aio.AioRpcError as error:
         return details_of(error)
     raise AssertionError("the call succeeded but was expected to fail")
+
+
+def download(url: str) -> bytes:
+    """Fetches a (presigned) URL the way any HTTP client would."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        data: bytes = response.read()
+        return data
 
 
 def png_bytes(

@@ -72,7 +72,12 @@ class _Call:
             status = to_rpc_status(exc, request_id)
         else:
             self.outcome = "INTERNAL"
-            log.error("unexpected error in %s", self.method, exc_info=exc)
+            log.error(
+                "unexpected error in %s",
+                self.method,
+                exc_info=exc,
+                extra={"request_id": request_id},
+            )
             status = internal_status(request_id)
         trailing = (*status.trailing_metadata, (_REQUEST_ID_HEADER, request_id))
         await context.abort(status.code, status.details, trailing)

@@ -20,9 +20,7 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK_ID = 0x64617461_7365_7464
 
 # A pooled connection or a direct one: repositories use either the same way.
-Connection: TypeAlias = (
-    "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
-)
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 _current: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
     "datasetd_db_connection", default=None

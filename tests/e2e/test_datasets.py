@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +14,7 @@ from google.protobuf import field_mask_pb2, json_format, struct_pb2
 
 from service.storage.db import Database
 from tests.conftest import Caller, new_caller
-from tests.helpers import call_error, png_bytes
+from tests.helpers import call_error, download, png_bytes
 
 if TYPE_CHECKING:
     from datasetd.v1.dataset_service_pb2_grpc import DatasetServiceAsyncStub as Stub
@@ -192,12 +191,6 @@ async def test_every_bad_field_is_reported_at_once(datasets: Stub, caller: Calle
 # --- cover image ----------------------------------------------------------------------------
 
 
-def _download(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        data: bytes = response.read()
-        return data
-
-
 async def test_cover_image_is_stored_and_downloadable(datasets: Stub, caller: Caller) -> None:
     image = png_bytes(40, 30)
     created = await create(datasets, caller, id="covered", image=data_pb2.Image(base64=image))
@@ -205,7 +198,7 @@ async def test_cover_image_is_stored_and_downloadable(datasets: Stub, caller: Ca
     info = created.image.image_info
     assert (info.width, info.height, info.format) == (40, 30, "PNG")
     got = await get(datasets, caller, "covered")
-    assert await asyncio.to_thread(_download, got.image.url) == image
+    assert await asyncio.to_thread(download, got.image.url) == image
 
 
 async def test_cover_image_by_url_is_kept_as_reference(datasets: Stub, caller: Caller) -> None:

@@ -25,7 +25,7 @@ from datasetd.v1 import dataset_service_pb2 as api
 
 from service.storage.db import Database
 from tests.conftest import Stack, stack_env
-from tests.helpers import png_bytes
+from tests.helpers import download, png_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 90.0
@@ -51,9 +51,9 @@ class ServerProcess:
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.pid).children(recursive=True)
 
-    async def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         self.process.send_signal(sig)
-        return await asyncio.wait_for(self.process.wait(), timeout)
+        return await asyncio.wait_for(self.process.wait(), 30)
 
 
 @asynccontextmanager
@@ -143,19 +143,11 @@ async def test_embedded_stack_starts_persists_and_stops_cleanly(tmp_path: Path) 
             )
             assert got.dataset.description == "survives"
             assert got.dataset.image.image_info.width == 12
-            data = await asyncio.to_thread(_download, got.dataset.image.url)
+            data = await asyncio.to_thread(download, got.dataset.image.url)
             assert data == cover
         children = server.descendants()
         assert await server.stop(signal.SIGTERM) == 0
         assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
-def _download(url: str) -> bytes:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback)
-        data: bytes = response.read()
-        return data
 
 
 async def test_external_stack_starts_nothing_and_drains_in_flight_calls(

@@ -1,0 +1,101 @@
+"""The interceptor turns any unexpected exception into INTERNAL with a logged request id."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from service.api.interceptors import RequestInterceptor, current_principal
+from service.domain.auth import Authenticator, new_key
+from service.domain.errors import NotFound
+from service.domain.models import ApiKey
+from tests.helpers import details_of
+from tests.unit.test_auth import FakeKeys, FixedClock
+
+METHOD = "/test.Echo/Call"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+async def _behaviour(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    if request == b"boom":
+        raise RuntimeError("secret internal detail")
+    if request == b"missing":
+        raise NotFound("no such thing", reason="THING_NOT_FOUND")
+    return current_principal().app_id.encode()
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[tuple[grpc.aio.Channel, str]]:
+    keys = FakeKeys()
+    secret, key = new_key("app", "k")
+    await keys.insert(key)
+    server = grpc.aio.server(interceptors=[RequestInterceptor(Authenticator(keys, FixedClock()))])
+    handler = grpc.method_handlers_generic_handler(
+        "test.Echo",
+        {"Call": grpc.unary_unary_rpc_method_handler(_behaviour, _identity, _identity)},
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel, secret
+    await server.stop(None)
+
+
+async def _call(channel: grpc.aio.Channel, body: bytes, secret: str) -> bytes:
+    call = channel.unary_unary(
+        METHOD, request_serializer=_identity, response_deserializer=_identity
+    )
+    response: bytes = await call(body, metadata=(("authorization", f"Key {secret}"),))
+    return response
+
+
+async def test_authenticated_call_sees_its_principal(echo: tuple[grpc.aio.Channel, str]) -> None:
+    channel, secret = echo
+    assert await _call(channel, b"hi", secret) == b"app"
+
+
+async def test_unexpected_error_is_internal_with_logged_request_id(
+    echo: tuple[grpc.aio.Channel, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    channel, secret = echo
+    caplog.set_level(logging.ERROR)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _call(channel, b"boom", secret)
+    error = details_of(raised.value)
+    assert error.code == grpc.StatusCode.INTERNAL
+    assert error.reason == "INTERNAL"
+    assert error.request_id and error.request_id in error.message
+    assert "secret internal detail" not in error.message
+    assert "Traceback" not in error.message
+    logged = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert [getattr(r, "request_id", None) for r in logged] == [error.request_id]
+    assert "secret internal detail" in str(logged[0].exc_info)
+
+
+async def test_domain_error_keeps_its_code_and_reason(echo: tuple[grpc.aio.Channel, str]) -> None:
+    channel, secret = echo
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _call(channel, b"missing", secret)
+    error = details_of(raised.value)
+    assert error.code == grpc.StatusCode.NOT_FOUND
+    assert error.reason == "THING_NOT_FOUND"
+
+
+async def test_unknown_key_never_reaches_the_handler(echo: tuple[grpc.aio.Channel, str]) -> None:
+    channel, _ = echo
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _call(channel, b"hi", "dsd_unknown-key-000000000000")
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_fake_keys_hold_hashes_only() -> None:
+    secret, key = new_key("app", "k")
+    assert isinstance(key, ApiKey) and secret not in str(key)
