@@ -170,8 +170,7 @@ class DatasetService:
             cover=cover,
             default_filter=fields.default_filter or None,
         )
-        async with self._tx.transaction():
-            created = await self._datasets.insert(draft)
+        created = await self._datasets.insert(draft)
         return await self._view(created, with_statistics=True)
 
     async def get(self, principal: Principal, app_id: str, dataset_id: str) -> DatasetView:

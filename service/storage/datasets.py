@@ -27,24 +27,30 @@ _COLUMNS = (
 )
 _FROM = "datasets d LEFT JOIN blobs b ON b.key = d.cover_blob"
 
-INSERT = """
-INSERT INTO datasets (app_id, id, description, notes, metadata, visibility, cover_url,
-                      cover_blob, cover_info, default_filter)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-ON CONFLICT (app_id, id) DO NOTHING
-RETURNING app_id, id
+# One round trip: the written row comes back joined with its cover blob.
+INSERT = f"""
+WITH d AS (
+    INSERT INTO datasets (app_id, id, description, notes, metadata, visibility, cover_url,
+                          cover_blob, cover_info, default_filter)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    ON CONFLICT (app_id, id) DO NOTHING
+    RETURNING *)
+SELECT {_COLUMNS} FROM d LEFT JOIN blobs b ON b.key = d.cover_blob
 """
 
 SELECT_ONE = f"SELECT {_COLUMNS} FROM {_FROM} WHERE d.app_id = $1 AND d.id = $2"
 SELECT_ONE_LIVE = SELECT_ONE + " AND d.deleted_at IS NULL"
 LOCK_ONE = "SELECT 1 FROM datasets WHERE app_id = $1 AND id = $2 FOR UPDATE"
 
-UPDATE = """
-UPDATE datasets SET description = $3, notes = $4, metadata = $5, visibility = $6,
-       cover_url = $7, cover_blob = $8, cover_info = $9, default_filter = $10,
-       deleted_at = $11, purge_after = $12, revision = revision + 1,
-       modified_at = greatest(now(), modified_at + interval '1 microsecond')
-WHERE app_id = $1 AND id = $2
+UPDATE = f"""
+WITH d AS (
+    UPDATE datasets SET description = $3, notes = $4, metadata = $5, visibility = $6,
+           cover_url = $7, cover_blob = $8, cover_info = $9, default_filter = $10,
+           deleted_at = $11, purge_after = $12, revision = revision + 1,
+           modified_at = greatest(now(), modified_at + interval '1 microsecond')
+    WHERE app_id = $1 AND id = $2
+    RETURNING *)
+SELECT {_COLUMNS} FROM d LEFT JOIN blobs b ON b.key = d.cover_blob
 """
 
 PURGE = "DELETE FROM datasets WHERE app_id = $1 AND id = $2"
@@ -137,7 +143,7 @@ class PgDatasetRepository:
     async def insert(self, dataset: Dataset) -> Dataset:
         cover_url, cover_blob, cover_info = _cover_columns(dataset.cover)
         async with self._db.connection() as conn:
-            inserted = await conn.fetchrow(
+            row = await conn.fetchrow(
                 INSERT,
                 dataset.app_id,
                 dataset.id,
@@ -150,7 +156,7 @@ class PgDatasetRepository:
                 cover_info,
                 dataset.default_filter,
             )
-            if inserted is None:
+            if row is None:
                 existing = await conn.fetchrow(SELECT_ONE, dataset.app_id, dataset.id)
                 deleted = existing is not None and existing["deleted_at"] is not None
                 raise AlreadyExists(
@@ -163,8 +169,6 @@ class PgDatasetRepository:
                     reason="DATASET_DELETED_EXISTS" if deleted else "DATASET_EXISTS",
                     metadata={"dataset_id": dataset.id},
                 )
-            row = await conn.fetchrow(SELECT_ONE, dataset.app_id, dataset.id)
-        assert row is not None, "the row was written in this transaction"
         return _row_to_dataset(row)
 
     async def get(
@@ -191,7 +195,7 @@ class PgDatasetRepository:
     async def update(self, dataset: Dataset) -> Dataset:
         cover_url, cover_blob, cover_info = _cover_columns(dataset.cover)
         async with self._db.connection() as conn:
-            await conn.execute(
+            row = await conn.fetchrow(
                 UPDATE,
                 dataset.app_id,
                 dataset.id,
@@ -206,8 +210,8 @@ class PgDatasetRepository:
                 dataset.deleted_at,
                 dataset.purge_after,
             )
-            row = await conn.fetchrow(SELECT_ONE, dataset.app_id, dataset.id)
-        assert row is not None, "the row was written in this transaction"
+        if row is None:
+            raise RuntimeError(f"dataset {dataset.app_id}/{dataset.id} vanished during update")
         return _row_to_dataset(row)
 
     async def purge(self, app_id: str, dataset_id: str) -> None:

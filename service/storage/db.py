@@ -27,6 +27,14 @@ _current: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
 )
 
 
+async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Pool release without asyncpg's default RESET ALL/UNLISTEN round trip.
+
+    asyncpg still rolls back an open transaction on release; the session state
+    the default reset clears is never left behind here (advisory locks are
+    released in `finally`, and nothing uses LISTEN, SET or cursors)."""
+
+
 async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -42,7 +50,7 @@ class Database:
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Database:
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, init=_init_connection
+            dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session
         )
         return cls(pool)
 
