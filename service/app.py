@@ -115,10 +115,12 @@ async def open_database(config: Config) -> AsyncIterator[Database]:
     try:
         dsn = await _database_url(config, embedded)
     except EmbeddedServerError as exc:
-        await _stop_embedded(embedded)
-        raise SystemExit(
-            f"{exc}\nstop the running server first, or set DATASETD_DATABASE_URL"
-        ) from None
+        # The server is running on this data directory: use its database.
+        running = EmbeddedPostgres(config.data_dir / "postgres").running_dsn()
+        embedded.clear()
+        if running is None:
+            raise SystemExit(f"{exc}\nset DATASETD_DATABASE_URL or stop the server") from None
+        dsn = running
     db = await Database.connect(dsn, min_size=1, max_size=2)
     try:
         yield db

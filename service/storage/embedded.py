@@ -453,6 +453,14 @@ _POSTGRES_STOP_PLAN: Final = (
 )
 
 
+def _postgres_dsn(socket_dir: pathlib.Path) -> str:
+    return (
+        f"postgresql://{_POSTGRES_USER}@/{_POSTGRES_DATABASE}"
+        f"?host={urllib.parse.quote(str(socket_dir), safe='/')}"
+        f"&port={_POSTGRES_SOCKET_PORT}"
+    )
+
+
 class EmbeddedPostgres:
     """A PostgreSQL 18 server (with pgvector) on a unix socket in its data directory.
 
@@ -524,11 +532,7 @@ class EmbeddedPostgres:
                 dir_lock.release()
                 raise
             self._child, self._dir_lock, self._socket_dir = child, dir_lock, socket_dir
-            self._dsn = (
-                f"postgresql://{_POSTGRES_USER}@/{_POSTGRES_DATABASE}"
-                f"?host={urllib.parse.quote(str(socket_dir), safe='/')}"
-                f"&port={_POSTGRES_SOCKET_PORT}"
-            )
+            self._dsn = _postgres_dsn(socket_dir)
             log.info(
                 "PostgreSQL ready in %.2fs (pid %d, socket in %s)",
                 time.monotonic() - started,
@@ -536,6 +540,16 @@ class EmbeddedPostgres:
                 socket_dir,
             )
             return self._dsn
+
+    def running_dsn(self) -> str | None:
+        """The DSN of a ready server that another process runs on this data
+        directory (e.g. `keys create` while `make run` is up), else None."""
+        lines = _read_postmaster_pid(self._data_dir)
+        if not lines or len(lines) < 8 or lines[7].strip() != "ready":
+            return None
+        if not psutil.pid_exists(int(lines[0])):
+            return None
+        return _postgres_dsn(pathlib.Path(lines[4].strip()))
 
     def stop(self) -> None:
         """Fast shutdown (roll back open transactions, checkpoint) and wait

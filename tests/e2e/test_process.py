@@ -90,6 +90,26 @@ async def run_server(env: dict[str, str]) -> AsyncIterator[ServerProcess]:
             await process.wait()
 
 
+async def create_key(env: dict[str, str], app: str) -> str:
+    """`python -m service keys create`, with or without a server running."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "keys",
+        "create",
+        "--app",
+        app,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode().strip()
+
+
 def clean_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATASETD_")}
     return {**env, **overrides}
@@ -134,10 +154,17 @@ async def test_embedded_stack_starts_persists_and_stops_cleanly(tmp_path: Path) 
         assert await server.stop(signal.SIGINT) == 0
         assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
+    offline_key = await create_key(env, "offline-app")
     async with run_server(env) as server:
         assert "shown on first start only" in server.banner
         assert key not in server.banner
+        online_key = await create_key(env, "online-app")
         async with stub_for(server.address) as stub:
+            for app, secret in (("offline-app", offline_key), ("online-app", online_key)):
+                await stub.ListDatasets(
+                    api.ListDatasetsRequest(app_id=app),
+                    metadata=(("authorization", f"Key {secret}"),),
+                )
             got = await stub.GetDataset(
                 api.GetDatasetRequest(app_id="main", dataset_id="kept"), metadata=metadata
             )

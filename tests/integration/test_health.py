@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from grpc_health.v1 import health, health_pb2
 
@@ -20,9 +21,10 @@ async def _status_after_first_probe(resources: Resources) -> int:
         for _ in range(200):
             await asyncio.sleep(0.05)
             with contextlib.suppress(Exception):
+                # No context needed: Check only uses it to abort for unknown services.
+                no_context: Any = None
                 response = await servicer.Check(
-                    health_pb2.HealthCheckRequest(service=""),
-                    None,  # type: ignore[arg-type]
+                    health_pb2.HealthCheckRequest(service=""), no_context
                 )
                 return int(response.status)
         raise AssertionError("no health status was set")
