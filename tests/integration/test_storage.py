@@ -12,6 +12,9 @@ import asyncpg
 import pytest
 
 from service.domain.auth import new_key
+from service.domain.clock import SystemClock
+from service.domain.datasets import DatasetService, DatasetSettings
+from service.domain.maintenance import Maintenance
 from service.domain.models import CoverImage, Dataset
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.blobs import ContentAddressedBlobStore, ObjectStore, content_key
@@ -188,3 +191,37 @@ async def test_api_keys_store_only_hashes(db: Database) -> None:
         str(v).encode() if not isinstance(v, bytes) else v for v in row.values()
     )
     assert [k.id for k in await keys.find_by_lookup(key.lookup)] == [key.id]
+
+
+async def test_maintenance_purges_expired_datasets_then_their_orphaned_covers(
+    db: Database, objects: ObjectStore
+) -> None:
+    blobs = ContentAddressedBlobStore(db, objects)
+    repo = PgDatasetRepository(db)
+    datasets = DatasetService(repo, blobs, db, SystemClock(), DatasetSettings())
+    maintenance = Maintenance(
+        datasets,
+        blobs,
+        PgIdempotencyRepository(db),
+        orphan_grace=timedelta(hours=1),
+        request_id_ttl=timedelta(days=1),
+    )
+    app = "maint-" + secrets.token_hex(4)
+    cover = await blobs.put(secrets.token_bytes(80), "image/png")
+    created = await repo.insert(Dataset(app_id=app, id="old", cover=CoverImage(blob=cover)))
+    past = datetime.now(UTC) - timedelta(days=8)
+    await repo.update(
+        Dataset(
+            app_id=app,
+            id="old",
+            cover=created.cover,
+            deleted_at=past,
+            purge_after=past + timedelta(days=7),
+        )
+    )
+    await _age_blob(db, cover.key, timedelta(hours=2))
+    report = await maintenance.run_once()
+    assert report.datasets_purged >= 1
+    assert report.blobs_collected >= 1
+    assert await repo.get(app, "old", include_deleted=True) is None
+    assert not await objects.exists(cover.key)

@@ -9,7 +9,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from service.domain.datasets import DatasetFields, DatasetService, DatasetSettings
+from service.domain.datasets import (
+    CoverImageInput,
+    DatasetFields,
+    DatasetService,
+    DatasetSettings,
+)
 from service.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.domain.models import (
     Dataset,
@@ -17,6 +22,7 @@ from service.domain.models import (
     DatasetStatistics,
     Principal,
     StoredBlob,
+    Visibility,
 )
 from service.domain.patch import PatchAction
 
@@ -120,8 +126,6 @@ async def test_undelete_within_window() -> None:
 
 async def test_invalid_cover_is_rejected_before_anything_is_stored() -> None:
     datasets, repo, blobs, _ = service()
-    from service.domain.datasets import CoverImageInput
-
     with pytest.raises(InvalidArgument):
         await datasets.create(
             WRITER, "app", "d", DatasetFields(cover=CoverImageInput(data=b"\x89PNG broken"))
@@ -132,8 +136,6 @@ async def test_invalid_cover_is_rejected_before_anything_is_stored() -> None:
 async def test_remove_of_visibility_is_refused() -> None:
     datasets, _, _, _ = service()
     await datasets.create(WRITER, "app", "d", DatasetFields())
-    from service.domain.models import Visibility
-
     with pytest.raises(InvalidArgument) as raised:
         await datasets.update(
             WRITER,
