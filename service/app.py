@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from service.api.datasets import DatasetServicer
+from service.api.inputs import InputServicer
 from service.api.pagination import PageTokens
 from service.api.server import SERVICE_NAMES, build_server
 from service.config import Config
@@ -23,6 +24,7 @@ from service.domain.auth import Authenticator, ensure_bootstrap_key
 from service.domain.clock import SystemClock
 from service.domain.datasets import DatasetService, DatasetSettings
 from service.domain.idempotency import Idempotency
+from service.domain.inputs import InputService, InputSettings
 from service.domain.maintenance import Maintenance
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.blobs import ContentAddressedBlobStore, ObjectStore
@@ -30,6 +32,7 @@ from service.storage.datasets import PgDatasetRepository
 from service.storage.db import Database, migrate, server_secret
 from service.storage.embedded import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
 from service.storage.idempotency import PgIdempotencyRepository
+from service.storage.inputs import PgInputRepository, PgMembershipRepository
 
 log = logging.getLogger("datasetd")
 
@@ -175,6 +178,15 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             clock,
             DatasetSettings(config.delete_retention, config.download_url_ttl),
         )
+        inputs = InputService(
+            PgInputRepository(db),
+            PgMembershipRepository(db),
+            blobs,
+            db,
+            InputSettings(config.download_url_ttl),
+        )
+        idempotency = Idempotency(db, idempotency_records)
+        tokens = PageTokens(await server_secret(db, "page_tokens"))
         maintenance = Maintenance(
             datasets,
             blobs,
@@ -186,11 +198,8 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
         server = build_server(
             authenticator=Authenticator(keys, clock, config.auth_cache_seconds),
-            datasets=DatasetServicer(
-                datasets,
-                Idempotency(db, idempotency_records),
-                PageTokens(await server_secret(db, "page_tokens")),
-            ),
+            datasets=DatasetServicer(datasets, inputs, idempotency, tokens),
+            inputs=InputServicer(inputs, idempotency, tokens),
             health_servicer=health_servicer,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_rpcs=config.max_concurrent_rpcs,

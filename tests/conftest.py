@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from datasetd.v1 import dataset_service_pb2_grpc
+from datasetd.v1 import dataset_service_pb2_grpc, input_service_pb2_grpc
 
 from service.app import Resources, Running, start
 from service.config import Config
@@ -118,3 +118,8 @@ async def channel(server: Running) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture(scope="session")
 def datasets(channel: grpc.aio.Channel) -> dataset_service_pb2_grpc.DatasetServiceAsyncStub:
     return dataset_service_pb2_grpc.DatasetServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def inputs(channel: grpc.aio.Channel) -> input_service_pb2_grpc.InputServiceAsyncStub:
+    return input_service_pb2_grpc.InputServiceStub(channel)

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import calendar
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from datasetd.v1 import dataset_pb2
+from datasetd.v1 import common_pb2, data_pb2, dataset_pb2, input_pb2, status_pb2
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from service.domain.datasets import CoverImageInput, DatasetFields
 from service.domain.errors import Violations
-from service.domain.models import DatasetView, Visibility
+from service.domain.inputs import InputDraft
+from service.domain.models import (
+    DatasetView,
+    GeoPoint,
+    InputQuery,
+    InputView,
+    MediaType,
+    Visibility,
+)
 
 PATCHABLE_DATASET_FIELDS = (
     "description",
@@ -126,3 +135,131 @@ def dataset_to_proto(view: DatasetView) -> dataset_pb2.Dataset:
         message.statistics.annotations_count = stats.annotations_count
         message.statistics.concept_counts.update(stats.concept_counts)
     return message
+
+
+_MEDIA_FIELDS: tuple[tuple[Literal["image", "video", "audio", "text"], MediaType], ...] = (
+    ("image", MediaType.IMAGE),
+    ("video", MediaType.VIDEO),
+    ("audio", MediaType.AUDIO),
+    ("text", MediaType.TEXT),
+)
+_CONCEPT_FIELDS = ("id", "name", "value")
+
+
+def concepts_to_json(concepts: Iterable[data_pb2.Concept]) -> list[dict[str, Any]]:
+    """Caller-settable concept fields in the JSON form the domain keeps."""
+    result = []
+    for concept in concepts:
+        as_dict = json_format.MessageToDict(concept, preserving_proto_field_name=True)
+        result.append({k: v for k, v in as_dict.items() if k in _CONCEPT_FIELDS})
+    return result
+
+
+def input_draft(message: input_pb2.Input) -> InputDraft:
+    data = message.data
+    media = tuple(kind for name, kind in _MEDIA_FIELDS if data.HasField(name))
+    payload, url, text = b"", "", None
+    if media:
+        medium = getattr(data, media[0].value)
+        url = medium.url
+        if media[0] is MediaType.TEXT:
+            text = medium.raw
+        else:
+            payload = medium.base64
+    geo = None
+    if data.HasField("geo") and data.geo.HasField("geo_point"):
+        geo = GeoPoint(data.geo.geo_point.longitude, data.geo.geo_point.latitude)
+    return InputDraft(
+        id=message.id,
+        media=media,
+        data=payload,
+        url=url,
+        text=text,
+        metadata=struct_to_dict(data.metadata) if data.HasField("metadata") else None,
+        concepts=concepts_to_json(data.concepts),
+        geo=geo,
+        title=message.title,
+        dataset_ids=list(message.dataset_ids),
+    )
+
+
+def input_to_proto(view: InputView) -> input_pb2.Input:
+    stored = view.input
+    message = input_pb2.Input(
+        id=stored.id,
+        title=stored.title,
+        dataset_ids=stored.dataset_ids,
+        status=status_pb2.Status(
+            code=status_pb2.STATUS_CODE_INPUT_SUCCESS, description="Input stored"
+        ),
+    )
+    if stored.created_at is not None:
+        _set_timestamp(message.created_at, stored.created_at)
+    if stored.modified_at is not None:
+        _set_timestamp(message.modified_at, stored.modified_at)
+    data = message.data
+    info = stored.media_info
+    medium = getattr(data, stored.media_type.value)
+    medium.SetInParent()
+    medium.url = view.download_url
+    if view.hosted is not None:
+        medium.hosted.prefix, medium.hosted.suffix = view.hosted
+        medium.hosted.sizes.append("orig")
+    if stored.media_type is MediaType.IMAGE and info:
+        data.image.image_info.width = info.get("width", 0)
+        data.image.image_info.height = info.get("height", 0)
+        data.image.image_info.format = info.get("format", "")
+        data.image.image_info.color_mode = info.get("color_mode", "")
+    elif stored.media_type is MediaType.VIDEO and info:
+        video = data.video.video_info
+        video.width, video.height = info.get("width", 0), info.get("height", 0)
+        video.fps, video.frame_count = info.get("fps", 0.0), info.get("frame_count", 0)
+        video.video_format = info.get("format", "")
+        video.duration_seconds = info.get("duration_seconds", 0.0)
+    elif stored.media_type is MediaType.AUDIO and info:
+        audio = data.audio.audio_info
+        audio.audio_format, audio.sample_rate = info.get("format", ""), info.get("sample_rate", 0)
+        audio.duration_seconds = info.get("duration_seconds", 0.0)
+        audio.bit_rate = info.get("bit_rate", 0)
+    elif stored.media_type is MediaType.TEXT and info:
+        data.text.text_info.char_count = info.get("char_count", 0)
+        data.text.text_info.encoding = info.get("encoding", "UTF-8")
+    for concept in stored.concepts:
+        json_format.ParseDict(concept, data.concepts.add(), ignore_unknown_fields=True)
+    if stored.metadata:
+        data.metadata.update(stored.metadata)
+    if stored.geo is not None:
+        data.geo.geo_point.longitude = stored.geo.longitude
+        data.geo.geo_point.latitude = stored.geo.latitude
+    return message
+
+
+def input_filter_query(
+    app_id: str,
+    message: common_pb2.InputFilter | None,
+    *,
+    ids: list[str] | None = None,
+    dataset_id: str | None = None,
+) -> InputQuery:
+    if message is None:
+        return InputQuery(app_id=app_id, ids=tuple(ids) if ids else None, dataset_id=dataset_id)
+    states = {
+        common_pb2.ANNOTATION_STATE_ANNOTATED: True,
+        common_pb2.ANNOTATION_STATE_UNANNOTATED: False,
+    }
+    kinds = {kind.value: kind for _, kind in _MEDIA_FIELDS}
+    media_types = tuple(
+        kinds[common_pb2.MediaType.Name(m).removeprefix("MEDIA_TYPE_").lower()]
+        for m in message.media_types
+        if m != common_pb2.MEDIA_TYPE_UNSPECIFIED
+    )
+    return InputQuery(
+        app_id=app_id,
+        ids=tuple(ids) if ids else None,
+        dataset_id=dataset_id,
+        media_types=media_types or None,
+        metadata=struct_to_dict(message.metadata) if message.HasField("metadata") else None,
+        concept_ids=tuple(message.concept_ids) or None,
+        negative_concept_ids=tuple(message.negative_concept_ids) or None,
+        annotated=states.get(message.annotation_state),
+    )

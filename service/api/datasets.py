@@ -8,19 +8,22 @@ from typing import Any
 import grpc
 from datasetd.v1 import common_pb2, dataset_service_pb2, dataset_service_pb2_grpc
 
-from service.api.convert import dataset_fields, dataset_to_proto
+from service.api.convert import (
+    dataset_fields,
+    dataset_to_proto,
+    input_filter_query,
+    input_to_proto,
+)
 from service.api.idempotency import run_once
 from service.api.interceptors import current_principal
-from service.api.pagination import PageTokens
+from service.api.pagination import PageTokens, page_size
 from service.domain.auth import Permission, authorize
 from service.domain.datasets import DatasetService
 from service.domain.errors import InvalidArgument, Violations
 from service.domain.idempotency import Idempotency
+from service.domain.inputs import InputService
 from service.domain.models import SortField
 from service.domain.patch import PatchAction
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 
 _SORT_FIELDS = {
     dataset_service_pb2.DATASET_SORT_FIELD_UNSPECIFIED: SortField.CREATED_AT,
@@ -28,7 +31,7 @@ _SORT_FIELDS = {
     dataset_service_pb2.DATASET_SORT_FIELD_MODIFIED_AT: SortField.MODIFIED_AT,
     dataset_service_pb2.DATASET_SORT_FIELD_ID: SortField.ID,
 }
-_ACTIONS = {
+ACTIONS = {
     common_pb2.PATCH_ACTION_MERGE: PatchAction.MERGE,
     common_pb2.PATCH_ACTION_OVERWRITE: PatchAction.OVERWRITE,
     common_pb2.PATCH_ACTION_REMOVE: PatchAction.REMOVE,
@@ -37,19 +40,16 @@ _ACTIONS = {
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def page_size(value: int) -> int:
-    if value < 0:
-        raise InvalidArgument.field(
-            "page_size", f"must be 0 (default {DEFAULT_PAGE_SIZE}) or positive, got {value}"
-        )
-    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     def __init__(
-        self, datasets: DatasetService, idempotency: Idempotency, tokens: PageTokens
+        self,
+        datasets: DatasetService,
+        inputs: InputService,
+        idempotency: Idempotency,
+        tokens: PageTokens,
     ) -> None:
         self._datasets = datasets
+        self._inputs = inputs
         self._idempotency = idempotency
         self._tokens = tokens
 
@@ -150,7 +150,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
         async def update() -> dataset_service_pb2.UpdateDatasetResponse:
             violations = Violations()
-            action = _ACTIONS.get(request.action)
+            action = ACTIONS.get(request.action)
             if action is None:
                 violations.add(
                     "action",
@@ -211,4 +211,135 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             request,
             dataset_service_pb2.UndeleteDatasetResponse,
             undelete,
+        )
+
+    # --- membership --------------------------------------------------------------------------
+
+    async def AddDatasetInputs(
+        self, request: dataset_service_pb2.AddDatasetInputsRequest, context: Context
+    ) -> dataset_service_pb2.AddDatasetInputsResponse:
+        principal = current_principal()
+        authorize(principal, request.app_id, Permission.WRITE)
+
+        async def add() -> dataset_service_pb2.AddDatasetInputsResponse:
+            added, present, unknown = await self._inputs.add_to_dataset(
+                principal, request.app_id, request.dataset_id, list(request.input_ids)
+            )
+            return dataset_service_pb2.AddDatasetInputsResponse(
+                added_count=added, already_present_count=present, unknown_input_ids=unknown
+            )
+
+        return await run_once(
+            self._idempotency,
+            "AddDatasetInputs",
+            request,
+            dataset_service_pb2.AddDatasetInputsResponse,
+            add,
+        )
+
+    async def ListDatasetInputs(
+        self, request: dataset_service_pb2.ListDatasetInputsRequest, context: Context
+    ) -> dataset_service_pb2.ListDatasetInputsResponse:
+        limit = page_size(request.page_size)
+        scope = {
+            "method": "ListDatasetInputs",
+            "app_id": request.app_id,
+            "dataset_id": request.dataset_id,
+        }
+        after = self._tokens.decode_seq(request.page_token, scope)
+        members, last = await self._inputs.list_members(
+            current_principal(), request.app_id, request.dataset_id, after, limit
+        )
+        response = dataset_service_pb2.ListDatasetInputsResponse()
+        for member, view in members:
+            item = response.dataset_inputs.add()
+            item.created_at.FromDatetime(member.added_at)
+            item.input.CopyFrom(input_to_proto(view))
+        if last is not None:
+            response.next_page_token = self._tokens.encode(scope, [last])
+        return response
+
+    async def GetDatasetInput(
+        self, request: dataset_service_pb2.GetDatasetInputRequest, context: Context
+    ) -> dataset_service_pb2.GetDatasetInputResponse:
+        member, view = await self._inputs.get_member(
+            current_principal(), request.app_id, request.dataset_id, request.input_id
+        )
+        response = dataset_service_pb2.GetDatasetInputResponse()
+        response.dataset_input.created_at.FromDatetime(member.added_at)
+        response.dataset_input.input.CopyFrom(input_to_proto(view))
+        return response
+
+    async def RemoveDatasetInputs(
+        self, request: dataset_service_pb2.RemoveDatasetInputsRequest, context: Context
+    ) -> dataset_service_pb2.RemoveDatasetInputsResponse:
+        principal = current_principal()
+        authorize(principal, request.app_id, Permission.WRITE)
+
+        async def remove() -> dataset_service_pb2.RemoveDatasetInputsResponse:
+            removed = await self._inputs.remove_from_dataset(
+                principal, request.app_id, request.dataset_id, list(request.input_ids)
+            )
+            return dataset_service_pb2.RemoveDatasetInputsResponse(removed_count=removed)
+
+        return await run_once(
+            self._idempotency,
+            "RemoveDatasetInputs",
+            request,
+            dataset_service_pb2.RemoveDatasetInputsResponse,
+            remove,
+        )
+
+    async def DeleteDatasetInputsByFilter(
+        self, request: dataset_service_pb2.DeleteDatasetInputsByFilterRequest, context: Context
+    ) -> dataset_service_pb2.DeleteDatasetInputsByFilterResponse:
+        principal = current_principal()
+        authorize(principal, request.app_id, Permission.WRITE)
+
+        async def delete() -> dataset_service_pb2.DeleteDatasetInputsByFilterResponse:
+            violations = Violations()
+            if not request.dataset_id:
+                violations.add("dataset_id", "is required")
+            violations.raise_if_any()
+            query = input_filter_query(
+                request.app_id, request.filter, dataset_id=request.dataset_id
+            )
+            matched, deleted = await self._inputs.delete_by_filter(
+                principal, query, dry_run=request.dry_run
+            )
+            return dataset_service_pb2.DeleteDatasetInputsByFilterResponse(
+                matched_count=matched, deleted_count=deleted
+            )
+
+        return await run_once(
+            self._idempotency,
+            "DeleteDatasetInputsByFilter",
+            request,
+            dataset_service_pb2.DeleteDatasetInputsByFilterResponse,
+            delete,
+        )
+
+    async def MergeDataset(
+        self, request: dataset_service_pb2.MergeDatasetRequest, context: Context
+    ) -> dataset_service_pb2.MergeDatasetResponse:
+        principal = current_principal()
+        authorize(principal, request.app_id, Permission.WRITE)
+
+        async def merge() -> dataset_service_pb2.MergeDatasetResponse:
+            added, present = await self._inputs.merge(
+                principal,
+                request.app_id,
+                request.source_dataset_id,
+                request.destination_dataset_id,
+            )
+            return dataset_service_pb2.MergeDatasetResponse(
+                added_count=added, already_present_count=present
+            )
+
+        return await run_once(
+            self._idempotency,
+            "MergeDataset",
+            request,
+            dataset_service_pb2.MergeDatasetResponse,
+            merge,
         )

@@ -16,6 +16,16 @@ from typing import Any
 from service.domain.errors import InvalidArgument
 
 _MAC_BYTES = 16
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(value: int) -> int:
+    if value < 0:
+        raise InvalidArgument.field(
+            "page_size", f"must be 0 (default {DEFAULT_PAGE_SIZE}) or positive, got {value}"
+        )
+    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def _bad(description: str) -> InvalidArgument:
@@ -58,3 +68,12 @@ class PageTokens:
         if not isinstance(cursor, list):
             raise _bad("is malformed")
         return cursor
+
+    def decode_seq(self, token: str, scope: dict[str, Any]) -> int | None:
+        """The sequence number a token continues after, or None without a token."""
+        if not token:
+            return None
+        cursor = self.decode(token, scope)
+        if len(cursor) != 1 or not isinstance(cursor[0], int):
+            raise _bad("is malformed")
+        return cursor[0]

@@ -10,17 +10,21 @@ from datasetd.v1 import (
     dataset_service_pb2,
     dataset_service_pb2_grpc,
     input_pb2,  # noqa: F401  (registered so reflection can describe Input, InputBatch)
+    input_service_pb2,
+    input_service_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.api.datasets import DatasetServicer
+from service.api.inputs import InputServicer
 from service.api.interceptors import RequestInterceptor
 from service.api.reflection import enable_reflection
 from service.domain.auth import Authenticator
 
 SERVICE_NAMES: Sequence[str] = (
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
+    input_service_pb2.DESCRIPTOR.services_by_name["InputService"].full_name,
 )
 
 
@@ -28,6 +32,7 @@ def build_server(
     *,
     authenticator: Authenticator,
     datasets: DatasetServicer,
+    inputs: InputServicer,
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
     max_concurrent_rpcs: int,
@@ -42,6 +47,7 @@ def build_server(
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(datasets, server)
+    input_service_pb2_grpc.add_InputServiceServicer_to_server(inputs, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(
         (

@@ -119,3 +119,65 @@ class Principal:
 class IdempotencyRecord:
     fingerprint: bytes
     response: bytes | None
+
+
+class MediaType(enum.Enum):
+    IMAGE = "image"
+    VIDEO = "video"
+    AUDIO = "audio"
+    TEXT = "text"
+
+
+@dataclass(frozen=True)
+class GeoPoint:
+    longitude: float
+    latitude: float
+
+
+@dataclass(frozen=True)
+class Input:
+    """A stored input. `concepts` are its input-level concepts (proto JSON form)."""
+
+    app_id: str
+    id: str
+    media_type: MediaType
+    blob: StoredBlob | None = None
+    source_url: str = ""
+    text: str | None = None
+    media_info: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    geo: GeoPoint | None = None
+    title: str = ""
+    concepts: list[dict[str, Any]] = field(default_factory=list)
+    dataset_ids: list[str] = field(default_factory=list)
+    created_at: datetime | None = None
+    modified_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class InputView:
+    input: Input
+    download_url: str = ""
+    # (prefix, suffix) of the HostedURL of the stored original.
+    hosted: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class InputQuery:
+    """Which inputs a list or bulk delete is about; every condition must hold."""
+
+    app_id: str
+    ids: tuple[str, ...] | None = None
+    dataset_id: str | None = None
+    media_types: tuple[MediaType, ...] | None = None
+    metadata: dict[str, Any] | None = None
+    concept_ids: tuple[str, ...] | None = None
+    negative_concept_ids: tuple[str, ...] | None = None
+    annotated: bool | None = None
+
+
+@dataclass(frozen=True)
+class DatasetMember:
+    input: Input
+    added_at: datetime
+    seq: int

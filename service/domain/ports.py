@@ -10,8 +10,11 @@ from service.domain.models import (
     ApiKey,
     Dataset,
     DatasetListQuery,
+    DatasetMember,
     DatasetStatistics,
     IdempotencyRecord,
+    Input,
+    InputQuery,
     StoredBlob,
 )
 
@@ -50,7 +53,19 @@ class BlobStore(Protocol):
         """Stores bytes under their content address; safe to call again with the same bytes."""
         ...
 
+    async def put_many(self, items: list[tuple[bytes, str]]) -> list[StoredBlob]:
+        """Stores several (bytes, content type) concurrently, skipping bytes already stored."""
+        ...
+
     async def download_url(self, blob: StoredBlob, ttl: timedelta) -> str: ...
+
+    async def download_urls(self, blobs: list[StoredBlob], ttl: timedelta) -> list[str]: ...
+
+    def hosted(self, blob: StoredBlob) -> tuple[str, str]:
+        """(prefix, suffix) such that prefix + "/orig/" + suffix locates the object."""
+        ...
+
+    async def read(self, blob: StoredBlob) -> bytes: ...
 
     async def collect_orphans(self, older_than: timedelta, limit: int) -> int:
         """Deletes blobs no row references that were last touched before `older_than` ago."""
@@ -81,3 +96,51 @@ class IdempotencyRepository(Protocol):
 
 class Clock(Protocol):
     def now(self) -> datetime: ...
+
+
+class InputRepository(Protocol):
+    async def insert_many(self, inputs: list[Input]) -> set[str]:
+        """Inserts the inputs that do not exist yet, with their input-level concepts
+        and dataset memberships; returns the ids inserted."""
+        ...
+
+    async def existing_ids(self, app_id: str, ids: list[str]) -> set[str]: ...
+
+    async def get_many(self, app_id: str, ids: list[str], *, lock: bool = False) -> list[Input]: ...
+
+    async def page(
+        self, query: InputQuery, after_seq: int | None, limit: int
+    ) -> list[tuple[int, Input]]:
+        """Inputs in insertion order after `after_seq`, with their sequence numbers."""
+        ...
+
+    async def update(self, updated: Input) -> None:
+        """Stores metadata, geo, title and input-level concepts."""
+        ...
+
+    async def delete(self, app_id: str, ids: list[str]) -> list[str]: ...
+
+    async def count_matching(self, query: InputQuery) -> int: ...
+
+    async def delete_matching(self, query: InputQuery) -> int: ...
+
+
+class MembershipRepository(Protocol):
+    async def live_datasets(self, app_id: str, dataset_ids: list[str]) -> set[str]:
+        """Which of the datasets exist and are not deleted; locks them against
+        deletion until the transaction ends."""
+        ...
+
+    async def add(self, app_id: str, dataset_id: str, input_ids: list[str]) -> int: ...
+
+    async def page(
+        self, app_id: str, dataset_id: str, after_seq: int | None, limit: int
+    ) -> list[DatasetMember]: ...
+
+    async def get(self, app_id: str, dataset_id: str, input_id: str) -> DatasetMember | None: ...
+
+    async def remove(self, app_id: str, dataset_id: str, input_ids: list[str]) -> int: ...
+
+    async def merge(self, app_id: str, source_id: str, destination_id: str) -> tuple[int, int]:
+        """Adds every member of the source to the destination; (added, already present)."""
+        ...

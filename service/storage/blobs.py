@@ -111,21 +111,48 @@ class ObjectStore:
     async def presign_get(self, key: str, ttl: timedelta) -> str:
         return await self._run(lambda: self._client.presigned_get_object(self.bucket, key, ttl))
 
+    async def presign_many(self, keys: list[str], ttl: timedelta) -> list[str]:
+        # Signing is local computation: one executor hop for the whole page.
+        if not keys:
+            return []
+        return await self._run(
+            lambda: [self._client.presigned_get_object(self.bucket, k, ttl) for k in keys]
+        )
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
 
 
+# Keys follow the HostedURL convention `prefix/size/suffix` with size "orig",
+# so `s3://bucket/blobs` + "orig" + the suffix names the object itself.
+HOSTED_PREFIX = "blobs"
+HOSTED_SIZE = "orig"
+
+
+def content_suffix(sha256_hex: str) -> str:
+    return f"sha256/{sha256_hex[:2]}/{sha256_hex[2:4]}/{sha256_hex}"
+
+
 def content_key(sha256_hex: str) -> str:
-    return f"blobs/sha256/{sha256_hex[:2]}/{sha256_hex[2:4]}/{sha256_hex}"
+    return f"{HOSTED_PREFIX}/{HOSTED_SIZE}/{content_suffix(sha256_hex)}"
 
 
+TOUCH_MANY = """
+INSERT INTO blobs (key, sha256, size, content_type)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[])
+ON CONFLICT (key) DO UPDATE SET last_seen = now()
+RETURNING key, (xmax = 0) AS inserted
+"""
 TOUCH = """
 INSERT INTO blobs (key, sha256, size, content_type) VALUES ($1, $2, $3, $4)
 ON CONFLICT (key) DO UPDATE SET last_seen = now()
 """
 # Every table with a column that references blobs.key is listed here, so the
 # collector never deletes a referenced object.
-REFERENCED = "EXISTS (SELECT 1 FROM datasets WHERE cover_blob = b.key)"
+REFERENCED = (
+    "(EXISTS (SELECT 1 FROM datasets WHERE cover_blob = b.key)"
+    " OR EXISTS (SELECT 1 FROM inputs WHERE blob_key = b.key))"
+)
 ORPHAN_CANDIDATES = f"""
 SELECT b.key FROM blobs b
 WHERE b.last_seen < now() - $1::interval AND NOT {REFERENCED}
@@ -140,7 +167,7 @@ DELETE_BLOB = "DELETE FROM blobs WHERE key = $1"
 
 
 class ContentAddressedBlobStore:
-    """Stores bytes under `blobs/sha256/<hash>` and keeps a `blobs` row per object.
+    """Stores bytes under `blobs/orig/sha256/<hash>` and keeps a `blobs` row per object.
 
     Ordering keeps data safe against the orphan collector: the row is touched
     (last_seen = now) before the PUT, and the collector deletes only rows last
@@ -161,11 +188,52 @@ class ContentAddressedBlobStore:
         await self._objects.put(blob.key, data, content_type)
         return blob
 
+    async def put_many(self, items: list[tuple[bytes, str]]) -> list[StoredBlob]:
+        """Touches every row in one statement, then PUTs concurrently. Bytes whose row
+        already existed are only checked (HEAD): the touch keeps the collector away
+        from them, and the check covers an object lost without its row."""
+        if not items:
+            return []
+        blobs = []
+        for data, content_type in items:
+            digest = hashlib.sha256(data).hexdigest()
+            blobs.append(StoredBlob(content_key(digest), digest, len(data), content_type))
+        # One row per key: ON CONFLICT cannot touch the same row twice in a statement.
+        unique = list({b.key: b for b in blobs}.values())
+        async with self._db.connection() as conn:
+            rows = await conn.fetch(
+                TOUCH_MANY,
+                [b.key for b in unique],
+                [b.sha256 for b in unique],
+                [b.size for b in unique],
+                [b.content_type for b in unique],
+            )
+        known = {r["key"] for r in rows if not r["inserted"]}
+
+        async def store(blob: StoredBlob, data: bytes) -> None:
+            if blob.key in known and await self._objects.exists(blob.key):
+                return
+            await self._objects.put(blob.key, data, blob.content_type)
+
+        stored: dict[str, asyncio.Task[None]] = {}
+        async with asyncio.TaskGroup() as group:
+            for blob, (data, _) in zip(blobs, items, strict=True):
+                if blob.key not in stored:
+                    stored[blob.key] = group.create_task(store(blob, data))
+        return blobs
+
     async def read(self, blob: StoredBlob) -> bytes:
         return await self._objects.get(blob.key)
 
     async def download_url(self, blob: StoredBlob, ttl: timedelta) -> str:
         return await self._objects.presign_get(blob.key, ttl)
+
+    async def download_urls(self, blobs: list[StoredBlob], ttl: timedelta) -> list[str]:
+        return await self._objects.presign_many([b.key for b in blobs], ttl)
+
+    def hosted(self, blob: StoredBlob) -> tuple[str, str]:
+        prefix = f"s3://{self._objects.bucket}/{HOSTED_PREFIX}"
+        return prefix, blob.key.removeprefix(f"{HOSTED_PREFIX}/{HOSTED_SIZE}/")
 
     async def collect_orphans(self, older_than: timedelta, limit: int) -> int:
         async with self._db.connection() as conn:

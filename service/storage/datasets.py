@@ -61,6 +61,26 @@ DELETE FROM datasets WHERE ctid = ANY(ARRAY(
     LIMIT $2 FOR UPDATE SKIP LOCKED))
 """
 
+STATISTICS = """
+SELECT
+    (SELECT count(*) FROM dataset_inputs m WHERE m.app_id = $1 AND m.dataset_id = $2) AS inputs,
+    (SELECT count(DISTINCT a.input_id) FROM dataset_inputs m
+     JOIN annotations a ON a.app_id = m.app_id AND a.input_id = m.input_id
+     WHERE m.app_id = $1 AND m.dataset_id = $2) AS annotated,
+    (SELECT count(*) FROM dataset_inputs m
+     JOIN annotations a ON a.app_id = m.app_id AND a.input_id = m.input_id
+     WHERE m.app_id = $1 AND m.dataset_id = $2) AS annotations
+"""
+# Inputs labelled with each concept, positively, at input or region level.
+CONCEPT_COUNTS = """
+SELECT c.concept, count(DISTINCT a.input_id) AS inputs
+FROM dataset_inputs m
+JOIN annotations a ON a.app_id = m.app_id AND a.input_id = m.input_id
+CROSS JOIN LATERAL unnest(a.positive_concepts) AS c(concept)
+WHERE m.app_id = $1 AND m.dataset_id = $2
+GROUP BY c.concept
+"""
+
 # $2 is the search text, $3 its ILIKE pattern; $4/$5 the keyset cursor; $6 the limit.
 _TEXT_FILTER = "($2 = '' OR d.id ILIKE $3 OR d.description ILIKE $3 OR d.notes ILIKE $3)"
 
@@ -224,6 +244,14 @@ class PgDatasetRepository:
         return int(status.split()[-1])
 
     async def statistics(self, app_id: str, dataset_id: str) -> DatasetStatistics:
-        # Inputs and annotations arrive with their own tables in a later
-        # migration; until then every dataset is empty.
-        return DatasetStatistics()
+        # Counted from the rows each time, so they are exact after any change.
+        async with self._db.connection() as conn:
+            totals = await conn.fetchrow(STATISTICS, app_id, dataset_id)
+            concepts = await conn.fetch(CONCEPT_COUNTS, app_id, dataset_id)
+        assert totals is not None
+        return DatasetStatistics(
+            inputs_count=totals["inputs"],
+            annotated_inputs_count=totals["annotated"],
+            annotations_count=totals["annotations"],
+            concept_counts={r["concept"]: r["inputs"] for r in concepts},
+        )

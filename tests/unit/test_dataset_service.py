@@ -74,8 +74,20 @@ class FakeBlobs:
         self.stored.append(data)
         return StoredBlob(f"k{len(self.stored)}", "h", len(data), content_type)
 
+    async def put_many(self, items: list[tuple[bytes, str]]) -> list[StoredBlob]:
+        return [await self.put(data, content_type) for data, content_type in items]
+
     async def download_url(self, blob: StoredBlob, ttl: timedelta) -> str:
         return f"http://blobs/{blob.key}"
+
+    async def download_urls(self, blobs: list[StoredBlob], ttl: timedelta) -> list[str]:
+        return [await self.download_url(b, ttl) for b in blobs]
+
+    def hosted(self, blob: StoredBlob) -> tuple[str, str]:
+        return "mem://blobs", blob.key
+
+    async def read(self, blob: StoredBlob) -> bytes:
+        return self.stored[int(blob.key[1:]) - 1]
 
     async def collect_orphans(self, older_than: timedelta, limit: int) -> int:
         return 0

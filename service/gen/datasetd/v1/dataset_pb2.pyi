@@ -7,6 +7,7 @@ from collections import abc as _abc
 from datasetd.v1 import common_pb2 as _common_pb2
 from datasetd.v1 import data_pb2 as _data_pb2
 from datasetd.v1 import dataset_version_pb2 as _dataset_version_pb2
+from datasetd.v1 import input_pb2 as _input_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
@@ -124,6 +125,38 @@ class Dataset(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
+
+@_typing.final
+class DatasetInput(_message.Message):
+    """An input as a member of a dataset. Wire-compatible with
+    `clarifai.api.DatasetInput`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the input was added to the dataset."""
+
+    @_builtins.property
+    def input(self) -> _input_pb2.Input:
+        """Output only. The input."""
+
+    def __init__(
+        self,
+        *,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        input: _input_pb2.Input | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "input", b"input"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "input", b"input"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetInput: _TypeAlias = DatasetInput  # noqa: Y015
 
 @_typing.final
 class Visibility(_message.Message):

@@ -436,3 +436,373 @@ class UndeleteDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UndeleteDatasetResponse: _TypeAlias = UndeleteDatasetResponse  # noqa: Y015
+
+@_typing.final
+class AddDatasetInputsRequest(_message.Message):
+    """Request of AddDatasetInputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    INPUT_IDS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The dataset."""
+    request_id: _builtins.str
+    """Optional. Idempotency key."""
+    @_builtins.property
+    def input_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required. 1..1000 input ids of the app."""
+
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        input_ids: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "input_ids", b"input_ids", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddDatasetInputsRequest: _TypeAlias = AddDatasetInputsRequest  # noqa: Y015
+
+@_typing.final
+class AddDatasetInputsResponse(_message.Message):
+    """Response of AddDatasetInputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_COUNT_FIELD_NUMBER: _builtins.int
+    ALREADY_PRESENT_COUNT_FIELD_NUMBER: _builtins.int
+    UNKNOWN_INPUT_IDS_FIELD_NUMBER: _builtins.int
+    added_count: _builtins.int
+    """Inputs newly added."""
+    already_present_count: _builtins.int
+    """Inputs that were already members."""
+    @_builtins.property
+    def unknown_input_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Requested ids with no input in the app; nothing was done for them."""
+
+    def __init__(
+        self,
+        *,
+        added_count: _builtins.int = ...,
+        already_present_count: _builtins.int = ...,
+        unknown_input_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_count", b"added_count", "already_present_count", b"already_present_count", "unknown_input_ids", b"unknown_input_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddDatasetInputsResponse: _TypeAlias = AddDatasetInputsResponse  # noqa: Y015
+
+@_typing.final
+class ListDatasetInputsRequest(_message.Message):
+    """Request of ListDatasetInputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The dataset."""
+    page_size: _builtins.int
+    """Optional. 0 means 50; at most 1000; negative is INVALID_ARGUMENT."""
+    page_token: _builtins.str
+    """Optional. `next_page_token` of the previous page."""
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetInputsRequest: _TypeAlias = ListDatasetInputsRequest  # noqa: Y015
+
+@_typing.final
+class ListDatasetInputsResponse(_message.Message):
+    """Response of ListDatasetInputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_INPUTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty on the last page."""
+    @_builtins.property
+    def dataset_inputs(self) -> _containers.RepeatedCompositeFieldContainer[_dataset_pb2.DatasetInput]:
+        """The page of members, in the order they were added."""
+
+    def __init__(
+        self,
+        *,
+        dataset_inputs: _abc.Iterable[_dataset_pb2.DatasetInput] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_inputs", b"dataset_inputs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetInputsResponse: _TypeAlias = ListDatasetInputsResponse  # noqa: Y015
+
+@_typing.final
+class GetDatasetInputRequest(_message.Message):
+    """Request of GetDatasetInput."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    INPUT_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The dataset."""
+    input_id: _builtins.str
+    """Required. The input."""
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        input_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "input_id", b"input_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDatasetInputRequest: _TypeAlias = GetDatasetInputRequest  # noqa: Y015
+
+@_typing.final
+class GetDatasetInputResponse(_message.Message):
+    """Response of GetDatasetInput."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_INPUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset_input(self) -> _dataset_pb2.DatasetInput:
+        """The member."""
+
+    def __init__(
+        self,
+        *,
+        dataset_input: _dataset_pb2.DatasetInput | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset_input", b"dataset_input"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_input", b"dataset_input"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDatasetInputResponse: _TypeAlias = GetDatasetInputResponse  # noqa: Y015
+
+@_typing.final
+class RemoveDatasetInputsRequest(_message.Message):
+    """Request of RemoveDatasetInputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    INPUT_IDS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The dataset."""
+    request_id: _builtins.str
+    """Optional. Idempotency key."""
+    @_builtins.property
+    def input_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required. 1..1000 input ids."""
+
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        input_ids: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "input_ids", b"input_ids", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveDatasetInputsRequest: _TypeAlias = RemoveDatasetInputsRequest  # noqa: Y015
+
+@_typing.final
+class RemoveDatasetInputsResponse(_message.Message):
+    """Response of RemoveDatasetInputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_COUNT_FIELD_NUMBER: _builtins.int
+    removed_count: _builtins.int
+    """Inputs removed from the dataset (ids that were not members are ignored)."""
+    def __init__(
+        self,
+        *,
+        removed_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed_count", b"removed_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveDatasetInputsResponse: _TypeAlias = RemoveDatasetInputsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteDatasetInputsByFilterRequest(_message.Message):
+    """Request of DeleteDatasetInputsByFilter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The dataset."""
+    dry_run: _builtins.bool
+    """Optional. Count the matching inputs without deleting anything."""
+    request_id: _builtins.str
+    """Optional. Idempotency key."""
+    @_builtins.property
+    def filter(self) -> _common_pb2.InputFilter:
+        """Required. Which of the dataset's inputs to delete; an empty filter
+        matches every input of the dataset.
+        """
+
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        filter: _common_pb2.InputFilter | None = ...,
+        dry_run: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "dry_run", b"dry_run", "filter", b"filter", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDatasetInputsByFilterRequest: _TypeAlias = DeleteDatasetInputsByFilterRequest  # noqa: Y015
+
+@_typing.final
+class DeleteDatasetInputsByFilterResponse(_message.Message):
+    """Response of DeleteDatasetInputsByFilter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCHED_COUNT_FIELD_NUMBER: _builtins.int
+    DELETED_COUNT_FIELD_NUMBER: _builtins.int
+    matched_count: _builtins.int
+    """Inputs matching the filter."""
+    deleted_count: _builtins.int
+    """Inputs deleted (0 on a dry run)."""
+    def __init__(
+        self,
+        *,
+        matched_count: _builtins.int = ...,
+        deleted_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_count", b"deleted_count", "matched_count", b"matched_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDatasetInputsByFilterResponse: _TypeAlias = DeleteDatasetInputsByFilterResponse  # noqa: Y015
+
+@_typing.final
+class MergeDatasetRequest(_message.Message):
+    """Request of MergeDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_DATASET_ID_FIELD_NUMBER: _builtins.int
+    DESTINATION_DATASET_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    source_dataset_id: _builtins.str
+    """Required. The dataset whose inputs are merged; it is not changed."""
+    destination_dataset_id: _builtins.str
+    """Required. The dataset that receives the inputs."""
+    request_id: _builtins.str
+    """Optional. Idempotency key."""
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        source_dataset_id: _builtins.str = ...,
+        destination_dataset_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "destination_dataset_id", b"destination_dataset_id", "request_id", b"request_id", "source_dataset_id", b"source_dataset_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeDatasetRequest: _TypeAlias = MergeDatasetRequest  # noqa: Y015
+
+@_typing.final
+class MergeDatasetResponse(_message.Message):
+    """Response of MergeDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_COUNT_FIELD_NUMBER: _builtins.int
+    ALREADY_PRESENT_COUNT_FIELD_NUMBER: _builtins.int
+    added_count: _builtins.int
+    """Inputs newly added to the destination."""
+    already_present_count: _builtins.int
+    """Inputs of the source that were already in the destination."""
+    def __init__(
+        self,
+        *,
+        added_count: _builtins.int = ...,
+        already_present_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_count", b"added_count", "already_present_count", b"already_present_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeDatasetResponse: _TypeAlias = MergeDatasetResponse  # noqa: Y015

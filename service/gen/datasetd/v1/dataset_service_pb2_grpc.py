@@ -76,6 +76,36 @@ class DatasetServiceStub:
                 request_serializer=datasetd_dot_v1_dot_dataset__service__pb2.UndeleteDatasetRequest.SerializeToString,
                 response_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.UndeleteDatasetResponse.FromString,
                 _registered_method=True)
+        self.AddDatasetInputs = channel.unary_unary(
+                '/datasetd.v1.DatasetService/AddDatasetInputs',
+                request_serializer=datasetd_dot_v1_dot_dataset__service__pb2.AddDatasetInputsRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.AddDatasetInputsResponse.FromString,
+                _registered_method=True)
+        self.ListDatasetInputs = channel.unary_unary(
+                '/datasetd.v1.DatasetService/ListDatasetInputs',
+                request_serializer=datasetd_dot_v1_dot_dataset__service__pb2.ListDatasetInputsRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.ListDatasetInputsResponse.FromString,
+                _registered_method=True)
+        self.GetDatasetInput = channel.unary_unary(
+                '/datasetd.v1.DatasetService/GetDatasetInput',
+                request_serializer=datasetd_dot_v1_dot_dataset__service__pb2.GetDatasetInputRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.GetDatasetInputResponse.FromString,
+                _registered_method=True)
+        self.RemoveDatasetInputs = channel.unary_unary(
+                '/datasetd.v1.DatasetService/RemoveDatasetInputs',
+                request_serializer=datasetd_dot_v1_dot_dataset__service__pb2.RemoveDatasetInputsRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.RemoveDatasetInputsResponse.FromString,
+                _registered_method=True)
+        self.DeleteDatasetInputsByFilter = channel.unary_unary(
+                '/datasetd.v1.DatasetService/DeleteDatasetInputsByFilter',
+                request_serializer=datasetd_dot_v1_dot_dataset__service__pb2.DeleteDatasetInputsByFilterRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.DeleteDatasetInputsByFilterResponse.FromString,
+                _registered_method=True)
+        self.MergeDataset = channel.unary_unary(
+                '/datasetd.v1.DatasetService/MergeDataset',
+                request_serializer=datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class DatasetServiceServicer:
@@ -139,6 +169,52 @@ class DatasetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddDatasetInputs(self, request, context):
+        """Adds existing inputs of the app to a dataset. Unknown input ids are
+        reported per id; inputs already in the dataset are counted, not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasetInputs(self, request, context):
+        """Lists a dataset's inputs with the time each was added, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDatasetInput(self, request, context):
+        """Gets one input of a dataset. NOT_FOUND if the input is not a member.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveDatasetInputs(self, request, context):
+        """Removes inputs from a dataset; the inputs stay in the app.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDatasetInputsByFilter(self, request, context):
+        """Deletes (from the app) the dataset's inputs that match a filter, with
+        their annotations; `dry_run` only counts them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeDataset(self, request, context):
+        """Makes every input of a source dataset a member of a destination dataset
+        (annotations belong to inputs, so they come along). The source is
+        unchanged; merging again adds nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatasetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +247,36 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     servicer.UndeleteDataset,
                     request_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.UndeleteDatasetRequest.FromString,
                     response_serializer=datasetd_dot_v1_dot_dataset__service__pb2.UndeleteDatasetResponse.SerializeToString,
+            ),
+            'AddDatasetInputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddDatasetInputs,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.AddDatasetInputsRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__service__pb2.AddDatasetInputsResponse.SerializeToString,
+            ),
+            'ListDatasetInputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasetInputs,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.ListDatasetInputsRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__service__pb2.ListDatasetInputsResponse.SerializeToString,
+            ),
+            'GetDatasetInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDatasetInput,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.GetDatasetInputRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__service__pb2.GetDatasetInputResponse.SerializeToString,
+            ),
+            'RemoveDatasetInputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveDatasetInputs,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.RemoveDatasetInputsRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__service__pb2.RemoveDatasetInputsResponse.SerializeToString,
+            ),
+            'DeleteDatasetInputsByFilter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDatasetInputsByFilter,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.DeleteDatasetInputsByFilterRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__service__pb2.DeleteDatasetInputsByFilterResponse.SerializeToString,
+            ),
+            'MergeDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeDataset,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +453,168 @@ class DatasetService:
             '/datasetd.v1.DatasetService/UndeleteDataset',
             datasetd_dot_v1_dot_dataset__service__pb2.UndeleteDatasetRequest.SerializeToString,
             datasetd_dot_v1_dot_dataset__service__pb2.UndeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddDatasetInputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.DatasetService/AddDatasetInputs',
+            datasetd_dot_v1_dot_dataset__service__pb2.AddDatasetInputsRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__service__pb2.AddDatasetInputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasetInputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.DatasetService/ListDatasetInputs',
+            datasetd_dot_v1_dot_dataset__service__pb2.ListDatasetInputsRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__service__pb2.ListDatasetInputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDatasetInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.DatasetService/GetDatasetInput',
+            datasetd_dot_v1_dot_dataset__service__pb2.GetDatasetInputRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__service__pb2.GetDatasetInputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveDatasetInputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.DatasetService/RemoveDatasetInputs',
+            datasetd_dot_v1_dot_dataset__service__pb2.RemoveDatasetInputsRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__service__pb2.RemoveDatasetInputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDatasetInputsByFilter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.DatasetService/DeleteDatasetInputsByFilter',
+            datasetd_dot_v1_dot_dataset__service__pb2.DeleteDatasetInputsByFilterRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__service__pb2.DeleteDatasetInputsByFilterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.DatasetService/MergeDataset',
+            datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,25 @@ class DatasetServiceStub:
     no deleted dataset with the id exists (never created, or purged);
     FAILED_PRECONDITION when the dataset is not deleted.
     """
+    AddDatasetInputs: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.AddDatasetInputsRequest, _dataset_service_pb2.AddDatasetInputsResponse]
+    """Adds existing inputs of the app to a dataset. Unknown input ids are
+    reported per id; inputs already in the dataset are counted, not an error.
+    """
+    ListDatasetInputs: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetInputsRequest, _dataset_service_pb2.ListDatasetInputsResponse]
+    """Lists a dataset's inputs with the time each was added, oldest first."""
+    GetDatasetInput: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.GetDatasetInputRequest, _dataset_service_pb2.GetDatasetInputResponse]
+    """Gets one input of a dataset. NOT_FOUND if the input is not a member."""
+    RemoveDatasetInputs: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.RemoveDatasetInputsRequest, _dataset_service_pb2.RemoveDatasetInputsResponse]
+    """Removes inputs from a dataset; the inputs stay in the app."""
+    DeleteDatasetInputsByFilter: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetInputsByFilterRequest, _dataset_service_pb2.DeleteDatasetInputsByFilterResponse]
+    """Deletes (from the app) the dataset's inputs that match a filter, with
+    their annotations; `dry_run` only counts them.
+    """
+    MergeDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.MergeDatasetRequest, _dataset_service_pb2.MergeDatasetResponse]
+    """Makes every input of a source dataset a member of a destination dataset
+    (annotations belong to inputs, so they come along). The source is
+    unchanged; merging again adds nothing.
+    """
 
 @_typing.type_check_only
 class DatasetServiceAsyncStub(DatasetServiceStub):
@@ -100,6 +119,25 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     """Brings back a deleted dataset within the retention window. NOT_FOUND when
     no deleted dataset with the id exists (never created, or purged);
     FAILED_PRECONDITION when the dataset is not deleted.
+    """
+    AddDatasetInputs: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.AddDatasetInputsRequest, _dataset_service_pb2.AddDatasetInputsResponse]  # type: ignore[assignment]
+    """Adds existing inputs of the app to a dataset. Unknown input ids are
+    reported per id; inputs already in the dataset are counted, not an error.
+    """
+    ListDatasetInputs: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetInputsRequest, _dataset_service_pb2.ListDatasetInputsResponse]  # type: ignore[assignment]
+    """Lists a dataset's inputs with the time each was added, oldest first."""
+    GetDatasetInput: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.GetDatasetInputRequest, _dataset_service_pb2.GetDatasetInputResponse]  # type: ignore[assignment]
+    """Gets one input of a dataset. NOT_FOUND if the input is not a member."""
+    RemoveDatasetInputs: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.RemoveDatasetInputsRequest, _dataset_service_pb2.RemoveDatasetInputsResponse]  # type: ignore[assignment]
+    """Removes inputs from a dataset; the inputs stay in the app."""
+    DeleteDatasetInputsByFilter: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetInputsByFilterRequest, _dataset_service_pb2.DeleteDatasetInputsByFilterResponse]  # type: ignore[assignment]
+    """Deletes (from the app) the dataset's inputs that match a filter, with
+    their annotations; `dry_run` only counts them.
+    """
+    MergeDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.MergeDatasetRequest, _dataset_service_pb2.MergeDatasetResponse]  # type: ignore[assignment]
+    """Makes every input of a source dataset a member of a destination dataset
+    (annotations belong to inputs, so they come along). The source is
+    unchanged; merging again adds nothing.
     """
 
 class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -170,6 +208,61 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Brings back a deleted dataset within the retention window. NOT_FOUND when
         no deleted dataset with the id exists (never created, or purged);
         FAILED_PRECONDITION when the dataset is not deleted.
+        """
+
+    @_abc_1.abstractmethod
+    def AddDatasetInputs(
+        self,
+        request: _dataset_service_pb2.AddDatasetInputsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_service_pb2.AddDatasetInputsResponse, _abc.Awaitable[_dataset_service_pb2.AddDatasetInputsResponse]]:
+        """Adds existing inputs of the app to a dataset. Unknown input ids are
+        reported per id; inputs already in the dataset are counted, not an error.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDatasetInputs(
+        self,
+        request: _dataset_service_pb2.ListDatasetInputsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_service_pb2.ListDatasetInputsResponse, _abc.Awaitable[_dataset_service_pb2.ListDatasetInputsResponse]]:
+        """Lists a dataset's inputs with the time each was added, oldest first."""
+
+    @_abc_1.abstractmethod
+    def GetDatasetInput(
+        self,
+        request: _dataset_service_pb2.GetDatasetInputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_service_pb2.GetDatasetInputResponse, _abc.Awaitable[_dataset_service_pb2.GetDatasetInputResponse]]:
+        """Gets one input of a dataset. NOT_FOUND if the input is not a member."""
+
+    @_abc_1.abstractmethod
+    def RemoveDatasetInputs(
+        self,
+        request: _dataset_service_pb2.RemoveDatasetInputsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_service_pb2.RemoveDatasetInputsResponse, _abc.Awaitable[_dataset_service_pb2.RemoveDatasetInputsResponse]]:
+        """Removes inputs from a dataset; the inputs stay in the app."""
+
+    @_abc_1.abstractmethod
+    def DeleteDatasetInputsByFilter(
+        self,
+        request: _dataset_service_pb2.DeleteDatasetInputsByFilterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_service_pb2.DeleteDatasetInputsByFilterResponse, _abc.Awaitable[_dataset_service_pb2.DeleteDatasetInputsByFilterResponse]]:
+        """Deletes (from the app) the dataset's inputs that match a filter, with
+        their annotations; `dry_run` only counts them.
+        """
+
+    @_abc_1.abstractmethod
+    def MergeDataset(
+        self,
+        request: _dataset_service_pb2.MergeDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_service_pb2.MergeDatasetResponse, _abc.Awaitable[_dataset_service_pb2.MergeDatasetResponse]]:
+        """Makes every input of a source dataset a member of a destination dataset
+        (annotations belong to inputs, so they come along). The source is
+        unchanged; merging again adds nothing.
         """
 
 def add_DatasetServiceServicer_to_server(servicer: DatasetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

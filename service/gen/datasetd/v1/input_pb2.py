@@ -27,7 +27,7 @@ from datasetd.v1 import status_pb2 as datasetd_dot_v1_dot_status__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x61tasetd/v1/input.proto\x12\x0b\x64\x61tasetd.v1\x1a\x16\x64\x61tasetd/v1/data.proto\x1a\x18\x64\x61tasetd/v1/status.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x01\n\x05Input\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x11.datasetd.v1.Data\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bmodified_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x06status\x18\x06 \x01(\x0b\x32\x13.datasetd.v1.Status\x12\x13\n\x0b\x64\x61taset_ids\x18\x07 \x03(\t\"0\n\nInputBatch\x12\"\n\x06inputs\x18\x01 \x03(\x0b\x32\x12.datasetd.v1.InputBN\n\x0eio.datasetd.v1P\x01Z:github.com/datasetd/datasetd/gen/go/datasetd/v1;datasetdv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x61tasetd/v1/input.proto\x12\x0b\x64\x61tasetd.v1\x1a\x16\x64\x61tasetd/v1/data.proto\x1a\x18\x64\x61tasetd/v1/status.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x05Input\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x11.datasetd.v1.Data\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bmodified_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x06status\x18\x06 \x01(\x0b\x32\x13.datasetd.v1.Status\x12\x13\n\x0b\x64\x61taset_ids\x18\x07 \x03(\t\x12\r\n\x05title\x18\x64 \x01(\t\"0\n\nInputBatch\x12\"\n\x06inputs\x18\x01 \x03(\x0b\x32\x12.datasetd.v1.InputBN\n\x0eio.datasetd.v1P\x01Z:github.com/datasetd/datasetd/gen/go/datasetd/v1;datasetdv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016io.datasetd.v1P\001Z:github.com/datasetd/datasetd/gen/go/datasetd/v1;datasetdv1'
   _globals['_INPUT']._serialized_start=124
-  _globals['_INPUT']._serialized_end=331
-  _globals['_INPUTBATCH']._serialized_start=333
-  _globals['_INPUTBATCH']._serialized_end=381
+  _globals['_INPUT']._serialized_end=346
+  _globals['_INPUTBATCH']._serialized_start=348
+  _globals['_INPUTBATCH']._serialized_end=396
 # @@protoc_insertion_point(module_scope)

@@ -35,9 +35,14 @@ class Input(_message.Message):
     MODIFIED_AT_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     DATASET_IDS_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Optional on create (generated when empty): 1..64 characters of
     [A-Za-z0-9_-], unique within the app. Immutable.
+    """
+    title: _builtins.str
+    """Optional. File name or title of the input, at most 512 characters.
+    datasetd's own field (unknown to the reference model).
     """
     @_builtins.property
     def data(self) -> _data_pb2.Data:
@@ -57,7 +62,9 @@ class Input(_message.Message):
 
     @_builtins.property
     def dataset_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Ids of datasets the input belongs to."""
+        """Optional on create: datasets (ids in the same app) to add the input to.
+        Output: the datasets the input belongs to.
+        """
 
     def __init__(
         self,
@@ -68,10 +75,11 @@ class Input(_message.Message):
         modified_at: _timestamp_pb2.Timestamp | None = ...,
         status: _status_pb2.Status | None = ...,
         dataset_ids: _abc.Iterable[_builtins.str] | None = ...,
+        title: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "data", b"data", "modified_at", b"modified_at", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "data", b"data", "dataset_ids", b"dataset_ids", "id", b"id", "modified_at", b"modified_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "data", b"data", "dataset_ids", b"dataset_ids", "id", b"id", "modified_at", b"modified_at", "status", b"status", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,211 @@
+"""InputService: decode, call the domain, encode."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from datasetd.v1 import errors_pb2, input_service_pb2, input_service_pb2_grpc
+
+from service.api.convert import input_draft, input_filter_query, input_to_proto, struct_to_dict
+from service.api.datasets import ACTIONS
+from service.api.idempotency import run_once
+from service.api.interceptors import current_principal
+from service.api.pagination import PageTokens, page_size
+from service.domain.auth import Permission, authorize
+from service.domain.errors import Unavailable, Violations
+from service.domain.idempotency import Idempotency
+from service.domain.inputs import InputOutcome, InputService, Outcome
+from service.domain.models import GeoPoint
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+OUTCOMES = {
+    Outcome.CREATED: errors_pb2.ITEM_OUTCOME_CREATED,
+    Outcome.DUPLICATE_ID: errors_pb2.ITEM_OUTCOME_DUPLICATE_ID,
+    Outcome.INVALID: errors_pb2.ITEM_OUTCOME_INVALID,
+    Outcome.NOT_ATTEMPTED: errors_pb2.ITEM_OUTCOME_NOT_ATTEMPTED,
+}
+PATCHABLE = ("metadata", "concepts", "geo", "title")
+
+
+def _result(outcome: InputOutcome) -> input_service_pb2.InputResult:
+    result = input_service_pb2.InputResult(
+        index=outcome.index,
+        input_id=outcome.input_id,
+        outcome=OUTCOMES[outcome.outcome],
+        errors=[
+            errors_pb2.FieldError(field=v.field, description=v.description)
+            for v in outcome.violations
+        ],
+    )
+    if outcome.view is not None:
+        result.input.CopyFrom(input_to_proto(outcome.view))
+    return result
+
+
+class InputServicer(input_service_pb2_grpc.InputServiceServicer):
+    def __init__(self, inputs: InputService, idempotency: Idempotency, tokens: PageTokens) -> None:
+        self._inputs = inputs
+        self._idempotency = idempotency
+        self._tokens = tokens
+
+    async def CreateInputs(
+        self, request: input_service_pb2.CreateInputsRequest, context: Context
+    ) -> input_service_pb2.CreateInputsResponse:
+        principal = current_principal()
+        authorize(principal, request.app_id, Permission.WRITE)
+
+        async def create() -> input_service_pb2.CreateInputsResponse:
+            outcomes = await self._inputs.create_batch(
+                principal,
+                request.app_id,
+                [input_draft(i) for i in request.inputs],
+                atomic=request.atomic,
+            )
+            created = sum(o.outcome is Outcome.CREATED for o in outcomes)
+            return input_service_pb2.CreateInputsResponse(
+                results=[_result(o) for o in outcomes],
+                created_count=created,
+                failed_count=len(outcomes) - created,
+            )
+
+        return await run_once(
+            self._idempotency,
+            "CreateInputs",
+            request,
+            input_service_pb2.CreateInputsResponse,
+            create,
+        )
+
+    async def GetInput(
+        self, request: input_service_pb2.GetInputRequest, context: Context
+    ) -> input_service_pb2.GetInputResponse:
+        view = await self._inputs.get(current_principal(), request.app_id, request.input_id)
+        return input_service_pb2.GetInputResponse(input=input_to_proto(view))
+
+    async def ListInputs(
+        self, request: input_service_pb2.ListInputsRequest, context: Context
+    ) -> input_service_pb2.ListInputsResponse:
+        limit = page_size(request.page_size)
+        query = input_filter_query(
+            request.app_id,
+            request.filter if request.HasField("filter") else None,
+            ids=list(request.ids) or None,
+            dataset_id=request.dataset_id or None,
+        )
+        scope = {
+            "method": "ListInputs",
+            "app_id": request.app_id,
+            "ids": list(request.ids),
+            "dataset_id": request.dataset_id,
+            "filter": hashlib.sha256(
+                request.filter.SerializeToString(deterministic=True)
+            ).hexdigest(),
+        }
+        views, last = await self._inputs.list_inputs(
+            current_principal(), query, self._tokens.decode_seq(request.page_token, scope), limit
+        )
+        response = input_service_pb2.ListInputsResponse(inputs=[input_to_proto(v) for v in views])
+        if last is not None:
+            response.next_page_token = self._tokens.encode(scope, [last])
+        return response
+
+    async def UpdateInputs(
+        self, request: input_service_pb2.UpdateInputsRequest, context: Context
+    ) -> input_service_pb2.UpdateInputsResponse:
+        principal = current_principal()
+        authorize(principal, request.app_id, Permission.WRITE)
+
+        async def update() -> input_service_pb2.UpdateInputsResponse:
+            violations = Violations()
+            action = ACTIONS.get(request.action)
+            if action is None:
+                violations.add(
+                    "action",
+                    "must be PATCH_ACTION_MERGE, PATCH_ACTION_OVERWRITE or PATCH_ACTION_REMOVE",
+                )
+            paths = list(request.update_mask.paths)
+            for index, path in enumerate(paths):
+                if path not in PATCHABLE:
+                    violations.add(
+                        f"update_mask.paths[{index}]",
+                        f"{path!r} is not patchable; allowed: {', '.join(PATCHABLE)}",
+                    )
+            violations.raise_if_any()
+            assert action is not None
+            patches = []
+            for message in request.inputs:
+                draft = input_draft(message)
+                data = message.data
+                given: dict[str, Any] = {}
+                if "metadata" in paths or (not paths and data.HasField("metadata")):
+                    given["metadata"] = struct_to_dict(data.metadata)
+                if "concepts" in paths or (not paths and draft.concepts):
+                    given["concepts"] = draft.concepts
+                if "geo" in paths or (not paths and draft.geo is not None):
+                    given["geo"] = draft.geo if draft.geo is not None else GeoPoint(0.0, 0.0)
+                    if "geo" in paths and draft.geo is None:
+                        given["geo"] = None
+                if "title" in paths or (not paths and message.title):
+                    given["title"] = message.title
+                patches.append((message.id, given))
+            views = await self._inputs.update(principal, request.app_id, action, patches)
+            return input_service_pb2.UpdateInputsResponse(inputs=[input_to_proto(v) for v in views])
+
+        return await run_once(
+            self._idempotency,
+            "UpdateInputs",
+            request,
+            input_service_pb2.UpdateInputsResponse,
+            update,
+        )
+
+    async def DeleteInputs(
+        self, request: input_service_pb2.DeleteInputsRequest, context: Context
+    ) -> input_service_pb2.DeleteInputsResponse:
+        principal = current_principal()
+        authorize(principal, request.app_id, Permission.WRITE)
+
+        async def delete() -> input_service_pb2.DeleteInputsResponse:
+            deleted, unknown = await self._inputs.delete(
+                principal, request.app_id, list(request.ids)
+            )
+            return input_service_pb2.DeleteInputsResponse(
+                deleted_count=deleted, unknown_ids=unknown
+            )
+
+        return await run_once(
+            self._idempotency,
+            "DeleteInputs",
+            request,
+            input_service_pb2.DeleteInputsResponse,
+            delete,
+        )
+
+    async def GetInputDownloadUrl(
+        self, request: input_service_pb2.GetInputDownloadUrlRequest, context: Context
+    ) -> input_service_pb2.GetInputDownloadUrlResponse:
+        from datetime import UTC, datetime
+
+        _, blob = await self._inputs.stored_media(
+            current_principal(), request.app_id, request.input_id
+        )
+        response = input_service_pb2.GetInputDownloadUrlResponse(
+            url=await self._inputs.download_url(blob)
+        )
+        response.expire_time.FromDatetime(datetime.now(UTC) + self._inputs.download_url_ttl)
+        return response
+
+    async def UploadInput(
+        self, request_iterator: Any, context: Context
+    ) -> input_service_pb2.UploadInputResponse:
+        raise Unavailable("UploadInput is not available yet", reason="NOT_IMPLEMENTED")
+
+    async def DownloadInput(
+        self, request: input_service_pb2.DownloadInputRequest, context: Context
+    ) -> AsyncIterator[input_service_pb2.DownloadInputResponse]:
+        raise Unavailable("DownloadInput is not available yet", reason="NOT_IMPLEMENTED")
+        yield input_service_pb2.DownloadInputResponse()

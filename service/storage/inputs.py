@@ -1,0 +1,332 @@
+"""PostgreSQL repositories of inputs and dataset membership."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import asyncpg
+
+from service.domain.annotation_rules import summarize
+from service.domain.models import (
+    DatasetMember,
+    GeoPoint,
+    Input,
+    InputQuery,
+    MediaType,
+    StoredBlob,
+)
+from service.storage.db import Database
+
+_INPUT_COLUMNS = """
+    i.app_id, i.id, i.seq, i.media_type, i.source_url, i.text_raw, i.media_info, i.metadata,
+    i.longitude, i.latitude, i.title, i.created_at, i.modified_at,
+    b.key AS blob_key, b.sha256 AS blob_sha256, b.size AS blob_size,
+    b.content_type AS blob_content_type,
+    coalesce(l.data -> 'concepts', '[]'::jsonb) AS concepts,
+    ARRAY(SELECT d.dataset_id FROM dataset_inputs d
+          WHERE d.app_id = i.app_id AND d.input_id = i.id ORDER BY d.dataset_id) AS dataset_ids
+"""
+_INPUT_JOINS = """
+    LEFT JOIN blobs b ON b.key = i.blob_key
+    LEFT JOIN annotations l ON l.app_id = i.app_id AND l.input_id = i.id AND l.input_level
+"""
+
+INSERT_INPUTS = """
+INSERT INTO inputs (app_id, id, media_type, blob_key, source_url, text_raw, media_info,
+                    metadata, longitude, latitude, title)
+SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::jsonb[], $8::jsonb[], $9::float8[], $10::float8[], $11::text[])
+ON CONFLICT (app_id, id) DO NOTHING
+RETURNING id
+"""
+INSERT_INPUT_LEVEL = """
+INSERT INTO annotations (app_id, id, input_id, input_level, data, positive_concepts)
+SELECT $1, t.annotation_id, t.input_id, true, t.data,
+       ARRAY(SELECT jsonb_array_elements_text(t.positive::jsonb))
+FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::text[])
+     AS t(annotation_id, input_id, data, positive)
+"""
+UPSERT_INPUT_LEVEL = """
+INSERT INTO annotations (app_id, id, input_id, input_level, data, positive_concepts)
+VALUES ($1, $2, $3, true, $4, $5)
+ON CONFLICT (app_id, input_id) WHERE input_level
+DO UPDATE SET data = EXCLUDED.data, positive_concepts = EXCLUDED.positive_concepts,
+              modified_at = now()
+"""
+DELETE_INPUT_LEVEL = "DELETE FROM annotations WHERE app_id = $1 AND input_id = $2 AND input_level"
+INSERT_MEMBERS = """
+INSERT INTO dataset_inputs (app_id, dataset_id, input_id)
+SELECT $1, * FROM unnest($2::text[], $3::text[])
+ON CONFLICT DO NOTHING
+"""
+EXISTING_IDS = "SELECT id FROM inputs WHERE app_id = $1 AND id = ANY($2::text[])"
+GET_MANY = f"""
+SELECT {_INPUT_COLUMNS} FROM inputs i {_INPUT_JOINS}
+WHERE i.app_id = $1 AND i.id = ANY($2::text[]) ORDER BY i.seq
+"""
+LOCK_MANY = (
+    "SELECT id FROM inputs WHERE app_id = $1 AND id = ANY($2::text[]) ORDER BY id FOR UPDATE"
+)
+UPDATE_INPUT = """
+UPDATE inputs SET metadata = $3, longitude = $4, latitude = $5, title = $6,
+       modified_at = greatest(now(), modified_at + interval '1 microsecond')
+WHERE app_id = $1 AND id = $2
+"""
+DELETE_INPUTS = "DELETE FROM inputs WHERE app_id = $1 AND id = ANY($2::text[]) RETURNING id"
+
+# Every condition is optional (NULL means "any"), so one statement serves every
+# combination of filters. $1 app; $2 ids; $3 dataset; $4 media types; $5 metadata
+# containment; $6 concepts all present; $7 concepts all absent; $8 annotated.
+_MATCH = """
+    i.app_id = $1
+    AND ($2::text[] IS NULL OR i.id = ANY($2::text[]))
+    AND ($3::text IS NULL OR EXISTS (
+        SELECT 1 FROM dataset_inputs m
+        WHERE m.app_id = i.app_id AND m.dataset_id = $3::text AND m.input_id = i.id))
+    AND ($4::text[] IS NULL OR i.media_type = ANY($4::text[]))
+    AND ($5::jsonb IS NULL OR i.metadata @> $5::jsonb)
+    AND ($6::text[] IS NULL OR $6::text[] <@ ARRAY(
+        SELECT unnest(a.positive_concepts) FROM annotations a
+        WHERE a.app_id = i.app_id AND a.input_id = i.id))
+    AND ($7::text[] IS NULL OR NOT EXISTS (
+        SELECT 1 FROM annotations a
+        WHERE a.app_id = i.app_id AND a.input_id = i.id AND a.positive_concepts && $7::text[]))
+    AND ($8::boolean IS NULL OR EXISTS (
+        SELECT 1 FROM annotations a WHERE a.app_id = i.app_id AND a.input_id = i.id) = $8::boolean)
+"""
+LIST_INPUTS = f"""
+SELECT {_INPUT_COLUMNS} FROM inputs i {_INPUT_JOINS}
+WHERE {_MATCH} AND ($9::bigint IS NULL OR i.seq > $9::bigint)
+ORDER BY i.seq LIMIT $10
+"""
+COUNT_MATCHING = f"SELECT count(*) FROM inputs i WHERE {_MATCH}"
+DELETE_MATCHING = f"DELETE FROM inputs i WHERE {_MATCH}"
+
+LIVE_DATASETS = """
+SELECT id FROM datasets
+WHERE app_id = $1 AND id = ANY($2::text[]) AND deleted_at IS NULL
+ORDER BY id FOR SHARE
+"""
+ADD_MEMBERS = """
+INSERT INTO dataset_inputs (app_id, dataset_id, input_id)
+SELECT $1, $2, input_id FROM unnest($3::text[]) AS t(input_id)
+ON CONFLICT DO NOTHING
+"""
+_MEMBER_SELECT = f"""
+SELECT m.seq AS member_seq, m.added_at, {_INPUT_COLUMNS}
+FROM dataset_inputs m JOIN inputs i ON i.app_id = m.app_id AND i.id = m.input_id
+{_INPUT_JOINS}
+"""
+LIST_MEMBERS = f"""{_MEMBER_SELECT}
+WHERE m.app_id = $1 AND m.dataset_id = $2 AND ($3::bigint IS NULL OR m.seq > $3::bigint)
+ORDER BY m.seq LIMIT $4
+"""
+GET_MEMBER = f"""{_MEMBER_SELECT}
+WHERE m.app_id = $1 AND m.dataset_id = $2 AND m.input_id = $3
+"""
+REMOVE_MEMBERS = """
+DELETE FROM dataset_inputs
+WHERE app_id = $1 AND dataset_id = $2 AND input_id = ANY($3::text[])
+"""
+MERGE = """
+WITH source AS (
+    SELECT input_id, seq FROM dataset_inputs WHERE app_id = $1 AND dataset_id = $2),
+added AS (
+    INSERT INTO dataset_inputs (app_id, dataset_id, input_id)
+    SELECT $1, $3, input_id FROM source ORDER BY seq
+    ON CONFLICT DO NOTHING
+    RETURNING 1)
+SELECT (SELECT count(*) FROM added) AS added, (SELECT count(*) FROM source) AS total
+"""
+
+
+def _count(status: str) -> int:
+    return int(status.rsplit(maxsplit=1)[-1])
+
+
+def row_to_input(row: asyncpg.Record) -> Input:
+    blob = None
+    if row["blob_key"] is not None:
+        blob = StoredBlob(
+            row["blob_key"], row["blob_sha256"], row["blob_size"], row["blob_content_type"]
+        )
+    geo = None
+    if row["longitude"] is not None and row["latitude"] is not None:
+        geo = GeoPoint(row["longitude"], row["latitude"])
+    return Input(
+        app_id=row["app_id"],
+        id=row["id"],
+        media_type=MediaType(row["media_type"]),
+        blob=blob,
+        source_url=row["source_url"],
+        text=row["text_raw"],
+        media_info=row["media_info"],
+        metadata=row["metadata"],
+        geo=geo,
+        title=row["title"],
+        concepts=row["concepts"],
+        dataset_ids=list(row["dataset_ids"]),
+        created_at=row["created_at"],
+        modified_at=row["modified_at"],
+    )
+
+
+def _query_args(query: InputQuery) -> list[Any]:
+    return [
+        query.app_id,
+        list(query.ids) if query.ids is not None else None,
+        query.dataset_id,
+        [m.value for m in query.media_types] if query.media_types else None,
+        query.metadata,
+        list(query.concept_ids) if query.concept_ids else None,
+        list(query.negative_concept_ids) if query.negative_concept_ids else None,
+        query.annotated,
+    ]
+
+
+def _positive(concepts: list[dict[str, Any]]) -> list[str]:
+    return sorted(summarize({"concepts": concepts}).positive_concepts)
+
+
+class PgInputRepository:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def insert_many(self, inputs: list[Input]) -> set[str]:
+        if not inputs:
+            return set()
+        app_id = inputs[0].app_id
+        async with self._db.connection() as conn:
+            inserted = {
+                r["id"]
+                for r in await conn.fetch(
+                    INSERT_INPUTS,
+                    app_id,
+                    [i.id for i in inputs],
+                    [i.media_type.value for i in inputs],
+                    [i.blob.key if i.blob else None for i in inputs],
+                    [i.source_url for i in inputs],
+                    [i.text for i in inputs],
+                    [i.media_info for i in inputs],
+                    [i.metadata for i in inputs],
+                    [i.geo.longitude if i.geo else None for i in inputs],
+                    [i.geo.latitude if i.geo else None for i in inputs],
+                    [i.title for i in inputs],
+                )
+            }
+            labelled = [i for i in inputs if i.id in inserted and i.concepts]
+            if labelled:
+                await conn.execute(
+                    INSERT_INPUT_LEVEL,
+                    app_id,
+                    [uuid.uuid4().hex for _ in labelled],
+                    [i.id for i in labelled],
+                    [{"concepts": i.concepts} for i in labelled],
+                    # JSON text: asyncpg would read nested lists as a 2-D array.
+                    [json.dumps(_positive(i.concepts)) for i in labelled],
+                )
+            pairs = [(d, i.id) for i in inputs if i.id in inserted for d in i.dataset_ids]
+            if pairs:
+                await conn.execute(
+                    INSERT_MEMBERS, app_id, [d for d, _ in pairs], [i for _, i in pairs]
+                )
+        return inserted
+
+    async def existing_ids(self, app_id: str, ids: list[str]) -> set[str]:
+        async with self._db.connection() as conn:
+            return {r["id"] for r in await conn.fetch(EXISTING_IDS, app_id, ids)}
+
+    async def get_many(self, app_id: str, ids: list[str], *, lock: bool = False) -> list[Input]:
+        async with self._db.connection() as conn:
+            if lock:
+                await conn.fetch(LOCK_MANY, app_id, ids)
+            return [row_to_input(r) for r in await conn.fetch(GET_MANY, app_id, ids)]
+
+    async def page(
+        self, query: InputQuery, after_seq: int | None, limit: int
+    ) -> list[tuple[int, Input]]:
+        async with self._db.connection() as conn:
+            rows = await conn.fetch(LIST_INPUTS, *_query_args(query), after_seq, limit)
+        return [(r["seq"], row_to_input(r)) for r in rows]
+
+    async def update(self, updated: Input) -> None:
+        geo = updated.geo
+        async with self._db.connection() as conn:
+            await conn.execute(
+                UPDATE_INPUT,
+                updated.app_id,
+                updated.id,
+                updated.metadata,
+                geo.longitude if geo else None,
+                geo.latitude if geo else None,
+                updated.title,
+            )
+            if updated.concepts:
+                await conn.execute(
+                    UPSERT_INPUT_LEVEL,
+                    updated.app_id,
+                    uuid.uuid4().hex,
+                    updated.id,
+                    {"concepts": updated.concepts},
+                    _positive(updated.concepts),
+                )
+            else:
+                await conn.execute(DELETE_INPUT_LEVEL, updated.app_id, updated.id)
+
+    async def delete(self, app_id: str, ids: list[str]) -> list[str]:
+        async with self._db.connection() as conn:
+            return [r["id"] for r in await conn.fetch(DELETE_INPUTS, app_id, ids)]
+
+    async def count_matching(self, query: InputQuery) -> int:
+        async with self._db.connection() as conn:
+            count: int = await conn.fetchval(COUNT_MATCHING, *_query_args(query))
+        return count
+
+    async def delete_matching(self, query: InputQuery) -> int:
+        async with self._db.connection() as conn:
+            return _count(await conn.execute(DELETE_MATCHING, *_query_args(query)))
+
+
+def _row_to_member(row: asyncpg.Record) -> DatasetMember:
+    return DatasetMember(row_to_input(row), row["added_at"], row["member_seq"])
+
+
+class PgMembershipRepository:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def live_datasets(self, app_id: str, dataset_ids: list[str]) -> set[str]:
+        if not dataset_ids:
+            return set()
+        async with self._db.connection() as conn:
+            return {r["id"] for r in await conn.fetch(LIVE_DATASETS, app_id, dataset_ids)}
+
+    async def add(self, app_id: str, dataset_id: str, input_ids: list[str]) -> int:
+        if not input_ids:
+            return 0
+        async with self._db.connection() as conn:
+            return _count(await conn.execute(ADD_MEMBERS, app_id, dataset_id, input_ids))
+
+    async def page(
+        self, app_id: str, dataset_id: str, after_seq: int | None, limit: int
+    ) -> list[DatasetMember]:
+        async with self._db.connection() as conn:
+            rows = await conn.fetch(LIST_MEMBERS, app_id, dataset_id, after_seq, limit)
+        return [_row_to_member(r) for r in rows]
+
+    async def get(self, app_id: str, dataset_id: str, input_id: str) -> DatasetMember | None:
+        async with self._db.connection() as conn:
+            row = await conn.fetchrow(GET_MEMBER, app_id, dataset_id, input_id)
+        return None if row is None else _row_to_member(row)
+
+    async def remove(self, app_id: str, dataset_id: str, input_ids: list[str]) -> int:
+        async with self._db.connection() as conn:
+            return _count(await conn.execute(REMOVE_MEMBERS, app_id, dataset_id, input_ids))
+
+    async def merge(self, app_id: str, source_id: str, destination_id: str) -> tuple[int, int]:
+        async with self._db.connection() as conn:
+            row = await conn.fetchrow(MERGE, app_id, source_id, destination_id)
+        assert row is not None
+        return row["added"], row["total"] - row["added"]
