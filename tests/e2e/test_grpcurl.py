@@ -154,6 +154,12 @@ async def test_describe_service_rpcs(server: Running) -> None:
         "UpdateDataset",
         "DeleteDataset",
         "UndeleteDataset",
+        "AddDatasetInputs",
+        "ListDatasetInputs",
+        "GetDatasetInput",
+        "RemoveDatasetInputs",
+        "DeleteDatasetInputsByFilter",
+        "MergeDataset",
     ]
     for rpc in rpcs:
         expected = (
