@@ -31,6 +31,7 @@ from service.storage.blobs import ContentAddressedBlobStore, ObjectStore
 from service.storage.datasets import PgDatasetRepository
 from service.storage.db import Database, migrate, server_secret
 from service.storage.embedded import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
+from service.storage.fetch import UrlFetcher
 from service.storage.idempotency import PgIdempotencyRepository
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
 
@@ -184,6 +185,14 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             blobs,
             db,
             InputSettings(config.download_url_ttl),
+            fetcher=(
+                UrlFetcher(
+                    max_bytes=config.fetch_max_bytes,
+                    timeout_seconds=config.fetch_timeout.total_seconds(),
+                )
+                if config.fetch_urls
+                else None
+            ),
         )
         idempotency = Idempotency(db, idempotency_records)
         tokens = PageTokens(await server_secret(db, "page_tokens"))

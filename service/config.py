@@ -68,6 +68,9 @@ class Config:
     auth_cache_seconds: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"
+    fetch_urls: bool = False
+    fetch_max_bytes: int = 64 * 1024 * 1024
+    fetch_timeout: timedelta = timedelta(seconds=30)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -114,6 +117,11 @@ class Config:
             auth_cache_seconds=parse_duration(
                 "DATASETD_AUTH_CACHE", get("AUTH_CACHE", "5s")
             ).total_seconds(),
+            fetch_urls=_bool("DATASETD_FETCH_URLS", get("FETCH_URLS", "false")),
+            fetch_max_bytes=_int(
+                "DATASETD_FETCH_MAX_BYTES", get("FETCH_MAX_BYTES", str(cls.fetch_max_bytes)), 1
+            ),
+            fetch_timeout=parse_duration("DATASETD_FETCH_TIMEOUT", get("FETCH_TIMEOUT", "30s")),
             log_level=get("LOG_LEVEL", "INFO"),
             log_format=get("LOG_FORMAT", "text"),
         )

@@ -8,13 +8,15 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from service.api.errors import internal_status, to_rpc_status
 from service.domain.auth import Authenticator, parse_authorization
-from service.domain.errors import DomainError
+from service.domain.errors import DomainError, InvalidArgument
 from service.domain.models import Principal
 from service.observability import REQUEST_ID
 
@@ -36,6 +38,43 @@ def current_principal() -> Principal:
     if principal is None:
         raise RuntimeError("no authenticated caller in this context")
     return principal
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands in for a request message that failed to parse, so the caller gets
+    INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing request"."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    decode = deserializer
+
+    def parse(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc) or "malformed protobuf")
+
+    return parse
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(
+            f"the request is not a valid protobuf message ({request.error}); "
+            "string fields must be valid UTF-8",
+            reason="MALFORMED_REQUEST",
+        )
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
 
 
 class _Call:
@@ -111,7 +150,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         authenticator = self._authenticator
         metadata = tuple(handler_call_details.invocation_metadata or ())
         kwargs: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         # The generic handler types describe sync behaviours; ours are coroutines.
@@ -122,7 +161,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 call = _Call(authenticator, method, metadata)
                 try:
                     await call.begin(context)
-                    return await inner(request, context)
+                    if handler.stream_unary:
+                        return await inner(_checked_stream(request), context)
+                    return await inner(_checked(request), context)
                 except grpc.aio.AbortError:
                     call.outcome = "ABORTED_BY_HANDLER"
                     raise
@@ -141,6 +182,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(authenticator, method, metadata)
             try:
                 await call.begin(context)
+                request = _checked_stream(request) if handler.stream_stream else _checked(request)
                 async for item in inner_stream(request, context):
                     yield item
             except grpc.aio.AbortError:

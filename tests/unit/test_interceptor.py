@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+from datasetd.v1 import input_pb2
 
 from service.api.interceptors import RequestInterceptor, current_principal
 from service.domain.auth import Authenticator, new_key
@@ -99,3 +100,46 @@ async def test_unknown_key_never_reaches_the_handler(echo: tuple[grpc.aio.Channe
 def test_fake_keys_hold_hashes_only() -> None:
     secret, key = new_key("app", "k")
     assert isinstance(key, ApiKey) and secret not in str(key)
+
+
+async def test_undecodable_request_is_invalid_argument() -> None:
+    """A string field with invalid UTF-8 fails protobuf parsing; the caller must
+    hear INVALID_ARGUMENT, not gRPC's INTERNAL "Exception deserializing request"."""
+    keys = FakeKeys()
+    secret, key = new_key("app", "k")
+    await keys.insert(key)
+    server = grpc.aio.server(interceptors=[RequestInterceptor(Authenticator(keys, FixedClock()))])
+
+    async def echo_title(
+        request: input_pb2.Input, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        return request.title.encode()
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Typed",
+        {
+            "Call": grpc.unary_unary_rpc_method_handler(
+                echo_title, input_pb2.Input.FromString, _identity
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(
+                "/test.Typed/Call", request_serializer=_identity, response_deserializer=_identity
+            )
+            metadata = (("authorization", f"Key {secret}"),)
+            valid = input_pb2.Input(id="x", title="ABCD").SerializeToString()
+            assert await call(valid, metadata=metadata) == b"ABCD"
+            broken = valid.replace(b"ABCD", b"\xff\xfe\xfd\xfc")
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call(broken, metadata=metadata)
+    finally:
+        await server.stop(None)
+    error = details_of(raised.value)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.reason == "MALFORMED_REQUEST"
+    assert "UTF-8" in error.message
