@@ -108,6 +108,15 @@ class ObjectStore:
     async def delete(self, key: str) -> None:
         await self._run(lambda: self._client.remove_object(self.bucket, key))
 
+    async def list_keys(self, prefix: str) -> list[str]:
+        return await self._run(
+            lambda: [
+                o.object_name
+                for o in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                if o.object_name is not None
+            ]
+        )
+
     async def presign_get(self, key: str, ttl: timedelta) -> str:
         return await self._run(lambda: self._client.presigned_get_object(self.bucket, key, ttl))
 

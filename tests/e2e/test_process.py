@@ -7,118 +7,20 @@ over a real channel.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import signal
-import socket
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import psutil
 import pytest
-from datasetd.v1 import common_pb2, data_pb2, dataset_pb2, dataset_service_pb2_grpc
+from datasetd.v1 import common_pb2, data_pb2, dataset_pb2
 from datasetd.v1 import dataset_service_pb2 as api
 
 from service.storage.db import Database
 from tests.conftest import Stack, stack_env
 from tests.helpers import download, png_bytes
-
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class ServerProcess:
-    process: asyncio.subprocess.Process
-    address: str
-    banner: str
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def descendants(self) -> list[psutil.Process]:
-        return psutil.Process(self.pid).children(recursive=True)
-
-    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
-        self.process.send_signal(sig)
-        return await asyncio.wait_for(self.process.wait(), 30)
-
-
-@asynccontextmanager
-async def run_server(env: dict[str, str]) -> AsyncIterator[ServerProcess]:
-    port = free_port()
-    env = {**env, "DATASETD_LISTEN": f"127.0.0.1:{port}", "PYTHONUNBUFFERED": "1"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert process.stdout is not None
-    lines: list[str] = []
-
-    async def read_banner() -> None:
-        assert process.stdout is not None
-        while not lines or not lines[-1].startswith("stop with Ctrl-C"):
-            line = await process.stdout.readline()
-            if not line:
-                raise AssertionError(f"server exited before serving: {''.join(lines)}")
-            lines.append(line.decode())
-
-    try:
-        await asyncio.wait_for(read_banner(), START_TIMEOUT)
-        yield ServerProcess(process, f"127.0.0.1:{port}", "".join(lines))
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-async def create_key(env: dict[str, str], app: str) -> str:
-    """`python -m service keys create`, with or without a server running."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "keys",
-        "create",
-        "--app",
-        app,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, stderr.decode()
-    return stdout.decode().strip()
-
-
-def clean_env(**overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DATASETD_")}
-    return {**env, **overrides}
-
-
-@asynccontextmanager
-async def stub_for(address: str) -> AsyncIterator[dataset_service_pb2_grpc.DatasetServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        yield dataset_service_pb2_grpc.DatasetServiceStub(channel)
+from tests.processes import ROOT, clean_env, create_key, run_server, stub_for
 
 
 async def test_embedded_stack_starts_persists_and_stops_cleanly(tmp_path: Path) -> None:
