@@ -47,6 +47,7 @@ lint: $(VENV)/.installed
 ## bench: benchmarks, printing figures beside raw limits measured in the same run
 bench: $(VENV)/.installed
 	$(PY) -m bench.bench_datasets
+	$(PY) -m bench.bench_ingest
 
 clean:
 	rm -rf $(VENV) .data build *.egg-info

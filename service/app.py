@@ -15,17 +15,21 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from service.api.annotations import AnnotationServicer
 from service.api.datasets import DatasetServicer
 from service.api.inputs import InputServicer
 from service.api.pagination import PageTokens
 from service.api.server import SERVICE_NAMES, build_server
 from service.config import Config
+from service.domain.annotations import AnnotationService
 from service.domain.auth import Authenticator, ensure_bootstrap_key
 from service.domain.clock import SystemClock
 from service.domain.datasets import DatasetService, DatasetSettings
 from service.domain.idempotency import Idempotency
 from service.domain.inputs import InputService, InputSettings
 from service.domain.maintenance import Maintenance
+from service.domain.transfers import InputTransfers, TransferSettings
+from service.storage.annotations import PgAnnotationRepository
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.blobs import ContentAddressedBlobStore, ObjectStore
 from service.storage.datasets import PgDatasetRepository
@@ -208,7 +212,17 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         server = build_server(
             authenticator=Authenticator(keys, clock, config.auth_cache_seconds),
             datasets=DatasetServicer(datasets, inputs, idempotency, tokens),
-            inputs=InputServicer(inputs, idempotency, tokens),
+            inputs=InputServicer(
+                inputs,
+                idempotency,
+                tokens,
+                InputTransfers(inputs, blobs, TransferSettings(config.max_upload_bytes)),
+            ),
+            annotations=AnnotationServicer(
+                AnnotationService(PgAnnotationRepository(db), PgMembershipRepository(db), db),
+                idempotency,
+                tokens,
+            ),
             health_servicer=health_servicer,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_rpcs=config.max_concurrent_rpcs,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+MAX_S3_OBJECT_BYTES = 5 * 1024**4
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,7 @@ class Config:
     fetch_urls: bool = False
     fetch_max_bytes: int = 64 * 1024 * 1024
     fetch_timeout: timedelta = timedelta(seconds=30)
+    max_upload_bytes: int = 2 * 1024**3
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -122,6 +124,11 @@ class Config:
                 "DATASETD_FETCH_MAX_BYTES", get("FETCH_MAX_BYTES", str(cls.fetch_max_bytes)), 1
             ),
             fetch_timeout=parse_duration("DATASETD_FETCH_TIMEOUT", get("FETCH_TIMEOUT", "30s")),
+            max_upload_bytes=_int(
+                "DATASETD_MAX_UPLOAD_BYTES",
+                get("MAX_UPLOAD_BYTES", str(cls.max_upload_bytes)),
+                1,
+            ),
             log_level=get("LOG_LEVEL", "INFO"),
             log_format=get("LOG_FORMAT", "text"),
         )
@@ -138,5 +145,9 @@ class Config:
             raise ConfigError("DATASETD_S3_BUCKET must be 3..63 characters (S3 bucket rules)")
         if self.log_format not in ("text", "json"):
             raise ConfigError("DATASETD_LOG_FORMAT must be text or json")
+        if self.max_upload_bytes > MAX_S3_OBJECT_BYTES:
+            raise ConfigError(
+                "DATASETD_MAX_UPLOAD_BYTES must be at most 5 TiB (the largest S3 object)"
+            )
         if self.bootstrap_key and len(self.bootstrap_key) < 16:
             raise ConfigError("DATASETD_BOOTSTRAP_KEY must be at least 16 characters")

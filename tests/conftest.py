@@ -17,7 +17,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from datasetd.v1 import dataset_service_pb2_grpc, input_service_pb2_grpc
+from datasetd.v1 import (
+    annotation_service_pb2_grpc,
+    dataset_service_pb2_grpc,
+    input_service_pb2_grpc,
+)
 
 from service.app import Resources, Running, start
 from service.config import Config
@@ -123,3 +127,11 @@ def datasets(channel: grpc.aio.Channel) -> dataset_service_pb2_grpc.DatasetServi
 @pytest.fixture(scope="session")
 def inputs(channel: grpc.aio.Channel) -> input_service_pb2_grpc.InputServiceAsyncStub:
     return input_service_pb2_grpc.InputServiceStub(channel)
+
+
+# Named by the decorator: `annotations` is taken by `from __future__ import annotations`.
+@pytest.fixture(scope="session", name="annotations")
+def annotations_stub(
+    channel: grpc.aio.Channel,
+) -> annotation_service_pb2_grpc.AnnotationServiceAsyncStub:
+    return annotation_service_pb2_grpc.AnnotationServiceStub(channel)

@@ -24,7 +24,8 @@ class CallError:
     request_id: str
 
 
-def details_of(error: grpc.aio.AioRpcError) -> CallError:
+def details_of(error: grpc.aio.AioRpcError | grpc.Call) -> CallError:
+    """Of an asyncio call's error, or of a synchronous call's (a grpc.Call too)."""
     reason, request_id, fields = "", "", {}
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin":

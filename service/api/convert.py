@@ -7,13 +7,15 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
 
-from datasetd.v1 import common_pb2, data_pb2, dataset_pb2, input_pb2, status_pb2
+from datasetd.v1 import annotation_pb2, common_pb2, data_pb2, dataset_pb2, input_pb2, status_pb2
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from service.domain.annotations import AnnotationDraft
 from service.domain.datasets import CoverImageInput, DatasetFields
 from service.domain.errors import Violations
 from service.domain.inputs import InputDraft
 from service.domain.models import (
+    Annotation,
     DatasetView,
     GeoPoint,
     InputQuery,
@@ -263,3 +265,41 @@ def input_filter_query(
         negative_concept_ids=tuple(message.negative_concept_ids) or None,
         annotated=states.get(message.annotation_state),
     )
+
+
+def data_to_json(message: data_pb2.Data) -> dict[str, Any]:
+    """The JSON form annotation rules check and storage keeps (proto field names)."""
+    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return result
+
+
+def annotation_draft(message: annotation_pb2.Annotation) -> AnnotationDraft:
+    return AnnotationDraft(
+        id=message.id,
+        input_id=message.input_id,
+        data=data_to_json(message.data),
+        annotation_info=(
+            struct_to_dict(message.annotation_info) if message.HasField("annotation_info") else None
+        ),
+    )
+
+
+def annotation_to_proto(annotation: Annotation) -> annotation_pb2.Annotation:
+    message = annotation_pb2.Annotation(
+        id=annotation.id,
+        input_id=annotation.input_id,
+        input_level=annotation.input_level,
+        status=status_pb2.Status(
+            code=status_pb2.STATUS_CODE_ANNOTATION_SUCCESS, description="Annotation stored"
+        ),
+    )
+    # Unknown fields are skipped, not fatal: a stored row must stay readable even if a
+    # later release drops a field it holds.
+    json_format.ParseDict(annotation.data, message.data, ignore_unknown_fields=True)
+    if annotation.annotation_info:
+        message.annotation_info.update(annotation.annotation_info)
+    if annotation.created_at is not None:
+        _set_timestamp(message.created_at, annotation.created_at)
+    if annotation.modified_at is not None:
+        _set_timestamp(message.modified_at, annotation.modified_at)
+    return message

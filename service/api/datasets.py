@@ -40,6 +40,18 @@ ACTIONS = {
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def patch_action(
+    violations: Violations, value: common_pb2.PatchAction.ValueType
+) -> PatchAction | None:
+    """The action of an Update request; None (and a violation) when it is not chosen."""
+    action = ACTIONS.get(value)
+    if action is None:
+        violations.add(
+            "action", "must be PATCH_ACTION_MERGE, PATCH_ACTION_OVERWRITE or PATCH_ACTION_REMOVE"
+        )
+    return action
+
+
 class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     def __init__(
         self,
@@ -150,12 +162,7 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
         async def update() -> dataset_service_pb2.UpdateDatasetResponse:
             violations = Violations()
-            action = ACTIONS.get(request.action)
-            if action is None:
-                violations.add(
-                    "action",
-                    "must be PATCH_ACTION_MERGE, PATCH_ACTION_OVERWRITE or PATCH_ACTION_REMOVE",
-                )
+            action = patch_action(violations, request.action)
             fields = dataset_fields(request.dataset, list(request.update_mask.paths), violations)
             violations.raise_if_any()
             assert action is not None

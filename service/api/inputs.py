@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -11,14 +13,15 @@ from datasetd.v1 import errors_pb2, input_service_pb2, input_service_pb2_grpc
 
 from service.api.convert import input_draft, input_filter_query, input_to_proto, struct_to_dict
 from service.api.datasets import ACTIONS
-from service.api.idempotency import run_once
+from service.api.idempotency import idempotency_key, run_once
 from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens, page_size
 from service.domain.auth import Permission, authorize
-from service.domain.errors import Unavailable, Violations
+from service.domain.errors import InvalidArgument, Violations
 from service.domain.idempotency import Idempotency
 from service.domain.inputs import InputOutcome, InputService, Outcome
 from service.domain.models import GeoPoint
+from service.domain.transfers import InputTransfers, UploadHeader
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -47,10 +50,17 @@ def _result(outcome: InputOutcome) -> input_service_pb2.InputResult:
 
 
 class InputServicer(input_service_pb2_grpc.InputServiceServicer):
-    def __init__(self, inputs: InputService, idempotency: Idempotency, tokens: PageTokens) -> None:
+    def __init__(
+        self,
+        inputs: InputService,
+        idempotency: Idempotency,
+        tokens: PageTokens,
+        transfers: InputTransfers,
+    ) -> None:
         self._inputs = inputs
         self._idempotency = idempotency
         self._tokens = tokens
+        self._transfers = transfers
 
     async def CreateInputs(
         self, request: input_service_pb2.CreateInputsRequest, context: Context
@@ -188,8 +198,6 @@ class InputServicer(input_service_pb2_grpc.InputServiceServicer):
     async def GetInputDownloadUrl(
         self, request: input_service_pb2.GetInputDownloadUrlRequest, context: Context
     ) -> input_service_pb2.GetInputDownloadUrlResponse:
-        from datetime import UTC, datetime
-
         _, blob = await self._inputs.stored_media(
             current_principal(), request.app_id, request.input_id
         )
@@ -200,12 +208,87 @@ class InputServicer(input_service_pb2_grpc.InputServiceServicer):
         return response
 
     async def UploadInput(
-        self, request_iterator: Any, context: Context
+        self,
+        request_iterator: AsyncIterator[input_service_pb2.UploadInputRequest],
+        context: Context,
     ) -> input_service_pb2.UploadInputResponse:
-        raise Unavailable("UploadInput is not available yet", reason="NOT_IMPLEMENTED")
+        principal = current_principal()
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument.field(
+                "header",
+                "the first message of an UploadInput stream must carry the header; "
+                "the chunks follow it",
+                reason="INVALID_UPLOAD",
+            )
+        message = first.header
+        # Checked before the bytes flow; run_once would only see a bad id after them.
+        idempotency_key("UploadInput", message)
+        header = UploadHeader(
+            app_id=message.app_id,
+            draft=input_draft(message.input),
+            content_length=message.content_length,
+            sha256=message.sha256,
+            request_id=message.request_id,
+        )
+        media = await self._transfers.receive(principal, header, _chunks(request_iterator))
+        # The request is the header and the bytes: a retry with the same header and bytes
+        # replays, other bytes under the same request id are refused. The optional checks
+        # are recorded as the values they must have had, so sending them or not is the same.
+        fingerprint = input_service_pb2.UploadInputHeader()
+        fingerprint.CopyFrom(message)
+        fingerprint.sha256 = media.blob.sha256
+        fingerprint.content_length = media.blob.size
+
+        async def create() -> input_service_pb2.UploadInputResponse:
+            view = await self._transfers.create(principal, header, media)
+            return input_service_pb2.UploadInputResponse(input=input_to_proto(view))
+
+        return await run_once(
+            self._idempotency,
+            "UploadInput",
+            fingerprint,
+            input_service_pb2.UploadInputResponse,
+            create,
+        )
 
     async def DownloadInput(
         self, request: input_service_pb2.DownloadInputRequest, context: Context
     ) -> AsyncIterator[input_service_pb2.DownloadInputResponse]:
-        raise Unavailable("DownloadInput is not available yet", reason="NOT_IMPLEMENTED")
-        yield input_service_pb2.DownloadInputResponse()
+        blob, stream = await self._transfers.download(
+            current_principal(), request.app_id, request.input_id
+        )
+        first: input_service_pb2.DownloadInputResponse | None = (
+            input_service_pb2.DownloadInputResponse(
+                total_size=blob.size, content_type=blob.content_type, sha256=blob.sha256
+            )
+        )
+        # Closed explicitly so the object store connection is released as soon as the
+        # client goes away, not when the generator is garbage-collected.
+        async with contextlib.aclosing(stream) as chunks:
+            async for chunk in chunks:
+                if first is not None:
+                    first.chunk = chunk
+                    yield first
+                    first = None
+                else:
+                    yield input_service_pb2.DownloadInputResponse(chunk=chunk)
+        if first is not None:
+            yield first
+
+
+async def _chunks(
+    messages: AsyncIterator[input_service_pb2.UploadInputRequest],
+) -> AsyncIterator[bytes]:
+    """The media bytes of the messages after the header."""
+    async for message in messages:
+        part = message.WhichOneof("part")
+        if part != "chunk":
+            raise InvalidArgument.field(
+                "header" if part == "header" else "chunk",
+                "only the first message may carry the header"
+                if part == "header"
+                else "a message after the header carries no chunk",
+                reason="INVALID_UPLOAD",
+            )
+        yield message.chunk

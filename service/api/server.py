@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import grpc
 from datasetd.v1 import (
-    annotation_pb2,  # noqa: F401  (registered so reflection can describe Annotation)
+    annotation_service_pb2,
+    annotation_service_pb2_grpc,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
     input_pb2,  # noqa: F401  (registered so reflection can describe Input, InputBatch)
@@ -16,6 +17,7 @@ from datasetd.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.api.annotations import AnnotationServicer
 from service.api.datasets import DatasetServicer
 from service.api.inputs import InputServicer
 from service.api.interceptors import RequestInterceptor
@@ -25,6 +27,7 @@ from service.domain.auth import Authenticator
 SERVICE_NAMES: Sequence[str] = (
     dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
     input_service_pb2.DESCRIPTOR.services_by_name["InputService"].full_name,
+    annotation_service_pb2.DESCRIPTOR.services_by_name["AnnotationService"].full_name,
 )
 
 
@@ -33,6 +36,7 @@ def build_server(
     authenticator: Authenticator,
     datasets: DatasetServicer,
     inputs: InputServicer,
+    annotations: AnnotationServicer,
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
     max_concurrent_rpcs: int,
@@ -48,6 +52,7 @@ def build_server(
     )
     dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(datasets, server)
     input_service_pb2_grpc.add_InputServiceServicer_to_server(inputs, server)
+    annotation_service_pb2_grpc.add_AnnotationServiceServicer_to_server(annotations, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(
         (

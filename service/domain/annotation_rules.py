@@ -145,6 +145,11 @@ def check_annotation_data(
     violations.items.extend(local.items)
 
 
+def is_empty(data: Mapping[str, Any]) -> bool:
+    """Whether annotation data carries nothing: no concepts, regions, frames or metadata."""
+    return not any(_present(data, key) and data[key] != {} for key in _DATA_KEYS)
+
+
 def summarize(data: dict[str, Any]) -> AnnotationSummary:
     """Labels and geometry counts of validated annotation data.
 
@@ -253,7 +258,7 @@ class _Checker:
             self.v.add(path, "must be an object")
             return
         self._unknown_keys(path, data, _DATA_KEYS)
-        if not any(_present(data, key) and data[key] != {} for key in _DATA_KEYS):
+        if is_empty(data):
             self.v.add(path, "annotation is empty: set concepts, regions, frames or metadata")
             return
         if "concepts" in data:

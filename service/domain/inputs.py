@@ -57,9 +57,20 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True)
+class StoredMedia:
+    """Media already in the blob store, checked and described (streamed uploads). `text`
+    is the content of a text medium, stored inline as well."""
+
+    blob: StoredBlob
+    info: dict[str, Any]
+    text: str | None = None
+
+
+@dataclass(frozen=True)
 class InputDraft:
     """An input as a caller gave it. `media` lists every medium set, so that two
-    media in one input can be reported instead of silently picking one."""
+    media in one input can be reported instead of silently picking one. With `stored`,
+    the bytes have arrived another way and `data`, `url` and `text` are empty."""
 
     id: str = ""
     media: tuple[MediaType, ...] = ()
@@ -71,6 +82,7 @@ class InputDraft:
     geo: GeoPoint | None = None
     title: str = ""
     dataset_ids: list[str] = dataclasses.field(default_factory=list)
+    stored: StoredMedia | None = None
 
     def payload_size(self) -> int:
         return len(self.data) + len((self.text or "").encode())
@@ -104,6 +116,8 @@ class InputSettings:
 @dataclass(frozen=True)
 class _Prepared:
     index: int
+    # Field path of the input in the request, e.g. "inputs[3]".
+    path: str
     input: Input
     payload: bytes
     content_type: str
@@ -174,12 +188,62 @@ class InputService:
         rows in one transaction; with `atomic`, any failure fails the whole batch."""
         authorize(principal, app_id, Permission.WRITE)
         self._check_batch(drafts)
+        paths = [f"inputs[{index}]" for index in range(len(drafts))]
+        return await self._create(app_id, drafts, paths, atomic=atomic)
+
+    async def create_one(
+        self, principal: Principal, app_id: str, draft: InputDraft, *, path: str = "inputs[0]"
+    ) -> InputView:
+        """One input, all-or-nothing (used by streamed uploads after their media are
+        stored); errors name its fields under `path`."""
+        authorize(principal, app_id, Permission.WRITE)
+        (outcome,) = await self._create(app_id, [draft], [path], atomic=True)
+        assert outcome.view is not None
+        return outcome.view
+
+    async def check_draft(
+        self,
+        principal: Principal,
+        app_id: str,
+        draft: InputDraft,
+        *,
+        path: str,
+        check_state: bool,
+    ) -> None:
+        """Checks an input whose media have not arrived yet, so that a streamed upload
+        with a bad header fails before its bytes flow. With `check_state`, also that the
+        id is free and the datasets exist; creating the input checks all of it again."""
+        authorize(principal, app_id, Permission.WRITE)
+        self._check_fields(path, draft)
+        if not check_state:
+            return
+        if draft.id and await self._inputs.existing_ids(app_id, [draft.id]):
+            raise AlreadyExists(
+                f"input {draft.id!r} already exists in app {app_id!r}",
+                reason="INPUT_EXISTS",
+                violations=[FieldViolation(f"{path}.id", f"{draft.id!r} already exists")],
+            )
+        wanted = sorted(set(draft.dataset_ids))
+        if wanted:
+            async with self._tx.transaction():
+                live = await self._members.live_datasets(app_id, wanted)
+            missing = _missing_datasets(app_id, path, draft.dataset_ids, live)
+            if missing:
+                raise InvalidArgument(
+                    "; ".join(f"{v.field}: {v.description}" for v in missing),
+                    reason="INVALID_FIELD",
+                    violations=missing,
+                )
+
+    async def _create(
+        self, app_id: str, drafts: Sequence[InputDraft], paths: Sequence[str], *, atomic: bool
+    ) -> list[InputOutcome]:
         outcomes: dict[int, InputOutcome] = {}
         prepared: list[_Prepared] = []
         seen: set[str] = set()
         for index, draft in enumerate(drafts):
             input_id = draft.id or uuid.uuid4().hex
-            path = f"inputs[{index}]"
+            path = paths[index]
             if draft.id and draft.id in seen:
                 outcomes[index] = InputOutcome(
                     index,
@@ -190,7 +254,7 @@ class InputService:
                 continue
             seen.add(input_id)
             try:
-                prepared.append(await self._prepare(app_id, index, input_id, draft))
+                prepared.append(await self._prepare(app_id, index, path, input_id, draft))
             except InvalidArgument as invalid:
                 outcomes[index] = InputOutcome(index, input_id, Outcome.INVALID, invalid.violations)
         await self._check_datasets(app_id, prepared, outcomes)
@@ -223,7 +287,7 @@ class InputService:
                     f"inputs already exist: {', '.join(duplicates[:20])}; nothing was stored",
                     reason="INPUT_EXISTS",
                     violations=[
-                        FieldViolation(f"inputs[{p.index}].id", f"{p.input.id!r} already exists")
+                        FieldViolation(f"{p.path}.id", f"{p.input.id!r} already exists")
                         for p in prepared
                         if p.input.id not in inserted
                     ],
@@ -240,15 +304,9 @@ class InputService:
                     p.index,
                     p.input.id,
                     Outcome.DUPLICATE_ID,
-                    (FieldViolation(f"inputs[{p.index}].id", f"{p.input.id!r} already exists"),),
+                    (FieldViolation(f"{p.path}.id", f"{p.input.id!r} already exists"),),
                 )
         return [outcomes[i] for i in range(len(drafts))]
-
-    async def create_one(self, principal: Principal, app_id: str, draft: InputDraft) -> InputView:
-        """One input, all-or-nothing (used by streamed uploads after their media are stored)."""
-        (outcome,) = await self.create_batch(principal, app_id, [draft], atomic=True)
-        assert outcome.view is not None
-        return outcome.view
 
     @staticmethod
     def _check_batch(drafts: Sequence[InputDraft]) -> None:
@@ -282,10 +340,9 @@ class InputService:
             violations=violations,
         )
 
-    async def _prepare(
-        self, app_id: str, index: int, input_id: str, draft: InputDraft
-    ) -> _Prepared:
-        path = f"inputs[{index}]"
+    @staticmethod
+    def _check_fields(path: str, draft: InputDraft) -> MediaType:
+        """Everything about a draft that does not need its media bytes; returns its medium."""
         violations = Violations()
         check_id(violations, f"{path}.id", draft.id, required=False)
         check_text(violations, f"{path}.title", draft.title, TITLE_MAX_CHARS)
@@ -307,7 +364,6 @@ class InputService:
             )
         violations.raise_if_any()
         media_type = draft.media[0]
-        media_field = _medium_field(path, media_type)
         if draft.concepts:
             check_annotation_data(
                 violations,
@@ -316,17 +372,33 @@ class InputService:
                 MediaContext(media_type=media_type.value),
             )
             violations.raise_if_any()
-        payload, source_url, data_field = _media_source(draft, media_type, media_field)
-        if source_url and self._fetcher is not None:
-            fetched = await self._fetcher.fetch(source_url, f"{media_field}.url")
-            payload, data_field = fetched.data, f"{media_field}.url"
-        content_type, info = _probe(media_type, payload, data_field) if payload else ("", {})
-        # Texts are stored inline (for search and export) and as a blob (for download).
-        text = payload.decode() if media_type is MediaType.TEXT and payload else None
+        return media_type
+
+    async def _prepare(
+        self, app_id: str, index: int, path: str, input_id: str, draft: InputDraft
+    ) -> _Prepared:
+        media_type = self._check_fields(path, draft)
+        blob: StoredBlob | None = None
+        if draft.stored is not None:
+            # Streamed uploads: checked and stored already; put_many skips an empty payload.
+            blob, payload, source_url = draft.stored.blob, b"", ""
+            content_type, info, text = blob.content_type, draft.stored.info, draft.stored.text
+        else:
+            media_field = _medium_field(path, media_type)
+            payload, source_url, data_field = _media_source(draft, media_type, media_field)
+            if source_url and self._fetcher is not None:
+                fetched = await self._fetcher.fetch(source_url, f"{media_field}.url")
+                payload, data_field = fetched.data, f"{media_field}.url"
+            content_type, info = (
+                probe_media(media_type, payload, data_field) if payload else ("", {})
+            )
+            # Texts are stored inline (for search and export) and as a blob (for download).
+            text = payload.decode() if media_type is MediaType.TEXT and payload else None
         stored = Input(
             app_id=app_id,
             id=input_id,
             media_type=media_type,
+            blob=blob,
             source_url=source_url,
             text=text,
             media_info=info,
@@ -336,7 +408,7 @@ class InputService:
             concepts=draft.concepts,
             dataset_ids=list(dict.fromkeys(draft.dataset_ids)),
         )
-        return _Prepared(index, stored, payload, content_type)
+        return _Prepared(index, path, stored, payload, content_type)
 
     async def _check_datasets(
         self, app_id: str, prepared: list[_Prepared], outcomes: dict[int, InputOutcome]
@@ -347,20 +419,9 @@ class InputService:
         async with self._tx.transaction():
             live = await self._members.live_datasets(app_id, wanted)
         for p in prepared:
-            missing = [d for d in p.input.dataset_ids if d not in live]
+            missing = _missing_datasets(app_id, p.path, p.input.dataset_ids, live)
             if missing:
-                outcomes[p.index] = InputOutcome(
-                    p.index,
-                    p.input.id,
-                    Outcome.INVALID,
-                    tuple(
-                        FieldViolation(
-                            f"inputs[{p.index}].dataset_ids[{p.input.dataset_ids.index(d)}]",
-                            f"no dataset {d!r} in app {app_id!r}",
-                        )
-                        for d in missing
-                    ),
-                )
+                outcomes[p.index] = InputOutcome(p.index, p.input.id, Outcome.INVALID, missing)
 
     # --- read ------------------------------------------------------------------------------
 
@@ -643,6 +704,18 @@ class InputService:
             raise _dataset_not_found(app_id, dataset_id)
 
 
+def _missing_datasets(
+    app_id: str, path: str, dataset_ids: list[str], live: set[str]
+) -> tuple[FieldViolation, ...]:
+    return tuple(
+        FieldViolation(
+            f"{path}.dataset_ids[{dataset_ids.index(d)}]", f"no dataset {d!r} in app {app_id!r}"
+        )
+        for d in dict.fromkeys(dataset_ids)
+        if d not in live
+    )
+
+
 def _dataset_not_found(app_id: str, dataset_id: str) -> NotFound:
     return NotFound(
         f"dataset {dataset_id!r} not found in app {app_id!r}",
@@ -664,8 +737,11 @@ def _patch_concepts(
     return merged
 
 
-def _probe(media_type: MediaType, data: bytes, field: str) -> tuple[str, dict[str, Any]]:
-    """Content type and media info of bytes, read from their headers only."""
+def probe_media(
+    media_type: MediaType, data: bytes, field: str, total_size: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Content type and media info of bytes, read from their headers only. For video and
+    audio, `data` may be the first bytes of media `total_size` long."""
     if media_type is MediaType.IMAGE:
         image = probe_image(data, field)
         return image.content_type, {
@@ -675,7 +751,7 @@ def _probe(media_type: MediaType, data: bytes, field: str) -> tuple[str, dict[st
             "color_mode": image.color_mode,
         }
     if media_type is MediaType.VIDEO:
-        video = probe_video(data, field)
+        video = probe_video(data, field, total_size)
         return video.content_type, {
             "format": video.format,
             "width": video.width,
@@ -685,7 +761,7 @@ def _probe(media_type: MediaType, data: bytes, field: str) -> tuple[str, dict[st
             "duration_seconds": video.duration_seconds,
         }
     if media_type is MediaType.AUDIO:
-        audio = probe_audio(data, field)
+        audio = probe_audio(data, field, total_size)
         return audio.content_type, {
             "format": audio.format,
             "sample_rate": audio.sample_rate,

@@ -181,3 +181,26 @@ class DatasetMember:
     input: Input
     added_at: datetime
     seq: int
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """A stored annotation. `data` and `annotation_info` are in the protobuf JSON form of
+    `Data` and `Struct` with proto field names."""
+
+    app_id: str
+    id: str
+    input_id: str
+    data: dict[str, Any]
+    annotation_info: dict[str, Any] = field(default_factory=dict)
+    input_level: bool = False
+    created_at: datetime | None = None
+    modified_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AnnotatedMedia:
+    """What annotation rules need to know about the annotated input."""
+
+    media_type: MediaType
+    media_info: dict[str, Any] = field(default_factory=dict)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from service.domain.models import (
+    AnnotatedMedia,
+    Annotation,
     ApiKey,
     Dataset,
     DatasetListQuery,
@@ -68,7 +71,44 @@ class BlobStore(Protocol):
     async def read(self, blob: StoredBlob) -> bytes: ...
 
     async def collect_orphans(self, older_than: timedelta, limit: int) -> int:
-        """Deletes blobs no row references that were last touched before `older_than` ago."""
+        """Deletes blobs no row references that were last touched before `older_than` ago,
+        and streamed uploads abandoned (by a crash) for longer than that."""
+        ...
+
+
+class StagedUpload(Protocol):
+    """Bytes streamed to a temporary object as they arrive, then published under their
+    content address or discarded."""
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def finish(self) -> str:
+        """Completes the temporary object; returns the hex SHA-256 of all bytes written."""
+        ...
+
+    async def read(self) -> bytes:
+        """The finished bytes, whole: callers bound the size first."""
+        ...
+
+    async def publish(self, content_type: str) -> StoredBlob:
+        """Stores the finished bytes under their content address (once, however often the
+        same bytes arrive) and removes the temporary object."""
+        ...
+
+    async def discard(self) -> None:
+        """Removes whatever was written. Safe at any point and more than once; never raises."""
+        ...
+
+
+class MediaStreams(Protocol):
+    """Media too large to hold in memory, streamed into and out of the blob store."""
+
+    def stage(self, max_size: int) -> StagedUpload:
+        """A new upload of at most `max_size` bytes."""
+        ...
+
+    def stream(self, blob: StoredBlob, chunk_size: int) -> AsyncGenerator[bytes, None]:
+        """The stored bytes in chunks of at most `chunk_size`; fails if they end early."""
         ...
 
 
@@ -144,3 +184,44 @@ class MembershipRepository(Protocol):
     async def merge(self, app_id: str, source_id: str, destination_id: str) -> tuple[int, int]:
         """Adds every member of the source to the destination; (added, already present)."""
         ...
+
+
+class AnnotationRepository(Protocol):
+    async def input_media(self, app_id: str, input_ids: list[str]) -> dict[str, AnnotatedMedia]:
+        """Media type and info of those inputs that exist."""
+        ...
+
+    async def lock_inputs(
+        self, app_id: str, input_ids: list[str], annotation_ids: list[str]
+    ) -> tuple[dict[str, int], set[str]]:
+        """Locks the inputs against concurrent annotation writes until the transaction
+        ends; returns the number of annotations of each input still present and which
+        of `annotation_ids` are taken."""
+        ...
+
+    async def insert_many(self, annotations: list[Annotation]) -> list[Annotation]:
+        """Inserts the annotations whose ids are free; returns those inserted, as stored."""
+        ...
+
+    async def get_many(
+        self, app_id: str, ids: list[str], *, lock: bool = False
+    ) -> list[Annotation]: ...
+
+    async def page(
+        self,
+        app_id: str,
+        input_ids: list[str] | None,
+        dataset_id: str | None,
+        after_seq: int | None,
+        limit: int,
+    ) -> list[tuple[int, Annotation]]:
+        """Annotations in insertion order after `after_seq`, with their sequence numbers."""
+        ...
+
+    async def update_many(self, annotations: list[Annotation]) -> list[Annotation]:
+        """Stores data and annotation_info; returns the rows as stored."""
+        ...
+
+    async def delete(self, app_id: str, ids: list[str]) -> int: ...
+
+    async def delete_for_inputs(self, app_id: str, input_ids: list[str]) -> int: ...

@@ -136,6 +136,11 @@ async def migrate(conn: Connection) -> list[int]:
     return applied
 
 
+def rows_affected(status: str) -> int:
+    """The row count of a command status such as "DELETE 3" or "INSERT 0 5"."""
+    return int(status.rsplit(maxsplit=1)[-1])
+
+
 async def server_secret(db: Database, name: str, size: int = 32) -> bytes:
     """A random secret created once per installation and shared by all replicas."""
     import secrets

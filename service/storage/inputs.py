@@ -17,7 +17,7 @@ from service.domain.models import (
     MediaType,
     StoredBlob,
 )
-from service.storage.db import Database
+from service.storage.db import Database, rows_affected
 
 _INPUT_COLUMNS = """
     i.app_id, i.id, i.seq, i.media_type, i.source_url, i.text_raw, i.media_info, i.metadata,
@@ -140,10 +140,6 @@ added AS (
     RETURNING 1)
 SELECT (SELECT count(*) FROM added) AS added, (SELECT count(*) FROM source) AS total
 """
-
-
-def _count(status: str) -> int:
-    return int(status.rsplit(maxsplit=1)[-1])
 
 
 def row_to_input(row: asyncpg.Record) -> Input:
@@ -286,7 +282,7 @@ class PgInputRepository:
 
     async def delete_matching(self, query: InputQuery) -> int:
         async with self._db.connection() as conn:
-            return _count(await conn.execute(DELETE_MATCHING, *_query_args(query)))
+            return rows_affected(await conn.execute(DELETE_MATCHING, *_query_args(query)))
 
 
 def _row_to_member(row: asyncpg.Record) -> DatasetMember:
@@ -307,7 +303,7 @@ class PgMembershipRepository:
         if not input_ids:
             return 0
         async with self._db.connection() as conn:
-            return _count(await conn.execute(ADD_MEMBERS, app_id, dataset_id, input_ids))
+            return rows_affected(await conn.execute(ADD_MEMBERS, app_id, dataset_id, input_ids))
 
     async def page(
         self, app_id: str, dataset_id: str, after_seq: int | None, limit: int
@@ -323,7 +319,7 @@ class PgMembershipRepository:
 
     async def remove(self, app_id: str, dataset_id: str, input_ids: list[str]) -> int:
         async with self._db.connection() as conn:
-            return _count(await conn.execute(REMOVE_MEMBERS, app_id, dataset_id, input_ids))
+            return rows_affected(await conn.execute(REMOVE_MEMBERS, app_id, dataset_id, input_ids))
 
     async def merge(self, app_id: str, source_id: str, destination_id: str) -> tuple[int, int]:
         async with self._db.connection() as conn:

@@ -279,8 +279,9 @@ def test_ctrl_c_reaches_only_the_parent(tmp_path: pathlib.Path) -> None:
     # What a terminal does on Ctrl-C: SIGINT to the foreground process group.
     os.killpg(child.pid, signal.SIGINT)
     assert read_json_line(child) == {"servers_ok_after_sigint": True}
-    assert child.wait(30) == 0
-    assert wait_dead(list(pids.values()), 1.0) == []
+    # Generous: on a loaded machine weed may need its full SIGTERM grace plus SIGKILL.
+    assert child.wait(60) == 0
+    assert wait_dead(list(pids.values()), 5.0) == []
 
 
 def test_recovers_from_a_killed_parent(tmp_path: pathlib.Path) -> None:

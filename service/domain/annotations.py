@@ -1,0 +1,500 @@
+"""Annotation use cases: batch create, get, list, patch, delete.
+
+Annotation content is the protobuf JSON form of `Data` (see annotation_rules), so the
+same rules check it on create and after every patch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from service.domain.annotation_rules import (
+    MAX_ANNOTATIONS_PER_INPUT,
+    MediaContext,
+    check_annotation_data,
+    is_empty,
+)
+from service.domain.auth import Permission, authorize
+from service.domain.errors import (
+    AlreadyExists,
+    DomainError,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Violations,
+)
+from service.domain.inputs import MAX_IDS_PER_CALL, Outcome
+from service.domain.models import AnnotatedMedia, Annotation, MediaType, Principal
+from service.domain.patch import PatchAction, apply_json
+from service.domain.ports import AnnotationRepository, MembershipRepository, TransactionManager
+from service.domain.validation import ID_PATTERN, check_id, check_metadata
+
+MAX_BATCH_ANNOTATIONS = 128
+# How many problems an atomic failure spells out in its message; the details list them all.
+_SUMMARY_VIOLATIONS = 10
+
+
+@dataclass(frozen=True)
+class AnnotationDraft:
+    """An annotation as a caller gave it; `annotation_info` is None when not given."""
+
+    id: str = ""
+    input_id: str = ""
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    annotation_info: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class AnnotationOutcome:
+    index: int
+    annotation_id: str
+    outcome: Outcome
+    violations: tuple[FieldViolation, ...] = ()
+    annotation: Annotation | None = None
+
+
+@dataclass(frozen=True)
+class AnnotationPatch:
+    """The fields of one annotation an update applies; None means not given."""
+
+    id: str
+    data: dict[str, Any] | None = None
+    annotation_info: dict[str, Any] | None = None
+
+
+def media_context(media: AnnotatedMedia) -> MediaContext:
+    """What the rules check against. Probes report 0 for what a header did not say, and
+    an unknown length must not reject every span or frame, so 0 means unknown."""
+    info = media.media_info
+
+    def known(key: str) -> float | None:
+        value = info.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        return None
+
+    kind = media.media_type
+    chars = info.get("char_count") if kind is MediaType.TEXT else None
+    frames = known("frame_count") if kind is MediaType.VIDEO else None
+    seconds = known("duration_seconds") if kind in (MediaType.VIDEO, MediaType.AUDIO) else None
+    return MediaContext(
+        media_type=kind.value,
+        # An empty text has a length of 0, which is known, unlike a frame count of 0.
+        text_length=chars if isinstance(chars, int) else None,
+        frame_count=int(frames) if frames is not None else None,
+        # Rounded up: the last frame of a 2.0004 s video is at 2000.4 ms, not past 2000 ms.
+        duration_ms=math.ceil(seconds * 1000) if seconds is not None else None,
+    )
+
+
+def with_generated_ids(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `data` in which every region and frame has an id, so that later
+    updates can address it (MERGE merges and REMOVE deletes them by id)."""
+
+    def identified(items: Any) -> Any:
+        if not isinstance(items, list):
+            return items
+        return [
+            {**item, "id": uuid.uuid4().hex}
+            if isinstance(item, dict) and not item.get("id")
+            else item
+            for item in items
+        ]
+
+    def with_region_ids(node: dict[str, Any]) -> dict[str, Any]:
+        return {**node, "regions": identified(node["regions"])} if "regions" in node else node
+
+    result = with_region_ids(dict(data))
+    if isinstance(result.get("frames"), list):
+        result["frames"] = [
+            {**frame, "data": with_region_ids(frame["data"])}
+            if isinstance(frame, dict) and isinstance(frame.get("data"), dict)
+            else frame
+            for frame in identified(result["frames"])
+        ]
+    return result
+
+
+def _check_input_level(violations: Violations, path: str, data: dict[str, Any]) -> None:
+    # The input's concepts are this row's concepts, and UpdateInputs rewrites the row's
+    # data as {"concepts": ...}: anything else stored here would be lost silently.
+    for key in data:
+        if key != "concepts":
+            violations.add(
+                f"{path}.data.{key}",
+                "the input-level annotation carries only the input's concepts; "
+                f"put {key} in a separate annotation of the input",
+            )
+
+
+def _failed(
+    index: int, annotation_id: str, outcome: Outcome, field: str, description: str
+) -> AnnotationOutcome:
+    return AnnotationOutcome(
+        index,
+        annotation_id,
+        outcome,
+        (FieldViolation(f"annotations[{index}].{field}", description),),
+    )
+
+
+def _batch_failure(total: int, outcomes: dict[int, AnnotationOutcome]) -> DomainError:
+    violations = [v for i in sorted(outcomes) for v in outcomes[i].violations]
+    duplicates_only = all(o.outcome is Outcome.DUPLICATE_ID for o in outcomes.values())
+    error = AlreadyExists if duplicates_only else InvalidArgument
+    return error(
+        f"{len(outcomes)} of {total} annotations failed; nothing was stored (atomic batch): "
+        + "; ".join(f"{v.field}: {v.description}" for v in violations[:_SUMMARY_VIOLATIONS]),
+        reason="ANNOTATION_EXISTS" if duplicates_only else "INVALID_ANNOTATION",
+        violations=violations,
+    )
+
+
+def _not_found(missing: Sequence[str], paths: dict[str, str]) -> NotFound:
+    return NotFound(
+        f"annotations not found: {', '.join(missing[:20])}; nothing was changed",
+        reason="ANNOTATION_NOT_FOUND",
+        violations=[FieldViolation(paths[m], f"no annotation {m!r}") for m in missing],
+    )
+
+
+def _check_ids(violations: Violations, field: str, ids: Sequence[str]) -> None:
+    if not ids or len(ids) > MAX_IDS_PER_CALL:
+        violations.add(field, f"must contain 1..{MAX_IDS_PER_CALL} ids, got {len(ids)}")
+    for index, value in enumerate(ids[:MAX_IDS_PER_CALL]):
+        check_id(violations, f"{field}[{index}]", value)
+
+
+class AnnotationService:
+    def __init__(
+        self,
+        annotations: AnnotationRepository,
+        members: MembershipRepository,
+        tx: TransactionManager,
+    ) -> None:
+        self._annotations = annotations
+        self._members = members
+        self._tx = tx
+
+    # --- create ----------------------------------------------------------------------------
+
+    async def create_batch(
+        self,
+        principal: Principal,
+        app_id: str,
+        drafts: Sequence[AnnotationDraft],
+        *,
+        atomic: bool,
+    ) -> list[AnnotationOutcome]:
+        """Validates every annotation against its input, then writes the valid ones in one
+        transaction; with `atomic`, any failure fails the whole batch."""
+        authorize(principal, app_id, Permission.WRITE)
+        if not drafts:
+            raise InvalidArgument.field("annotations", "must contain at least one annotation")
+        if len(drafts) > MAX_BATCH_ANNOTATIONS:
+            raise InvalidArgument.field(
+                "annotations",
+                f"at most {MAX_BATCH_ANNOTATIONS} annotations per call, got {len(drafts)}",
+                reason="BATCH_TOO_LARGE",
+            )
+        # Media never change after an input is created, so the (CPU-bound) content checks
+        # run before the input rows are locked; only the counts need the lock.
+        media = await self._annotations.input_media(
+            app_id, sorted({d.input_id for d in drafts if ID_PATTERN.match(d.input_id)})
+        )
+        outcomes: dict[int, AnnotationOutcome] = {}
+        candidates: list[tuple[int, Annotation]] = []
+        seen: set[str] = set()
+        for index, draft in enumerate(drafts):
+            annotation_id = draft.id or uuid.uuid4().hex
+            if draft.id in seen:
+                outcomes[index] = _failed(
+                    index,
+                    annotation_id,
+                    Outcome.DUPLICATE_ID,
+                    "id",
+                    f"{draft.id!r} repeats within the request",
+                )
+                continue
+            seen.add(annotation_id)
+            violations = self._check_draft(app_id, f"annotations[{index}]", draft, media)
+            if violations.items:
+                outcomes[index] = AnnotationOutcome(
+                    index, annotation_id, Outcome.INVALID, tuple(violations.items)
+                )
+                continue
+            candidates.append(
+                (
+                    index,
+                    Annotation(
+                        app_id=app_id,
+                        id=annotation_id,
+                        input_id=draft.input_id,
+                        data=with_generated_ids(draft.data),
+                        annotation_info=draft.annotation_info or {},
+                    ),
+                )
+            )
+        if atomic and outcomes:
+            raise _batch_failure(len(drafts), outcomes)
+        if candidates:
+            await self._insert(app_id, candidates, outcomes, atomic=atomic, total=len(drafts))
+        return [outcomes[i] for i in range(len(drafts))]
+
+    @staticmethod
+    def _check_draft(
+        app_id: str, path: str, draft: AnnotationDraft, media: dict[str, AnnotatedMedia]
+    ) -> Violations:
+        violations = Violations()
+        check_id(violations, f"{path}.id", draft.id, required=False)
+        target = media.get(draft.input_id)
+        if target is None:
+            if ID_PATTERN.match(draft.input_id):
+                violations.add(f"{path}.input_id", f"no input {draft.input_id!r} in app {app_id!r}")
+            else:
+                check_id(violations, f"{path}.input_id", draft.input_id)
+        else:
+            check_annotation_data(violations, f"{path}.data", draft.data, media_context(target))
+        if draft.annotation_info is not None:
+            check_metadata(violations, f"{path}.annotation_info", draft.annotation_info)
+        return violations
+
+    async def _insert(
+        self,
+        app_id: str,
+        candidates: list[tuple[int, Annotation]],
+        outcomes: dict[int, AnnotationOutcome],
+        *,
+        atomic: bool,
+        total: int,
+    ) -> None:
+        async with self._tx.transaction():
+            # The lock serializes writers per input, so two concurrent batches cannot both
+            # see 999 annotations and each add one.
+            counts, taken = await self._annotations.lock_inputs(
+                app_id,
+                sorted({a.input_id for _, a in candidates}),
+                [a.id for _, a in candidates],
+            )
+            added = dict.fromkeys(counts, 0)
+            accepted: list[tuple[int, Annotation]] = []
+            for index, annotation in candidates:
+                input_id = annotation.input_id
+                if annotation.id in taken:
+                    outcomes[index] = _failed(
+                        index,
+                        annotation.id,
+                        Outcome.DUPLICATE_ID,
+                        "id",
+                        f"{annotation.id!r} already exists",
+                    )
+                elif input_id not in counts:
+                    outcomes[index] = _failed(
+                        index,
+                        annotation.id,
+                        Outcome.INVALID,
+                        "input_id",
+                        f"input {input_id!r} was deleted meanwhile",
+                    )
+                elif counts[input_id] + added[input_id] >= MAX_ANNOTATIONS_PER_INPUT:
+                    earlier = ""
+                    if added[input_id]:
+                        earlier = f" and {added[input_id]} earlier in this request"
+                    outcomes[index] = _failed(
+                        index,
+                        annotation.id,
+                        Outcome.INVALID,
+                        "input_id",
+                        f"input {input_id!r} would have more than {MAX_ANNOTATIONS_PER_INPUT} "
+                        f"annotations ({counts[input_id]} stored{earlier})",
+                    )
+                else:
+                    added[input_id] += 1
+                    accepted.append((index, annotation))
+            if atomic and outcomes:
+                raise _batch_failure(total, outcomes)
+            stored = {
+                a.id: a for a in await self._annotations.insert_many([a for _, a in accepted])
+            }
+            # Only an insert of the same id by a concurrent call gets here, after the check.
+            for index, annotation in accepted:
+                if annotation.id not in stored:
+                    outcomes[index] = _failed(
+                        index,
+                        annotation.id,
+                        Outcome.DUPLICATE_ID,
+                        "id",
+                        f"{annotation.id!r} already exists",
+                    )
+            if atomic and outcomes:
+                raise _batch_failure(total, outcomes)
+        for index, annotation in accepted:
+            if annotation.id in stored:
+                outcomes[index] = AnnotationOutcome(
+                    index, annotation.id, Outcome.CREATED, annotation=stored[annotation.id]
+                )
+
+    # --- read ------------------------------------------------------------------------------
+
+    async def get(self, principal: Principal, app_id: str, annotation_id: str) -> Annotation:
+        authorize(principal, app_id, Permission.READ)
+        violations = Violations()
+        check_id(violations, "annotation_id", annotation_id)
+        violations.raise_if_any()
+        found = await self._annotations.get_many(app_id, [annotation_id])
+        if not found:
+            raise NotFound(
+                f"annotation {annotation_id!r} not found in app {app_id!r}",
+                reason="ANNOTATION_NOT_FOUND",
+                metadata={"annotation_id": annotation_id},
+            )
+        return found[0]
+
+    async def list_annotations(
+        self,
+        principal: Principal,
+        app_id: str,
+        *,
+        input_ids: Sequence[str] | None,
+        dataset_id: str | None,
+        after_seq: int | None,
+        limit: int,
+    ) -> tuple[list[Annotation], int | None]:
+        """A page, oldest first, and the cursor of its last row when more rows follow.
+        Without input ids and dataset, every annotation of the app."""
+        authorize(principal, app_id, Permission.READ)
+        violations = Violations()
+        if input_ids is not None:
+            _check_ids(violations, "input_ids", input_ids)
+        if dataset_id is not None:
+            check_id(violations, "dataset_id", dataset_id)
+        violations.raise_if_any()
+        async with self._tx.transaction():
+            if dataset_id is not None and not await self._members.live_datasets(
+                app_id, [dataset_id]
+            ):
+                raise NotFound(
+                    f"dataset {dataset_id!r} not found in app {app_id!r}",
+                    reason="DATASET_NOT_FOUND",
+                    metadata={"dataset_id": dataset_id},
+                )
+            rows = await self._annotations.page(
+                app_id,
+                list(input_ids) if input_ids is not None else None,
+                dataset_id,
+                after_seq,
+                limit + 1,
+            )
+        page = rows[:limit]
+        return [a for _, a in page], page[-1][0] if len(rows) > limit and page else None
+
+    # --- update and delete -----------------------------------------------------------------
+
+    async def update(
+        self,
+        principal: Principal,
+        app_id: str,
+        action: PatchAction,
+        patches: Sequence[AnnotationPatch],
+        *,
+        delete_if_empty: bool,
+    ) -> tuple[list[Annotation], list[str]]:
+        """Patches annotations, all-or-nothing; returns the updated annotations in request
+        order and the ids of those deleted because REMOVE left them empty."""
+        authorize(principal, app_id, Permission.WRITE)
+        violations = Violations()
+        if not patches or len(patches) > MAX_BATCH_ANNOTATIONS:
+            violations.add(
+                "annotations",
+                f"must contain 1..{MAX_BATCH_ANNOTATIONS} annotations, got {len(patches)}",
+            )
+        if delete_if_empty and action is not PatchAction.REMOVE:
+            violations.add("delete_if_empty", "only applies to PATCH_ACTION_REMOVE")
+        ids = [p.id for p in patches]
+        paths: dict[str, str] = {}
+        for index, patch in enumerate(patches):
+            path = f"annotations[{index}]"
+            check_id(violations, f"{path}.id", patch.id)
+            if patch.id in paths:
+                violations.add(f"{path}.id", f"{patch.id!r} repeats within the request")
+            paths.setdefault(patch.id, f"{path}.id")
+            if patch.data is None and patch.annotation_info is None:
+                violations.add(path, "nothing to update: set data or annotation_info")
+        violations.raise_if_any()
+        async with self._tx.transaction():
+            current = {a.id: a for a in await self._annotations.get_many(app_id, ids, lock=True)}
+            missing = [i for i in ids if i not in current]
+            if missing:
+                raise _not_found(missing, paths)
+            media = await self._annotations.input_media(
+                app_id, sorted({a.input_id for a in current.values()})
+            )
+            changed: list[Annotation] = []
+            emptied: list[str] = []
+            for index, patch in enumerate(patches):
+                path = f"annotations[{index}]"
+                before = current[patch.id]
+                after = self._apply(before, action, patch, path)
+                if delete_if_empty and is_empty(after.data):
+                    emptied.append(patch.id)
+                    continue
+                if before.input_level:
+                    _check_input_level(violations, path, after.data)
+                check_annotation_data(
+                    violations, f"{path}.data", after.data, media_context(media[before.input_id])
+                )
+                if patch.annotation_info is not None:
+                    check_metadata(violations, f"{path}.annotation_info", after.annotation_info)
+                changed.append(after)
+            violations.raise_if_any()
+            stored = {a.id: a for a in await self._annotations.update_many(changed)}
+            if emptied:
+                await self._annotations.delete(app_id, emptied)
+        return [stored[i] for i in ids if i in stored], emptied
+
+    @staticmethod
+    def _apply(
+        current: Annotation, action: PatchAction, patch: AnnotationPatch, path: str
+    ) -> Annotation:
+        changes: dict[str, Any] = {}
+        if patch.data is not None:
+            given = patch.data
+            if action is not PatchAction.REMOVE:
+                # Ids first: a MERGE patch mixing new (id-less) and existing regions must
+                # still merge by id, which needs every item to carry one.
+                given = with_generated_ids(given)
+            changes["data"] = apply_json(action, current.data, given, f"{path}.data")
+        if patch.annotation_info is not None:
+            changes["annotation_info"] = apply_json(
+                action, current.annotation_info, patch.annotation_info, f"{path}.annotation_info"
+            )
+        return dataclasses.replace(current, **changes)
+
+    async def delete(
+        self,
+        principal: Principal,
+        app_id: str,
+        *,
+        ids: Sequence[str],
+        input_ids: Sequence[str],
+    ) -> int:
+        """Deletes annotations by id, or every annotation of the inputs (input-level
+        concepts included); unknown ids are skipped. Returns how many were deleted."""
+        authorize(principal, app_id, Permission.WRITE)
+        violations = Violations()
+        if bool(ids) == bool(input_ids):
+            violations.add("ids", "set exactly one of ids and input_ids")
+        elif ids:
+            _check_ids(violations, "ids", ids)
+        else:
+            _check_ids(violations, "input_ids", input_ids)
+        violations.raise_if_any()
+        async with self._tx.transaction():
+            if ids:
+                return await self._annotations.delete(app_id, list(dict.fromkeys(ids)))
+            return await self._annotations.delete_for_inputs(app_id, list(dict.fromkeys(input_ids)))
