@@ -473,3 +473,37 @@ async def test_retried_batch_creates_nothing_twice(inputs: Inputs, caller: Calle
     again = await create(inputs, caller, batch, request_id="batch-1")
     assert first == again
     assert len(await list_ids(inputs, caller)) == 3
+
+
+async def test_huge_image_by_header_and_other_media_kinds(inputs: Inputs, caller: Caller) -> None:
+    from tests.unit.test_media import png_header_only, wav
+
+    huge = input_pb2.Input(
+        id="huge", data=data_pb2.Data(image=data_pb2.Image(base64=png_header_only(20000, 20000)))
+    )
+    audio = input_pb2.Input(id="sound", data=data_pb2.Data(audio=data_pb2.Audio(base64=wav(0.5))))
+    response = await create(inputs, caller, [huge, audio])
+    assert response.results[0].outcome == INVALID
+    assert response.results[0].errors[0].field == "inputs[0].data.image.base64"
+    assert "85,000,000" in response.results[0].errors[0].description
+    assert response.results[1].outcome == CREATED
+    info = response.results[1].input.data.audio.audio_info
+    assert info.audio_format == "WAV" and info.sample_rate == 16000
+
+
+async def test_invalid_utf8_text_is_invalid_argument(
+    channel: grpc.aio.Channel, caller: Caller
+) -> None:
+    """Python stubs cannot even send invalid UTF-8 in a string; other clients can."""
+    valid = api.CreateInputsRequest(
+        app_id=caller.app_id, inputs=[text_input("t", "ABCD")]
+    ).SerializeToString()
+    broken = valid.replace(b"ABCD", b"\xff\xfe\xfd\xfc")
+    call = channel.unary_unary(
+        "/datasetd.v1.InputService/CreateInputs",
+        request_serializer=lambda data: data,
+        response_deserializer=lambda data: data,
+    )
+    error = await call_error(call(broken, metadata=caller.metadata))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.reason == "MALFORMED_REQUEST"
