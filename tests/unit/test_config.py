@@ -49,3 +49,11 @@ def test_defaults_and_overrides() -> None:
 def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config.from_env(env)
+
+
+def test_upload_cap_defaults_to_2_gib_and_stays_within_s3_limits() -> None:
+    assert Config.from_env({}).max_upload_bytes == 2 * 1024**3
+    assert Config.from_env({"DATASETD_MAX_UPLOAD_BYTES": "1048576"}).max_upload_bytes == 1 << 20
+    for value, message in [("0", "at least 1"), ("2G", "integer"), (str(5 * 1024**4 + 1), "5 TiB")]:
+        with pytest.raises(ConfigError, match=f"DATASETD_MAX_UPLOAD_BYTES.*{message}"):
+            Config.from_env({"DATASETD_MAX_UPLOAD_BYTES": value})
