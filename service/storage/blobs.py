@@ -403,7 +403,8 @@ ON CONFLICT (key) DO UPDATE SET last_seen = now()
 # collector never deletes a referenced object.
 REFERENCED = (
     "(EXISTS (SELECT 1 FROM datasets WHERE cover_blob = b.key)"
-    " OR EXISTS (SELECT 1 FROM inputs WHERE blob_key = b.key))"
+    " OR EXISTS (SELECT 1 FROM inputs WHERE blob_key = b.key)"
+    " OR EXISTS (SELECT 1 FROM version_inputs WHERE blob_key = b.key))"
 )
 ORPHAN_CANDIDATES = f"""
 SELECT b.key FROM blobs b

@@ -1,0 +1,63 @@
+"""Durable background jobs: what the domain asks of the job queue and its handlers."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class JobKind(enum.Enum):
+    BUILD_VERSION = "build_version"
+
+
+class JobStatus(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: JobKind
+    app_id: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0
+
+
+class JobFailed(Exception):
+    """A permanent failure: the job is not retried and the message is shown to callers."""
+
+
+class JobCancelled(Exception):
+    """Raised inside a handler when its job was cancelled while it ran."""
+
+
+# Reports progress (0..100); raises JobCancelled when the job was cancelled meanwhile.
+Progress = Callable[[int], Awaitable[None]]
+
+
+class JobHandler(Protocol):
+    async def run(self, job: Job, progress: Progress) -> None:
+        """Does the work. Must be idempotent: after a crash the job runs again from the start."""
+        ...
+
+    async def failed(self, job: Job, message: str) -> None:
+        """Records a permanent failure (or a cancellation) on the job's resource."""
+        ...
+
+
+class JobQueue(Protocol):
+    async def enqueue(self, kind: JobKind, app_id: str, payload: dict[str, Any]) -> int:
+        """Queues a job in the current transaction: it runs only if the transaction commits."""
+        ...
+
+    async def cancel(self, job_id: int) -> bool:
+        """Marks a pending or running job cancelled; False when it had already ended."""
+        ...
+
+    async def status(self, job_id: int) -> JobStatus | None: ...
