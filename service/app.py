@@ -20,6 +20,7 @@ from service.api.datasets import DatasetServicer
 from service.api.inputs import InputServicer
 from service.api.pagination import PageTokens
 from service.api.server import SERVICE_NAMES, build_server
+from service.api.versions import DatasetVersionServicer
 from service.config import Config
 from service.domain.annotations import AnnotationService
 from service.domain.auth import Authenticator, ensure_bootstrap_key
@@ -27,8 +28,12 @@ from service.domain.clock import SystemClock
 from service.domain.datasets import DatasetService, DatasetSettings
 from service.domain.idempotency import Idempotency
 from service.domain.inputs import InputService, InputSettings
+from service.domain.jobs import JobHandler, JobKind
 from service.domain.maintenance import Maintenance
 from service.domain.transfers import InputTransfers, TransferSettings
+from service.domain.versions import VersionBuilder, VersionService
+from service.exports.encode import ProtobufSnapshotEncoder
+from service.jobs import JobRunner, new_worker_id
 from service.storage.annotations import PgAnnotationRepository
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.blobs import ContentAddressedBlobStore, ObjectStore
@@ -38,6 +43,8 @@ from service.storage.embedded import EmbeddedPostgres, EmbeddedS3, EmbeddedServe
 from service.storage.fetch import UrlFetcher
 from service.storage.idempotency import PgIdempotencyRepository
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
+from service.storage.jobs import PgJobQueue
+from service.storage.versions import PgVersionRepository
 
 log = logging.getLogger("datasetd")
 
@@ -146,6 +153,7 @@ class Running:
     health_servicer: health.aio.HealthServicer
     tasks: list[asyncio.Task[Any]]
     config: Config
+    runner: JobRunner | None = None
 
     async def stop(self) -> None:
         await self.health_servicer.enter_graceful_shutdown()
@@ -176,6 +184,17 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             )
         blobs = ContentAddressedBlobStore(db, objects)
         idempotency_records = PgIdempotencyRepository(db)
+        job_queue = PgJobQueue(db)
+        # Services owning a job kind register their handler here, before the runner
+        # task starts below (it claims only kinds found in this dict).
+        job_handlers: dict[JobKind, JobHandler] = {}
+        runner = JobRunner(
+            job_queue,
+            job_handlers,
+            worker_id=new_worker_id(),
+            lease=config.job_lease,
+            concurrency=config.job_concurrency,
+        )
         datasets = DatasetService(
             PgDatasetRepository(db),
             blobs,
@@ -200,6 +219,16 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         )
         idempotency = Idempotency(db, idempotency_records)
         tokens = PageTokens(await server_secret(db, "page_tokens"))
+        version_records = PgVersionRepository(db)
+        job_handlers[JobKind.BUILD_VERSION] = VersionBuilder(
+            version_records,
+            PgInputRepository(db),
+            PgAnnotationRepository(db),
+            blobs,
+            ProtobufSnapshotEncoder(),
+            db,
+        )
+        versions = VersionService(version_records, PgMembershipRepository(db), job_queue, db)
         maintenance = Maintenance(
             datasets,
             blobs,
@@ -223,6 +252,9 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
                 idempotency,
                 tokens,
             ),
+            versions=DatasetVersionServicer(
+                versions, idempotency, tokens, jobs_queued=runner.notify
+            ),
             health_servicer=health_servicer,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -240,8 +272,11 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             _maintain(maintenance, db, config.maintenance_interval.total_seconds()),
             name="maintenance",
         ),
+        asyncio.create_task(runner.run_forever(), name="jobs"),
     ]
-    return Running(server, port, resources, bootstrap_secret, health_servicer, tasks, config)
+    return Running(
+        server, port, resources, bootstrap_secret, health_servicer, tasks, config, runner
+    )
 
 
 async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:

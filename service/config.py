@@ -73,6 +73,8 @@ class Config:
     fetch_max_bytes: int = 64 * 1024 * 1024
     fetch_timeout: timedelta = timedelta(seconds=30)
     max_upload_bytes: int = 2 * 1024**3
+    job_lease: timedelta = timedelta(seconds=30)
+    job_concurrency: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -129,6 +131,8 @@ class Config:
                 get("MAX_UPLOAD_BYTES", str(cls.max_upload_bytes)),
                 1,
             ),
+            job_lease=parse_duration("DATASETD_JOB_LEASE", get("JOB_LEASE", "30s")),
+            job_concurrency=_int("DATASETD_JOB_CONCURRENCY", get("JOB_CONCURRENCY", "1"), 1),
             log_level=get("LOG_LEVEL", "INFO"),
             log_format=get("LOG_FORMAT", "text"),
         )
@@ -149,5 +153,8 @@ class Config:
             raise ConfigError(
                 "DATASETD_MAX_UPLOAD_BYTES must be at most 5 TiB (the largest S3 object)"
             )
+        if self.job_lease < timedelta(seconds=1):
+            # Renewed every third of it: shorter would turn heartbeats into a busy loop.
+            raise ConfigError("DATASETD_JOB_LEASE must be at least 1s")
         if self.bootstrap_key and len(self.bootstrap_key) < 16:
             raise ConfigError("DATASETD_BOOTSTRAP_KEY must be at least 16 characters")

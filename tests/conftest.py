@@ -20,6 +20,7 @@ import pytest
 from datasetd.v1 import (
     annotation_service_pb2_grpc,
     dataset_service_pb2_grpc,
+    dataset_version_service_pb2_grpc,
     input_service_pb2_grpc,
 )
 
@@ -135,3 +136,10 @@ def annotations_stub(
     channel: grpc.aio.Channel,
 ) -> annotation_service_pb2_grpc.AnnotationServiceAsyncStub:
     return annotation_service_pb2_grpc.AnnotationServiceStub(channel)
+
+
+@pytest.fixture(scope="session", name="versions")
+def versions_stub(
+    channel: grpc.aio.Channel,
+) -> dataset_version_service_pb2_grpc.DatasetVersionServiceAsyncStub:
+    return dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -204,3 +205,89 @@ class AnnotatedMedia:
 
     media_type: MediaType
     media_info: dict[str, Any] = field(default_factory=dict)
+
+
+class VersionStatus(enum.Enum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class VersionMetrics:
+    """Counts of a version's content. Field names are those of `DatasetVersionMetrics`."""
+
+    inputs_count: int = 0
+    unlabeled_inputs_count: int = 0
+    inputs_with_metadata_count: int = 0
+    inputs_with_geo_count: int = 0
+    regions_count: int = 0
+    bounding_boxes_count: int = 0
+    polygons_count: int = 0
+    points_count: int = 0
+    masks_count: int = 0
+    frames_count: int = 0
+    embeddings_count: int = 0
+    positive_input_tags_count: int = 0
+    positive_region_tags_count: int = 0
+    positive_frame_tags_count: int = 0
+    region_inputs_count: int = 0
+    region_frames_count: int = 0
+    frame_inputs_count: int = 0
+
+    def __add__(self, other: VersionMetrics) -> VersionMetrics:
+        return VersionMetrics(
+            **{
+                f.name: getattr(self, f.name) + getattr(other, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    """`metrics` is None until the version is ready; `input_count` is the number of
+    members, fixed at creation."""
+
+    app_id: str
+    dataset_id: str
+    id: str
+    status: VersionStatus = VersionStatus.PENDING
+    percent: int = 0
+    details: str = ""
+    description: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    metrics: VersionMetrics | None = None
+    input_count: int = 0
+    job_id: int | None = None
+    created_at: datetime | None = None
+    modified_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class InputSnapshot:
+    """What a version keeps of one member: the input as it is when the build reaches
+    it, with a stable media reference in `view.download_url` (never a presigned URL,
+    which would expire while the version lives on), and its annotations in creation
+    order, without the input-level one (whose concepts are `view.input.concepts`)."""
+
+    view: InputView
+    annotations: list[Annotation]
+
+
+@dataclass(frozen=True)
+class EncodedInput:
+    """A serialized snapshot and the metrics of exactly what was serialized."""
+
+    data: bytes
+    metrics: VersionMetrics
+
+
+@dataclass(frozen=True)
+class VersionContent:
+    """The built content of one member of a version."""
+
+    position: int
+    data: bytes
+    content_hash: bytes

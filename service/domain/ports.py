@@ -15,10 +15,14 @@ from service.domain.models import (
     DatasetListQuery,
     DatasetMember,
     DatasetStatistics,
+    DatasetVersion,
+    EncodedInput,
     IdempotencyRecord,
     Input,
     InputQuery,
+    InputSnapshot,
     StoredBlob,
+    VersionContent,
 )
 
 
@@ -225,3 +229,62 @@ class AnnotationRepository(Protocol):
     async def delete(self, app_id: str, ids: list[str]) -> int: ...
 
     async def delete_for_inputs(self, app_id: str, input_ids: list[str]) -> int: ...
+
+
+class VersionRepository(Protocol):
+    async def insert(self, version: DatasetVersion) -> DatasetVersion | None:
+        """None when the dataset already has a version with this id."""
+        ...
+
+    async def fix_members(self, app_id: str, dataset_id: str, version_id: str) -> int:
+        """Records the dataset's current members as the version's, in membership
+        order, and their number as its input_count; returns that number."""
+        ...
+
+    async def get(
+        self, app_id: str, dataset_id: str, version_id: str, *, lock: bool = False
+    ) -> DatasetVersion | None: ...
+
+    async def page(
+        self, app_id: str, dataset_id: str, before_seq: int | None, limit: int
+    ) -> list[tuple[int, DatasetVersion]]:
+        """Versions newest first, before `before_seq`, with their sequence numbers."""
+        ...
+
+    async def update(self, version: DatasetVersion) -> DatasetVersion:
+        """Stores status, percent, details, description, metadata, metrics and
+        input_count; bumps modified_at."""
+        ...
+
+    async def delete(self, app_id: str, dataset_id: str, version_id: str) -> bool: ...
+
+    async def members(
+        self, app_id: str, dataset_id: str, version_id: str, after_position: int | None, limit: int
+    ) -> list[tuple[int, str]]:
+        """(position, input id) of the members after `after_position`, in order."""
+        ...
+
+    async def missing_inputs(
+        self, app_id: str, dataset_id: str, version_id: str, limit: int
+    ) -> tuple[int, list[str]]:
+        """How many members' inputs no longer exist, and the first `limit` of their ids."""
+        ...
+
+    async def store_content(
+        self, app_id: str, dataset_id: str, version_id: str, content: list[VersionContent]
+    ) -> None:
+        """Writes the built content of members (again, on a rerun)."""
+        ...
+
+    async def unbuilt_count(self, app_id: str, dataset_id: str, version_id: str) -> int:
+        """Members without content yet."""
+        ...
+
+
+class InputSnapshotEncoder(Protocol):
+    """The serialization of a version's content (implemented in service.exports: the
+    domain never sees protobuf)."""
+
+    def encode(self, snapshot: InputSnapshot) -> EncodedInput:
+        """Folds the annotations into the input and serializes it."""
+        ...

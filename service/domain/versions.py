@@ -1,0 +1,434 @@
+"""Dataset versions: create, get, list, update, delete and cancel; and VersionBuilder,
+the background job that captures a version's content.
+
+A version's members are fixed when it is created (in the creating transaction, so a
+version holds exactly the dataset's members at that moment). Their content, each input
+with every annotation folded in, is captured when the build reaches them and is never
+touched again: later edits to inputs, annotations or the dataset change no version.
+
+Inputs deleted between the creation and the build cannot be captured any more. The
+build then fails and names them, rather than skipping them: a READY version always
+holds every member it was created with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from service.domain.auth import Permission, authorize
+from service.domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    NotFound,
+    Violations,
+)
+from service.domain.inputs import _dataset_not_found
+from service.domain.jobs import Job, JobCancelled, JobFailed, JobKind, JobQueue, Progress
+from service.domain.models import (
+    Annotation,
+    DatasetVersion,
+    Input,
+    InputSnapshot,
+    InputView,
+    Principal,
+    VersionContent,
+    VersionMetrics,
+    VersionStatus,
+)
+from service.domain.ports import (
+    AnnotationRepository,
+    BlobStore,
+    InputRepository,
+    InputSnapshotEncoder,
+    MembershipRepository,
+    TransactionManager,
+    VersionRepository,
+)
+from service.domain.validation import check_id, check_metadata, check_text
+
+DESCRIPTION_MAX_CHARS = 1024
+CANCELLED = "cancelled"
+# Members per build page: each page is one write transaction and one progress report.
+BUILD_PAGE_SIZE = 500
+ANNOTATION_PAGE_SIZE = 5000
+# How many deleted inputs a failed build names; the message gives the total as well.
+MISSING_SHOWN = 20
+# The size name of stored originals in a HostedURL (see BlobStore.hosted).
+ORIGINAL_SIZE = "orig"
+
+BUILDING = frozenset({VersionStatus.PENDING, VersionStatus.IN_PROGRESS})
+
+
+@dataclass(frozen=True)
+class VersionFields:
+    """The fields a caller gave in a create or update; None means not given."""
+
+    description: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    def is_empty(self) -> bool:
+        return self.description is None and self.metadata is None
+
+
+def _check_fields(violations: Violations, fields: VersionFields) -> None:
+    if fields.description is not None:
+        check_text(violations, "version.description", fields.description, DESCRIPTION_MAX_CHARS)
+    if fields.metadata is not None:
+        check_metadata(violations, "version.metadata", fields.metadata)
+
+
+def _version_not_found(dataset_id: str, version_id: str) -> NotFound:
+    return NotFound(
+        f"version {version_id!r} of dataset {dataset_id!r} not found",
+        reason="VERSION_NOT_FOUND",
+        metadata={"dataset_id": dataset_id, "version_id": version_id},
+    )
+
+
+class VersionService:
+    def __init__(
+        self,
+        versions: VersionRepository,
+        members: MembershipRepository,
+        queue: JobQueue,
+        tx: TransactionManager,
+    ) -> None:
+        self._versions = versions
+        self._members = members
+        self._queue = queue
+        self._tx = tx
+
+    async def create(
+        self,
+        principal: Principal,
+        app_id: str,
+        dataset_id: str,
+        version_id: str,
+        fields: VersionFields,
+    ) -> DatasetVersion:
+        """The version, PENDING: its row, its members and its build job commit together."""
+        authorize(principal, app_id, Permission.WRITE)
+        violations = Violations()
+        check_id(violations, "dataset_id", dataset_id)
+        check_id(violations, "version.id", version_id, required=False)
+        _check_fields(violations, fields)
+        violations.raise_if_any()
+        version_id = version_id or uuid.uuid4().hex
+        async with self._tx.transaction():
+            # Also locks the dataset against deletion until the members are recorded.
+            await self._require_dataset(app_id, dataset_id)
+            job_id = await self._queue.enqueue(
+                JobKind.BUILD_VERSION, app_id, {"dataset_id": dataset_id, "version_id": version_id}
+            )
+            created = await self._versions.insert(
+                DatasetVersion(
+                    app_id=app_id,
+                    dataset_id=dataset_id,
+                    id=version_id,
+                    description=fields.description or "",
+                    metadata=fields.metadata or {},
+                    job_id=job_id,
+                )
+            )
+            if created is None:
+                raise AlreadyExists(
+                    f"dataset {dataset_id!r} already has a version {version_id!r}",
+                    reason="VERSION_EXISTS",
+                    violations=[FieldViolation("version.id", f"{version_id!r} already exists")],
+                )
+            count = await self._versions.fix_members(app_id, dataset_id, version_id)
+        return dataclasses.replace(created, input_count=count)
+
+    async def get(
+        self, principal: Principal, app_id: str, dataset_id: str, version_id: str
+    ) -> DatasetVersion:
+        authorize(principal, app_id, Permission.READ)
+        self._check_ids(dataset_id, version_id, "version_id")
+        async with self._tx.transaction():
+            return await self._require(app_id, dataset_id, version_id)
+
+    async def list(
+        self,
+        principal: Principal,
+        app_id: str,
+        dataset_id: str,
+        before_seq: int | None,
+        limit: int,
+    ) -> tuple[list[DatasetVersion], int | None]:
+        """A page, newest first, and the cursor of its last row when more rows follow."""
+        authorize(principal, app_id, Permission.READ)
+        violations = Violations()
+        check_id(violations, "dataset_id", dataset_id)
+        violations.raise_if_any()
+        async with self._tx.transaction():
+            await self._require_dataset(app_id, dataset_id)
+            rows = await self._versions.page(app_id, dataset_id, before_seq, limit + 1)
+        page = rows[:limit]
+        return [v for _, v in page], page[-1][0] if len(rows) > limit and page else None
+
+    async def update(
+        self,
+        principal: Principal,
+        app_id: str,
+        dataset_id: str,
+        version_id: str,
+        fields: VersionFields,
+    ) -> DatasetVersion:
+        """Replaces description and/or metadata, whatever the status: content never changes."""
+        authorize(principal, app_id, Permission.WRITE)
+        violations = Violations()
+        check_id(violations, "dataset_id", dataset_id)
+        check_id(violations, "version.id", version_id)
+        if fields.is_empty():
+            violations.add(
+                "version",
+                "nothing to update: set description or metadata, or name them in update_mask",
+            )
+        _check_fields(violations, fields)
+        violations.raise_if_any()
+        async with self._tx.transaction():
+            current = await self._require(app_id, dataset_id, version_id, lock=True)
+            changes: dict[str, Any] = {}
+            if fields.description is not None:
+                changes["description"] = fields.description
+            if fields.metadata is not None:
+                changes["metadata"] = fields.metadata
+            return await self._versions.update(dataclasses.replace(current, **changes))
+
+    async def delete(
+        self, principal: Principal, app_id: str, dataset_id: str, version_id: str
+    ) -> None:
+        authorize(principal, app_id, Permission.WRITE)
+        self._check_ids(dataset_id, version_id, "version_id")
+        async with self._tx.transaction():
+            current = await self._require(app_id, dataset_id, version_id, lock=True)
+            # A build that runs on finds the version gone at its next page and stops.
+            if current.status in BUILDING and current.job_id is not None:
+                await self._queue.cancel(current.job_id)
+            await self._versions.delete(app_id, dataset_id, version_id)
+
+    async def cancel(
+        self, principal: Principal, app_id: str, dataset_id: str, version_id: str
+    ) -> DatasetVersion:
+        """Ends a pending or running build: the version is FAILED with details "cancelled"."""
+        authorize(principal, app_id, Permission.WRITE)
+        self._check_ids(dataset_id, version_id, "version_id")
+        async with self._tx.transaction():
+            current = await self._require(app_id, dataset_id, version_id, lock=True)
+            if current.status not in BUILDING:
+                raise FailedPrecondition(
+                    f"the build of version {version_id!r} already ended "
+                    f"({current.status.value}); there is nothing to cancel",
+                    reason="VERSION_BUILD_ENDED",
+                    metadata={"status": current.status.value},
+                )
+            if current.job_id is not None:
+                await self._queue.cancel(current.job_id)
+            return await self._versions.update(
+                dataclasses.replace(current, status=VersionStatus.FAILED, details=CANCELLED)
+            )
+
+    @staticmethod
+    def _check_ids(dataset_id: str, version_id: str, version_field: str) -> None:
+        violations = Violations()
+        check_id(violations, "dataset_id", dataset_id)
+        check_id(violations, version_field, version_id)
+        violations.raise_if_any()
+
+    async def _require_dataset(self, app_id: str, dataset_id: str) -> None:
+        if not await self._members.live_datasets(app_id, [dataset_id]):
+            raise _dataset_not_found(app_id, dataset_id)
+
+    async def _require(
+        self, app_id: str, dataset_id: str, version_id: str, *, lock: bool = False
+    ) -> DatasetVersion:
+        """The version of a live dataset: those of a deleted dataset are gone with it."""
+        await self._require_dataset(app_id, dataset_id)
+        version = await self._versions.get(app_id, dataset_id, version_id, lock=lock)
+        if version is None:
+            raise _version_not_found(dataset_id, version_id)
+        return version
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The version a build job is about."""
+
+    app_id: str
+    dataset_id: str
+    version_id: str
+
+    @classmethod
+    def of(cls, job: Job) -> _Target:
+        dataset_id = job.payload.get("dataset_id")
+        version_id = job.payload.get("version_id")
+        if not isinstance(dataset_id, str) or not isinstance(version_id, str):
+            raise JobFailed(f"malformed build job payload {job.payload!r}")
+        return cls(job.app_id, dataset_id, version_id)
+
+
+def _inputs_deleted(total: int, shown: list[str]) -> JobFailed:
+    more = f" and {total - len(shown)} more" if total > len(shown) else ""
+    return JobFailed(
+        f"{total} input(s) of the version were deleted before the build could capture them: "
+        f"{', '.join(shown)}{more}; create a new version"
+    )
+
+
+class VersionBuilder:
+    """The BUILD_VERSION job handler.
+
+    Runs in pages of members; each page's content and progress commit together. A run
+    after a crash starts again from the first page and overwrites the same rows with
+    the content as it is then, and the metrics are summed afresh, so nothing is counted
+    twice. Every page first checks, under the version's row lock, that the build should
+    go on: a cancelled version stops it (JobCancelled), a deleted one ends it quietly.
+    """
+
+    def __init__(
+        self,
+        versions: VersionRepository,
+        inputs: InputRepository,
+        annotations: AnnotationRepository,
+        blobs: BlobStore,
+        encoder: InputSnapshotEncoder,
+        tx: TransactionManager,
+        *,
+        page_size: int = BUILD_PAGE_SIZE,
+    ) -> None:
+        self._versions = versions
+        self._inputs = inputs
+        self._annotations = annotations
+        self._blobs = blobs
+        self._encoder = encoder
+        self._tx = tx
+        self._page_size = page_size
+
+    async def run(self, job: Job, progress: Progress) -> None:
+        target = _Target.of(job)
+        key = (target.app_id, target.dataset_id, target.version_id)
+        async with self._tx.transaction():
+            version = await self._lock_building(target)
+            if version is None:
+                return
+            version = await self._versions.update(
+                dataclasses.replace(version, status=VersionStatus.IN_PROGRESS, percent=0)
+            )
+        total, shown = await self._versions.missing_inputs(*key, MISSING_SHOWN)
+        if total:
+            raise _inputs_deleted(total, shown)
+        metrics = VersionMetrics()
+        done = 0
+        after: int | None = None
+        while members := await self._versions.members(*key, after, self._page_size):
+            content, page_metrics = await self._build_page(target.app_id, members)
+            metrics += page_metrics
+            done += len(members)
+            # 100 only once READY, so that a client never sees 100 with work left.
+            percent = min(99, done * 100 // max(version.input_count, 1))
+            async with self._tx.transaction():
+                current = await self._lock_building(target)
+                if current is None:
+                    return
+                await self._versions.store_content(*key, content)
+                await self._versions.update(dataclasses.replace(current, percent=percent))
+            await progress(percent)
+            after = members[-1][0]
+        async with self._tx.transaction():
+            current = await self._lock_building(target)
+            if current is None:
+                return
+            unbuilt = await self._versions.unbuilt_count(*key)
+            if unbuilt:
+                raise JobFailed(f"{unbuilt} member(s) of the version have no content")
+            await self._versions.update(
+                dataclasses.replace(
+                    current,
+                    status=VersionStatus.READY,
+                    percent=100,
+                    details="",
+                    metrics=metrics,
+                    input_count=metrics.inputs_count,
+                )
+            )
+
+    async def failed(self, job: Job, message: str) -> None:
+        try:
+            target = _Target.of(job)
+        except JobFailed:
+            return
+        async with self._tx.transaction():
+            version = await self._versions.get(
+                target.app_id, target.dataset_id, target.version_id, lock=True
+            )
+            # A cancelled version keeps its "cancelled"; a READY one stays READY.
+            if version is not None and version.status in BUILDING:
+                await self._versions.update(
+                    dataclasses.replace(
+                        version, status=VersionStatus.FAILED, details=message or "failed"
+                    )
+                )
+
+    async def _lock_building(self, target: _Target) -> DatasetVersion | None:
+        """The version, locked, while its build is to go on; None when there is nothing
+        left to do (deleted, or READY: an earlier run finished it before it crashed)."""
+        version = await self._versions.get(
+            target.app_id, target.dataset_id, target.version_id, lock=True
+        )
+        if version is None or version.status is VersionStatus.READY:
+            return None
+        if version.status is VersionStatus.FAILED:
+            raise JobCancelled(version.details)
+        return version
+
+    async def _build_page(
+        self, app_id: str, members: list[tuple[int, str]]
+    ) -> tuple[list[VersionContent], VersionMetrics]:
+        ids = [input_id for _, input_id in members]
+        found = {item.id: item for item in await self._inputs.get_many(app_id, ids)}
+        gone = [input_id for input_id in ids if input_id not in found]
+        if gone:
+            # Deleted while the build ran (the check before the first page saw them).
+            raise _inputs_deleted(len(gone), gone[:MISSING_SHOWN])
+        annotations = await self._annotations_of(app_id, ids)
+        snapshots = [
+            InputSnapshot(self._stable_view(found[input_id]), annotations.get(input_id, []))
+            for input_id in ids
+        ]
+        # CPU-bound: in a thread, so that the event loop keeps serving calls meanwhile.
+        encoded = await asyncio.to_thread(lambda: [self._encoder.encode(s) for s in snapshots])
+        content = [
+            VersionContent(position, item.data, hashlib.sha256(item.data).digest())
+            for (position, _), item in zip(members, encoded, strict=True)
+        ]
+        return content, sum((item.metrics for item in encoded), VersionMetrics())
+
+    def _stable_view(self, item: Input) -> InputView:
+        """The input with a media reference that stays valid as long as the version:
+        the stored original's `s3://bucket/key` location (the version keeps that object
+        alive), or the caller's own URL for inputs that only reference one. Presigned
+        URLs expire; exports resolve references when they need bytes."""
+        if item.blob is None:
+            return InputView(item, item.source_url)
+        prefix, suffix = self._blobs.hosted(item.blob)
+        return InputView(item, f"{prefix}/{ORIGINAL_SIZE}/{suffix}", (prefix, suffix))
+
+    async def _annotations_of(self, app_id: str, ids: list[str]) -> dict[str, list[Annotation]]:
+        """Every annotation of these inputs but the input-level ones, in creation order."""
+        grouped: dict[str, list[Annotation]] = defaultdict(list)
+        after: int | None = None
+        while True:
+            rows = await self._annotations.page(app_id, ids, None, after, ANNOTATION_PAGE_SIZE)
+            for _, annotation in rows:
+                if not annotation.input_level:
+                    grouped[annotation.input_id].append(annotation)
+            if len(rows) < ANNOTATION_PAGE_SIZE:
+                return grouped
+            after = rows[-1][0]

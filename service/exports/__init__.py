@@ -1,0 +1,1 @@
+"""Serialized forms of dataset versions: their content and, later, export archives."""

@@ -1,0 +1,165 @@
+"""PostgreSQL job queue: durable jobs, claimed by runners under a time-limited lease."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+
+from service.domain.jobs import Job, JobKind, JobStatus
+from service.storage.db import Database
+
+ENQUEUE = "INSERT INTO jobs (kind, app_id, payload) VALUES ($1, $2, $3) RETURNING id"
+
+CANCEL = """
+UPDATE jobs SET status = 'cancelled', updated_at = now()
+WHERE id = $1 AND status IN ('pending', 'running')
+RETURNING 1
+"""
+
+STATUS = "SELECT status FROM jobs WHERE id = $1"
+
+# SKIP LOCKED: runners racing for the queue each take a different row instead of
+# queueing behind one another; the row lock held until the UPDATE commits makes
+# the claim exclusive. A running job whose lease expired belongs to a runner that
+# died (or lost its database for a whole lease) and is taken over.
+CLAIM = """
+UPDATE jobs
+SET status = 'running', locked_by = $2, locked_until = now() + $3::interval,
+    attempts = attempts + 1, updated_at = now()
+WHERE id = (
+    SELECT id FROM jobs
+    WHERE kind = ANY($1::text[])
+      AND (status = 'pending'
+           OR (status = 'running' AND (locked_until IS NULL OR locked_until < now())))
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+    LIMIT 1)
+RETURNING id, kind, app_id, payload, attempts
+"""
+
+# The lease-holder statements match on locked_by alone and report the status, so
+# one round trip tells the holder both "still yours" and "cancelled meanwhile".
+# cancel() keeps locked_by, which is how the runner that held the job learns of it.
+HEARTBEAT = """
+UPDATE jobs
+SET locked_until = CASE WHEN status = 'running' THEN now() + $3::interval ELSE locked_until END,
+    progress = CASE WHEN status = 'running' THEN coalesce($4, progress) ELSE progress END,
+    updated_at = now()
+WHERE id = $1 AND locked_by = $2
+RETURNING status
+"""
+
+FINISH = """
+UPDATE jobs
+SET status = CASE WHEN status = 'running' THEN $3 ELSE status END,
+    error = CASE WHEN status = 'running' THEN $4 ELSE error END,
+    progress = CASE WHEN status = 'running' AND $3 = 'succeeded' THEN 100 ELSE progress END,
+    locked_until = NULL, updated_at = now()
+WHERE id = $1 AND locked_by = $2
+RETURNING status
+"""
+
+# Back to pending with no holder: any runner may retry it. `counted` false gives
+# back the attempt of a run interrupted by a shutdown rather than by the job.
+RELEASE = """
+UPDATE jobs
+SET status = CASE WHEN status = 'running' THEN 'pending' ELSE status END,
+    attempts = CASE WHEN status = 'running' AND NOT $3 THEN greatest(attempts - 1, 0)
+                    ELSE attempts END,
+    locked_by = CASE WHEN status = 'running' THEN NULL ELSE locked_by END,
+    locked_until = NULL, updated_at = now()
+WHERE id = $1 AND locked_by = $2
+RETURNING status
+"""
+
+
+def _job(row: asyncpg.Record) -> Job:
+    payload: dict[str, Any] = row["payload"]
+    return Job(row["id"], JobKind(row["kind"]), row["app_id"], payload, row["attempts"])
+
+
+def _status(value: str | None) -> JobStatus | None:
+    return None if value is None else JobStatus(value)
+
+
+class PgJobQueue:
+    """The domain's JobQueue, plus the lease primitives of the job runner.
+
+    The lease-holder methods (claim, heartbeat) run on a connection of their
+    own, never the caller's ambient transaction: a handler calling progress()
+    from inside its own transaction must neither make the write wait for that
+    transaction's commit nor hold the job row locked against the heartbeat and
+    cancel(). finish() and release() do join the ambient transaction, so the
+    runner can commit a job's end together with the handler's `failed` write.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- JobQueue -----------------------------------------------------------
+
+    async def enqueue(self, kind: JobKind, app_id: str, payload: dict[str, Any]) -> int:
+        async with self._db.connection() as conn:
+            job_id: int = await conn.fetchval(ENQUEUE, kind.value, app_id, payload)
+        return job_id
+
+    async def cancel(self, job_id: int) -> bool:
+        async with self._db.connection() as conn:
+            return await conn.fetchval(CANCEL, job_id) is not None
+
+    async def status(self, job_id: int) -> JobStatus | None:
+        async with self._db.connection() as conn:
+            return _status(await conn.fetchval(STATUS, job_id))
+
+    # -- lease primitives -----------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        async with self._db.transaction():
+            yield
+
+    async def claim(
+        self, kinds: Collection[JobKind], worker_id: str, lease: timedelta
+    ) -> Job | None:
+        """Takes the oldest runnable job of these kinds, or None when there is none."""
+        if not kinds:
+            return None
+        async with self._db.pool.acquire() as conn:
+            row = await conn.fetchrow(CLAIM, [kind.value for kind in kinds], worker_id, lease)
+        return None if row is None else _job(row)
+
+    async def heartbeat(
+        self, job_id: int, worker_id: str, lease: timedelta, *, progress: int | None = None
+    ) -> JobStatus | None:
+        """Extends the lease (and records progress) while the job runs.
+
+        Returns the job's status while this worker holds it: RUNNING (still
+        yours), CANCELLED (stop); None when another worker took it over."""
+        async with self._db.pool.acquire() as conn:
+            return _status(await conn.fetchval(HEARTBEAT, job_id, worker_id, lease, progress))
+
+    async def finish(
+        self, job_id: int, worker_id: str, status: JobStatus, error: str = ""
+    ) -> JobStatus | None:
+        """Ends a running job as SUCCEEDED, FAILED or CANCELLED.
+
+        Returns the status the job ended with (CANCELLED when cancel() came
+        first), or None when this worker no longer holds it."""
+        if status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+            raise ValueError(f"not a final status: {status}")
+        async with self._db.connection() as conn:
+            return _status(await conn.fetchval(FINISH, job_id, worker_id, status.value, error))
+
+    async def release(
+        self, job_id: int, worker_id: str, *, counted: bool = True
+    ) -> JobStatus | None:
+        """Puts a running job back to pending for any runner to retry.
+
+        Returns PENDING, CANCELLED when cancel() came first, or None when this
+        worker no longer holds it."""
+        async with self._db.connection() as conn:
+            return _status(await conn.fetchval(RELEASE, job_id, worker_id, counted))
