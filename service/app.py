@@ -17,6 +17,9 @@ from grpc_health.v1 import health, health_pb2
 
 from service.api.annotations import AnnotationServicer
 from service.api.datasets import DatasetServicer
+from service.api.diffs import DiffRpcs
+from service.api.exports import ExportRpcs
+from service.api.imports import ImportRpcs
 from service.api.inputs import InputServicer
 from service.api.pagination import PageTokens
 from service.api.server import SERVICE_NAMES, build_server
@@ -26,20 +29,29 @@ from service.domain.annotations import AnnotationService
 from service.domain.auth import Authenticator, ensure_bootstrap_key
 from service.domain.clock import SystemClock
 from service.domain.datasets import DatasetService, DatasetSettings
+from service.domain.diffs import DiffService
+from service.domain.exports import ExportBuilder, ExportService, ExportSettings
 from service.domain.idempotency import Idempotency
+from service.domain.imports import ImportService, ImportSettings
 from service.domain.inputs import InputService, InputSettings
 from service.domain.jobs import JobHandler, JobKind
 from service.domain.maintenance import Maintenance
 from service.domain.transfers import InputTransfers, TransferSettings
 from service.domain.versions import VersionBuilder, VersionService
+from service.exports.archives import Archives
+from service.exports.decode import ProtobufContentConcepts
 from service.exports.encode import ProtobufSnapshotEncoder
+from service.exports.readers import ZipArchiveReader
 from service.jobs import JobRunner, new_worker_id
 from service.storage.annotations import PgAnnotationRepository
 from service.storage.api_keys import PgApiKeyRepository
+from service.storage.archives import TempFileArchives
 from service.storage.blobs import ContentAddressedBlobStore, ObjectStore
 from service.storage.datasets import PgDatasetRepository
 from service.storage.db import Database, migrate, server_secret
+from service.storage.diffs import PgVersionPairs
 from service.storage.embedded import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
+from service.storage.exports import PgExportRepository
 from service.storage.fetch import UrlFetcher
 from service.storage.idempotency import PgIdempotencyRepository
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
@@ -229,6 +241,20 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             db,
         )
         versions = VersionService(version_records, PgMembershipRepository(db), job_queue, db)
+        export_records = PgExportRepository(db)
+        job_handlers[JobKind.EXPORT_VERSION] = ExportBuilder(
+            export_records, version_records, Archives(blobs), blobs, db
+        )
+        exports = ExportService(
+            versions,
+            export_records,
+            job_queue,
+            blobs,
+            blobs,
+            db,
+            clock,
+            ExportSettings(config.download_url_ttl),
+        )
         maintenance = Maintenance(
             datasets,
             blobs,
@@ -240,7 +266,27 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
         server = build_server(
             authenticator=Authenticator(keys, clock, config.auth_cache_seconds),
-            datasets=DatasetServicer(datasets, inputs, idempotency, tokens),
+            datasets=DatasetServicer(
+                datasets,
+                inputs,
+                idempotency,
+                tokens,
+                imports=ImportRpcs(
+                    ImportService(
+                        inputs,
+                        AnnotationService(
+                            PgAnnotationRepository(db), PgMembershipRepository(db), db
+                        ),
+                        PgMembershipRepository(db),
+                        blobs,
+                        TempFileArchives(),
+                        ZipArchiveReader(),
+                        db,
+                        ImportSettings(max_archive_bytes=config.max_import_bytes),
+                    ),
+                    idempotency,
+                ),
+            ),
             inputs=InputServicer(
                 inputs,
                 idempotency,
@@ -253,7 +299,20 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
                 tokens,
             ),
             versions=DatasetVersionServicer(
-                versions, idempotency, tokens, jobs_queued=runner.notify
+                versions,
+                idempotency,
+                tokens,
+                exports=ExportRpcs(exports, idempotency, tokens, jobs_queued=runner.notify),
+                diffs=DiffRpcs(
+                    DiffService(
+                        version_records,
+                        PgMembershipRepository(db),
+                        PgVersionPairs(db),
+                        ProtobufContentConcepts(),
+                        db,
+                    )
+                ),
+                jobs_queued=runner.notify,
             ),
             health_servicer=health_servicer,
             max_message_bytes=config.max_message_bytes,

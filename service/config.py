@@ -73,6 +73,7 @@ class Config:
     fetch_max_bytes: int = 64 * 1024 * 1024
     fetch_timeout: timedelta = timedelta(seconds=30)
     max_upload_bytes: int = 2 * 1024**3
+    max_import_bytes: int = 2 * 1024**3
     job_lease: timedelta = timedelta(seconds=30)
     job_concurrency: int = 1
 
@@ -129,6 +130,11 @@ class Config:
             max_upload_bytes=_int(
                 "DATASETD_MAX_UPLOAD_BYTES",
                 get("MAX_UPLOAD_BYTES", str(cls.max_upload_bytes)),
+                1,
+            ),
+            max_import_bytes=_int(
+                "DATASETD_MAX_IMPORT_BYTES",
+                get("MAX_IMPORT_BYTES", str(cls.max_import_bytes)),
                 1,
             ),
             job_lease=parse_duration("DATASETD_JOB_LEASE", get("JOB_LEASE", "30s")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from service.api.convert import (
     input_to_proto,
 )
 from service.api.idempotency import run_once
+from service.api.imports import ImportRpcs
 from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens, page_size
 from service.domain.auth import Permission, authorize
@@ -59,11 +61,14 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
         inputs: InputService,
         idempotency: Idempotency,
         tokens: PageTokens,
+        *,
+        imports: ImportRpcs,
     ) -> None:
         self._datasets = datasets
         self._inputs = inputs
         self._idempotency = idempotency
         self._tokens = tokens
+        self._imports = imports
 
     async def CreateDataset(
         self, request: dataset_service_pb2.CreateDatasetRequest, context: Context
@@ -350,3 +355,10 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
             dataset_service_pb2.MergeDatasetResponse,
             merge,
         )
+
+    async def ImportDataset(
+        self,
+        request_iterator: AsyncIterator[dataset_service_pb2.ImportDatasetRequest],
+        context: Context,
+    ) -> dataset_service_pb2.ImportDatasetResponse:
+        return await self._imports.import_dataset(request_iterator)

@@ -16,8 +16,9 @@ from service.api.datasets import ACTIONS
 from service.api.idempotency import idempotency_key, run_once
 from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens, page_size
+from service.api.streams import chunks, header_message
 from service.domain.auth import Permission, authorize
-from service.domain.errors import InvalidArgument, Violations
+from service.domain.errors import Violations
 from service.domain.idempotency import Idempotency
 from service.domain.inputs import InputOutcome, InputService, Outcome
 from service.domain.models import GeoPoint
@@ -213,14 +214,9 @@ class InputServicer(input_service_pb2_grpc.InputServiceServicer):
         context: Context,
     ) -> input_service_pb2.UploadInputResponse:
         principal = current_principal()
-        first = await anext(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidArgument.field(
-                "header",
-                "the first message of an UploadInput stream must carry the header; "
-                "the chunks follow it",
-                reason="INVALID_UPLOAD",
-            )
+        first = await header_message(
+            request_iterator, rpc="UploadInput", follows="the chunks", reason="INVALID_UPLOAD"
+        )
         message = first.header
         # Checked before the bytes flow; run_once would only see a bad id after them.
         idempotency_key("UploadInput", message)
@@ -231,7 +227,9 @@ class InputServicer(input_service_pb2_grpc.InputServiceServicer):
             sha256=message.sha256,
             request_id=message.request_id,
         )
-        media = await self._transfers.receive(principal, header, _chunks(request_iterator))
+        media = await self._transfers.receive(
+            principal, header, chunks(request_iterator, reason="INVALID_UPLOAD")
+        )
         # The request is the header and the bytes: a retry with the same header and bytes
         # replays, other bytes under the same request id are refused. The optional checks
         # are recorded as the values they must have had, so sending them or not is the same.
@@ -275,20 +273,3 @@ class InputServicer(input_service_pb2_grpc.InputServiceServicer):
                     yield input_service_pb2.DownloadInputResponse(chunk=chunk)
         if first is not None:
             yield first
-
-
-async def _chunks(
-    messages: AsyncIterator[input_service_pb2.UploadInputRequest],
-) -> AsyncIterator[bytes]:
-    """The media bytes of the messages after the header."""
-    async for message in messages:
-        part = message.WhichOneof("part")
-        if part != "chunk":
-            raise InvalidArgument.field(
-                "header" if part == "header" else "chunk",
-                "only the first message may carry the header"
-                if part == "header"
-                else "a message after the header carries no chunk",
-                reason="INVALID_UPLOAD",
-            )
-        yield message.chunk

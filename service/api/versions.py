@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from datasetd.v1 import dataset_version_pb2, dataset_version_service_pb2_grpc, status_pb2
 from datasetd.v1 import dataset_version_service_pb2 as api
 
 from service.api.convert import struct_to_dict
 from service.api.datasets import Context
+from service.api.diffs import DiffRpcs
+from service.api.exports import ExportRpcs
 from service.api.idempotency import run_once
 from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens, page_size
@@ -95,11 +97,15 @@ class DatasetVersionServicer(dataset_version_service_pb2_grpc.DatasetVersionServ
         idempotency: Idempotency,
         tokens: PageTokens,
         *,
+        exports: ExportRpcs,
+        diffs: DiffRpcs,
         jobs_queued: Callable[[], None] = lambda: None,
     ) -> None:
         self._versions = versions
         self._idempotency = idempotency
         self._tokens = tokens
+        self._exports = exports
+        self._diffs = diffs
         # Wakes the job runner, which otherwise finds a new build at its next poll.
         self._jobs_queued = jobs_queued
 
@@ -134,10 +140,17 @@ class DatasetVersionServicer(dataset_version_service_pb2_grpc.DatasetVersionServ
     async def GetDatasetVersion(
         self, request: api.GetDatasetVersionRequest, context: Context
     ) -> api.GetDatasetVersionResponse:
+        principal = current_principal()
         version = await self._versions.get(
-            current_principal(), request.app_id, request.dataset_id, request.version_id
+            principal, request.app_id, request.dataset_id, request.version_id
         )
-        return api.GetDatasetVersionResponse(version=version_to_proto(version))
+        message = version_to_proto(version)
+        message.export_info.CopyFrom(
+            await self._exports.export_info(
+                principal, request.app_id, request.dataset_id, request.version_id
+            )
+        )
+        return api.GetDatasetVersionResponse(version=message)
 
     async def ListDatasetVersions(
         self, request: api.ListDatasetVersionsRequest, context: Context
@@ -211,3 +224,30 @@ class DatasetVersionServicer(dataset_version_service_pb2_grpc.DatasetVersionServ
             current_principal(), request.app_id, request.dataset_id, request.version_id
         )
         return api.CancelDatasetVersionBuildResponse(version=version_to_proto(version))
+
+    async def ExportDatasetVersion(
+        self, request: api.ExportDatasetVersionRequest, context: Context
+    ) -> api.ExportDatasetVersionResponse:
+        return await self._exports.export(request)
+
+    async def GetExport(
+        self, request: api.GetExportRequest, context: Context
+    ) -> api.GetExportResponse:
+        return await self._exports.get(request)
+
+    async def ListExports(
+        self, request: api.ListExportsRequest, context: Context
+    ) -> api.ListExportsResponse:
+        return await self._exports.list(request)
+
+    async def DownloadExport(
+        self, request: api.DownloadExportRequest, context: Context
+    ) -> AsyncIterator[api.DownloadExportResponse]:
+        async for message in self._exports.download(request):
+            yield message
+
+    async def DiffDatasetVersions(
+        self, request: api.DiffDatasetVersionsRequest, context: Context
+    ) -> AsyncIterator[api.DiffDatasetVersionsResponse]:
+        async for message in self._diffs.diff(request):
+            yield message

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 class JobKind(enum.Enum):
     BUILD_VERSION = "build_version"
+    EXPORT_VERSION = "export_version"
 
 
 class JobStatus(enum.Enum):

@@ -291,3 +291,80 @@ class VersionContent:
     position: int
     data: bytes
     content_hash: bytes
+
+
+@dataclass(frozen=True)
+class VersionMember:
+    """One member of a READY version as exports read it: its serialized content and the
+    stored original it references, if any."""
+
+    position: int
+    input_id: str
+    data: bytes
+    blob: StoredBlob | None
+
+
+class ExportFormat(enum.Enum):
+    CLARIFAI_DATA_PROTOBUF = "clarifai_data_protobuf"
+    CLARIFAI_DATA_JSON = "clarifai_data_json"
+    COCO = "coco"
+
+
+class ExportStatus(enum.Enum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """Named ratios (each > 0, summing to 1) and the seed of the assignment."""
+
+    ratios: dict[str, float]
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    split: SplitOptions | None = None
+    embed_media: bool = False
+
+
+@dataclass(frozen=True)
+class FidelityReport:
+    """What a format could not carry: counts by kind, and how items were mapped."""
+
+    dropped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Export:
+    """An export of a version. `blob` is the archive once it succeeded; `percent` is the
+    progress of its job while it runs."""
+
+    app_id: str
+    dataset_id: str
+    version_id: str
+    id: str
+    format: ExportFormat
+    options: ExportOptions
+    status: ExportStatus = ExportStatus.PENDING
+    percent: int = 0
+    details: str = ""
+    blob: StoredBlob | None = None
+    split_counts: dict[str, int] = field(default_factory=dict)
+    fidelity: FidelityReport = field(default_factory=FidelityReport)
+    job_id: int | None = None
+    created_at: datetime | None = None
+    modified_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ExportView:
+    """An export as shown to a caller: with a time-limited download URL once it succeeded."""
+
+    export: Export
+    url: str = ""
+    url_expires_at: datetime | None = None

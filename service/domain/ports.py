@@ -17,12 +17,17 @@ from service.domain.models import (
     DatasetStatistics,
     DatasetVersion,
     EncodedInput,
+    Export,
+    ExportFormat,
+    ExportOptions,
+    FidelityReport,
     IdempotencyRecord,
     Input,
     InputQuery,
     InputSnapshot,
     StoredBlob,
     VersionContent,
+    VersionMember,
 )
 
 
@@ -287,4 +292,80 @@ class InputSnapshotEncoder(Protocol):
 
     def encode(self, snapshot: InputSnapshot) -> EncodedInput:
         """Folds the annotations into the input and serializes it."""
+        ...
+
+
+class ExportRepository(Protocol):
+    async def insert(self, export: Export) -> Export | None:
+        """None when the version already has an export with this id."""
+        ...
+
+    async def get(
+        self, app_id: str, dataset_id: str, version_id: str, export_id: str, *, lock: bool = False
+    ) -> Export | None: ...
+
+    async def page(
+        self, app_id: str, dataset_id: str, version_id: str, after_seq: int | None, limit: int
+    ) -> list[tuple[int, Export]]:
+        """Exports oldest first, after `after_seq`, with their sequence numbers."""
+        ...
+
+    async def latest_by_format(self, app_id: str, dataset_id: str, version_id: str) -> list[Export]:
+        """The most recently created export of each format."""
+        ...
+
+    async def update(self, export: Export) -> Export:
+        """Stores status, percent, details, blob, split counts, fidelity and job id; bumps
+        modified_at. A blob is registered as referenced in the same transaction."""
+        ...
+
+    async def members(
+        self, app_id: str, dataset_id: str, version_id: str, after_position: int | None, limit: int
+    ) -> list[VersionMember]:
+        """The content of a version's members after `after_position`, in order."""
+        ...
+
+
+class ByteSink(Protocol):
+    async def write(self, chunk: bytes) -> None: ...
+
+
+class ArchiveWriter(Protocol):
+    """Writes one export archive into a sink, front to back (implemented in
+    service.exports: the domain never sees protobuf or ZIP)."""
+
+    @property
+    def needs_census(self) -> bool:
+        """Whether observe() must see every member before the first write()."""
+        ...
+
+    async def observe(self, members: list[VersionMember]) -> list[frozenset[str]]:
+        """Learns what the format must know before writing (COCO: its categories) and
+        returns each member's labels (as labels() does)."""
+        ...
+
+    async def labels(self, members: list[VersionMember]) -> list[frozenset[str]]:
+        """The positive concept ids of each member: input-level, region and frame ones."""
+        ...
+
+    async def write(self, split: str, members: list[VersionMember]) -> None:
+        """Adds members, in order, to a split."""
+        ...
+
+    async def finish(self) -> FidelityReport:
+        """Writes what is left and closes the archive; reports what the format dropped."""
+        ...
+
+
+class ArchiveFormats(Protocol):
+    def writer(
+        self,
+        export_format: ExportFormat,
+        options: ExportOptions,
+        splits: list[str],
+        sink: ByteSink,
+        modified: datetime,
+    ) -> ArchiveWriter:
+        """A writer of an archive whose members go into `splits`; `modified` is the time
+        stamped on its entries (the version's creation, so that archives are repeatable)."""
         ...

@@ -1,1 +1,2 @@
-"""Serialized forms of dataset versions: their content and, later, export archives."""
+"""Serialized forms of dataset versions: their content, and the archives they are exported
+as and imported from."""

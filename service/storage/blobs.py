@@ -404,7 +404,8 @@ ON CONFLICT (key) DO UPDATE SET last_seen = now()
 REFERENCED = (
     "(EXISTS (SELECT 1 FROM datasets WHERE cover_blob = b.key)"
     " OR EXISTS (SELECT 1 FROM inputs WHERE blob_key = b.key)"
-    " OR EXISTS (SELECT 1 FROM version_inputs WHERE blob_key = b.key))"
+    " OR EXISTS (SELECT 1 FROM version_inputs WHERE blob_key = b.key)"
+    " OR EXISTS (SELECT 1 FROM exports WHERE blob_key = b.key))"
 )
 ORPHAN_CANDIDATES = f"""
 SELECT b.key FROM blobs b

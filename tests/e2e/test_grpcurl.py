@@ -166,7 +166,12 @@ async def test_describe_service_rpcs(server: Running) -> None:
             f"rpc {rpc} ( .datasetd.v1.{rpc}Request ) returns ( .datasetd.v1.{rpc}Response );"
         )
         assert expected in out, f"{expected!r} missing from:\n{out}"
-    assert out.count("rpc ") == len(rpcs), out
+    imports = (
+        "rpc ImportDataset ( stream .datasetd.v1.ImportDatasetRequest ) "
+        "returns ( .datasetd.v1.ImportDatasetResponse );"
+    )
+    assert imports in out, out
+    assert out.count("rpc ") == len(rpcs) + 1, out
 
 
 async def test_create_then_get_with_json(server: Running, caller: Caller) -> None:

@@ -57,3 +57,10 @@ def test_upload_cap_defaults_to_2_gib_and_stays_within_s3_limits() -> None:
     for value, message in [("0", "at least 1"), ("2G", "integer"), (str(5 * 1024**4 + 1), "5 TiB")]:
         with pytest.raises(ConfigError, match=f"DATASETD_MAX_UPLOAD_BYTES.*{message}"):
             Config.from_env({"DATASETD_MAX_UPLOAD_BYTES": value})
+
+
+def test_import_cap_defaults_to_2_gib() -> None:
+    assert Config.from_env({}).max_import_bytes == 2 * 1024**3
+    assert Config.from_env({"DATASETD_MAX_IMPORT_BYTES": "1048576"}).max_import_bytes == 1 << 20
+    with pytest.raises(ConfigError, match=r"DATASETD_MAX_IMPORT_BYTES.*at least 1"):
+        Config.from_env({"DATASETD_MAX_IMPORT_BYTES": "0"})

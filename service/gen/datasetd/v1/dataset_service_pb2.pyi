@@ -55,6 +55,30 @@ DATASET_SORT_FIELD_ID: DatasetSortField.ValueType  # 3
 """Dataset id."""
 Global___DatasetSortField: _TypeAlias = DatasetSortField  # noqa: Y015
 
+class _ImportFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImportFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMPORT_FORMAT_UNSPECIFIED: _ImportFormat.ValueType  # 0
+    """Not allowed (INVALID_ARGUMENT)."""
+    IMPORT_FORMAT_CLARIFAI_DATA_PROTOBUF: _ImportFormat.ValueType  # 1
+    """A Clarifai-Data-Protobuf archive (e.g. an export of another deployment)."""
+    IMPORT_FORMAT_COCO: _ImportFormat.ValueType  # 2
+    """A COCO archive: annotations/instances_*.json and the images."""
+
+class ImportFormat(_ImportFormat, metaclass=_ImportFormatEnumTypeWrapper):
+    """Format of an archive to import."""
+
+IMPORT_FORMAT_UNSPECIFIED: ImportFormat.ValueType  # 0
+"""Not allowed (INVALID_ARGUMENT)."""
+IMPORT_FORMAT_CLARIFAI_DATA_PROTOBUF: ImportFormat.ValueType  # 1
+"""A Clarifai-Data-Protobuf archive (e.g. an export of another deployment)."""
+IMPORT_FORMAT_COCO: ImportFormat.ValueType  # 2
+"""A COCO archive: annotations/instances_*.json and the images."""
+Global___ImportFormat: _TypeAlias = ImportFormat  # noqa: Y015
+
 @_typing.final
 class CreateDatasetRequest(_message.Message):
     """Request of CreateDataset."""
@@ -806,3 +830,93 @@ class MergeDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MergeDatasetResponse: _TypeAlias = MergeDatasetResponse  # noqa: Y015
+
+@_typing.final
+class ImportDatasetHeader(_message.Message):
+    """First message of an ImportDataset stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The dataset that receives the inputs (it must exist)."""
+    format: Global___ImportFormat.ValueType
+    """Required. The archive's format."""
+    request_id: _builtins.str
+    """Optional. Idempotency key."""
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        format: Global___ImportFormat.ValueType = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "format", b"format", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportDatasetHeader: _TypeAlias = ImportDatasetHeader  # noqa: Y015
+
+@_typing.final
+class ImportDatasetRequest(_message.Message):
+    """One message of an ImportDataset stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """A chunk of the archive, at most 4 MiB."""
+    @_builtins.property
+    def header(self) -> Global___ImportDatasetHeader:
+        """First message only."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ImportDatasetHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ImportDatasetRequest: _TypeAlias = ImportDatasetRequest  # noqa: Y015
+
+@_typing.final
+class ImportDatasetResponse(_message.Message):
+    """Response of ImportDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUTS_CREATED_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_CREATED_FIELD_NUMBER: _builtins.int
+    inputs_created: _builtins.int
+    """Inputs created."""
+    annotations_created: _builtins.int
+    """Annotations created."""
+    def __init__(
+        self,
+        *,
+        inputs_created: _builtins.int = ...,
+        annotations_created: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations_created", b"annotations_created", "inputs_created", b"inputs_created"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportDatasetResponse: _TypeAlias = ImportDatasetResponse  # noqa: Y015

@@ -106,6 +106,11 @@ class DatasetServiceStub:
                 request_serializer=datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetRequest.SerializeToString,
                 response_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetResponse.FromString,
                 _registered_method=True)
+        self.ImportDataset = channel.stream_unary(
+                '/datasetd.v1.DatasetService/ImportDataset',
+                request_serializer=datasetd_dot_v1_dot_dataset__service__pb2.ImportDatasetRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.ImportDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class DatasetServiceServicer:
@@ -215,6 +220,18 @@ class DatasetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportDataset(self, request_iterator, context):
+        """Imports an archive into a dataset (client-streaming: a header, then the
+        archive's bytes in chunks): a Clarifai-Data-Protobuf archive or a COCO
+        archive (annotations JSON plus images). The archive is untrusted: entry
+        names are never used as paths; entry count, total uncompressed size and
+        compression ratio are capped while reading; a bad archive is rejected
+        with INVALID_ARGUMENT naming the entry, and nothing is half imported.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatasetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -277,6 +294,11 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     servicer.MergeDataset,
                     request_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetRequest.FromString,
                     response_serializer=datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetResponse.SerializeToString,
+            ),
+            'ImportDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportDataset,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__service__pb2.ImportDatasetRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__service__pb2.ImportDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -615,6 +637,33 @@ class DatasetService:
             '/datasetd.v1.DatasetService/MergeDataset',
             datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetRequest.SerializeToString,
             datasetd_dot_v1_dot_dataset__service__pb2.MergeDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/datasetd.v1.DatasetService/ImportDataset',
+            datasetd_dot_v1_dot_dataset__service__pb2.ImportDatasetRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__service__pb2.ImportDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -83,6 +83,14 @@ class DatasetServiceStub:
     (annotations belong to inputs, so they come along). The source is
     unchanged; merging again adds nothing.
     """
+    ImportDataset: _grpc.StreamUnaryMultiCallable[_dataset_service_pb2.ImportDatasetRequest, _dataset_service_pb2.ImportDatasetResponse]
+    """Imports an archive into a dataset (client-streaming: a header, then the
+    archive's bytes in chunks): a Clarifai-Data-Protobuf archive or a COCO
+    archive (annotations JSON plus images). The archive is untrusted: entry
+    names are never used as paths; entry count, total uncompressed size and
+    compression ratio are capped while reading; a bad archive is rejected
+    with INVALID_ARGUMENT naming the entry, and nothing is half imported.
+    """
 
 @_typing.type_check_only
 class DatasetServiceAsyncStub(DatasetServiceStub):
@@ -138,6 +146,14 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     """Makes every input of a source dataset a member of a destination dataset
     (annotations belong to inputs, so they come along). The source is
     unchanged; merging again adds nothing.
+    """
+    ImportDataset: _aio.StreamUnaryMultiCallable[_dataset_service_pb2.ImportDatasetRequest, _dataset_service_pb2.ImportDatasetResponse]  # type: ignore[assignment]
+    """Imports an archive into a dataset (client-streaming: a header, then the
+    archive's bytes in chunks): a Clarifai-Data-Protobuf archive or a COCO
+    archive (annotations JSON plus images). The archive is untrusted: entry
+    names are never used as paths; entry count, total uncompressed size and
+    compression ratio are capped while reading; a bad archive is rejected
+    with INVALID_ARGUMENT naming the entry, and nothing is half imported.
     """
 
 class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -263,6 +279,20 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Makes every input of a source dataset a member of a destination dataset
         (annotations belong to inputs, so they come along). The source is
         unchanged; merging again adds nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportDataset(
+        self,
+        request_iterator: _MaybeAsyncIterator[_dataset_service_pb2.ImportDatasetRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_service_pb2.ImportDatasetResponse, _abc.Awaitable[_dataset_service_pb2.ImportDatasetResponse]]:
+        """Imports an archive into a dataset (client-streaming: a header, then the
+        archive's bytes in chunks): a Clarifai-Data-Protobuf archive or a COCO
+        archive (annotations JSON plus images). The archive is untrusted: entry
+        names are never used as paths; entry count, total uncompressed size and
+        compression ratio are capped while reading; a bad archive is rejected
+        with INVALID_ARGUMENT naming the entry, and nothing is half imported.
         """
 
 def add_DatasetServiceServicer_to_server(servicer: DatasetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

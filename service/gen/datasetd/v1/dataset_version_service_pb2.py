@@ -23,10 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from datasetd.v1 import dataset_version_pb2 as datasetd_dot_v1_dot_dataset__version__pb2
+from datasetd.v1 import status_pb2 as datasetd_dot_v1_dot_status__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)datasetd/v1/dataset_version_service.proto\x12\x0b\x64\x61tasetd.v1\x1a!datasetd/v1/dataset_version.proto\x1a google/protobuf/field_mask.proto\"\x83\x01\n\x1b\x43reateDatasetVersionRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12,\n\x07version\x18\x03 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"L\n\x1c\x43reateDatasetVersionResponse\x12,\n\x07version\x18\x01 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\"R\n\x18GetDatasetVersionRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\"I\n\x19GetDatasetVersionResponse\x12,\n\x07version\x18\x01 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\"g\n\x1aListDatasetVersionsRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"e\n\x1bListDatasetVersionsResponse\x12-\n\x08versions\x18\x01 \x03(\x0b\x32\x1b.datasetd.v1.DatasetVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb4\x01\n\x1bUpdateDatasetVersionRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12,\n\x07version\x18\x03 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"L\n\x1cUpdateDatasetVersionResponse\x12,\n\x07version\x18\x01 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\"i\n\x1b\x44\x65leteDatasetVersionRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x1e\n\x1c\x44\x65leteDatasetVersionResponse\"Z\n CancelDatasetVersionBuildRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\"Q\n!CancelDatasetVersionBuildResponse\x12,\n\x07version\x18\x01 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion2\xa8\x05\n\x15\x44\x61tasetVersionService\x12k\n\x14\x43reateDatasetVersion\x12(.datasetd.v1.CreateDatasetVersionRequest\x1a).datasetd.v1.CreateDatasetVersionResponse\x12\x62\n\x11GetDatasetVersion\x12%.datasetd.v1.GetDatasetVersionRequest\x1a&.datasetd.v1.GetDatasetVersionResponse\x12h\n\x13ListDatasetVersions\x12\'.datasetd.v1.ListDatasetVersionsRequest\x1a(.datasetd.v1.ListDatasetVersionsResponse\x12k\n\x14UpdateDatasetVersion\x12(.datasetd.v1.UpdateDatasetVersionRequest\x1a).datasetd.v1.UpdateDatasetVersionResponse\x12k\n\x14\x44\x65leteDatasetVersion\x12(.datasetd.v1.DeleteDatasetVersionRequest\x1a).datasetd.v1.DeleteDatasetVersionResponse\x12z\n\x19\x43\x61ncelDatasetVersionBuild\x12-.datasetd.v1.CancelDatasetVersionBuildRequest\x1a..datasetd.v1.CancelDatasetVersionBuildResponseBN\n\x0eio.datasetd.v1P\x01Z:github.com/datasetd/datasetd/gen/go/datasetd/v1;datasetdv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)datasetd/v1/dataset_version_service.proto\x12\x0b\x64\x61tasetd.v1\x1a!datasetd/v1/dataset_version.proto\x1a\x18\x64\x61tasetd/v1/status.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x01\n\x0cSplitOptions\x12\x35\n\x06ratios\x18\x01 \x03(\x0b\x32%.datasetd.v1.SplitOptions.RatiosEntry\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x1a-\n\x0bRatiosEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"N\n\rExportOptions\x12(\n\x05split\x18\x01 \x01(\x0b\x32\x19.datasetd.v1.SplitOptions\x12\x13\n\x0b\x65mbed_media\x18\x02 \x01(\x08\"\x8a\x01\n\x0e\x46idelityReport\x12\x39\n\x07\x64ropped\x18\x01 \x03(\x0b\x32(.datasetd.v1.FidelityReport.DroppedEntry\x12\r\n\x05notes\x18\x02 \x03(\t\x1a.\n\x0c\x44roppedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x89\x04\n\x06\x45xport\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12)\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x19.datasetd.v1.ExportFormat\x12+\n\x07options\x18\x05 \x01(\x0b\x32\x1a.datasetd.v1.ExportOptions\x12#\n\x06status\x18\x06 \x01(\x0b\x32\x13.datasetd.v1.Status\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x0b\n\x03url\x18\x08 \x01(\t\x12\x33\n\x0furl_expire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x0csplit_counts\x18\n \x03(\x0b\x32$.datasetd.v1.Export.SplitCountsEntry\x12-\n\x08\x66idelity\x18\x0b \x01(\x0b\x32\x1b.datasetd.v1.FidelityReport\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bmodified_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x32\n\x10SplitCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xc1\x01\n\x1b\x45xportDatasetVersionRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12)\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x19.datasetd.v1.ExportFormat\x12+\n\x07options\x18\x05 \x01(\x0b\x32\x1a.datasetd.v1.ExportOptions\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"C\n\x1c\x45xportDatasetVersionResponse\x12#\n\x06\x65xport\x18\x01 \x01(\x0b\x32\x13.datasetd.v1.Export\"]\n\x10GetExportRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x11\n\texport_id\x18\x04 \x01(\t\"8\n\x11GetExportResponse\x12#\n\x06\x65xport\x18\x01 \x01(\x0b\x32\x13.datasetd.v1.Export\"s\n\x12ListExportsRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"T\n\x13ListExportsResponse\x12$\n\x07\x65xports\x18\x01 \x03(\x0b\x32\x13.datasetd.v1.Export\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"b\n\x15\x44ownloadExportRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x11\n\texport_id\x18\x04 \x01(\t\"K\n\x16\x44ownloadExportResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"p\n\x1a\x44iffDatasetVersionsRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x17\n\x0f\x66rom_version_id\x18\x03 \x01(\t\x12\x15\n\rto_version_id\x18\x04 \x01(\t\"}\n\x0bInputChange\x12\x10\n\x08input_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.datasetd.v1.InputChangeKind\x12\x16\n\x0e\x63oncepts_added\x18\x03 \x03(\t\x12\x18\n\x10\x63oncepts_removed\x18\x04 \x03(\t\"4\n\x0c\x43onceptDelta\x12\x12\n\nfrom_count\x18\x01 \x01(\x04\x12\x10\n\x08to_count\x18\x02 \x01(\x04\"\xd7\x01\n\x0b\x44iffSummary\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x04\x12\x0f\n\x07removed\x18\x02 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x04\x12\x11\n\tunchanged\x18\x04 \x01(\x04\x12\x38\n\x08\x63oncepts\x18\x05 \x03(\x0b\x32&.datasetd.v1.DiffSummary.ConceptsEntry\x1aJ\n\rConceptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.datasetd.v1.ConceptDelta:\x02\x38\x01\"\x80\x01\n\x1b\x44iffDatasetVersionsResponse\x12,\n\x07\x63hanges\x18\x01 \x01(\x0b\x32\x19.datasetd.v1.InputChangesH\x00\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x18.datasetd.v1.DiffSummaryH\x00\x42\x06\n\x04part\"9\n\x0cInputChanges\x12)\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x18.datasetd.v1.InputChange\"\x83\x01\n\x1b\x43reateDatasetVersionRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12,\n\x07version\x18\x03 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"L\n\x1c\x43reateDatasetVersionResponse\x12,\n\x07version\x18\x01 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\"R\n\x18GetDatasetVersionRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\"I\n\x19GetDatasetVersionResponse\x12,\n\x07version\x18\x01 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\"g\n\x1aListDatasetVersionsRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"e\n\x1bListDatasetVersionsResponse\x12-\n\x08versions\x18\x01 \x03(\x0b\x32\x1b.datasetd.v1.DatasetVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb4\x01\n\x1bUpdateDatasetVersionRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12,\n\x07version\x18\x03 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"L\n\x1cUpdateDatasetVersionResponse\x12,\n\x07version\x18\x01 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\"i\n\x1b\x44\x65leteDatasetVersionRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x1e\n\x1c\x44\x65leteDatasetVersionResponse\"Z\n CancelDatasetVersionBuildRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x12\n\ndataset_id\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\"Q\n!CancelDatasetVersionBuildResponse\x12,\n\x07version\x18\x01 \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion*\x8f\x01\n\x0fInputChangeKind\x12!\n\x1dINPUT_CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17INPUT_CHANGE_KIND_ADDED\x10\x01\x12\x1d\n\x19INPUT_CHANGE_KIND_REMOVED\x10\x02\x12\x1d\n\x19INPUT_CHANGE_KIND_CHANGED\x10\x03\x32\xfc\x08\n\x15\x44\x61tasetVersionService\x12k\n\x14\x43reateDatasetVersion\x12(.datasetd.v1.CreateDatasetVersionRequest\x1a).datasetd.v1.CreateDatasetVersionResponse\x12\x62\n\x11GetDatasetVersion\x12%.datasetd.v1.GetDatasetVersionRequest\x1a&.datasetd.v1.GetDatasetVersionResponse\x12h\n\x13ListDatasetVersions\x12\'.datasetd.v1.ListDatasetVersionsRequest\x1a(.datasetd.v1.ListDatasetVersionsResponse\x12k\n\x14UpdateDatasetVersion\x12(.datasetd.v1.UpdateDatasetVersionRequest\x1a).datasetd.v1.UpdateDatasetVersionResponse\x12k\n\x14\x44\x65leteDatasetVersion\x12(.datasetd.v1.DeleteDatasetVersionRequest\x1a).datasetd.v1.DeleteDatasetVersionResponse\x12z\n\x19\x43\x61ncelDatasetVersionBuild\x12-.datasetd.v1.CancelDatasetVersionBuildRequest\x1a..datasetd.v1.CancelDatasetVersionBuildResponse\x12k\n\x14\x45xportDatasetVersion\x12(.datasetd.v1.ExportDatasetVersionRequest\x1a).datasetd.v1.ExportDatasetVersionResponse\x12J\n\tGetExport\x12\x1d.datasetd.v1.GetExportRequest\x1a\x1e.datasetd.v1.GetExportResponse\x12P\n\x0bListExports\x12\x1f.datasetd.v1.ListExportsRequest\x1a .datasetd.v1.ListExportsResponse\x12[\n\x0e\x44ownloadExport\x12\".datasetd.v1.DownloadExportRequest\x1a#.datasetd.v1.DownloadExportResponse0\x01\x12j\n\x13\x44iffDatasetVersions\x12\'.datasetd.v1.DiffDatasetVersionsRequest\x1a(.datasetd.v1.DiffDatasetVersionsResponse0\x01\x42N\n\x0eio.datasetd.v1P\x01Z:github.com/datasetd/datasetd/gen/go/datasetd/v1;datasetdv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +36,84 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'datasetd.v1.dataset_version
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016io.datasetd.v1P\001Z:github.com/datasetd/datasetd/gen/go/datasetd/v1;datasetdv1'
-  _globals['_CREATEDATASETVERSIONREQUEST']._serialized_start=128
-  _globals['_CREATEDATASETVERSIONREQUEST']._serialized_end=259
-  _globals['_CREATEDATASETVERSIONRESPONSE']._serialized_start=261
-  _globals['_CREATEDATASETVERSIONRESPONSE']._serialized_end=337
-  _globals['_GETDATASETVERSIONREQUEST']._serialized_start=339
-  _globals['_GETDATASETVERSIONREQUEST']._serialized_end=421
-  _globals['_GETDATASETVERSIONRESPONSE']._serialized_start=423
-  _globals['_GETDATASETVERSIONRESPONSE']._serialized_end=496
-  _globals['_LISTDATASETVERSIONSREQUEST']._serialized_start=498
-  _globals['_LISTDATASETVERSIONSREQUEST']._serialized_end=601
-  _globals['_LISTDATASETVERSIONSRESPONSE']._serialized_start=603
-  _globals['_LISTDATASETVERSIONSRESPONSE']._serialized_end=704
-  _globals['_UPDATEDATASETVERSIONREQUEST']._serialized_start=707
-  _globals['_UPDATEDATASETVERSIONREQUEST']._serialized_end=887
-  _globals['_UPDATEDATASETVERSIONRESPONSE']._serialized_start=889
-  _globals['_UPDATEDATASETVERSIONRESPONSE']._serialized_end=965
-  _globals['_DELETEDATASETVERSIONREQUEST']._serialized_start=967
-  _globals['_DELETEDATASETVERSIONREQUEST']._serialized_end=1072
-  _globals['_DELETEDATASETVERSIONRESPONSE']._serialized_start=1074
-  _globals['_DELETEDATASETVERSIONRESPONSE']._serialized_end=1104
-  _globals['_CANCELDATASETVERSIONBUILDREQUEST']._serialized_start=1106
-  _globals['_CANCELDATASETVERSIONBUILDREQUEST']._serialized_end=1196
-  _globals['_CANCELDATASETVERSIONBUILDRESPONSE']._serialized_start=1198
-  _globals['_CANCELDATASETVERSIONBUILDRESPONSE']._serialized_end=1279
-  _globals['_DATASETVERSIONSERVICE']._serialized_start=1282
-  _globals['_DATASETVERSIONSERVICE']._serialized_end=1962
+  _globals['_SPLITOPTIONS_RATIOSENTRY']._loaded_options = None
+  _globals['_SPLITOPTIONS_RATIOSENTRY']._serialized_options = b'8\001'
+  _globals['_FIDELITYREPORT_DROPPEDENTRY']._loaded_options = None
+  _globals['_FIDELITYREPORT_DROPPEDENTRY']._serialized_options = b'8\001'
+  _globals['_EXPORT_SPLITCOUNTSENTRY']._loaded_options = None
+  _globals['_EXPORT_SPLITCOUNTSENTRY']._serialized_options = b'8\001'
+  _globals['_DIFFSUMMARY_CONCEPTSENTRY']._loaded_options = None
+  _globals['_DIFFSUMMARY_CONCEPTSENTRY']._serialized_options = b'8\001'
+  _globals['_INPUTCHANGEKIND']._serialized_start=3720
+  _globals['_INPUTCHANGEKIND']._serialized_end=3863
+  _globals['_SPLITOPTIONS']._serialized_start=187
+  _globals['_SPLITOPTIONS']._serialized_end=317
+  _globals['_SPLITOPTIONS_RATIOSENTRY']._serialized_start=272
+  _globals['_SPLITOPTIONS_RATIOSENTRY']._serialized_end=317
+  _globals['_EXPORTOPTIONS']._serialized_start=319
+  _globals['_EXPORTOPTIONS']._serialized_end=397
+  _globals['_FIDELITYREPORT']._serialized_start=400
+  _globals['_FIDELITYREPORT']._serialized_end=538
+  _globals['_FIDELITYREPORT_DROPPEDENTRY']._serialized_start=492
+  _globals['_FIDELITYREPORT_DROPPEDENTRY']._serialized_end=538
+  _globals['_EXPORT']._serialized_start=541
+  _globals['_EXPORT']._serialized_end=1062
+  _globals['_EXPORT_SPLITCOUNTSENTRY']._serialized_start=1012
+  _globals['_EXPORT_SPLITCOUNTSENTRY']._serialized_end=1062
+  _globals['_EXPORTDATASETVERSIONREQUEST']._serialized_start=1065
+  _globals['_EXPORTDATASETVERSIONREQUEST']._serialized_end=1258
+  _globals['_EXPORTDATASETVERSIONRESPONSE']._serialized_start=1260
+  _globals['_EXPORTDATASETVERSIONRESPONSE']._serialized_end=1327
+  _globals['_GETEXPORTREQUEST']._serialized_start=1329
+  _globals['_GETEXPORTREQUEST']._serialized_end=1422
+  _globals['_GETEXPORTRESPONSE']._serialized_start=1424
+  _globals['_GETEXPORTRESPONSE']._serialized_end=1480
+  _globals['_LISTEXPORTSREQUEST']._serialized_start=1482
+  _globals['_LISTEXPORTSREQUEST']._serialized_end=1597
+  _globals['_LISTEXPORTSRESPONSE']._serialized_start=1599
+  _globals['_LISTEXPORTSRESPONSE']._serialized_end=1683
+  _globals['_DOWNLOADEXPORTREQUEST']._serialized_start=1685
+  _globals['_DOWNLOADEXPORTREQUEST']._serialized_end=1783
+  _globals['_DOWNLOADEXPORTRESPONSE']._serialized_start=1785
+  _globals['_DOWNLOADEXPORTRESPONSE']._serialized_end=1860
+  _globals['_DIFFDATASETVERSIONSREQUEST']._serialized_start=1862
+  _globals['_DIFFDATASETVERSIONSREQUEST']._serialized_end=1974
+  _globals['_INPUTCHANGE']._serialized_start=1976
+  _globals['_INPUTCHANGE']._serialized_end=2101
+  _globals['_CONCEPTDELTA']._serialized_start=2103
+  _globals['_CONCEPTDELTA']._serialized_end=2155
+  _globals['_DIFFSUMMARY']._serialized_start=2158
+  _globals['_DIFFSUMMARY']._serialized_end=2373
+  _globals['_DIFFSUMMARY_CONCEPTSENTRY']._serialized_start=2299
+  _globals['_DIFFSUMMARY_CONCEPTSENTRY']._serialized_end=2373
+  _globals['_DIFFDATASETVERSIONSRESPONSE']._serialized_start=2376
+  _globals['_DIFFDATASETVERSIONSRESPONSE']._serialized_end=2504
+  _globals['_INPUTCHANGES']._serialized_start=2506
+  _globals['_INPUTCHANGES']._serialized_end=2563
+  _globals['_CREATEDATASETVERSIONREQUEST']._serialized_start=2566
+  _globals['_CREATEDATASETVERSIONREQUEST']._serialized_end=2697
+  _globals['_CREATEDATASETVERSIONRESPONSE']._serialized_start=2699
+  _globals['_CREATEDATASETVERSIONRESPONSE']._serialized_end=2775
+  _globals['_GETDATASETVERSIONREQUEST']._serialized_start=2777
+  _globals['_GETDATASETVERSIONREQUEST']._serialized_end=2859
+  _globals['_GETDATASETVERSIONRESPONSE']._serialized_start=2861
+  _globals['_GETDATASETVERSIONRESPONSE']._serialized_end=2934
+  _globals['_LISTDATASETVERSIONSREQUEST']._serialized_start=2936
+  _globals['_LISTDATASETVERSIONSREQUEST']._serialized_end=3039
+  _globals['_LISTDATASETVERSIONSRESPONSE']._serialized_start=3041
+  _globals['_LISTDATASETVERSIONSRESPONSE']._serialized_end=3142
+  _globals['_UPDATEDATASETVERSIONREQUEST']._serialized_start=3145
+  _globals['_UPDATEDATASETVERSIONREQUEST']._serialized_end=3325
+  _globals['_UPDATEDATASETVERSIONRESPONSE']._serialized_start=3327
+  _globals['_UPDATEDATASETVERSIONRESPONSE']._serialized_end=3403
+  _globals['_DELETEDATASETVERSIONREQUEST']._serialized_start=3405
+  _globals['_DELETEDATASETVERSIONREQUEST']._serialized_end=3510
+  _globals['_DELETEDATASETVERSIONRESPONSE']._serialized_start=3512
+  _globals['_DELETEDATASETVERSIONRESPONSE']._serialized_end=3542
+  _globals['_CANCELDATASETVERSIONBUILDREQUEST']._serialized_start=3544
+  _globals['_CANCELDATASETVERSIONBUILDREQUEST']._serialized_end=3634
+  _globals['_CANCELDATASETVERSIONBUILDRESPONSE']._serialized_start=3636
+  _globals['_CANCELDATASETVERSIONBUILDRESPONSE']._serialized_end=3717
+  _globals['_DATASETVERSIONSERVICE']._serialized_start=3866
+  _globals['_DATASETVERSIONSERVICE']._serialized_end=5014
 # @@protoc_insertion_point(module_scope)

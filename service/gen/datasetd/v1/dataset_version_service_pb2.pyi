@@ -5,10 +5,13 @@ isort:skip_file
 
 from collections import abc as _abc
 from datasetd.v1 import dataset_version_pb2 as _dataset_version_pb2
+from datasetd.v1 import status_pb2 as _status_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +22,745 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _InputChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InputChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InputChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INPUT_CHANGE_KIND_UNSPECIFIED: _InputChangeKind.ValueType  # 0
+    """Not set."""
+    INPUT_CHANGE_KIND_ADDED: _InputChangeKind.ValueType  # 1
+    """Only in the newer version."""
+    INPUT_CHANGE_KIND_REMOVED: _InputChangeKind.ValueType  # 2
+    """Only in the older version."""
+    INPUT_CHANGE_KIND_CHANGED: _InputChangeKind.ValueType  # 3
+    """In both, with different content."""
+
+class InputChangeKind(_InputChangeKind, metaclass=_InputChangeKindEnumTypeWrapper):
+    """How an input differs between two versions."""
+
+INPUT_CHANGE_KIND_UNSPECIFIED: InputChangeKind.ValueType  # 0
+"""Not set."""
+INPUT_CHANGE_KIND_ADDED: InputChangeKind.ValueType  # 1
+"""Only in the newer version."""
+INPUT_CHANGE_KIND_REMOVED: InputChangeKind.ValueType  # 2
+"""Only in the older version."""
+INPUT_CHANGE_KIND_CHANGED: InputChangeKind.ValueType  # 3
+"""In both, with different content."""
+Global___InputChangeKind: _TypeAlias = InputChangeKind  # noqa: Y015
+
+@_typing.final
+class SplitOptions(_message.Message):
+    """How an export divides inputs into splits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RatiosEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RATIOS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    seed: _builtins.int
+    """Optional. Seed of the deterministic, concept-stratified assignment."""
+    @_builtins.property
+    def ratios(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Required. Named ratios, each > 0, summing to 1 (within 1e-6); names
+        1..32 characters of [a-z0-9_-], unique (e.g. train 0.8, validation 0.2).
+        """
+
+    def __init__(
+        self,
+        *,
+        ratios: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ratios", b"ratios", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SplitOptions: _TypeAlias = SplitOptions  # noqa: Y015
+
+@_typing.final
+class ExportOptions(_message.Message):
+    """Options of an export; part of its identity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPLIT_FIELD_NUMBER: _builtins.int
+    EMBED_MEDIA_FIELD_NUMBER: _builtins.int
+    embed_media: _builtins.bool
+    """Optional. Embed the media bytes in the archive instead of referencing
+    them (protobuf/JSON: in `data.<medium>.base64`; COCO: image files).
+    """
+    @_builtins.property
+    def split(self) -> Global___SplitOptions:
+        """Optional. Split the inputs; without it every input is in split "all"."""
+
+    def __init__(
+        self,
+        *,
+        split: Global___SplitOptions | None = ...,
+        embed_media: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["split", b"split"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embed_media", b"embed_media", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportOptions: _TypeAlias = ExportOptions  # noqa: Y015
+
+@_typing.final
+class FidelityReport(_message.Message):
+    """What an export format could not carry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DroppedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DROPPED_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dropped(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Counts of items left out, by kind (e.g. "video_frames", "text_spans",
+        "audio_inputs", "metadata", "input_level_concepts_without_regions").
+        """
+
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Human-readable notes on how items were mapped."""
+
+    def __init__(
+        self,
+        *,
+        dropped: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "notes", b"notes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FidelityReport: _TypeAlias = FidelityReport  # noqa: Y015
+
+@_typing.final
+class Export(_message.Message):
+    """An export of a dataset version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SplitCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    URL_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    SPLIT_COUNTS_FIELD_NUMBER: _builtins.int
+    FIDELITY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    MODIFIED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Output only. Id, derived from the version, format and options."""
+    dataset_id: _builtins.str
+    """Output only. The dataset."""
+    version_id: _builtins.str
+    """Output only. The version."""
+    format: _dataset_version_pb2.ExportFormat.ValueType
+    """Output only. The format."""
+    size: _builtins.int
+    """Output only. Size of the archive in bytes, once it succeeded."""
+    url: _builtins.str
+    """Output only. Time-limited download URL, once it succeeded."""
+    @_builtins.property
+    def options(self) -> Global___ExportOptions:
+        """Output only. The options."""
+
+    @_builtins.property
+    def status(self) -> _status_pb2.Status:
+        """Output only. DATASET_VERSION_EXPORT_PENDING, _IN_PROGRESS (with
+        percent_completed), _SUCCESS or _FAILED (with details).
+        """
+
+    @_builtins.property
+    def url_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When `url` stops working."""
+
+    @_builtins.property
+    def split_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Output only. Inputs per split."""
+
+    @_builtins.property
+    def fidelity(self) -> Global___FidelityReport:
+        """Output only. What the format could not carry."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Creation time."""
+
+    @_builtins.property
+    def modified_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Last change of status."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        format: _dataset_version_pb2.ExportFormat.ValueType = ...,
+        options: Global___ExportOptions | None = ...,
+        status: _status_pb2.Status | None = ...,
+        size: _builtins.int = ...,
+        url: _builtins.str = ...,
+        url_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        split_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        fidelity: Global___FidelityReport | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        modified_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "fidelity", b"fidelity", "modified_at", b"modified_at", "options", b"options", "status", b"status", "url_expire_time", b"url_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "dataset_id", b"dataset_id", "fidelity", b"fidelity", "format", b"format", "id", b"id", "modified_at", b"modified_at", "options", b"options", "size", b"size", "split_counts", b"split_counts", "status", b"status", "url", b"url", "url_expire_time", b"url_expire_time", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Export: _TypeAlias = Export  # noqa: Y015
+
+@_typing.final
+class ExportDatasetVersionRequest(_message.Message):
+    """Request of ExportDatasetVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The dataset."""
+    version_id: _builtins.str
+    """Required. The version (READY)."""
+    format: _dataset_version_pb2.ExportFormat.ValueType
+    """Optional. The format; UNSPECIFIED is INVALID_ARGUMENT."""
+    request_id: _builtins.str
+    """Optional. Idempotency key."""
+    @_builtins.property
+    def options(self) -> Global___ExportOptions:
+        """Optional. Split and media options."""
+
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        format: _dataset_version_pb2.ExportFormat.ValueType = ...,
+        options: Global___ExportOptions | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "format", b"format", "options", b"options", "request_id", b"request_id", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportDatasetVersionRequest: _TypeAlias = ExportDatasetVersionRequest  # noqa: Y015
+
+@_typing.final
+class ExportDatasetVersionResponse(_message.Message):
+    """Response of ExportDatasetVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def export(self) -> Global___Export:
+        """The export (new, in progress or finished)."""
+
+    def __init__(
+        self,
+        *,
+        export: Global___Export | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["export", b"export"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["export", b"export"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportDatasetVersionResponse: _TypeAlias = ExportDatasetVersionResponse  # noqa: Y015
+
+@_typing.final
+class GetExportRequest(_message.Message):
+    """Request of GetExport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    EXPORT_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The dataset."""
+    version_id: _builtins.str
+    """Required. The version."""
+    export_id: _builtins.str
+    """Required. The export."""
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        export_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "export_id", b"export_id", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExportRequest: _TypeAlias = GetExportRequest  # noqa: Y015
+
+@_typing.final
+class GetExportResponse(_message.Message):
+    """Response of GetExport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def export(self) -> Global___Export:
+        """The export."""
+
+    def __init__(
+        self,
+        *,
+        export: Global___Export | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["export", b"export"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["export", b"export"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExportResponse: _TypeAlias = GetExportResponse  # noqa: Y015
+
+@_typing.final
+class ListExportsRequest(_message.Message):
+    """Request of ListExports."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The dataset."""
+    version_id: _builtins.str
+    """Required. The version."""
+    page_size: _builtins.int
+    """Optional. 0 means 50; at most 1000."""
+    page_token: _builtins.str
+    """Optional. `next_page_token` of the previous page."""
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "page_size", b"page_size", "page_token", b"page_token", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExportsRequest: _TypeAlias = ListExportsRequest  # noqa: Y015
+
+@_typing.final
+class ListExportsResponse(_message.Message):
+    """Response of ListExports."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPORTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty on the last page."""
+    @_builtins.property
+    def exports(self) -> _containers.RepeatedCompositeFieldContainer[Global___Export]:
+        """The page of exports, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        exports: _abc.Iterable[Global___Export] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exports", b"exports", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExportsResponse: _TypeAlias = ListExportsResponse  # noqa: Y015
+
+@_typing.final
+class DownloadExportRequest(_message.Message):
+    """Request of DownloadExport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    EXPORT_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The dataset."""
+    version_id: _builtins.str
+    """Required. The version."""
+    export_id: _builtins.str
+    """Required. The export (succeeded)."""
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        export_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "export_id", b"export_id", "version_id", b"version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadExportRequest: _TypeAlias = DownloadExportRequest  # noqa: Y015
+
+@_typing.final
+class DownloadExportResponse(_message.Message):
+    """One message of a DownloadExport stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next chunk of the archive."""
+    total_size: _builtins.int
+    """First message only: size of the archive in bytes."""
+    sha256: _builtins.str
+    """First message only: hex SHA-256 of the archive."""
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.bytes = ...,
+        total_size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadExportResponse: _TypeAlias = DownloadExportResponse  # noqa: Y015
+
+@_typing.final
+class DiffDatasetVersionsRequest(_message.Message):
+    """Request of DiffDatasetVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_ID_FIELD_NUMBER: _builtins.int
+    TO_VERSION_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The dataset of both versions."""
+    from_version_id: _builtins.str
+    """Required. The older version."""
+    to_version_id: _builtins.str
+    """Required. The newer version."""
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        from_version_id: _builtins.str = ...,
+        to_version_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "from_version_id", b"from_version_id", "to_version_id", b"to_version_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffDatasetVersionsRequest: _TypeAlias = DiffDatasetVersionsRequest  # noqa: Y015
+
+@_typing.final
+class InputChange(_message.Message):
+    """One changed input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CONCEPTS_ADDED_FIELD_NUMBER: _builtins.int
+    CONCEPTS_REMOVED_FIELD_NUMBER: _builtins.int
+    input_id: _builtins.str
+    """The input id."""
+    kind: Global___InputChangeKind.ValueType
+    """Added, removed or changed."""
+    @_builtins.property
+    def concepts_added(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """CHANGED only: concept ids present only in the newer version's input."""
+
+    @_builtins.property
+    def concepts_removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """CHANGED only: concept ids present only in the older version's input."""
+
+    def __init__(
+        self,
+        *,
+        input_id: _builtins.str = ...,
+        kind: Global___InputChangeKind.ValueType = ...,
+        concepts_added: _abc.Iterable[_builtins.str] | None = ...,
+        concepts_removed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concepts_added", b"concepts_added", "concepts_removed", b"concepts_removed", "input_id", b"input_id", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputChange: _TypeAlias = InputChange  # noqa: Y015
+
+@_typing.final
+class ConceptDelta(_message.Message):
+    """How often a concept occurs in each version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_COUNT_FIELD_NUMBER: _builtins.int
+    TO_COUNT_FIELD_NUMBER: _builtins.int
+    from_count: _builtins.int
+    """Inputs labelled with the concept in the older version."""
+    to_count: _builtins.int
+    """Inputs labelled with the concept in the newer version."""
+    def __init__(
+        self,
+        *,
+        from_count: _builtins.int = ...,
+        to_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_count", b"from_count", "to_count", b"to_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConceptDelta: _TypeAlias = ConceptDelta  # noqa: Y015
+
+@_typing.final
+class DiffSummary(_message.Message):
+    """Totals of a diff."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ConceptsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ConceptDelta: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ConceptDelta | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ADDED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    CONCEPTS_FIELD_NUMBER: _builtins.int
+    added: _builtins.int
+    """Inputs only in the newer version."""
+    removed: _builtins.int
+    """Inputs only in the older version."""
+    changed: _builtins.int
+    """Inputs in both with different content."""
+    unchanged: _builtins.int
+    """Inputs in both with identical content."""
+    @_builtins.property
+    def concepts(self) -> _containers.MessageMap[_builtins.str, Global___ConceptDelta]:
+        """Per concept id, the number of labelled inputs in each version (concepts
+        whose counts differ, or that appear in either version).
+        """
+
+    def __init__(
+        self,
+        *,
+        added: _builtins.int = ...,
+        removed: _builtins.int = ...,
+        changed: _builtins.int = ...,
+        unchanged: _builtins.int = ...,
+        concepts: _abc.Mapping[_builtins.str, Global___ConceptDelta] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "changed", b"changed", "concepts", b"concepts", "removed", b"removed", "unchanged", b"unchanged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffSummary: _TypeAlias = DiffSummary  # noqa: Y015
+
+@_typing.final
+class DiffDatasetVersionsResponse(_message.Message):
+    """One message of a DiffDatasetVersions stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> Global___InputChanges:
+        """Up to 500 changes."""
+
+    @_builtins.property
+    def summary(self) -> Global___DiffSummary:
+        """The last message."""
+
+    def __init__(
+        self,
+        *,
+        changes: Global___InputChanges | None = ...,
+        summary: Global___DiffSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "part", b"part", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "part", b"part", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["changes", "summary"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___DiffDatasetVersionsResponse: _TypeAlias = DiffDatasetVersionsResponse  # noqa: Y015
+
+@_typing.final
+class InputChanges(_message.Message):
+    """A batch of changed inputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputChange]:
+        """The changes, in input id order."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___InputChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputChanges: _TypeAlias = InputChanges  # noqa: Y015
 
 @_typing.final
 class CreateDatasetVersionRequest(_message.Message):

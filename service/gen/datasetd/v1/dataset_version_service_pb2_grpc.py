@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class DatasetVersionServiceStub:
-    """Manages dataset versions: immutable snapshots of a dataset's inputs with
+    """Manages dataset versions (immutable snapshots) and their exports and diffs.
+
+    Versions are immutable snapshots of a dataset's inputs with
     their annotations. Authentication, errors and `request_id` work as described
     on DatasetService.
 
@@ -76,10 +78,37 @@ class DatasetVersionServiceStub:
                 request_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.CancelDatasetVersionBuildRequest.SerializeToString,
                 response_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.CancelDatasetVersionBuildResponse.FromString,
                 _registered_method=True)
+        self.ExportDatasetVersion = channel.unary_unary(
+                '/datasetd.v1.DatasetVersionService/ExportDatasetVersion',
+                request_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.ExportDatasetVersionRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.ExportDatasetVersionResponse.FromString,
+                _registered_method=True)
+        self.GetExport = channel.unary_unary(
+                '/datasetd.v1.DatasetVersionService/GetExport',
+                request_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.GetExportRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.GetExportResponse.FromString,
+                _registered_method=True)
+        self.ListExports = channel.unary_unary(
+                '/datasetd.v1.DatasetVersionService/ListExports',
+                request_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.ListExportsRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.ListExportsResponse.FromString,
+                _registered_method=True)
+        self.DownloadExport = channel.unary_stream(
+                '/datasetd.v1.DatasetVersionService/DownloadExport',
+                request_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.DownloadExportRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.DownloadExportResponse.FromString,
+                _registered_method=True)
+        self.DiffDatasetVersions = channel.unary_stream(
+                '/datasetd.v1.DatasetVersionService/DiffDatasetVersions',
+                request_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.DiffDatasetVersionsRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.DiffDatasetVersionsResponse.FromString,
+                _registered_method=True)
 
 
 class DatasetVersionServiceServicer:
-    """Manages dataset versions: immutable snapshots of a dataset's inputs with
+    """Manages dataset versions (immutable snapshots) and their exports and diffs.
+
+    Versions are immutable snapshots of a dataset's inputs with
     their annotations. Authentication, errors and `request_id` work as described
     on DatasetService.
 
@@ -136,6 +165,48 @@ class DatasetVersionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportDatasetVersion(self, request, context):
+        """Exports a READY version (FAILED_PRECONDITION otherwise) in a format, with
+        options. Idempotent: the same version, format and options always give the
+        same export; asking again while it is written returns its progress. The
+        archive is written in the background in bounded memory and published
+        atomically (no reader ever sees a partial archive).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExport(self, request, context):
+        """Gets an export with its status, size, split counts, fidelity report and a
+        time-limited download URL once it succeeded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExports(self, request, context):
+        """Lists the exports of a version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadExport(self, request, context):
+        """Streams a finished export archive in chunks of up to 1 MiB.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiffDatasetVersions(self, request, context):
+        """Streams the differences between two versions of a dataset: batches of
+        changed inputs (added, removed, changed) and, last, a summary with counts
+        per concept. Both versions must be READY.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatasetVersionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +240,31 @@ def add_DatasetVersionServiceServicer_to_server(servicer, server):
                     request_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.CancelDatasetVersionBuildRequest.FromString,
                     response_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.CancelDatasetVersionBuildResponse.SerializeToString,
             ),
+            'ExportDatasetVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportDatasetVersion,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.ExportDatasetVersionRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.ExportDatasetVersionResponse.SerializeToString,
+            ),
+            'GetExport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExport,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.GetExportRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.GetExportResponse.SerializeToString,
+            ),
+            'ListExports': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExports,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.ListExportsRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.ListExportsResponse.SerializeToString,
+            ),
+            'DownloadExport': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadExport,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.DownloadExportRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.DownloadExportResponse.SerializeToString,
+            ),
+            'DiffDatasetVersions': grpc.unary_stream_rpc_method_handler(
+                    servicer.DiffDatasetVersions,
+                    request_deserializer=datasetd_dot_v1_dot_dataset__version__service__pb2.DiffDatasetVersionsRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_dataset__version__service__pb2.DiffDatasetVersionsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'datasetd.v1.DatasetVersionService', rpc_method_handlers)
@@ -178,7 +274,9 @@ def add_DatasetVersionServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DatasetVersionService:
-    """Manages dataset versions: immutable snapshots of a dataset's inputs with
+    """Manages dataset versions (immutable snapshots) and their exports and diffs.
+
+    Versions are immutable snapshots of a dataset's inputs with
     their annotations. Authentication, errors and `request_id` work as described
     on DatasetService.
 
@@ -344,6 +442,141 @@ class DatasetVersionService:
             '/datasetd.v1.DatasetVersionService/CancelDatasetVersionBuild',
             datasetd_dot_v1_dot_dataset__version__service__pb2.CancelDatasetVersionBuildRequest.SerializeToString,
             datasetd_dot_v1_dot_dataset__version__service__pb2.CancelDatasetVersionBuildResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportDatasetVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.DatasetVersionService/ExportDatasetVersion',
+            datasetd_dot_v1_dot_dataset__version__service__pb2.ExportDatasetVersionRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__version__service__pb2.ExportDatasetVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.DatasetVersionService/GetExport',
+            datasetd_dot_v1_dot_dataset__version__service__pb2.GetExportRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__version__service__pb2.GetExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExports(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.DatasetVersionService/ListExports',
+            datasetd_dot_v1_dot_dataset__version__service__pb2.ListExportsRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__version__service__pb2.ListExportsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/datasetd.v1.DatasetVersionService/DownloadExport',
+            datasetd_dot_v1_dot_dataset__version__service__pb2.DownloadExportRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__version__service__pb2.DownloadExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiffDatasetVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/datasetd.v1.DatasetVersionService/DiffDatasetVersions',
+            datasetd_dot_v1_dot_dataset__version__service__pb2.DiffDatasetVersionsRequest.SerializeToString,
+            datasetd_dot_v1_dot_dataset__version__service__pb2.DiffDatasetVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class DatasetVersionServiceStub:
-    """Manages dataset versions: immutable snapshots of a dataset's inputs with
+    """Manages dataset versions (immutable snapshots) and their exports and diffs.
+
+    Versions are immutable snapshots of a dataset's inputs with
     their annotations. Authentication, errors and `request_id` work as described
     on DatasetService.
 
@@ -59,10 +61,32 @@ class DatasetVersionServiceStub:
     """Cancels a pending or running build; the version ends FAILURE with
     details "cancelled". FAILED_PRECONDITION when the build already ended.
     """
+    ExportDatasetVersion: _grpc.UnaryUnaryMultiCallable[_dataset_version_service_pb2.ExportDatasetVersionRequest, _dataset_version_service_pb2.ExportDatasetVersionResponse]
+    """Exports a READY version (FAILED_PRECONDITION otherwise) in a format, with
+    options. Idempotent: the same version, format and options always give the
+    same export; asking again while it is written returns its progress. The
+    archive is written in the background in bounded memory and published
+    atomically (no reader ever sees a partial archive).
+    """
+    GetExport: _grpc.UnaryUnaryMultiCallable[_dataset_version_service_pb2.GetExportRequest, _dataset_version_service_pb2.GetExportResponse]
+    """Gets an export with its status, size, split counts, fidelity report and a
+    time-limited download URL once it succeeded.
+    """
+    ListExports: _grpc.UnaryUnaryMultiCallable[_dataset_version_service_pb2.ListExportsRequest, _dataset_version_service_pb2.ListExportsResponse]
+    """Lists the exports of a version."""
+    DownloadExport: _grpc.UnaryStreamMultiCallable[_dataset_version_service_pb2.DownloadExportRequest, _dataset_version_service_pb2.DownloadExportResponse]
+    """Streams a finished export archive in chunks of up to 1 MiB."""
+    DiffDatasetVersions: _grpc.UnaryStreamMultiCallable[_dataset_version_service_pb2.DiffDatasetVersionsRequest, _dataset_version_service_pb2.DiffDatasetVersionsResponse]
+    """Streams the differences between two versions of a dataset: batches of
+    changed inputs (added, removed, changed) and, last, a summary with counts
+    per concept. Both versions must be READY.
+    """
 
 @_typing.type_check_only
 class DatasetVersionServiceAsyncStub(DatasetVersionServiceStub):
-    """Manages dataset versions: immutable snapshots of a dataset's inputs with
+    """Manages dataset versions (immutable snapshots) and their exports and diffs.
+
+    Versions are immutable snapshots of a dataset's inputs with
     their annotations. Authentication, errors and `request_id` work as described
     on DatasetService.
 
@@ -91,9 +115,31 @@ class DatasetVersionServiceAsyncStub(DatasetVersionServiceStub):
     """Cancels a pending or running build; the version ends FAILURE with
     details "cancelled". FAILED_PRECONDITION when the build already ended.
     """
+    ExportDatasetVersion: _aio.UnaryUnaryMultiCallable[_dataset_version_service_pb2.ExportDatasetVersionRequest, _dataset_version_service_pb2.ExportDatasetVersionResponse]  # type: ignore[assignment]
+    """Exports a READY version (FAILED_PRECONDITION otherwise) in a format, with
+    options. Idempotent: the same version, format and options always give the
+    same export; asking again while it is written returns its progress. The
+    archive is written in the background in bounded memory and published
+    atomically (no reader ever sees a partial archive).
+    """
+    GetExport: _aio.UnaryUnaryMultiCallable[_dataset_version_service_pb2.GetExportRequest, _dataset_version_service_pb2.GetExportResponse]  # type: ignore[assignment]
+    """Gets an export with its status, size, split counts, fidelity report and a
+    time-limited download URL once it succeeded.
+    """
+    ListExports: _aio.UnaryUnaryMultiCallable[_dataset_version_service_pb2.ListExportsRequest, _dataset_version_service_pb2.ListExportsResponse]  # type: ignore[assignment]
+    """Lists the exports of a version."""
+    DownloadExport: _aio.UnaryStreamMultiCallable[_dataset_version_service_pb2.DownloadExportRequest, _dataset_version_service_pb2.DownloadExportResponse]  # type: ignore[assignment]
+    """Streams a finished export archive in chunks of up to 1 MiB."""
+    DiffDatasetVersions: _aio.UnaryStreamMultiCallable[_dataset_version_service_pb2.DiffDatasetVersionsRequest, _dataset_version_service_pb2.DiffDatasetVersionsResponse]  # type: ignore[assignment]
+    """Streams the differences between two versions of a dataset: batches of
+    changed inputs (added, removed, changed) and, last, a summary with counts
+    per concept. Both versions must be READY.
+    """
 
 class DatasetVersionServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Manages dataset versions: immutable snapshots of a dataset's inputs with
+    """Manages dataset versions (immutable snapshots) and their exports and diffs.
+
+    Versions are immutable snapshots of a dataset's inputs with
     their annotations. Authentication, errors and `request_id` work as described
     on DatasetService.
 
@@ -155,6 +201,56 @@ class DatasetVersionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_dataset_version_service_pb2.CancelDatasetVersionBuildResponse, _abc.Awaitable[_dataset_version_service_pb2.CancelDatasetVersionBuildResponse]]:
         """Cancels a pending or running build; the version ends FAILURE with
         details "cancelled". FAILED_PRECONDITION when the build already ended.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportDatasetVersion(
+        self,
+        request: _dataset_version_service_pb2.ExportDatasetVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_version_service_pb2.ExportDatasetVersionResponse, _abc.Awaitable[_dataset_version_service_pb2.ExportDatasetVersionResponse]]:
+        """Exports a READY version (FAILED_PRECONDITION otherwise) in a format, with
+        options. Idempotent: the same version, format and options always give the
+        same export; asking again while it is written returns its progress. The
+        archive is written in the background in bounded memory and published
+        atomically (no reader ever sees a partial archive).
+        """
+
+    @_abc_1.abstractmethod
+    def GetExport(
+        self,
+        request: _dataset_version_service_pb2.GetExportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_version_service_pb2.GetExportResponse, _abc.Awaitable[_dataset_version_service_pb2.GetExportResponse]]:
+        """Gets an export with its status, size, split counts, fidelity report and a
+        time-limited download URL once it succeeded.
+        """
+
+    @_abc_1.abstractmethod
+    def ListExports(
+        self,
+        request: _dataset_version_service_pb2.ListExportsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_version_service_pb2.ListExportsResponse, _abc.Awaitable[_dataset_version_service_pb2.ListExportsResponse]]:
+        """Lists the exports of a version."""
+
+    @_abc_1.abstractmethod
+    def DownloadExport(
+        self,
+        request: _dataset_version_service_pb2.DownloadExportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dataset_version_service_pb2.DownloadExportResponse], _abc.AsyncIterator[_dataset_version_service_pb2.DownloadExportResponse]]:
+        """Streams a finished export archive in chunks of up to 1 MiB."""
+
+    @_abc_1.abstractmethod
+    def DiffDatasetVersions(
+        self,
+        request: _dataset_version_service_pb2.DiffDatasetVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dataset_version_service_pb2.DiffDatasetVersionsResponse], _abc.AsyncIterator[_dataset_version_service_pb2.DiffDatasetVersionsResponse]]:
+        """Streams the differences between two versions of a dataset: batches of
+        changed inputs (added, removed, changed) and, last, a summary with counts
+        per concept. Both versions must be READY.
         """
 
 def add_DatasetVersionServiceServicer_to_server(servicer: DatasetVersionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

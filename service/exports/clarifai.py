@@ -1,0 +1,297 @@
+"""The Clarifai-Data-Protobuf and Clarifai-Data-JSON archives (export-formats.md §1, §2).
+
+Layout: `mimetype` first, then batch entries `<split>/batch-<nnnnnn>_n<count>` of at most
+MAX_BATCH_INPUTS inputs (fewer when their bytes reach MAX_BATCH_BYTES, or when pending
+batches of several splits together hold MAX_PENDING_BYTES), nothing else.
+
+Without embedded media a protobuf batch is the members' stored bytes framed as repeated
+field 1 of InputBatch: the version's content is already laid out as the format's Input.
+With embed_media the media bytes are streamed from the object store into the entry,
+never held whole: an input is written as its stored bytes (without `url` and `hosted`)
+followed by a second `data { <medium> { base64 } }` field, whose lengths are known from
+the stored size. Protobuf parsers merge repeated occurrences of a message field, so
+readers see one Input with its media in `data.<medium>.base64`. The JSON variant splices
+the base64 text into the input's JSON the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from datasetd.v1 import data_pb2, input_pb2
+from google.protobuf import json_format
+
+from service.domain.models import ExportFormat, FidelityReport, StoredBlob, VersionMember
+from service.domain.ports import ByteSink, MediaStreams
+from service.exports.content import Medium, labels_of, media_chunks, medium_of, parse
+from service.exports.zipstream import ZipStream
+
+MIMETYPES = {
+    ExportFormat.CLARIFAI_DATA_PROTOBUF: "application/x.clarifai-data+protobuf",
+    ExportFormat.CLARIFAI_DATA_JSON: "application/x.clarifai-data+json",
+}
+MAX_BATCH_INPUTS = 1000
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+
+_BATCH_INPUTS = input_pb2.InputBatch.DESCRIPTOR.fields_by_name["inputs"].number
+_INPUT_DATA = input_pb2.Input.DESCRIPTOR.fields_by_name["data"].number
+_DATA_FIELDS = data_pb2.Data.DESCRIPTOR.fields_by_name
+# datasetd's own fields of Input (numbered from 100, unknown to the Clarifai model). Binary
+# readers skip unknown fields, JSON readers refuse them: the JSON variant leaves them out.
+_EXTENSIONS = tuple(f.name for f in input_pb2.Input.DESCRIPTOR.fields if f.number >= 100)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _media_field(medium: Medium, size: int) -> bytes:
+    """`data { <medium> { base64: ` up to the `size` media bytes that follow."""
+    medium_field = _DATA_FIELDS[medium]
+    media_message = medium_field.message_type
+    assert media_message is not None
+    inner = _length_delimited(media_message.fields_by_name["base64"].number, size)
+    middle = _length_delimited(medium_field.number, len(inner) + size)
+    return _length_delimited(_INPUT_DATA, len(middle) + len(inner) + size) + middle + inner
+
+
+def _base64_size(size: int) -> int:
+    return -(-size // 3) * 4
+
+
+class _Base64Chunks:
+    """Base64 of a byte stream, chunk by chunk: each chunk encodes whole 3-byte groups
+    and carries the rest over."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def encode(self, chunk: bytes) -> bytes:
+        data = self._carry + chunk
+        whole = len(data) - len(data) % 3
+        self._carry = data[whole:]
+        return base64.b64encode(data[:whole])
+
+    def end(self) -> bytes:
+        tail, self._carry = self._carry, b""
+        return base64.b64encode(tail)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One encoded input: `before`, then the media (if embedded), then `after`."""
+
+    before: bytes
+    after: bytes = b""
+    media: StoredBlob | None = None
+    media_size: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.before) + self.media_size + len(self.after)
+
+
+@dataclass
+class _Batch:
+    items: list[_Item] = field(default_factory=list)
+    size: int = 0
+    memory: int = 0
+
+
+class ClarifaiDataWriter:
+    """An ArchiveWriter of the protobuf or JSON variant."""
+
+    needs_census = False
+
+    def __init__(
+        self,
+        export_format: ExportFormat,
+        embed_media: bool,
+        sink: ByteSink,
+        modified: datetime,
+        streams: MediaStreams,
+    ) -> None:
+        self._json = export_format is ExportFormat.CLARIFAI_DATA_JSON
+        self._mimetype = MIMETYPES[export_format]
+        self._embed = embed_media
+        self._zip = ZipStream(sink, modified)
+        self._streams = streams
+        self._started = False
+        self._pending: dict[str, _Batch] = {}
+        self._pending_memory = 0
+        self._batches: Counter[str] = Counter()
+        self._dropped: Counter[str] = Counter()
+        # Marks where the base64 text goes in an input's JSON; random, so that no
+        # caller-chosen text (metadata, ids) can be mistaken for it.
+        self._marker = f"datasetd-media-{secrets.token_hex(16)}"
+        self._token = json.dumps(self._marker).encode()
+        if self._json:
+            self._open, self._separator, self._close = b'{"inputs":[', b",", b"]}"
+        else:
+            self._open, self._separator, self._close = b"", b"", b""
+
+    async def observe(self, members: list[VersionMember]) -> list[frozenset[str]]:
+        return await self.labels(members)
+
+    async def labels(self, members: list[VersionMember]) -> list[frozenset[str]]:
+        return await asyncio.to_thread(labels_of, [m.data for m in members])
+
+    async def write(self, split: str, members: list[VersionMember]) -> None:
+        await self._start()
+        for item in await asyncio.to_thread(lambda: [self._encode(m) for m in members]):
+            batch = self._pending.get(split)
+            if batch is not None and (
+                len(batch.items) >= MAX_BATCH_INPUTS or batch.size + item.size > MAX_BATCH_BYTES
+            ):
+                await self._flush(split)
+            batch = self._pending.setdefault(split, _Batch())
+            batch.items.append(item)
+            batch.size += item.size + len(self._separator)
+            memory = len(item.before) + len(item.after)
+            batch.memory += memory
+            self._pending_memory += memory
+            while self._pending_memory > MAX_PENDING_BYTES:
+                await self._flush(max(self._pending, key=lambda s: self._pending[s].memory))
+
+    async def finish(self) -> FidelityReport:
+        await self._start()
+        for split in sorted(self._pending):
+            await self._flush(split)
+        await self._zip.close()
+        return self._fidelity()
+
+    async def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            await self._zip.add("mimetype", self._mimetype.encode(), compress=False)
+
+    def _encode(self, member: VersionMember) -> _Item:
+        message: input_pb2.Input | None = None
+        medium: Medium | None = None
+        if self._embed:
+            message = parse(member.data)
+            medium = self._detach_media(message, member.blob)
+        if self._json:
+            return self._encode_json(
+                message if message is not None else parse(member.data), medium, member.blob
+            )
+        head = member.data if message is None else message.SerializeToString(deterministic=True)
+        if medium is None or member.blob is None:
+            return _Item(_length_delimited(_BATCH_INPUTS, len(head)) + head)
+        size = member.blob.size
+        media_field = _media_field(medium, size)
+        frame = _length_delimited(_BATCH_INPUTS, len(head) + len(media_field) + size)
+        return _Item(frame + head + media_field, media=member.blob, media_size=size)
+
+    def _encode_json(
+        self, message: input_pb2.Input, medium: Medium | None, blob: StoredBlob | None
+    ) -> _Item:
+        # Enum values as numbers: the value names of datasetd.v1 carry prefixes that
+        # the Clarifai model's do not, so only numbers read the same in both.
+        document: dict[str, Any] = json_format.MessageToDict(
+            message, use_integers_for_enums=True, preserving_proto_field_name=True
+        )
+        for name in _EXTENSIONS:
+            if document.pop(name, None) is not None:
+                self._dropped[f"{name}s"] += 1
+        if medium is None or blob is None:
+            return _Item(_dumps(document))
+        document.setdefault("data", {}).setdefault(medium, {})["base64"] = self._marker
+        text = _dumps(document)
+        # Split inside the string's quotes: the base64 text goes between them.
+        at = text.index(self._token)
+        before, after = text[: at + 1], text[at + len(self._token) - 1 :]
+        return _Item(before, after, blob, _base64_size(blob.size))
+
+    def _detach_media(self, message: input_pb2.Input, blob: StoredBlob | None) -> Medium | None:
+        """Clears the media reference of an input whose bytes are embedded; returns the
+        medium whose bytes follow (None for texts, whose content is in `raw`)."""
+        data = message.data
+        medium = medium_of(data)
+        if medium is None:
+            return None
+        media = getattr(data, medium)
+        if medium == "text" and data.text.raw:
+            media.ClearField("url")
+            media.ClearField("hosted")
+            return None
+        if blob is None or medium == "text":
+            self._dropped["media_not_embedded"] += 1
+            return None
+        media.ClearField("url")
+        media.ClearField("hosted")
+        return medium
+
+    async def _flush(self, split: str) -> None:
+        batch = self._pending.pop(split)
+        self._pending_memory -= batch.memory
+        name = f"{split}/batch-{self._batches[split]:06d}_n{len(batch.items)}"
+        self._batches[split] += 1
+        framed = len(self._open) + batch.size + len(self._close)
+        if not any(item.media is not None for item in batch.items):
+            body = self._separator.join(item.before + item.after for item in batch.items)
+            await self._zip.add(name, self._open + body + self._close, compress=True)
+            return
+        # Media are mostly compressed formats already: deflating them costs CPU for nothing.
+        async with self._zip.open(name, size=framed, compress=False) as entry:
+            await entry.write(self._open)
+            for index, item in enumerate(batch.items):
+                if index:
+                    await entry.write(self._separator)
+                await entry.write(item.before)
+                if item.media is not None:
+                    encoder = _Base64Chunks() if self._json else None
+                    async for chunk in media_chunks(self._streams, item.media):
+                        await entry.write(encoder.encode(chunk) if encoder else chunk)
+                    if encoder is not None:
+                        await entry.write(encoder.end())
+                await entry.write(item.after)
+            await entry.write(self._close)
+
+    def _fidelity(self) -> FidelityReport:
+        notes = []
+        if self._embed:
+            notes.append(
+                "media bytes are embedded in data.<medium>.base64 (texts are in data.text.raw)"
+            )
+            if self._dropped["media_not_embedded"]:
+                notes.append(
+                    "inputs whose media are only referenced by a URL keep that URL instead "
+                    "of embedded bytes"
+                )
+        else:
+            notes.append(
+                "media are referenced, not embedded: url and hosted (size orig) name the "
+                "stored original in this deployment's bucket (s3://...); inputs created from "
+                "a URL keep it"
+            )
+        if self._json:
+            notes.append("enum values are written as numbers (protobuf JSON mapping)")
+            if self._dropped["titles"]:
+                notes.append(
+                    "input titles are left out: they are datasetd's own field, which JSON "
+                    "readers of the Clarifai model refuse"
+                )
+        return FidelityReport(dict(sorted(self._dropped.items())), notes)
+
+
+def _dumps(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,0 +1,372 @@
+"""The COCO archive (export-formats.md §3): `annotations/instances_<split>.json` in the
+standard detection layout and, with embed_media, the image files under `images/<split>/`.
+
+Mapping (also stated in the export's fidelity notes):
+
+* One COCO image per image input: `id` is the input's position in the version + 1,
+  `datasetd_input_id` its id, `file_name` `<input id>.<ext>`; without embedded media,
+  `coco_url` references the stored original. Videos, texts and audio are left out.
+* Categories are the concepts found on the version's images, sorted by concept id, with
+  ids 1, 2, ... in that order (the same for every export of the version) and the concept
+  id as `name` (what identifies a concept here, and what importers read back).
+* Input-level concepts are kept on the image in the extra field `datasetd_concepts`:
+  `{"concept_id", "category_id", "value"}` (value 0 is a negative label).
+* Each positive concept of a region becomes an annotation (`datasetd_region_id` holds
+  the region id): boxes give `bbox` and `area`; polygons `segmentation` `[[x1, y1, ...]]`
+  with their bounding box and shoelace area; masks an uncompressed RLE (`counts` in
+  column-major order from a background run, `size` [height, width]) with the pixel count
+  as area. A mask pixel is foreground unless it is black (or, with alpha, transparent).
+  Coordinates are pixels: normalised values times the image's width or height.
+* Points, keypoints, spans, frames, metadata, geo points and embeddings have no place in
+  COCO detection and are counted in the fidelity report.
+
+Images and annotations are appended to temporary files per split as pages are written,
+and each split's JSON is assembled from them into the archive at the end, so neither is
+held in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO, Any
+
+from datasetd.v1 import data_pb2
+from PIL import Image
+
+from service.domain.models import FidelityReport, StoredBlob, VersionMember
+from service.domain.ports import ByteSink, MediaStreams
+from service.exports.content import (
+    MEDIA_CHUNK_BYTES,
+    labels_of,
+    media_chunks,
+    medium_of,
+    parse,
+)
+from service.exports.zipstream import ZipStream
+
+_EXTENSIONS = {"JPEG": ".jpg", "TIFF": ".tif"}
+_RUNS = re.compile(rb"\x00+|\xff+")
+_DECIMALS = 2
+
+
+@dataclass
+class _SplitFiles:
+    """A split's images and annotations so far, as comma-separated JSON objects."""
+
+    images: IO[bytes] = field(default_factory=tempfile.TemporaryFile)
+    annotations: IO[bytes] = field(default_factory=tempfile.TemporaryFile)
+    image_count: int = 0
+    annotation_count: int = 0
+
+    def add_image(self, record: dict[str, Any]) -> None:
+        _append(self.images, self.image_count, record)
+        self.image_count += 1
+
+    def add_annotation(self, record: dict[str, Any]) -> None:
+        _append(self.annotations, self.annotation_count, record)
+        self.annotation_count += 1
+
+    def close(self) -> None:
+        self.images.close()
+        self.annotations.close()
+
+
+def _append(target: IO[bytes], count: int, record: dict[str, Any]) -> None:
+    if count:
+        target.write(b",")
+    target.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _pixels(value: float) -> float:
+    return round(value, _DECIMALS)
+
+
+def _shoelace(xs: list[float], ys: list[float]) -> float:
+    total = 0.0
+    for i in range(len(xs)):
+        j = (i + 1) % len(xs)
+        total += xs[i] * ys[j] - xs[j] * ys[i]
+    return abs(total) / 2
+
+
+def mask_rle(png: bytes, width: int, height: int) -> tuple[dict[str, Any], int, list[int]] | None:
+    """(uncompressed RLE, area, bbox) of a mask image scaled to the image's size; None when
+    the mask has no foreground pixel or cannot be read."""
+    try:
+        with Image.open(io.BytesIO(png)) as opened:
+            has_alpha = opened.mode in ("RGBA", "LA", "PA") or "transparency" in opened.info
+            source = opened.convert("RGBA").getchannel("A") if has_alpha else opened.convert("L")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    binary = source.point(lambda v: 255 if v else 0)
+    if binary.size != (width, height):
+        binary = binary.resize((width, height), Image.Resampling.NEAREST)
+    box = binary.getbbox()
+    if box is None:
+        return None
+    # Transposed, the bytes run down the columns: COCO's order.
+    columns = binary.transpose(Image.Transpose.TRANSPOSE).tobytes()
+    counts: list[int] = []
+    area = 0
+    for run in _RUNS.finditer(columns):
+        length = run.end() - run.start()
+        if not counts and columns[0]:
+            counts.append(0)
+        counts.append(length)
+        if columns[run.start()]:
+            area += length
+    left, top, right, bottom = box
+    return (
+        {"counts": counts, "size": [height, width]},
+        area,
+        [left, top, right - left, bottom - top],
+    )
+
+
+class CocoWriter:
+    """An ArchiveWriter of COCO archives."""
+
+    needs_census = True
+
+    def __init__(
+        self,
+        embed_media: bool,
+        splits: list[str],
+        sink: ByteSink,
+        modified: datetime,
+        streams: MediaStreams,
+        description: str,
+    ) -> None:
+        self._embed = embed_media
+        self._splits = {name: _SplitFiles() for name in splits}
+        self._zip = ZipStream(sink, modified)
+        self._streams = streams
+        self._info = {
+            "description": description,
+            "version": "1.0",
+            "year": modified.year,
+            "date_created": modified.isoformat(),
+        }
+        # Concept ids from the census; category ids are fixed at the first write.
+        self._concepts: set[str] = set()
+        self._categories: dict[str, int] | None = None
+        self._next_annotation = 1
+        self._dropped: Counter[str] = Counter()
+
+    async def observe(self, members: list[VersionMember]) -> list[frozenset[str]]:
+        await asyncio.to_thread(self._observe, [m.data for m in members])
+        return await self.labels(members)
+
+    async def labels(self, members: list[VersionMember]) -> list[frozenset[str]]:
+        return await asyncio.to_thread(labels_of, [m.data for m in members])
+
+    async def write(self, split: str, members: list[VersionMember]) -> None:
+        if self._categories is None:
+            self._categories = {cid: n for n, cid in enumerate(sorted(self._concepts), start=1)}
+        files = self._splits[split]
+        embedded = await asyncio.to_thread(lambda: [self._convert(files, m) for m in members])
+        for file_name, blob in (item for item in embedded if item is not None):
+            path = f"images/{split}/{file_name}"
+            async with self._zip.open(path, size=blob.size, compress=False) as entry:
+                async for chunk in media_chunks(self._streams, blob):
+                    await entry.write(chunk)
+
+    async def finish(self) -> FidelityReport:
+        try:
+            for split, files in self._splits.items():
+                await self._write_instances(split, files)
+            await self._zip.close()
+        finally:
+            for files in self._splits.values():
+                files.close()
+        return FidelityReport(dict(sorted(self._dropped.items())), self._notes())
+
+    def _observe(self, members_data: list[bytes]) -> None:
+        for data in members_data:
+            content = parse(data).data
+            if medium_of(content) == "image":
+                self._concepts.update(c.id for c in content.concepts)
+                self._concepts.update(c.id for r in content.regions for c in r.data.concepts)
+
+    def _convert(self, files: _SplitFiles, member: VersionMember) -> tuple[str, StoredBlob] | None:
+        """Appends the member's image and annotations to its split; returns the file name
+        and original of an image to embed."""
+        message = parse(member.data)
+        data = message.data
+        medium = medium_of(data)
+        if medium != "image":
+            self._drop_input(medium, data)
+            return None
+        info = data.image.image_info
+        file_name = message.id + _EXTENSIONS.get(info.format, f".{info.format.lower()}")
+        image_id = member.position + 1
+        record: dict[str, Any] = {
+            "id": image_id,
+            "file_name": file_name if info.format else message.id,
+            "width": info.width,
+            "height": info.height,
+            "datasetd_input_id": message.id,
+        }
+        embed = self._embed and member.blob is not None
+        if not embed:
+            record["coco_url"] = data.image.url
+            if self._embed:
+                self._dropped["media_not_embedded"] += 1
+        if data.concepts:
+            record["datasetd_concepts"] = [
+                {"concept_id": c.id, "category_id": self._category(c.id), "value": c.value}
+                for c in data.concepts
+            ]
+        for kind, present in (
+            ("metadata", bool(data.metadata.fields)),
+            ("geo", data.HasField("geo")),
+            ("embeddings", bool(data.embeddings)),
+        ):
+            if present:
+                self._dropped[kind] += 1
+        files.add_image(record)
+        for region in data.regions:
+            for annotation in self._annotations(region, image_id, info.width, info.height):
+                files.add_annotation(annotation)
+        if embed and member.blob is not None:
+            return record["file_name"], member.blob
+        return None
+
+    def _drop_input(self, medium: str | None, data: data_pb2.Data) -> None:
+        self._dropped[f"{medium or 'empty'}_inputs"] += 1
+        if data.frames:
+            self._dropped["video_frames"] += len(data.frames)
+        spans = sum(1 for r in data.regions if r.region_info.HasField("span"))
+        if spans:
+            self._dropped["text_spans"] += spans
+
+    def _annotations(
+        self, region: data_pb2.Region, image_id: int, width: int, height: int
+    ) -> list[dict[str, Any]]:
+        geometry = self._geometry(region.region_info, width, height)
+        positives = [c for c in region.data.concepts if c.value > 0]
+        negatives = len(region.data.concepts) - len(positives)
+        if negatives:
+            self._dropped["negative_region_concepts"] += negatives
+        if geometry is None:
+            return []
+        if not positives:
+            self._dropped["regions_without_concepts"] += 1
+            return []
+        bbox, area, segmentation = geometry
+        annotations = []
+        for concept in positives:
+            annotations.append(
+                {
+                    "id": self._next_annotation,
+                    "image_id": image_id,
+                    "category_id": self._category(concept.id),
+                    "bbox": bbox,
+                    "area": area,
+                    "segmentation": segmentation,
+                    "iscrowd": 0,
+                    "datasetd_region_id": region.id,
+                }
+            )
+            self._next_annotation += 1
+        return annotations
+
+    def _geometry(
+        self, info: data_pb2.RegionInfo, width: int, height: int
+    ) -> tuple[list[float], float, Any] | None:
+        """(bbox, area, segmentation) in pixels, or None (counted) for what COCO cannot hold."""
+        for kind in ("point", "span"):
+            if info.HasField(kind):
+                self._dropped["text_spans" if kind == "span" else "points"] += 1
+                return None
+        if info.keypoint_locations:
+            self._dropped["keypoints"] += 1
+            return None
+        if not (info.HasField("bounding_box") or info.HasField("polygon") or info.HasField("mask")):
+            self._dropped["regions_without_geometry"] += 1
+            return None
+        if width <= 0 or height <= 0:
+            self._dropped["regions_without_image_size"] += 1
+            return None
+        if info.HasField("bounding_box"):
+            box = info.bounding_box
+            x, y = box.left_col * width, box.top_row * height
+            w, h = (box.right_col - box.left_col) * width, (box.bottom_row - box.top_row) * height
+            return [_pixels(x), _pixels(y), _pixels(w), _pixels(h)], _pixels(w * h), []
+        if info.HasField("polygon"):
+            xs = [p.col * width for p in info.polygon.points]
+            ys = [p.row * height for p in info.polygon.points]
+            bbox = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+            flat = [_pixels(v) for point in zip(xs, ys, strict=True) for v in point]
+            return [_pixels(v) for v in bbox], _pixels(_shoelace(xs, ys)), [flat]
+        converted = (
+            mask_rle(info.mask.image.base64, width, height) if info.mask.image.base64 else None
+        )
+        if converted is None:
+            self._dropped["masks"] += 1
+            return None
+        rle, area, mask_box = converted
+        return [float(v) for v in mask_box], float(area), rle
+
+    def _category(self, concept_id: str) -> int:
+        assert self._categories is not None
+        category = self._categories.get(concept_id)
+        if category is None:
+            raise RuntimeError(f"concept {concept_id!r} was not seen by the census pass")
+        return category
+
+    async def _write_instances(self, split: str, files: _SplitFiles) -> None:
+        categories = [
+            {"id": category, "name": concept_id, "supercategory": ""}
+            for concept_id, category in (self._categories or {}).items()
+        ]
+        head = json.dumps(
+            {"info": self._info, "licenses": [], "categories": categories},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode()
+        # The object is reopened to append the two arrays streamed from the files.
+        parts: list[bytes | IO[bytes]] = [
+            head[:-1] + b',"images":[',
+            files.images,
+            b'],"annotations":[',
+            files.annotations,
+            b"]}",
+        ]
+        size = sum(len(p) if isinstance(p, bytes) else p.tell() for p in parts)
+        name = f"annotations/instances_{split}.json"
+        async with self._zip.open(name, size=size, compress=True) as entry:
+            for part in parts:
+                if isinstance(part, bytes):
+                    await entry.write(part)
+                    continue
+                part.seek(0)
+                while chunk := await asyncio.to_thread(part.read, MEDIA_CHUNK_BYTES):
+                    await entry.write(chunk)
+
+    def _notes(self) -> list[str]:
+        notes = [
+            "one COCO image per image input (id = position in the version + 1, "
+            "datasetd_input_id = input id); videos, texts and audio are left out",
+            "categories are the concepts of the images sorted by concept id (ids from 1), "
+            "named by concept id",
+            "input-level concepts are kept on each image in datasetd_concepts "
+            "(concept_id, category_id, value; value 0 is a negative label)",
+            "each positive concept of a region becomes one annotation (datasetd_region_id "
+            "holds the region id); masks become uncompressed RLE",
+        ]
+        if self._embed:
+            notes.append("image files are under images/<split>/<file_name>")
+        else:
+            notes.append(
+                "images are referenced by coco_url (the stored original in this deployment's "
+                "bucket); file_name is the name they have in an export with embed_media"
+            )
+        return notes
