@@ -48,6 +48,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m bench.bench_datasets
 	$(PY) -m bench.bench_ingest
+	$(PY) -m bench.bench_versions
 
 clean:
 	rm -rf $(VENV) .data build *.egg-info

@@ -15,15 +15,26 @@ import signal
 from datetime import timedelta
 
 import grpc
-from datasetd.v1 import data_pb2, dataset_pb2, errors_pb2, input_pb2, input_service_pb2_grpc
+from datasetd.v1 import (
+    data_pb2,
+    dataset_pb2,
+    dataset_service_pb2_grpc,
+    dataset_version_pb2,
+    dataset_version_service_pb2_grpc,
+    errors_pb2,
+    input_pb2,
+    input_service_pb2_grpc,
+)
 from datasetd.v1 import dataset_service_pb2 as dapi
+from datasetd.v1 import dataset_version_service_pb2 as vapi
 from datasetd.v1 import input_service_pb2 as api
 from PIL import Image
 
 from service.storage.blobs import REFERENCED, ContentAddressedBlobStore
 from service.storage.db import Database
-from tests.conftest import Stack, object_store, stack_env
-from tests.processes import clean_env, run_server, stub_for
+from tests.conftest import Caller, Stack, new_caller, object_store, stack_env
+from tests.e2e.test_versions import IN_PROGRESS, READY, get_version, metrics_of, table_locked
+from tests.processes import ServerProcess, clean_env, run_server, stub_for
 
 BATCH = 128
 
@@ -139,3 +150,141 @@ async def _check_no_orphans_after_sweep(db: Database, stack: Stack) -> None:
     stored_keys = await objects.list_keys("blobs/")
     assert set(stored_keys) <= known, set(stored_keys) - known
     objects.close()
+
+
+VERSION_INPUTS = 1500
+TAKEOVER_TIMEOUT_SECONDS = 60.0
+
+
+async def _version_state(db: Database, app: str, version_id: str) -> tuple[str, int, int, int]:
+    """(status, percent, members, members without content) of the version."""
+    async with db.connection() as conn:
+        row = await conn.fetchrow(
+            "SELECT v.status, v.percent, count(vi.position) AS members,"
+            " count(vi.position) FILTER (WHERE vi.data IS NULL) AS unbuilt"
+            " FROM dataset_versions v LEFT JOIN version_inputs vi"
+            " ON (vi.app_id, vi.dataset_id, vi.version_id) = (v.app_id, v.dataset_id, v.id)"
+            " WHERE v.app_id = $1 AND v.dataset_id = 'big' AND v.id = $2"
+            " GROUP BY v.status, v.percent",
+            app,
+            version_id,
+        )
+    assert row is not None
+    return row["status"], row["percent"], row["members"], row["unbuilt"]
+
+
+async def _kill(server: ServerProcess, db: Database, app: str) -> None:
+    server.process.send_signal(signal.SIGKILL)
+    await server.process.wait()
+    status, _, members, unbuilt = await _version_state(db, app, "v1")
+    assert members == VERSION_INPUTS
+    # Pages commit one by one, but READY comes only with every member captured.
+    assert not (status == "ready" and unbuilt), (status, unbuilt)
+
+
+async def _create_inputs_and_version(server: ServerProcess, db: Database, caller: Caller) -> None:
+    """1,500 text inputs in "big", then version v1, killed while its build is IN_PROGRESS."""
+    app = caller.app_id
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
+        stub = input_service_pb2_grpc.InputServiceStub(channel)
+        versions = dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel)
+        await datasets.CreateDataset(
+            dapi.CreateDatasetRequest(app_id=app, dataset=dataset_pb2.Dataset(id="big")),
+            metadata=caller.metadata,
+        )
+        for start in range(0, VERSION_INPUTS, BATCH):
+            items = [
+                input_pb2.Input(
+                    id=f"t{i}",
+                    data=data_pb2.Data(text=data_pb2.Text(raw=f"text number {i}")),
+                    dataset_ids=["big"],
+                )
+                for i in range(start, min(start + BATCH, VERSION_INPUTS))
+            ]
+            await stub.CreateInputs(
+                api.CreateInputsRequest(app_id=app, inputs=items), metadata=caller.metadata
+            )
+        # The build stops at its first read of annotations: IN_PROGRESS, no page stored.
+        async with table_locked(db, "annotations"):
+            version = dataset_version_pb2.DatasetVersion(id="v1")
+            await versions.CreateDatasetVersion(
+                vapi.CreateDatasetVersionRequest(app_id=app, dataset_id="big", version=version),
+                metadata=caller.metadata,
+            )
+            deadline = asyncio.get_running_loop().time() + 30
+            while (await get_version(versions, caller, "big", "v1")).status.code != IN_PROGRESS:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.02)
+            await _kill(server, db, app)
+
+
+async def _restart_until_ready(
+    env: dict[str, str], db: Database, caller: Caller, job_id: int, kills: list[str]
+) -> dataset_version_pb2.DatasetVersion:
+    """Restarts the server until v1 is READY. The job is taken over once the dead process's
+    lease expires (by the new process, or by the test's in-process server, whichever claims
+    first). While the new process holds it, it is killed once more, after a page was stored,
+    if that moment is seen before the build ends."""
+    deadline = asyncio.get_running_loop().time() + TAKEOVER_TIMEOUT_SECONDS
+    while True:
+        async with run_server(env) as server, grpc.aio.insecure_channel(server.address) as channel:
+            versions = dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel)
+            while True:
+                version = await get_version(versions, caller, "big", "v1")
+                if version.status.code == READY:
+                    return version
+                assert asyncio.get_running_loop().time() < deadline, version.status
+                async with db.connection() as conn:
+                    holder = await conn.fetchval("SELECT locked_by FROM jobs WHERE id = $1", job_id)
+                mine = holder is not None and f":{server.pid}:" in holder
+                if len(kills) < 2 and mine and version.status.percent_completed > 0:
+                    await _kill(server, db, caller.app_id)
+                    kills.append(f"at {version.status.percent_completed}%")
+                    break
+                await asyncio.sleep(0.01)
+
+
+async def test_sigkill_during_version_build_never_leaves_a_partial_ready_version(
+    stack: Stack, db: Database
+) -> None:
+    caller = await new_caller(db)
+    app = caller.app_id
+    env = {
+        **clean_env(),
+        **{k: v for k, v in stack_env(stack).items() if k.startswith("DATASETD_")},
+        "DATASETD_JOB_LEASE": "2s",
+        "DATASETD_MAINTENANCE_INTERVAL": "1h",
+        "DATASETD_LOG_LEVEL": "WARNING",
+    }
+    async with run_server(env) as server:
+        await _create_inputs_and_version(server, db, caller)
+    kills = ["before the first page"]
+    async with db.connection() as conn:
+        job_id = await conn.fetchval(
+            "SELECT job_id FROM dataset_versions WHERE app_id = $1 AND id = 'v1'", app
+        )
+    version = await _restart_until_ready(env, db, caller, job_id, kills)
+
+    print(f"build killed {kills}")
+    assert metrics_of(version)["inputs_count"] == VERSION_INPUTS
+    assert await _version_state(db, app, "v1") == ("ready", 100, VERSION_INPUTS, 0)
+    async with db.connection() as conn:
+        rows = await conn.fetch(
+            "SELECT input_id, data, content_hash FROM version_inputs"
+            " WHERE app_id = $1 AND dataset_id = 'big' AND version_id = 'v1'",
+            app,
+        )
+        input_count = await conn.fetchval(
+            "SELECT input_count FROM dataset_versions WHERE app_id = $1 AND id = 'v1'", app
+        )
+        job = await conn.fetchrow("SELECT status, attempts FROM jobs WHERE id = $1", job_id)
+    assert input_count == VERSION_INPUTS
+    assert sorted(r["input_id"] for r in rows) == sorted(f"t{i}" for i in range(VERSION_INPUTS))
+    for row in rows:
+        assert row["data"] is not None
+        assert row["content_hash"] == hashlib.sha256(row["data"]).digest()
+    # Claimed by each killed process, then once more after the last lease expired.
+    assert job is not None
+    assert job["status"] == "succeeded"
+    assert job["attempts"] >= len(kills) + 1, (job["attempts"], kills)
