@@ -12,7 +12,7 @@ import grpc
 from datasetd.v1 import errors_pb2, input_service_pb2, input_service_pb2_grpc
 
 from service.api.convert import input_draft, input_filter_query, input_to_proto, struct_to_dict
-from service.api.datasets import ACTIONS
+from service.api.datasets import patch_action
 from service.api.idempotency import idempotency_key, run_once
 from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens, page_size
@@ -132,12 +132,7 @@ class InputServicer(input_service_pb2_grpc.InputServiceServicer):
 
         async def update() -> input_service_pb2.UpdateInputsResponse:
             violations = Violations()
-            action = ACTIONS.get(request.action)
-            if action is None:
-                violations.add(
-                    "action",
-                    "must be PATCH_ACTION_MERGE, PATCH_ACTION_OVERWRITE or PATCH_ACTION_REMOVE",
-                )
+            action = patch_action(violations, request.action)
             paths = list(request.update_mask.paths)
             for index, path in enumerate(paths):
                 if path not in PATCHABLE:

@@ -19,11 +19,11 @@ from typing import Protocol
 
 from service.domain.auth import Permission, authorize
 from service.domain.errors import Aborted, FailedPrecondition, Violations
-from service.domain.inputs import _dataset_not_found
+from service.domain.inputs import dataset_not_found
 from service.domain.models import Principal, VersionStatus
 from service.domain.ports import MembershipRepository, TransactionManager, VersionRepository
 from service.domain.validation import check_id
-from service.domain.versions import _version_not_found
+from service.domain.versions import version_not_found
 
 # Members read per step of the merge, from each version; also the most changes per batch.
 PAGE_SIZE = 500
@@ -145,14 +145,14 @@ class DiffService:
     ) -> None:
         async with self._tx.transaction():
             if not await self._members.live_datasets(app_id, [dataset_id]):
-                raise _dataset_not_found(app_id, dataset_id)
+                raise dataset_not_found(app_id, dataset_id)
             for name, version_id in (
                 ("from_version_id", from_version_id),
                 ("to_version_id", to_version_id),
             ):
                 version = await self._versions.get(app_id, dataset_id, version_id)
                 if version is None:
-                    raise _version_not_found(dataset_id, version_id)
+                    raise version_not_found(dataset_id, version_id)
                 if version.status is not VersionStatus.READY:
                     raise FailedPrecondition(
                         f"{name}: version {version_id!r} is {version.status.value}; only "

@@ -54,9 +54,9 @@ from service.domain.inputs import (
     InputDraft,
     InputService,
     StoredMedia,
-    _dataset_not_found,
-    _media_source,
-    _medium_field,
+    dataset_not_found,
+    media_source,
+    medium_field,
     probe_media,
 )
 from service.domain.models import AnnotatedMedia, MediaType, Principal, StoredBlob
@@ -371,7 +371,7 @@ class ImportService:
     async def _require_dataset(self, request: ImportRequest) -> None:
         async with self._tx.transaction():
             if not await self._members.live_datasets(request.app_id, [request.dataset_id]):
-                raise _dataset_not_found(request.app_id, request.dataset_id)
+                raise dataset_not_found(request.app_id, request.dataset_id)
 
     async def _batches(
         self, archive: ReceivedArchive, archive_format: ImportFormat
@@ -448,7 +448,7 @@ class ImportService:
                 continue
             if draft.payload_size() > MAX_BATCH_BYTES:
                 problems.add(
-                    _medium_field(item.path, draft.media[0]),
+                    medium_field(item.path, draft.media[0]),
                     f"embedded media of {_size(draft.payload_size())} are more than the "
                     f"{_size(MAX_BATCH_BYTES)} an import takes per input; reference the "
                     "media by URL or upload them with UploadInput",
@@ -553,7 +553,7 @@ def _with_stored_media(item: ImportedInput, stored: dict[str, StoredBlob]) -> In
     (as a streamed upload hands over its stored media)."""
     draft = item.draft
     media_type = draft.media[0]
-    inline, _, field = _media_source(draft, media_type, _medium_field(item.path, media_type))
+    inline, _, field = media_source(draft, media_type, medium_field(item.path, media_type))
     blob = stored.get(hashlib.sha256(inline).hexdigest()) if inline else None
     if blob is None:
         return draft
@@ -576,7 +576,7 @@ def _check_item(item: ImportedInput) -> tuple[_Media | None, list[FieldViolation
     draft = item.draft
     media_type = draft.media[0]
     try:
-        inline, _, field = _media_source(draft, media_type, _medium_field(item.path, media_type))
+        inline, _, field = media_source(draft, media_type, medium_field(item.path, media_type))
         content_type, info = probe_media(media_type, inline, field) if inline else ("", {})
     except InvalidArgument as invalid:
         return None, list(invalid.violations)

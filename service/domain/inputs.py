@@ -139,11 +139,11 @@ def _check_url(violations: Violations, field: str, url: str) -> None:
         violations.add(field, "must be an http:// or https:// URL")
 
 
-def _medium_field(path: str, media_type: MediaType) -> str:
+def medium_field(path: str, media_type: MediaType) -> str:
     return f"{path}.data.{media_type.value}"
 
 
-def _media_source(
+def media_source(
     draft: InputDraft, media_type: MediaType, media_field: str
 ) -> tuple[bytes, str, str]:
     """(inline bytes, source URL, field of the inline bytes); exactly one is given."""
@@ -384,8 +384,8 @@ class InputService:
             blob, payload, source_url = draft.stored.blob, b"", ""
             content_type, info, text = blob.content_type, draft.stored.info, draft.stored.text
         else:
-            media_field = _medium_field(path, media_type)
-            payload, source_url, data_field = _media_source(draft, media_type, media_field)
+            media_field = medium_field(path, media_type)
+            payload, source_url, data_field = media_source(draft, media_type, media_field)
             if source_url and self._fetcher is not None:
                 fetched = await self._fetcher.fetch(source_url, f"{media_field}.url")
                 payload, data_field = fetched.data, f"{media_field}.url"
@@ -680,7 +680,7 @@ class InputService:
             live = await self._members.live_datasets(app_id, sorted({source_id, destination_id}))
             for dataset_id in (source_id, destination_id):
                 if dataset_id not in live:
-                    raise _dataset_not_found(app_id, dataset_id)
+                    raise dataset_not_found(app_id, dataset_id)
             return await self._members.merge(app_id, source_id, destination_id)
 
     @staticmethod
@@ -701,7 +701,7 @@ class InputService:
 
     async def _require_live_dataset(self, app_id: str, dataset_id: str) -> None:
         if not await self._members.live_datasets(app_id, [dataset_id]):
-            raise _dataset_not_found(app_id, dataset_id)
+            raise dataset_not_found(app_id, dataset_id)
 
 
 def _missing_datasets(
@@ -716,7 +716,7 @@ def _missing_datasets(
     )
 
 
-def _dataset_not_found(app_id: str, dataset_id: str) -> NotFound:
+def dataset_not_found(app_id: str, dataset_id: str) -> NotFound:
     return NotFound(
         f"dataset {dataset_id!r} not found in app {app_id!r}",
         reason="DATASET_NOT_FOUND",

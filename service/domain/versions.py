@@ -29,7 +29,7 @@ from service.domain.errors import (
     NotFound,
     Violations,
 )
-from service.domain.inputs import _dataset_not_found
+from service.domain.inputs import dataset_not_found
 from service.domain.jobs import Job, JobCancelled, JobFailed, JobKind, JobQueue, Progress
 from service.domain.models import (
     Annotation,
@@ -84,7 +84,7 @@ def _check_fields(violations: Violations, fields: VersionFields) -> None:
         check_metadata(violations, "version.metadata", fields.metadata)
 
 
-def _version_not_found(dataset_id: str, version_id: str) -> NotFound:
+def version_not_found(dataset_id: str, version_id: str) -> NotFound:
     return NotFound(
         f"version {version_id!r} of dataset {dataset_id!r} not found",
         reason="VERSION_NOT_FOUND",
@@ -244,7 +244,7 @@ class VersionService:
 
     async def _require_dataset(self, app_id: str, dataset_id: str) -> None:
         if not await self._members.live_datasets(app_id, [dataset_id]):
-            raise _dataset_not_found(app_id, dataset_id)
+            raise dataset_not_found(app_id, dataset_id)
 
     async def _require(
         self, app_id: str, dataset_id: str, version_id: str, *, lock: bool = False
@@ -253,7 +253,7 @@ class VersionService:
         await self._require_dataset(app_id, dataset_id)
         version = await self._versions.get(app_id, dataset_id, version_id, lock=lock)
         if version is None:
-            raise _version_not_found(dataset_id, version_id)
+            raise version_not_found(dataset_id, version_id)
         return version
 
 
