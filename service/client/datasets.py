@@ -1,0 +1,307 @@
+"""Synchronous DatasetService API: plain Python values in, frozen dataclasses out.
+
+Synchronous on purpose: scripts and command-line tools should not need an
+event loop to list or patch a dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import grpc
+from datasetd.v1 import common_pb2, dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
+from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
+
+from service.client.errors import from_rpc_error
+
+T = TypeVar("T")
+PatchActionName = Literal["merge", "overwrite", "remove"]
+
+_ACTIONS: dict[str, common_pb2.PatchAction.ValueType] = {
+    "merge": common_pb2.PATCH_ACTION_MERGE,
+    "overwrite": common_pb2.PATCH_ACTION_OVERWRITE,
+    "remove": common_pb2.PATCH_ACTION_REMOVE,
+}
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """Counts of a dataset's content (only GetDataset and mutations fill them)."""
+
+    asset_total: int = 0
+    asset_annotated: int = 0
+    annotation_total: int = 0
+    tags_count: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset as the server last returned it."""
+
+    id: str
+    app_id: str
+    description: str
+    notes: str
+    metadata: dict[str, Any]
+    visibility: str
+    created_at: datetime | None
+    modified_at: datetime | None
+    etag: str
+    statistic: Statistic
+
+    def info(self) -> str:
+        """Returns a readable summary and prints it, for interactive sessions."""
+        stat = self.statistic
+        lines = [
+            f"Dataset {self.id} (app {self.app_id})",
+            f"  description: {self.description or '-'}",
+            f"  visibility:  {self.visibility}",
+            f"  created:     {_show_time(self.created_at)}",
+            f"  modified:    {_show_time(self.modified_at)}",
+            f"  etag:        {self.etag}",
+            f"  assets:      {stat.asset_total} ({stat.asset_annotated} annotated)",
+            f"  annotations: {stat.annotation_total}",
+        ]
+        if stat.tags_count:
+            tags = ", ".join(f"{tag}={n}" for tag, n in sorted(stat.tags_count.items()))
+            lines.append(f"  tags:        {tags}")
+        if self.metadata:
+            lines.append(f"  metadata:    {json.dumps(self.metadata, sort_keys=True)}")
+        if self.notes:
+            lines.append("  notes:")
+            lines.extend(f"    {line}" for line in self.notes.splitlines())
+        text = "\n".join(lines)
+        print(text)
+        return text
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of ListDatasets; `items` carry no statistics (the server omits them)."""
+
+    items: list[DatasetInfo]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """Outcome of a delete: purged at once, or recoverable until `purge_time`."""
+
+    purged: bool
+    purge_time: datetime | None
+
+
+def _show_time(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value else "-"
+
+
+def _time(message: dataset_pb2.Dataset, name: str) -> datetime | None:
+    if not message.HasField(name):  # type: ignore[arg-type]
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(message, name)
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(value)
+    return message
+
+
+def _to_info(message: dataset_pb2.Dataset) -> DatasetInfo:
+    stats = message.statistics
+    gettable = dataset_pb2.Visibility.Gettable.Name(message.visibility.gettable)
+    metadata: dict[str, Any] = json_format.MessageToDict(message.metadata)
+    return DatasetInfo(
+        id=message.id,
+        app_id=message.app_id,
+        description=message.description,
+        notes=message.notes,
+        metadata=metadata,
+        # The server treats UNSPECIFIED as PRIVATE, so show what it means.
+        visibility="PRIVATE"
+        if gettable == "GETTABLE_UNSPECIFIED"
+        else gettable.removeprefix("GETTABLE_"),
+        created_at=_time(message, "created_at"),
+        modified_at=_time(message, "modified_at"),
+        etag=message.etag,
+        statistic=Statistic(
+            asset_total=stats.inputs_count,
+            asset_annotated=stats.annotated_inputs_count,
+            annotation_total=stats.annotations_count,
+            tags_count=dict(stats.concept_counts),
+        ),
+    )
+
+
+class Datasets:
+    """Dataset operations of one app; get it from `Client.datasets`."""
+
+    def __init__(
+        self,
+        stub: dataset_service_pb2_grpc.DatasetServiceStub,
+        app_id: str,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> None:
+        self._stub = stub
+        self._app = app_id
+        self._metadata = metadata
+
+    def _call(self, method: Callable[..., T], request: Any) -> T:
+        try:
+            return method(request, metadata=self._metadata)
+        except grpc.RpcError as error:
+            # `from None`: the typed error carries everything the RpcError did.
+            raise from_rpc_error(error) from None
+
+    def list(self, page_size: int = 50, query: str = "") -> Iterator[Page]:
+        """Yields pages lazily, so a caller that stops early fetches no more."""
+        token = ""
+        while True:
+            response = self._call(
+                self._stub.ListDatasets,
+                dataset_service_pb2.ListDatasetsRequest(
+                    app_id=self._app, page_size=page_size, page_token=token, query=query
+                ),
+            )
+            yield Page([_to_info(d) for d in response.datasets], response.next_page_token)
+            token = response.next_page_token
+            if not token:
+                return
+
+    def all_items(self, page_size: int = 50, query: str = "") -> Iterator[DatasetInfo]:
+        """Every dataset of the app, walking all pages."""
+        for page in self.list(page_size=page_size, query=query):
+            yield from page.items
+
+    def get(self, dataset_id: str) -> DatasetInfo:
+        response = self._call(
+            self._stub.GetDataset,
+            dataset_service_pb2.GetDatasetRequest(app_id=self._app, dataset_id=dataset_id),
+        )
+        return _to_info(response.dataset)
+
+    def create(
+        self,
+        dataset_id: str = "",
+        description: str = "",
+        notes: str = "",
+        metadata: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> DatasetInfo:
+        """Creates a dataset; an empty `dataset_id` lets the server generate one."""
+        dataset = dataset_pb2.Dataset(id=dataset_id, description=description, notes=notes)
+        if metadata:
+            dataset.metadata.CopyFrom(_struct(metadata))
+        response = self._call(
+            self._stub.CreateDataset,
+            dataset_service_pb2.CreateDatasetRequest(
+                app_id=self._app, dataset=dataset, request_id=request_id or ""
+            ),
+        )
+        return _to_info(response.dataset)
+
+    def patch(
+        self,
+        dataset_id: str,
+        action: PatchActionName = "merge",
+        description: str | None = None,
+        notes: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        etag: str | None = None,
+        request_id: str | None = None,
+    ) -> DatasetInfo:
+        """Applies the given fields with `action`; fields left as None are untouched.
+
+        The update mask is built from the given fields rather than left empty,
+        so that e.g. `description=""` with "overwrite" really clears it.
+        """
+        if action not in _ACTIONS:
+            raise ValueError(f"action must be one of {sorted(_ACTIONS)}, not {action!r}")
+        dataset = dataset_pb2.Dataset(id=dataset_id)
+        paths: list[str] = []
+        if description is not None:
+            dataset.description = description
+            paths.append("description")
+        if notes is not None:
+            dataset.notes = notes
+            paths.append("notes")
+        if metadata is not None:
+            dataset.metadata.CopyFrom(_struct(metadata))
+            paths.append("metadata")
+        if not paths:
+            raise ValueError("patch needs at least one of description, notes or metadata")
+        response = self._call(
+            self._stub.UpdateDataset,
+            dataset_service_pb2.UpdateDatasetRequest(
+                app_id=self._app,
+                dataset=dataset,
+                action=_ACTIONS[action],
+                update_mask=field_mask_pb2.FieldMask(paths=paths),
+                etag=etag or "",
+                request_id=request_id or "",
+            ),
+        )
+        return _to_info(response.dataset)
+
+    def delete(
+        self, dataset_id: str, force: bool = False, request_id: str | None = None
+    ) -> Deleted:
+        """Deletes a dataset; without `force` it can be undeleted until `purge_time`."""
+        response = self._call(
+            self._stub.DeleteDataset,
+            dataset_service_pb2.DeleteDatasetRequest(
+                app_id=self._app, dataset_id=dataset_id, force=force, request_id=request_id or ""
+            ),
+        )
+        purge_time = (
+            response.purge_time.ToDatetime(tzinfo=UTC) if response.HasField("purge_time") else None
+        )
+        return Deleted(response.purged, purge_time)
+
+    def undelete(self, dataset_id: str, request_id: str | None = None) -> DatasetInfo:
+        response = self._call(
+            self._stub.UndeleteDataset,
+            dataset_service_pb2.UndeleteDatasetRequest(
+                app_id=self._app, dataset_id=dataset_id, request_id=request_id or ""
+            ),
+        )
+        return _to_info(response.dataset)
+
+
+class Client:
+    """Connection to a datasetd server for one app and API key.
+
+    Use as a context manager (or call `close()`) so the channel is released.
+    """
+
+    def __init__(self, address: str, api_key: str, app: str, tls: bool = False) -> None:
+        self._channel: grpc.Channel = (
+            grpc.secure_channel(address, grpc.ssl_channel_credentials())
+            if tls
+            else grpc.insecure_channel(address)
+        )
+        self.app = app
+        metadata = (("authorization", f"Key {api_key}"),)
+        self.datasets = Datasets(
+            dataset_service_pb2_grpc.DatasetServiceStub(self._channel), app, metadata
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
