@@ -58,8 +58,10 @@ async def sql(query):
 asyncio.run(sql("CREATE TABLE IF NOT EXISTS marker (v text)"))
 asyncio.run(sql("INSERT INTO marker VALUES ('from-child')"))
 client.put_object(ep.bucket, "marker", io.BytesIO(b"from-child"), 10)
-print(json.dumps({"postgres": stack.postgres.pid, "weed": stack.s3.pid}), flush=True)
 try:
+    # Printed inside the try: the parent sends SIGINT as soon as it reads this
+    # line, possibly before the rest of the print statement has returned.
+    print(json.dumps({"postgres": stack.postgres.pid, "weed": stack.s3.pid}), flush=True)
     time.sleep(600)
 except KeyboardInterrupt:
     ok = asyncio.run(sql("SELECT 1")) == 1 and client.bucket_exists(ep.bucket)
