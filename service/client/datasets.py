@@ -10,14 +10,12 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-import grpc
-from datasetd.v1 import common_pb2, dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
+from datasetd.v1 import common_pb2, dataset_pb2, dataset_service_pb2
 from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
 
-from service.client.errors import from_rpc_error
+from service.client._rpc import Rpc
 
 T = TypeVar("T")
 PatchActionName = Literal["merge", "overwrite", "remove"]
@@ -142,22 +140,13 @@ def _to_info(message: dataset_pb2.Dataset) -> DatasetInfo:
 class Datasets:
     """Dataset operations of one app; get it from `Client.datasets`."""
 
-    def __init__(
-        self,
-        stub: dataset_service_pb2_grpc.DatasetServiceStub,
-        app_id: str,
-        metadata: tuple[tuple[str, str], ...],
-    ) -> None:
-        self._stub = stub
-        self._app = app_id
-        self._metadata = metadata
+    def __init__(self, rpc: Rpc) -> None:
+        self._rpc = rpc
+        self._stub = rpc.datasets
+        self._app = rpc.app
 
     def _call(self, method: Callable[..., T], request: Any) -> T:
-        try:
-            return method(request, metadata=self._metadata)
-        except grpc.RpcError as error:
-            # `from None`: the typed error carries everything the RpcError did.
-            raise from_rpc_error(error) from None
+        return self._rpc.call(method, request)
 
     def list(self, page_size: int = 50, query: str = "") -> Iterator[Page]:
         """Yields pages lazily, so a caller that stops early fetches no more."""
@@ -272,36 +261,3 @@ class Datasets:
             ),
         )
         return _to_info(response.dataset)
-
-
-class Client:
-    """Connection to a datasetd server for one app and API key.
-
-    Use as a context manager (or call `close()`) so the channel is released.
-    """
-
-    def __init__(self, address: str, api_key: str, app: str, tls: bool = False) -> None:
-        self._channel: grpc.Channel = (
-            grpc.secure_channel(address, grpc.ssl_channel_credentials())
-            if tls
-            else grpc.insecure_channel(address)
-        )
-        self.app = app
-        metadata = (("authorization", f"Key {api_key}"),)
-        self.datasets = Datasets(
-            dataset_service_pb2_grpc.DatasetServiceStub(self._channel), app, metadata
-        )
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
