@@ -1,7 +1,7 @@
 """A synchronous, typed client for datasetd, for scripts and command-line tools."""
 
 from service.client.client import Client
-from service.client.dataset import Dataset, DownloadedInput, InputInfo, MergeResult
+from service.client.dataset import Dataset, InputInfo, MergeResult
 from service.client.datasets import DatasetInfo, Datasets, Deleted, Page, Statistic
 from service.client.errors import (
     AbortedError,
@@ -15,10 +15,14 @@ from service.client.errors import (
     UnavailableError,
     from_rpc_error,
 )
+from service.client.media import DownloadedInput
+from service.client.uploads import AnnotationItem, Box, Failure, UploadItem, UploadResult
 
 __all__ = [
     "AbortedError",
     "AlreadyExistsError",
+    "AnnotationItem",
+    "Box",
     "Client",
     "Dataset",
     "DatasetInfo",
@@ -27,6 +31,7 @@ __all__ = [
     "Deleted",
     "DownloadedInput",
     "FailedPreconditionError",
+    "Failure",
     "InputInfo",
     "InvalidArgumentError",
     "MergeResult",
@@ -36,5 +41,27 @@ __all__ = [
     "Statistic",
     "UnauthenticatedError",
     "UnavailableError",
+    "UploadItem",
+    "UploadResult",
     "from_rpc_error",
+]
+from service.client.exports import (
+    ArchiveIntegrityError,
+    BulkDeleteResult,
+    DownloadResult,
+    ExportFailedError,
+    ExportInfo,
+    ExportSettings,
+)
+from service.client.versions import VersionFailedError, VersionInfo
+
+__all__ += [
+    "ArchiveIntegrityError",
+    "BulkDeleteResult",
+    "DownloadResult",
+    "ExportFailedError",
+    "ExportInfo",
+    "ExportSettings",
+    "VersionFailedError",
+    "VersionInfo",
 ]

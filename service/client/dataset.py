@@ -11,7 +11,10 @@ from typing import Any
 from datasetd.v1 import dataset_service_pb2, input_pb2, input_service_pb2
 from google.protobuf import json_format
 
+from service.client import uploads as _uploads
 from service.client._rpc import Rpc
+from service.client.media import DownloadedInput, download_inputs
+from service.client.versions import VersionInfo, Versions
 
 MEDIA_KINDS = ("image", "video", "audio", "text")
 
@@ -35,14 +38,6 @@ class InputInfo:
 class MergeResult:
     added: int
     already_present: int
-
-
-@dataclass(frozen=True)
-class DownloadedInput:
-    input_id: str
-    path: Path
-    size: int
-    sha256: str
 
 
 def media_type_of(message: input_pb2.Input) -> str:
@@ -130,6 +125,179 @@ class Dataset:
         )
         return MergeResult(response.added_count, response.already_present_count)
 
+    def download_inputs(
+        self, save_dir: Path, concurrency: int = 4, show_progress: bool = True
+    ) -> list[DownloadedInput]:
+        """Downloads the original media of every input as `save_dir/<input id><ext>`."""
+        ids = [item.id for item in self.list_inputs(page_size=1000)]
+        return download_inputs(self.rpc, ids, save_dir, concurrency, show_progress)
+
     # --- uploads (service/client/uploads.py) ---------------------------------
 
+    def upload_from_folder(
+        self,
+        folder: str | Path,
+        input_type: str = "image",
+        labels: bool = False,
+        batch_size: int = 32,
+        concurrency: int = 4,
+        show_progress: bool = True,
+        failure_log: str | Path | None = None,
+    ) -> _uploads.UploadResult:
+        """Uploads the media files under `folder` (recursively); see uploads.upload_from_folder."""
+        return _uploads.upload_from_folder(
+            self.rpc,
+            self.id,
+            folder,
+            input_type=input_type,
+            labels=labels,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            show_progress=show_progress,
+            failure_log=failure_log,
+        )
+
+    def upload_from_csv(
+        self,
+        path: str | Path,
+        input_type: str = "image",
+        csv_type: str = "url",
+        labels: bool = True,
+        batch_size: int = 32,
+        concurrency: int = 4,
+        show_progress: bool = True,
+        failure_log: str | Path | None = None,
+    ) -> _uploads.UploadResult:
+        """Uploads the rows of a CSV file; bad rows go to the failure log with their line."""
+        return _uploads.upload_from_csv(
+            self.rpc,
+            self.id,
+            path,
+            input_type=input_type,
+            csv_type=csv_type,
+            labels=labels,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            show_progress=show_progress,
+            failure_log=failure_log,
+        )
+
+    def upload_inputs(
+        self,
+        inputs: _uploads.InputItems,
+        batch_size: int = 32,
+        concurrency: int = 4,
+        show_progress: bool = True,
+        failure_log: str | Path | None = None,
+    ) -> _uploads.UploadResult:
+        """Uploads `UploadItem`s (or `input_pb2.Input` messages) into this dataset."""
+        return _uploads.upload_inputs(
+            self.rpc,
+            self.id,
+            inputs,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            show_progress=show_progress,
+            failure_log=failure_log,
+        )
+
+    def upload_annotations(
+        self,
+        annotations: _uploads.AnnotationItems,
+        batch_size: int = 32,
+        concurrency: int = 4,
+        show_progress: bool = True,
+        failure_log: str | Path | None = None,
+    ) -> _uploads.UploadResult:
+        """Creates `AnnotationItem`s (or `annotation_pb2.Annotation`s) on existing inputs."""
+        return _uploads.upload_annotations(
+            self.rpc,
+            self.id,
+            annotations,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            show_progress=show_progress,
+            failure_log=failure_log,
+        )
+
+    def upload_coco(
+        self,
+        images_dir: str | Path,
+        annotations_json: str | Path,
+        labels: bool = True,
+        batch_size: int = 32,
+        concurrency: int = 4,
+        show_progress: bool = True,
+        failure_log: str | Path | None = None,
+    ) -> _uploads.UploadResult:
+        """Uploads a COCO detection dataset: the images, then their boxes."""
+        return _uploads.upload_coco(
+            self.rpc,
+            self.id,
+            images_dir,
+            annotations_json,
+            labels=labels,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            show_progress=show_progress,
+            failure_log=failure_log,
+        )
+
+    def retry(
+        self,
+        failure_log: str | Path,
+        allow_duplicates: bool = False,
+        batch_size: int = 32,
+        concurrency: int = 4,
+        show_progress: bool = True,
+        new_failure_log: str | Path | None = None,
+    ) -> _uploads.UploadResult:
+        """Uploads the rows of a failure log again; the log must be of this dataset."""
+        logged, _ = _uploads.read_failure_log(failure_log)
+        if logged != self.id:
+            raise ValueError(f"{failure_log} is a log of dataset {logged!r}, not {self.id!r}")
+        return _uploads.retry(
+            self.rpc,
+            failure_log,
+            allow_duplicates=allow_duplicates,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            show_progress=show_progress,
+            new_failure_log=new_failure_log,
+        )
+
     # --- versions (service/client/versions.py) -------------------------------
+
+    def create_version(
+        self,
+        version_id: str = "",
+        description: str = "",
+        metadata: dict[str, Any] | None = None,
+        wait: bool = True,
+        timeout: float = 600,
+        show_progress: bool = False,
+        request_id: str | None = None,
+    ) -> VersionInfo:
+        """Creates a version; with `wait`, returns it READY or raises VersionFailedError."""
+        return Versions(self.rpc, self.id).create(
+            version_id, description, metadata, wait, timeout, show_progress, request_id
+        )
+
+    def get_version(self, version_id: str) -> VersionInfo:
+        return Versions(self.rpc, self.id).get(version_id)
+
+    def wait_version(
+        self, version_id: str, timeout: float = 600, show_progress: bool = False
+    ) -> VersionInfo:
+        return Versions(self.rpc, self.id).wait(version_id, timeout, show_progress)
+
+    def list_versions(self, page_size: int = 50) -> Iterator[VersionInfo]:
+        """Newest first; pages are fetched lazily."""
+        return Versions(self.rpc, self.id).list(page_size)
+
+    def delete_version(self, version_id: str, request_id: str | None = None) -> None:
+        Versions(self.rpc, self.id).delete(version_id, request_id)
+
+    def latest_version(self) -> VersionInfo | None:
+        """The newest READY version, or None."""
+        return Versions(self.rpc, self.id).latest()

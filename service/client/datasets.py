@@ -7,6 +7,7 @@ event loop to list or patch a dataset.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from typing import Any, Literal, TypeVar
 from datasetd.v1 import common_pb2, dataset_pb2, dataset_service_pb2
 from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
 
+from service.client import exports as _exports
 from service.client._rpc import Rpc
 
 T = TypeVar("T")
@@ -261,3 +263,80 @@ class Datasets:
             ),
         )
         return _to_info(response.dataset)
+
+    # --- exports, downloads and bulk deletes (service/client/exports.py) ----------
+
+    def bulk_delete_assets(
+        self,
+        dataset_id: str,
+        filter_criteria: dict[str, Any] | None = None,
+        strict_query: bool = False,
+        dry_run: bool = False,
+        request_id: str | None = None,
+    ) -> _exports.BulkDeleteResult:
+        """Deletes the dataset's inputs (from the app) matching `filter_criteria`: keys
+        `concepts`, `not_concepts`, `metadata`, `media_types`, `annotated`. An empty filter
+        matches every input; `strict_query=True` refuses it (ValueError)."""
+        return _exports.bulk_delete_assets(
+            self._rpc, dataset_id, filter_criteria, strict_query, dry_run, request_id
+        )
+
+    def create_export(
+        self,
+        dataset_id: str,
+        export_settings: _exports.ExportSettings | None = None,
+        version_id: str | None = None,
+        request_id: str | None = None,
+    ) -> _exports.ExportInfo:
+        """Exports `version_id` (default: the newest READY version, or a new one, built
+        first); returns at once, see `wait_export`."""
+        return _exports.create_export(
+            self._rpc, dataset_id, export_settings, version_id, request_id=request_id
+        )
+
+    def get_export(
+        self, dataset_id: str, export_id: str, version_id: str | None = None
+    ) -> _exports.ExportInfo:
+        return _exports.get_export(self._rpc, dataset_id, export_id, version_id)
+
+    def list_exports(self, dataset_id: str, version_id: str | None = None) -> _exports.ExportList:
+        """The exports of `version_id` (default: the newest READY version)."""
+        return _exports.list_exports(self._rpc, dataset_id, version_id)
+
+    def wait_export(
+        self,
+        dataset_id: str,
+        export_id: str,
+        version_id: str | None = None,
+        timeout: float = 600,
+        show_progress: bool = False,
+    ) -> _exports.ExportInfo:
+        """Waits for SUCCESS; raises ExportFailedError or TimeoutError."""
+        return _exports.wait_export(
+            self._rpc, dataset_id, export_id, version_id, timeout, show_progress
+        )
+
+    def download(
+        self,
+        dataset_id: str,
+        save_dir: str | os.PathLike[str],
+        export_settings: _exports.ExportSettings | None = None,
+        annotations_only: bool = False,
+        overwrite: bool = False,
+        show_progress: bool = True,
+        version_id: str | None = None,
+        timeout: float = 600,
+    ) -> _exports.DownloadResult:
+        """Exports the latest version (creating one if needed), downloads it and unpacks
+        it into `save_dir` as media files plus annotation files per split."""
+        return _exports.download(
+            self._rpc,
+            dataset_id,
+            save_dir,
+            export_settings,
+            annotations_only,
+            overwrite,
+            show_progress,
+            version_id,
+            timeout,
+        )

@@ -1,0 +1,1 @@
+"""The `datasetd` command-line tool."""

@@ -1,0 +1,437 @@
+"""One function per sub-command: read the arguments, call the library, show the result."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+from pathlib import Path
+from typing import Any
+
+from service.cli.output import Output, confirm
+from service.client import Client, DatasetInfo, InputInfo
+from service.config import Config, ConfigError
+
+
+def _client(args: argparse.Namespace) -> Client:
+    if not args.key:
+        raise ValueError(
+            "no API key: pass --key or set DATASETD_API_KEY "
+            "(`make run` prints the bootstrap key of app 'main')"
+        )
+    return Client(args.address, args.key, args.app, tls=args.tls)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_progress", False)
+
+
+# --- server side --------------------------------------------------------------
+
+
+def serve(args: argparse.Namespace, output: Output) -> int:
+    from service.app import serve as run_server
+    from service.observability import setup_logging
+
+    config = _config(output)
+    if config is None:
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    asyncio.run(run_server(config))
+    return 0
+
+
+def _config(output: Output) -> Config | None:
+    try:
+        return Config.from_env()
+    except ConfigError as exc:
+        output.errors.print(f"configuration error: {exc}", highlight=False, markup=False)
+        return None
+
+
+async def _create_key(config: Config, app_id: str, description: str) -> str:
+    from service.app import open_database
+    from service.domain.auth import new_key
+    from service.domain.errors import Violations
+    from service.domain.validation import check_id
+    from service.storage.api_keys import PgApiKeyRepository
+    from service.storage.db import migrate
+
+    violations = Violations()
+    check_id(violations, "--app", app_id)
+    violations.raise_if_any()
+    async with open_database(config) as db:
+        async with db.connection() as conn:
+            await migrate(conn)
+        secret, key = new_key(app_id, description)
+        await PgApiKeyRepository(db).insert(key)
+    return secret
+
+
+def keys_create(args: argparse.Namespace, output: Output) -> int:
+    from service.domain.errors import InvalidArgument
+
+    config = _config(output)
+    if config is None:
+        return 2
+    app_id = args.app
+    try:
+        secret = asyncio.run(_create_key(config, app_id, args.description))
+    except InvalidArgument as error:
+        output.errors.print(f"error: {error}", highlight=False, markup=False)
+        return 2
+    if output.as_json:
+        output.document({"app_id": app_id, "key": secret, "description": args.description})
+    else:
+        print(secret)
+    return 0
+
+
+# --- datasets ----------------------------------------------------------------
+
+_DATASET_COLUMNS = ("id", "description", "visibility", "created_at", "modified_at")
+
+
+def _dataset_row(dataset: DatasetInfo) -> dict[str, Any]:
+    return {
+        "id": dataset.id,
+        "app_id": dataset.app_id,
+        "description": dataset.description,
+        "notes": dataset.notes,
+        "metadata": dataset.metadata,
+        "visibility": dataset.visibility,
+        "created_at": dataset.created_at,
+        "modified_at": dataset.modified_at,
+        "etag": dataset.etag,
+    }
+
+
+def _dataset_record(dataset: DatasetInfo) -> dict[str, Any]:
+    stat = dataset.statistic
+    return _dataset_row(dataset) | {
+        "assets": stat.asset_total,
+        "annotated_assets": stat.asset_annotated,
+        "annotations": stat.annotation_total,
+        "tags": stat.tags_count,
+    }
+
+
+def datasets_list(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        rows = [
+            _dataset_row(d)
+            for d in client.datasets.all_items(page_size=args.page_size, query=args.query)
+        ]
+    output.table(rows, _DATASET_COLUMNS, f"datasets of app {args.app}")
+    return 0
+
+
+def datasets_get(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        dataset = client.datasets.get(args.dataset)
+    output.record(_dataset_record(dataset), f"dataset {dataset.id}")
+    return 0
+
+
+def datasets_create(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        dataset = client.datasets.create(
+            args.dataset, description=args.description, notes=args.notes, metadata=args.metadata
+        )
+    output.record(_dataset_row(dataset), f"created dataset {dataset.id}")
+    return 0
+
+
+def datasets_patch(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        dataset = client.datasets.patch(
+            args.dataset,
+            action=args.action,
+            description=args.description,
+            notes=args.notes,
+            metadata=args.metadata,
+            etag=args.etag,
+        )
+    output.record(_dataset_row(dataset), f"patched dataset {dataset.id}")
+    return 0
+
+
+def datasets_delete(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        stat = client.datasets.get(args.dataset).statistic
+        how = "permanently (--force: it cannot be undone)" if args.force else "recoverably"
+        confirm(
+            output,
+            f"Dataset {args.dataset} with {stat.asset_total} assets and "
+            f"{stat.annotation_total} annotations will be deleted {how}.",
+            args.yes,
+        )
+        deleted = client.datasets.delete(args.dataset, force=args.force)
+    if output.as_json:
+        output.document({"dataset_id": args.dataset} | _plain_deleted(deleted))
+    elif deleted.purged:
+        output.text(f"Dataset {args.dataset} was purged.")
+    else:
+        until = deleted.purge_time.isoformat(timespec="seconds") if deleted.purge_time else "-"
+        output.text(
+            f"Dataset {args.dataset} was deleted; `datasetd datasets undelete {args.dataset}` "
+            f"restores it until {until}."
+        )
+    return 0
+
+
+def _plain_deleted(deleted: Any) -> dict[str, Any]:
+    return {"purged": deleted.purged, "purge_time": deleted.purge_time}
+
+
+def datasets_undelete(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        dataset = client.datasets.undelete(args.dataset)
+    output.record(_dataset_row(dataset), f"restored dataset {dataset.id}")
+    return 0
+
+
+# --- uploads -----------------------------------------------------------------
+
+
+def _upload_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "batch_size": args.batch_size,
+        "concurrency": args.concurrency,
+        "show_progress": _progress(args) and not args.json,
+        "failure_log": Path(args.failure_log) if args.failure_log else None,
+    }
+
+
+def _upload_result(output: Output, result: Any) -> int:
+    """Exit status 0 only when nothing is left in the failure log; the summary says what is."""
+    if output.as_json:
+        output.document(result)
+    else:
+        output.console.print(result.summary(), highlight=False, markup=False)
+    return 0 if result.failed == 0 and not result.failures else 1
+
+
+def upload_folder(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        result = client.dataset(args.dataset).upload_from_folder(
+            Path(args.folder),
+            input_type=args.input_type,
+            labels=args.labels,
+            **_upload_kwargs(args),
+        )
+    return _upload_result(output, result)
+
+
+def upload_csv(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        result = client.dataset(args.dataset).upload_from_csv(
+            Path(args.csv),
+            input_type=args.input_type,
+            csv_type=args.csv_type,
+            labels=not args.no_labels,
+            **_upload_kwargs(args),
+        )
+    return _upload_result(output, result)
+
+
+def upload_coco(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        result = client.dataset(args.dataset).upload_coco(
+            Path(args.images), Path(args.annotations), **_upload_kwargs(args)
+        )
+    return _upload_result(output, result)
+
+
+def retry(args: argparse.Namespace, output: Output) -> int:
+    from service.client.uploads import retry as retry_log
+
+    options = _upload_kwargs(args)
+    # Here --failure-log is where the rows that still fail go (default: the log itself).
+    options["new_failure_log"] = options.pop("failure_log")
+    with _client(args) as client:
+        result = retry_log(
+            client.rpc, Path(args.log), allow_duplicates=args.allow_duplicates, **options
+        )
+    return _upload_result(output, result)
+
+
+# --- versions, exports, downloads --------------------------------------------
+
+_VERSION_COLUMNS = ("id", "status", "inputs", "description", "created_at")
+
+
+def _version_row(version: Any) -> dict[str, Any]:
+    row: dict[str, Any] = version.to_dict()
+    row["inputs"] = row.get("inputs_count")
+    return row
+
+
+def versions_create(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        version = client.dataset(args.dataset).create_version(
+            args.version_id,
+            description=args.description,
+            wait=not args.no_wait,
+            show_progress=not args.json,
+        )
+    output.record(_version_row(version), f"version {version.id} of {args.dataset}")
+    return 0
+
+
+def versions_list(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        rows = [_version_row(v) for v in client.dataset(args.dataset).list_versions()]
+    output.table(rows, _VERSION_COLUMNS, f"versions of dataset {args.dataset}")
+    return 0
+
+
+def versions_get(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        version = client.dataset(args.dataset).get_version(args.version)
+    output.record(_version_row(version), f"version {version.id} of {args.dataset}")
+    return 0
+
+
+def versions_delete(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        dataset = client.dataset(args.dataset)
+        version = dataset.get_version(args.version)
+        confirm(
+            output,
+            f"Version {version.id} of dataset {args.dataset} ({_version_row(version)['inputs']} "
+            "inputs) and its exports will be deleted; the dataset itself is not changed.",
+            args.yes,
+        )
+        dataset.delete_version(args.version)
+    if output.as_json:
+        output.document({"dataset_id": args.dataset, "version_id": args.version, "deleted": True})
+    else:
+        output.text(f"Version {args.version} of dataset {args.dataset} was deleted.")
+    return 0
+
+
+def _export_settings(args: argparse.Namespace, embed_media: bool) -> Any:
+    from service.client.exports import ExportSettings
+
+    return ExportSettings(
+        format=args.format,
+        split_ratio=args.split,
+        seed=args.seed,
+        embed_media=embed_media,
+        normalized=getattr(args, "normalized", None),
+    )
+
+
+def export(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        settings = _export_settings(args, embed_media=not args.no_embed_media)
+        created = client.datasets.create_export(args.dataset, settings, version_id=args.version)
+        finished = client.datasets.wait_export(
+            args.dataset,
+            created.id,
+            version_id=created.version_id,
+            show_progress=_progress(args) and not args.json,
+        )
+    output.record(finished, f"export {finished.id}")
+    return 0
+
+
+def download(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        result = client.datasets.download(
+            args.dataset,
+            Path(args.save_dir),
+            export_settings=_export_settings(args, embed_media=not args.annotations_only),
+            annotations_only=args.annotations_only,
+            overwrite=args.overwrite,
+            show_progress=_progress(args) and not args.json,
+        )
+    if output.as_json:
+        output.document(result)
+    else:
+        output.console.print(result.summary(), highlight=False, markup=False)
+    return 0
+
+
+def merge(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        merged = client.dataset(args.dataset).merge_dataset(args.source)
+    if output.as_json:
+        output.document(
+            {"destination": args.dataset, "source": args.source}
+            | {"added": merged.added, "already_present": merged.already_present}
+        )
+    else:
+        output.text(
+            f"Merged {args.source} into {args.dataset}: {merged.added} inputs added, "
+            f"{merged.already_present} already present."
+        )
+    return 0
+
+
+# --- inputs ------------------------------------------------------------------
+
+_INPUT_COLUMNS = ("id", "media_type", "concepts", "metadata", "created_at")
+
+
+def _input_row(item: InputInfo) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "media_type": item.media_type,
+        "concepts": item.concepts,
+        "metadata": item.metadata,
+        "dataset_ids": item.dataset_ids,
+        "created_at": item.created_at,
+        "title": item.title,
+        "url": item.url,
+    }
+
+
+def inputs_list(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        listed = client.dataset(args.dataset).list_inputs()
+        rows = [_input_row(i) for i in itertools.islice(listed, args.limit)]
+    output.table(rows, _INPUT_COLUMNS, f"inputs of dataset {args.dataset}")
+    return 0
+
+
+def inputs_get(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        item = client.dataset(args.dataset).get_input(args.input)
+    output.record(_input_row(item), f"input {item.id}")
+    return 0
+
+
+def inputs_delete(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        dataset = client.dataset(args.dataset)
+        shown = ", ".join(args.inputs[:10]) + (" ..." if len(args.inputs) > 10 else "")
+        confirm(
+            output,
+            f"{len(args.inputs)} inputs ({shown}) will be deleted with their annotations, "
+            "from every dataset that holds them.",
+            args.yes,
+        )
+        deleted, unknown = dataset.delete_inputs(list(args.inputs))
+    if output.as_json:
+        output.document({"deleted": deleted, "unknown_ids": unknown})
+    else:
+        output.text(
+            f"Deleted {deleted} inputs."
+            + (f" Unknown ids: {', '.join(unknown)}" if unknown else "")
+        )
+    return 0
+
+
+def inputs_download(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        downloaded = client.dataset(args.dataset).download_inputs(
+            Path(args.save_dir), show_progress=_progress(args) and not args.json
+        )
+    rows = [
+        {"input_id": d.input_id, "path": d.path, "size": d.size, "sha256": d.sha256}
+        for d in downloaded
+    ]
+    output.table(rows, ("input_id", "path", "size"), f"downloaded into {args.save_dir}")
+    return 0

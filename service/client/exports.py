@@ -1,0 +1,615 @@
+"""Exports and downloads of dataset versions, and bulk deletes by filter.
+
+`Datasets` delegates to the functions here; they take the shared `Rpc`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from datasetd.v1 import common_pb2, dataset_version_pb2
+from datasetd.v1 import dataset_service_pb2 as dapi
+from datasetd.v1 import dataset_version_service_pb2 as api
+from google.protobuf import struct_pb2
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from service.client._rpc import Rpc
+from service.client.errors import DatasetdError, NotFoundError
+from service.client.unpack import SPLIT, unpack
+from service.client.versions import READY, Versions, poll, status_name
+
+FORMATS: dict[str, dataset_version_pb2.ExportFormat.ValueType] = {
+    "clarifai_data_protobuf": dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF,
+    "clarifai_data_json": dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_JSON,
+    "coco": dataset_version_pb2.EXPORT_FORMAT_COCO,
+}
+_FORMAT_NAMES = {value: name for name, value in FORMATS.items()}
+_PREFIX = "STATUS_CODE_DATASET_VERSION_EXPORT_"
+_RUNNING = ("PENDING", "IN_PROGRESS")
+SUCCESS = "SUCCESS"
+DEFAULT_SPLIT_NAMES = ("train", "validation", "test")
+MIB = 1024 * 1024
+
+
+# --- settings and results --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How to export a version; validated on construction (ValueError).
+
+    * `format`: "clarifai_data_protobuf" (default), "clarifai_data_json" or "coco".
+    * `normalized`: coordinates of the unpacked annotations (download only). None keeps the
+      format's own (Clarifai formats: normalized [0, 1]; COCO: pixels). True with COCO
+      divides bbox, polygon segmentation and area by the image size; False with the
+      Clarifai formats multiplies boxes, polygons and points by the image (or video) size
+      the archive records, and fails for an input with regions but no recorded size.
+    * `split_ratio`: {"train": 0.8, "validation": 0.2}, or 2 or 3 ratios mapped to
+      train/validation(/test); each > 0, summing to 1. None: one split named "all".
+    * `seed`: of the deterministic, concept-stratified split.
+    * `embed_media`: media bytes inside the archive. None: embedded by `download` (unless
+      `annotations_only`), referenced by `create_export`.
+    """
+
+    format: str = "clarifai_data_protobuf"
+    normalized: bool | None = None
+    split_ratio: Mapping[str, float] | Sequence[float] | None = None
+    seed: int = 0
+    embed_media: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(
+                f"export format must be one of {', '.join(FORMATS)}, not {self.format!r}"
+            )
+        if self.normalized not in (None, True, False):
+            raise ValueError(f"normalized must be True, False or None, not {self.normalized!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, not {self.seed!r}")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in 0..2**64-1, not {self.seed}")
+        self.ratios()
+
+    def ratios(self) -> dict[str, float]:
+        """The split as named ratios ({} without a split)."""
+        given = self.split_ratio
+        if given is None:
+            return {}
+        if isinstance(given, Mapping):
+            named = dict(given)
+        elif isinstance(given, Sequence) and not isinstance(given, str):
+            if not 2 <= len(given) <= 3:
+                raise ValueError(
+                    f"split_ratio as a list needs 2 or 3 ratios (train, validation, test), "
+                    f"not {len(given)}"
+                )
+            named = dict(zip(DEFAULT_SPLIT_NAMES, given, strict=False))
+        else:
+            raise ValueError(f"split_ratio must be a dict or a list of ratios, not {given!r}")
+        if not named:
+            raise ValueError("split_ratio needs at least one split")
+        for name, ratio in named.items():
+            if not isinstance(name, str) or not SPLIT.match(name):
+                raise ValueError(
+                    f"split name {name!r} must be 1..32 characters of lowercase a-z, 0-9, _ or -"
+                )
+            if (
+                isinstance(ratio, bool)
+                or not isinstance(ratio, int | float)
+                or not math.isfinite(ratio)
+                or ratio <= 0
+            ):
+                raise ValueError(f"split ratio of {name!r} must be a number > 0, not {ratio!r}")
+        total = sum(float(r) for r in named.values())
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"split ratios must sum to 1, not {total:g}")
+        return {name: float(ratio) for name, ratio in named.items()}
+
+    def options(self, embed_media: bool) -> api.ExportOptions:
+        message = api.ExportOptions(embed_media=embed_media)
+        ratios = self.ratios()
+        if ratios:
+            message.split.ratios.update(ratios)
+            message.split.seed = self.seed
+        return message
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """An export of a version as the server last returned it."""
+
+    id: str
+    dataset_id: str
+    version_id: str
+    format: str
+    # PENDING, IN_PROGRESS, SUCCESS, FAILED or UNEXPECTED_ERROR.
+    status: str
+    percent_completed: int
+    details: str
+    size: int
+    url: str
+    url_expires_at: datetime | None
+    split_counts: dict[str, int]
+    # {"dropped": {kind: count}, "notes": [...]}: what the format could not carry.
+    fidelity: dict[str, Any]
+    embed_media: bool
+    split_ratio: dict[str, float]
+    seed: int
+    created_at: datetime | None
+    modified_at: datetime | None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == SUCCESS
+
+    def to_dict(self) -> dict[str, Any]:
+        result = asdict(self)
+        for name in ("url_expires_at", "created_at", "modified_at"):
+            value = result[name]
+            result[name] = value.isoformat() if value else None
+        return result
+
+
+# `Datasets.list` shadows the builtin inside that class.
+ExportList = list[ExportInfo]
+
+
+class ExportFailedError(DatasetdError):
+    """An export ended FAILED (or UNEXPECTED_ERROR); `export.details` says why."""
+
+    def __init__(self, export: ExportInfo) -> None:
+        super().__init__(
+            grpc.StatusCode.ABORTED,
+            f"export {export.id} of version {export.version_id} failed: "
+            f"{export.details or export.status}",
+            reason="EXPORT_FAILED",
+        )
+        self.export = export
+
+
+class ArchiveIntegrityError(OSError):
+    """The downloaded archive does not have the size or SHA-256 the server announced."""
+
+
+@dataclass(frozen=True)
+class BulkDeleteResult:
+    matched: int
+    deleted: int
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What `download` wrote into `save_dir` (see docs for the layout)."""
+
+    save_dir: Path
+    # Size of the downloaded archive in MiB.
+    size_mb: float
+    splits: dict[str, int]
+    assets_count: int
+    annotations_count: int
+    format: str
+    version_id: str
+    export_id: str
+    size_bytes: int = 0
+    sha256: str = ""
+    media_files: int = 0
+    # Inputs whose media the archive only references, so no file was written.
+    media_missing: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        table = Table(title=f"Downloaded {self.save_dir}", show_header=False)
+        table.add_column("", style="bold")
+        table.add_column("")
+        table.add_row("format", self.format)
+        table.add_row("version", self.version_id)
+        table.add_row("export", self.export_id)
+        table.add_row("size", f"{self.size_mb:.2f} MiB")
+        table.add_row("assets", str(self.assets_count))
+        table.add_row("media files", str(self.media_files))
+        table.add_row("annotations", str(self.annotations_count))
+        for split, count in self.splits.items():
+            table.add_row(f"split {split}", str(count))
+        if self.media_missing:
+            table.add_row("media not in archive", str(len(self.media_missing)))
+        buffer = io.StringIO()
+        Console(file=buffer, width=100, color_system=None).print(table)
+        return buffer.getvalue().rstrip("\n")
+
+    def info(self) -> str:
+        """Prints the summary and returns it."""
+        text = self.summary()
+        print(text)
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        result = asdict(self)
+        result["save_dir"] = str(self.save_dir)
+        return result
+
+
+def _time(message: api.Export, name: str) -> datetime | None:
+    if not message.HasField(name):  # type: ignore[arg-type]
+        return None
+    result: datetime = getattr(message, name).ToDatetime(tzinfo=UTC)
+    return result
+
+
+def to_export_info(message: api.Export) -> ExportInfo:
+    return ExportInfo(
+        id=message.id,
+        dataset_id=message.dataset_id,
+        version_id=message.version_id,
+        format=_FORMAT_NAMES.get(message.format, str(message.format)),
+        status=status_name(message.status.code, _PREFIX),
+        percent_completed=message.status.percent_completed,
+        details=message.status.details,
+        size=message.size,
+        url=message.url,
+        url_expires_at=_time(message, "url_expire_time"),
+        split_counts=dict(message.split_counts),
+        fidelity={
+            "dropped": dict(message.fidelity.dropped),
+            "notes": list(message.fidelity.notes),
+        },
+        embed_media=message.options.embed_media,
+        split_ratio=dict(message.options.split.ratios),
+        seed=message.options.split.seed,
+        created_at=_time(message, "created_at"),
+        modified_at=_time(message, "modified_at"),
+    )
+
+
+# --- exports ---------------------------------------------------------------------------------
+
+
+def create_export(
+    rpc: Rpc,
+    dataset_id: str,
+    export_settings: ExportSettings | None = None,
+    version_id: str | None = None,
+    embed_media: bool | None = None,
+    request_id: str | None = None,
+    timeout: float = 600,
+    show_progress: bool = False,
+) -> ExportInfo:
+    """Asks for an export of `version_id` (default: the newest READY version, or a new one,
+    built first). Returns at once (the export may still be PENDING); idempotent."""
+    settings = export_settings or ExportSettings()
+    if version_id is None:
+        version_id = Versions(rpc, dataset_id).latest_or_new(timeout, show_progress).id
+    embed = (
+        embed_media
+        if embed_media is not None
+        else bool(settings.embed_media)  # None: referenced, the server's default
+    )
+    response = rpc.call(
+        rpc.versions.ExportDatasetVersion,
+        api.ExportDatasetVersionRequest(
+            app_id=rpc.app,
+            dataset_id=dataset_id,
+            version_id=version_id,
+            format=FORMATS[settings.format],
+            options=settings.options(embed),
+            request_id=request_id or "",
+        ),
+    )
+    return to_export_info(response.export)
+
+
+def _get(rpc: Rpc, dataset_id: str, version_id: str, export_id: str) -> ExportInfo:
+    response = rpc.call(
+        rpc.versions.GetExport,
+        api.GetExportRequest(
+            app_id=rpc.app, dataset_id=dataset_id, version_id=version_id, export_id=export_id
+        ),
+    )
+    return to_export_info(response.export)
+
+
+def get_export(
+    rpc: Rpc, dataset_id: str, export_id: str, version_id: str | None = None
+) -> ExportInfo:
+    """The export; without `version_id` the dataset's versions are searched, newest first."""
+    if version_id is not None:
+        return _get(rpc, dataset_id, version_id, export_id)
+    for version in Versions(rpc, dataset_id).list():
+        if version.status != READY:
+            continue
+        try:
+            return _get(rpc, dataset_id, version.id, export_id)
+        except NotFoundError:
+            continue
+    raise NotFoundError(
+        grpc.StatusCode.NOT_FOUND,
+        f"no version of dataset {dataset_id} has an export {export_id}",
+        reason="EXPORT_NOT_FOUND",
+    )
+
+
+def list_exports(rpc: Rpc, dataset_id: str, version_id: str | None = None) -> list[ExportInfo]:
+    """The exports of `version_id` (default: the newest READY version; [] if none)."""
+    if version_id is None:
+        latest = Versions(rpc, dataset_id).latest()
+        if latest is None:
+            return []
+        version_id = latest.id
+    found: list[ExportInfo] = []
+    token = ""
+    while True:
+        response = rpc.call(
+            rpc.versions.ListExports,
+            api.ListExportsRequest(
+                app_id=rpc.app,
+                dataset_id=dataset_id,
+                version_id=version_id,
+                page_size=1000,
+                page_token=token,
+            ),
+        )
+        found.extend(to_export_info(e) for e in response.exports)
+        token = response.next_page_token
+        if not token:
+            return found
+
+
+def wait_export(
+    rpc: Rpc,
+    dataset_id: str,
+    export_id: str,
+    version_id: str | None = None,
+    timeout: float = 600,
+    show_progress: bool = False,
+) -> ExportInfo:
+    """Waits until the export ended: SUCCESS is returned, a failure raised
+    (ExportFailedError), TimeoutError after `timeout` seconds."""
+    if version_id is None:
+        version_id = get_export(rpc, dataset_id, export_id).version_id
+    version = version_id
+    finished: ExportInfo = poll(
+        lambda: _get(rpc, dataset_id, version, export_id),
+        lambda e: e.status not in _RUNNING,
+        lambda e: e.percent_completed,
+        timeout,
+        f"exporting version {version_id}",
+        show_progress,
+    )
+    if finished.status != SUCCESS:
+        raise ExportFailedError(finished)
+    return finished
+
+
+# --- download --------------------------------------------------------------------------------
+
+
+def _check_target(save_dir: Path, overwrite: bool) -> None:
+    if save_dir.exists() or save_dir.is_symlink():
+        if not save_dir.is_dir():
+            raise FileExistsError(f"{save_dir} exists and is not a directory")
+        if any(save_dir.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"{save_dir} is not empty; pass overwrite=True to replace its content"
+            )
+
+
+def _fetch(rpc: Rpc, export: ExportInfo, path: Path, show_progress: bool) -> tuple[int, str]:
+    """Streams the archive into `path`; returns its size and SHA-256 once both match what
+    the server announced."""
+    digest = hashlib.sha256()
+    size, announced_size, announced_sha = 0, -1, ""
+    progress = (
+        Progress(
+            TextColumn("downloading"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        if show_progress
+        else None
+    )
+    task = progress.add_task("download", total=export.size or None) if progress else None
+    if progress:
+        progress.start()
+    try:
+        with path.open("wb") as sink:
+            request = api.DownloadExportRequest(
+                app_id=rpc.app,
+                dataset_id=export.dataset_id,
+                version_id=export.version_id,
+                export_id=export.id,
+            )
+            for index, message in enumerate(rpc.stream(rpc.versions.DownloadExport, request)):
+                if index == 0:
+                    announced_size, announced_sha = message.total_size, message.sha256
+                sink.write(message.chunk)
+                digest.update(message.chunk)
+                size += len(message.chunk)
+                if progress is not None and task is not None:
+                    progress.update(task, completed=size)
+            sink.flush()
+            os.fsync(sink.fileno())
+    finally:
+        if progress:
+            progress.stop()
+    if size != announced_size or (export.size and size != export.size):
+        raise ArchiveIntegrityError(
+            f"export {export.id}: received {size} bytes, the server announced {announced_size}"
+        )
+    if digest.hexdigest() != announced_sha:
+        raise ArchiveIntegrityError(
+            f"export {export.id}: SHA-256 {digest.hexdigest()} differs from the announced "
+            f"{announced_sha}"
+        )
+    return size, announced_sha
+
+
+def download(
+    rpc: Rpc,
+    dataset_id: str,
+    save_dir: str | os.PathLike[str],
+    export_settings: ExportSettings | None = None,
+    annotations_only: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    version_id: str | None = None,
+    timeout: float = 600,
+) -> DownloadResult:
+    """Exports a version (default: the newest READY one; one still building is waited for;
+    with none, a new one is created), downloads it and unpacks it into `save_dir`."""
+    target = Path(save_dir).expanduser().absolute()
+    _check_target(target, overwrite)
+    settings = export_settings or ExportSettings()
+    embed = settings.embed_media if settings.embed_media is not None else not annotations_only
+    if version_id is None:
+        version_id = Versions(rpc, dataset_id).latest_or_new(timeout, show_progress).id
+    started = create_export(rpc, dataset_id, settings, version_id, embed_media=embed)
+    export = wait_export(rpc, dataset_id, started.id, version_id, timeout, show_progress)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Next to the target, so that the final renames stay on one file system.
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.download-", dir=target.parent))
+    try:
+        archive = work / "export.zip"
+        size, sha256 = _fetch(rpc, export, archive, show_progress)
+        content = work / "content"
+        content.mkdir()
+        stats = unpack(archive, content, settings.format, settings.normalized, annotations_only)
+        archive.unlink()
+        _check_target(target, overwrite)
+        if target.exists():
+            # The old content goes into the work directory, removed below with it.
+            target.rename(work / "previous")
+        content.rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return DownloadResult(
+        save_dir=target,
+        size_mb=round(size / MIB, 3),
+        splits=stats.splits,
+        assets_count=stats.assets_count,
+        annotations_count=stats.annotations_count,
+        format=settings.format,
+        version_id=version_id,
+        export_id=export.id,
+        size_bytes=size,
+        sha256=sha256,
+        media_files=stats.media_files,
+        media_missing=stats.media_missing,
+    )
+
+
+# --- bulk delete -----------------------------------------------------------------------------
+
+FILTER_KEYS = ("concepts", "not_concepts", "metadata", "media_types", "annotated")
+_MEDIA_TYPES = {
+    "image": common_pb2.MEDIA_TYPE_IMAGE,
+    "video": common_pb2.MEDIA_TYPE_VIDEO,
+    "audio": common_pb2.MEDIA_TYPE_AUDIO,
+    "text": common_pb2.MEDIA_TYPE_TEXT,
+}
+
+
+def _strings(key: str, value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple | set | frozenset) or not all(
+        isinstance(item, str) and item for item in items
+    ):
+        raise ValueError(f"filter {key!r} must be a list of non-empty strings, not {value!r}")
+    return sorted(items) if isinstance(items, set | frozenset) else list(items)
+
+
+def input_filter(criteria: Mapping[str, Any] | None) -> common_pb2.InputFilter:
+    """An InputFilter from `{"concepts", "not_concepts", "metadata", "media_types",
+    "annotated"}`; unknown keys and wrong types are ValueErrors."""
+    criteria = dict(criteria or {})
+    unknown = sorted(set(criteria) - set(FILTER_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown filter key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(FILTER_KEYS)}"
+        )
+    message = common_pb2.InputFilter()
+    if criteria.get("concepts") is not None:
+        message.concept_ids.extend(_strings("concepts", criteria["concepts"]))
+    if criteria.get("not_concepts") is not None:
+        message.negative_concept_ids.extend(_strings("not_concepts", criteria["not_concepts"]))
+    metadata = criteria.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise ValueError(f"filter 'metadata' must be a JSON object, not {metadata!r}")
+        if metadata:
+            struct = struct_pb2.Struct()
+            struct.update(dict(metadata))
+            message.metadata.CopyFrom(struct)
+    if criteria.get("media_types") is not None:
+        for kind in _strings("media_types", criteria["media_types"]):
+            if kind.lower() not in _MEDIA_TYPES:
+                raise ValueError(f"unknown media type {kind!r}; allowed: {', '.join(_MEDIA_TYPES)}")
+            message.media_types.append(_MEDIA_TYPES[kind.lower()])
+    annotated = criteria.get("annotated")
+    if annotated is not None:
+        if not isinstance(annotated, bool):
+            raise ValueError(f"filter 'annotated' must be True or False, not {annotated!r}")
+        message.annotation_state = (
+            common_pb2.ANNOTATION_STATE_ANNOTATED
+            if annotated
+            else common_pb2.ANNOTATION_STATE_UNANNOTATED
+        )
+    return message
+
+
+def bulk_delete_assets(
+    rpc: Rpc,
+    dataset_id: str,
+    filter_criteria: Mapping[str, Any] | None = None,
+    strict_query: bool = False,
+    dry_run: bool = False,
+    request_id: str | None = None,
+) -> BulkDeleteResult:
+    """Deletes the dataset's inputs matching the filter (from the app, with their
+    annotations). An empty filter matches every input: `strict_query=True` refuses it."""
+    message = input_filter(filter_criteria)
+    if strict_query and message == common_pb2.InputFilter():
+        raise ValueError(
+            "strict_query=True refuses an empty filter, which would match every input of "
+            f"dataset {dataset_id}; give a filter, or strict_query=False to delete them all"
+        )
+    response = rpc.call(
+        rpc.datasets.DeleteDatasetInputsByFilter,
+        dapi.DeleteDatasetInputsByFilterRequest(
+            app_id=rpc.app,
+            dataset_id=dataset_id,
+            filter=message,
+            dry_run=dry_run,
+            request_id=request_id or "",
+        ),
+    )
+    return BulkDeleteResult(response.matched_count, response.deleted_count, dry_run)
+
+
+def describe_filter(criteria: Mapping[str, Any] | None) -> str:
+    """A one-line description of a filter, for confirmations."""
+    return json.dumps(dict(criteria or {}), sort_keys=True) if criteria else "(every input)"

@@ -1,0 +1,437 @@
+"""Unpacking a downloaded export archive into a directory of media files and annotations.
+
+Layout written under the target directory, one directory per split (`all` when the
+export has no split):
+
+* `<split>/images/`, `<split>/videos/`, `<split>/audio/`, `<split>/texts/`: one file per
+  input, named after the cleaned input id plus the extension of its format (`.txt` for
+  texts, UTF-8). Nothing is written there with `annotations_only`.
+* Clarifai formats: `<split>/annotations.jsonl`, one line per input:
+  `{"input_id": ..., "file": "images/<name>.png" | null, "input": {...}}` where `input` is
+  the Input in the protobuf JSON mapping (proto field names) with its annotations folded
+  in as in the archive (`data.concepts`, `data.regions`, `data.frames`, metadata, geo),
+  minus the embedded media bytes (they are in `file`).
+* COCO: `<split>/annotations.json`, the archive's instances file with each image's
+  `file_name` set to the name of its file under `<split>/images/`.
+
+The archive is treated as untrusted: entry names are only compared with expected
+patterns, never used as paths; file names are built from cleaned input ids.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from datasetd.v1 import data_pb2, input_pb2
+from google.protobuf import json_format
+
+MIMETYPES = {
+    "clarifai_data_protobuf": b"application/x.clarifai-data+protobuf",
+    "clarifai_data_json": b"application/x.clarifai-data+json",
+}
+SPLIT = re.compile(r"^[a-z0-9_-]{1,32}$")
+_BATCH = re.compile(r"^([a-z0-9_-]{1,32})/batch-\d{1,12}_n\d{1,12}$")
+_INSTANCES = re.compile(r"^annotations/instances_([a-z0-9_-]{1,32})\.json$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_ENTRIES = 1_000_000
+# Batches and instances files are JSON or protobuf: they deflate well, but not by more
+# than this unless the archive was crafted to exhaust memory or disk.
+MAX_RATIO = 200
+COPY_CHUNK = 1024 * 1024
+MEDIA_DIRS = {"image": "images", "video": "videos", "audio": "audio", "text": "texts"}
+_EXTENSIONS = {
+    "JPEG": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "GIF": ".gif",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+    "MP4": ".mp4",
+    "MOV": ".mov",
+    "3GP": ".3gp",
+    "WEBM": ".webm",
+    "MATROSKA": ".mkv",
+    "AVI": ".avi",
+    "MPEG-TS": ".ts",
+    "MPEG-PS": ".mpg",
+    "FLV": ".flv",
+    "OGG": ".ogg",
+    "WAV": ".wav",
+    "MP3": ".mp3",
+    "FLAC": ".flac",
+    "OPUS": ".opus",
+    "M4A": ".m4a",
+    "AAC": ".aac",
+}
+
+
+class ArchiveError(ValueError):
+    """The archive does not have the layout of its format (or looks hostile)."""
+
+
+@dataclass
+class UnpackStats:
+    """What an unpack wrote."""
+
+    splits: dict[str, int] = field(default_factory=dict)
+    assets_count: int = 0
+    annotations_count: int = 0
+    media_files: int = 0
+    # Inputs whose media the archive only references (e.g. created from a URL).
+    media_missing: list[str] = field(default_factory=list)
+
+
+def clean_name(input_id: str) -> str:
+    """A file name stem from an input id: safe characters only, never hidden or empty."""
+    name = _UNSAFE.sub("_", input_id).lstrip(".")[:120]
+    return name or "input"
+
+
+class _Names:
+    """Unique file names in one directory, also on case-insensitive file systems."""
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+
+    def take(self, stem: str, extension: str) -> str:
+        name, n = stem + extension, 1
+        while name.lower() in self._taken:
+            n += 1
+            name = f"{stem}-{n}{extension}"
+        self._taken.add(name.lower())
+        return name
+
+
+def _check_entries(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    entries = archive.infolist()
+    if len(entries) > MAX_ENTRIES:
+        raise ArchiveError(f"the archive has {len(entries)} entries, more than {MAX_ENTRIES}")
+    for entry in entries:
+        if entry.flag_bits & 0x1:
+            raise ArchiveError(f"archive entry {entry.filename!r} is encrypted")
+        if entry.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ArchiveError(f"archive entry {entry.filename!r} uses an unknown compression")
+        if entry.file_size > MAX_RATIO * max(entry.compress_size, 1024 * 1024):
+            raise ArchiveError(f"archive entry {entry.filename!r} has a suspicious ratio")
+    return entries
+
+
+def _varint(stream: IO[bytes]) -> int | None:
+    """The next varint, or None at the end of the stream."""
+    result, shift = 0, 0
+    while True:
+        byte = stream.read(1)
+        if not byte:
+            if shift:
+                raise ArchiveError("truncated varint in a batch entry")
+            return None
+        result |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise ArchiveError("malformed varint in a batch entry")
+
+
+def _protobuf_inputs(stream: IO[bytes], name: str) -> Iterator[input_pb2.Input]:
+    """The inputs of an InputBatch entry, one at a time (a batch may hold large media)."""
+    while (tag := _varint(stream)) is not None:
+        if tag != (1 << 3 | 2):
+            raise ArchiveError(f"archive entry {name!r} is not an InputBatch (tag {tag})")
+        length = _varint(stream)
+        if length is None:
+            raise ArchiveError(f"archive entry {name!r} ends inside an input")
+        data = stream.read(length)
+        if len(data) != length:
+            raise ArchiveError(f"archive entry {name!r} ends inside an input")
+        yield input_pb2.Input.FromString(data)
+
+
+def _json_inputs(stream: IO[bytes], name: str) -> Iterator[input_pb2.Input]:
+    try:
+        document = json.load(stream)
+        items = document["inputs"] if isinstance(document, dict) else None
+        if not isinstance(items, list):
+            raise ArchiveError(f"archive entry {name!r} has no list of inputs")
+        for item in items:
+            yield json_format.ParseDict(item, input_pb2.Input(), ignore_unknown_fields=True)
+    except (ValueError, json_format.ParseError) as error:
+        if isinstance(error, ArchiveError):
+            raise
+        raise ArchiveError(f"archive entry {name!r} is not an InputBatch: {error}") from None
+
+
+def medium_of(data: data_pb2.Data) -> str | None:
+    return next((m for m in MEDIA_DIRS if data.HasField(m)), None)  # type: ignore[arg-type]
+
+
+def _dimensions(data: data_pb2.Data, medium: str | None) -> tuple[int, int]:
+    if medium == "image":
+        return data.image.image_info.width, data.image.image_info.height
+    if medium == "video":
+        return data.video.video_info.width, data.video.video_info.height
+    return 0, 0
+
+
+def _to_pixels(regions: Any, width: int, height: int, input_id: str) -> None:
+    for region in regions:
+        info = region.region_info
+        geometric = (
+            info.HasField("bounding_box")
+            or info.HasField("polygon")
+            or info.HasField("point")
+            or bool(info.keypoint_locations)
+        )
+        if not geometric:
+            continue
+        if width <= 0 or height <= 0:
+            raise ValueError(
+                f"normalized=False needs the image size, but the archive carries none for "
+                f"input {input_id!r}: use normalized=None (normalized coordinates) instead"
+            )
+        if info.HasField("bounding_box"):
+            box = info.bounding_box
+            box.top_row *= height
+            box.bottom_row *= height
+            box.left_col *= width
+            box.right_col *= width
+        points = [*info.polygon.points, *info.keypoint_locations]
+        if info.HasField("point"):
+            points.append(info.point)
+        for point in points:
+            point.row *= height
+            point.col *= width
+
+
+def _annotation_count(data: data_pb2.Data) -> int:
+    """Positive input-level concepts plus regions (the input's and its frames')."""
+    concepts = sum(1 for c in data.concepts if c.value > 0)
+    return concepts + len(data.regions) + sum(len(f.data.regions) for f in data.frames)
+
+
+class _Split:
+    """The files of one split being written."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.root = root / name
+        self.root.mkdir()
+        self.names: dict[str, _Names] = {}
+        self.count = 0
+        self._lines: IO[str] | None = None
+
+    def media_path(self, medium: str, input_id: str, extension: str) -> tuple[Path, str]:
+        directory = MEDIA_DIRS[medium]
+        name = self.names.setdefault(directory, _Names()).take(clean_name(input_id), extension)
+        return self.root / directory / name, f"{directory}/{name}"
+
+    def write_line(self, record: dict[str, Any]) -> None:
+        if self._lines is None:
+            self._lines = (self.root / "annotations.jsonl").open("w", encoding="utf-8")
+        self._lines.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        if self._lines is not None:
+            self._lines.close()
+
+
+def unpack_clarifai(
+    archive_path: Path,
+    target: Path,
+    export_format: str,
+    normalized: bool | None,
+    annotations_only: bool,
+) -> UnpackStats:
+    """Unpacks a Clarifai-Data-Protobuf or -JSON archive (see the module docstring)."""
+    stats = UnpackStats()
+    splits: dict[str, _Split] = {}
+    with zipfile.ZipFile(archive_path) as archive:
+        entries = _check_entries(archive)
+        if not entries or entries[0].filename != "mimetype":
+            raise ArchiveError("the archive does not start with a mimetype entry")
+        if archive.read(entries[0]) != MIMETYPES[export_format]:
+            raise ArchiveError(f"the archive is not a {export_format} archive")
+        try:
+            for entry in entries[1:]:
+                match = _BATCH.match(entry.filename)
+                if match is None:
+                    raise ArchiveError(f"unexpected archive entry {entry.filename!r}")
+                split = splits.get(match.group(1))
+                if split is None:
+                    split = splits[match.group(1)] = _Split(target, match.group(1))
+                with archive.open(entry) as stream:
+                    reader = (
+                        _protobuf_inputs(stream, entry.filename)
+                        if export_format == "clarifai_data_protobuf"
+                        else _json_inputs(stream, entry.filename)
+                    )
+                    for message in reader:
+                        _write_input(split, message, normalized, annotations_only, stats)
+        finally:
+            for split in splits.values():
+                split.close()
+    stats.splits = {name: split.count for name, split in splits.items()}
+    return stats
+
+
+def _write_input(
+    split: _Split,
+    message: input_pb2.Input,
+    normalized: bool | None,
+    annotations_only: bool,
+    stats: UnpackStats,
+) -> None:
+    data = message.data
+    medium = medium_of(data)
+    content: bytes | None = None
+    extension = ""
+    if medium == "text":
+        if data.text.raw:
+            content, extension = data.text.raw.encode(), ".txt"
+    elif medium is not None:
+        media = getattr(data, medium)
+        if media.base64:
+            content = media.base64
+            info = getattr(media, f"{medium}_info")
+            kind = info.format if medium == "image" else getattr(info, f"{medium}_format")
+            extension = _EXTENSIONS.get(kind, ".bin")
+            media.ClearField("base64")
+    file: str | None = None
+    if content is None:
+        if medium is not None:
+            stats.media_missing.append(message.id)
+    elif not annotations_only:
+        path, file = split.media_path(medium or "", message.id, extension)
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+        stats.media_files += 1
+    if normalized is False:
+        width, height = _dimensions(data, medium)
+        _to_pixels(data.regions, width, height, message.id)
+        for frame in data.frames:
+            _to_pixels(frame.data.regions, width, height, message.id)
+    stats.annotations_count += _annotation_count(data)
+    stats.assets_count += 1
+    split.count += 1
+    split.write_line(
+        {
+            "input_id": message.id,
+            "file": file,
+            "input": json_format.MessageToDict(message, preserving_proto_field_name=True),
+        }
+    )
+
+
+def unpack_coco(
+    archive_path: Path, target: Path, normalized: bool | None, annotations_only: bool
+) -> UnpackStats:
+    """Unpacks a COCO archive (see the module docstring)."""
+    stats = UnpackStats()
+    with zipfile.ZipFile(archive_path) as archive:
+        entries = {entry.filename: entry for entry in _check_entries(archive)}
+        for name, entry in entries.items():
+            match = _INSTANCES.match(name)
+            if match is not None:
+                _coco_split(
+                    archive,
+                    entries,
+                    entry,
+                    match.group(1),
+                    target,
+                    normalized,
+                    annotations_only,
+                    stats,
+                )
+            elif not name.startswith("images/"):
+                raise ArchiveError(f"unexpected archive entry {name!r}")
+    return stats
+
+
+def _coco_split(
+    archive: zipfile.ZipFile,
+    entries: dict[str, zipfile.ZipInfo],
+    instances: zipfile.ZipInfo,
+    split_name: str,
+    target: Path,
+    normalized: bool | None,
+    annotations_only: bool,
+    stats: UnpackStats,
+) -> None:
+    with archive.open(instances) as stream:
+        try:
+            document = json.load(stream)
+        except ValueError as error:
+            raise ArchiveError(f"{instances.filename!r} is not JSON: {error}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("images"), list):
+        raise ArchiveError(f"{instances.filename!r} is not a COCO instances file")
+    split = _Split(target, split_name)
+    sizes: dict[Any, tuple[float, float]] = {}
+    for image in document["images"]:
+        input_id = str(image.get("datasetd_input_id") or image.get("id"))
+        original = str(image.get("file_name", ""))
+        suffix = Path(original).suffix.lower()
+        extension = suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""
+        path, _ = split.media_path("image", input_id, extension)
+        image["file_name"] = path.name
+        sizes[image.get("id")] = (float(image.get("width") or 0), float(image.get("height") or 0))
+        # Compared as a string, never opened as a path.
+        entry = entries.get(f"images/{split_name}/{original}")
+        if entry is None:
+            stats.media_missing.append(input_id)
+        elif not annotations_only:
+            path.parent.mkdir(exist_ok=True)
+            with archive.open(entry) as source, path.open("wb") as sink:
+                shutil.copyfileobj(source, sink, COPY_CHUNK)
+            stats.media_files += 1
+        concepts = image.get("datasetd_concepts") or []
+        stats.annotations_count += sum(1 for c in concepts if c.get("value", 0) > 0)
+        split.count += 1
+    annotations = document.get("annotations") or []
+    if normalized:
+        for annotation in annotations:
+            _normalize(annotation, *sizes.get(annotation.get("image_id"), (0.0, 0.0)))
+        document.setdefault("info", {})["datasetd_normalized"] = True
+    stats.annotations_count += len(annotations)
+    stats.assets_count += split.count
+    stats.splits[split_name] = split.count
+    with (split.root / "annotations.json").open("w", encoding="utf-8") as out:
+        json.dump(document, out, ensure_ascii=False)
+
+
+def _normalize(annotation: dict[str, Any], width: float, height: float) -> None:
+    """Pixel coordinates to [0, 1]; RLE masks are rasters and stay as they are."""
+    if width <= 0 or height <= 0:
+        raise ValueError(
+            f"normalized=True needs the image size, but image {annotation.get('image_id')} "
+            "of the COCO file has none"
+        )
+    x, y, w, h = annotation["bbox"]
+    annotation["bbox"] = [x / width, y / height, w / width, h / height]
+    annotation["area"] = float(annotation.get("area", 0)) / (width * height)
+    segmentation = annotation.get("segmentation")
+    if isinstance(segmentation, list):
+        annotation["segmentation"] = [
+            [v / (width if i % 2 == 0 else height) for i, v in enumerate(polygon)]
+            for polygon in segmentation
+        ]
+
+
+def unpack(
+    archive_path: Path,
+    target: Path,
+    export_format: str,
+    normalized: bool | None = None,
+    annotations_only: bool = False,
+) -> UnpackStats:
+    """Unpacks an export archive of `export_format` into the existing, empty `target`."""
+    if export_format == "coco":
+        return unpack_coco(archive_path, target, normalized, annotations_only)
+    if export_format in MIMETYPES:
+        return unpack_clarifai(archive_path, target, export_format, normalized, annotations_only)
+    raise ValueError(f"unknown export format {export_format!r}")

@@ -1,0 +1,267 @@
+"""Dataset versions: create (and wait for the build), get, list, delete, latest READY.
+
+A version is built by a background job on the server; `create_version` polls it until it
+is READY or FAILED, so that callers get a usable version or a typed error, never a
+PENDING one they have to watch themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from datasetd.v1 import dataset_version_pb2, status_pb2
+from datasetd.v1 import dataset_version_service_pb2 as api
+from google.protobuf import json_format
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from service.client._rpc import Rpc
+from service.client.errors import DatasetdError
+
+_PREFIX = "STATUS_CODE_DATASET_VERSION_"
+READY = "READY"
+FAILED = "FAILURE"
+_RUNNING = ("PENDING", "IN_PROGRESS")
+# Polling starts fast (small datasets build in well under a second) and backs off.
+POLL_FIRST_SECONDS = 0.05
+POLL_MAX_SECONDS = 1.0
+
+
+class VersionFailedError(DatasetdError):
+    """A version build ended in FAILURE; `version.details` holds the server's explanation."""
+
+    def __init__(self, version: VersionInfo) -> None:
+        super().__init__(
+            grpc.StatusCode.ABORTED,
+            f"version {version.id} of dataset {version.dataset_id} failed to build: "
+            f"{version.details or 'no details'}",
+            reason="VERSION_BUILD_FAILED",
+        )
+        self.version = version
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A dataset version as the server last returned it."""
+
+    id: str
+    dataset_id: str
+    # The status code without its prefix: PENDING, IN_PROGRESS, READY or FAILURE.
+    status: str
+    description: str
+    inputs_count: int
+    # Counters of DatasetVersionMetrics by metrics key ("/" is the whole version).
+    metrics: dict[str, dict[str, int]]
+    created_at: datetime | None
+    modified_at: datetime | None = None
+    percent_completed: int = 0
+    details: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.status == READY
+
+    def to_dict(self) -> dict[str, Any]:
+        result = asdict(self)
+        for name in ("created_at", "modified_at"):
+            value = result[name]
+            result[name] = value.isoformat() if value else None
+        return result
+
+
+def _time(message: dataset_version_pb2.DatasetVersion, name: str) -> datetime | None:
+    if not message.HasField(name):  # type: ignore[arg-type]
+        return None
+    stamp = getattr(message, name)
+    result: datetime = stamp.ToDatetime(tzinfo=UTC)
+    return result
+
+
+def status_name(code: int, prefix: str) -> str:
+    """`STATUS_CODE_<prefix><NAME>` as NAME; unknown codes as their number."""
+    try:
+        name = status_pb2.StatusCode.Name(code)  # type: ignore[arg-type]
+    except ValueError:
+        return str(code)
+    return name.removeprefix(prefix)
+
+
+def to_version_info(message: dataset_version_pb2.DatasetVersion) -> VersionInfo:
+    metrics = {
+        key: {f.name: getattr(value, f.name).value for f in value.DESCRIPTOR.fields}
+        for key, value in message.metrics.items()
+    }
+    whole = metrics.get("/", {})
+    return VersionInfo(
+        id=message.id,
+        dataset_id=message.dataset_id,
+        status=status_name(message.status.code, _PREFIX),
+        description=message.description,
+        inputs_count=whole.get("inputs_count", 0),
+        metrics=metrics,
+        created_at=_time(message, "created_at"),
+        modified_at=_time(message, "modified_at"),
+        percent_completed=message.status.percent_completed,
+        details=message.status.details,
+        metadata=json_format.MessageToDict(message.metadata),
+    )
+
+
+def poll(
+    fetch: Callable[[], Any],
+    done: Callable[[Any], bool],
+    percent: Callable[[Any], int],
+    timeout: float,
+    label: str,
+    show_progress: bool,
+) -> Any:
+    """Calls `fetch` until `done`, showing `percent` on a progress bar if asked; raises
+    TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = POLL_FIRST_SECONDS
+    progress = (
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        if show_progress
+        else None
+    )
+    task = progress.add_task(label, total=100) if progress else None
+    if progress:
+        progress.start()
+    try:
+        while True:
+            current = fetch()
+            if progress is not None and task is not None:
+                progress.update(task, completed=percent(current))
+            if done(current):
+                if progress is not None and task is not None:
+                    progress.update(task, completed=100)
+                return current
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(f"{label}: still not finished after {timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, POLL_MAX_SECONDS)
+    finally:
+        if progress:
+            progress.stop()
+
+
+class Versions:
+    """The versions of one dataset; `Dataset` delegates to it."""
+
+    def __init__(self, rpc: Rpc, dataset_id: str) -> None:
+        self._rpc = rpc
+        self._dataset = dataset_id
+
+    def create(
+        self,
+        version_id: str = "",
+        description: str = "",
+        metadata: dict[str, Any] | None = None,
+        wait: bool = True,
+        timeout: float = 600,
+        show_progress: bool = False,
+        request_id: str | None = None,
+    ) -> VersionInfo:
+        version = dataset_version_pb2.DatasetVersion(id=version_id, description=description)
+        if metadata:
+            version.metadata.update(metadata)
+        response = self._rpc.call(
+            self._rpc.versions.CreateDatasetVersion,
+            api.CreateDatasetVersionRequest(
+                app_id=self._rpc.app,
+                dataset_id=self._dataset,
+                version=version,
+                request_id=request_id or "",
+            ),
+        )
+        created = to_version_info(response.version)
+        if not wait:
+            return created
+        return self.wait(created.id, timeout=timeout, show_progress=show_progress)
+
+    def wait(
+        self, version_id: str, timeout: float = 600, show_progress: bool = False
+    ) -> VersionInfo:
+        """Waits until the build ended; READY is returned, FAILURE raised."""
+        finished: VersionInfo = poll(
+            lambda: self.get(version_id),
+            lambda v: v.status not in _RUNNING,
+            lambda v: v.percent_completed,
+            timeout,
+            f"building version {version_id}",
+            show_progress,
+        )
+        if finished.status != READY:
+            raise VersionFailedError(finished)
+        return finished
+
+    def get(self, version_id: str) -> VersionInfo:
+        response = self._rpc.call(
+            self._rpc.versions.GetDatasetVersion,
+            api.GetDatasetVersionRequest(
+                app_id=self._rpc.app, dataset_id=self._dataset, version_id=version_id
+            ),
+        )
+        return to_version_info(response.version)
+
+    def list(self, page_size: int = 50) -> Iterator[VersionInfo]:
+        token = ""
+        while True:
+            response = self._rpc.call(
+                self._rpc.versions.ListDatasetVersions,
+                api.ListDatasetVersionsRequest(
+                    app_id=self._rpc.app,
+                    dataset_id=self._dataset,
+                    page_size=page_size,
+                    page_token=token,
+                ),
+            )
+            for message in response.versions:
+                yield to_version_info(message)
+            token = response.next_page_token
+            if not token:
+                return
+
+    def delete(self, version_id: str, request_id: str | None = None) -> None:
+        self._rpc.call(
+            self._rpc.versions.DeleteDatasetVersion,
+            api.DeleteDatasetVersionRequest(
+                app_id=self._rpc.app,
+                dataset_id=self._dataset,
+                version_id=version_id,
+                request_id=request_id or "",
+            ),
+        )
+
+    def latest(self) -> VersionInfo | None:
+        """The newest READY version, or None."""
+        return next((v for v in self.list() if v.status == READY), None)
+
+    def latest_or_new(self, timeout: float = 600, show_progress: bool = False) -> VersionInfo:
+        """The newest READY version; else the newest one still building, once built; else
+        a new one. Versions that failed are skipped."""
+        building: VersionInfo | None = None
+        for version in self.list():
+            if version.status == READY:
+                return version
+            if building is None and version.status in _RUNNING:
+                building = version
+        if building is not None:
+            try:
+                return self.wait(building.id, timeout=timeout, show_progress=show_progress)
+            except VersionFailedError:
+                pass
+        return self.create(timeout=timeout, show_progress=show_progress)

@@ -1,0 +1,374 @@
+"""The client's upload engine against the real in-process server.
+
+Every client call goes through `asyncio.to_thread`: the client blocks, and the
+server runs on the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import functools
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from datasetd.v1 import annotation_service_pb2
+
+from service.app import Running
+from service.client import Client, Dataset, NotFoundError, UploadItem, UploadResult, uploads
+from service.client.sources import BAD_SOURCE, DUPLICATE, UNREADABLE
+from tests.conftest import Caller
+from tests.helpers import png_bytes
+
+T = TypeVar("T")
+
+
+async def run(call: Callable[[], T]) -> T:
+    return await asyncio.to_thread(call)
+
+
+@pytest.fixture
+def client(server: Running, caller: Caller) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{server.port}", caller.key, caller.app_id) as opened:
+        yield opened
+
+
+async def new_dataset(client: Client, dataset_id: str = "ds") -> Dataset:
+    await run(lambda: client.datasets.create(dataset_id))
+    return client.dataset(dataset_id)
+
+
+async def stored(dataset: Dataset) -> dict[str, list[str]]:
+    return {i.id: sorted(i.concepts) for i in await run(lambda: list(dataset.list_inputs()))}
+
+
+def log_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def png(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(color=(seed % 256, 7, 9)))
+    return path
+
+
+async def test_folder_upload_with_labels_and_re_runs_create_nothing_twice(
+    client: Client, tmp_path: Path
+) -> None:
+    dataset = await new_dataset(client)
+    root = tmp_path / "pets"
+    for n in range(3):
+        png(root / "cats" / f"cat {n}.png", n)
+    png(root / "dogs" / "rex.PNG", 10)
+    png(root / "dogs" / "puppies" / "tiny.png", 11)
+    png(root / "top.png", 12)
+    (root / "notes.md").write_text("not media")
+    log = tmp_path / "failures.csv"
+
+    def upload(batch_size: int) -> UploadResult:
+        return dataset.upload_from_folder(
+            root, labels=True, batch_size=batch_size, show_progress=False, failure_log=log
+        )
+
+    first = await run(lambda: upload(2))
+    assert (first.total, first.created, first.failed, first.skipped) == (6, 6, 0, 1)
+    assert first.failure_log is None and not log.exists()
+    expected = {
+        "cat_0": ["cats"],
+        "cat_1": ["cats"],
+        "cat_2": ["cats"],
+        "rex": ["dogs"],
+        "tiny": ["puppies"],
+        "top": ["pets"],
+    }
+    assert await stored(dataset) == expected
+
+    # Same batches: the server replays its recorded answers; nothing new is created.
+    again = await run(lambda: upload(2))
+    assert (again.created, again.failed) == (6, 0)
+    assert await stored(dataset) == expected
+
+    # Other batches: other request ids, but the ids are taken, so nothing is duplicated.
+    regrouped = await run(lambda: upload(5))
+    assert (regrouped.created, regrouped.failed, regrouped.already_exists) == (0, 6, 6)
+    assert await stored(dataset) == expected
+    rows = log_rows(log)
+    assert {r["input_id"] for r in rows} == set(expected)
+    assert {r["code"] for r in rows} == {DUPLICATE}
+    assert all(r["reason"].startswith("already exists") for r in rows)
+    assert {r["dataset_id"] for r in rows} == {"ds"}
+
+    # Retrying duplicates skips them unless asked; then they get new ids.
+    skipped = await run(lambda: dataset.retry(log, show_progress=False))
+    assert (skipped.created, skipped.skipped) == (0, 6)
+    assert log.exists()
+    copies = await run(lambda: dataset.retry(log, allow_duplicates=True, show_progress=False))
+    assert (copies.created, copies.failed) == (6, 0)
+    assert copies.failure_log is None and not log.exists()
+    after = await stored(dataset)
+    assert len(after) == 12
+    assert sorted(i for i in after if i not in expected) == sorted(i for i in after if "-dup-" in i)
+    assert {i.split("-dup-")[0] for i in after if "-dup-" in i} == set(expected)
+
+
+async def test_csv_with_bad_rows_then_retry_after_fixing_a_file(
+    client: Client, tmp_path: Path
+) -> None:
+    dataset = await new_dataset(client)
+    png(tmp_path / "imgs" / "good.png", 1)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image at all")
+    path = tmp_path / "data.csv"
+    path.write_text(
+        "inputid,input,concepts,metadata,geopoints\n"  # 1
+        'good,imgs/good.png,"cat,cute","{\'note\': ""it\'s mine""}","10.5,20"\n'  # 2
+        "missing,imgs/later.png,cat,,\n"  # 3
+        'badgeo,imgs/good.png,,,"10,100"\n'  # 4
+        'badmeta,imgs/good.png,,"{""a"":\n1",\n'  # 5-6
+        "broken,imgs/broken.png,,,\n"  # 7
+        ",imgs/good.png,dog,,\n",  # 8: derived id, same bytes as "good"
+        encoding="utf-8",
+    )
+    log = tmp_path / "log.csv"
+    result = await run(
+        lambda: dataset.upload_from_csv(
+            path, csv_type="file_path", batch_size=2, show_progress=False, failure_log=log
+        )
+    )
+    assert (result.total, result.created, result.failed) == (6, 2, 4)
+    inputs = await run(lambda: {i.id: i for i in dataset.list_inputs()})
+    assert inputs["good"].concepts == ["cat", "cute"]
+    assert inputs["good"].metadata == {"note": "it's mine"}
+    derived = next(i for i in inputs if i != "good")
+    assert derived.startswith("csv-") and inputs[derived].concepts == ["dog"]
+
+    rows = {int(r["index"]): r for r in log_rows(log)}
+    assert sorted(rows) == [3, 4, 5, 7]
+    assert rows[3]["code"] == UNREADABLE and "later.png" in rows[3]["reason"]
+    assert rows[3]["source"] == "data.csv:3"
+    assert rows[4]["code"] == BAD_SOURCE and "latitude" in rows[4]["reason"]
+    assert rows[5]["code"] == BAD_SOURCE and "metadata" in rows[5]["reason"]
+    assert rows[7]["code"] == "invalid" and rows[7]["input_id"] == "broken"
+    assert [f.index for f in result.failures] == [3, 4, 5, 7]
+
+    # Fix the missing file and retry: only the failed rows are sent again.
+    png(tmp_path / "imgs" / "later.png", 2)
+    retried = await run(lambda: uploads.retry(client.rpc, log, show_progress=False))
+    assert (retried.created, retried.failed, retried.skipped) == (1, 1, 2)
+    assert set(await stored(dataset)) == {"good", derived, "missing"}
+    # The log now holds what still fails: the bad rows and the corrupt image.
+    assert sorted(int(r["index"]) for r in log_rows(log)) == [4, 5, 7]
+
+
+async def test_coco_upload_stores_normalised_boxes(client: Client, tmp_path: Path) -> None:
+    dataset = await new_dataset(client)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(png_bytes(200, 100))
+    (images / "b.png").write_bytes(png_bytes(50, 50))
+    document: dict[str, Any] = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": 200, "height": 100},
+            {"id": 2, "file_name": "b.png", "width": 50, "height": 50},
+        ],
+        "categories": [{"id": 1, "name": "traffic light"}, {"id": 2, "name": "cat"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [20, 10, 100, 50]},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [0, 0, 200, 100]},
+            {"id": 3, "image_id": 2, "category_id": 2, "bbox": [10, 10, 100, 10]},
+        ],
+    }
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps(document))
+    log = tmp_path / "coco-log.csv"
+
+    def upload() -> UploadResult:
+        return dataset.upload_coco(images, instances, show_progress=False, failure_log=log)
+
+    result = await run(upload)
+    assert (result.total, result.created, result.failed) == (2, 2, 0)
+    assert (result.annotations_total, result.annotations_created) == (3, 2)
+    assert result.annotations_failed == 1
+    [bad] = log_rows(log)
+    assert (bad["kind"], bad["index"], bad["input_id"]) == ("annotation", "3", "b")
+    assert "outside" in bad["reason"]
+
+    response = await run(
+        lambda: client.rpc.call(
+            client.rpc.annotations.ListAnnotations,
+            annotation_service_pb2.ListAnnotationsRequest(
+                app_id=client.app, input_ids=["a"], page_size=100
+            ),
+        )
+    )
+    boxes = {
+        region.data.concepts[0].id: region.region_info.bounding_box
+        for annotation in response.annotations
+        for region in annotation.data.regions
+    }
+    assert set(boxes) == {"traffic_light", "cat"}
+    light = boxes["traffic_light"]
+    assert (light.left_col, light.top_row) == pytest.approx((0.1, 0.1))
+    assert (light.right_col, light.bottom_row) == pytest.approx((0.6, 0.6))
+    whole = boxes["cat"]
+    assert (whole.left_col, whole.top_row, whole.right_col, whole.bottom_row) == pytest.approx(
+        (0.0, 0.0, 1.0, 1.0)
+    )
+    info = await run(lambda: client.datasets.get("ds"))
+    assert info.statistic.asset_total == 2
+
+    # A re-run creates nothing twice: replayed batches, same annotation ids.
+    again = await run(upload)
+    assert again.created == 2 and again.annotations_created == 2
+    recount = await run(
+        lambda: client.rpc.call(
+            client.rpc.annotations.ListAnnotations,
+            annotation_service_pb2.ListAnnotationsRequest(
+                app_id=client.app, input_ids=["a", "b"], page_size=100
+            ),
+        )
+    )
+    assert sum(len(a.data.regions) for a in recount.annotations) == 2
+
+
+async def test_upload_inputs_and_annotations_from_items(client: Client, tmp_path: Path) -> None:
+    dataset = await new_dataset(client)
+    items = [
+        UploadItem("t1", "text", text="hello", concepts=("greeting",), geo=(1.5, 2.5)),
+        UploadItem("i1", data=png_bytes(), metadata={"k": "v"}),
+        UploadItem("bad", data=b"garbage"),
+    ]
+    log = tmp_path / "items.csv"
+    result = await run(
+        lambda: dataset.upload_inputs(items, batch_size=1, show_progress=False, failure_log=log)
+    )
+    assert (result.created, result.failed) == (2, 1)
+    assert [(f.index, f.input_id) for f in result.failures] == [(3, "bad")]
+    assert await stored(dataset) == {"t1": ["greeting"], "i1": []}
+
+    notes = [
+        uploads.AnnotationItem("i1", boxes=(uploads.Box("cat", 0.1, 0.1, 0.5, 0.5),)),
+        uploads.AnnotationItem("nowhere", concepts=("cat",)),
+    ]
+    annotated = await run(
+        lambda: dataset.upload_annotations(notes, show_progress=False, failure_log=log)
+    )
+    assert (annotated.total, annotated.created, annotated.failed) == (2, 1, 1)
+    [row] = log_rows(log)
+    assert (row["kind"], row["input_id"], row["code"]) == ("annotation", "nowhere", "invalid")
+    # The same request is replayed; another one finds the derived annotation id taken.
+    replayed = await run(
+        lambda: dataset.upload_annotations(notes, show_progress=False, failure_log=log)
+    )
+    assert (replayed.created, replayed.failed) == (1, 1)
+    alone = await run(
+        lambda: dataset.upload_annotations(notes[:1], show_progress=False, failure_log=log)
+    )
+    assert (alone.created, alone.already_exists) == (0, 1)
+    [row] = log_rows(log)
+    assert (row["input_id"], row["code"]) == ("i1", DUPLICATE)
+
+
+async def test_batch_size_and_dataset_are_checked_first(client: Client, tmp_path: Path) -> None:
+    dataset = await new_dataset(client)
+    for bad in (0, 129, -1):
+        with pytest.raises(ValueError, match=r"batch_size must be 1\.\.128"):
+            await run(functools.partial(dataset.upload_from_folder, tmp_path, batch_size=bad))
+    with pytest.raises(ValueError, match="text inputs only"):
+        await run(lambda: dataset.upload_from_csv(tmp_path / "x.csv", csv_type="raw"))
+    png(tmp_path / "a.png", 1)
+    missing = client.dataset("nope")
+    with pytest.raises(NotFoundError):
+        await run(lambda: missing.upload_from_folder(tmp_path, show_progress=False))
+
+
+async def test_progress_and_summary_go_to_stderr(
+    client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset = await new_dataset(client)
+    for n in range(3):
+        png(tmp_path / "imgs" / f"{n}.png", n)
+    result = await run(
+        lambda: dataset.upload_from_folder(
+            tmp_path / "imgs", failure_log=tmp_path / "log.csv", batch_size=2
+        )
+    )
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "created" in captured.err and "upload to ds" in captured.err
+    assert result.to_dict()["created"] == 3
+    assert "3 of 3 created" in result.summary()
+    json.dumps(result.to_dict())
+
+
+async def test_ctrl_c_writes_the_log_and_a_re_run_resumes(
+    client: Client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dataset = await new_dataset(client)
+    for n in range(6):
+        png(tmp_path / "imgs" / f"{n}.png", n)
+    (tmp_path / "imgs" / "9.png").write_bytes(b"broken")
+    real = uploads._run_inputs
+    calls = 0
+
+    def interrupted_on_third(rpc: Any, dataset_id: str, unit: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return real(rpc, dataset_id, unit)
+
+    monkeypatch.setattr(uploads, "_run_inputs", interrupted_on_third)
+    log = tmp_path / "log.csv"
+
+    def upload() -> UploadResult:
+        return dataset.upload_from_folder(
+            tmp_path / "imgs", batch_size=2, concurrency=1, show_progress=False, failure_log=log
+        )
+
+    with pytest.raises(KeyboardInterrupt):
+        await run(upload)
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+    assert len(await stored(dataset)) == 4
+    monkeypatch.setattr(uploads, "_run_inputs", real)
+    result = await run(upload)
+    assert (result.created, result.failed) == (6, 1)
+    assert sorted(await stored(dataset)) == [str(n) for n in range(6)]
+    assert [r["input_id"] for r in log_rows(log)] == ["9"]
+
+
+async def test_large_files_are_streamed_one_by_one(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = await new_dataset(client)
+    # Lower thresholds stand in for 32 MB files, which would slow the suite down.
+    monkeypatch.setattr(uploads, "STREAM_BYTES", 100)
+    monkeypatch.setattr(uploads, "CHUNK_BYTES", 64)
+    big = png_bytes(64, 64, (1, 2, 3))
+    assert len(big) > 100
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "big.png").write_bytes(big)
+    (tmp_path / "imgs" / "small.txt").write_text("small text")
+    (tmp_path / "imgs" / "long.txt").write_text("long text " * 20)
+    log = tmp_path / "log.csv"
+
+    def upload(kind: str) -> UploadResult:
+        return dataset.upload_from_folder(
+            tmp_path / "imgs", input_type=kind, show_progress=False, failure_log=log
+        )
+
+    assert (await run(lambda: upload("image"))).created == 1
+    assert (await run(lambda: upload("text"))).created == 2
+    assert sorted(await stored(dataset)) == ["big", "long", "small"]
+    got = await run(lambda: dataset.get_input("long"))
+    assert got.media_type == "text"
+    # The stream's request id is replayed too: nothing new, no failure.
+    again = await run(lambda: upload("image"))
+    assert (again.created, again.failed) == (1, 0)
+    assert len(await stored(dataset)) == 3
