@@ -49,6 +49,7 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.bench_datasets
 	$(PY) -m bench.bench_ingest
 	$(PY) -m bench.bench_versions
+	$(PY) -m bench.bench_cli_upload
 
 clean:
 	rm -rf $(VENV) .data build *.egg-info
