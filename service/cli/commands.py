@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.cli.output import Output, confirm
 from service.client import Client, DatasetInfo, InputInfo
 from service.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from service.storage.api_keys import PgApiKeyRepository
+
+T = TypeVar("T")
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -49,41 +55,88 @@ def _config(output: Output) -> Config | None:
         return None
 
 
-async def _create_key(config: Config, app_id: str, description: str) -> str:
+async def _with_keys(config: Config, use: Callable[[PgApiKeyRepository], Awaitable[T]]) -> T:
+    """Runs `use` on the key table of the configured (or embedded) database."""
     from service.app import open_database
-    from service.domain.auth import new_key
-    from service.domain.errors import Violations
-    from service.domain.validation import check_id
     from service.storage.api_keys import PgApiKeyRepository
     from service.storage.db import migrate
 
-    violations = Violations()
-    check_id(violations, "--app", app_id)
-    violations.raise_if_any()
     async with open_database(config) as db:
         async with db.connection() as conn:
             await migrate(conn)
-        secret, key = new_key(app_id, description)
-        await PgApiKeyRepository(db).insert(key)
-    return secret
+        return await use(PgApiKeyRepository(db))
+
+
+def _keys_app(args: argparse.Namespace, output: Output) -> Config | None:
+    from service.domain.errors import InvalidArgument, Violations
+    from service.domain.validation import check_id
+
+    violations = Violations()
+    check_id(violations, "--app", args.app)
+    try:
+        violations.raise_if_any()
+    except InvalidArgument as error:
+        output.errors.print(f"error: {error}", highlight=False, markup=False)
+        return None
+    return _config(output)
 
 
 def keys_create(args: argparse.Namespace, output: Output) -> int:
-    from service.domain.errors import InvalidArgument
+    from service.domain.auth import new_key
 
-    config = _config(output)
+    config = _keys_app(args, output)
     if config is None:
         return 2
-    app_id = args.app
-    try:
-        secret = asyncio.run(_create_key(config, app_id, args.description))
-    except InvalidArgument as error:
-        output.errors.print(f"error: {error}", highlight=False, markup=False)
-        return 2
+    secret, key = new_key(args.app, args.description)
+    asyncio.run(_with_keys(config, lambda keys: keys.insert(key)))
     if output.as_json:
-        output.document({"app_id": app_id, "key": secret, "description": args.description})
+        output.document(
+            {"id": key.id, "app_id": args.app, "key": secret, "description": args.description}
+        )
     else:
         print(secret)
+    return 0
+
+
+def keys_list(args: argparse.Namespace, output: Output) -> int:
+    config = _keys_app(args, output)
+    if config is None:
+        return 2
+    keys = asyncio.run(_with_keys(config, lambda repo: repo.list_for_app(args.app)))
+    rows = [
+        {
+            "id": key.id,
+            "description": key.description,
+            "scopes": ",".join(key.scopes),
+            "created_at": key.created_at,
+            "expires_at": key.expires_at,
+            "revoked_at": key.revoked_at,
+        }
+        for key in keys
+    ]
+    output.table(
+        rows, ("id", "description", "scopes", "created_at", "revoked_at"), f"keys of {args.app}"
+    )
+    return 0
+
+
+def keys_revoke(args: argparse.Namespace, output: Output) -> int:
+    config = _keys_app(args, output)
+    if config is None:
+        return 2
+    confirm(output, f"Key {args.key_id} of app {args.app} will stop working.", args.yes)
+    revoked = asyncio.run(_with_keys(config, lambda repo: repo.revoke(args.app, args.key_id)))
+    if not revoked:
+        output.errors.print(
+            f"error: app {args.app} has no active key {args.key_id} (see `datasetd keys list`)",
+            highlight=False,
+            markup=False,
+        )
+        return 1
+    if output.as_json:
+        output.document({"id": args.key_id, "app_id": args.app, "revoked": True})
+    else:
+        output.text(f"Key {args.key_id} of app {args.app} is revoked.")
     return 0
 
 

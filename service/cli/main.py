@@ -183,6 +183,10 @@ def _server_commands(tree: _Tree) -> None:
         keys, "create", c.keys_create, "create an API key for --app and print it once"
     )
     sub.add_argument("--description", default="", help="what the key is for")
+    tree.command(keys, "list", c.keys_list, "list the keys of --app (never their secrets)")
+    sub = tree.command(keys, "revoke", c.keys_revoke, "revoke a key of --app by its id")
+    sub.add_argument("key_id", help="the key's id, from `datasetd keys list`")
+    sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
 def _dataset_commands(tree: _Tree) -> None:

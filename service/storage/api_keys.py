@@ -19,6 +19,12 @@ BY_DESCRIPTION = (
     f"SELECT {_COLUMNS} FROM api_keys WHERE app_id = $1 AND description = $2"
     " AND revoked_at IS NULL ORDER BY created_at LIMIT 1"
 )
+BY_APP = f"SELECT {_COLUMNS} FROM api_keys WHERE app_id = $1 ORDER BY created_at, id"
+REVOKE = """
+UPDATE api_keys SET revoked_at = now()
+WHERE app_id = $1 AND id = $2 AND revoked_at IS NULL
+RETURNING id
+"""
 
 
 def _row_to_key(row: asyncpg.Record) -> ApiKey:
@@ -60,3 +66,12 @@ class PgApiKeyRepository:
         async with self._db.connection() as conn:
             row = await conn.fetchrow(BY_DESCRIPTION, app_id, description)
         return None if row is None else _row_to_key(row)
+
+    async def list_for_app(self, app_id: str) -> list[ApiKey]:
+        async with self._db.connection() as conn:
+            return [_row_to_key(r) for r in await conn.fetch(BY_APP, app_id)]
+
+    async def revoke(self, app_id: str, key_id: str) -> bool:
+        """Revokes an active key; False when the app has no such active key."""
+        async with self._db.connection() as conn:
+            return await conn.fetchval(REVOKE, app_id, key_id) is not None

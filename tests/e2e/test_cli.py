@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from service.app import Running
-from tests.conftest import Caller
+from tests.conftest import Caller, Stack, stack_env
 from tests.helpers import png_bytes
 from tests.processes import ROOT, clean_env
 
@@ -331,3 +332,69 @@ async def test_killed_upload_resumes_without_duplicates(cli: Cli, tmp_path: Path
     assert resumed["failed"] == 0 and resumed["created"] == total
     ids = [i["id"] for i in await dataset_inputs(cli, "many")]
     assert len(ids) == total and len(set(ids)) == total
+
+
+async def test_keys_create_list_and_revoke(server: Running, stack: Stack) -> None:
+    app = "keys-" + secrets.token_hex(4)
+    admin = Cli(
+        clean_env(
+            COLUMNS="200",
+            DATASETD_APP=app,
+            DATASETD_ADDRESS=f"127.0.0.1:{server.port}",
+            **{k: v for k, v in stack_env(stack).items() if k.startswith("DATASETD_")},
+        )
+    )
+    created = await admin.json("keys", "create", "--description", "ingest job")
+    assert created["app_id"] == app and created["key"].startswith("dsd_")
+    listed = await admin.json("keys", "list")
+    assert [(k["id"], k["description"], k["revoked_at"]) for k in listed] == [
+        (created["id"], "ingest job", None)
+    ]
+    assert created["key"] not in json.dumps(listed)
+
+    user = Cli({**admin.env, "DATASETD_API_KEY": created["key"]})
+    assert await user.json("datasets", "list") == []
+
+    refused = await admin("keys", "revoke", created["id"])
+    assert refused.code == 2 and "--yes" in refused.stderr
+    assert (await admin.json("keys", "revoke", created["id"], "--yes"))["revoked"] is True
+    rejected = await user("datasets", "list")
+    assert rejected.code == 1 and "UNAUTHENTICATED" in rejected.stderr
+    again = await admin("keys", "revoke", created["id"], "--yes")
+    assert again.code == 1 and "no active key" in again.stderr
+
+
+async def test_upload_coco_and_download_original_inputs(cli: Cli, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    originals = {"a": png_bytes(200, 100, (1, 2, 3)), "b": png_bytes(50, 50, (4, 5, 6))}
+    for name, data in originals.items():
+        (images / f"{name}.png").write_bytes(data)
+    instances = tmp_path / "instances.json"
+    instances.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": 1, "file_name": "a.png", "width": 200, "height": 100},
+                    {"id": 2, "file_name": "b.png", "width": 50, "height": 50},
+                ],
+                "categories": [{"id": 7, "name": "cat"}],
+                "annotations": [
+                    {"id": 1, "image_id": 1, "category_id": 7, "bbox": [20, 10, 100, 50]},
+                    {"id": 2, "image_id": 2, "category_id": 7, "bbox": [0, 0, 25, 25]},
+                ],
+            }
+        )
+    )
+    await cli.json("datasets", "create", "coco")
+    uploaded = await cli.json("upload", "coco", "coco", str(images), str(instances))
+    assert (uploaded["created"], uploaded["failed"]) == (2, 0)
+    assert uploaded["annotations_created"] == 2
+    assert (await cli.json("datasets", "get", "coco"))["annotations"] >= 2
+
+    save_dir = tmp_path / "originals"
+    downloaded = await cli.json("inputs", "download", "coco", str(save_dir))
+    assert sorted(Path(d["path"]).name for d in downloaded) == ["a.png", "b.png"]
+    for name, data in originals.items():
+        assert (save_dir / f"{name}.png").read_bytes() == data
+    assert not [p for p in save_dir.iterdir() if p.name.startswith(".")]
