@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -12,6 +13,7 @@ from datasetd.v1 import (
     dataset_version_service_pb2_grpc,
     input_service_pb2_grpc,
 )
+from google.protobuf.message import Message
 
 from service.client.errors import from_rpc_error
 
@@ -43,3 +45,11 @@ class Rpc:
             yield from method(request, metadata=self.metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+
+def time_of(message: Message, name: str) -> datetime | None:
+    """A Timestamp field as an aware datetime; None when unset (not the epoch)."""
+    if not message.HasField(name):
+        return None
+    result: datetime = getattr(message, name).ToDatetime(tzinfo=UTC)
+    return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ from datasetd.v1 import dataset_service_pb2, input_pb2, input_service_pb2
 from google.protobuf import json_format
 
 from service.client import uploads as _uploads
-from service.client._rpc import Rpc
+from service.client._rpc import Rpc, time_of
 from service.client.media import DownloadedInput, download_inputs
 from service.client.versions import VersionInfo, Versions
 
@@ -57,9 +57,7 @@ def to_input_info(message: input_pb2.Input) -> InputInfo:
         concepts=[c.id for c in message.data.concepts if c.value > 0],
         metadata=json_format.MessageToDict(message.data.metadata),
         dataset_ids=list(message.dataset_ids),
-        created_at=message.created_at.ToDatetime(tzinfo=UTC)
-        if message.HasField("created_at")
-        else None,
+        created_at=time_of(message, "created_at"),
         title=message.title,
     )
 

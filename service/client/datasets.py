@@ -14,10 +14,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from datasetd.v1 import common_pb2, dataset_pb2, dataset_service_pb2
-from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2, json_format, struct_pb2
 
 from service.client import exports as _exports
-from service.client._rpc import Rpc
+from service.client._rpc import Rpc, time_of
 
 T = TypeVar("T")
 PatchActionName = Literal["merge", "overwrite", "remove"]
@@ -100,13 +100,6 @@ def _show_time(value: datetime | None) -> str:
     return value.isoformat(timespec="seconds") if value else "-"
 
 
-def _time(message: dataset_pb2.Dataset, name: str) -> datetime | None:
-    if not message.HasField(name):  # type: ignore[arg-type]
-        return None
-    stamp: timestamp_pb2.Timestamp = getattr(message, name)
-    return stamp.ToDatetime(tzinfo=UTC)
-
-
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
     message = struct_pb2.Struct()
     message.update(value)
@@ -127,8 +120,8 @@ def _to_info(message: dataset_pb2.Dataset) -> DatasetInfo:
         visibility="PRIVATE"
         if gettable == "GETTABLE_UNSPECIFIED"
         else gettable.removeprefix("GETTABLE_"),
-        created_at=_time(message, "created_at"),
-        modified_at=_time(message, "modified_at"),
+        created_at=time_of(message, "created_at"),
+        modified_at=time_of(message, "modified_at"),
         etag=message.etag,
         statistic=Statistic(
             asset_total=stats.inputs_count,

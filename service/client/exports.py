@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from service.client._rpc import Rpc
+from service.client._rpc import Rpc, time_of
 from service.client.errors import DatasetdError, NotFoundError
 from service.client.unpack import SPLIT, unpack
 from service.client.versions import READY, Versions, poll, status_name
@@ -249,13 +249,6 @@ class DownloadResult:
         return result
 
 
-def _time(message: api.Export, name: str) -> datetime | None:
-    if not message.HasField(name):  # type: ignore[arg-type]
-        return None
-    result: datetime = getattr(message, name).ToDatetime(tzinfo=UTC)
-    return result
-
-
 def to_export_info(message: api.Export) -> ExportInfo:
     return ExportInfo(
         id=message.id,
@@ -267,7 +260,7 @@ def to_export_info(message: api.Export) -> ExportInfo:
         details=message.status.details,
         size=message.size,
         url=message.url,
-        url_expires_at=_time(message, "url_expire_time"),
+        url_expires_at=time_of(message, "url_expire_time"),
         split_counts=dict(message.split_counts),
         fidelity={
             "dropped": dict(message.fidelity.dropped),
@@ -276,8 +269,8 @@ def to_export_info(message: api.Export) -> ExportInfo:
         embed_media=message.options.embed_media,
         split_ratio=dict(message.options.split.ratios),
         seed=message.options.split.seed,
-        created_at=_time(message, "created_at"),
-        modified_at=_time(message, "modified_at"),
+        created_at=time_of(message, "created_at"),
+        modified_at=time_of(message, "modified_at"),
     )
 
 

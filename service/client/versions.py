@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from service.client._rpc import Rpc
+from service.client._rpc import Rpc, time_of
 from service.client.errors import DatasetdError
 
 _PREFIX = "STATUS_CODE_DATASET_VERSION_"
@@ -75,14 +75,6 @@ class VersionInfo:
         return result
 
 
-def _time(message: dataset_version_pb2.DatasetVersion, name: str) -> datetime | None:
-    if not message.HasField(name):  # type: ignore[arg-type]
-        return None
-    stamp = getattr(message, name)
-    result: datetime = stamp.ToDatetime(tzinfo=UTC)
-    return result
-
-
 def status_name(code: int, prefix: str) -> str:
     """`STATUS_CODE_<prefix><NAME>` as NAME; unknown codes as their number."""
     try:
@@ -105,8 +97,8 @@ def to_version_info(message: dataset_version_pb2.DatasetVersion) -> VersionInfo:
         description=message.description,
         inputs_count=whole.get("inputs_count", 0),
         metrics=metrics,
-        created_at=_time(message, "created_at"),
-        modified_at=_time(message, "modified_at"),
+        created_at=time_of(message, "created_at"),
+        modified_at=time_of(message, "modified_at"),
         percent_completed=message.status.percent_completed,
         details=message.status.details,
         metadata=json_format.MessageToDict(message.metadata),
