@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.cli.output import Output, confirm
-from service.client import Client, DatasetInfo, InputInfo
+from service.client import Client, DatasetInfo, InputInfo, NotFoundError
 from service.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -211,14 +211,16 @@ def datasets_patch(args: argparse.Namespace, output: Output) -> int:
 
 def datasets_delete(args: argparse.Namespace, output: Output) -> int:
     with _client(args) as client:
-        stat = client.datasets.get(args.dataset).statistic
+        try:
+            stat = client.datasets.get(args.dataset).statistic
+            what = f"with {stat.asset_total} assets and {stat.annotation_total} annotations"
+        except NotFoundError:
+            # A deleted dataset can still be purged for good; the server says if it is unknown.
+            if not args.force:
+                raise
+            what = "(already deleted, recoverable until purged)"
         how = "permanently (--force: it cannot be undone)" if args.force else "recoverably"
-        confirm(
-            output,
-            f"Dataset {args.dataset} with {stat.asset_total} assets and "
-            f"{stat.annotation_total} annotations will be deleted {how}.",
-            args.yes,
-        )
+        confirm(output, f"Dataset {args.dataset} {what} will be deleted {how}.", args.yes)
         deleted = client.datasets.delete(args.dataset, force=args.force)
     if output.as_json:
         output.document({"dataset_id": args.dataset} | _plain_deleted(deleted))
@@ -398,6 +400,7 @@ def download(args: argparse.Namespace, output: Output) -> int:
             export_settings=_export_settings(args, embed_media=not args.annotations_only),
             annotations_only=args.annotations_only,
             overwrite=args.overwrite,
+            version_id=args.version,
             show_progress=_progress(args) and not args.json,
         )
     if output.as_json:
@@ -487,4 +490,9 @@ def inputs_download(args: argparse.Namespace, output: Output) -> int:
         for d in downloaded
     ]
     output.table(rows, ("input_id", "path", "size"), f"downloaded into {args.save_dir}")
+    missing = [d.input_id for d in downloaded if d.path is None]
+    if missing:
+        output.text(
+            f"{len(missing)} inputs have no stored media (created from a URL): {', '.join(missing)}"
+        )
     return 0

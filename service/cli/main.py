@@ -8,6 +8,7 @@ DATASETD_APP and DATASETD_API_KEY.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -320,6 +321,7 @@ def _input_commands(tree: _Tree) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from service.client.errors import DatasetdError
+    from service.client.exports import ArchiveIntegrityError
 
     args = build_parser().parse_args(argv)
     output = Output(args.json)
@@ -332,7 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfirmationRefused as refused:
         output.errors.print(str(refused), highlight=False, markup=False)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
+    except (TimeoutError, ArchiveIntegrityError) as error:
+        # The server side did not deliver: waited too long, or damaged bytes.
+        output.errors.print(f"error: {error}", highlight=False, markup=False)
+        return 1
+    except (ValueError, OSError, csv.Error) as error:
         # Bad local input (a path, a CSV header, split ratios): the message says what.
         output.errors.print(f"error: {error}", highlight=False, markup=False)
         return 2

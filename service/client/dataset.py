@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -124,7 +125,7 @@ class Dataset:
         return MergeResult(response.added_count, response.already_present_count)
 
     def download_inputs(
-        self, save_dir: Path, concurrency: int = 4, show_progress: bool = True
+        self, save_dir: str | os.PathLike[str], concurrency: int = 4, show_progress: bool = True
     ) -> list[DownloadedInput]:
         """Downloads the original media of every input as `save_dir/<input id><ext>`."""
         ids = [item.id for item in self.list_inputs(page_size=1000)]

@@ -396,13 +396,25 @@ def wait_export(
 # --- download --------------------------------------------------------------------------------
 
 
+# Written into every download, so that `overwrite` never deletes anything else.
+DOWNLOAD_MARKER = ".datasetd-download"
+
+
 def _check_target(save_dir: Path, overwrite: bool) -> None:
     if save_dir.exists() or save_dir.is_symlink():
         if not save_dir.is_dir():
             raise FileExistsError(f"{save_dir} exists and is not a directory")
-        if any(save_dir.iterdir()) and not overwrite:
+        if not any(save_dir.iterdir()):
+            return
+        if not overwrite:
             raise FileExistsError(
                 f"{save_dir} is not empty; pass overwrite=True to replace its content"
+            )
+        # Overwrite replaces the whole folder, so only ever one this client wrote.
+        if not (save_dir / DOWNLOAD_MARKER).is_file():
+            raise FileExistsError(
+                f"{save_dir} is not an earlier datasetd download (it has no {DOWNLOAD_MARKER}); "
+                "refusing to replace it even with overwrite: choose another save_dir"
             )
 
 
@@ -491,6 +503,7 @@ def download(
         content.mkdir()
         stats = unpack(archive, content, settings.format, settings.normalized, annotations_only)
         archive.unlink()
+        (content / DOWNLOAD_MARKER).write_text(f"{dataset_id} {version_id} {export.id}\n")
         _check_target(target, overwrite)
         if target.exists():
             # The old content goes into the work directory, removed below with it.

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasetd.v1 import input_service_pb2
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from service.client._rpc import Rpc
+from service.client.errors import FailedPreconditionError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 # The server's own sniffed types, where `mimetypes` picks an odd extension.
@@ -23,8 +25,10 @@ _EXTENSIONS = {"image/jpeg": ".jpg", "text/plain": ".txt", "image/tiff": ".tiff"
 
 @dataclass(frozen=True)
 class DownloadedInput:
+    """One downloaded input; `path` is None when it has no stored media (URL-only)."""
+
     input_id: str
-    path: Path
+    path: Path | None
     size: int
     sha256: str
 
@@ -45,17 +49,26 @@ def download_input(rpc: Rpc, input_id: str, save_dir: Path) -> DownloadedInput:
     # Ids are server-checked, but never trust a name from the wire as a path.
     stem = _UNSAFE.sub("_", input_id) or "input"
     partial = save_dir / f".{stem}.partial"
-    with partial.open("wb") as out:
-        for message in rpc.stream(
-            rpc.inputs.DownloadInput,
-            input_service_pb2.DownloadInputRequest(app_id=rpc.app, input_id=input_id),
-        ):
-            if message.content_type:
-                content_type = message.content_type
-                expected_size, expected_sha = message.total_size, message.sha256
-            digest.update(message.chunk)
-            size += len(message.chunk)
-            out.write(message.chunk)
+    try:
+        with partial.open("wb") as out:
+            for message in rpc.stream(
+                rpc.inputs.DownloadInput,
+                input_service_pb2.DownloadInputRequest(app_id=rpc.app, input_id=input_id),
+            ):
+                if message.content_type:
+                    content_type = message.content_type
+                    expected_size, expected_sha = message.total_size, message.sha256
+                digest.update(message.chunk)
+                size += len(message.chunk)
+                out.write(message.chunk)
+    except FailedPreconditionError as error:
+        partial.unlink(missing_ok=True)
+        if error.reason != "NO_STORED_MEDIA":
+            raise
+        return DownloadedInput(input_id, None, 0, "")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     if size != expected_size or (expected_sha and digest.hexdigest() != expected_sha):
         partial.unlink(missing_ok=True)
         raise OSError(
@@ -70,19 +83,25 @@ def download_input(rpc: Rpc, input_id: str, save_dir: Path) -> DownloadedInput:
 def download_inputs(
     rpc: Rpc,
     input_ids: Iterable[str],
-    save_dir: Path,
+    save_dir: str | os.PathLike[str],
     concurrency: int = 4,
     show_progress: bool = True,
 ) -> list[DownloadedInput]:
-    """Downloads inputs concurrently; results come back in the order of `input_ids`."""
+    """Downloads inputs concurrently; results come back in the order of `input_ids`.
+
+    Inputs created from an external URL have no stored media: they come back
+    with `path` None instead of failing the whole download.
+    """
     ids = list(input_ids)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    target = Path(save_dir)
+    target.mkdir(parents=True, exist_ok=True)
     with (
         Progress(
             "[progress.description]{task.description}",
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
+            console=Console(stderr=True),
             disable=not show_progress,
         ) as progress,
         ThreadPoolExecutor(max_workers=concurrency) as pool,
@@ -90,7 +109,7 @@ def download_inputs(
         task = progress.add_task("downloading inputs", total=len(ids))
 
         def one(input_id: str) -> DownloadedInput:
-            result = download_input(rpc, input_id, save_dir)
+            result = download_input(rpc, input_id, target)
             progress.advance(task)
             return result
 

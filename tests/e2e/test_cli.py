@@ -158,6 +158,12 @@ async def test_delete_refuses_without_a_terminal_and_deletes_with_yes(cli: Cli) 
     restored = await cli.json("datasets", "undelete", "doomed")
     assert restored["id"] == "doomed"
 
+    # A deleted dataset can still be purged for good.
+    await cli.json("datasets", "delete", "doomed", "--yes")
+    purged = await cli.json("datasets", "delete", "doomed", "--force", "--yes")
+    assert purged["purged"] is True
+    assert (await cli("datasets", "undelete", "doomed")).code == 1
+
 
 def image_folder(root: Path, counts: dict[str, int], offset: int = 0) -> Path:
     """Distinct PNGs in one sub-folder per label (distinct bytes: the store de-duplicates)."""
@@ -225,10 +231,16 @@ async def test_upload_folder_versions_export_download_and_merge(cli: Cli, tmp_pa
     assert merged == {"destination": "pets", "source": "more", "added": 2, "already_present": 0}
     assert len(await dataset_inputs(cli, "pets")) == 7
 
+    await cli.json("versions", "create", "pets", "--id", "v2")
+    older = await cli.json("download", "pets", str(tmp_path / "v1"), "--version", "v1")
+    newer = await cli.json("download", "pets", str(tmp_path / "v2"))
+    assert (older["version_id"], older["assets_count"]) == ("v1", 5)
+    assert (newer["version_id"], newer["assets_count"]) == ("v2", 7)
+
     refused = await cli("versions", "delete", "pets", "v1")
     assert refused.code == 2 and "--yes" in refused.stderr
     await cli.json("versions", "delete", "pets", "v1", "--yes")
-    assert await cli.json("versions", "list", "pets") == []
+    assert [v["id"] for v in await cli.json("versions", "list", "pets")] == ["v2"]
 
     refused = await cli("inputs", "delete", "pets", "cow-0000")
     assert refused.code == 2
@@ -392,9 +404,18 @@ async def test_upload_coco_and_download_original_inputs(cli: Cli, tmp_path: Path
     assert uploaded["annotations_created"] == 2
     assert (await cli.json("datasets", "get", "coco"))["annotations"] >= 2
 
+    # An input created from a URL has no stored media to download.
+    urls = tmp_path / "urls.csv"
+    urls.write_text("inputid,input\nremote,https://example.com/remote.png\n")
+    assert (await cli.json("upload", "csv", "coco", str(urls)))["created"] == 1
+
     save_dir = tmp_path / "originals"
     downloaded = await cli.json("inputs", "download", "coco", str(save_dir))
-    assert sorted(Path(d["path"]).name for d in downloaded) == ["a.png", "b.png"]
+    assert sorted((d["input_id"], d["path"] and Path(d["path"]).name) for d in downloaded) == [
+        ("a", "a.png"),
+        ("b", "b.png"),
+        ("remote", None),
+    ]
     for name, data in originals.items():
         assert (save_dir / f"{name}.png").read_bytes() == data
     assert not [p for p in save_dir.iterdir() if p.name.startswith(".")]

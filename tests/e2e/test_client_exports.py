@@ -27,6 +27,7 @@ from service.client import (
     ExportSettings,
     NotFoundError,
 )
+from service.client.exports import DOWNLOAD_MARKER
 from service.client.unpack import unpack as real_unpack
 from tests.conftest import Caller
 from tests.e2e.test_annotations import add, annotation, box, concepts
@@ -81,7 +82,12 @@ async def labelled_dataset(
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """The downloaded files, without the marker every download has (checked on its own)."""
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.name != DOWNLOAD_MARKER
+    )
 
 
 def names_in(directory: Path) -> list[str]:
@@ -360,12 +366,23 @@ async def test_download_refuses_a_non_empty_dir_unless_overwrite(
     # Refused before anything was asked of the server.
     assert await run(lambda: list(client.dataset("ds").list_versions())) == []
 
+    # Not even with overwrite: the folder is not an earlier download.
+    with pytest.raises(FileExistsError, match="not an earlier datasetd download"):
+        await run(
+            lambda: client.datasets.download("ds", target, overwrite=True, show_progress=False)
+        )
+    assert files_under(target) == ["keep.txt"]
+
+    earlier = tmp_path / "earlier"
+    await run(lambda: client.datasets.download("ds", earlier, show_progress=False))
+    assert (earlier / DOWNLOAD_MARKER).is_file()
+    (earlier / "all" / "stale.txt").write_text("from before")
     result = await run(
-        lambda: client.datasets.download("ds", target, overwrite=True, show_progress=False)
+        lambda: client.datasets.download("ds", earlier, overwrite=True, show_progress=False)
     )
-    assert not (target / "keep.txt").exists()
-    assert result.assets_count == 7 and (target / "all" / "annotations.jsonl").is_file()
-    assert names_in(tmp_path) == ["busy"]
+    assert not (earlier / "all" / "stale.txt").exists()
+    assert result.assets_count == 7 and (earlier / "all" / "annotations.jsonl").is_file()
+    assert names_in(tmp_path) == ["busy", "earlier"]
 
     # An empty directory is simply used.
     empty = tmp_path / "empty"
