@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,9 @@ EXTENSIONS: dict[MediaKind, frozenset[str]] = {
 
 CSV_COLUMNS = ("inputid", "input", "concepts", "metadata", "geopoints")
 CSV_TYPES = ("url", "file_path", "raw")
+# csv refuses fields over 128 KB by default, which a raw text or a logged item
+# easily exceeds; the limit is a C long, 32 bits on Windows.
+CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 # Codes of the failure log; `retry` decides by them what to upload again.
 BAD_SOURCE = "bad_source"  # the row/file itself is wrong: fix the source, then upload again
@@ -298,6 +302,7 @@ def read_csv(
     folder = csv_path.parent
     scan = Scan()
     first: dict[str, int] = {}
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     # utf-8-sig: spreadsheets often prepend a byte-order mark to the header.
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
@@ -442,6 +447,18 @@ def read_coco(
             )
             continue
         file_name = str(image["file_name"])
+        # The JSON may come from anywhere: never read a file outside images_dir.
+        if not (root / file_name).resolve().is_relative_to(root):
+            scan.failures.append(
+                Failure(
+                    index,
+                    "",
+                    f"file_name {file_name!r} is outside the images folder",
+                    source,
+                    BAD_SOURCE,
+                )
+            )
+            continue
         input_id = clean_id(Path(file_name).stem)
         if input_id in first:
             scan.failures.append(

@@ -1,10 +1,16 @@
 """The upload engine: batches, concurrency, exactly-once request ids, failure log, retry.
 
-Exactly-once and resumable: every call carries a request id derived from the
-bytes of its request (`up-`/`an-`/`st-` + SHA-256), so running the same upload
-again replays the batches the server already answered instead of creating
-anything twice; inputs and annotations also get deterministic ids, so even a
-re-run whose batches are cut differently finds them as duplicates.
+Exactly-once and resumable: every call carries a request id derived from a run
+token and the bytes of its request (`up-`/`an-`/`st-` + SHA-256). The token
+belongs to one upload *run*: it is kept in a state file next to the failure log
+(`.datasetd-upload-<dataset>-<identity>.state`, the identity being a hash of the
+dataset and every item of the job) until the run finishes cleanly. So running
+the same command again after an interruption, a crash or failures replays the
+batches the server already answered instead of creating anything twice, while a
+new run after a clean finish gets a new token and really uploads: a replay
+would report "created" for inputs that were deleted since. Inputs and
+annotations also get deterministic ids, so a run with other request ids (or
+other batches) finds what is already there as duplicates ("already exists").
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ import csv
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +58,7 @@ from service.client.errors import (
 from service.client.sources import (
     BAD_SOURCE,
     CALL_FAILED,
+    CSV_FIELD_LIMIT,
     DUPLICATE,
     INVALID,
     NOT_ATTEMPTED,
@@ -109,7 +117,8 @@ AnnotationItems = Iterable[AnnotationLike]
 class UploadResult:
     """What an upload did. `total`, `created` and `failed` count inputs, except for
     `upload_annotations` where they count annotations; a COCO upload counts its
-    boxes in the `annotations_*` fields. Replayed batches count as created."""
+    boxes in the `annotations_*` fields. Batches replayed when resuming a run
+    count as created."""
 
     dataset_id: str
     total: int = 0
@@ -176,14 +185,15 @@ def default_failure_log(dataset_id: str) -> Path:
     return Path.cwd() / f"datasetd-failures-{dataset_id}.csv"
 
 
-def request_id_of(prefix: str, request: Any) -> str:
-    """A request id from the request's deterministic bytes (request_id still empty).
+def request_id_of(prefix: str, request: Any, token: bytes = b"") -> str:
+    """A request id from the run token and the request's deterministic bytes
+    (request_id still empty).
 
-    Same content, same id: the server replays its recorded answer. Any change
-    of content gives another id, so a changed request is never refused as a
-    reused id.
+    Same run and content, same id: the server replays its recorded answer. Any
+    change of content gives another id, so a changed request is never refused
+    as a reused id; another run (token) never replays this one's answers.
     """
-    digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+    digest = hashlib.sha256(token + request.SerializeToString(deterministic=True)).hexdigest()
     return prefix + digest
 
 
@@ -209,6 +219,14 @@ def _item_json(item: InputLike | annotation_pb2.Annotation) -> dict[str, Any]:
         return item.to_json()
     message: dict[str, Any] = json_format.MessageToDict(item, preserving_proto_field_name=True)
     return {"proto": message}
+
+
+def _annotation_json(item: AnnotationLike) -> dict[str, Any] | None:
+    """The log form of an annotation; None (not retryable) when it cannot even be built."""
+    try:
+        return _item_json(_annotation_message(item))
+    except Exception:
+        return None
 
 
 def _size(item: InputLike) -> int:
@@ -382,7 +400,7 @@ def _result_failure(
     return Failure(index, input_id, details or "invalid", source, INVALID, kind, item)
 
 
-def _run_inputs(rpc: Rpc, dataset_id: str, unit: _Unit) -> list[Outcome]:
+def _run_inputs(rpc: Rpc, dataset_id: str, unit: _Unit, token: bytes) -> list[Outcome]:
     outcomes: list[Outcome] = []
     sent: list[tuple[int, InputLike]] = []
     request = input_service_pb2.CreateInputsRequest(app_id=rpc.app)
@@ -399,7 +417,7 @@ def _run_inputs(rpc: Rpc, dataset_id: str, unit: _Unit) -> list[Outcome]:
         sent.append((index, item))
     if not sent:
         return outcomes
-    request.request_id = request_id_of("up-", request)
+    request.request_id = request_id_of("up-", request, token)
     try:
         response = _call(rpc, rpc.inputs.CreateInputs, lambda: request)
     except DatasetdError as error:
@@ -436,7 +454,7 @@ def _run_inputs(rpc: Rpc, dataset_id: str, unit: _Unit) -> list[Outcome]:
     return outcomes
 
 
-def _run_stream(rpc: Rpc, dataset_id: str, unit: _Unit) -> list[Outcome]:
+def _run_stream(rpc: Rpc, dataset_id: str, unit: _Unit, token: bytes) -> list[Outcome]:
     [(index, item)] = unit.entries
     assert isinstance(item, UploadItem) and item.path is not None
     path = item.path
@@ -463,7 +481,7 @@ def _run_stream(rpc: Rpc, dataset_id: str, unit: _Unit) -> list[Outcome]:
         sha256=digest.hexdigest(),
     )
     # The header names the content's SHA-256, so its hash identifies the whole upload.
-    header.request_id = request_id_of("st-", header)
+    header.request_id = request_id_of("st-", header, token)
 
     def messages() -> Iterator[input_service_pb2.UploadInputRequest]:
         yield input_service_pb2.UploadInputRequest(header=header)
@@ -491,11 +509,11 @@ def _run_stream(rpc: Rpc, dataset_id: str, unit: _Unit) -> list[Outcome]:
     return [(index, None)]
 
 
-def _run_annotations(rpc: Rpc, unit: _Unit) -> list[Outcome]:
+def _run_annotations(rpc: Rpc, unit: _Unit, token: bytes) -> list[Outcome]:
     request = annotation_service_pb2.CreateAnnotationsRequest(app_id=rpc.app)
     for _, item in unit.entries:
         request.annotations.append(_annotation_message(item))
-    request.request_id = request_id_of("an-", request)
+    request.request_id = request_id_of("an-", request, token)
 
     def failure_of(position: int) -> tuple[int, str, str, dict[str, Any]]:
         index, item = unit.entries[position]
@@ -542,6 +560,7 @@ class _Engine:
         self.rpc = rpc
         self.dataset_id = dataset_id
         self.concurrency = concurrency
+        self.token = b""  # the run token, set before the first upload call
         self.console = Console(stderr=True)
         self.progress: Progress | None = None
         if show_progress:
@@ -593,11 +612,39 @@ class _Engine:
             pool.shutdown(wait=not pending, cancel_futures=True)
 
     def _work(self, unit: _Unit) -> list[Outcome]:
-        if unit.kind == "inputs":
-            return _run_inputs(self.rpc, self.dataset_id, unit)
-        if unit.kind == "stream":
-            return _run_stream(self.rpc, self.dataset_id, unit)
-        return _run_annotations(self.rpc, unit)
+        try:
+            if unit.kind == "inputs":
+                return _run_inputs(self.rpc, self.dataset_id, unit, self.token)
+            if unit.kind == "stream":
+                return _run_stream(self.rpc, self.dataset_id, unit, self.token)
+            return _run_annotations(self.rpc, unit, self.token)
+        except Exception as error:
+            # A bug or a bad item (e.g. metadata the Struct cannot hold) fails this
+            # unit's items only, instead of ending the upload and losing its results.
+            return _unit_failures(unit, f"{type(error).__name__}: {error}")
+
+
+def _unit_failures(unit: _Unit, reason: str) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for index, item in unit.entries:
+        if unit.kind == "annotations":
+            source = item.source if isinstance(item, AnnotationItem) else item.id
+            failure = Failure(
+                index,
+                item.input_id,
+                reason,
+                source or item.input_id,
+                CALL_FAILED,
+                "annotation",
+                _annotation_json(item),
+            )
+        else:
+            input_id, source = _describe(item)
+            failure = Failure(
+                index, input_id, reason, source, CALL_FAILED, "input", _item_json(item)
+            )
+        outcomes.append((index, failure))
+    return outcomes
 
 
 @dataclass
@@ -621,6 +668,44 @@ def _check_options(batch_size: int) -> None:
         raise ValueError(f"batch_size must be 1..{MAX_BATCH}, got {batch_size}")
 
 
+def _check_log_folder(log_path: Path) -> None:
+    """Fails before any request, rather than after the upload when the log is written."""
+    folder = log_path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the folder of the failure log {log_path} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"the folder of the failure log {log_path} is not writable")
+
+
+def _state_path(log_path: Path, dataset_id: str, job: _Job) -> Path:
+    """Where the run token of this exact upload (dataset and items, in order) is kept."""
+    digest = hashlib.sha256(json.dumps(dataset_id).encode())
+    for name, entries in (("inputs", job.inputs), ("annotations", job.annotations)):
+        digest.update(b"\n" + name.encode())
+        for _, item in entries:
+            value = asdict(item) if isinstance(item, AnnotationItem) else _item_json(item)
+            # JSON has no newline of its own, so the separator keeps items apart;
+            # default=str: a value JSON cannot hold fails in the worker, not here.
+            digest.update(b"\n" + json.dumps(value, sort_keys=True, default=str).encode())
+    identity = digest.hexdigest()[:16]
+    return log_path.parent / f".datasetd-upload-{dataset_id}-{identity}.state"
+
+
+def _run_token(path: Path) -> bytes:
+    """The token of an unfinished run of this upload, or a new one, saved before any call."""
+    try:
+        token = path.read_bytes().strip()
+    except FileNotFoundError:
+        token = b""
+    if len(token) != 32:
+        token = secrets.token_hex(16).encode()
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_bytes(token + b"\n")
+        # Replaced in one step: a run killed here leaves either no token or a whole one.
+        os.replace(temporary, path)
+    return token
+
+
 def _execute(
     rpc: Rpc,
     dataset_id: str,
@@ -632,12 +717,15 @@ def _execute(
 ) -> UploadResult:
     _check_options(batch_size)
     engine = _Engine(rpc, dataset_id, concurrency, show_progress)
+    log_path = Path(failure_log) if failure_log is not None else default_failure_log(dataset_id)
+    _check_log_folder(log_path)
     # A missing dataset would fail every input one by one; fail once, clearly.
     rpc.call(
         rpc.datasets.GetDataset,
         dataset_service_pb2.GetDatasetRequest(app_id=rpc.app, dataset_id=dataset_id),
     )
-    log_path = Path(failure_log) if failure_log is not None else default_failure_log(dataset_id)
+    state = _state_path(log_path, dataset_id, job)
+    engine.token = _run_token(state)
     started = time.monotonic()
     result = UploadResult(dataset_id=dataset_id, skipped=job.skipped + len(job.carried))
     result.failures.extend(job.failures)
@@ -648,60 +736,122 @@ def _execute(
     result.annotations_total = len(job.annotations) + len(annotation_failures)
     result.failed = len(input_failures)
     result.annotations_failed = len(annotation_failures)
+    # Indexes with an outcome: the others are logged as not attempted if the run stops.
+    done_inputs: set[int] = set()
+    done_annotations: set[int] = set()
+    stopped: BaseException | None = None
     try:
         if engine.progress is not None:
             engine.progress.start()
-        lost: dict[str, str] = {}
-        if job.inputs:
-            units = _plan_inputs(job.inputs, batch_size)
-            for _, failure in engine.run("inputs", units, len(job.inputs)):
-                if failure is None:
-                    result.created += 1
-                    continue
-                result.failed += 1
-                result.already_exists += failure.code == DUPLICATE
-                result.failures.append(failure)
-                if failure.code != DUPLICATE:
-                    lost[failure.input_id] = failure.reason
-        if job.annotations:
-            ready: list[tuple[int, AnnotationLike]] = []
-            for index, item in job.annotations:
-                if item.input_id in lost:
-                    result.annotations_failed += 1
-                    result.failures.append(
-                        Failure(
-                            index,
-                            item.input_id,
-                            f"input not uploaded: {lost[item.input_id]}",
-                            item.source if isinstance(item, AnnotationItem) else item.id,
-                            NOT_ATTEMPTED,
-                            "annotation",
-                            _item_json(_annotation_message(item)),
-                        )
-                    )
-                else:
-                    ready.append((index, item))
-            units = _plan_annotations(ready, batch_size)
-            for _, failure in engine.run("annotations", units, len(ready)):
-                if failure is None:
-                    result.annotations_created += 1
-                else:
-                    result.annotations_failed += 1
-                    result.failures.append(failure)
-    except KeyboardInterrupt:
-        result.interrupted = True
-        _finish(result, job, log_path, started, engine)
-        engine.console.print(INTERRUPTED)
+        _run_job(engine, job, batch_size, result, done_inputs, done_annotations)
+    except BaseException as error:
+        stopped = error
+        result.interrupted = isinstance(error, KeyboardInterrupt)
+        _add_not_attempted(result, job, done_inputs, done_annotations, error)
         raise
-    _finish(result, job, log_path, started, engine)
+    finally:
+        if engine.progress is not None:
+            engine.progress.stop()
+        _finish(result, job, log_path, started, engine)
+        if result.interrupted:
+            engine.console.print(INTERRUPTED)
+        # Kept after an interruption, a crash or failures, so the same command
+        # replays what was done; a clean run's token is never used again.
+        if stopped is None and not result.failures:
+            state.unlink(missing_ok=True)
     return result
+
+
+def _run_job(
+    engine: _Engine,
+    job: _Job,
+    batch_size: int,
+    result: UploadResult,
+    done_inputs: set[int],
+    done_annotations: set[int],
+) -> None:
+    """Inputs first, then the annotations whose input did not fail; counts into `result`."""
+    lost: dict[str, str] = {}
+    if job.inputs:
+        units = _plan_inputs(job.inputs, batch_size)
+        for index, failure in engine.run("inputs", units, len(job.inputs)):
+            done_inputs.add(index)
+            if failure is None:
+                result.created += 1
+                continue
+            result.failed += 1
+            result.already_exists += failure.code == DUPLICATE
+            result.failures.append(failure)
+            if failure.code != DUPLICATE:
+                lost[failure.input_id] = failure.reason
+    if job.annotations:
+        ready: list[tuple[int, AnnotationLike]] = []
+        for index, item in job.annotations:
+            if item.input_id in lost:
+                done_annotations.add(index)
+                result.annotations_failed += 1
+                result.failures.append(
+                    Failure(
+                        index,
+                        item.input_id,
+                        f"input not uploaded: {lost[item.input_id]}",
+                        item.source if isinstance(item, AnnotationItem) else item.id,
+                        NOT_ATTEMPTED,
+                        "annotation",
+                        _annotation_json(item),
+                    )
+                )
+            else:
+                ready.append((index, item))
+        units = _plan_annotations(ready, batch_size)
+        for index, failure in engine.run("annotations", units, len(ready)):
+            done_annotations.add(index)
+            if failure is None:
+                result.annotations_created += 1
+            else:
+                result.annotations_failed += 1
+                result.failures.append(failure)
+
+
+def _add_not_attempted(
+    result: UploadResult,
+    job: _Job,
+    done_inputs: set[int],
+    done_annotations: set[int],
+    error: BaseException,
+) -> None:
+    """Logs every item without an outcome, with its item, so `retry` can upload it."""
+    if isinstance(error, KeyboardInterrupt):
+        reason = "not attempted: the upload was interrupted"
+    else:
+        reason = f"not attempted: the upload stopped ({type(error).__name__}: {error})"
+    for index, item in job.inputs:
+        if index not in done_inputs:
+            input_id, source = _describe(item)
+            result.failed += 1
+            result.failures.append(
+                Failure(index, input_id, reason, source, NOT_ATTEMPTED, "input", _item_json(item))
+            )
+    for index, annotation in job.annotations:
+        if index not in done_annotations:
+            source = annotation.source if isinstance(annotation, AnnotationItem) else annotation.id
+            result.annotations_failed += 1
+            result.failures.append(
+                Failure(
+                    index,
+                    annotation.input_id,
+                    reason,
+                    source or annotation.input_id,
+                    NOT_ATTEMPTED,
+                    "annotation",
+                    _annotation_json(annotation),
+                )
+            )
 
 
 def _finish(
     result: UploadResult, job: _Job, log_path: Path, started: float, engine: _Engine
 ) -> None:
-    if engine.progress is not None:
-        engine.progress.stop()
     if job.counts_annotations:
         result.total, result.created, result.failed = (
             result.annotations_total,
@@ -755,7 +905,9 @@ def write_failure_log(path: Path, failures: list[Failure], dataset_id: str) -> P
         writer = csv.writer(handle)
         writer.writerow(LOG_COLUMNS)
         for f in failures:
-            item = json.dumps(f.item, sort_keys=True) if f.item is not None else ""
+            # default=str: an item whose metadata JSON cannot hold (a datetime) failed
+            # for that reason; the log keeps it, as text, rather than losing the run.
+            item = json.dumps(f.item, sort_keys=True, default=str) if f.item is not None else ""
             writer.writerow(
                 [f.index, f.input_id, f.reason, f.source, f.code, f.kind, dataset_id, item]
             )
@@ -766,6 +918,8 @@ def write_failure_log(path: Path, failures: list[Failure], dataset_id: str) -> P
 
 def read_failure_log(path: str | Path) -> tuple[str, list[Failure]]:
     """The dataset id and the failures recorded in a log written by an upload."""
+    # An item's JSON (a raw text, hex data) easily exceeds the default 128 KB field limit.
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     with Path(path).open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = set(LOG_COLUMNS) - set(reader.fieldnames or ())

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import csv
 import functools
+import itertools
 import json
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +21,13 @@ from datasetd.v1 import annotation_service_pb2
 
 from service.app import Running
 from service.client import Client, Dataset, NotFoundError, UploadItem, UploadResult, uploads
-from service.client.sources import BAD_SOURCE, DUPLICATE, UNREADABLE
+from service.client.sources import (
+    BAD_SOURCE,
+    CALL_FAILED,
+    DUPLICATE,
+    NOT_ATTEMPTED,
+    UNREADABLE,
+)
 from tests.conftest import Caller
 from tests.helpers import png_bytes
 
@@ -48,6 +56,11 @@ async def stored(dataset: Dataset) -> dict[str, list[str]]:
 def log_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+def run_states(folder: Path) -> list[Path]:
+    """The run-token files of unfinished uploads whose failure log is in `folder`."""
+    return sorted(folder.glob(".datasetd-upload-*.state"))
 
 
 def png(path: Path, seed: int) -> Path:
@@ -87,12 +100,14 @@ async def test_folder_upload_with_labels_and_re_runs_create_nothing_twice(
     }
     assert await stored(dataset) == expected
 
-    # Same batches: the server replays its recorded answers; nothing new is created.
+    # The run finished cleanly, so its token is gone: a new run really uploads,
+    # and finds every id taken instead of replaying "created".
+    assert not run_states(tmp_path)
     again = await run(lambda: upload(2))
-    assert (again.created, again.failed) == (6, 0)
+    assert (again.created, again.failed, again.already_exists) == (0, 6, 6)
     assert await stored(dataset) == expected
 
-    # Other batches: other request ids, but the ids are taken, so nothing is duplicated.
+    # Other batches: other request ids too; the ids are taken, so nothing is duplicated.
     regrouped = await run(lambda: upload(5))
     assert (regrouped.created, regrouped.failed, regrouped.already_exists) == (0, 6, 6)
     assert await stored(dataset) == expected
@@ -220,7 +235,8 @@ async def test_coco_upload_stores_normalised_boxes(client: Client, tmp_path: Pat
     info = await run(lambda: client.datasets.get("ds"))
     assert info.statistic.asset_total == 2
 
-    # A re-run creates nothing twice: replayed batches, same annotation ids.
+    # A re-run creates nothing twice: the failed box kept the run's token, so
+    # the batches are replayed; the annotation ids are the same anyway.
     again = await run(upload)
     assert again.created == 2 and again.annotations_created == 2
     recount = await run(
@@ -317,12 +333,12 @@ async def test_ctrl_c_writes_the_log_and_a_re_run_resumes(
     real = uploads._run_inputs
     calls = 0
 
-    def interrupted_on_third(rpc: Any, dataset_id: str, unit: Any) -> Any:
+    def interrupted_on_third(*args: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise KeyboardInterrupt
-        return real(rpc, dataset_id, unit)
+        return real(*args)
 
     monkeypatch.setattr(uploads, "_run_inputs", interrupted_on_third)
     log = tmp_path / "log.csv"
@@ -336,7 +352,11 @@ async def test_ctrl_c_writes_the_log_and_a_re_run_resumes(
         await run(upload)
     assert "interrupted; run the same command again to resume" in capsys.readouterr().err
     assert len(await stored(dataset)) == 4
+    # What was never attempted is in the log, ready for `retry`.
+    assert {r["code"] for r in log_rows(log)} == {NOT_ATTEMPTED}
+    assert len(run_states(tmp_path)) == 1
     monkeypatch.setattr(uploads, "_run_inputs", real)
+    # Same command, same run token: the first batches are replayed, not duplicated.
     result = await run(upload)
     assert (result.created, result.failed) == (6, 1)
     assert sorted(await stored(dataset)) == [str(n) for n in range(6)]
@@ -368,7 +388,110 @@ async def test_large_files_are_streamed_one_by_one(
     assert sorted(await stored(dataset)) == ["big", "long", "small"]
     got = await run(lambda: dataset.get_input("long"))
     assert got.media_type == "text"
-    # The stream's request id is replayed too: nothing new, no failure.
+    # A new run streams again and finds the id taken: nothing new is stored.
     again = await run(lambda: upload("image"))
-    assert (again.created, again.failed) == (1, 0)
+    assert (again.created, again.already_exists) == (0, 1)
     assert len(await stored(dataset)) == 3
+
+
+async def test_upload_after_deleting_the_inputs_stores_them_again(
+    client: Client, tmp_path: Path
+) -> None:
+    dataset = await new_dataset(client)
+    for n in range(5):
+        png(tmp_path / "imgs" / f"{n}.png", n)
+    log = tmp_path / "log.csv"
+
+    def upload() -> UploadResult:
+        return dataset.upload_from_folder(
+            tmp_path / "imgs", batch_size=2, show_progress=False, failure_log=log
+        )
+
+    assert (await run(upload)).created == 5
+    deleted, unknown = await run(lambda: dataset.delete_inputs([str(n) for n in range(5)]))
+    assert (deleted, unknown) == (5, [])
+    assert await stored(dataset) == {}
+    # The same request bytes again: a replay would answer "created" and store nothing.
+    result = await run(upload)
+    assert (result.total, result.created, result.failed) == (5, 5, 0)
+    assert sorted(await stored(dataset)) == [str(n) for n in range(5)]
+    assert not run_states(tmp_path)
+
+
+async def test_interrupted_retry_keeps_the_rows_never_attempted(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = await new_dataset(client)
+    paths = [tmp_path / "imgs" / f"{n}.png" for n in range(10)]
+    items = [UploadItem(p.stem, path=str(p)) for p in paths]
+    log = tmp_path / "log.csv"
+    first = await run(
+        lambda: dataset.upload_inputs(items, batch_size=2, show_progress=False, failure_log=log)
+    )
+    assert first.failed == 10 and len(log_rows(log)) == 10
+    for n, path in enumerate(paths):
+        png(path, n)
+
+    real = uploads._Engine.run
+
+    def first_batch_then_ctrl_c(
+        self: Any, label: str, units: Iterator[Any], total: int
+    ) -> Iterator[Any]:
+        # Only the first batch is ever sent; then Ctrl-C arrives in the loop
+        # that consumes the outcomes, like a real one in the main thread.
+        yield from real(self, label, itertools.islice(units, 1), total)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(uploads._Engine, "run", first_batch_then_ctrl_c)
+
+    def retry() -> UploadResult:
+        return dataset.retry(log, batch_size=2, concurrency=1, show_progress=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        await run(retry)
+    assert sorted(await stored(dataset)) == ["0", "1"]
+    rows = log_rows(log)
+    assert [r["input_id"] for r in rows] == [str(n) for n in range(2, 10)]
+    assert {r["code"] for r in rows} == {NOT_ATTEMPTED}
+    assert all(r["item"] for r in rows)
+
+    monkeypatch.setattr(uploads._Engine, "run", real)
+    again = await run(retry)
+    assert (again.total, again.created, again.failed) == (8, 8, 0)
+    assert not log.exists()
+    assert sorted(await stored(dataset)) == [str(n) for n in range(10)]
+
+
+async def test_an_error_in_a_worker_fails_its_batch_only(
+    client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset = await new_dataset(client)
+    items = [
+        UploadItem("t1", "text", text="one"),
+        UploadItem("t2", "text", text="two", metadata={"at": datetime.now(UTC)}),
+        UploadItem("t3", "text", text="three"),
+    ]
+    log = tmp_path / "log.csv"
+    result = await run(lambda: dataset.upload_inputs(items, batch_size=2, failure_log=log))
+    # Struct cannot hold a datetime: its batch fails, the other one is stored.
+    assert (result.total, result.created, result.failed) == (3, 1, 2)
+    assert sorted(await stored(dataset)) == ["t3"]
+    rows = log_rows(log)
+    assert [(r["input_id"], r["code"]) for r in rows] == [("t1", CALL_FAILED), ("t2", CALL_FAILED)]
+    assert all(r["reason"].startswith(("ValueError: ", "TypeError: ")) for r in rows)
+    assert "upload to ds" in capsys.readouterr().err  # the bar stopped, the summary printed
+
+
+async def test_the_failure_log_folder_is_checked_before_uploading(
+    client: Client, tmp_path: Path
+) -> None:
+    dataset = await new_dataset(client)
+    png(tmp_path / "imgs" / "a.png", 1)
+    missing = tmp_path / "nowhere" / "log.csv"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        await run(
+            lambda: dataset.upload_from_folder(
+                tmp_path / "imgs", show_progress=False, failure_log=missing
+            )
+        )
+    assert await stored(dataset) == {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -344,3 +346,46 @@ def test_failure_log_round_trips_and_disappears_when_empty(tmp_path: Path) -> No
     assert back[0].item is not None and UploadItem.from_json(back[0].item) == item
     assert write_failure_log(path, [], "ds") is None
     assert not path.exists()
+
+
+@pytest.fixture
+def default_csv_limit() -> Iterator[None]:
+    """The stock 128 KB field limit, as in a fresh process, restored afterwards."""
+    previous = csv.field_size_limit(131072)
+    yield
+    csv.field_size_limit(previous)
+
+
+@pytest.mark.usefixtures("default_csv_limit")
+def test_big_csv_fields_are_read(tmp_path: Path) -> None:
+    text = "word " * 40_000  # 200 KB in one cell
+    raw = csv_file(tmp_path, f"inputid,input\nbig,{text}\n")
+    [item] = read_csv(raw, "ds", "text", "raw").items
+    assert item.text == text
+
+    log = tmp_path / "log.csv"
+    big = UploadItem("big", "text", text=text)
+    write_failure_log(
+        log, [LogFailure(1, "big", "invalid", "x", "invalid", item=big.to_json())], "ds"
+    )
+    _, [back] = read_failure_log(log)
+    assert back.item is not None and UploadItem.from_json(back.item) == big
+
+
+def test_coco_file_names_outside_the_images_folder_are_rejected(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    write(images / "in.png")
+    write(tmp_path / "secret.png")
+    document = {
+        "images": [
+            {"id": 1, "file_name": "../secret.png", "width": 1, "height": 1},
+            {"id": 2, "file_name": str(tmp_path / "secret.png"), "width": 1, "height": 1},
+            {"id": 3, "file_name": "sub/../in.png", "width": 1, "height": 1},
+        ],
+        "categories": [],
+    }
+    path = write(tmp_path / "instances.json", json.dumps(document))
+    scan = read_coco(images, path, "ds")
+    assert [(i.input_id, i.path) for i in scan.items] == [("in", str(images / "sub/../in.png"))]
+    assert [(f.index, f.code) for f in scan.failures] == [(1, BAD_SOURCE), (2, BAD_SOURCE)]
+    assert all("outside the images folder" in f.reason for f in scan.failures)
