@@ -223,7 +223,9 @@ def datasets_delete(args: argparse.Namespace, output: Output) -> int:
         confirm(output, f"Dataset {args.dataset} {what} will be deleted {how}.", args.yes)
         deleted = client.datasets.delete(args.dataset, force=args.force)
     if output.as_json:
-        output.document({"dataset_id": args.dataset} | _plain_deleted(deleted))
+        output.document(
+            {"dataset_id": args.dataset, "purged": deleted.purged, "purge_time": deleted.purge_time}
+        )
     elif deleted.purged:
         output.text(f"Dataset {args.dataset} was purged.")
     else:
@@ -233,10 +235,6 @@ def datasets_delete(args: argparse.Namespace, output: Output) -> int:
             f"restores it until {until}."
         )
     return 0
-
-
-def _plain_deleted(deleted: Any) -> dict[str, Any]:
-    return {"purged": deleted.purged, "purge_time": deleted.purge_time}
 
 
 def datasets_undelete(args: argparse.Namespace, output: Output) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import os
 import shutil
@@ -614,8 +613,3 @@ def bulk_delete_assets(
         ),
     )
     return BulkDeleteResult(response.matched_count, response.deleted_count, dry_run)
-
-
-def describe_filter(criteria: Mapping[str, Any] | None) -> str:
-    """A one-line description of a filter, for confirmations."""
-    return json.dumps(dict(criteria or {}), sort_keys=True) if criteria else "(every input)"
