@@ -39,6 +39,16 @@ class Rpc:
             # `from None`: the typed error carries everything the RpcError did.
             raise from_rpc_error(error) from None
 
+    def pages(self, method: Callable[..., T], request_for: Callable[[str], Any]) -> Iterator[T]:
+        """The responses of a paginated list call, fetched lazily, one page token after another."""
+        token = ""
+        while True:
+            response = self.call(method, request_for(token))
+            yield response
+            token = response.next_page_token  # type: ignore[attr-defined]
+            if not token:
+                return
+
     def stream(self, method: Callable[..., Iterator[T]], request: Any) -> Iterator[T]:
         """A server-streaming call; errors raised mid-stream are typed too."""
         try:

@@ -15,9 +15,8 @@ from google.protobuf import json_format
 from service.client import uploads as _uploads
 from service.client._rpc import Rpc, time_of
 from service.client.media import DownloadedInput, download_inputs
+from service.client.unpack import medium_of
 from service.client.versions import VersionInfo, Versions
-
-MEDIA_KINDS = ("image", "video", "audio", "text")
 
 
 @dataclass(frozen=True)
@@ -40,15 +39,8 @@ class MergeResult:
     already_present: int
 
 
-def media_type_of(message: input_pb2.Input) -> str:
-    for kind in MEDIA_KINDS:
-        if message.data.HasField(kind):  # type: ignore[arg-type]
-            return kind
-    return ""
-
-
 def to_input_info(message: input_pb2.Input) -> InputInfo:
-    kind = media_type_of(message)
+    kind = medium_of(message.data) or ""
     url = getattr(message.data, kind).url if kind else ""
     return InputInfo(
         id=message.id,
@@ -73,19 +65,14 @@ class Dataset:
 
     def list_inputs(self, page_size: int = 100) -> Iterator[InputInfo]:
         """Every input of the dataset, in the order they were added; pages are fetched lazily."""
-        token = ""
-        while True:
-            response = self.rpc.call(
-                self.rpc.datasets.ListDatasetInputs,
-                dataset_service_pb2.ListDatasetInputsRequest(
-                    app_id=self.rpc.app, dataset_id=self.id, page_size=page_size, page_token=token
-                ),
-            )
+        for response in self.rpc.pages(
+            self.rpc.datasets.ListDatasetInputs,
+            lambda token: dataset_service_pb2.ListDatasetInputsRequest(
+                app_id=self.rpc.app, dataset_id=self.id, page_size=page_size, page_token=token
+            ),
+        ):
             for member in response.dataset_inputs:
                 yield to_input_info(member.input)
-            token = response.next_page_token
-            if not token:
-                return
 
     def get_input(self, input_id: str) -> InputInfo:
         response = self.rpc.call(

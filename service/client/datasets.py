@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -140,23 +140,15 @@ class Datasets:
         self._stub = rpc.datasets
         self._app = rpc.app
 
-    def _call(self, method: Callable[..., T], request: Any) -> T:
-        return self._rpc.call(method, request)
-
     def list(self, page_size: int = 50, query: str = "") -> Iterator[Page]:
         """Yields pages lazily, so a caller that stops early fetches no more."""
-        token = ""
-        while True:
-            response = self._call(
-                self._stub.ListDatasets,
-                dataset_service_pb2.ListDatasetsRequest(
-                    app_id=self._app, page_size=page_size, page_token=token, query=query
-                ),
-            )
+        for response in self._rpc.pages(
+            self._stub.ListDatasets,
+            lambda token: dataset_service_pb2.ListDatasetsRequest(
+                app_id=self._app, page_size=page_size, page_token=token, query=query
+            ),
+        ):
             yield Page([_to_info(d) for d in response.datasets], response.next_page_token)
-            token = response.next_page_token
-            if not token:
-                return
 
     def all_items(self, page_size: int = 50, query: str = "") -> Iterator[DatasetInfo]:
         """Every dataset of the app, walking all pages."""
@@ -164,7 +156,7 @@ class Datasets:
             yield from page.items
 
     def get(self, dataset_id: str) -> DatasetInfo:
-        response = self._call(
+        response = self._rpc.call(
             self._stub.GetDataset,
             dataset_service_pb2.GetDatasetRequest(app_id=self._app, dataset_id=dataset_id),
         )
@@ -182,7 +174,7 @@ class Datasets:
         dataset = dataset_pb2.Dataset(id=dataset_id, description=description, notes=notes)
         if metadata:
             dataset.metadata.CopyFrom(_struct(metadata))
-        response = self._call(
+        response = self._rpc.call(
             self._stub.CreateDataset,
             dataset_service_pb2.CreateDatasetRequest(
                 app_id=self._app, dataset=dataset, request_id=request_id or ""
@@ -220,7 +212,7 @@ class Datasets:
             paths.append("metadata")
         if not paths:
             raise ValueError("patch needs at least one of description, notes or metadata")
-        response = self._call(
+        response = self._rpc.call(
             self._stub.UpdateDataset,
             dataset_service_pb2.UpdateDatasetRequest(
                 app_id=self._app,
@@ -237,7 +229,7 @@ class Datasets:
         self, dataset_id: str, force: bool = False, request_id: str | None = None
     ) -> Deleted:
         """Deletes a dataset; without `force` it can be undeleted until `purge_time`."""
-        response = self._call(
+        response = self._rpc.call(
             self._stub.DeleteDataset,
             dataset_service_pb2.DeleteDatasetRequest(
                 app_id=self._app, dataset_id=dataset_id, force=force, request_id=request_id or ""
@@ -249,7 +241,7 @@ class Datasets:
         return Deleted(response.purged, purge_time)
 
     def undelete(self, dataset_id: str, request_id: str | None = None) -> DatasetInfo:
-        response = self._call(
+        response = self._rpc.call(
             self._stub.UndeleteDataset,
             dataset_service_pb2.UndeleteDatasetRequest(
                 app_id=self._app, dataset_id=dataset_id, request_id=request_id or ""

@@ -347,23 +347,17 @@ def list_exports(rpc: Rpc, dataset_id: str, version_id: str | None = None) -> li
         if latest is None:
             return []
         version_id = latest.id
-    found: list[ExportInfo] = []
-    token = ""
-    while True:
-        response = rpc.call(
-            rpc.versions.ListExports,
-            api.ListExportsRequest(
-                app_id=rpc.app,
-                dataset_id=dataset_id,
-                version_id=version_id,
-                page_size=1000,
-                page_token=token,
-            ),
-        )
-        found.extend(to_export_info(e) for e in response.exports)
-        token = response.next_page_token
-        if not token:
-            return found
+    pages = rpc.pages(
+        rpc.versions.ListExports,
+        lambda token: api.ListExportsRequest(
+            app_id=rpc.app,
+            dataset_id=dataset_id,
+            version_id=version_id,
+            page_size=1000,
+            page_token=token,
+        ),
+    )
+    return [to_export_info(e) for response in pages for e in response.exports]
 
 
 def wait_export(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 import os
-import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,8 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 
 from service.client._rpc import Rpc
 from service.client.errors import FailedPreconditionError
+from service.client.unpack import clean_name
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 # The server's own sniffed types, where `mimetypes` picks an odd extension.
 _EXTENSIONS = {"image/jpeg": ".jpg", "text/plain": ".txt", "image/tiff": ".tiff"}
 
@@ -47,7 +46,7 @@ def download_input(rpc: Rpc, input_id: str, save_dir: Path) -> DownloadedInput:
     digest = hashlib.sha256()
     size, expected_size, expected_sha, content_type = 0, -1, "", ""
     # Ids are server-checked, but never trust a name from the wire as a path.
-    stem = _UNSAFE.sub("_", input_id) or "input"
+    stem = clean_name(input_id)
     partial = save_dir / f".{stem}.partial"
     try:
         with partial.open("wb") as out:

@@ -210,22 +210,17 @@ class Versions:
         return to_version_info(response.version)
 
     def list(self, page_size: int = 50) -> Iterator[VersionInfo]:
-        token = ""
-        while True:
-            response = self._rpc.call(
-                self._rpc.versions.ListDatasetVersions,
-                api.ListDatasetVersionsRequest(
-                    app_id=self._rpc.app,
-                    dataset_id=self._dataset,
-                    page_size=page_size,
-                    page_token=token,
-                ),
-            )
+        for response in self._rpc.pages(
+            self._rpc.versions.ListDatasetVersions,
+            lambda token: api.ListDatasetVersionsRequest(
+                app_id=self._rpc.app,
+                dataset_id=self._dataset,
+                page_size=page_size,
+                page_token=token,
+            ),
+        ):
             for message in response.versions:
                 yield to_version_info(message)
-            token = response.next_page_token
-            if not token:
-                return
 
     def delete(self, version_id: str, request_id: str | None = None) -> None:
         self._rpc.call(
