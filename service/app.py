@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from service.adapters.url_fetch import UrlFetcher
 from service.api.annotations import AnnotationServicer
 from service.api.datasets import DatasetServicer
 from service.api.diffs import DiffRpcs
@@ -52,7 +53,6 @@ from service.storage.db import Database, migrate, server_secret
 from service.storage.diffs import PgVersionPairs
 from service.storage.embedded import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
 from service.storage.exports import PgExportRepository
-from service.storage.fetch import UrlFetcher
 from service.storage.idempotency import PgIdempotencyRepository
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
 from service.storage.jobs import PgJobQueue

@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
+from service.adapters.url_fetch import FetchedMedia, UrlFetcher
 from service.domain.errors import InvalidArgument
-from service.storage.fetch import FetchedMedia, UrlFetcher
 
 LOOPBACK_ONLY = [ipaddress.ip_network("127.0.0.1/32")]
 BODY = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2

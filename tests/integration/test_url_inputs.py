@@ -10,11 +10,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from service.adapters.url_fetch import UrlFetcher
 from service.domain.inputs import InputDraft, InputService, InputSettings, Outcome
 from service.domain.models import MediaType, Principal
+from service.media.probe import MediaProbes
 from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.db import Database
-from service.storage.fetch import UrlFetcher
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
 from tests.conftest import Stack, object_store
 from tests.helpers import png_bytes
@@ -50,6 +51,7 @@ def service(db: Database, stack: Stack, fetcher: UrlFetcher) -> InputService:
         ContentAddressedBlobStore(db, object_store(stack)),
         db,
         InputSettings(),
+        MediaProbes(),
         fetcher=fetcher,
     )
 

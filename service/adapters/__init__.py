@@ -1,0 +1,1 @@
+"""Outbound HTTP: the service's own requests to hosts a caller names."""
