@@ -15,19 +15,25 @@ from service.domain.errors import (
     NotFound,
     Violations,
 )
-from service.domain.media import probe_image
 from service.domain.models import (
     CoverImage,
     Dataset,
     DatasetListQuery,
     DatasetView,
+    MediaType,
     Principal,
     SortField,
     StoredBlob,
     Visibility,
 )
 from service.domain.patch import PatchAction, apply_json, merge_json
-from service.domain.ports import BlobStore, Clock, DatasetRepository, TransactionManager
+from service.domain.ports import (
+    BlobStore,
+    Clock,
+    DatasetRepository,
+    MediaProber,
+    TransactionManager,
+)
 from service.domain.validation import check_id, check_metadata, check_text
 
 DESCRIPTION_MAX_CHARS = 1024
@@ -148,12 +154,14 @@ class DatasetService:
         tx: TransactionManager,
         clock: Clock,
         settings: DatasetSettings,
+        prober: MediaProber,
     ) -> None:
         self._datasets = datasets
         self._blobs = blobs
         self._tx = tx
         self._clock = clock
         self._settings = settings
+        self._prober = prober
 
     async def create(
         self, principal: Principal, app_id: str, dataset_id: str, fields: DatasetFields
@@ -333,14 +341,14 @@ class DatasetService:
             return CoverImage(url=cover.url)
         if not cover.data:
             return None
-        probe = probe_image(cover.data, "dataset.image.base64")
-        blob = await self._blobs.put(cover.data, probe.content_type)
+        content_type, info = self._prober.probe(MediaType.IMAGE, cover.data, "dataset.image.base64")
+        blob = await self._blobs.put(cover.data, content_type)
         return CoverImage(
             blob=blob,
-            width=probe.width,
-            height=probe.height,
-            format=probe.format,
-            color_mode=probe.color_mode,
+            width=info["width"],
+            height=info["height"],
+            format=info["format"],
+            color_mode=info["color_mode"],
         )
 
     async def _view(self, dataset: Dataset, *, with_statistics: bool) -> DatasetView:

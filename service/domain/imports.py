@@ -57,10 +57,14 @@ from service.domain.inputs import (
     dataset_not_found,
     media_source,
     medium_field,
-    probe_media,
 )
 from service.domain.models import AnnotatedMedia, MediaType, Principal, StoredBlob
-from service.domain.ports import BlobStore, MembershipRepository, TransactionManager
+from service.domain.ports import (
+    BlobStore,
+    MediaProber,
+    MembershipRepository,
+    TransactionManager,
+)
 from service.domain.transfers import MAX_CHUNK_BYTES
 from service.domain.validation import check_id
 
@@ -301,6 +305,7 @@ class ImportService:
         reader: ArchiveReader,
         tx: TransactionManager,
         settings: ImportSettings,
+        prober: MediaProber,
     ) -> None:
         self._inputs = inputs
         self._annotations = annotations
@@ -310,6 +315,7 @@ class ImportService:
         self._reader = reader
         self._tx = tx
         self._settings = settings
+        self._prober = prober
 
     # --- receive ---------------------------------------------------------------------------
 
@@ -456,7 +462,7 @@ class ImportService:
                 continue
             valid.append(item)
         # Probing media and checking geometry is CPU-bound: in a thread.
-        checked = await asyncio.to_thread(_check_content, valid)
+        checked = await asyncio.to_thread(_check_content, self._prober, valid)
         media = []
         for found, violations in checked:
             problems.items.extend(violations)
@@ -515,7 +521,7 @@ class ImportService:
         annotations were created."""
         # Hashing and probing again are CPU-bound: in a thread.
         with_media = await asyncio.to_thread(
-            lambda: [_with_stored_media(item, checked.stored) for item in group]
+            lambda: [_with_stored_media(self._prober, item, checked.stored) for item in group]
         )
         drafts = [
             dataclasses.replace(
@@ -548,7 +554,9 @@ class ImportService:
         return len(annotations)
 
 
-def _with_stored_media(item: ImportedInput, stored: dict[str, StoredBlob]) -> InputDraft:
+def _with_stored_media(
+    prober: MediaProber, item: ImportedInput, stored: dict[str, StoredBlob]
+) -> InputDraft:
     """The draft, with its media replaced by the blob check() stored when it remembers it
     (as a streamed upload hands over its stored media)."""
     draft = item.draft
@@ -557,7 +565,7 @@ def _with_stored_media(item: ImportedInput, stored: dict[str, StoredBlob]) -> In
     blob = stored.get(hashlib.sha256(inline).hexdigest()) if inline else None
     if blob is None:
         return draft
-    _, info = probe_media(media_type, inline, field)
+    _, info = prober.probe(media_type, inline, field)
     text = draft.text if media_type is MediaType.TEXT else None
     return dataclasses.replace(
         draft, data=b"", text=None, url="", stored=StoredMedia(blob, info, text)
@@ -565,19 +573,21 @@ def _with_stored_media(item: ImportedInput, stored: dict[str, StoredBlob]) -> In
 
 
 def _check_content(
-    items: list[ImportedInput],
+    prober: MediaProber, items: list[ImportedInput]
 ) -> list[tuple[_Media | None, list[FieldViolation]]]:
     """Per input: its media (None when invalid) and the problems of its media and
     annotations."""
-    return [_check_item(item) for item in items]
+    return [_check_item(prober, item) for item in items]
 
 
-def _check_item(item: ImportedInput) -> tuple[_Media | None, list[FieldViolation]]:
+def _check_item(
+    prober: MediaProber, item: ImportedInput
+) -> tuple[_Media | None, list[FieldViolation]]:
     draft = item.draft
     media_type = draft.media[0]
     try:
         inline, _, field = media_source(draft, media_type, medium_field(item.path, media_type))
-        content_type, info = probe_media(media_type, inline, field) if inline else ("", {})
+        content_type, info = prober.probe(media_type, inline, field) if inline else ("", {})
     except InvalidArgument as invalid:
         return None, list(invalid.violations)
     problems = Violations()

@@ -22,7 +22,6 @@ from service.domain.errors import (
     NotFound,
     Violations,
 )
-from service.domain.media import probe_audio, probe_image, probe_text, probe_video
 from service.domain.models import (
     DatasetMember,
     GeoPoint,
@@ -37,6 +36,7 @@ from service.domain.patch import PatchAction, apply_json, merge_json
 from service.domain.ports import (
     BlobStore,
     InputRepository,
+    MediaProber,
     MembershipRepository,
     TransactionManager,
 )
@@ -162,6 +162,10 @@ def media_source(
     return inline, draft.url, f"{media_field}.{inline_name}"
 
 
+# What UpdateInputs may change; media are content-addressed and never change.
+PATCHABLE_FIELDS = ("metadata", "concepts", "geo", "title")
+
+
 class InputService:
     def __init__(
         self,
@@ -170,6 +174,7 @@ class InputService:
         blobs: BlobStore,
         tx: TransactionManager,
         settings: InputSettings,
+        prober: MediaProber,
         fetcher: MediaFetcher | None = None,
     ) -> None:
         self._inputs = inputs
@@ -177,6 +182,7 @@ class InputService:
         self._blobs = blobs
         self._tx = tx
         self._settings = settings
+        self._prober = prober
         self._fetcher = fetcher
 
     # --- create ----------------------------------------------------------------------------
@@ -390,7 +396,7 @@ class InputService:
                 fetched = await self._fetcher.fetch(source_url, f"{media_field}.url")
                 payload, data_field = fetched.data, f"{media_field}.url"
             content_type, info = (
-                probe_media(media_type, payload, data_field) if payload else ("", {})
+                self._prober.probe(media_type, payload, data_field) if payload else ("", {})
             )
             # Texts are stored inline (for search and export) and as a blob (for download).
             text = payload.decode() if media_type is MediaType.TEXT and payload else None
@@ -735,38 +741,3 @@ def _patch_concepts(
         return [c for c in current if c.get("id") not in drop]
     merged: list[dict[str, Any]] = merge_json(current, given) if current else list(given)
     return merged
-
-
-def probe_media(
-    media_type: MediaType, data: bytes, field: str, total_size: int | None = None
-) -> tuple[str, dict[str, Any]]:
-    """Content type and media info of bytes, read from their headers only. For video and
-    audio, `data` may be the first bytes of media `total_size` long."""
-    if media_type is MediaType.IMAGE:
-        image = probe_image(data, field)
-        return image.content_type, {
-            "width": image.width,
-            "height": image.height,
-            "format": image.format,
-            "color_mode": image.color_mode,
-        }
-    if media_type is MediaType.VIDEO:
-        video = probe_video(data, field, total_size)
-        return video.content_type, {
-            "format": video.format,
-            "width": video.width,
-            "height": video.height,
-            "fps": video.fps,
-            "frame_count": video.frame_count,
-            "duration_seconds": video.duration_seconds,
-        }
-    if media_type is MediaType.AUDIO:
-        audio = probe_audio(data, field, total_size)
-        return audio.content_type, {
-            "format": audio.format,
-            "sample_rate": audio.sample_rate,
-            "duration_seconds": audio.duration_seconds,
-            "bit_rate": audio.bit_rate,
-        }
-    text = probe_text(data, field)
-    return "text/plain; charset=utf-8", {"char_count": text.char_count, "encoding": text.encoding}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from service.domain.models import (
     AnnotatedMedia,
@@ -25,6 +25,7 @@ from service.domain.models import (
     Input,
     InputQuery,
     InputSnapshot,
+    MediaType,
     StoredBlob,
     VersionContent,
     VersionMember,
@@ -34,6 +35,11 @@ from service.domain.models import (
 class TransactionManager(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[None]:
         """Repository calls inside the block share one database transaction."""
+        ...
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        """Runs `hook` once the outermost transaction commits (dropped if it rolls back);
+        outside a transaction, at once."""
         ...
 
 
@@ -368,4 +374,17 @@ class ArchiveFormats(Protocol):
     ) -> ArchiveWriter:
         """A writer of an archive whose members go into `splits`; `modified` is the time
         stamped on its entries (the version's creation, so that archives are repeatable)."""
+        ...
+
+
+class MediaProber(Protocol):
+    """Reads what media are from their bytes; implemented in service.media."""
+
+    def probe(
+        self, media_type: MediaType, data: bytes, field: str, total_size: int | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Content type and media info (the `media_info` of an input) of `data`, read from
+        its headers only. For video and audio, `data` may be the first bytes of media
+        `total_size` long. Raises InvalidArgument naming `field` when `data` is not valid
+        media of `media_type`."""
         ...

@@ -20,9 +20,9 @@ from typing import Any
 
 from service.domain.auth import Permission, authorize
 from service.domain.errors import InvalidArgument, Violations
-from service.domain.inputs import InputDraft, InputService, StoredMedia, probe_media
+from service.domain.inputs import InputDraft, InputService, StoredMedia
 from service.domain.models import InputView, MediaType, Principal, StoredBlob
-from service.domain.ports import MediaStreams, StagedUpload
+from service.domain.ports import MediaProber, MediaStreams, StagedUpload
 
 _MIB = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * _MIB
@@ -64,11 +64,16 @@ def _size(count: int) -> str:
 
 class InputTransfers:
     def __init__(
-        self, inputs: InputService, streams: MediaStreams, settings: TransferSettings
+        self,
+        inputs: InputService,
+        streams: MediaStreams,
+        settings: TransferSettings,
+        prober: MediaProber,
     ) -> None:
         self._inputs = inputs
         self._streams = streams
         self._settings = settings
+        self._prober = prober
 
     # --- upload ----------------------------------------------------------------------------
 
@@ -203,11 +208,18 @@ class InputTransfers:
     ) -> tuple[str, dict[str, Any], str | None]:
         """Content type, media info and (for text) the text of the received bytes."""
         if media_type in (MediaType.VIDEO, MediaType.AUDIO):
-            content_type, info = probe_media(media_type, head, MEDIA_FIELD, size)
+            content_type, info = self._prober.probe(media_type, head, MEDIA_FIELD, size)
             return content_type, info, None
         # Bounded by max_whole_bytes; the head is the whole of a small upload.
         data = head if size == len(head) else await staged.read()
-        return await asyncio.to_thread(_probe_whole, media_type, data)
+        return await asyncio.to_thread(self._probe_whole, media_type, data)
+
+    def _probe_whole(
+        self, media_type: MediaType, data: bytes
+    ) -> tuple[str, dict[str, Any], str | None]:
+        # Runs in a worker thread: a 64 MiB image or text takes tens of milliseconds.
+        content_type, info = self._prober.probe(media_type, data, MEDIA_FIELD)
+        return content_type, info, data.decode() if media_type is MediaType.TEXT else None
 
     # --- download --------------------------------------------------------------------------
 
@@ -218,12 +230,6 @@ class InputTransfers:
         FAILED_PRECONDITION for inputs whose media are only referenced by URL."""
         _, blob = await self._inputs.stored_media(principal, app_id, input_id)
         return blob, self._streams.stream(blob, DOWNLOAD_CHUNK_BYTES)
-
-
-def _probe_whole(media_type: MediaType, data: bytes) -> tuple[str, dict[str, Any], str | None]:
-    # Runs in a worker thread: a 64 MiB image or text takes tens of milliseconds.
-    content_type, info = probe_media(media_type, data, MEDIA_FIELD)
-    return content_type, info, data.decode() if media_type is MediaType.TEXT else None
 
 
 def _length_mismatch(expected: int, what: str) -> InvalidArgument:

@@ -24,16 +24,17 @@ from datasetd.v1 import data_pb2, input_pb2, input_service_pb2_grpc
 from datasetd.v1 import input_service_pb2 as api
 from PIL import Image
 
-from service.api.convert import input_draft
 from service.app import Resources, Running, start
 from service.config import Config
 from service.domain.errors import InvalidArgument
 from service.domain.inputs import InputService, InputSettings
 from service.domain.models import Principal
 from service.domain.transfers import InputTransfers, TransferSettings, UploadHeader
+from service.media.probe import MediaProbes
 from service.storage.blobs import UPLOADS_PREFIX, ContentAddressedBlobStore, ObjectStore
 from service.storage.db import Database
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
+from service.wire.inputs import input_draft
 from tests.conftest import Caller, Stack, new_caller, object_store
 from tests.e2e.test_inputs import create, metadata, new_dataset
 from tests.helpers import CallError, call_error, details_of, download
@@ -528,9 +529,11 @@ async def test_images_and_texts_over_the_whole_read_limit_are_refused(
     principal = Principal("k", app, frozenset({"read", "write"}))
     blobs = ContentAddressedBlobStore(db, objects)
     inputs = InputService(
-        PgInputRepository(db), PgMembershipRepository(db), blobs, db, InputSettings()
+        PgInputRepository(db), PgMembershipRepository(db), blobs, db, InputSettings(), MediaProbes()
     )
-    transfers = InputTransfers(inputs, blobs, TransferSettings(max_whole_bytes=2 * MIB))
+    transfers = InputTransfers(
+        inputs, blobs, TransferSettings(max_whole_bytes=2 * MIB), MediaProbes()
+    )
 
     async def chunks(data: bytes) -> AsyncIterator[bytes]:
         for piece in split(data):

@@ -16,6 +16,7 @@ from service.domain.clock import SystemClock
 from service.domain.datasets import DatasetService, DatasetSettings
 from service.domain.maintenance import Maintenance
 from service.domain.models import CoverImage, Dataset
+from service.media.probe import MediaProbes
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.blobs import ContentAddressedBlobStore, ObjectStore, content_key
 from service.storage.datasets import PgDatasetRepository
@@ -198,7 +199,7 @@ async def test_maintenance_purges_expired_datasets_then_their_orphaned_covers(
 ) -> None:
     blobs = ContentAddressedBlobStore(db, objects)
     repo = PgDatasetRepository(db)
-    datasets = DatasetService(repo, blobs, db, SystemClock(), DatasetSettings())
+    datasets = DatasetService(repo, blobs, db, SystemClock(), DatasetSettings(), MediaProbes())
     maintenance = Maintenance(
         datasets,
         blobs,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -25,6 +25,7 @@ from service.domain.models import (
     Visibility,
 )
 from service.domain.patch import PatchAction
+from service.media.probe import MediaProbes
 
 WRITER = Principal("k", "app", frozenset({"read", "write"}))
 
@@ -98,6 +99,9 @@ class FakeTx:
     async def transaction(self) -> AsyncIterator[None]:
         yield
 
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        hook()
+
 
 class Clock:
     def __init__(self) -> None:
@@ -110,7 +114,7 @@ class Clock:
 def service() -> tuple[DatasetService, FakeRepo, FakeBlobs, Clock]:
     repo, blobs, clock = FakeRepo(), FakeBlobs(), Clock()
     settings = DatasetSettings(delete_retention=timedelta(days=7))
-    return DatasetService(repo, blobs, FakeTx(), clock, settings), repo, blobs, clock
+    return DatasetService(repo, blobs, FakeTx(), clock, settings, MediaProbes()), repo, blobs, clock
 
 
 async def test_delete_sets_purge_time_and_undelete_expires_with_it() -> None:

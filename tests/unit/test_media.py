@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, TiffImagePlugin
 
 from service.domain.errors import InvalidArgument
-from service.domain.media import (
+from service.media.probe import (
     AUDIO_FORMATS,
     MAX_IMAGE_PIXELS,
     VIDEO_FORMATS,

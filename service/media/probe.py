@@ -1,0 +1,256 @@
+"""The media probes: what an upload is, read from its bytes without decoding untrusted
+pixel or sample data, and refused with a field error when it is not what it claims.
+
+`MediaProbes` implements the domain's `MediaProber` port; the functions are its parts,
+public for callers (and tests) that want one kind of probe and its typed result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from service.domain.errors import InvalidArgument
+from service.domain.models import MediaType
+from service.media.av import probe_av, rejection
+from service.media.binary import AV, Corrupt, MediaKind
+from service.media.images import (
+    IMAGE_FORMATS,
+    MAX_IMAGE_PIXELS,
+    ImageProbe,
+    image_signature,
+    probe_image,
+)
+
+__all__ = [
+    "AUDIO_FORMATS",
+    "IMAGE_FORMATS",
+    "MAX_IMAGE_PIXELS",
+    "VIDEO_FORMATS",
+    "AudioProbe",
+    "ImageProbe",
+    "MediaKind",
+    "MediaProbes",
+    "TextProbe",
+    "VideoProbe",
+    "probe_audio",
+    "probe_image",
+    "probe_media",
+    "probe_text",
+    "probe_video",
+    "sniff_media_type",
+]
+
+VIDEO_FORMATS = ("MP4", "MOV", "3GP", "WEBM", "MATROSKA", "AVI", "MPEG-TS", "MPEG-PS", "FLV", "OGG")
+AUDIO_FORMATS = ("WAV", "MP3", "FLAC", "OGG", "OPUS", "M4A", "AAC")
+_VIDEO_CONTENT_TYPES = {
+    "MP4": "video/mp4",
+    "MOV": "video/quicktime",
+    "3GP": "video/3gpp",
+    "WEBM": "video/webm",
+    "MATROSKA": "video/x-matroska",
+    "AVI": "video/x-msvideo",
+    "MPEG-TS": "video/mp2t",
+    "MPEG-PS": "video/mpeg",
+    "FLV": "video/x-flv",
+    "OGG": "video/ogg",
+}
+_AUDIO_CONTENT_TYPES = {
+    "WAV": "audio/wav",
+    "MP3": "audio/mpeg",
+    "FLAC": "audio/flac",
+    "OGG": "audio/ogg",
+    # RFC 7845: Opus in Ogg is audio/ogg; audio/opus names the RTP payload format.
+    "OPUS": "audio/ogg",
+    "M4A": "audio/mp4",
+    "AAC": "audio/aac",
+}
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    format: str
+    content_type: str
+    width: int = 0
+    height: int = 0
+    duration_seconds: float = 0.0
+    fps: float = 0.0
+    frame_count: int = 0
+
+
+@dataclass(frozen=True)
+class AudioProbe:
+    format: str
+    content_type: str
+    sample_rate: int = 0
+    duration_seconds: float = 0.0
+    bit_rate: int = 0
+
+
+@dataclass(frozen=True)
+class TextProbe:
+    char_count: int
+    encoding: str = "UTF-8"
+
+
+class MediaProbes:
+    """The media probes as the domain's MediaProber port."""
+
+    def probe(
+        self, media_type: MediaType, data: bytes, field: str, total_size: int | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        return probe_media(media_type, data, field, total_size)
+
+
+def probe_media(
+    media_type: MediaType, data: bytes, field: str, total_size: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Content type and media info of bytes, read from their headers only. For video and
+    audio, `data` may be the first bytes of media `total_size` long."""
+    if media_type is MediaType.IMAGE:
+        image = probe_image(data, field)
+        return image.content_type, {
+            "width": image.width,
+            "height": image.height,
+            "format": image.format,
+            "color_mode": image.color_mode,
+        }
+    if media_type is MediaType.VIDEO:
+        video = probe_video(data, field, total_size)
+        return video.content_type, {
+            "format": video.format,
+            "width": video.width,
+            "height": video.height,
+            "fps": video.fps,
+            "frame_count": video.frame_count,
+            "duration_seconds": video.duration_seconds,
+        }
+    if media_type is MediaType.AUDIO:
+        audio = probe_audio(data, field, total_size)
+        return audio.content_type, {
+            "format": audio.format,
+            "sample_rate": audio.sample_rate,
+            "duration_seconds": audio.duration_seconds,
+            "bit_rate": audio.bit_rate,
+        }
+    text = probe_text(data, field)
+    return "text/plain; charset=utf-8", {"char_count": text.char_count, "encoding": text.encoding}
+
+
+# --- text -----------------------------------------------------------------------------------
+
+
+def probe_text(data: bytes, field: str) -> TextProbe:
+    """Strict UTF-8 without NUL characters (NUL truncates text in C-based tooling)."""
+    nul = data.find(b"\x00")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if not 0 <= nul < exc.start:
+            raise InvalidArgument.field(
+                field,
+                f"is not valid UTF-8: {exc.reason} at byte offset {exc.start}",
+                reason="INVALID_TEXT",
+            ) from None
+        text = ""
+    if nul >= 0:
+        raise InvalidArgument.field(
+            field, f"contains a NUL character at byte offset {nul}", reason="INVALID_TEXT"
+        )
+    # A byte-order mark is an encoding signature, not content.
+    return TextProbe(len(text) - (1 if text.startswith("\ufeff") else 0))
+
+
+# --- sniffing -------------------------------------------------------------------------------
+
+
+def sniff_media_type(head: bytes) -> MediaKind | None:
+    """Which probe applies to an upload, from its first bytes (a few KiB are enough for
+    all formats but ISO BMFF audio, which needs its `moov` box or an M4A brand)."""
+    if image_signature(head):
+        return "image"
+    try:
+        av = probe_av(head, None)
+    except Corrupt as exc:
+        return exc.kind
+    if av is not None and (_is(av, _VIDEO) or _is(av, _AUDIO)):
+        return av.kind
+    return None
+
+
+# --- video and audio ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """What a video or audio probe accepts, and how its refusals read."""
+
+    kind: MediaKind
+    formats: tuple[str, ...]
+    corrupt: str
+    reason: str
+
+
+_VIDEO = _Wanted("video", VIDEO_FORMATS, "is a corrupt video", "INVALID_VIDEO")
+_AUDIO = _Wanted("audio", AUDIO_FORMATS, "is corrupt audio", "INVALID_AUDIO")
+
+
+def probe_video(data: bytes, field: str, total_size: int | None = None) -> VideoProbe:
+    """Container format and, when its headers are within `data`, size, duration and rate.
+
+    `data` may be the first bytes of a streamed upload whose length is `total_size`.
+    """
+    av = _probe_wanted(_VIDEO, data, field, total_size)
+    return VideoProbe(
+        format=av.format,
+        content_type=_VIDEO_CONTENT_TYPES[av.format],
+        width=_count(av.width),
+        height=_count(av.height),
+        duration_seconds=_seconds(av.duration),
+        fps=_seconds(av.fps),
+        frame_count=_count(av.frames),
+    )
+
+
+def probe_audio(data: bytes, field: str, total_size: int | None = None) -> AudioProbe:
+    """Container format and, when its headers are within `data`, sample rate, duration and
+    bit rate. `data` may be the first bytes of a streamed upload whose length is
+    `total_size`."""
+    av = _probe_wanted(_AUDIO, data, field, total_size)
+    return AudioProbe(
+        format=av.format,
+        content_type=_AUDIO_CONTENT_TYPES[av.format],
+        sample_rate=_count(av.sample_rate),
+        duration_seconds=_seconds(av.duration),
+        bit_rate=_count(av.bit_rate),
+    )
+
+
+def _probe_wanted(wanted: _Wanted, data: bytes, field: str, total_size: int | None) -> AV:
+    total = len(data) if total_size is None else max(total_size, len(data))
+    try:
+        av = probe_av(data, total)
+    except Corrupt as exc:
+        raise InvalidArgument.field(
+            field, f"{wanted.corrupt}: {exc}", reason=wanted.reason
+        ) from None
+    if av is None or not _is(av, wanted):
+        raise InvalidArgument.field(
+            field,
+            f"{rejection(av, data, wanted.kind)}; allowed formats: {', '.join(wanted.formats)}",
+            reason=wanted.reason,
+        )
+    return av
+
+
+def _is(av: AV, wanted: _Wanted) -> bool:
+    return av.kind == wanted.kind and av.format in wanted.formats
+
+
+def _seconds(value: float) -> float:
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def _count(value: int) -> int:
+    return min(max(value, 0), 2**63 - 1)
