@@ -1,4 +1,5 @@
-"""Composition root: builds storage, domain and transport, runs and stops them."""
+"""The process: opens PostgreSQL and S3 (embedded where not configured), starts the server
+that `service.wiring` builds, watches its health, and stops it all in order."""
 
 from __future__ import annotations
 
@@ -15,48 +16,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from service.adapters.url_fetch import UrlFetcher
-from service.api.annotations import AnnotationServicer
-from service.api.datasets import DatasetServicer
-from service.api.diffs import DiffRpcs
-from service.api.exports import ExportRpcs
-from service.api.imports import ImportRpcs
-from service.api.inputs import InputServicer
-from service.api.pagination import PageTokens
 from service.api.server import SERVICE_NAMES, build_server
-from service.api.versions import DatasetVersionServicer
 from service.config import Config
-from service.domain.annotations import AnnotationService
-from service.domain.auth import Authenticator, ensure_bootstrap_key
-from service.domain.clock import SystemClock
-from service.domain.datasets import DatasetService, DatasetSettings
-from service.domain.diffs import DiffService
-from service.domain.exports import ExportBuilder, ExportService, ExportSettings
-from service.domain.idempotency import Idempotency
-from service.domain.imports import ImportService, ImportSettings
-from service.domain.inputs import InputService, InputSettings
-from service.domain.jobs import JobHandler, JobKind
+from service.domain.auth import ensure_bootstrap_key
 from service.domain.maintenance import Maintenance
-from service.domain.transfers import InputTransfers, TransferSettings
-from service.domain.versions import VersionBuilder, VersionService
-from service.exports.archives import Archives
-from service.exports.decode import ProtobufContentConcepts
-from service.exports.encode import ProtobufSnapshotEncoder
-from service.exports.readers import ZipArchiveReader
-from service.jobs import JobRunner, new_worker_id
-from service.storage.annotations import PgAnnotationRepository
-from service.storage.api_keys import PgApiKeyRepository
-from service.storage.archives import TempFileArchives
-from service.storage.blobs import ContentAddressedBlobStore, ObjectStore
-from service.storage.datasets import PgDatasetRepository
-from service.storage.db import Database, migrate, server_secret
-from service.storage.diffs import PgVersionPairs
+from service.jobs import JobRunner
+from service.storage.blobs import ObjectStore
+from service.storage.db import Database, migrate
 from service.storage.embedded import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
-from service.storage.exports import PgExportRepository
-from service.storage.idempotency import PgIdempotencyRepository
-from service.storage.inputs import PgInputRepository, PgMembershipRepository
-from service.storage.jobs import PgJobQueue
-from service.storage.versions import PgVersionRepository
+from service.wiring import Api, Domain, Storage, job_runner
 
 log = logging.getLogger("datasetd")
 
@@ -182,138 +150,24 @@ class Running:
 async def start(config: Config, resources: Resources | None = None) -> Running:
     """Starts the server; with `resources` given (tests), uses them instead of opening new ones."""
     resources = resources or await open_resources(config)
-    db, objects = resources.db, resources.objects
+    db = resources.db
     try:
         async with db.connection() as conn:
             await migrate(conn)
-        await objects.ensure_bucket()
-        clock = SystemClock()
-        keys = PgApiKeyRepository(db)
-        async with db.transaction(), db.connection() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK_ID)
-            bootstrap_secret = await ensure_bootstrap_key(
-                keys, config.bootstrap_app, config.bootstrap_key or None
-            )
-        blobs = ContentAddressedBlobStore(db, objects)
-        idempotency_records = PgIdempotencyRepository(db)
-        job_queue = PgJobQueue(db)
-        # Services owning a job kind register their handler here, before the runner
-        # task starts below (it claims only kinds found in this dict).
-        job_handlers: dict[JobKind, JobHandler] = {}
-        runner = JobRunner(
-            job_queue,
-            job_handlers,
-            worker_id=new_worker_id(),
-            lease=config.job_lease,
-            concurrency=config.job_concurrency,
-        )
-        datasets = DatasetService(
-            PgDatasetRepository(db),
-            blobs,
-            db,
-            clock,
-            DatasetSettings(config.delete_retention, config.download_url_ttl),
-        )
-        inputs = InputService(
-            PgInputRepository(db),
-            PgMembershipRepository(db),
-            blobs,
-            db,
-            InputSettings(config.download_url_ttl),
-            fetcher=(
-                UrlFetcher(
-                    max_bytes=config.fetch_max_bytes,
-                    timeout_seconds=config.fetch_timeout.total_seconds(),
-                )
-                if config.fetch_urls
-                else None
-            ),
-        )
-        idempotency = Idempotency(db, idempotency_records)
-        tokens = PageTokens(await server_secret(db, "page_tokens"))
-        version_records = PgVersionRepository(db)
-        job_handlers[JobKind.BUILD_VERSION] = VersionBuilder(
-            version_records,
-            PgInputRepository(db),
-            PgAnnotationRepository(db),
-            blobs,
-            ProtobufSnapshotEncoder(),
-            db,
-        )
-        versions = VersionService(version_records, PgMembershipRepository(db), job_queue, db)
-        export_records = PgExportRepository(db)
-        job_handlers[JobKind.EXPORT_VERSION] = ExportBuilder(
-            export_records, version_records, Archives(blobs), blobs, db
-        )
-        exports = ExportService(
-            versions,
-            export_records,
-            job_queue,
-            blobs,
-            blobs,
-            db,
-            clock,
-            ExportSettings(config.download_url_ttl),
-        )
-        maintenance = Maintenance(
-            datasets,
-            blobs,
-            idempotency_records,
-            orphan_grace=config.orphan_grace,
-            request_id_ttl=config.request_id_ttl,
-        )
+        await resources.objects.ensure_bucket()
+        store = Storage.build(db, resources.objects)
+        bootstrap_secret = await _bootstrap_key(config, store)
+        runner = job_runner(config, store)
+        domain = Domain.build(config, store, runner)
+        api = await Api.build(domain, db)
         health_servicer = health.aio.HealthServicer()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
         server = build_server(
-            authenticator=Authenticator(keys, clock, config.auth_cache_seconds),
-            datasets=DatasetServicer(
-                datasets,
-                inputs,
-                idempotency,
-                tokens,
-                imports=ImportRpcs(
-                    ImportService(
-                        inputs,
-                        AnnotationService(
-                            PgAnnotationRepository(db), PgMembershipRepository(db), db
-                        ),
-                        PgMembershipRepository(db),
-                        blobs,
-                        TempFileArchives(),
-                        ZipArchiveReader(),
-                        db,
-                        ImportSettings(max_archive_bytes=config.max_import_bytes),
-                    ),
-                    idempotency,
-                ),
-            ),
-            inputs=InputServicer(
-                inputs,
-                idempotency,
-                tokens,
-                InputTransfers(inputs, blobs, TransferSettings(config.max_upload_bytes)),
-            ),
-            annotations=AnnotationServicer(
-                AnnotationService(PgAnnotationRepository(db), PgMembershipRepository(db), db),
-                idempotency,
-                tokens,
-            ),
-            versions=DatasetVersionServicer(
-                versions,
-                idempotency,
-                tokens,
-                exports=ExportRpcs(exports, idempotency, tokens, jobs_queued=runner.notify),
-                diffs=DiffRpcs(
-                    DiffService(
-                        version_records,
-                        PgMembershipRepository(db),
-                        PgVersionPairs(db),
-                        ProtobufContentConcepts(),
-                        db,
-                    )
-                ),
-                jobs_queued=runner.notify,
-            ),
+            authenticator=domain.authenticator,
+            datasets=api.datasets,
+            inputs=api.inputs,
+            annotations=api.annotations,
+            versions=api.versions,
             health_servicer=health_servicer,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -328,7 +182,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
     tasks = [
         asyncio.create_task(_watch_health(health_servicer, resources), name="health"),
         asyncio.create_task(
-            _maintain(maintenance, db, config.maintenance_interval.total_seconds()),
+            _maintain(domain.maintenance, db, config.maintenance_interval.total_seconds()),
             name="maintenance",
         ),
         asyncio.create_task(runner.run_forever(), name="jobs"),
@@ -336,6 +190,15 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
     return Running(
         server, port, resources, bootstrap_secret, health_servicer, tasks, config, runner
     )
+
+
+async def _bootstrap_key(config: Config, store: Storage) -> str | None:
+    """The bootstrap key's secret when this start created it; one replica at a time."""
+    async with store.db.transaction(), store.db.connection() as conn:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK_ID)
+        return await ensure_bootstrap_key(
+            store.keys, config.bootstrap_app, config.bootstrap_key or None
+        )
 
 
 async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:

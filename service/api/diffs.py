@@ -1,14 +1,15 @@
-"""DiffDatasetVersions: decode, call the domain, encode (delegated to by
-DatasetVersionServicer)."""
+"""DiffDatasetVersions of DatasetVersionService: decode, call the domain, encode."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from datasetd.v1 import dataset_version_service_pb2 as api
 
 from service.api.interceptors import current_principal
+from service.api.rpc import Context
 from service.domain.diffs import ChangeKind, DiffService, DiffSummary, InputChange
 
 _KINDS = {
@@ -47,14 +48,14 @@ def _summary(summary: DiffSummary) -> api.DiffDatasetVersionsResponse:
     return api.DiffDatasetVersionsResponse(summary=message)
 
 
+@dataclass(frozen=True)
 class DiffRpcs:
-    def __init__(self, diffs: DiffService) -> None:
-        self._diffs = diffs
+    diffs: DiffService
 
-    async def diff(
-        self, request: api.DiffDatasetVersionsRequest
+    async def DiffDatasetVersions(
+        self, request: api.DiffDatasetVersionsRequest, context: Context
     ) -> AsyncIterator[api.DiffDatasetVersionsResponse]:
-        parts = await self._diffs.diff(
+        parts = await self.diffs.diff(
             current_principal(),
             request.app_id,
             request.dataset_id,

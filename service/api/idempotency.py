@@ -13,7 +13,9 @@ from service.domain.idempotency import Idempotency, IdempotencyKey
 from service.domain.validation import check_request_id
 
 
-class _Mutation(Protocol):
+class Mutation(Protocol):
+    """A mutating request: it names its app and may carry a request id."""
+
     app_id: str
     request_id: str
 
@@ -21,7 +23,7 @@ class _Mutation(Protocol):
 M = TypeVar("M", bound=Message)
 
 
-def idempotency_key(method: str, request: _Mutation) -> IdempotencyKey | None:
+def idempotency_key(method: str, request: Mutation) -> IdempotencyKey | None:
     violations = Violations()
     check_request_id(violations, request.request_id)
     violations.raise_if_any()
@@ -38,7 +40,7 @@ def idempotency_key(method: str, request: _Mutation) -> IdempotencyKey | None:
 async def run_once(
     idempotency: Idempotency,
     method: str,
-    request: _Mutation,
+    request: Mutation,
     response_type: type[M],
     operation: Callable[[], Awaitable[M]],
 ) -> M:

@@ -1,15 +1,17 @@
-"""ImportDataset: decode, call the domain, encode (delegated to by DatasetServicer)."""
+"""ImportDataset of DatasetService: decode, call the domain, encode."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from datasetd.v1 import dataset_service_pb2 as api
 
 from service.api.idempotency import idempotency_key
 from service.api.interceptors import current_principal
+from service.api.rpc import Context
 from service.api.streams import chunks, header_message
 from service.domain.idempotency import Idempotency
 from service.domain.imports import ImportFormat, ImportRequest, ImportService
@@ -22,13 +24,13 @@ METHOD = "ImportDataset"
 _STREAM_PROBLEM = "INVALID_IMPORT_STREAM"
 
 
+@dataclass(frozen=True)
 class ImportRpcs:
-    def __init__(self, imports: ImportService, idempotency: Idempotency) -> None:
-        self._imports = imports
-        self._idempotency = idempotency
+    imports: ImportService
+    idempotency: Idempotency
 
-    async def import_dataset(
-        self, messages: AsyncIterator[api.ImportDatasetRequest]
+    async def ImportDataset(
+        self, messages: AsyncIterator[api.ImportDatasetRequest], context: Context
     ) -> api.ImportDatasetResponse:
         principal = current_principal()
         first = await header_message(
@@ -38,7 +40,7 @@ class ImportRpcs:
         # Checked before the bytes flow.
         key = idempotency_key(METHOD, header)
         request = ImportRequest(header.app_id, header.dataset_id, _FORMATS.get(header.format))
-        received = self._imports.receive(
+        received = self.imports.receive(
             principal, request, chunks(messages, reason=_STREAM_PROBLEM)
         )
         async with received as archive:
@@ -49,13 +51,13 @@ class ImportRpcs:
                 key = dataclasses.replace(key, fingerprint=digest.digest())
             # Outside the request id's transaction: check() stores media, which must be
             # committed before anything refers to them (see service.domain.imports).
-            checked = await self._imports.check(principal, request, archive)
+            checked = await self.imports.check(principal, request, archive)
 
             async def write() -> bytes:
-                result = await self._imports.write(principal, request, checked)
+                result = await self.imports.write(principal, request, checked)
                 return api.ImportDatasetResponse(
                     inputs_created=result.inputs_created,
                     annotations_created=result.annotations_created,
                 ).SerializeToString()
 
-            return api.ImportDatasetResponse.FromString(await self._idempotency.run(key, write))
+            return api.ImportDatasetResponse.FromString(await self.idempotency.run(key, write))

@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import grpc
-from datasetd.v1 import errors_pb2, input_service_pb2, input_service_pb2_grpc
+from datasetd.v1 import input_service_pb2
 
-from service.api.convert import input_draft, input_filter_query, input_to_proto, struct_to_dict
-from service.api.datasets import patch_action
 from service.api.idempotency import idempotency_key, run_once
 from service.api.interceptors import current_principal
+from service.api.outcomes import OUTCOMES, field_errors
 from service.api.pagination import PageTokens, page_size
+from service.api.rpc import Context, download, mutation, patch_action
 from service.api.streams import chunks, header_message
-from service.domain.auth import Permission, authorize
 from service.domain.errors import Violations
 from service.domain.idempotency import Idempotency
-from service.domain.inputs import InputOutcome, InputService, Outcome
-from service.domain.models import GeoPoint
+from service.domain.inputs import PATCHABLE_FIELDS, InputOutcome, InputService, Outcome
+from service.domain.models import Principal
+from service.domain.patch import UpdateMask
 from service.domain.transfers import InputTransfers, UploadHeader
-
-Context = grpc.aio.ServicerContext[Any, Any]
-
-OUTCOMES = {
-    Outcome.CREATED: errors_pb2.ITEM_OUTCOME_CREATED,
-    Outcome.DUPLICATE_ID: errors_pb2.ITEM_OUTCOME_DUPLICATE_ID,
-    Outcome.INVALID: errors_pb2.ITEM_OUTCOME_INVALID,
-    Outcome.NOT_ATTEMPTED: errors_pb2.ITEM_OUTCOME_NOT_ATTEMPTED,
-}
-PATCHABLE = ("metadata", "concepts", "geo", "title")
+from service.wire.inputs import input_draft, input_filter_query, input_to_proto
+from service.wire.struct import struct_to_dict
 
 
 def _result(outcome: InputOutcome) -> input_service_pb2.InputResult:
@@ -40,61 +31,63 @@ def _result(outcome: InputOutcome) -> input_service_pb2.InputResult:
         index=outcome.index,
         input_id=outcome.input_id,
         outcome=OUTCOMES[outcome.outcome],
-        errors=[
-            errors_pb2.FieldError(field=v.field, description=v.description)
-            for v in outcome.violations
-        ],
+        errors=field_errors(outcome.violations),
     )
     if outcome.view is not None:
         result.input.CopyFrom(input_to_proto(outcome.view))
     return result
 
 
-class InputServicer(input_service_pb2_grpc.InputServiceServicer):
-    def __init__(
-        self,
-        inputs: InputService,
-        idempotency: Idempotency,
-        tokens: PageTokens,
-        transfers: InputTransfers,
-    ) -> None:
-        self._inputs = inputs
-        self._idempotency = idempotency
-        self._tokens = tokens
-        self._transfers = transfers
+def _patches(
+    request: input_service_pb2.UpdateInputsRequest, violations: Violations
+) -> list[tuple[str, dict[str, Any]]]:
+    """Per input, the fields it patches: those named in update_mask, or else those set."""
+    mask = UpdateMask(list(request.update_mask.paths), PATCHABLE_FIELDS, violations)
+    patches = []
+    for message in request.inputs:
+        draft = input_draft(message)
+        given: dict[str, Any] = {}
+        if mask.given("metadata", message.data.HasField("metadata")):
+            given["metadata"] = struct_to_dict(message.data.metadata)
+        if mask.given("concepts", bool(draft.concepts)):
+            given["concepts"] = draft.concepts
+        if mask.given("geo", draft.geo is not None):
+            # None (named in the mask but not given) clears the geo point.
+            given["geo"] = draft.geo
+        if mask.given("title", bool(message.title)):
+            given["title"] = message.title
+        patches.append((message.id, given))
+    return patches
 
+
+@dataclass(frozen=True)
+class InputRpcs:
+    inputs: InputService
+    idempotency: Idempotency
+    tokens: PageTokens
+    transfers: InputTransfers
+
+    @mutation()
     async def CreateInputs(
-        self, request: input_service_pb2.CreateInputsRequest, context: Context
+        self, request: input_service_pb2.CreateInputsRequest, principal: Principal
     ) -> input_service_pb2.CreateInputsResponse:
-        principal = current_principal()
-        authorize(principal, request.app_id, Permission.WRITE)
-
-        async def create() -> input_service_pb2.CreateInputsResponse:
-            outcomes = await self._inputs.create_batch(
-                principal,
-                request.app_id,
-                [input_draft(i) for i in request.inputs],
-                atomic=request.atomic,
-            )
-            created = sum(o.outcome is Outcome.CREATED for o in outcomes)
-            return input_service_pb2.CreateInputsResponse(
-                results=[_result(o) for o in outcomes],
-                created_count=created,
-                failed_count=len(outcomes) - created,
-            )
-
-        return await run_once(
-            self._idempotency,
-            "CreateInputs",
-            request,
-            input_service_pb2.CreateInputsResponse,
-            create,
+        outcomes = await self.inputs.create_batch(
+            principal,
+            request.app_id,
+            [input_draft(i) for i in request.inputs],
+            atomic=request.atomic,
+        )
+        created = sum(o.outcome is Outcome.CREATED for o in outcomes)
+        return input_service_pb2.CreateInputsResponse(
+            results=[_result(o) for o in outcomes],
+            created_count=created,
+            failed_count=len(outcomes) - created,
         )
 
     async def GetInput(
         self, request: input_service_pb2.GetInputRequest, context: Context
     ) -> input_service_pb2.GetInputResponse:
-        view = await self._inputs.get(current_principal(), request.app_id, request.input_id)
+        view = await self.inputs.get(current_principal(), request.app_id, request.input_id)
         return input_service_pb2.GetInputResponse(input=input_to_proto(view))
 
     async def ListInputs(
@@ -116,91 +109,43 @@ class InputServicer(input_service_pb2_grpc.InputServiceServicer):
                 request.filter.SerializeToString(deterministic=True)
             ).hexdigest(),
         }
-        views, last = await self._inputs.list_inputs(
-            current_principal(), query, self._tokens.decode_seq(request.page_token, scope), limit
+        views, last = await self.inputs.list_inputs(
+            current_principal(), query, self.tokens.decode_seq(request.page_token, scope), limit
         )
-        response = input_service_pb2.ListInputsResponse(inputs=[input_to_proto(v) for v in views])
-        if last is not None:
-            response.next_page_token = self._tokens.encode(scope, [last])
-        return response
+        return input_service_pb2.ListInputsResponse(
+            inputs=[input_to_proto(v) for v in views],
+            next_page_token=self.tokens.next_token(scope, last),
+        )
 
+    @mutation()
     async def UpdateInputs(
-        self, request: input_service_pb2.UpdateInputsRequest, context: Context
+        self, request: input_service_pb2.UpdateInputsRequest, principal: Principal
     ) -> input_service_pb2.UpdateInputsResponse:
-        principal = current_principal()
-        authorize(principal, request.app_id, Permission.WRITE)
+        violations = Violations()
+        action = patch_action(violations, request.action)
+        patches = _patches(request, violations)
+        violations.raise_if_any()
+        assert action is not None
+        views = await self.inputs.update(principal, request.app_id, action, patches)
+        return input_service_pb2.UpdateInputsResponse(inputs=[input_to_proto(v) for v in views])
 
-        async def update() -> input_service_pb2.UpdateInputsResponse:
-            violations = Violations()
-            action = patch_action(violations, request.action)
-            paths = list(request.update_mask.paths)
-            for index, path in enumerate(paths):
-                if path not in PATCHABLE:
-                    violations.add(
-                        f"update_mask.paths[{index}]",
-                        f"{path!r} is not patchable; allowed: {', '.join(PATCHABLE)}",
-                    )
-            violations.raise_if_any()
-            assert action is not None
-            patches = []
-            for message in request.inputs:
-                draft = input_draft(message)
-                data = message.data
-                given: dict[str, Any] = {}
-                if "metadata" in paths or (not paths and data.HasField("metadata")):
-                    given["metadata"] = struct_to_dict(data.metadata)
-                if "concepts" in paths or (not paths and draft.concepts):
-                    given["concepts"] = draft.concepts
-                if "geo" in paths or (not paths and draft.geo is not None):
-                    given["geo"] = draft.geo if draft.geo is not None else GeoPoint(0.0, 0.0)
-                    if "geo" in paths and draft.geo is None:
-                        given["geo"] = None
-                if "title" in paths or (not paths and message.title):
-                    given["title"] = message.title
-                patches.append((message.id, given))
-            views = await self._inputs.update(principal, request.app_id, action, patches)
-            return input_service_pb2.UpdateInputsResponse(inputs=[input_to_proto(v) for v in views])
-
-        return await run_once(
-            self._idempotency,
-            "UpdateInputs",
-            request,
-            input_service_pb2.UpdateInputsResponse,
-            update,
-        )
-
+    @mutation()
     async def DeleteInputs(
-        self, request: input_service_pb2.DeleteInputsRequest, context: Context
+        self, request: input_service_pb2.DeleteInputsRequest, principal: Principal
     ) -> input_service_pb2.DeleteInputsResponse:
-        principal = current_principal()
-        authorize(principal, request.app_id, Permission.WRITE)
-
-        async def delete() -> input_service_pb2.DeleteInputsResponse:
-            deleted, unknown = await self._inputs.delete(
-                principal, request.app_id, list(request.ids)
-            )
-            return input_service_pb2.DeleteInputsResponse(
-                deleted_count=deleted, unknown_ids=unknown
-            )
-
-        return await run_once(
-            self._idempotency,
-            "DeleteInputs",
-            request,
-            input_service_pb2.DeleteInputsResponse,
-            delete,
-        )
+        deleted, unknown = await self.inputs.delete(principal, request.app_id, list(request.ids))
+        return input_service_pb2.DeleteInputsResponse(deleted_count=deleted, unknown_ids=unknown)
 
     async def GetInputDownloadUrl(
         self, request: input_service_pb2.GetInputDownloadUrlRequest, context: Context
     ) -> input_service_pb2.GetInputDownloadUrlResponse:
-        _, blob = await self._inputs.stored_media(
+        _, blob = await self.inputs.stored_media(
             current_principal(), request.app_id, request.input_id
         )
         response = input_service_pb2.GetInputDownloadUrlResponse(
-            url=await self._inputs.download_url(blob)
+            url=await self.inputs.download_url(blob)
         )
-        response.expire_time.FromDatetime(datetime.now(UTC) + self._inputs.download_url_ttl)
+        response.expire_time.FromDatetime(datetime.now(UTC) + self.inputs.download_url_ttl)
         return response
 
     async def UploadInput(
@@ -222,7 +167,7 @@ class InputServicer(input_service_pb2_grpc.InputServiceServicer):
             sha256=message.sha256,
             request_id=message.request_id,
         )
-        media = await self._transfers.receive(
+        media = await self.transfers.receive(
             principal, header, chunks(request_iterator, reason="INVALID_UPLOAD")
         )
         # The request is the header and the bytes: a retry with the same header and bytes
@@ -234,11 +179,11 @@ class InputServicer(input_service_pb2_grpc.InputServiceServicer):
         fingerprint.content_length = media.blob.size
 
         async def create() -> input_service_pb2.UploadInputResponse:
-            view = await self._transfers.create(principal, header, media)
+            view = await self.transfers.create(principal, header, media)
             return input_service_pb2.UploadInputResponse(input=input_to_proto(view))
 
         return await run_once(
-            self._idempotency,
+            self.idempotency,
             "UploadInput",
             fingerprint,
             input_service_pb2.UploadInputResponse,
@@ -248,23 +193,13 @@ class InputServicer(input_service_pb2_grpc.InputServiceServicer):
     async def DownloadInput(
         self, request: input_service_pb2.DownloadInputRequest, context: Context
     ) -> AsyncIterator[input_service_pb2.DownloadInputResponse]:
-        blob, stream = await self._transfers.download(
+        blob, stream = await self.transfers.download(
             current_principal(), request.app_id, request.input_id
         )
-        first: input_service_pb2.DownloadInputResponse | None = (
-            input_service_pb2.DownloadInputResponse(
-                total_size=blob.size, content_type=blob.content_type, sha256=blob.sha256
-            )
+        first = input_service_pb2.DownloadInputResponse(
+            total_size=blob.size, content_type=blob.content_type, sha256=blob.sha256
         )
-        # Closed explicitly so the object store connection is released as soon as the
-        # client goes away, not when the generator is garbage-collected.
-        async with contextlib.aclosing(stream) as chunks:
-            async for chunk in chunks:
-                if first is not None:
-                    first.chunk = chunk
-                    yield first
-                    first = None
-                else:
-                    yield input_service_pb2.DownloadInputResponse(chunk=chunk)
-        if first is not None:
-            yield first
+        async for message in download(
+            first, stream, lambda chunk: input_service_pb2.DownloadInputResponse(chunk=chunk)
+        ):
+            yield message

@@ -69,6 +69,10 @@ class PageTokens:
             raise _bad("is malformed")
         return cursor
 
+    def next_token(self, scope: dict[str, Any], last: int | None) -> str:
+        """The token of the page after the row numbered `last`; empty on the last page."""
+        return "" if last is None else self.encode(scope, [last])
+
     def decode_seq(self, token: str, scope: dict[str, Any]) -> int | None:
         """The sequence number a token continues after, or None without a token."""
         if not token:

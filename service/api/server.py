@@ -19,29 +19,27 @@ from datasetd.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.api.annotations import AnnotationServicer
-from service.api.datasets import DatasetServicer
-from service.api.inputs import InputServicer
 from service.api.interceptors import RequestInterceptor
 from service.api.reflection import enable_reflection
-from service.api.versions import DatasetVersionServicer
+from service.api.rpc import compose
 from service.domain.auth import Authenticator
 
-SERVICE_NAMES: Sequence[str] = (
-    dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name,
-    input_service_pb2.DESCRIPTOR.services_by_name["InputService"].full_name,
-    annotation_service_pb2.DESCRIPTOR.services_by_name["AnnotationService"].full_name,
-    dataset_version_service_pb2.DESCRIPTOR.services_by_name["DatasetVersionService"].full_name,
+DATASETS = dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"]
+INPUTS = input_service_pb2.DESCRIPTOR.services_by_name["InputService"]
+ANNOTATIONS = annotation_service_pb2.DESCRIPTOR.services_by_name["AnnotationService"]
+VERSIONS = dataset_version_service_pb2.DESCRIPTOR.services_by_name["DatasetVersionService"]
+SERVICE_NAMES: Sequence[str] = tuple(
+    service.full_name for service in (DATASETS, INPUTS, ANNOTATIONS, VERSIONS)
 )
 
 
 def build_server(
     *,
     authenticator: Authenticator,
-    datasets: DatasetServicer,
-    inputs: InputServicer,
-    annotations: AnnotationServicer,
-    versions: DatasetVersionServicer,
+    datasets: Sequence[object],
+    inputs: Sequence[object],
+    annotations: Sequence[object],
+    versions: Sequence[object],
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
     max_concurrent_rpcs: int,
@@ -55,10 +53,17 @@ def build_server(
         ],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
-    dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(datasets, server)
-    input_service_pb2_grpc.add_InputServiceServicer_to_server(inputs, server)
-    annotation_service_pb2_grpc.add_AnnotationServiceServicer_to_server(annotations, server)
-    dataset_version_service_pb2_grpc.add_DatasetVersionServiceServicer_to_server(versions, server)
+    # Each service is served by parts (a part per resource), composed into one servicer.
+    dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server(
+        compose(DATASETS, *datasets), server
+    )
+    input_service_pb2_grpc.add_InputServiceServicer_to_server(compose(INPUTS, *inputs), server)
+    annotation_service_pb2_grpc.add_AnnotationServiceServicer_to_server(
+        compose(ANNOTATIONS, *annotations), server
+    )
+    dataset_version_service_pb2_grpc.add_DatasetVersionServiceServicer_to_server(
+        compose(VERSIONS, *versions), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(
         (

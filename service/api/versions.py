@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
-from datasetd.v1 import dataset_version_pb2, dataset_version_service_pb2_grpc, status_pb2
+from datasetd.v1 import dataset_version_pb2, status_pb2
 from datasetd.v1 import dataset_version_service_pb2 as api
 
-from service.api.convert import struct_to_dict
-from service.api.datasets import Context
-from service.api.diffs import DiffRpcs
-from service.api.exports import ExportRpcs
-from service.api.idempotency import run_once
+from service.api.export_messages import export_info
 from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens, page_size
+from service.api.rpc import Context, mutation
 from service.domain.auth import Permission, authorize
 from service.domain.errors import Violations
+from service.domain.exports import ExportService
 from service.domain.idempotency import Idempotency
-from service.domain.models import DatasetVersion, VersionStatus
-from service.domain.versions import VersionFields, VersionService
+from service.domain.models import DatasetVersion, Principal, VersionStatus
+from service.domain.patch import UpdateMask
+from service.domain.versions import UPDATABLE_FIELDS, VersionFields, VersionService
+from service.wire.struct import struct_to_dict
 
-PATCHABLE = ("description", "metadata")
 # The key of the whole version in DatasetVersion.metrics.
 WHOLE_VERSION = "/"
 
@@ -73,83 +72,47 @@ def version_to_proto(version: DatasetVersion) -> dataset_version_pb2.DatasetVers
 def _update_fields(
     request: api.UpdateDatasetVersionRequest, violations: Violations
 ) -> VersionFields:
-    """The fields named in update_mask, or else those set to a non-default value."""
-    paths = list(request.update_mask.paths)
-    for index, path in enumerate(paths):
-        if path not in PATCHABLE:
-            violations.add(
-                f"update_mask.paths[{index}]",
-                f"{path!r} is not updatable; allowed: {', '.join(PATCHABLE)}",
-            )
+    mask = UpdateMask(
+        list(request.update_mask.paths), UPDATABLE_FIELDS, violations, adjective="updatable"
+    )
     given = request.version
-    with_description = "description" in paths if paths else bool(given.description)
-    with_metadata = "metadata" in paths if paths else given.HasField("metadata")
+    with_metadata = mask.given("metadata", given.HasField("metadata"))
     return VersionFields(
-        description=given.description if with_description else None,
+        description=given.description
+        if mask.given("description", bool(given.description))
+        else None,
         metadata=struct_to_dict(given.metadata) if with_metadata else None,
     )
 
 
-class DatasetVersionServicer(dataset_version_service_pb2_grpc.DatasetVersionServiceServicer):
-    def __init__(
-        self,
-        versions: VersionService,
-        idempotency: Idempotency,
-        tokens: PageTokens,
-        *,
-        exports: ExportRpcs,
-        diffs: DiffRpcs,
-        jobs_queued: Callable[[], None] = lambda: None,
-    ) -> None:
-        self._versions = versions
-        self._idempotency = idempotency
-        self._tokens = tokens
-        self._exports = exports
-        self._diffs = diffs
-        # Wakes the job runner, which otherwise finds a new build at its next poll.
-        self._jobs_queued = jobs_queued
+@dataclass(frozen=True)
+class VersionRpcs:
+    versions: VersionService
+    exports: ExportService
+    idempotency: Idempotency
+    tokens: PageTokens
 
+    @mutation()
     async def CreateDatasetVersion(
-        self, request: api.CreateDatasetVersionRequest, context: Context
+        self, request: api.CreateDatasetVersionRequest, principal: Principal
     ) -> api.CreateDatasetVersionResponse:
-        principal = current_principal()
-        authorize(principal, request.app_id, Permission.WRITE)
-
-        async def create() -> api.CreateDatasetVersionResponse:
-            given = request.version
-            fields = VersionFields(
-                description=given.description,
-                metadata=struct_to_dict(given.metadata) if given.HasField("metadata") else None,
-            )
-            version = await self._versions.create(
-                principal, request.app_id, request.dataset_id, given.id, fields
-            )
-            return api.CreateDatasetVersionResponse(version=version_to_proto(version))
-
-        response = await run_once(
-            self._idempotency,
-            "CreateDatasetVersion",
-            request,
-            api.CreateDatasetVersionResponse,
-            create,
+        given = request.version
+        fields = VersionFields(
+            description=given.description,
+            metadata=struct_to_dict(given.metadata) if given.HasField("metadata") else None,
         )
-        # Only now: run_once commits the enqueueing transaction on its way out.
-        self._jobs_queued()
-        return response
+        version = await self.versions.create(
+            principal, request.app_id, request.dataset_id, given.id, fields
+        )
+        return api.CreateDatasetVersionResponse(version=version_to_proto(version))
 
     async def GetDatasetVersion(
         self, request: api.GetDatasetVersionRequest, context: Context
     ) -> api.GetDatasetVersionResponse:
         principal = current_principal()
-        version = await self._versions.get(
-            principal, request.app_id, request.dataset_id, request.version_id
-        )
-        message = version_to_proto(version)
-        message.export_info.CopyFrom(
-            await self._exports.export_info(
-                principal, request.app_id, request.dataset_id, request.version_id
-            )
-        )
+        at = (principal, request.app_id, request.dataset_id, request.version_id)
+        message = version_to_proto(await self.versions.get(*at))
+        message.export_info.CopyFrom(export_info(await self.exports.latest_by_format(*at)))
         return api.GetDatasetVersionResponse(version=message)
 
     async def ListDatasetVersions(
@@ -163,91 +126,40 @@ class DatasetVersionServicer(dataset_version_service_pb2_grpc.DatasetVersionServ
             "app_id": request.app_id,
             "dataset_id": request.dataset_id,
         }
-        before = self._tokens.decode_seq(request.page_token, scope)
-        versions, last = await self._versions.list(
+        before = self.tokens.decode_seq(request.page_token, scope)
+        versions, last = await self.versions.list(
             principal, request.app_id, request.dataset_id, before, limit
         )
-        response = api.ListDatasetVersionsResponse(
-            versions=[version_to_proto(version) for version in versions]
+        return api.ListDatasetVersionsResponse(
+            versions=[version_to_proto(version) for version in versions],
+            next_page_token=self.tokens.next_token(scope, last),
         )
-        if last is not None:
-            response.next_page_token = self._tokens.encode(scope, [last])
-        return response
 
+    @mutation()
     async def UpdateDatasetVersion(
-        self, request: api.UpdateDatasetVersionRequest, context: Context
+        self, request: api.UpdateDatasetVersionRequest, principal: Principal
     ) -> api.UpdateDatasetVersionResponse:
-        principal = current_principal()
-        authorize(principal, request.app_id, Permission.WRITE)
-
-        async def update() -> api.UpdateDatasetVersionResponse:
-            violations = Violations()
-            fields = _update_fields(request, violations)
-            violations.raise_if_any()
-            version = await self._versions.update(
-                principal, request.app_id, request.dataset_id, request.version.id, fields
-            )
-            return api.UpdateDatasetVersionResponse(version=version_to_proto(version))
-
-        return await run_once(
-            self._idempotency,
-            "UpdateDatasetVersion",
-            request,
-            api.UpdateDatasetVersionResponse,
-            update,
+        violations = Violations()
+        fields = _update_fields(request, violations)
+        violations.raise_if_any()
+        version = await self.versions.update(
+            principal, request.app_id, request.dataset_id, request.version.id, fields
         )
+        return api.UpdateDatasetVersionResponse(version=version_to_proto(version))
 
+    @mutation()
     async def DeleteDatasetVersion(
-        self, request: api.DeleteDatasetVersionRequest, context: Context
+        self, request: api.DeleteDatasetVersionRequest, principal: Principal
     ) -> api.DeleteDatasetVersionResponse:
-        principal = current_principal()
-        authorize(principal, request.app_id, Permission.WRITE)
-
-        async def delete() -> api.DeleteDatasetVersionResponse:
-            await self._versions.delete(
-                principal, request.app_id, request.dataset_id, request.version_id
-            )
-            return api.DeleteDatasetVersionResponse()
-
-        return await run_once(
-            self._idempotency,
-            "DeleteDatasetVersion",
-            request,
-            api.DeleteDatasetVersionResponse,
-            delete,
+        await self.versions.delete(
+            principal, request.app_id, request.dataset_id, request.version_id
         )
+        return api.DeleteDatasetVersionResponse()
 
     async def CancelDatasetVersionBuild(
         self, request: api.CancelDatasetVersionBuildRequest, context: Context
     ) -> api.CancelDatasetVersionBuildResponse:
-        version = await self._versions.cancel(
+        version = await self.versions.cancel(
             current_principal(), request.app_id, request.dataset_id, request.version_id
         )
         return api.CancelDatasetVersionBuildResponse(version=version_to_proto(version))
-
-    async def ExportDatasetVersion(
-        self, request: api.ExportDatasetVersionRequest, context: Context
-    ) -> api.ExportDatasetVersionResponse:
-        return await self._exports.export(request)
-
-    async def GetExport(
-        self, request: api.GetExportRequest, context: Context
-    ) -> api.GetExportResponse:
-        return await self._exports.get(request)
-
-    async def ListExports(
-        self, request: api.ListExportsRequest, context: Context
-    ) -> api.ListExportsResponse:
-        return await self._exports.list(request)
-
-    async def DownloadExport(
-        self, request: api.DownloadExportRequest, context: Context
-    ) -> AsyncIterator[api.DownloadExportResponse]:
-        async for message in self._exports.download(request):
-            yield message
-
-    async def DiffDatasetVersions(
-        self, request: api.DiffDatasetVersionsRequest, context: Context
-    ) -> AsyncIterator[api.DiffDatasetVersionsResponse]:
-        async for message in self._diffs.diff(request):
-            yield message

@@ -170,6 +170,10 @@ def _check_ids(violations: Violations, field: str, ids: Sequence[str]) -> None:
         check_id(violations, f"{field}[{index}]", value)
 
 
+# What UpdateAnnotations may change.
+PATCHABLE_FIELDS = ("data", "annotation_info")
+
+
 class AnnotationService:
     def __init__(
         self,

@@ -62,3 +62,29 @@ class JobQueue(Protocol):
         ...
 
     async def status(self, job_id: int) -> JobStatus | None: ...
+
+
+class AfterCommit(Protocol):
+    def after_commit(self, hook: Callable[[], None]) -> None: ...
+
+
+class JobScheduler:
+    """The job queue as use cases see it: a job queued in a transaction wakes the runner
+    once that transaction commits, so a build starts at once instead of at the runner's
+    next poll, and never before its rows are visible."""
+
+    def __init__(self, queue: JobQueue, tx: AfterCommit, wake: Callable[[], None]) -> None:
+        self._queue = queue
+        self._tx = tx
+        self._wake = wake
+
+    async def enqueue(self, kind: JobKind, app_id: str, payload: dict[str, Any]) -> int:
+        job_id = await self._queue.enqueue(kind, app_id, payload)
+        self._tx.after_commit(self._wake)
+        return job_id
+
+    async def cancel(self, job_id: int) -> bool:
+        return await self._queue.cancel(job_id)
+
+    async def status(self, job_id: int) -> JobStatus | None:
+        return await self._queue.status(job_id)

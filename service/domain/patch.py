@@ -10,7 +10,7 @@ import copy
 import enum
 from typing import Any
 
-from service.domain.errors import InvalidArgument
+from service.domain.errors import InvalidArgument, Violations
 
 
 class PatchAction(enum.Enum):
@@ -101,3 +101,28 @@ def apply_json(action: PatchAction, base: dict[str, Any], patch: dict[str, Any],
     if action is PatchAction.OVERWRITE:
         return copy.deepcopy(patch)
     return remove_json(base, patch, path)
+
+
+class UpdateMask:
+    """The fields an update names in its mask or, with an empty mask, those the caller
+    set; a path outside `allowed` is a violation naming its index."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        allowed: tuple[str, ...],
+        violations: Violations,
+        *,
+        adjective: str = "patchable",
+    ) -> None:
+        self.paths = paths
+        for index, path in enumerate(paths):
+            if path not in allowed:
+                violations.add(
+                    f"update_mask.paths[{index}]",
+                    f"{path!r} is not {adjective}; allowed: {', '.join(allowed)}",
+                )
+
+    def given(self, name: str, is_set: bool) -> bool:
+        """Whether the update changes `name` (`is_set`: the caller set it)."""
+        return name in self.paths if self.paths else is_set

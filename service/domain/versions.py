@@ -66,6 +66,10 @@ ORIGINAL_SIZE = "orig"
 BUILDING = frozenset({VersionStatus.PENDING, VersionStatus.IN_PROGRESS})
 
 
+# What UpdateDatasetVersion may change: a version's content never changes.
+UPDATABLE_FIELDS = ("description", "metadata")
+
+
 @dataclass(frozen=True)
 class VersionFields:
     """The fields a caller gave in a create or update; None means not given."""

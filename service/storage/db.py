@@ -6,7 +6,7 @@ import contextvars
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, TypeAlias
@@ -24,6 +24,10 @@ Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProx
 
 _current: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
     "datasetd_db_connection", default=None
+)
+# The hooks of the innermost open transaction (or savepoint), run once the outermost commits.
+_hooks: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar(
+    "datasetd_db_after_commit", default=None
 )
 
 
@@ -69,17 +73,38 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         current = _current.get()
-        if current is not None:
-            # Nested: a savepoint, so an inner failure does not poison the outer work.
-            async with current.transaction():
-                yield
-            return
-        async with self.pool.acquire() as conn, conn.transaction():
-            token = _current.set(conn)
-            try:
-                yield
-            finally:
-                _current.reset(token)
+        hooks: list[Callable[[], None]] = []
+        hooks_token = _hooks.set(hooks)
+        try:
+            if current is not None:
+                # Nested: a savepoint, so an inner failure does not poison the outer work.
+                async with current.transaction():
+                    yield
+            else:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    token = _current.set(conn)
+                    try:
+                        yield
+                    finally:
+                        _current.reset(token)
+        finally:
+            _hooks.reset(hooks_token)
+        # Reached only on commit (or a released savepoint): a rollback drops the hooks.
+        outer = _hooks.get()
+        if current is not None and outer is not None:
+            outer.extend(hooks)
+        else:
+            for hook in hooks:
+                hook()
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        """Runs `hook` once the current transaction commits (at once outside one), so that
+        work the transaction makes visible (a queued job) is announced only when it is."""
+        hooks = _hooks.get()
+        if hooks is None:
+            hook()
+        else:
+            hooks.append(hook)
 
     @asynccontextmanager
     async def exclusive(self, lock_id: int) -> AsyncIterator[bool]:

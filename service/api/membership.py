@@ -1,0 +1,100 @@
+"""The membership RPCs of DatasetService (which inputs a dataset holds, merge, delete by
+filter): decode, call the domain, encode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from datasetd.v1 import dataset_service_pb2 as api
+
+from service.api.interceptors import current_principal
+from service.api.pagination import PageTokens, page_size
+from service.api.rpc import Context, mutation
+from service.domain.errors import Violations
+from service.domain.idempotency import Idempotency
+from service.domain.inputs import InputService
+from service.domain.models import Principal
+from service.wire.inputs import input_filter_query, input_to_proto
+
+
+@dataclass(frozen=True)
+class MembershipRpcs:
+    inputs: InputService
+    idempotency: Idempotency
+    tokens: PageTokens
+
+    @mutation()
+    async def AddDatasetInputs(
+        self, request: api.AddDatasetInputsRequest, principal: Principal
+    ) -> api.AddDatasetInputsResponse:
+        added, present, unknown = await self.inputs.add_to_dataset(
+            principal, request.app_id, request.dataset_id, list(request.input_ids)
+        )
+        return api.AddDatasetInputsResponse(
+            added_count=added, already_present_count=present, unknown_input_ids=unknown
+        )
+
+    async def ListDatasetInputs(
+        self, request: api.ListDatasetInputsRequest, context: Context
+    ) -> api.ListDatasetInputsResponse:
+        limit = page_size(request.page_size)
+        scope = {
+            "method": "ListDatasetInputs",
+            "app_id": request.app_id,
+            "dataset_id": request.dataset_id,
+        }
+        after = self.tokens.decode_seq(request.page_token, scope)
+        members, last = await self.inputs.list_members(
+            current_principal(), request.app_id, request.dataset_id, after, limit
+        )
+        response = api.ListDatasetInputsResponse(
+            next_page_token=self.tokens.next_token(scope, last)
+        )
+        for member, view in members:
+            item = response.dataset_inputs.add()
+            item.created_at.FromDatetime(member.added_at)
+            item.input.CopyFrom(input_to_proto(view))
+        return response
+
+    async def GetDatasetInput(
+        self, request: api.GetDatasetInputRequest, context: Context
+    ) -> api.GetDatasetInputResponse:
+        member, view = await self.inputs.get_member(
+            current_principal(), request.app_id, request.dataset_id, request.input_id
+        )
+        response = api.GetDatasetInputResponse()
+        response.dataset_input.created_at.FromDatetime(member.added_at)
+        response.dataset_input.input.CopyFrom(input_to_proto(view))
+        return response
+
+    @mutation()
+    async def RemoveDatasetInputs(
+        self, request: api.RemoveDatasetInputsRequest, principal: Principal
+    ) -> api.RemoveDatasetInputsResponse:
+        removed = await self.inputs.remove_from_dataset(
+            principal, request.app_id, request.dataset_id, list(request.input_ids)
+        )
+        return api.RemoveDatasetInputsResponse(removed_count=removed)
+
+    @mutation()
+    async def DeleteDatasetInputsByFilter(
+        self, request: api.DeleteDatasetInputsByFilterRequest, principal: Principal
+    ) -> api.DeleteDatasetInputsByFilterResponse:
+        violations = Violations()
+        if not request.dataset_id:
+            violations.add("dataset_id", "is required")
+        violations.raise_if_any()
+        query = input_filter_query(request.app_id, request.filter, dataset_id=request.dataset_id)
+        matched, deleted = await self.inputs.delete_by_filter(
+            principal, query, dry_run=request.dry_run
+        )
+        return api.DeleteDatasetInputsByFilterResponse(matched_count=matched, deleted_count=deleted)
+
+    @mutation()
+    async def MergeDataset(
+        self, request: api.MergeDatasetRequest, principal: Principal
+    ) -> api.MergeDatasetResponse:
+        added, present = await self.inputs.merge(
+            principal, request.app_id, request.source_dataset_id, request.destination_dataset_id
+        )
+        return api.MergeDatasetResponse(added_count=added, already_present_count=present)

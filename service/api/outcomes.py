@@ -1,0 +1,22 @@
+"""Per-item results of batch RPCs (CreateInputs, CreateAnnotations): an item's outcome
+and the errors that explain it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from datasetd.v1 import errors_pb2
+
+from service.domain.errors import FieldViolation
+from service.domain.inputs import Outcome
+
+OUTCOMES = {
+    Outcome.CREATED: errors_pb2.ITEM_OUTCOME_CREATED,
+    Outcome.DUPLICATE_ID: errors_pb2.ITEM_OUTCOME_DUPLICATE_ID,
+    Outcome.INVALID: errors_pb2.ITEM_OUTCOME_INVALID,
+    Outcome.NOT_ATTEMPTED: errors_pb2.ITEM_OUTCOME_NOT_ATTEMPTED,
+}
+
+
+def field_errors(violations: Iterable[FieldViolation]) -> list[errors_pb2.FieldError]:
+    return [errors_pb2.FieldError(field=v.field, description=v.description) for v in violations]

@@ -1,0 +1,226 @@
+"""The composition root: builds storage, then the domain, then the API, each object once.
+
+Nothing else constructs repositories, use cases or servicer parts; `service.app` runs what
+this module builds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.adapters.url_fetch import UrlFetcher
+from service.api.annotations import AnnotationRpcs
+from service.api.datasets import DatasetRpcs
+from service.api.diffs import DiffRpcs
+from service.api.exports import ExportRpcs
+from service.api.imports import ImportRpcs
+from service.api.inputs import InputRpcs
+from service.api.membership import MembershipRpcs
+from service.api.pagination import PageTokens
+from service.api.versions import VersionRpcs
+from service.config import Config
+from service.domain.annotations import AnnotationService
+from service.domain.auth import Authenticator
+from service.domain.clock import SystemClock
+from service.domain.datasets import DatasetService, DatasetSettings
+from service.domain.diffs import DiffService
+from service.domain.exports import ExportBuilder, ExportService, ExportSettings
+from service.domain.idempotency import Idempotency
+from service.domain.imports import ImportService, ImportSettings
+from service.domain.inputs import InputService, InputSettings
+from service.domain.jobs import JobHandler, JobKind, JobScheduler
+from service.domain.maintenance import Maintenance
+from service.domain.transfers import InputTransfers, TransferSettings
+from service.domain.versions import VersionBuilder, VersionService
+from service.formats.archives import Archives, ZipArchiveReader
+from service.formats.snapshot import ProtobufContentConcepts, ProtobufSnapshotEncoder
+from service.jobs import JobRunner, new_worker_id
+from service.media.probe import MediaProbes
+from service.storage.annotations import PgAnnotationRepository
+from service.storage.api_keys import PgApiKeyRepository
+from service.storage.archives import TempFileArchives
+from service.storage.blobs import ContentAddressedBlobStore, ObjectStore
+from service.storage.datasets import PgDatasetRepository
+from service.storage.db import Database, server_secret
+from service.storage.diffs import PgVersionPairs
+from service.storage.exports import PgExportRepository
+from service.storage.idempotency import PgIdempotencyRepository
+from service.storage.inputs import PgInputRepository, PgMembershipRepository
+from service.storage.jobs import PgJobQueue
+from service.storage.versions import PgVersionRepository
+
+
+@dataclass(frozen=True)
+class Storage:
+    """One repository per table, and the stores, over one pool and one bucket."""
+
+    db: Database
+    blobs: ContentAddressedBlobStore
+    keys: PgApiKeyRepository
+    datasets: PgDatasetRepository
+    inputs: PgInputRepository
+    members: PgMembershipRepository
+    annotations: PgAnnotationRepository
+    versions: PgVersionRepository
+    version_pairs: PgVersionPairs
+    exports: PgExportRepository
+    idempotency: PgIdempotencyRepository
+    jobs: PgJobQueue
+
+    @classmethod
+    def build(cls, db: Database, objects: ObjectStore) -> Storage:
+        return cls(
+            db=db,
+            blobs=ContentAddressedBlobStore(db, objects),
+            keys=PgApiKeyRepository(db),
+            datasets=PgDatasetRepository(db),
+            inputs=PgInputRepository(db),
+            members=PgMembershipRepository(db),
+            annotations=PgAnnotationRepository(db),
+            versions=PgVersionRepository(db),
+            version_pairs=PgVersionPairs(db),
+            exports=PgExportRepository(db),
+            idempotency=PgIdempotencyRepository(db),
+            jobs=PgJobQueue(db),
+        )
+
+
+def job_runner(config: Config, store: Storage) -> JobRunner:
+    """The runner, with a handler for every kind of job the domain queues."""
+    db, blobs = store.db, store.blobs
+    handlers: dict[JobKind, JobHandler] = {
+        JobKind.BUILD_VERSION: VersionBuilder(
+            store.versions, store.inputs, store.annotations, blobs, ProtobufSnapshotEncoder(), db
+        ),
+        JobKind.EXPORT_VERSION: ExportBuilder(
+            store.exports, store.versions, Archives(blobs), blobs, db
+        ),
+    }
+    return JobRunner(
+        store.jobs,
+        handlers,
+        worker_id=new_worker_id(),
+        lease=config.job_lease,
+        concurrency=config.job_concurrency,
+    )
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The use cases, each built once and shared by every RPC that needs it."""
+
+    datasets: DatasetService
+    inputs: InputService
+    transfers: InputTransfers
+    annotations: AnnotationService
+    versions: VersionService
+    exports: ExportService
+    imports: ImportService
+    diffs: DiffService
+    idempotency: Idempotency
+    maintenance: Maintenance
+    authenticator: Authenticator
+
+    @classmethod
+    def build(cls, config: Config, store: Storage, runner: JobRunner) -> Domain:
+        db, blobs, clock, probes = store.db, store.blobs, SystemClock(), MediaProbes()
+        # A job queued by a use case wakes the runner once its transaction commits.
+        jobs = JobScheduler(store.jobs, db, runner.notify)
+        datasets = DatasetService(
+            store.datasets,
+            blobs,
+            db,
+            clock,
+            DatasetSettings(config.delete_retention, config.download_url_ttl),
+            probes,
+        )
+        inputs = InputService(
+            store.inputs,
+            store.members,
+            blobs,
+            db,
+            InputSettings(config.download_url_ttl),
+            probes,
+            fetcher=_fetcher(config),
+        )
+        annotations = AnnotationService(store.annotations, store.members, db)
+        versions = VersionService(store.versions, store.members, jobs, db)
+        imports = ImportService(
+            inputs,
+            annotations,
+            store.members,
+            blobs,
+            TempFileArchives(),
+            ZipArchiveReader(),
+            db,
+            ImportSettings(max_archive_bytes=config.max_import_bytes),
+            probes,
+        )
+        return cls(
+            datasets=datasets,
+            inputs=inputs,
+            transfers=InputTransfers(
+                inputs, blobs, TransferSettings(config.max_upload_bytes), probes
+            ),
+            annotations=annotations,
+            versions=versions,
+            exports=ExportService(
+                versions,
+                store.exports,
+                jobs,
+                blobs,
+                blobs,
+                db,
+                clock,
+                ExportSettings(config.download_url_ttl),
+            ),
+            imports=imports,
+            diffs=DiffService(
+                store.versions, store.members, store.version_pairs, ProtobufContentConcepts(), db
+            ),
+            idempotency=Idempotency(db, store.idempotency),
+            maintenance=Maintenance(
+                datasets,
+                blobs,
+                store.idempotency,
+                orphan_grace=config.orphan_grace,
+                request_id_ttl=config.request_id_ttl,
+            ),
+            authenticator=Authenticator(store.keys, clock, config.auth_cache_seconds),
+        )
+
+
+def _fetcher(config: Config) -> UrlFetcher | None:
+    if not config.fetch_urls:
+        return None
+    return UrlFetcher(
+        max_bytes=config.fetch_max_bytes, timeout_seconds=config.fetch_timeout.total_seconds()
+    )
+
+
+@dataclass(frozen=True)
+class Api:
+    """The servicer parts of each proto service (`service.api.server` composes them)."""
+
+    datasets: tuple[object, ...]
+    inputs: tuple[object, ...]
+    annotations: tuple[object, ...]
+    versions: tuple[object, ...]
+
+    @classmethod
+    async def build(cls, domain: Domain, db: Database) -> Api:
+        once = domain.idempotency
+        tokens = PageTokens(await server_secret(db, "page_tokens"))
+        return cls(
+            datasets=(
+                DatasetRpcs(domain.datasets, once, tokens),
+                MembershipRpcs(domain.inputs, once, tokens),
+                ImportRpcs(domain.imports, once),
+            ),
+            inputs=(InputRpcs(domain.inputs, once, tokens, domain.transfers),),
+            annotations=(AnnotationRpcs(domain.annotations, once, tokens),),
+            versions=(
+                VersionRpcs(domain.versions, domain.exports, once, tokens),
+                ExportRpcs(domain.exports, once, tokens),
+                DiffRpcs(domain.diffs),
+            ),
+        )
