@@ -38,8 +38,9 @@ test: $(VENV)/.installed proto-check
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
-## lint: ruff (lint + format check) and mypy --strict
+## lint: the layers' import rules, ruff (lint + format check) and mypy --strict
 lint: $(VENV)/.installed
+	$(PY) -m service.tools.import_rules
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
 	$(BIN)/mypy service tests bench

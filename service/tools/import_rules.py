@@ -1,0 +1,133 @@
+"""The import rules of the layers, checked by walking every module's AST (`make lint`).
+
+Run `python -m service.tools.import_rules [root]`: it prints each broken rule as
+`file:line: <package> must not import <module> (<why>)` and exits 1 when there is one.
+Imports inside `if TYPE_CHECKING:` blocks count too: a type is a dependency."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+_SERVER = ("service.api", "service.domain", "service.storage", "service.app", "service.wiring")
+_ADAPTERS = (
+    "service.media",
+    "service.formats",
+    "service.wire",
+    "service.devstack",
+    "service.adapters",
+    "service.jobs",
+)
+_DRIVERS = ("grpc", "asyncpg", "minio", "PIL")
+
+
+@dataclass(frozen=True)
+class Rule:
+    package: str
+    forbidden: tuple[str, ...]
+    why: str
+
+
+RULES = (
+    Rule(
+        "service.domain",
+        (*_DRIVERS, "datasetd", "service.api", "service.storage", *_ADAPTERS),
+        "the domain is use cases and rules; adapters implement its ports",
+    ),
+    Rule("service.storage", ("grpc", "service.api"), "storage sits below the transport"),
+    Rule("service.formats", ("grpc", "service.api"), "archive formats sit below the transport"),
+    Rule(
+        "service.wire",
+        ("grpc", "service.api"),
+        "the data-model mapping is shared by api and formats",
+    ),
+    Rule(
+        "service.media",
+        ("grpc", "asyncpg", "minio", "service.api", "service.storage"),
+        "probes are pure",
+    ),
+    Rule(
+        "service.client",
+        (*_SERVER, *_ADAPTERS, "service.cli", "rich"),
+        "the client library talks to the server only through its protos and reports progress "
+        "through a callback; rich output belongs to the CLI",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Violation:
+    path: Path
+    line: int
+    package: str
+    module: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.package} must not import {self.module} ({self.why})"
+
+
+def module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported(tree: ast.AST, module: str) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in the tree."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module.split(".")[: -node.level]
+                base = ".".join([*package, base] if base else package)
+            found.append((node.lineno, base))
+    return found
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def check_file(root: Path, path: Path) -> list[Violation]:
+    module = module_name(root, path)
+    rules = [rule for rule in RULES if _within(module, rule.package)]
+    if not rules:
+        return []
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [
+        Violation(path, line, rule.package, name, rule.why)
+        for line, name in imported(tree, module)
+        for rule in rules
+        if any(_within(name, forbidden) for forbidden in rule.forbidden)
+    ]
+
+
+def check(root: Path) -> list[Violation]:
+    """Every broken rule under `root` (the folder holding the `service` package)."""
+    return [
+        violation
+        for path in sorted((root / "service").rglob("*.py"))
+        if "gen" not in path.relative_to(root).parts
+        for violation in check_file(root, path)
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    violations = check(Path(args[0]) if args else Path.cwd())
+    for violation in violations:
+        print(violation, file=sys.stderr)
+    if not violations:
+        print(f"import rules: {len(RULES)} rules, no violation")
+    return 1 if violations else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
