@@ -45,6 +45,25 @@ def _int(name: str, value: str, minimum: int) -> int:
 
 
 @dataclass(frozen=True)
+class _Env:
+    """Typed reads of DATASETD_* variables; a bad value's error names its variable."""
+
+    values: Mapping[str, str]
+
+    def text(self, name: str, default: str = "") -> str:
+        return self.values.get(f"DATASETD_{name}", default)
+
+    def flag(self, name: str) -> bool:
+        return _bool(f"DATASETD_{name}", self.text(name, "false"))
+
+    def duration(self, name: str, default: str) -> timedelta:
+        return parse_duration(f"DATASETD_{name}", self.text(name, default))
+
+    def integer(self, name: str, default: int, minimum: int) -> int:
+        return _int(f"DATASETD_{name}", self.text(name, str(default)), minimum)
+
+
+@dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:50051"
     data_dir: Path = Path(".data")
@@ -79,68 +98,38 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
-        env = os.environ if env is None else env
-
-        def get(name: str, default: str) -> str:
-            return env.get(f"DATASETD_{name}", default)
-
+        get = _Env(os.environ if env is None else env)
         config = cls(
-            listen=get("LISTEN", cls.listen),
-            data_dir=Path(get("DATA_DIR", str(cls.data_dir))),
-            database_url=get("DATABASE_URL", ""),
-            s3_endpoint=get("S3_ENDPOINT", ""),
-            s3_access_key=get("S3_ACCESS_KEY", ""),
-            s3_secret_key=get("S3_SECRET_KEY", ""),
-            s3_bucket=get("S3_BUCKET", cls.s3_bucket),
-            s3_secure=_bool("DATASETD_S3_SECURE", get("S3_SECURE", "false")),
-            s3_region=get("S3_REGION", ""),
-            bootstrap_key=get("BOOTSTRAP_KEY", ""),
-            bootstrap_app=get("BOOTSTRAP_APP", cls.bootstrap_app),
-            delete_retention=parse_duration(
-                "DATASETD_DELETE_RETENTION", get("DELETE_RETENTION", "7d")
-            ),
-            orphan_grace=parse_duration("DATASETD_ORPHAN_GRACE", get("ORPHAN_GRACE", "1h")),
-            request_id_ttl=parse_duration("DATASETD_REQUEST_ID_TTL", get("REQUEST_ID_TTL", "24h")),
-            maintenance_interval=parse_duration(
-                "DATASETD_MAINTENANCE_INTERVAL", get("MAINTENANCE_INTERVAL", "60s")
-            ),
-            download_url_ttl=parse_duration(
-                "DATASETD_DOWNLOAD_URL_TTL", get("DOWNLOAD_URL_TTL", "1h")
-            ),
-            max_message_bytes=_int(
-                "DATASETD_MAX_MESSAGE_BYTES",
-                get("MAX_MESSAGE_BYTES", str(cls.max_message_bytes)),
-                1024 * 1024,
-            ),
-            max_concurrent_rpcs=_int(
-                "DATASETD_MAX_CONCURRENT_RPCS",
-                get("MAX_CONCURRENT_RPCS", str(cls.max_concurrent_rpcs)),
-                1,
-            ),
-            db_pool_size=_int("DATASETD_DB_POOL_SIZE", get("DB_POOL_SIZE", "10"), 2),
-            shutdown_grace=parse_duration("DATASETD_SHUTDOWN_GRACE", get("SHUTDOWN_GRACE", "10s")),
-            auth_cache_seconds=parse_duration(
-                "DATASETD_AUTH_CACHE", get("AUTH_CACHE", "5s")
-            ).total_seconds(),
-            fetch_urls=_bool("DATASETD_FETCH_URLS", get("FETCH_URLS", "false")),
-            fetch_max_bytes=_int(
-                "DATASETD_FETCH_MAX_BYTES", get("FETCH_MAX_BYTES", str(cls.fetch_max_bytes)), 1
-            ),
-            fetch_timeout=parse_duration("DATASETD_FETCH_TIMEOUT", get("FETCH_TIMEOUT", "30s")),
-            max_upload_bytes=_int(
-                "DATASETD_MAX_UPLOAD_BYTES",
-                get("MAX_UPLOAD_BYTES", str(cls.max_upload_bytes)),
-                1,
-            ),
-            max_import_bytes=_int(
-                "DATASETD_MAX_IMPORT_BYTES",
-                get("MAX_IMPORT_BYTES", str(cls.max_import_bytes)),
-                1,
-            ),
-            job_lease=parse_duration("DATASETD_JOB_LEASE", get("JOB_LEASE", "30s")),
-            job_concurrency=_int("DATASETD_JOB_CONCURRENCY", get("JOB_CONCURRENCY", "1"), 1),
-            log_level=get("LOG_LEVEL", "INFO"),
-            log_format=get("LOG_FORMAT", "text"),
+            listen=get.text("LISTEN", cls.listen),
+            data_dir=Path(get.text("DATA_DIR", str(cls.data_dir))),
+            database_url=get.text("DATABASE_URL"),
+            s3_endpoint=get.text("S3_ENDPOINT"),
+            s3_access_key=get.text("S3_ACCESS_KEY"),
+            s3_secret_key=get.text("S3_SECRET_KEY"),
+            s3_bucket=get.text("S3_BUCKET", cls.s3_bucket),
+            s3_secure=get.flag("S3_SECURE"),
+            s3_region=get.text("S3_REGION"),
+            bootstrap_key=get.text("BOOTSTRAP_KEY"),
+            bootstrap_app=get.text("BOOTSTRAP_APP", cls.bootstrap_app),
+            delete_retention=get.duration("DELETE_RETENTION", "7d"),
+            orphan_grace=get.duration("ORPHAN_GRACE", "1h"),
+            request_id_ttl=get.duration("REQUEST_ID_TTL", "24h"),
+            maintenance_interval=get.duration("MAINTENANCE_INTERVAL", "60s"),
+            download_url_ttl=get.duration("DOWNLOAD_URL_TTL", "1h"),
+            max_message_bytes=get.integer("MAX_MESSAGE_BYTES", cls.max_message_bytes, 1024 * 1024),
+            max_concurrent_rpcs=get.integer("MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs, 1),
+            db_pool_size=get.integer("DB_POOL_SIZE", 10, 2),
+            shutdown_grace=get.duration("SHUTDOWN_GRACE", "10s"),
+            auth_cache_seconds=get.duration("AUTH_CACHE", "5s").total_seconds(),
+            fetch_urls=get.flag("FETCH_URLS"),
+            fetch_max_bytes=get.integer("FETCH_MAX_BYTES", cls.fetch_max_bytes, 1),
+            fetch_timeout=get.duration("FETCH_TIMEOUT", "30s"),
+            max_upload_bytes=get.integer("MAX_UPLOAD_BYTES", cls.max_upload_bytes, 1),
+            max_import_bytes=get.integer("MAX_IMPORT_BYTES", cls.max_import_bytes, 1),
+            job_lease=get.duration("JOB_LEASE", "30s"),
+            job_concurrency=get.integer("JOB_CONCURRENCY", 1, 1),
+            log_level=get.text("LOG_LEVEL", "INFO"),
+            log_format=get.text("LOG_FORMAT", "text"),
         )
         config.validate()
         return config
