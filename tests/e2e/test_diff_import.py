@@ -34,7 +34,7 @@ from service.config import Config
 from service.domain.diffs import DiffService
 from service.domain.errors import Aborted
 from service.domain.models import Principal
-from service.exports.decode import ProtobufContentConcepts
+from service.formats.snapshot import ProtobufContentConcepts
 from service.storage.db import Database
 from service.storage.diffs import PgVersionPairs
 from service.storage.inputs import PgMembershipRepository

@@ -35,7 +35,7 @@ from service.domain.exports import ExportBuilder, ExportService, ExportSettings
 from service.domain.jobs import Job, JobKind
 from service.domain.models import ExportFormat, ExportOptions, Principal, SplitOptions
 from service.domain.versions import VersionService
-from service.exports.archives import Archives
+from service.formats.archives import Archives
 from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.db import Database
 from service.storage.exports import PgExportRepository

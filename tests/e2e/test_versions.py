@@ -26,7 +26,7 @@ from service.app import Running
 from service.domain.jobs import Job, JobFailed, JobKind
 from service.domain.models import Principal
 from service.domain.versions import VersionBuilder, VersionFields, VersionService
-from service.exports.encode import ProtobufSnapshotEncoder
+from service.formats.snapshot import ProtobufSnapshotEncoder
 from service.storage.annotations import PgAnnotationRepository
 from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.db import Database

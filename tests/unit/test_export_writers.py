@@ -24,8 +24,8 @@ from service.domain.models import (
     VersionMember,
 )
 from service.domain.ports import StagedUpload
-from service.exports.archives import Archives
-from service.exports.coco import mask_rle
+from service.formats.archives import Archives
+from service.formats.coco.rle import mask_rle
 
 # pycocotools' own use of numpy 2.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

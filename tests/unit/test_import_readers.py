@@ -13,7 +13,8 @@ from pycocotools import mask as coco_mask
 
 from service.domain.errors import InvalidArgument
 from service.domain.imports import ArchiveLimits
-from service.exports.readers import SafeZip, _directory_size, _rle_counts, _rle_png
+from service.formats.coco.rle import rle_counts, rle_png
+from service.formats.safezip import SafeZip, _directory_size
 
 
 def archive(entries: dict[str, bytes]) -> io.BytesIO:
@@ -66,16 +67,16 @@ def test_rle_masks_decode_as_pycocotools_encodes_them(seed: int) -> None:
     height, width = int(rng.integers(1, 40)), int(rng.integers(1, 40))
     mask = (rng.random((height, width)) > 0.6).astype(np.uint8)
     encoded = coco_mask.encode(np.asfortranarray(mask))
-    counts = _rle_counts(encoded["counts"].decode())
+    counts = rle_counts(encoded["counts"].decode())
     assert sum(counts) == height * width
-    png = Image.open(io.BytesIO(_rle_png(encoded["counts"].decode(), height, width)))
+    png = Image.open(io.BytesIO(rle_png(encoded["counts"].decode(), height, width)))
     assert np.array_equal(np.array(png.convert("L")) > 0, mask.astype(bool))
     # The uncompressed form: the runs themselves.
-    assert _rle_counts(counts) == counts
+    assert rle_counts(counts) == counts
 
 
 def test_broken_rle_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="cover 5 pixels"):
-        _rle_png([2, 3], 4, 4)
+        rle_png([2, 3], 4, 4)
     with pytest.raises(ValueError, match="alphabet"):
-        _rle_counts("\x01")
+        rle_counts("\x01")

@@ -1,4 +1,7 @@
-"""A version member's content: one serialized `datasetd.v1.Input`, laid out as the
+"""The serialized form of a version's inputs (its members' content): written when a
+version is built, read by the export writers and by diffs.
+
+A member's content is one serialized `datasetd.v1.Input`, laid out as the
 Clarifai-Data-Protobuf format lays out an input (export-formats.md §1), so that archives are
 these bytes batched together.
 
@@ -18,15 +21,16 @@ annotations folded in:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 from datasetd.v1 import data_pb2, input_pb2
-from google.protobuf import json_format
+
+from service.domain.models import EncodedInput, InputSnapshot, MediaType, VersionMetrics
 
 # The mapping GetInput serves: a version shows an input the way the API does.
-from service.api.convert import input_to_proto
-from service.domain.models import EncodedInput, InputSnapshot, MediaType, VersionMetrics
+from service.wire.inputs import input_to_proto
+from service.wire.struct import parse_stored
 
 _Geometry = Literal["bounding_box", "polygon", "point", "mask"]
 # Region geometry fields and the metric counting each.
@@ -36,6 +40,10 @@ _GEOMETRY_METRICS: tuple[tuple[_Geometry, str], ...] = (
     ("point", "points_count"),
     ("mask", "masks_count"),
 )
+
+
+def parse(data: bytes) -> input_pb2.Input:
+    return input_pb2.Input.FromString(data)
 
 
 class ProtobufSnapshotEncoder:
@@ -60,9 +68,7 @@ def fold(snapshot: InputSnapshot) -> input_pb2.Input:
     labelled = {concept.id for concept in data.concepts}
     for annotation in snapshot.annotations:
         part = data_pb2.Data()
-        # Unknown keys are skipped like on every read of stored annotations: a row must
-        # stay readable even if a later release drops a field it holds.
-        json_format.ParseDict(annotation.data, part, ignore_unknown_fields=True)
+        parse_stored(annotation.data, part)
         for concept in part.concepts:
             if concept.id not in labelled:
                 labelled.add(concept.id)
@@ -85,7 +91,7 @@ def content_metrics(data: data_pb2.Data) -> VersionMetrics:
     as a region only. An input is unlabeled when it has no concept (positive or
     negative), region or frame.
     """
-    regions = [*data.regions, *(region for frame in data.frames for region in frame.data.regions)]
+    regions = list(all_regions(data))
     geometry = {
         metric: sum(1 for region in regions if region.region_info.HasField(field))
         for field, metric in _GEOMETRY_METRICS
@@ -106,3 +112,32 @@ def content_metrics(data: data_pb2.Data) -> VersionMetrics:
         frame_inputs_count=int(bool(data.frames)),
         **geometry,
     )
+
+
+def all_regions(data: data_pb2.Data) -> Iterator[data_pb2.Region]:
+    """The input's regions, then those of its frames."""
+    yield from data.regions
+    for frame in data.frames:
+        yield from frame.data.regions
+
+
+def positive_concepts(message: input_pb2.Input) -> frozenset[str]:
+    """Every concept the input is labelled with: its own, its regions' and its frames'. A
+    concept with value 0 says the input is not that concept: it labels nothing."""
+    data = message.data
+    found = {c.id for c in data.concepts if c.value > 0}
+    found.update(c.id for frame in data.frames for c in frame.data.concepts if c.value > 0)
+    found.update(c.id for region in all_regions(data) for c in region.data.concepts if c.value > 0)
+    return frozenset(found)
+
+
+def labels_of(members_data: list[bytes]) -> list[frozenset[str]]:
+    return [positive_concepts(parse(data)) for data in members_data]
+
+
+class ProtobufContentConcepts:
+    """The domain's ContentConcepts: the labels of a serialized `datasetd.v1.Input` are
+    read the way the export writers read them (a concept with value 0 labels nothing)."""
+
+    def concepts(self, data: bytes) -> frozenset[str]:
+        return positive_concepts(parse(data))

@@ -1,4 +1,4 @@
-"""The COCO archive (export-formats.md §3): `annotations/instances_<split>.json` in the
+"""Writing COCO archives (export-formats.md §3): `annotations/instances_<split>.json` in the
 standard detection layout and, with embed_media, the image files under `images/<split>/`.
 
 Mapping (also stated in the export's fidelity notes):
@@ -28,9 +28,7 @@ held in memory.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,21 +36,15 @@ from datetime import datetime
 from typing import IO, Any
 
 from datasetd.v1 import data_pb2
-from PIL import Image
 
 from service.domain.models import FidelityReport, StoredBlob, VersionMember
 from service.domain.ports import ByteSink, MediaStreams
-from service.exports.content import (
-    MEDIA_CHUNK_BYTES,
-    labels_of,
-    media_chunks,
-    medium_of,
-    parse,
-)
-from service.exports.zipstream import ZipStream
+from service.formats.coco.rle import mask_rle
+from service.formats.snapshot import labels_of, parse
+from service.formats.zipstream import MEDIA_CHUNK_BYTES, ZipStream, media_chunks
+from service.wire.inputs import medium_of
 
 _EXTENSIONS = {"JPEG": ".jpg", "TIFF": ".tif"}
-_RUNS = re.compile(rb"\x00+|\xff+")
 _DECIMALS = 2
 
 
@@ -94,40 +86,6 @@ def _shoelace(xs: list[float], ys: list[float]) -> float:
         j = (i + 1) % len(xs)
         total += xs[i] * ys[j] - xs[j] * ys[i]
     return abs(total) / 2
-
-
-def mask_rle(png: bytes, width: int, height: int) -> tuple[dict[str, Any], int, list[int]] | None:
-    """(uncompressed RLE, area, bbox) of a mask image scaled to the image's size; None when
-    the mask has no foreground pixel or cannot be read."""
-    try:
-        with Image.open(io.BytesIO(png)) as opened:
-            has_alpha = opened.mode in ("RGBA", "LA", "PA") or "transparency" in opened.info
-            source = opened.convert("RGBA").getchannel("A") if has_alpha else opened.convert("L")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    binary = source.point(lambda v: 255 if v else 0)
-    if binary.size != (width, height):
-        binary = binary.resize((width, height), Image.Resampling.NEAREST)
-    box = binary.getbbox()
-    if box is None:
-        return None
-    # Transposed, the bytes run down the columns: COCO's order.
-    columns = binary.transpose(Image.Transpose.TRANSPOSE).tobytes()
-    counts: list[int] = []
-    area = 0
-    for run in _RUNS.finditer(columns):
-        length = run.end() - run.start()
-        if not counts and columns[0]:
-            counts.append(0)
-        counts.append(length)
-        if columns[run.start()]:
-            area += length
-    left, top, right, bottom = box
-    return (
-        {"counts": counts, "size": [height, width]},
-        area,
-        [left, top, right - left, bottom - top],
-    )
 
 
 class CocoWriter:

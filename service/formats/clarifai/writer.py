@@ -1,4 +1,4 @@
-"""The Clarifai-Data-Protobuf and Clarifai-Data-JSON archives (export-formats.md §1, §2).
+"""Writing Clarifai-Data-Protobuf and Clarifai-Data-JSON archives (export-formats.md §1, §2).
 
 Layout: `mimetype` first, then batch entries `<split>/batch-<nnnnnn>_n<count>` of at most
 MAX_BATCH_INPUTS inputs (fewer when their bytes reach MAX_BATCH_BYTES, or when pending
@@ -30,12 +30,14 @@ from google.protobuf import json_format
 
 from service.domain.models import ExportFormat, FidelityReport, StoredBlob, VersionMember
 from service.domain.ports import ByteSink, MediaStreams
-from service.exports.content import Medium, labels_of, media_chunks, medium_of, parse
-from service.exports.zipstream import ZipStream
+from service.formats.clarifai import JSON_MIMETYPE, MIMETYPE_ENTRY, PROTOBUF_MIMETYPE
+from service.formats.snapshot import labels_of, parse
+from service.formats.zipstream import ZipStream, media_chunks
+from service.wire.inputs import Medium, medium_of
 
 MIMETYPES = {
-    ExportFormat.CLARIFAI_DATA_PROTOBUF: "application/x.clarifai-data+protobuf",
-    ExportFormat.CLARIFAI_DATA_JSON: "application/x.clarifai-data+json",
+    ExportFormat.CLARIFAI_DATA_PROTOBUF: PROTOBUF_MIMETYPE,
+    ExportFormat.CLARIFAI_DATA_JSON: JSON_MIMETYPE,
 }
 MAX_BATCH_INPUTS = 1000
 MAX_BATCH_BYTES = 32 * 1024 * 1024
@@ -181,7 +183,7 @@ class ClarifaiDataWriter:
     async def _start(self) -> None:
         if not self._started:
             self._started = True
-            await self._zip.add("mimetype", self._mimetype.encode(), compress=False)
+            await self._zip.add(MIMETYPE_ENTRY, self._mimetype.encode(), compress=False)
 
     def _encode(self, member: VersionMember) -> _Item:
         message: input_pb2.Input | None = None

@@ -5,20 +5,24 @@ zipfile writes into a buffer that cannot seek, so every entry gets a data descri
 rewritten afterwards; the buffer is handed to the sink after every step, so it holds at
 most one step's output. Only the central directory, one small record per entry, stays
 in memory until the end. Compression runs in a worker thread, so the event loop keeps
-serving calls while a large entry is deflated.
+serving calls while a large entry is deflated. Stored media are copied into entries
+chunk by chunk from the object store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import IO, cast
 
-from service.domain.ports import ByteSink
+from service.domain.models import StoredBlob
+from service.domain.ports import ByteSink, MediaStreams
 
+MEDIA_CHUNK_BYTES = 1024 * 1024
 # Small writes into an entry are gathered up to this size before they are compressed.
 WRITE_BUFFER_BYTES = 1024 * 1024
 # Regular file, rw-r--r--.
@@ -113,3 +117,11 @@ class ZipEntry:
             self._pending.clear()
             await asyncio.to_thread(self._handle.write, data)
             await self._drain()
+
+
+async def media_chunks(streams: MediaStreams, blob: StoredBlob) -> AsyncIterator[bytes]:
+    """The stored original in chunks; fails if it does not have the recorded size, so that
+    the length already written before it in the archive is never wrong unnoticed."""
+    async with contextlib.aclosing(streams.stream(blob, MEDIA_CHUNK_BYTES)) as chunks:
+        async for chunk in chunks:
+            yield chunk

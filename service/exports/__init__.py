@@ -1,2 +1,0 @@
-"""Serialized forms of dataset versions: their content, and the archives they are exported
-as and imported from."""

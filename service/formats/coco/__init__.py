@@ -1,0 +1,1 @@
+"""The COCO detection archives (export-formats.md §3, §5)."""
