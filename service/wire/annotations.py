@@ -11,6 +11,11 @@ from service.domain.models import Annotation
 from service.wire.struct import message_to_json, parse_stored, struct_to_dict
 from service.wire.timestamps import set_times
 
+# The status of every annotation shown: only stored annotations are mapped to messages.
+_STORED = status_pb2.Status(
+    code=status_pb2.STATUS_CODE_ANNOTATION_SUCCESS, description="Annotation stored"
+)
+
 
 def data_to_json(message: data_pb2.Data) -> dict[str, Any]:
     """The JSON form annotation rules check and storage keeps (proto field names)."""
@@ -33,9 +38,7 @@ def annotation_to_proto(annotation: Annotation) -> annotation_pb2.Annotation:
         id=annotation.id,
         input_id=annotation.input_id,
         input_level=annotation.input_level,
-        status=status_pb2.Status(
-            code=status_pb2.STATUS_CODE_ANNOTATION_SUCCESS, description="Annotation stored"
-        ),
+        status=_STORED,
     )
     parse_stored(annotation.data, message.data)
     if annotation.annotation_info:

@@ -17,6 +17,8 @@ Medium = Literal["image", "video", "audio", "text"]
 # The media fields of Data, named as MediaType values are.
 MEDIA: tuple[Medium, ...] = ("image", "video", "audio", "text")
 _CONCEPT_FIELDS = ("id", "name", "value")
+# The status of every input shown: only stored inputs are ever mapped to messages.
+_STORED = status_pb2.Status(code=status_pb2.STATUS_CODE_INPUT_SUCCESS, description="Input stored")
 
 
 def medium_of(data: data_pb2.Data) -> Medium | None:
@@ -63,12 +65,7 @@ def input_draft(message: input_pb2.Input) -> InputDraft:
 def input_to_proto(view: InputView) -> input_pb2.Input:
     stored = view.input
     message = input_pb2.Input(
-        id=stored.id,
-        title=stored.title,
-        dataset_ids=stored.dataset_ids,
-        status=status_pb2.Status(
-            code=status_pb2.STATUS_CODE_INPUT_SUCCESS, description="Input stored"
-        ),
+        id=stored.id, title=stored.title, dataset_ids=stored.dataset_ids, status=_STORED
     )
     set_times(message, stored.created_at, stored.modified_at)
     data = message.data
