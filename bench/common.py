@@ -32,7 +32,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.storage.embedded import EmbeddedStack
+from service.devstack import EmbeddedStack
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 APP_ID: Final = "bench"

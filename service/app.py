@@ -18,12 +18,12 @@ from grpc_health.v1 import health, health_pb2
 
 from service.api.server import SERVICE_NAMES, build_server
 from service.config import Config
+from service.devstack import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
 from service.domain.auth import ensure_bootstrap_key
 from service.domain.maintenance import Maintenance
 from service.jobs import JobRunner
 from service.storage.blobs import ObjectStore
 from service.storage.db import Database, migrate
-from service.storage.embedded import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
 from service.wiring import Api, Domain, Storage, job_runner
 
 log = logging.getLogger("datasetd")

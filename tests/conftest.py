@@ -26,11 +26,11 @@ from datasetd.v1 import (
 
 from service.app import Resources, Running, start
 from service.config import Config
+from service.devstack import EmbeddedStack, S3Endpoint
 from service.domain.auth import new_key
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.blobs import ObjectStore
 from service.storage.db import Database
-from service.storage.embedded import EmbeddedStack, S3Endpoint
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from service.storage.embedded import (
+from service.devstack import (
     EmbeddedPostgres,
     EmbeddedS3,
     EmbeddedServerError,
@@ -42,7 +42,7 @@ CHILD = """
 import asyncio, io, json, pathlib, sys, time
 import asyncpg
 from minio import Minio
-from service.storage.embedded import EmbeddedStack
+from service.devstack import EmbeddedStack
 
 stack = EmbeddedStack(pathlib.Path(sys.argv[1]))
 dsn, ep = stack.start()
