@@ -8,8 +8,9 @@ public for callers (and tests) that want one kind of probe and its typed result.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from service.domain.errors import InvalidArgument
 from service.domain.models import MediaType
@@ -42,8 +43,6 @@ __all__ = [
     "sniff_media_type",
 ]
 
-VIDEO_FORMATS = ("MP4", "MOV", "3GP", "WEBM", "MATROSKA", "AVI", "MPEG-TS", "MPEG-PS", "FLV", "OGG")
-AUDIO_FORMATS = ("WAV", "MP3", "FLAC", "OGG", "OPUS", "M4A", "AAC")
 _VIDEO_CONTENT_TYPES = {
     "MP4": "video/mp4",
     "MOV": "video/quicktime",
@@ -66,6 +65,8 @@ _AUDIO_CONTENT_TYPES = {
     "M4A": "audio/mp4",
     "AAC": "audio/aac",
 }
+VIDEO_FORMATS = tuple(_VIDEO_CONTENT_TYPES)
+AUDIO_FORMATS = tuple(_AUDIO_CONTENT_TYPES)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class AudioProbe:
 class TextProbe:
     char_count: int
     encoding: str = "UTF-8"
+    content_type: ClassVar[str] = "text/plain; charset=utf-8"
 
 
 class MediaProbes:
@@ -108,34 +110,9 @@ def probe_media(
 ) -> tuple[str, dict[str, Any]]:
     """Content type and media info of bytes, read from their headers only. For video and
     audio, `data` may be the first bytes of media `total_size` long."""
-    if media_type is MediaType.IMAGE:
-        image = probe_image(data, field)
-        return image.content_type, {
-            "width": image.width,
-            "height": image.height,
-            "format": image.format,
-            "color_mode": image.color_mode,
-        }
-    if media_type is MediaType.VIDEO:
-        video = probe_video(data, field, total_size)
-        return video.content_type, {
-            "format": video.format,
-            "width": video.width,
-            "height": video.height,
-            "fps": video.fps,
-            "frame_count": video.frame_count,
-            "duration_seconds": video.duration_seconds,
-        }
-    if media_type is MediaType.AUDIO:
-        audio = probe_audio(data, field, total_size)
-        return audio.content_type, {
-            "format": audio.format,
-            "sample_rate": audio.sample_rate,
-            "duration_seconds": audio.duration_seconds,
-            "bit_rate": audio.bit_rate,
-        }
-    text = probe_text(data, field)
-    return "text/plain; charset=utf-8", {"char_count": text.char_count, "encoding": text.encoding}
+    probe, info_fields = _PROBES[media_type]
+    result = probe(data, field, total_size)
+    return result.content_type, {name: getattr(result, name) for name in info_fields}
 
 
 # --- text -----------------------------------------------------------------------------------
@@ -187,13 +164,13 @@ class _Wanted:
     """What a video or audio probe accepts, and how its refusals read."""
 
     kind: MediaKind
-    formats: tuple[str, ...]
+    content_types: dict[str, str]  # by format, for every format accepted
     corrupt: str
     reason: str
 
 
-_VIDEO = _Wanted("video", VIDEO_FORMATS, "is a corrupt video", "INVALID_VIDEO")
-_AUDIO = _Wanted("audio", AUDIO_FORMATS, "is corrupt audio", "INVALID_AUDIO")
+_VIDEO = _Wanted("video", _VIDEO_CONTENT_TYPES, "is a corrupt video", "INVALID_VIDEO")
+_AUDIO = _Wanted("audio", _AUDIO_CONTENT_TYPES, "is corrupt audio", "INVALID_AUDIO")
 
 
 def probe_video(data: bytes, field: str, total_size: int | None = None) -> VideoProbe:
@@ -204,7 +181,7 @@ def probe_video(data: bytes, field: str, total_size: int | None = None) -> Video
     av = _probe_wanted(_VIDEO, data, field, total_size)
     return VideoProbe(
         format=av.format,
-        content_type=_VIDEO_CONTENT_TYPES[av.format],
+        content_type=_VIDEO.content_types[av.format],
         width=_count(av.width),
         height=_count(av.height),
         duration_seconds=_seconds(av.duration),
@@ -220,7 +197,7 @@ def probe_audio(data: bytes, field: str, total_size: int | None = None) -> Audio
     av = _probe_wanted(_AUDIO, data, field, total_size)
     return AudioProbe(
         format=av.format,
-        content_type=_AUDIO_CONTENT_TYPES[av.format],
+        content_type=_AUDIO.content_types[av.format],
         sample_rate=_count(av.sample_rate),
         duration_seconds=_seconds(av.duration),
         bit_rate=_count(av.bit_rate),
@@ -236,16 +213,17 @@ def _probe_wanted(wanted: _Wanted, data: bytes, field: str, total_size: int | No
             field, f"{wanted.corrupt}: {exc}", reason=wanted.reason
         ) from None
     if av is None or not _is(av, wanted):
+        allowed = ", ".join(wanted.content_types)
         raise InvalidArgument.field(
             field,
-            f"{rejection(av, data, wanted.kind)}; allowed formats: {', '.join(wanted.formats)}",
+            f"{rejection(av, data, wanted.kind)}; allowed formats: {allowed}",
             reason=wanted.reason,
         )
     return av
 
 
 def _is(av: AV, wanted: _Wanted) -> bool:
-    return av.kind == wanted.kind and av.format in wanted.formats
+    return av.kind == wanted.kind and av.format in wanted.content_types
 
 
 def _seconds(value: float) -> float:
@@ -254,3 +232,24 @@ def _seconds(value: float) -> float:
 
 def _count(value: int) -> int:
     return min(max(value, 0), 2**63 - 1)
+
+
+class _Probe(Protocol):
+    @property
+    def content_type(self) -> str: ...
+
+
+# Per media type: its probe, and which of the result's fields make the input's media info
+# (in the order the info has always listed them).
+_PROBES: dict[MediaType, tuple[Callable[[bytes, str, int | None], _Probe], tuple[str, ...]]] = {
+    MediaType.IMAGE: (
+        lambda data, field, _: probe_image(data, field),
+        ("width", "height", "format", "color_mode"),
+    ),
+    MediaType.VIDEO: (
+        probe_video,
+        ("format", "width", "height", "fps", "frame_count", "duration_seconds"),
+    ),
+    MediaType.AUDIO: (probe_audio, ("format", "sample_rate", "duration_seconds", "bit_rate")),
+    MediaType.TEXT: (lambda data, field, _: probe_text(data, field), ("char_count", "encoding")),
+}
