@@ -22,8 +22,8 @@ from service.devstack import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
 from service.domain.auth import ensure_bootstrap_key
 from service.domain.maintenance import Maintenance
 from service.jobs import JobRunner
-from service.storage.blobs import ObjectStore
 from service.storage.db import Database, migrate
+from service.storage.objectstore import ObjectStore
 from service.wiring import Api, Domain, Storage, job_runner
 
 log = logging.getLogger("datasetd")

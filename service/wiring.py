@@ -25,10 +25,13 @@ from service.domain.datasets import DatasetService, DatasetSettings
 from service.domain.diffs import DiffService
 from service.domain.exports import ExportBuilder, ExportService, ExportSettings
 from service.domain.idempotency import Idempotency
-from service.domain.imports import ImportService, ImportSettings
-from service.domain.inputs import InputService, InputSettings
+from service.domain.imported import ImportSettings
+from service.domain.imports import ImportService
+from service.domain.input_drafts import InputSettings
+from service.domain.inputs import InputService
 from service.domain.jobs import JobHandler, JobKind, JobScheduler
 from service.domain.maintenance import Maintenance
+from service.domain.membership import MembershipService
 from service.domain.transfers import InputTransfers, TransferSettings
 from service.domain.versions import VersionBuilder, VersionService
 from service.formats.archives import Archives, ZipArchiveReader
@@ -38,7 +41,7 @@ from service.media.probe import MediaProbes
 from service.storage.annotations import PgAnnotationRepository
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.archives import TempFileArchives
-from service.storage.blobs import ContentAddressedBlobStore, ObjectStore
+from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.datasets import PgDatasetRepository
 from service.storage.db import Database, server_secret
 from service.storage.diffs import PgVersionPairs
@@ -46,6 +49,7 @@ from service.storage.exports import PgExportRepository
 from service.storage.idempotency import PgIdempotencyRepository
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
 from service.storage.jobs import PgJobQueue
+from service.storage.objectstore import ObjectStore
 from service.storage.versions import PgVersionRepository
 
 
@@ -110,6 +114,7 @@ class Domain:
 
     datasets: DatasetService
     inputs: InputService
+    members: MembershipService
     transfers: InputTransfers
     annotations: AnnotationService
     versions: VersionService
@@ -125,55 +130,44 @@ class Domain:
         db, blobs, clock, probes = store.db, store.blobs, SystemClock(), MediaProbes()
         # A job queued by a use case wakes the runner once its transaction commits.
         jobs = JobScheduler(store.jobs, db, runner.notify)
+        urls = config.download_url_ttl
         datasets = DatasetService(
-            store.datasets,
-            blobs,
-            db,
-            clock,
-            DatasetSettings(config.delete_retention, config.download_url_ttl),
-            probes,
+            store.datasets, blobs, db, clock, DatasetSettings(config.delete_retention, urls), probes
         )
         inputs = InputService(
             store.inputs,
             store.members,
             blobs,
             db,
-            InputSettings(config.download_url_ttl),
+            InputSettings(urls),
             probes,
             fetcher=_fetcher(config),
         )
         annotations = AnnotationService(store.annotations, store.members, db)
         versions = VersionService(store.versions, store.members, jobs, db)
-        imports = ImportService(
-            inputs,
-            annotations,
-            store.members,
-            blobs,
-            TempFileArchives(),
-            ZipArchiveReader(),
-            db,
-            ImportSettings(max_archive_bytes=config.max_import_bytes),
-            probes,
-        )
         return cls(
             datasets=datasets,
             inputs=inputs,
+            members=MembershipService(inputs, store.inputs, store.members, db),
             transfers=InputTransfers(
                 inputs, blobs, TransferSettings(config.max_upload_bytes), probes
             ),
             annotations=annotations,
             versions=versions,
             exports=ExportService(
-                versions,
-                store.exports,
-                jobs,
-                blobs,
-                blobs,
-                db,
-                clock,
-                ExportSettings(config.download_url_ttl),
+                versions, store.exports, jobs, blobs, blobs, db, clock, ExportSettings(urls)
             ),
-            imports=imports,
+            imports=ImportService(
+                inputs,
+                annotations,
+                store.members,
+                blobs,
+                TempFileArchives(),
+                ZipArchiveReader(),
+                db,
+                ImportSettings(max_archive_bytes=config.max_import_bytes),
+                probes,
+            ),
             diffs=DiffService(
                 store.versions, store.members, store.version_pairs, ProtobufContentConcepts(), db
             ),
@@ -213,7 +207,7 @@ class Api:
         return cls(
             datasets=(
                 DatasetRpcs(domain.datasets, once, tokens),
-                MembershipRpcs(domain.inputs, once, tokens),
+                MembershipRpcs(domain.members, once, tokens),
                 ImportRpcs(domain.imports, once),
             ),
             inputs=(InputRpcs(domain.inputs, once, tokens, domain.transfers),),

@@ -29,7 +29,7 @@ from service.domain.errors import InvalidArgument
 
 # The result type belongs to the domain's MediaFetcher port, so that UrlFetcher satisfies it;
 # re-exported here for callers of this module.
-from service.domain.inputs import FetchedMedia
+from service.domain.input_drafts import FetchedMedia
 
 __all__ = ["FetchedMedia", "UrlFetcher"]
 

@@ -18,7 +18,7 @@ from service.domain.annotations import (
 )
 from service.domain.errors import Violations
 from service.domain.idempotency import Idempotency
-from service.domain.inputs import Outcome
+from service.domain.input_drafts import Outcome
 from service.domain.models import Principal
 from service.domain.patch import UpdateMask
 from service.wire.annotations import annotation_draft, annotation_to_proto, data_to_json

@@ -14,7 +14,8 @@ from service.api.interceptors import current_principal
 from service.api.rpc import Context
 from service.api.streams import chunks, header_message
 from service.domain.idempotency import Idempotency
-from service.domain.imports import ImportFormat, ImportRequest, ImportService
+from service.domain.imported import ImportFormat, ImportRequest
+from service.domain.imports import ImportService
 
 _FORMATS = {
     api.IMPORT_FORMAT_CLARIFAI_DATA_PROTOBUF: ImportFormat.CLARIFAI_DATA_PROTOBUF,

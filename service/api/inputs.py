@@ -18,7 +18,8 @@ from service.api.rpc import Context, download, mutation, patch_action
 from service.api.streams import chunks, header_message
 from service.domain.errors import Violations
 from service.domain.idempotency import Idempotency
-from service.domain.inputs import PATCHABLE_FIELDS, InputOutcome, InputService, Outcome
+from service.domain.input_drafts import InputOutcome, Outcome
+from service.domain.inputs import PATCHABLE_FIELDS, InputService
 from service.domain.models import Principal
 from service.domain.patch import UpdateMask
 from service.domain.transfers import InputTransfers, UploadHeader

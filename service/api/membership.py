@@ -12,14 +12,14 @@ from service.api.pagination import PageTokens, page_size
 from service.api.rpc import Context, mutation
 from service.domain.errors import Violations
 from service.domain.idempotency import Idempotency
-from service.domain.inputs import InputService
+from service.domain.membership import MembershipService
 from service.domain.models import Principal
 from service.wire.inputs import input_filter_query, input_to_proto
 
 
 @dataclass(frozen=True)
 class MembershipRpcs:
-    inputs: InputService
+    members: MembershipService
     idempotency: Idempotency
     tokens: PageTokens
 
@@ -27,7 +27,7 @@ class MembershipRpcs:
     async def AddDatasetInputs(
         self, request: api.AddDatasetInputsRequest, principal: Principal
     ) -> api.AddDatasetInputsResponse:
-        added, present, unknown = await self.inputs.add_to_dataset(
+        added, present, unknown = await self.members.add_to_dataset(
             principal, request.app_id, request.dataset_id, list(request.input_ids)
         )
         return api.AddDatasetInputsResponse(
@@ -44,7 +44,7 @@ class MembershipRpcs:
             "dataset_id": request.dataset_id,
         }
         after = self.tokens.decode_seq(request.page_token, scope)
-        members, last = await self.inputs.list_members(
+        members, last = await self.members.list_members(
             current_principal(), request.app_id, request.dataset_id, after, limit
         )
         response = api.ListDatasetInputsResponse(
@@ -59,7 +59,7 @@ class MembershipRpcs:
     async def GetDatasetInput(
         self, request: api.GetDatasetInputRequest, context: Context
     ) -> api.GetDatasetInputResponse:
-        member, view = await self.inputs.get_member(
+        member, view = await self.members.get_member(
             current_principal(), request.app_id, request.dataset_id, request.input_id
         )
         response = api.GetDatasetInputResponse()
@@ -71,7 +71,7 @@ class MembershipRpcs:
     async def RemoveDatasetInputs(
         self, request: api.RemoveDatasetInputsRequest, principal: Principal
     ) -> api.RemoveDatasetInputsResponse:
-        removed = await self.inputs.remove_from_dataset(
+        removed = await self.members.remove_from_dataset(
             principal, request.app_id, request.dataset_id, list(request.input_ids)
         )
         return api.RemoveDatasetInputsResponse(removed_count=removed)
@@ -85,7 +85,7 @@ class MembershipRpcs:
             violations.add("dataset_id", "is required")
         violations.raise_if_any()
         query = input_filter_query(request.app_id, request.filter, dataset_id=request.dataset_id)
-        matched, deleted = await self.inputs.delete_by_filter(
+        matched, deleted = await self.members.delete_by_filter(
             principal, query, dry_run=request.dry_run
         )
         return api.DeleteDatasetInputsByFilterResponse(matched_count=matched, deleted_count=deleted)
@@ -94,7 +94,7 @@ class MembershipRpcs:
     async def MergeDataset(
         self, request: api.MergeDatasetRequest, principal: Principal
     ) -> api.MergeDatasetResponse:
-        added, present = await self.inputs.merge(
+        added, present = await self.members.merge(
             principal, request.app_id, request.source_dataset_id, request.destination_dataset_id
         )
         return api.MergeDatasetResponse(added_count=added, already_present_count=present)

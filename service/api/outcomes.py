@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datasetd.v1 import errors_pb2
 
 from service.domain.errors import FieldViolation
-from service.domain.inputs import Outcome
+from service.domain.input_drafts import Outcome
 
 OUTCOMES = {
     Outcome.CREATED: errors_pb2.ITEM_OUTCOME_CREATED,

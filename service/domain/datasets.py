@@ -146,22 +146,14 @@ def _stored_cover(dataset: Dataset) -> StoredBlob | None:
     return dataset.cover.blob if dataset.cover is not None else None
 
 
+@dataclass(frozen=True)
 class DatasetService:
-    def __init__(
-        self,
-        datasets: DatasetRepository,
-        blobs: BlobStore,
-        tx: TransactionManager,
-        clock: Clock,
-        settings: DatasetSettings,
-        prober: MediaProber,
-    ) -> None:
-        self._datasets = datasets
-        self._blobs = blobs
-        self._tx = tx
-        self._clock = clock
-        self._settings = settings
-        self._prober = prober
+    datasets: DatasetRepository
+    blobs: BlobStore
+    tx: TransactionManager
+    clock: Clock
+    settings: DatasetSettings
+    prober: MediaProber
 
     async def create(
         self, principal: Principal, app_id: str, dataset_id: str, fields: DatasetFields
@@ -183,7 +175,7 @@ class DatasetService:
             cover=cover,
             default_filter=fields.default_filter or None,
         )
-        created = await self._datasets.insert(draft)
+        created = await self.datasets.insert(draft)
         return await self._view(created, with_statistics=True)
 
     async def get(self, principal: Principal, app_id: str, dataset_id: str) -> DatasetView:
@@ -207,13 +199,13 @@ class DatasetService:
         violations = Violations()
         check_text(violations, "query", text, QUERY_MAX_CHARS)
         violations.raise_if_any()
-        rows = await self._datasets.list(
+        rows = await self.datasets.list(
             DatasetListQuery(app_id, sort_field, descending, text, limit + 1, after)
         )
         page = rows[:limit]
         # One signing round for the page's covers instead of one per dataset.
         covers = [blob for d in page if (blob := _stored_cover(d)) is not None]
-        urls = iter(await self._blobs.download_urls(covers, self._settings.download_url_ttl))
+        urls = iter(await self.blobs.download_urls(covers, self.settings.download_url_ttl))
         views = [DatasetView(d, next(urls) if _stored_cover(d) else "") for d in page]
         return views, len(rows) > limit
 
@@ -240,7 +232,7 @@ class DatasetService:
         new_cover = None
         if action is not PatchAction.REMOVE and fields.cover is not None:
             new_cover = await self._store_cover(fields.cover)
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             current = await self._require(app_id, dataset_id, lock=True)
             if etag and etag != current.etag:
                 raise Aborted(
@@ -250,7 +242,7 @@ class DatasetService:
                     metadata={"current_etag": current.etag},
                 )
             updated = self._apply(current, action, fields, new_cover)
-            saved = await self._datasets.update(updated)
+            saved = await self.datasets.update(updated)
         return await self._view(saved, with_statistics=True)
 
     async def delete(
@@ -258,16 +250,16 @@ class DatasetService:
     ) -> DeleteOutcome:
         authorize(principal, app_id, Permission.WRITE)
         self._check_dataset_id(dataset_id)
-        async with self._tx.transaction():
-            current = await self._datasets.get(app_id, dataset_id, include_deleted=True, lock=True)
+        async with self.tx.transaction():
+            current = await self.datasets.get(app_id, dataset_id, include_deleted=True, lock=True)
             if current is None or (current.deleted_at is not None and not force):
                 raise self._not_found(app_id, dataset_id)
             if force:
-                await self._datasets.purge(app_id, dataset_id)
+                await self.datasets.purge(app_id, dataset_id)
                 return DeleteOutcome(purged=True, purge_after=None)
-            now = self._clock.now()
-            purge_after = now + self._settings.delete_retention
-            await self._datasets.update(
+            now = self.clock.now()
+            purge_after = now + self.settings.delete_retention
+            await self.datasets.update(
                 dataclasses.replace(current, deleted_at=now, purge_after=purge_after)
             )
             return DeleteOutcome(purged=False, purge_after=purge_after)
@@ -275,10 +267,10 @@ class DatasetService:
     async def undelete(self, principal: Principal, app_id: str, dataset_id: str) -> DatasetView:
         authorize(principal, app_id, Permission.WRITE)
         self._check_dataset_id(dataset_id)
-        async with self._tx.transaction():
-            current = await self._datasets.get(app_id, dataset_id, include_deleted=True, lock=True)
+        async with self.tx.transaction():
+            current = await self.datasets.get(app_id, dataset_id, include_deleted=True, lock=True)
             if current is None or (
-                current.purge_after is not None and current.purge_after <= self._clock.now()
+                current.purge_after is not None and current.purge_after <= self.clock.now()
             ):
                 raise NotFound(
                     f"no deleted dataset {dataset_id!r} in app {app_id!r} "
@@ -290,13 +282,13 @@ class DatasetService:
                 raise FailedPrecondition(
                     f"dataset {dataset_id!r} is not deleted", reason="DATASET_NOT_DELETED"
                 )
-            restored = await self._datasets.update(
+            restored = await self.datasets.update(
                 dataclasses.replace(current, deleted_at=None, purge_after=None)
             )
         return await self._view(restored, with_statistics=True)
 
     async def purge_expired(self, limit: int = 1000) -> int:
-        return await self._datasets.purge_expired(self._clock.now(), limit)
+        return await self.datasets.purge_expired(self.clock.now(), limit)
 
     def _apply(
         self,
@@ -341,8 +333,8 @@ class DatasetService:
             return CoverImage(url=cover.url)
         if not cover.data:
             return None
-        content_type, info = self._prober.probe(MediaType.IMAGE, cover.data, "dataset.image.base64")
-        blob = await self._blobs.put(cover.data, content_type)
+        content_type, info = self.prober.probe(MediaType.IMAGE, cover.data, "dataset.image.base64")
+        blob = await self.blobs.put(cover.data, content_type)
         return CoverImage(
             blob=blob,
             width=info["width"],
@@ -355,10 +347,10 @@ class DatasetService:
         url = ""
         blob = _stored_cover(dataset)
         if blob is not None:
-            url = await self._blobs.download_url(blob, self._settings.download_url_ttl)
+            url = await self.blobs.download_url(blob, self.settings.download_url_ttl)
         statistics = None
         if with_statistics:
-            statistics = await self._datasets.statistics(dataset.app_id, dataset.id)
+            statistics = await self.datasets.statistics(dataset.app_id, dataset.id)
         return DatasetView(dataset, url, statistics)
 
     @staticmethod
@@ -377,7 +369,7 @@ class DatasetService:
 
     async def _require(self, app_id: str, dataset_id: str, *, lock: bool = False) -> Dataset:
         self._check_dataset_id(dataset_id)
-        dataset = await self._datasets.get(app_id, dataset_id, lock=lock)
+        dataset = await self.datasets.get(app_id, dataset_id, lock=lock)
         if dataset is None:
             raise self._not_found(app_id, dataset_id)
         return dataset

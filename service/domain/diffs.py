@@ -14,7 +14,7 @@ import asyncio
 import enum
 from collections import Counter
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
 from service.domain.auth import Permission, authorize
@@ -91,7 +91,7 @@ class VersionPairs(Protocol):
 
 
 class ContentConcepts(Protocol):
-    """Reads a version member's serialized content (implemented in service.exports)."""
+    """Reads a version member's serialized content (implemented in service.formats)."""
 
     def concepts(self, data: bytes) -> frozenset[str]:
         """The ids of the concepts the input is labelled with: positive concepts of the
@@ -99,25 +99,16 @@ class ContentConcepts(Protocol):
         ...
 
 
+@dataclass(frozen=True)
 class DiffService:
-    def __init__(
-        self,
-        versions: VersionRepository,
-        members: MembershipRepository,
-        pairs: VersionPairs,
-        content: ContentConcepts,
-        tx: TransactionManager,
-        *,
-        page_size: int = PAGE_SIZE,
-        batch_size: int = BATCH_SIZE,
-    ) -> None:
-        self._versions = versions
-        self._members = members
-        self._pairs = pairs
-        self._content = content
-        self._tx = tx
-        self._page_size = page_size
-        self._batch_size = batch_size
+    versions: VersionRepository
+    members: MembershipRepository
+    pairs: VersionPairs
+    content: ContentConcepts
+    tx: TransactionManager
+    _: KW_ONLY
+    page_size: int = PAGE_SIZE
+    batch_size: int = BATCH_SIZE
 
     async def diff(
         self,
@@ -143,14 +134,14 @@ class DiffService:
     async def _require_ready(
         self, app_id: str, dataset_id: str, from_version_id: str, to_version_id: str
     ) -> None:
-        async with self._tx.transaction():
-            if not await self._members.live_datasets(app_id, [dataset_id]):
+        async with self.tx.transaction():
+            if not await self.members.live_datasets(app_id, [dataset_id]):
                 raise dataset_not_found(app_id, dataset_id)
             for name, version_id in (
                 ("from_version_id", from_version_id),
                 ("to_version_id", to_version_id),
             ):
-                version = await self._versions.get(app_id, dataset_id, version_id)
+                version = await self.versions.get(app_id, dataset_id, version_id)
                 if version is None:
                     raise version_not_found(dataset_id, version_id)
                 if version.status is not VersionStatus.READY:
@@ -171,15 +162,15 @@ class DiffService:
         after: str | None = None
         wanted = sorted({from_version_id, to_version_id})
         while True:
-            async with self._tx.transaction():
-                if len(await self._pairs.share(app_id, dataset_id, wanted)) < len(wanted):
+            async with self.tx.transaction():
+                if len(await self.pairs.share(app_id, dataset_id, wanted)) < len(wanted):
                     raise Aborted(
                         "a version was deleted while the diff was being streamed; the "
                         "changes sent so far are incomplete",
                         reason="VERSION_DELETED_CONCURRENTLY",
                     )
-                page = await self._pairs.page(
-                    app_id, dataset_id, from_version_id, to_version_id, after, self._page_size
+                page = await self.pairs.page(
+                    app_id, dataset_id, from_version_id, to_version_id, after, self.page_size
                 )
             if not page:
                 break
@@ -191,9 +182,9 @@ class DiffService:
                 to_concepts.update(newer)
                 if change is not None:
                     pending.append(change)
-            while len(pending) >= self._batch_size:
-                yield pending[: self._batch_size]
-                pending = pending[self._batch_size :]
+            while len(pending) >= self.batch_size:
+                yield pending[: self.batch_size]
+                pending = pending[self.batch_size :]
             after = page[-1].input_id
         if pending:
             yield pending
@@ -238,4 +229,4 @@ class DiffService:
         if data is None:
             # READY versions have content for every member; the builder guarantees it.
             raise RuntimeError("a member of a READY version has no content")
-        return self._content.concepts(data)
+        return self.content.concepts(data)

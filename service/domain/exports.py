@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -132,26 +132,16 @@ def _export_not_found(version_id: str, export_id: str) -> NotFound:
     )
 
 
+@dataclass(frozen=True)
 class ExportService:
-    def __init__(
-        self,
-        versions: VersionService,
-        exports: ExportRepository,
-        queue: JobQueue,
-        blobs: BlobStore,
-        streams: MediaStreams,
-        tx: TransactionManager,
-        clock: Clock,
-        settings: ExportSettings,
-    ) -> None:
-        self._versions = versions
-        self._exports = exports
-        self._queue = queue
-        self._blobs = blobs
-        self._streams = streams
-        self._tx = tx
-        self._clock = clock
-        self._settings = settings
+    versions: VersionService
+    exports: ExportRepository
+    queue: JobQueue
+    blobs: BlobStore
+    streams: MediaStreams
+    tx: TransactionManager
+    clock: Clock
+    settings: ExportSettings
 
     async def create(
         self,
@@ -174,8 +164,8 @@ class ExportService:
         check_options(violations, options)
         violations.raise_if_any()
         assert export_format is not None
-        async with self._tx.transaction():
-            version = await self._versions.get(principal, app_id, dataset_id, version_id)
+        async with self.tx.transaction():
+            version = await self.versions.get(principal, app_id, dataset_id, version_id)
             if version.status is not VersionStatus.READY:
                 raise FailedPrecondition(
                     f"version {version_id!r} is {version.status.value}; only a ready version "
@@ -192,13 +182,13 @@ class ExportService:
                 options=options,
             )
             key = (app_id, dataset_id, version_id, new.id)
-            existing = await self._exports.get(*key, lock=True)
+            existing = await self.exports.get(*key, lock=True)
             if existing is None:
-                inserted = await self._exports.insert(new)
+                inserted = await self.exports.insert(new)
                 if inserted is not None:
                     return await self._view(await self._enqueue(inserted))
                 # Created by a concurrent request, which the insert waited for.
-                existing = await self._exports.get(*key, lock=True)
+                existing = await self.exports.get(*key, lock=True)
                 if existing is None:
                     raise RuntimeError(f"export {new.id} vanished while it was created")
             if existing.status is ExportStatus.FAILED:
@@ -227,9 +217,9 @@ class ExportService:
     ) -> tuple[list[ExportView], int | None]:
         """A page, oldest first, and the cursor of its last row when more rows follow."""
         authorize(principal, app_id, Permission.READ)
-        async with self._tx.transaction():
-            await self._versions.get(principal, app_id, dataset_id, version_id)
-            rows = await self._exports.page(app_id, dataset_id, version_id, after_seq, limit + 1)
+        async with self.tx.transaction():
+            await self.versions.get(principal, app_id, dataset_id, version_id)
+            rows = await self.exports.page(app_id, dataset_id, version_id, after_seq, limit + 1)
         page = rows[:limit]
         views = await self._views([export for _, export in page])
         return views, page[-1][0] if len(rows) > limit and page else None
@@ -240,7 +230,7 @@ class ExportService:
         """The most recently requested export of each format (for a version's export info)."""
         authorize(principal, app_id, Permission.READ)
         return await self._views(
-            await self._exports.latest_by_format(app_id, dataset_id, version_id)
+            await self.exports.latest_by_format(app_id, dataset_id, version_id)
         )
 
     async def download(
@@ -257,7 +247,7 @@ class ExportService:
                 reason="EXPORT_NOT_READY",
                 metadata={"status": export.status.value},
             )
-        return export.blob, self._streams.stream(export.blob, DOWNLOAD_CHUNK_BYTES)
+        return export.blob, self.streams.stream(export.blob, DOWNLOAD_CHUNK_BYTES)
 
     async def _require(
         self, principal: Principal, app_id: str, dataset_id: str, version_id: str, export_id: str
@@ -265,15 +255,15 @@ class ExportService:
         violations = Violations()
         check_id(violations, "export_id", export_id)
         violations.raise_if_any()
-        async with self._tx.transaction():
-            await self._versions.get(principal, app_id, dataset_id, version_id)
-            export = await self._exports.get(app_id, dataset_id, version_id, export_id)
+        async with self.tx.transaction():
+            await self.versions.get(principal, app_id, dataset_id, version_id)
+            export = await self.exports.get(app_id, dataset_id, version_id, export_id)
         if export is None:
             raise _export_not_found(version_id, export_id)
         return export
 
     async def _enqueue(self, export: Export) -> Export:
-        job_id = await self._queue.enqueue(
+        job_id = await self.queue.enqueue(
             JobKind.EXPORT_VERSION,
             export.app_id,
             {
@@ -282,16 +272,16 @@ class ExportService:
                 "export_id": export.id,
             },
         )
-        return await self._exports.update(dataclasses.replace(export, job_id=job_id))
+        return await self.exports.update(dataclasses.replace(export, job_id=job_id))
 
     async def _view(self, export: Export) -> ExportView:
         return (await self._views([export]))[0]
 
     async def _views(self, exports: list[Export]) -> list[ExportView]:
         blobs = [e.blob for e in exports if e.blob is not None]
-        ttl = self._settings.download_url_ttl
-        urls = iter(await self._blobs.download_urls(blobs, ttl))
-        expires = self._clock.now() + ttl
+        ttl = self.settings.download_url_ttl
+        urls = iter(await self.blobs.download_urls(blobs, ttl))
+        expires = self.clock.now() + ttl
         return [
             ExportView(e, next(urls), expires) if e.blob is not None else ExportView(e)
             for e in exports
@@ -329,6 +319,7 @@ class _Abandoned(Exception):
     """The export is gone (its version was deleted) or another job now writes it."""
 
 
+@dataclass(frozen=True)
 class ExportBuilder:
     """The EXPORT_VERSION job handler.
 
@@ -339,38 +330,27 @@ class ExportBuilder:
     to another job.
     """
 
-    def __init__(
-        self,
-        exports: ExportRepository,
-        versions: VersionRepository,
-        formats: ArchiveFormats,
-        streams: MediaStreams,
-        tx: TransactionManager,
-        *,
-        page_size: int = EXPORT_PAGE_SIZE,
-    ) -> None:
-        self._exports = exports
-        self._versions = versions
-        self._formats = formats
-        self._streams = streams
-        self._tx = tx
-        self._page_size = page_size
+    exports: ExportRepository
+    versions: VersionRepository
+    formats: ArchiveFormats
+    streams: MediaStreams
+    tx: TransactionManager
+    _: KW_ONLY
+    page_size: int = EXPORT_PAGE_SIZE
 
     async def run(self, job: Job, progress: Progress) -> None:
         target = _Target.of(job)
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             export = await self._lock_mine(target, job)
-            version = await self._versions.get(*target.version_key)
+            version = await self.versions.get(*target.version_key)
             # Succeeded or failed: an earlier run of this job ended it before it crashed.
             if export is None or version is None or export.status not in _UNFINISHED:
                 return
-            export = await self._exports.update(
+            export = await self.exports.update(
                 dataclasses.replace(export, status=ExportStatus.IN_PROGRESS, percent=0)
             )
-        pages = _Pages(
-            self._exports, self._page_size, target, job.id, progress, version.input_count
-        )
-        staged = self._streams.stage(MAX_ARCHIVE_BYTES)
+        pages = _Pages(self.exports, self.page_size, target, job.id, progress, version.input_count)
+        staged = self.streams.stage(MAX_ARCHIVE_BYTES)
         try:
             modified = max(version.created_at or _ZIP_EPOCH, _ZIP_EPOCH)
             counts, fidelity = await self._write(export, pages, staged, modified)
@@ -378,11 +358,11 @@ class ExportBuilder:
             # Published (its blobs row committed, then the object) before the export
             # refers to it: if the export is gone by then, the collector removes it.
             blob = await staged.publish(ARCHIVE_CONTENT_TYPE)
-            async with self._tx.transaction():
+            async with self.tx.transaction():
                 current = await self._lock_mine(target, job)
                 if current is None:
                     return
-                await self._exports.update(
+                await self.exports.update(
                     dataclasses.replace(
                         current,
                         status=ExportStatus.SUCCEEDED,
@@ -405,7 +385,7 @@ class ExportBuilder:
     ) -> tuple[dict[str, int], FidelityReport]:
         """Writes the archive: the counting passes first when needed, then the members."""
         names = _split_names(export.options)
-        writer = self._formats.writer(export.format, export.options, names, sink, modified)
+        writer = self.formats.writer(export.format, export.options, names, sink, modified)
         split = export.options.split
         splitter = StratifiedSplit(split.ratios, split.seed) if split is not None else None
         census = splitter is not None or writer.needs_census
@@ -441,10 +421,10 @@ class ExportBuilder:
             target = _Target.of(job)
         except JobFailed:
             return
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             export = await self._lock_mine(target, job)
             if export is not None and export.status is not ExportStatus.SUCCEEDED:
-                await self._exports.update(
+                await self.exports.update(
                     dataclasses.replace(
                         export, status=ExportStatus.FAILED, details=message or "failed"
                     )
@@ -452,7 +432,7 @@ class ExportBuilder:
 
     async def _lock_mine(self, target: _Target, job: Job) -> Export | None:
         """The export, locked, while this job is the one to write it."""
-        export = await self._exports.get(*target.version_key, target.export_id, lock=True)
+        export = await self.exports.get(*target.version_key, target.export_id, lock=True)
         if export is None or export.job_id != job.id:
             return None
         return export

@@ -18,10 +18,10 @@ class IdempotencyKey:
     fingerprint: bytes
 
 
+@dataclass(frozen=True)
 class Idempotency:
-    def __init__(self, tx: TransactionManager, records: IdempotencyRepository) -> None:
-        self._tx = tx
-        self._records = records
+    tx: TransactionManager
+    records: IdempotencyRepository
 
     async def run(
         self, key: IdempotencyKey | None, operation: Callable[[], Awaitable[bytes]]
@@ -31,8 +31,8 @@ class Idempotency:
         them or none; a concurrent retry waits on the claim and then replays."""
         if key is None:
             return await operation()
-        async with self._tx.transaction():
-            earlier = await self._records.claim(
+        async with self.tx.transaction():
+            earlier = await self.records.claim(
                 key.app_id, key.method, key.request_id, key.fingerprint
             )
             if earlier is not None:
@@ -45,5 +45,5 @@ class Idempotency:
                     )
                 return earlier.response
             response = await operation()
-            await self._records.complete(key.app_id, key.method, key.request_id, response)
+            await self.records.complete(key.app_id, key.method, key.request_id, response)
             return response

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import hashlib
 import re
 import uuid
@@ -32,12 +31,10 @@ from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Callable,
-    Generator,
     Iterator,
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
 
 from service.domain.annotation_rules import MAX_ANNOTATIONS_PER_INPUT, check_annotation_data
 from service.domain.annotations import (
@@ -48,16 +45,27 @@ from service.domain.annotations import (
 )
 from service.domain.auth import Permission, authorize
 from service.domain.errors import DomainError, FieldViolation, InvalidArgument, Violations
-from service.domain.inputs import (
+from service.domain.imported import (
+    ARCHIVE_FIELD,
+    CHUNK_FIELD,
+    ArchiveReader,
+    ArchiveStaging,
+    ImportedInput,
+    ImportFormat,
+    ImportRequest,
+    ImportResult,
+    ImportSettings,
+    StagedArchive,
+)
+from service.domain.input_drafts import (
     MAX_BATCH_BYTES,
     MAX_BATCH_INPUTS,
     InputDraft,
-    InputService,
     StoredMedia,
-    dataset_not_found,
     media_source,
     medium_field,
 )
+from service.domain.inputs import InputService, dataset_not_found
 from service.domain.models import AnnotatedMedia, MediaType, Principal, StoredBlob
 from service.domain.ports import (
     BlobStore,
@@ -75,127 +83,6 @@ MAX_REPORTED = 100
 _SUMMARY_VIOLATIONS = 10
 # A remembered medium costs a few hundred bytes.
 MAX_REMEMBERED_MEDIA = 100_000
-# Errors name the archive's content "archive" (or an entry in it); the stream that
-# carries it, "chunk".
-ARCHIVE_FIELD = "archive"
-CHUNK_FIELD = "chunk"
-
-
-class ImportFormat(enum.Enum):
-    CLARIFAI_DATA_PROTOBUF = "clarifai_data_protobuf"
-    COCO = "coco"
-
-
-@dataclass(frozen=True)
-class ArchiveLimits:
-    """What a reader accepts of an archive. Entries below `ratio_floor_bytes` are not held
-    to the ratio (tiny entries compress unpredictably); the entry count caps what they
-    can add up to."""
-
-    max_entries: int = 100_000
-    max_total_bytes: int = 8 * 1024 * _MIB
-    max_entry_bytes: int = 256 * _MIB
-    max_ratio: int = 100
-    ratio_floor_bytes: int = 64 * 1024
-
-
-@dataclass(frozen=True)
-class ImportSettings:
-    max_archive_bytes: int = 2 * 1024 * _MIB
-    max_inputs: int = 1_000_000
-    max_entries: int = 100_000
-    max_entry_bytes: int = 256 * _MIB
-    max_ratio: int = 100
-
-    @property
-    def limits(self) -> ArchiveLimits:
-        # Uncompressed, an archive may be four times its size: ordinary data compresses
-        # far less, and a bomb is stopped long before it fills the disk or memory.
-        return ArchiveLimits(
-            max_entries=self.max_entries,
-            max_total_bytes=4 * self.max_archive_bytes,
-            max_entry_bytes=self.max_entry_bytes,
-            max_ratio=self.max_ratio,
-        )
-
-
-@dataclass(frozen=True)
-class ImportRequest:
-    """The header of an import; `format` None means not given."""
-
-    app_id: str
-    dataset_id: str
-    format: ImportFormat | None
-
-
-@dataclass(frozen=True)
-class ImportedAnnotation:
-    """One annotation of an imported input. `path` names where it sits in the archive;
-    `root` is the part of a field path, relative to the annotation's data, that `path`
-    stands for (an annotation made of region 5 of an input has the data
-    {"regions": [region]}: its ".regions[0]" is the archive's "...data.regions[5]")."""
-
-    path: str
-    data: dict[str, Any]
-    root: str = ""
-
-    def locate(self, relative: str) -> str:
-        """The archive location of a field given relative to the annotation's data."""
-        if relative.startswith(self.root):
-            relative = relative[len(self.root) :]
-        return self.path + relative
-
-
-@dataclass(frozen=True)
-class ImportedInput:
-    """One input read from an archive. `path` names it in errors (for example
-    `archive["all/batch-000000_n3"].inputs[2]`); `declared_size` is the (width, height)
-    the archive states for an image, checked against its bytes."""
-
-    path: str
-    draft: InputDraft
-    annotations: tuple[ImportedAnnotation, ...] = ()
-    declared_size: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class ImportResult:
-    inputs_created: int
-    annotations_created: int
-
-
-class StagedArchive(Protocol):
-    """An archive written to temporary storage as it arrives."""
-
-    async def write(self, chunk: bytes) -> None: ...
-
-    async def finish(self) -> str:
-        """Completes the archive; returns the hex SHA-256 of its bytes."""
-        ...
-
-    def file(self) -> BinaryIO:
-        """The finished archive, positioned at its start (one reader at a time)."""
-        ...
-
-    async def discard(self) -> None:
-        """Removes the archive. Safe at any point and more than once; never raises."""
-        ...
-
-
-class ArchiveStaging(Protocol):
-    def stage(self) -> StagedArchive: ...
-
-
-class ArchiveReader(Protocol):
-    """Parses archives (implemented in service.exports)."""
-
-    def read(
-        self, archive: BinaryIO, archive_format: ImportFormat, limits: ArchiveLimits
-    ) -> Generator[list[ImportedInput], None, None]:
-        """The archive's inputs, in archive order, in batches. Raises InvalidArgument
-        naming the entry for anything that is not a well-formed archive of the format
-        within the limits, when it reaches it."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -294,28 +181,17 @@ class _Media:
     content_type: str
 
 
+@dataclass(frozen=True)
 class ImportService:
-    def __init__(
-        self,
-        inputs: InputService,
-        annotations: AnnotationService,
-        members: MembershipRepository,
-        blobs: BlobStore,
-        staging: ArchiveStaging,
-        reader: ArchiveReader,
-        tx: TransactionManager,
-        settings: ImportSettings,
-        prober: MediaProber,
-    ) -> None:
-        self._inputs = inputs
-        self._annotations = annotations
-        self._members = members
-        self._blobs = blobs
-        self._staging = staging
-        self._reader = reader
-        self._tx = tx
-        self._settings = settings
-        self._prober = prober
+    inputs: InputService
+    annotations: AnnotationService
+    members: MembershipRepository
+    blobs: BlobStore
+    staging: ArchiveStaging
+    reader: ArchiveReader
+    tx: TransactionManager
+    settings: ImportSettings
+    prober: MediaProber
 
     # --- receive ---------------------------------------------------------------------------
 
@@ -337,7 +213,7 @@ class ImportService:
         # Before the bytes flow: an import into a dataset that does not exist costs the
         # caller nothing. write() checks again in its transaction.
         await self._require_dataset(request)
-        staged = self._staging.stage()
+        staged = self.staging.stage()
         try:
             size = await self._stream(staged, chunks)
             digest = await staged.finish()
@@ -347,7 +223,7 @@ class ImportService:
             await asyncio.shield(staged.discard())
 
     async def _stream(self, staged: StagedArchive, chunks: AsyncIterable[bytes]) -> int:
-        limit = self._settings.max_archive_bytes
+        limit = self.settings.max_archive_bytes
         size = 0
         async for chunk in chunks:
             if len(chunk) > MAX_CHUNK_BYTES:
@@ -375,15 +251,15 @@ class ImportService:
         return size
 
     async def _require_dataset(self, request: ImportRequest) -> None:
-        async with self._tx.transaction():
-            if not await self._members.live_datasets(request.app_id, [request.dataset_id]):
+        async with self.tx.transaction():
+            if not await self.members.live_datasets(request.app_id, [request.dataset_id]):
                 raise dataset_not_found(request.app_id, request.dataset_id)
 
     async def _batches(
         self, archive: ReceivedArchive, archive_format: ImportFormat
     ) -> AsyncGenerator[list[ImportedInput], None]:
         """The reader's batches; parsing and decompressing run in a worker thread."""
-        batches = self._reader.read(archive.staged.file(), archive_format, self._settings.limits)
+        batches = self.reader.read(archive.staged.file(), archive_format, self.settings.limits)
         try:
             while (batch := await asyncio.to_thread(next, batches, None)) is not None:
                 yield batch
@@ -410,10 +286,10 @@ class ImportService:
         async with contextlib.aclosing(self._batches(archive, request.format)) as batches:
             async for batch in batches:
                 count += len(batch)
-                if count > self._settings.max_inputs:
+                if count > self.settings.max_inputs:
                     raise InvalidArgument.field(
                         ARCHIVE_FIELD,
-                        f"the archive holds more than {self._settings.max_inputs} inputs, the "
+                        f"the archive holds more than {self.settings.max_inputs} inputs, the "
                         "most one import may create; split it into several archives",
                         reason="ARCHIVE_TOO_LARGE",
                     )
@@ -446,7 +322,7 @@ class ImportService:
                 seen.add(draft.id)
             try:
                 # The rules of CreateInputs for everything but the media bytes.
-                await self._inputs.check_draft(
+                await self.inputs.check_draft(
                     principal, request.app_id, draft, path=item.path, check_state=False
                 )
             except InvalidArgument as invalid:
@@ -462,7 +338,7 @@ class ImportService:
                 continue
             valid.append(item)
         # Probing media and checking geometry is CPU-bound: in a thread.
-        checked = await asyncio.to_thread(_check_content, self._prober, valid)
+        checked = await asyncio.to_thread(_check_content, self.prober, valid)
         media = []
         for found, violations in checked:
             problems.items.extend(violations)
@@ -472,7 +348,7 @@ class ImportService:
 
     async def _store(self, media: list[_Media], stored: dict[str, StoredBlob]) -> None:
         async def put(group: list[tuple[bytes, str]]) -> None:
-            for blob in await self._blobs.put_many(group):
+            for blob in await self.blobs.put_many(group):
                 if len(stored) < MAX_REMEMBERED_MEDIA:
                     stored[blob.sha256] = blob
 
@@ -499,7 +375,7 @@ class ImportService:
         assert request.format is not None
         inputs_created = annotations_created = 0
         async with (
-            self._tx.transaction(),
+            self.tx.transaction(),
             contextlib.aclosing(self._batches(checked.archive, request.format)) as batches,
         ):
             await self._require_dataset(request)
@@ -521,7 +397,7 @@ class ImportService:
         annotations were created."""
         # Hashing and probing again are CPU-bound: in a thread.
         with_media = await asyncio.to_thread(
-            lambda: [_with_stored_media(self._prober, item, checked.stored) for item in group]
+            lambda: [_with_stored_media(self.prober, item, checked.stored) for item in group]
         )
         drafts = [
             dataclasses.replace(
@@ -533,7 +409,7 @@ class ImportService:
             for draft in with_media
         ]
         try:
-            await self._inputs.create_batch(principal, request.app_id, drafts, atomic=True)
+            await self.inputs.create_batch(principal, request.app_id, drafts, atomic=True)
         except DomainError as error:
             raise _relocated(error, _INPUT_FIELD, [_under(item.path) for item in group]) from error
         annotations = [
@@ -544,7 +420,7 @@ class ImportService:
         for start in range(0, len(annotations), MAX_BATCH_ANNOTATIONS):
             chunk = annotations[start : start + MAX_BATCH_ANNOTATIONS]
             try:
-                await self._annotations.create_batch(
+                await self.annotations.create_batch(
                     principal, request.app_id, [draft for draft, _ in chunk], atomic=True
                 )
             except DomainError as error:

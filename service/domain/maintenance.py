@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import timedelta
 
 from service.domain.datasets import DatasetService
@@ -16,26 +16,19 @@ class MaintenanceReport:
     request_ids_expired: int
 
 
+@dataclass(frozen=True)
 class Maintenance:
-    def __init__(
-        self,
-        datasets: DatasetService,
-        blobs: BlobStore,
-        idempotency: IdempotencyRepository,
-        *,
-        orphan_grace: timedelta,
-        request_id_ttl: timedelta,
-    ) -> None:
-        self._datasets = datasets
-        self._blobs = blobs
-        self._idempotency = idempotency
-        self._orphan_grace = orphan_grace
-        self._request_id_ttl = request_id_ttl
+    datasets: DatasetService
+    blobs: BlobStore
+    idempotency: IdempotencyRepository
+    _: KW_ONLY
+    orphan_grace: timedelta
+    request_id_ttl: timedelta
 
     async def run_once(self) -> MaintenanceReport:
         # Purge first: a purged dataset's cover becomes an orphan, collected once
         # its grace period is over.
-        purged = await self._datasets.purge_expired()
-        collected = await self._blobs.collect_orphans(self._orphan_grace, limit=1000)
-        expired = await self._idempotency.expire(self._request_id_ttl)
+        purged = await self.datasets.purge_expired()
+        collected = await self.blobs.collect_orphans(self.orphan_grace, limit=1000)
+        expired = await self.idempotency.expire(self.request_id_ttl)
         return MaintenanceReport(purged, collected, expired)

@@ -293,7 +293,7 @@ class VersionRepository(Protocol):
 
 
 class InputSnapshotEncoder(Protocol):
-    """The serialization of a version's content (implemented in service.exports: the
+    """The serialization of a version's content (implemented in service.formats: the
     domain never sees protobuf)."""
 
     def encode(self, snapshot: InputSnapshot) -> EncodedInput:
@@ -338,7 +338,7 @@ class ByteSink(Protocol):
 
 class ArchiveWriter(Protocol):
     """Writes one export archive into a sink, front to back (implemented in
-    service.exports: the domain never sees protobuf or ZIP)."""
+    service.formats: the domain never sees protobuf or ZIP)."""
 
     @property
     def needs_census(self) -> bool:

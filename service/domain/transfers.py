@@ -20,7 +20,8 @@ from typing import Any
 
 from service.domain.auth import Permission, authorize
 from service.domain.errors import InvalidArgument, Violations
-from service.domain.inputs import InputDraft, InputService, StoredMedia
+from service.domain.input_drafts import InputDraft, StoredMedia
+from service.domain.inputs import InputService
 from service.domain.models import InputView, MediaType, Principal, StoredBlob
 from service.domain.ports import MediaProber, MediaStreams, StagedUpload
 
@@ -62,18 +63,12 @@ def _size(count: int) -> str:
     return f"{count} bytes"
 
 
+@dataclass(frozen=True)
 class InputTransfers:
-    def __init__(
-        self,
-        inputs: InputService,
-        streams: MediaStreams,
-        settings: TransferSettings,
-        prober: MediaProber,
-    ) -> None:
-        self._inputs = inputs
-        self._streams = streams
-        self._settings = settings
-        self._prober = prober
+    inputs: InputService
+    streams: MediaStreams
+    settings: TransferSettings
+    prober: MediaProber
 
     # --- upload ----------------------------------------------------------------------------
 
@@ -87,7 +82,7 @@ class InputTransfers:
         media_type = self._check_header(header)
         # With a request id, a retry of an upload that succeeded must reach the replay,
         # which needs the bytes' hash; the id and datasets are checked on creation then.
-        await self._inputs.check_draft(
+        await self.inputs.check_draft(
             principal,
             header.app_id,
             header.draft,
@@ -95,7 +90,7 @@ class InputTransfers:
             check_state=not header.request_id,
         )
         limit = self._limit(media_type)
-        staged = self._streams.stage(limit)
+        staged = self.streams.stage(limit)
         try:
             head, size = await self._stream(staged, chunks, header, media_type, limit)
             digest = await staged.finish()
@@ -119,7 +114,7 @@ class InputTransfers:
     ) -> InputView:
         """Creates the input of a received upload, atomically, as CreateInputs would."""
         draft = dataclasses.replace(header.draft, stored=media)
-        return await self._inputs.create_one(principal, header.app_id, draft, path=HEADER_INPUT)
+        return await self.inputs.create_one(principal, header.app_id, draft, path=HEADER_INPUT)
 
     def _check_header(self, header: UploadHeader) -> MediaType:
         violations = Violations()
@@ -150,11 +145,11 @@ class InputTransfers:
 
     def _limit(self, media_type: MediaType) -> int:
         if media_type in (MediaType.IMAGE, MediaType.TEXT):
-            return min(self._settings.max_upload_bytes, self._settings.max_whole_bytes)
-        return self._settings.max_upload_bytes
+            return min(self.settings.max_upload_bytes, self.settings.max_whole_bytes)
+        return self.settings.max_upload_bytes
 
     def _too_large(self, field: str, media_type: MediaType, limit: int) -> InvalidArgument:
-        if limit < self._settings.max_upload_bytes:
+        if limit < self.settings.max_upload_bytes:
             why = f"{media_type.value} uploads are checked whole and may be at most"
         else:
             why = "uploads may be at most"
@@ -208,7 +203,7 @@ class InputTransfers:
     ) -> tuple[str, dict[str, Any], str | None]:
         """Content type, media info and (for text) the text of the received bytes."""
         if media_type in (MediaType.VIDEO, MediaType.AUDIO):
-            content_type, info = self._prober.probe(media_type, head, MEDIA_FIELD, size)
+            content_type, info = self.prober.probe(media_type, head, MEDIA_FIELD, size)
             return content_type, info, None
         # Bounded by max_whole_bytes; the head is the whole of a small upload.
         data = head if size == len(head) else await staged.read()
@@ -218,7 +213,7 @@ class InputTransfers:
         self, media_type: MediaType, data: bytes
     ) -> tuple[str, dict[str, Any], str | None]:
         # Runs in a worker thread: a 64 MiB image or text takes tens of milliseconds.
-        content_type, info = self._prober.probe(media_type, data, MEDIA_FIELD)
+        content_type, info = self.prober.probe(media_type, data, MEDIA_FIELD)
         return content_type, info, data.decode() if media_type is MediaType.TEXT else None
 
     # --- download --------------------------------------------------------------------------
@@ -228,8 +223,8 @@ class InputTransfers:
     ) -> tuple[StoredBlob, AsyncGenerator[bytes, None]]:
         """The stored original and its bytes in chunks of at most DOWNLOAD_CHUNK_BYTES.
         FAILED_PRECONDITION for inputs whose media are only referenced by URL."""
-        _, blob = await self._inputs.stored_media(principal, app_id, input_id)
-        return blob, self._streams.stream(blob, DOWNLOAD_CHUNK_BYTES)
+        _, blob = await self.inputs.stored_media(principal, app_id, input_id)
+        return blob, self.streams.stream(blob, DOWNLOAD_CHUNK_BYTES)
 
 
 def _length_mismatch(expected: int, what: str) -> InvalidArgument:

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from service.domain.auth import Permission, authorize
@@ -96,18 +96,12 @@ def version_not_found(dataset_id: str, version_id: str) -> NotFound:
     )
 
 
+@dataclass(frozen=True)
 class VersionService:
-    def __init__(
-        self,
-        versions: VersionRepository,
-        members: MembershipRepository,
-        queue: JobQueue,
-        tx: TransactionManager,
-    ) -> None:
-        self._versions = versions
-        self._members = members
-        self._queue = queue
-        self._tx = tx
+    versions: VersionRepository
+    members: MembershipRepository
+    queue: JobQueue
+    tx: TransactionManager
 
     async def create(
         self,
@@ -125,13 +119,13 @@ class VersionService:
         _check_fields(violations, fields)
         violations.raise_if_any()
         version_id = version_id or uuid.uuid4().hex
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             # Also locks the dataset against deletion until the members are recorded.
             await self._require_dataset(app_id, dataset_id)
-            job_id = await self._queue.enqueue(
+            job_id = await self.queue.enqueue(
                 JobKind.BUILD_VERSION, app_id, {"dataset_id": dataset_id, "version_id": version_id}
             )
-            created = await self._versions.insert(
+            created = await self.versions.insert(
                 DatasetVersion(
                     app_id=app_id,
                     dataset_id=dataset_id,
@@ -147,7 +141,7 @@ class VersionService:
                     reason="VERSION_EXISTS",
                     violations=[FieldViolation("version.id", f"{version_id!r} already exists")],
                 )
-            count = await self._versions.fix_members(app_id, dataset_id, version_id)
+            count = await self.versions.fix_members(app_id, dataset_id, version_id)
         return dataclasses.replace(created, input_count=count)
 
     async def get(
@@ -155,7 +149,7 @@ class VersionService:
     ) -> DatasetVersion:
         authorize(principal, app_id, Permission.READ)
         self._check_ids(dataset_id, version_id, "version_id")
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             return await self._require(app_id, dataset_id, version_id)
 
     async def list(
@@ -171,9 +165,9 @@ class VersionService:
         violations = Violations()
         check_id(violations, "dataset_id", dataset_id)
         violations.raise_if_any()
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             await self._require_dataset(app_id, dataset_id)
-            rows = await self._versions.page(app_id, dataset_id, before_seq, limit + 1)
+            rows = await self.versions.page(app_id, dataset_id, before_seq, limit + 1)
         page = rows[:limit]
         return [v for _, v in page], page[-1][0] if len(rows) > limit and page else None
 
@@ -197,26 +191,26 @@ class VersionService:
             )
         _check_fields(violations, fields)
         violations.raise_if_any()
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             current = await self._require(app_id, dataset_id, version_id, lock=True)
             changes: dict[str, Any] = {}
             if fields.description is not None:
                 changes["description"] = fields.description
             if fields.metadata is not None:
                 changes["metadata"] = fields.metadata
-            return await self._versions.update(dataclasses.replace(current, **changes))
+            return await self.versions.update(dataclasses.replace(current, **changes))
 
     async def delete(
         self, principal: Principal, app_id: str, dataset_id: str, version_id: str
     ) -> None:
         authorize(principal, app_id, Permission.WRITE)
         self._check_ids(dataset_id, version_id, "version_id")
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             current = await self._require(app_id, dataset_id, version_id, lock=True)
             # A build that runs on finds the version gone at its next page and stops.
             if current.status in BUILDING and current.job_id is not None:
-                await self._queue.cancel(current.job_id)
-            await self._versions.delete(app_id, dataset_id, version_id)
+                await self.queue.cancel(current.job_id)
+            await self.versions.delete(app_id, dataset_id, version_id)
 
     async def cancel(
         self, principal: Principal, app_id: str, dataset_id: str, version_id: str
@@ -224,7 +218,7 @@ class VersionService:
         """Ends a pending or running build: the version is FAILED with details "cancelled"."""
         authorize(principal, app_id, Permission.WRITE)
         self._check_ids(dataset_id, version_id, "version_id")
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             current = await self._require(app_id, dataset_id, version_id, lock=True)
             if current.status not in BUILDING:
                 raise FailedPrecondition(
@@ -234,8 +228,8 @@ class VersionService:
                     metadata={"status": current.status.value},
                 )
             if current.job_id is not None:
-                await self._queue.cancel(current.job_id)
-            return await self._versions.update(
+                await self.queue.cancel(current.job_id)
+            return await self.versions.update(
                 dataclasses.replace(current, status=VersionStatus.FAILED, details=CANCELLED)
             )
 
@@ -247,7 +241,7 @@ class VersionService:
         violations.raise_if_any()
 
     async def _require_dataset(self, app_id: str, dataset_id: str) -> None:
-        if not await self._members.live_datasets(app_id, [dataset_id]):
+        if not await self.members.live_datasets(app_id, [dataset_id]):
             raise dataset_not_found(app_id, dataset_id)
 
     async def _require(
@@ -255,7 +249,7 @@ class VersionService:
     ) -> DatasetVersion:
         """The version of a live dataset: those of a deleted dataset are gone with it."""
         await self._require_dataset(app_id, dataset_id)
-        version = await self._versions.get(app_id, dataset_id, version_id, lock=lock)
+        version = await self.versions.get(app_id, dataset_id, version_id, lock=lock)
         if version is None:
             raise version_not_found(dataset_id, version_id)
         return version
@@ -286,6 +280,7 @@ def _inputs_deleted(total: int, shown: list[str]) -> JobFailed:
     )
 
 
+@dataclass(frozen=True)
 class VersionBuilder:
     """The BUILD_VERSION job handler.
 
@@ -296,63 +291,53 @@ class VersionBuilder:
     go on: a cancelled version stops it (JobCancelled), a deleted one ends it quietly.
     """
 
-    def __init__(
-        self,
-        versions: VersionRepository,
-        inputs: InputRepository,
-        annotations: AnnotationRepository,
-        blobs: BlobStore,
-        encoder: InputSnapshotEncoder,
-        tx: TransactionManager,
-        *,
-        page_size: int = BUILD_PAGE_SIZE,
-    ) -> None:
-        self._versions = versions
-        self._inputs = inputs
-        self._annotations = annotations
-        self._blobs = blobs
-        self._encoder = encoder
-        self._tx = tx
-        self._page_size = page_size
+    versions: VersionRepository
+    inputs: InputRepository
+    annotations: AnnotationRepository
+    blobs: BlobStore
+    encoder: InputSnapshotEncoder
+    tx: TransactionManager
+    _: KW_ONLY
+    page_size: int = BUILD_PAGE_SIZE
 
     async def run(self, job: Job, progress: Progress) -> None:
         target = _Target.of(job)
         key = (target.app_id, target.dataset_id, target.version_id)
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             version = await self._lock_building(target)
             if version is None:
                 return
-            version = await self._versions.update(
+            version = await self.versions.update(
                 dataclasses.replace(version, status=VersionStatus.IN_PROGRESS, percent=0)
             )
-        total, shown = await self._versions.missing_inputs(*key, MISSING_SHOWN)
+        total, shown = await self.versions.missing_inputs(*key, MISSING_SHOWN)
         if total:
             raise _inputs_deleted(total, shown)
         metrics = VersionMetrics()
         done = 0
         after: int | None = None
-        while members := await self._versions.members(*key, after, self._page_size):
+        while members := await self.versions.members(*key, after, self.page_size):
             content, page_metrics = await self._build_page(target.app_id, members)
             metrics += page_metrics
             done += len(members)
             # 100 only once READY, so that a client never sees 100 with work left.
             percent = min(99, done * 100 // max(version.input_count, 1))
-            async with self._tx.transaction():
+            async with self.tx.transaction():
                 current = await self._lock_building(target)
                 if current is None:
                     return
-                await self._versions.store_content(*key, content)
-                await self._versions.update(dataclasses.replace(current, percent=percent))
+                await self.versions.store_content(*key, content)
+                await self.versions.update(dataclasses.replace(current, percent=percent))
             await progress(percent)
             after = members[-1][0]
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             current = await self._lock_building(target)
             if current is None:
                 return
-            unbuilt = await self._versions.unbuilt_count(*key)
+            unbuilt = await self.versions.unbuilt_count(*key)
             if unbuilt:
                 raise JobFailed(f"{unbuilt} member(s) of the version have no content")
-            await self._versions.update(
+            await self.versions.update(
                 dataclasses.replace(
                     current,
                     status=VersionStatus.READY,
@@ -368,13 +353,13 @@ class VersionBuilder:
             target = _Target.of(job)
         except JobFailed:
             return
-        async with self._tx.transaction():
-            version = await self._versions.get(
+        async with self.tx.transaction():
+            version = await self.versions.get(
                 target.app_id, target.dataset_id, target.version_id, lock=True
             )
             # A cancelled version keeps its "cancelled"; a READY one stays READY.
             if version is not None and version.status in BUILDING:
-                await self._versions.update(
+                await self.versions.update(
                     dataclasses.replace(
                         version, status=VersionStatus.FAILED, details=message or "failed"
                     )
@@ -383,7 +368,7 @@ class VersionBuilder:
     async def _lock_building(self, target: _Target) -> DatasetVersion | None:
         """The version, locked, while its build is to go on; None when there is nothing
         left to do (deleted, or READY: an earlier run finished it before it crashed)."""
-        version = await self._versions.get(
+        version = await self.versions.get(
             target.app_id, target.dataset_id, target.version_id, lock=True
         )
         if version is None or version.status is VersionStatus.READY:
@@ -396,7 +381,7 @@ class VersionBuilder:
         self, app_id: str, members: list[tuple[int, str]]
     ) -> tuple[list[VersionContent], VersionMetrics]:
         ids = [input_id for _, input_id in members]
-        found = {item.id: item for item in await self._inputs.get_many(app_id, ids)}
+        found = {item.id: item for item in await self.inputs.get_many(app_id, ids)}
         gone = [input_id for input_id in ids if input_id not in found]
         if gone:
             # Deleted while the build ran (the check before the first page saw them).
@@ -407,7 +392,7 @@ class VersionBuilder:
             for input_id in ids
         ]
         # CPU-bound: in a thread, so that the event loop keeps serving calls meanwhile.
-        encoded = await asyncio.to_thread(lambda: [self._encoder.encode(s) for s in snapshots])
+        encoded = await asyncio.to_thread(lambda: [self.encoder.encode(s) for s in snapshots])
         content = [
             VersionContent(position, item.data, hashlib.sha256(item.data).digest())
             for (position, _), item in zip(members, encoded, strict=True)
@@ -421,7 +406,7 @@ class VersionBuilder:
         URLs expire; exports resolve references when they need bytes."""
         if item.blob is None:
             return InputView(item, item.source_url)
-        prefix, suffix = self._blobs.hosted(item.blob)
+        prefix, suffix = self.blobs.hosted(item.blob)
         return InputView(item, f"{prefix}/{ORIGINAL_SIZE}/{suffix}", (prefix, suffix))
 
     async def _annotations_of(self, app_id: str, ids: list[str]) -> dict[str, list[Annotation]]:
@@ -429,7 +414,7 @@ class VersionBuilder:
         grouped: dict[str, list[Annotation]] = defaultdict(list)
         after: int | None = None
         while True:
-            rows = await self._annotations.page(app_id, ids, None, after, ANNOTATION_PAGE_SIZE)
+            rows = await self.annotations.page(app_id, ids, None, after, ANNOTATION_PAGE_SIZE)
             for _, annotation in rows:
                 if not annotation.input_level:
                     grouped[annotation.input_id].append(annotation)

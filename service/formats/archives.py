@@ -7,7 +7,7 @@ from collections.abc import Callable, Generator, Iterator
 from datetime import datetime
 from typing import BinaryIO
 
-from service.domain.imports import ArchiveLimits, ImportedInput, ImportFormat
+from service.domain.imported import ArchiveLimits, ImportedInput, ImportFormat
 from service.domain.models import ExportFormat, ExportOptions
 from service.domain.ports import ArchiveWriter, ByteSink, MediaStreams
 from service.formats.clarifai.reader import protobuf_batches

@@ -26,7 +26,7 @@ import zlib
 from typing import BinaryIO
 
 from service.domain.errors import InvalidArgument
-from service.domain.imports import ARCHIVE_FIELD, ArchiveLimits
+from service.domain.imported import ARCHIVE_FIELD, ArchiveLimits
 
 READ_CHUNK_BYTES = 1024 * 1024
 # A central directory record is 46 bytes plus name, extra field and comment; this

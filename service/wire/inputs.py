@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from datasetd.v1 import common_pb2, data_pb2, input_pb2, status_pb2
 
-from service.domain.inputs import InputDraft
+from service.domain.input_drafts import InputDraft
 from service.domain.models import GeoPoint, InputQuery, InputView, MediaType
 from service.wire.struct import message_to_json, parse_stored, struct_to_dict
 from service.wire.timestamps import set_times

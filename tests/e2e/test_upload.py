@@ -27,13 +27,15 @@ from PIL import Image
 from service.app import Resources, Running, start
 from service.config import Config
 from service.domain.errors import InvalidArgument
-from service.domain.inputs import InputService, InputSettings
+from service.domain.input_drafts import InputSettings
+from service.domain.inputs import InputService
 from service.domain.models import Principal
 from service.domain.transfers import InputTransfers, TransferSettings, UploadHeader
 from service.media.probe import MediaProbes
-from service.storage.blobs import UPLOADS_PREFIX, ContentAddressedBlobStore, ObjectStore
+from service.storage.blobs import UPLOADS_PREFIX, ContentAddressedBlobStore
 from service.storage.db import Database
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
+from service.storage.objectstore import ObjectStore
 from service.wire.inputs import input_draft
 from tests.conftest import Caller, Stack, new_caller, object_store
 from tests.e2e.test_inputs import create, metadata, new_dataset

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from service.adapters.url_fetch import UrlFetcher
-from service.domain.inputs import InputDraft, InputService, InputSettings, Outcome
+from service.domain.input_drafts import InputDraft, InputSettings, Outcome
+from service.domain.inputs import InputService
 from service.domain.models import MediaType, Principal
 from service.media.probe import MediaProbes
 from service.storage.blobs import ContentAddressedBlobStore

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from service.domain.errors import InvalidArgument
-from service.domain.imports import ArchiveLimits
+from service.domain.imported import ArchiveLimits
 from service.formats.coco.rle import rle_counts, rle_png
 from service.formats.safezip import SafeZip, _directory_size
 

@@ -13,7 +13,7 @@ from datasetd.v1 import data_pb2, input_pb2
 from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
-from service.domain.imports import ARCHIVE_FIELD, ImportedAnnotation, ImportedInput
+from service.domain.imported import ARCHIVE_FIELD, ImportedAnnotation, ImportedInput
 from service.formats.clarifai import JSON_MIMETYPE, MIMETYPE_ENTRY, PROTOBUF_MIMETYPE
 from service.formats.safezip import SafeZip, entry_path, invalid_archive
 from service.wire.annotations import data_to_json

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from service.domain.errors import InvalidArgument, Violations
-from service.domain.imports import ARCHIVE_FIELD, ImportedAnnotation, ImportedInput
-from service.domain.inputs import InputDraft
+from service.domain.imported import ARCHIVE_FIELD, ImportedAnnotation, ImportedInput
+from service.domain.input_drafts import InputDraft
 from service.domain.models import MediaType
 from service.domain.validation import ID_PATTERN
 from service.formats.coco.rle import rle_png

@@ -1,0 +1,124 @@
+"""An input as a caller hands it in (the draft), the per-item outcome of a batch, and the
+rules of an input's fields that every way in (CreateInputs, UploadInput, ImportDataset)
+applies."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+from service.domain.errors import FieldViolation, Violations
+from service.domain.models import GeoPoint, InputView, MediaType, StoredBlob
+
+MAX_BATCH_INPUTS = 128
+MAX_BATCH_BYTES = 128 * 1024 * 1024
+MAX_IDS_PER_CALL = 1000
+TITLE_MAX_CHARS = 512
+URL_MAX_CHARS = 2048
+
+
+class Outcome(enum.Enum):
+    CREATED = "created"
+    DUPLICATE_ID = "duplicate_id"
+    INVALID = "invalid"
+    NOT_ATTEMPTED = "not_attempted"
+
+
+@dataclass(frozen=True)
+class StoredMedia:
+    """Media already in the blob store, checked and described (streamed uploads). `text`
+    is the content of a text medium, stored inline as well."""
+
+    blob: StoredBlob
+    info: dict[str, Any]
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class InputDraft:
+    """An input as a caller gave it. `media` lists every medium set, so that two
+    media in one input can be reported instead of silently picking one. With `stored`,
+    the bytes have arrived another way and `data`, `url` and `text` are empty."""
+
+    id: str = ""
+    media: tuple[MediaType, ...] = ()
+    data: bytes = b""
+    url: str = ""
+    text: str | None = None
+    metadata: dict[str, Any] | None = None
+    concepts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    geo: GeoPoint | None = None
+    title: str = ""
+    dataset_ids: list[str] = dataclasses.field(default_factory=list)
+    stored: StoredMedia | None = None
+
+    def payload_size(self) -> int:
+        return len(self.data) + len((self.text or "").encode())
+
+
+@dataclass(frozen=True)
+class InputOutcome:
+    index: int
+    input_id: str
+    outcome: Outcome
+    violations: tuple[FieldViolation, ...] = ()
+    view: InputView | None = None
+
+
+@dataclass(frozen=True)
+class FetchedMedia:
+    data: bytes
+    content_type: str
+    final_url: str
+
+
+class MediaFetcher(Protocol):
+    async def fetch(self, url: str, field: str) -> FetchedMedia: ...
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    download_url_ttl: timedelta = timedelta(hours=1)
+
+
+def check_geo(violations: Violations, field: str, geo: GeoPoint | None) -> None:
+    if geo is None:
+        return
+    if not (math.isfinite(geo.longitude) and -180 <= geo.longitude <= 180):
+        violations.add(f"{field}.longitude", f"must be -180..180 degrees, got {geo.longitude}")
+    if not (math.isfinite(geo.latitude) and -90 <= geo.latitude <= 90):
+        violations.add(f"{field}.latitude", f"must be -90..90 degrees, got {geo.latitude}")
+
+
+def check_url(violations: Violations, field: str, url: str) -> None:
+    if len(url) > URL_MAX_CHARS:
+        violations.add(field, f"must be at most {URL_MAX_CHARS} characters")
+    elif not url.lower().startswith(("http://", "https://")):
+        violations.add(field, "must be an http:// or https:// URL")
+
+
+def medium_field(path: str, media_type: MediaType) -> str:
+    return f"{path}.data.{media_type.value}"
+
+
+def media_source(
+    draft: InputDraft, media_type: MediaType, media_field: str
+) -> tuple[bytes, str, str]:
+    """(inline bytes, source URL, field of the inline bytes); exactly one is given."""
+    inline_name = "raw" if media_type is MediaType.TEXT else "base64"
+    inline = (draft.text or "").encode() if media_type is MediaType.TEXT else draft.data
+    violations = Violations()
+    if draft.url and inline:
+        violations.add(
+            media_field, f"set either {media_type.value}.{inline_name} or .url, not both"
+        )
+    elif draft.url:
+        check_url(violations, f"{media_field}.url", draft.url)
+    elif not inline:
+        violations.add(media_field, f"is empty: set {media_type.value}.{inline_name} or .url")
+    violations.raise_if_any()
+    return inline, draft.url, f"{media_field}.{inline_name}"
