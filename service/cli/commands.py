@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from service.cli.output import Output, confirm
+from service.cli.output import Output, confirm, download_summary
+from service.cli.progress import RichProgress
 from service.client import Client, DatasetInfo, InputInfo, NotFoundError
 from service.config import Config, ConfigError
 
@@ -28,8 +29,10 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.address, args.key, args.app, tls=args.tls)
 
 
-def _progress(args: argparse.Namespace) -> bool:
-    return not getattr(args, "no_progress", False)
+def _progress(args: argparse.Namespace) -> dict[str, Any]:
+    """Progress bars on stderr unless --no-progress or --json (stdout stays parseable)."""
+    shown = not getattr(args, "no_progress", False) and not args.json
+    return {"show_progress": shown, "progress": RichProgress()}
 
 
 # --- server side --------------------------------------------------------------
@@ -248,10 +251,9 @@ def datasets_undelete(args: argparse.Namespace, output: Output) -> int:
 
 
 def _upload_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    return _progress(args) | {
         "batch_size": args.batch_size,
         "concurrency": args.concurrency,
-        "show_progress": _progress(args) and not args.json,
         "failure_log": Path(args.failure_log) if args.failure_log else None,
     }
 
@@ -326,7 +328,7 @@ def versions_create(args: argparse.Namespace, output: Output) -> int:
             args.version_id,
             description=args.description,
             wait=not args.no_wait,
-            show_progress=not args.json,
+            **_progress(args),
         )
     output.record(_version_row(version), f"version {version.id} of {args.dataset}")
     return 0
@@ -384,7 +386,7 @@ def export(args: argparse.Namespace, output: Output) -> int:
             args.dataset,
             created.id,
             version_id=created.version_id,
-            show_progress=_progress(args) and not args.json,
+            **_progress(args),
         )
     output.record(finished, f"export {finished.id}")
     return 0
@@ -399,12 +401,12 @@ def download(args: argparse.Namespace, output: Output) -> int:
             annotations_only=args.annotations_only,
             overwrite=args.overwrite,
             version_id=args.version,
-            show_progress=_progress(args) and not args.json,
+            **_progress(args),
         )
     if output.as_json:
         output.document(result)
     else:
-        output.console.print(result.summary(), highlight=False, markup=False)
+        output.console.print(download_summary(result), highlight=False, markup=False)
     return 0
 
 
@@ -481,7 +483,7 @@ def inputs_delete(args: argparse.Namespace, output: Output) -> int:
 def inputs_download(args: argparse.Namespace, output: Output) -> int:
     with _client(args) as client:
         downloaded = client.dataset(args.dataset).download_inputs(
-            Path(args.save_dir), show_progress=_progress(args) and not args.json
+            Path(args.save_dir), **_progress(args)
         )
     rows = [
         {"input_id": d.input_id, "path": d.path, "size": d.size, "sha256": d.sha256}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from service.client.errors import DatasetdError
+from service.client.exports import DownloadResult
 
 
 def plain(value: Any) -> Any:
@@ -121,3 +123,15 @@ def confirm(output: Output, what: str, assume_yes: bool) -> None:
     answer = input("Continue? [y/N] ").strip().lower()
     if answer not in ("y", "yes"):
         raise ConfirmationRefused("cancelled; nothing was changed")
+
+
+def download_summary(result: DownloadResult) -> str:
+    """What `download` wrote, as a table 100 columns wide at most."""
+    table = Table(title=result.summary_title(), show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for name, value in result.summary_rows():
+        table.add_row(name, value)
+    buffer = io.StringIO()
+    Console(file=buffer, width=100, color_system=None).print(table)
+    return buffer.getvalue().rstrip("\n")

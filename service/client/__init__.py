@@ -45,9 +45,9 @@ __all__ = [
     "UploadResult",
     "from_rpc_error",
 ]
+from service.client.bulk_delete import BulkDeleteResult
 from service.client.exports import (
     ArchiveIntegrityError,
-    BulkDeleteResult,
     DownloadResult,
     ExportFailedError,
     ExportInfo,

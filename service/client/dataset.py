@@ -7,16 +7,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from datasetd.v1 import dataset_service_pb2, input_pb2, input_service_pb2
 from google.protobuf import json_format
 
 from service.client import uploads as _uploads
-from service.client._rpc import Rpc, time_of
+from service.client._rpc import time_of
 from service.client.media import DownloadedInput, download_inputs
+from service.client.progress import Progress
 from service.client.unpack import medium_of
-from service.client.versions import VersionInfo, Versions
+from service.client.versions import Versions
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,9 @@ def to_input_info(message: input_pb2.Input) -> InputInfo:
     )
 
 
-class Dataset:
-    """Operations on the content of one dataset of the client's app."""
-
-    def __init__(self, rpc: Rpc, dataset_id: str) -> None:
-        self.rpc = rpc
-        self.id = dataset_id
+class Dataset(Versions):
+    """Operations on the content of one dataset of the client's app; its versions'
+    methods (`create_version`, `list_versions`, ...) come from `Versions`."""
 
     # --- inputs -------------------------------------------------------------
 
@@ -111,36 +109,28 @@ class Dataset:
         return MergeResult(response.added_count, response.already_present_count)
 
     def download_inputs(
-        self, save_dir: str | os.PathLike[str], concurrency: int = 4, show_progress: bool = True
+        self,
+        save_dir: str | os.PathLike[str],
+        concurrency: int = 4,
+        show_progress: bool = True,
+        progress: Progress | None = None,
     ) -> list[DownloadedInput]:
         """Downloads the original media of every input as `save_dir/<input id><ext>`."""
         ids = [item.id for item in self.list_inputs(page_size=1000)]
-        return download_inputs(self.rpc, ids, save_dir, concurrency, show_progress)
+        return download_inputs(self.rpc, ids, save_dir, concurrency, show_progress, progress)
 
     # --- uploads (service/client/uploads.py) ---------------------------------
+    # Options: batch_size, concurrency, show_progress, progress, failure_log (UploadOptions).
 
     def upload_from_folder(
         self,
         folder: str | Path,
         input_type: str = "image",
         labels: bool = False,
-        batch_size: int = 32,
-        concurrency: int = 4,
-        show_progress: bool = True,
-        failure_log: str | Path | None = None,
+        **options: Unpack[_uploads.UploadOptions],
     ) -> _uploads.UploadResult:
         """Uploads the media files under `folder` (recursively); see uploads.upload_from_folder."""
-        return _uploads.upload_from_folder(
-            self.rpc,
-            self.id,
-            folder,
-            input_type=input_type,
-            labels=labels,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            show_progress=show_progress,
-            failure_log=failure_log,
-        )
+        return _uploads.upload_from_folder(self.rpc, self.id, folder, input_type, labels, **options)
 
     def upload_from_csv(
         self,
@@ -148,141 +138,45 @@ class Dataset:
         input_type: str = "image",
         csv_type: str = "url",
         labels: bool = True,
-        batch_size: int = 32,
-        concurrency: int = 4,
-        show_progress: bool = True,
-        failure_log: str | Path | None = None,
+        **options: Unpack[_uploads.UploadOptions],
     ) -> _uploads.UploadResult:
         """Uploads the rows of a CSV file; bad rows go to the failure log with their line."""
         return _uploads.upload_from_csv(
-            self.rpc,
-            self.id,
-            path,
-            input_type=input_type,
-            csv_type=csv_type,
-            labels=labels,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            show_progress=show_progress,
-            failure_log=failure_log,
+            self.rpc, self.id, path, input_type, csv_type, labels, **options
         )
 
     def upload_inputs(
-        self,
-        inputs: _uploads.InputItems,
-        batch_size: int = 32,
-        concurrency: int = 4,
-        show_progress: bool = True,
-        failure_log: str | Path | None = None,
+        self, inputs: _uploads.InputItems, **options: Unpack[_uploads.UploadOptions]
     ) -> _uploads.UploadResult:
         """Uploads `UploadItem`s (or `input_pb2.Input` messages) into this dataset."""
-        return _uploads.upload_inputs(
-            self.rpc,
-            self.id,
-            inputs,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            show_progress=show_progress,
-            failure_log=failure_log,
-        )
+        return _uploads.upload_inputs(self.rpc, self.id, inputs, **options)
 
     def upload_annotations(
-        self,
-        annotations: _uploads.AnnotationItems,
-        batch_size: int = 32,
-        concurrency: int = 4,
-        show_progress: bool = True,
-        failure_log: str | Path | None = None,
+        self, annotations: _uploads.AnnotationItems, **options: Unpack[_uploads.UploadOptions]
     ) -> _uploads.UploadResult:
         """Creates `AnnotationItem`s (or `annotation_pb2.Annotation`s) on existing inputs."""
-        return _uploads.upload_annotations(
-            self.rpc,
-            self.id,
-            annotations,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            show_progress=show_progress,
-            failure_log=failure_log,
-        )
+        return _uploads.upload_annotations(self.rpc, self.id, annotations, **options)
 
     def upload_coco(
         self,
         images_dir: str | Path,
         annotations_json: str | Path,
         labels: bool = True,
-        batch_size: int = 32,
-        concurrency: int = 4,
-        show_progress: bool = True,
-        failure_log: str | Path | None = None,
+        **options: Unpack[_uploads.UploadOptions],
     ) -> _uploads.UploadResult:
         """Uploads a COCO detection dataset: the images, then their boxes."""
         return _uploads.upload_coco(
-            self.rpc,
-            self.id,
-            images_dir,
-            annotations_json,
-            labels=labels,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            show_progress=show_progress,
-            failure_log=failure_log,
+            self.rpc, self.id, images_dir, annotations_json, labels, **options
         )
 
     def retry(
         self,
         failure_log: str | Path,
         allow_duplicates: bool = False,
-        batch_size: int = 32,
-        concurrency: int = 4,
-        show_progress: bool = True,
-        new_failure_log: str | Path | None = None,
+        **options: Unpack[_uploads.RetryOptions],
     ) -> _uploads.UploadResult:
         """Uploads the rows of a failure log again; the log must be of this dataset."""
         logged, _ = _uploads.read_failure_log(failure_log)
         if logged != self.id:
             raise ValueError(f"{failure_log} is a log of dataset {logged!r}, not {self.id!r}")
-        return _uploads.retry(
-            self.rpc,
-            failure_log,
-            allow_duplicates=allow_duplicates,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            show_progress=show_progress,
-            new_failure_log=new_failure_log,
-        )
-
-    # --- versions (service/client/versions.py) -------------------------------
-
-    def create_version(
-        self,
-        version_id: str = "",
-        description: str = "",
-        metadata: dict[str, Any] | None = None,
-        wait: bool = True,
-        timeout: float = 600,
-        show_progress: bool = False,
-        request_id: str | None = None,
-    ) -> VersionInfo:
-        """Creates a version; with `wait`, returns it READY or raises VersionFailedError."""
-        return Versions(self.rpc, self.id).create(
-            version_id, description, metadata, wait, timeout, show_progress, request_id
-        )
-
-    def get_version(self, version_id: str) -> VersionInfo:
-        return Versions(self.rpc, self.id).get(version_id)
-
-    def wait_version(
-        self, version_id: str, timeout: float = 600, show_progress: bool = False
-    ) -> VersionInfo:
-        return Versions(self.rpc, self.id).wait(version_id, timeout, show_progress)
-
-    def list_versions(self, page_size: int = 50) -> Iterator[VersionInfo]:
-        """Newest first; pages are fetched lazily."""
-        return Versions(self.rpc, self.id).list(page_size)
-
-    def delete_version(self, version_id: str, request_id: str | None = None) -> None:
-        Versions(self.rpc, self.id).delete(version_id, request_id)
-
-    def latest_version(self) -> VersionInfo | None:
-        """The newest READY version, or None."""
-        return Versions(self.rpc, self.id).latest()
+        return _uploads.retry(self.rpc, failure_log, allow_duplicates, **options)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -18,6 +18,8 @@ from google.protobuf import field_mask_pb2, json_format, struct_pb2
 
 from service.client import exports as _exports
 from service.client._rpc import Rpc, time_of
+from service.client.bulk_delete import BulkDeleteResult, bulk_delete_assets
+from service.client.progress import Progress
 
 T = TypeVar("T")
 PatchActionName = Literal["merge", "overwrite", "remove"]
@@ -155,12 +157,15 @@ class Datasets:
         for page in self.list(page_size=page_size, query=query):
             yield from page.items
 
+    def _dataset(self, method: Callable[..., Any], request: Any) -> DatasetInfo:
+        """Calls a method that answers with the dataset."""
+        return _to_info(self._rpc.call(method, request).dataset)
+
     def get(self, dataset_id: str) -> DatasetInfo:
-        response = self._rpc.call(
+        return self._dataset(
             self._stub.GetDataset,
             dataset_service_pb2.GetDatasetRequest(app_id=self._app, dataset_id=dataset_id),
         )
-        return _to_info(response.dataset)
 
     def create(
         self,
@@ -174,13 +179,12 @@ class Datasets:
         dataset = dataset_pb2.Dataset(id=dataset_id, description=description, notes=notes)
         if metadata:
             dataset.metadata.CopyFrom(_struct(metadata))
-        response = self._rpc.call(
+        return self._dataset(
             self._stub.CreateDataset,
             dataset_service_pb2.CreateDatasetRequest(
                 app_id=self._app, dataset=dataset, request_id=request_id or ""
             ),
         )
-        return _to_info(response.dataset)
 
     def patch(
         self,
@@ -212,7 +216,7 @@ class Datasets:
             paths.append("metadata")
         if not paths:
             raise ValueError("patch needs at least one of description, notes or metadata")
-        response = self._rpc.call(
+        return self._dataset(
             self._stub.UpdateDataset,
             dataset_service_pb2.UpdateDatasetRequest(
                 app_id=self._app,
@@ -223,7 +227,6 @@ class Datasets:
                 request_id=request_id or "",
             ),
         )
-        return _to_info(response.dataset)
 
     def delete(
         self, dataset_id: str, force: bool = False, request_id: str | None = None
@@ -241,15 +244,14 @@ class Datasets:
         return Deleted(response.purged, purge_time)
 
     def undelete(self, dataset_id: str, request_id: str | None = None) -> DatasetInfo:
-        response = self._rpc.call(
+        return self._dataset(
             self._stub.UndeleteDataset,
             dataset_service_pb2.UndeleteDatasetRequest(
                 app_id=self._app, dataset_id=dataset_id, request_id=request_id or ""
             ),
         )
-        return _to_info(response.dataset)
 
-    # --- exports, downloads and bulk deletes (service/client/exports.py) ----------
+    # --- exports, downloads (service/client/exports.py) and bulk deletes ----------
 
     def bulk_delete_assets(
         self,
@@ -258,11 +260,11 @@ class Datasets:
         strict_query: bool = False,
         dry_run: bool = False,
         request_id: str | None = None,
-    ) -> _exports.BulkDeleteResult:
+    ) -> BulkDeleteResult:
         """Deletes the dataset's inputs (from the app) matching `filter_criteria`: keys
         `concepts`, `not_concepts`, `metadata`, `media_types`, `annotated`. An empty filter
         matches every input; `strict_query=True` refuses it (ValueError)."""
-        return _exports.bulk_delete_assets(
+        return bulk_delete_assets(
             self._rpc, dataset_id, filter_criteria, strict_query, dry_run, request_id
         )
 
@@ -295,10 +297,11 @@ class Datasets:
         version_id: str | None = None,
         timeout: float = 600,
         show_progress: bool = False,
+        progress: Progress | None = None,
     ) -> _exports.ExportInfo:
         """Waits for SUCCESS; raises ExportFailedError or TimeoutError."""
         return _exports.wait_export(
-            self._rpc, dataset_id, export_id, version_id, timeout, show_progress
+            self._rpc, dataset_id, export_id, version_id, timeout, show_progress, progress
         )
 
     def download(
@@ -311,6 +314,7 @@ class Datasets:
         show_progress: bool = True,
         version_id: str | None = None,
         timeout: float = 600,
+        progress: Progress | None = None,
     ) -> _exports.DownloadResult:
         """Exports the latest version (creating one if needed), downloads it and unpacks
         it into `save_dir` as media files plus annotation files per split."""
@@ -324,4 +328,5 @@ class Datasets:
             show_progress,
             version_id,
             timeout,
+            progress,
         )

@@ -1,4 +1,4 @@
-"""Exports and downloads of dataset versions, and bulk deletes by filter.
+"""Exports and downloads of dataset versions.
 
 `Datasets` delegates to the functions here; they take the shared `Rpc`.
 """
@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import shutil
@@ -18,23 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from datasetd.v1 import common_pb2, dataset_version_pb2
-from datasetd.v1 import dataset_service_pb2 as dapi
+from datasetd.v1 import dataset_version_pb2
 from datasetd.v1 import dataset_version_service_pb2 as api
-from google.protobuf import struct_pb2
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from service.client._rpc import Rpc, time_of
 from service.client.errors import DatasetdError, NotFoundError
+from service.client.progress import Progress, reporter, text_table
 from service.client.unpack import SPLIT, unpack
 from service.client.versions import READY, Versions, poll, status_name
 
@@ -192,13 +180,6 @@ class ArchiveIntegrityError(OSError):
 
 
 @dataclass(frozen=True)
-class BulkDeleteResult:
-    matched: int
-    deleted: int
-    dry_run: bool = False
-
-
-@dataclass(frozen=True)
 class DownloadResult:
     """What `download` wrote into `save_dir` (see docs for the layout)."""
 
@@ -217,24 +198,26 @@ class DownloadResult:
     # Inputs whose media the archive only references, so no file was written.
     media_missing: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
-        table = Table(title=f"Downloaded {self.save_dir}", show_header=False)
-        table.add_column("", style="bold")
-        table.add_column("")
-        table.add_row("format", self.format)
-        table.add_row("version", self.version_id)
-        table.add_row("export", self.export_id)
-        table.add_row("size", f"{self.size_mb:.2f} MiB")
-        table.add_row("assets", str(self.assets_count))
-        table.add_row("media files", str(self.media_files))
-        table.add_row("annotations", str(self.annotations_count))
-        for split, count in self.splits.items():
-            table.add_row(f"split {split}", str(count))
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = [
+            ("format", self.format),
+            ("version", self.version_id),
+            ("export", self.export_id),
+            ("size", f"{self.size_mb:.2f} MiB"),
+            ("assets", str(self.assets_count)),
+            ("media files", str(self.media_files)),
+            ("annotations", str(self.annotations_count)),
+        ]
+        rows += [(f"split {split}", str(count)) for split, count in self.splits.items()]
         if self.media_missing:
-            table.add_row("media not in archive", str(len(self.media_missing)))
-        buffer = io.StringIO()
-        Console(file=buffer, width=100, color_system=None).print(table)
-        return buffer.getvalue().rstrip("\n")
+            rows.append(("media not in archive", str(len(self.media_missing))))
+        return rows
+
+    def summary_title(self) -> str:
+        return f"Downloaded {self.save_dir}"
+
+    def summary(self) -> str:
+        return text_table(self.summary_title(), self.summary_rows())
 
     def info(self) -> str:
         """Prints the summary and returns it."""
@@ -285,12 +268,13 @@ def create_export(
     request_id: str | None = None,
     timeout: float = 600,
     show_progress: bool = False,
+    progress: Progress | None = None,
 ) -> ExportInfo:
     """Asks for an export of `version_id` (default: the newest READY version, or a new one,
     built first). Returns at once (the export may still be PENDING); idempotent."""
     settings = export_settings or ExportSettings()
     if version_id is None:
-        version_id = Versions(rpc, dataset_id).latest_or_new(timeout, show_progress).id
+        version_id = Versions(rpc, dataset_id).latest_or_new(timeout, show_progress, progress).id
     embed = (
         embed_media
         if embed_media is not None
@@ -326,7 +310,7 @@ def get_export(
     """The export; without `version_id` the dataset's versions are searched, newest first."""
     if version_id is not None:
         return _get(rpc, dataset_id, version_id, export_id)
-    for version in Versions(rpc, dataset_id).list():
+    for version in Versions(rpc, dataset_id).list_versions():
         if version.status != READY:
             continue
         try:
@@ -343,7 +327,7 @@ def get_export(
 def list_exports(rpc: Rpc, dataset_id: str, version_id: str | None = None) -> list[ExportInfo]:
     """The exports of `version_id` (default: the newest READY version; [] if none)."""
     if version_id is None:
-        latest = Versions(rpc, dataset_id).latest()
+        latest = Versions(rpc, dataset_id).latest_version()
         if latest is None:
             return []
         version_id = latest.id
@@ -367,6 +351,7 @@ def wait_export(
     version_id: str | None = None,
     timeout: float = 600,
     show_progress: bool = False,
+    progress: Progress | None = None,
 ) -> ExportInfo:
     """Waits until the export ended: SUCCESS is returned, a failure raised
     (ExportFailedError), TimeoutError after `timeout` seconds."""
@@ -379,7 +364,7 @@ def wait_export(
         lambda e: e.percent_completed,
         timeout,
         f"exporting version {version_id}",
-        show_progress,
+        reporter(show_progress, progress),
     )
     if finished.status != SUCCESS:
         raise ExportFailedError(finished)
@@ -411,47 +396,31 @@ def _check_target(save_dir: Path, overwrite: bool) -> None:
             )
 
 
-def _fetch(rpc: Rpc, export: ExportInfo, path: Path, show_progress: bool) -> tuple[int, str]:
+def _fetch(rpc: Rpc, export: ExportInfo, path: Path, progress: Progress) -> tuple[int, str]:
     """Streams the archive into `path`; returns its size and SHA-256 once both match what
     the server announced."""
     digest = hashlib.sha256()
     size, announced_size, announced_sha = 0, -1, ""
-    progress = (
-        Progress(
-            TextColumn("downloading"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        if show_progress
-        else None
+    request = api.DownloadExportRequest(
+        app_id=rpc.app,
+        dataset_id=export.dataset_id,
+        version_id=export.version_id,
+        export_id=export.id,
     )
-    task = progress.add_task("download", total=export.size or None) if progress else None
-    if progress:
-        progress.start()
+    progress.start("downloading", export.size or None, "bytes")
     try:
         with path.open("wb") as sink:
-            request = api.DownloadExportRequest(
-                app_id=rpc.app,
-                dataset_id=export.dataset_id,
-                version_id=export.version_id,
-                export_id=export.id,
-            )
             for index, message in enumerate(rpc.stream(rpc.versions.DownloadExport, request)):
                 if index == 0:
                     announced_size, announced_sha = message.total_size, message.sha256
                 sink.write(message.chunk)
                 digest.update(message.chunk)
                 size += len(message.chunk)
-                if progress is not None and task is not None:
-                    progress.update(task, completed=size)
+                progress.advance(len(message.chunk))
             sink.flush()
             os.fsync(sink.fileno())
     finally:
-        if progress:
-            progress.stop()
+        progress.finish()
     if size != announced_size or (export.size and size != export.size):
         raise ArchiveIntegrityError(
             f"export {export.id}: received {size} bytes, the server announced {announced_size}"
@@ -474,6 +443,7 @@ def download(
     show_progress: bool = True,
     version_id: str | None = None,
     timeout: float = 600,
+    progress: Progress | None = None,
 ) -> DownloadResult:
     """Exports a version (default: the newest READY one; one still building is waited for;
     with none, a new one is created), downloads it and unpacks it into `save_dir`."""
@@ -482,16 +452,16 @@ def download(
     settings = export_settings or ExportSettings()
     embed = settings.embed_media if settings.embed_media is not None else not annotations_only
     if version_id is None:
-        version_id = Versions(rpc, dataset_id).latest_or_new(timeout, show_progress).id
+        version_id = Versions(rpc, dataset_id).latest_or_new(timeout, show_progress, progress).id
     started = create_export(rpc, dataset_id, settings, version_id, embed_media=embed)
-    export = wait_export(rpc, dataset_id, started.id, version_id, timeout, show_progress)
+    export = wait_export(rpc, dataset_id, started.id, version_id, timeout, show_progress, progress)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     # Next to the target, so that the final renames stay on one file system.
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.download-", dir=target.parent))
     try:
         archive = work / "export.zip"
-        size, sha256 = _fetch(rpc, export, archive, show_progress)
+        size, sha256 = _fetch(rpc, export, archive, reporter(show_progress, progress))
         content = work / "content"
         content.mkdir()
         stats = unpack(archive, content, settings.format, settings.normalized, annotations_only)
@@ -518,92 +488,3 @@ def download(
         media_files=stats.media_files,
         media_missing=stats.media_missing,
     )
-
-
-# --- bulk delete -----------------------------------------------------------------------------
-
-FILTER_KEYS = ("concepts", "not_concepts", "metadata", "media_types", "annotated")
-_MEDIA_TYPES = {
-    "image": common_pb2.MEDIA_TYPE_IMAGE,
-    "video": common_pb2.MEDIA_TYPE_VIDEO,
-    "audio": common_pb2.MEDIA_TYPE_AUDIO,
-    "text": common_pb2.MEDIA_TYPE_TEXT,
-}
-
-
-def _strings(key: str, value: Any) -> list[str]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple | set | frozenset) or not all(
-        isinstance(item, str) and item for item in items
-    ):
-        raise ValueError(f"filter {key!r} must be a list of non-empty strings, not {value!r}")
-    return sorted(items) if isinstance(items, set | frozenset) else list(items)
-
-
-def input_filter(criteria: Mapping[str, Any] | None) -> common_pb2.InputFilter:
-    """An InputFilter from `{"concepts", "not_concepts", "metadata", "media_types",
-    "annotated"}`; unknown keys and wrong types are ValueErrors."""
-    criteria = dict(criteria or {})
-    unknown = sorted(set(criteria) - set(FILTER_KEYS))
-    if unknown:
-        raise ValueError(
-            f"unknown filter key(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(FILTER_KEYS)}"
-        )
-    message = common_pb2.InputFilter()
-    if criteria.get("concepts") is not None:
-        message.concept_ids.extend(_strings("concepts", criteria["concepts"]))
-    if criteria.get("not_concepts") is not None:
-        message.negative_concept_ids.extend(_strings("not_concepts", criteria["not_concepts"]))
-    metadata = criteria.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, Mapping):
-            raise ValueError(f"filter 'metadata' must be a JSON object, not {metadata!r}")
-        if metadata:
-            struct = struct_pb2.Struct()
-            struct.update(dict(metadata))
-            message.metadata.CopyFrom(struct)
-    if criteria.get("media_types") is not None:
-        for kind in _strings("media_types", criteria["media_types"]):
-            if kind.lower() not in _MEDIA_TYPES:
-                raise ValueError(f"unknown media type {kind!r}; allowed: {', '.join(_MEDIA_TYPES)}")
-            message.media_types.append(_MEDIA_TYPES[kind.lower()])
-    annotated = criteria.get("annotated")
-    if annotated is not None:
-        if not isinstance(annotated, bool):
-            raise ValueError(f"filter 'annotated' must be True or False, not {annotated!r}")
-        message.annotation_state = (
-            common_pb2.ANNOTATION_STATE_ANNOTATED
-            if annotated
-            else common_pb2.ANNOTATION_STATE_UNANNOTATED
-        )
-    return message
-
-
-def bulk_delete_assets(
-    rpc: Rpc,
-    dataset_id: str,
-    filter_criteria: Mapping[str, Any] | None = None,
-    strict_query: bool = False,
-    dry_run: bool = False,
-    request_id: str | None = None,
-) -> BulkDeleteResult:
-    """Deletes the dataset's inputs matching the filter (from the app, with their
-    annotations). An empty filter matches every input: `strict_query=True` refuses it."""
-    message = input_filter(filter_criteria)
-    if strict_query and message == common_pb2.InputFilter():
-        raise ValueError(
-            "strict_query=True refuses an empty filter, which would match every input of "
-            f"dataset {dataset_id}; give a filter, or strict_query=False to delete them all"
-        )
-    response = rpc.call(
-        rpc.datasets.DeleteDatasetInputsByFilter,
-        dapi.DeleteDatasetInputsByFilterRequest(
-            app_id=rpc.app,
-            dataset_id=dataset_id,
-            filter=message,
-            dry_run=dry_run,
-            request_id=request_id or "",
-        ),
-    )
-    return BulkDeleteResult(response.matched_count, response.deleted_count, dry_run)

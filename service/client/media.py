@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasetd.v1 import input_service_pb2
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from service.client._rpc import Rpc
 from service.client.errors import FailedPreconditionError
+from service.client.progress import Progress, reporter
 from service.client.unpack import clean_name
 
 # The server's own sniffed types, where `mimetypes` picks an odd extension.
@@ -85,6 +84,7 @@ def download_inputs(
     save_dir: str | os.PathLike[str],
     concurrency: int = 4,
     show_progress: bool = True,
+    progress: Progress | None = None,
 ) -> list[DownloadedInput]:
     """Downloads inputs concurrently; results come back in the order of `input_ids`.
 
@@ -94,22 +94,16 @@ def download_inputs(
     ids = list(input_ids)
     target = Path(save_dir)
     target.mkdir(parents=True, exist_ok=True)
-    with (
-        Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=not show_progress,
-        ) as progress,
-        ThreadPoolExecutor(max_workers=concurrency) as pool,
-    ):
-        task = progress.add_task("downloading inputs", total=len(ids))
+    shown = reporter(show_progress, progress)
 
-        def one(input_id: str) -> DownloadedInput:
-            result = download_input(rpc, input_id, target)
-            progress.advance(task)
-            return result
+    def one(input_id: str) -> DownloadedInput:
+        result = download_input(rpc, input_id, target)
+        shown.advance()
+        return result
 
-        return list(pool.map(one, ids))
+    shown.start("downloading inputs", len(ids), "files")
+    try:
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            return list(pool.map(one, ids))
+    finally:
+        shown.finish()

@@ -17,11 +17,10 @@ import grpc
 from datasetd.v1 import dataset_version_pb2, status_pb2
 from datasetd.v1 import dataset_version_service_pb2 as api
 from google.protobuf import json_format
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from service.client._rpc import Rpc, time_of
 from service.client.errors import DatasetdError
+from service.client.progress import Progress, reporter
 
 _PREFIX = "STATUS_CODE_DATASET_VERSION_"
 READY = "READY"
@@ -111,53 +110,39 @@ def poll(
     percent: Callable[[Any], int],
     timeout: float,
     label: str,
-    show_progress: bool,
+    progress: Progress,
 ) -> Any:
-    """Calls `fetch` until `done`, showing `percent` on a progress bar if asked; raises
-    TimeoutError after `timeout` seconds."""
+    """Calls `fetch` until `done`, reporting `percent` to `progress`; raises TimeoutError
+    after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     delay = POLL_FIRST_SECONDS
-    progress = (
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.percentage:>3.0f}%"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        if show_progress
-        else None
-    )
-    task = progress.add_task(label, total=100) if progress else None
-    if progress:
-        progress.start()
+    shown = 0
+    progress.start(label, 100, "percent")
     try:
         while True:
             current = fetch()
-            if progress is not None and task is not None:
-                progress.update(task, completed=percent(current))
-            if done(current):
-                if progress is not None and task is not None:
-                    progress.update(task, completed=100)
+            finished = done(current)
+            reached = 100 if finished else percent(current)
+            progress.advance(max(reached - shown, 0))
+            shown = max(reached, shown)
+            if finished:
                 return current
             if time.monotonic() + delay > deadline:
                 raise TimeoutError(f"{label}: still not finished after {timeout:g} s")
             time.sleep(delay)
             delay = min(delay * 1.5, POLL_MAX_SECONDS)
     finally:
-        if progress:
-            progress.stop()
+        progress.finish()
 
 
 class Versions:
-    """The versions of one dataset; `Dataset` delegates to it."""
+    """The versions of one dataset; `Dataset` inherits these methods."""
 
     def __init__(self, rpc: Rpc, dataset_id: str) -> None:
-        self._rpc = rpc
-        self._dataset = dataset_id
+        self.rpc = rpc
+        self.id = dataset_id
 
-    def create(
+    def create_version(
         self,
         version_id: str = "",
         description: str = "",
@@ -166,15 +151,17 @@ class Versions:
         timeout: float = 600,
         show_progress: bool = False,
         request_id: str | None = None,
+        progress: Progress | None = None,
     ) -> VersionInfo:
+        """Creates a version; with `wait`, returns it READY or raises VersionFailedError."""
         version = dataset_version_pb2.DatasetVersion(id=version_id, description=description)
         if metadata:
             version.metadata.update(metadata)
-        response = self._rpc.call(
-            self._rpc.versions.CreateDatasetVersion,
+        response = self.rpc.call(
+            self.rpc.versions.CreateDatasetVersion,
             api.CreateDatasetVersionRequest(
-                app_id=self._rpc.app,
-                dataset_id=self._dataset,
+                app_id=self.rpc.app,
+                dataset_id=self.id,
                 version=version,
                 request_id=request_id or "",
             ),
@@ -182,73 +169,77 @@ class Versions:
         created = to_version_info(response.version)
         if not wait:
             return created
-        return self.wait(created.id, timeout=timeout, show_progress=show_progress)
+        return self.wait_version(created.id, timeout, show_progress, progress)
 
-    def wait(
-        self, version_id: str, timeout: float = 600, show_progress: bool = False
+    def wait_version(
+        self,
+        version_id: str,
+        timeout: float = 600,
+        show_progress: bool = False,
+        progress: Progress | None = None,
     ) -> VersionInfo:
         """Waits until the build ended; READY is returned, FAILURE raised."""
         finished: VersionInfo = poll(
-            lambda: self.get(version_id),
+            lambda: self.get_version(version_id),
             lambda v: v.status not in _RUNNING,
             lambda v: v.percent_completed,
             timeout,
             f"building version {version_id}",
-            show_progress,
+            reporter(show_progress, progress),
         )
         if finished.status != READY:
             raise VersionFailedError(finished)
         return finished
 
-    def get(self, version_id: str) -> VersionInfo:
-        response = self._rpc.call(
-            self._rpc.versions.GetDatasetVersion,
+    def get_version(self, version_id: str) -> VersionInfo:
+        response = self.rpc.call(
+            self.rpc.versions.GetDatasetVersion,
             api.GetDatasetVersionRequest(
-                app_id=self._rpc.app, dataset_id=self._dataset, version_id=version_id
+                app_id=self.rpc.app, dataset_id=self.id, version_id=version_id
             ),
         )
         return to_version_info(response.version)
 
-    def list(self, page_size: int = 50) -> Iterator[VersionInfo]:
-        for response in self._rpc.pages(
-            self._rpc.versions.ListDatasetVersions,
+    def list_versions(self, page_size: int = 50) -> Iterator[VersionInfo]:
+        """Newest first; pages are fetched lazily."""
+        for response in self.rpc.pages(
+            self.rpc.versions.ListDatasetVersions,
             lambda token: api.ListDatasetVersionsRequest(
-                app_id=self._rpc.app,
-                dataset_id=self._dataset,
-                page_size=page_size,
-                page_token=token,
+                app_id=self.rpc.app, dataset_id=self.id, page_size=page_size, page_token=token
             ),
         ):
             for message in response.versions:
                 yield to_version_info(message)
 
-    def delete(self, version_id: str, request_id: str | None = None) -> None:
-        self._rpc.call(
-            self._rpc.versions.DeleteDatasetVersion,
+    def delete_version(self, version_id: str, request_id: str | None = None) -> None:
+        self.rpc.call(
+            self.rpc.versions.DeleteDatasetVersion,
             api.DeleteDatasetVersionRequest(
-                app_id=self._rpc.app,
-                dataset_id=self._dataset,
+                app_id=self.rpc.app,
+                dataset_id=self.id,
                 version_id=version_id,
                 request_id=request_id or "",
             ),
         )
 
-    def latest(self) -> VersionInfo | None:
+    def latest_version(self) -> VersionInfo | None:
         """The newest READY version, or None."""
-        return next((v for v in self.list() if v.status == READY), None)
+        return next((v for v in self.list_versions() if v.status == READY), None)
 
-    def latest_or_new(self, timeout: float = 600, show_progress: bool = False) -> VersionInfo:
+    def latest_or_new(
+        self, timeout: float = 600, show_progress: bool = False, progress: Progress | None = None
+    ) -> VersionInfo:
         """The newest READY version; else the newest one still building, once built; else
         a new one. Versions that failed are skipped."""
         building: VersionInfo | None = None
-        for version in self.list():
+        for version in self.list_versions():
             if version.status == READY:
                 return version
             if building is None and version.status in _RUNNING:
                 building = version
         if building is not None:
             try:
-                return self.wait(building.id, timeout=timeout, show_progress=show_progress)
+                return self.wait_version(building.id, timeout, show_progress, progress)
             except VersionFailedError:
                 pass
-        return self.create(timeout=timeout, show_progress=show_progress)
+        return self.create_version(timeout=timeout, show_progress=show_progress, progress=progress)

@@ -19,16 +19,10 @@ from service.client.sources import (
     read_csv,
     scan_folder,
 )
-from service.client.uploads import (
-    MAX_BATCH,
-    _annotation_message,
-    _input_message,
-    _plan_inputs,
-    read_failure_log,
-    request_id_of,
-    write_failure_log,
-)
-from service.client.uploads import Failure as LogFailure
+from service.client.sources import Failure as LogFailure
+from service.client.upload.failures import read_failure_log, write_failure_log
+from service.client.upload.messages import annotation_message, input_message, request_id_of
+from service.client.upload.plan import MAX_BATCH, plan_inputs
 
 
 def write(path: Path, content: bytes | str = b"x") -> Path:
@@ -290,7 +284,7 @@ def test_request_ids_are_deterministic_and_change_with_one_byte(tmp_path: Path) 
 
     def request_id() -> str:
         request = input_service_pb2.CreateInputsRequest(
-            app_id="app", inputs=[_input_message(item, "ds")]
+            app_id="app", inputs=[input_message(item, "ds")]
         )
         return request_id_of("up-", request)
 
@@ -301,7 +295,7 @@ def test_request_ids_are_deterministic_and_change_with_one_byte(tmp_path: Path) 
     assert request_id() != first
 
     same = UploadItem("a", path=str(image), concepts=("c",), metadata={"a": [1, 2], "b": 1})
-    one = input_service_pb2.CreateInputsRequest(app_id="app", inputs=[_input_message(same, "ds")])
+    one = input_service_pb2.CreateInputsRequest(app_id="app", inputs=[input_message(same, "ds")])
     assert request_id_of("up-", one) == request_id()
 
 
@@ -309,12 +303,12 @@ def test_annotation_ids_derive_from_content() -> None:
     from service.client.sources import AnnotationItem
 
     box = Box("cat", 0.1, 0.2, 0.3, 0.4)
-    first = _annotation_message(AnnotationItem("img", boxes=(box,)))
+    first = annotation_message(AnnotationItem("img", boxes=(box,)))
     assert first.id.startswith("ann-") and len(first.id) <= 64
-    assert _annotation_message(AnnotationItem("img", boxes=(box,))).id == first.id
+    assert annotation_message(AnnotationItem("img", boxes=(box,))).id == first.id
     other = Box("cat", 0.1, 0.2, 0.3, 0.5)
-    assert _annotation_message(AnnotationItem("img", boxes=(other,))).id != first.id
-    assert _annotation_message(AnnotationItem("img", boxes=(box,), annotation_id="mine")).id == (
+    assert annotation_message(AnnotationItem("img", boxes=(other,))).id != first.id
+    assert annotation_message(AnnotationItem("img", boxes=(box,), annotation_id="mine")).id == (
         "mine"
     )
     region = first.data.regions[0]
@@ -324,12 +318,12 @@ def test_annotation_ids_derive_from_content() -> None:
 
 def test_batches_are_cut_by_count_and_size(tmp_path: Path) -> None:
     items = [(n, UploadItem(f"t{n}", "text", text="x" * 10)) for n in range(1, 8)]
-    assert [len(u.entries) for u in _plan_inputs(items, 3)] == [3, 3, 1]
+    assert [len(u.entries) for u in plan_inputs(items, 3)] == [3, 3, 1]
     assert MAX_BATCH == 128
     big = write(tmp_path / "big.bin", b"")
     with big.open("wb") as handle:
         handle.truncate(40 * 1024 * 1024)  # sparse: no real disk use
-    units = list(_plan_inputs([(1, items[0][1]), (2, UploadItem("big", path=str(big)))], 32))
+    units = list(plan_inputs([(1, items[0][1]), (2, UploadItem("big", path=str(big)))], 32))
     assert [u.kind for u in units] == ["stream", "inputs"]
 
 

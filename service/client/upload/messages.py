@@ -1,0 +1,140 @@
+"""Building the CreateInputs and CreateAnnotations messages of upload items, and their ids.
+
+Everything here is deterministic: the same item gives the same bytes, so request ids and
+generated annotation ids are the same on every run (see `service.client.uploads`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from datasetd.v1 import annotation_pb2, data_pb2, input_pb2
+from google.protobuf import json_format
+
+from service.client.sources import AnnotationItem, UploadItem, hashed_id
+
+InputLike = UploadItem | input_pb2.Input
+AnnotationLike = AnnotationItem | annotation_pb2.Annotation
+InputItems = Iterable[InputLike]
+AnnotationItems = Iterable[AnnotationLike]
+
+
+class Unreadable(Exception):
+    """An item's file cannot be read (or is not the text it claims): that item fails alone."""
+
+
+def request_id_of(prefix: str, request: Any, token: bytes = b"") -> str:
+    """A request id from the run token and the request's deterministic bytes
+    (request_id still empty).
+
+    Same run and content, same id: the server replays its recorded answer. Any
+    change of content gives another id, so a changed request is never refused
+    as a reused id; another run (token) never replays this one's answers.
+    """
+    digest = hashlib.sha256(token + request.SerializeToString(deterministic=True)).hexdigest()
+    return prefix + digest
+
+
+def describe(item: InputLike) -> tuple[str, str]:
+    """The input id and the source an item is logged under."""
+    if isinstance(item, input_pb2.Input):
+        return item.id, item.title or item.id
+    return item.input_id, item.source or item.path or item.url or item.input_id
+
+
+def annotation_source(item: AnnotationLike) -> str:
+    """Where an annotation came from; may be empty (each caller has its own fallback)."""
+    return item.source if isinstance(item, AnnotationItem) else item.id
+
+
+def item_json(item: InputLike | annotation_pb2.Annotation) -> dict[str, Any]:
+    """The failure-log form of an item, from which `retry` rebuilds it."""
+    if isinstance(item, UploadItem):
+        return item.to_json()
+    message: dict[str, Any] = json_format.MessageToDict(item, preserving_proto_field_name=True)
+    return {"proto": message}
+
+
+def annotation_json(item: AnnotationLike) -> dict[str, Any] | None:
+    """The log form of an annotation; None (not retryable) when it cannot even be built."""
+    try:
+        return item_json(annotation_message(item))
+    except Exception:
+        return None
+
+
+def _concepts(ids: Iterable[str]) -> list[data_pb2.Concept]:
+    return [data_pb2.Concept(id=c, value=1.0) for c in ids]
+
+
+def input_message(item: InputLike, dataset_id: str, with_media: bool = True) -> input_pb2.Input:
+    """The Input to create; `with_media=False` leaves the bytes out (they are streamed)."""
+    if isinstance(item, input_pb2.Input):
+        message = input_pb2.Input()
+        message.CopyFrom(item)
+        if dataset_id not in message.dataset_ids:
+            message.dataset_ids.append(dataset_id)
+        return message
+    message = input_pb2.Input(id=item.input_id, title=item.title, dataset_ids=[dataset_id])
+    media = getattr(message.data, item.kind)
+    media.SetInParent()
+    if item.url is not None:
+        media.url = item.url
+    elif item.text is not None:
+        media.raw = item.text
+    elif with_media:
+        _set_content(media, item)
+    message.data.concepts.extend(_concepts(item.concepts))
+    if item.metadata:
+        message.data.metadata.update(item.metadata)
+    if item.geo is not None:
+        message.data.geo.geo_point.longitude = item.geo[0]
+        message.data.geo.geo_point.latitude = item.geo[1]
+    return message
+
+
+def _set_content(media: Any, item: UploadItem) -> None:
+    content = item.data
+    if item.path is not None:
+        try:
+            content = Path(item.path).read_bytes()
+        except OSError as error:
+            raise Unreadable(f"cannot read {item.path}: {error.strerror or error}") from None
+    assert content is not None
+    if item.kind == "text":
+        try:
+            media.raw = content.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unreadable(f"{item.path or 'data'} is not valid UTF-8 text") from None
+    else:
+        media.base64 = content
+
+
+def annotation_message(item: AnnotationLike) -> annotation_pb2.Annotation:
+    """The Annotation to create; without an id, one derived from its content."""
+    if isinstance(item, annotation_pb2.Annotation):
+        message = annotation_pb2.Annotation()
+        message.CopyFrom(item)
+    else:
+        message = annotation_pb2.Annotation(id=item.annotation_id, input_id=item.input_id)
+        message.data.concepts.extend(_concepts(item.concepts))
+        for box in item.boxes:
+            edges = data_pb2.BoundingBox(
+                top_row=box.top, left_col=box.left, bottom_row=box.bottom, right_col=box.right
+            )
+            message.data.regions.append(
+                data_pb2.Region(
+                    region_info=data_pb2.RegionInfo(bounding_box=edges),
+                    data=data_pb2.Data(concepts=_concepts([box.concept])),
+                )
+            )
+        if item.metadata:
+            message.data.metadata.update(item.metadata)
+    if not message.id:
+        # Derived from the content, so the same annotation uploaded twice is a duplicate.
+        body = message.data.SerializeToString(deterministic=True).hex()
+        message.id = hashed_id("ann-", message.input_id, body)
+    return message
