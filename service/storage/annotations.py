@@ -14,7 +14,8 @@ import asyncpg
 
 from service.domain.annotation_rules import summarize
 from service.domain.models import AnnotatedMedia, Annotation, MediaType
-from service.storage.db import Database, rows_affected
+from service.storage.db import Repository
+from service.storage.rows import record
 
 _COLUMNS = (
     "a.app_id, a.id, a.input_id, a.seq, a.input_level, a.data, a.annotation_info,"
@@ -84,16 +85,7 @@ DELETE_FOR_INPUTS = "DELETE FROM annotations WHERE app_id = $1 AND input_id = AN
 
 
 def _row_to_annotation(row: asyncpg.Record) -> Annotation:
-    return Annotation(
-        app_id=row["app_id"],
-        id=row["id"],
-        input_id=row["input_id"],
-        data=row["data"],
-        annotation_info=row["annotation_info"],
-        input_level=row["input_level"],
-        created_at=row["created_at"],
-        modified_at=row["modified_at"],
-    )
+    return record(Annotation, row)
 
 
 def _content_columns(annotations: list[Annotation]) -> list[list[Any]]:
@@ -108,15 +100,11 @@ def _content_columns(annotations: list[Annotation]) -> list[list[Any]]:
     ]
 
 
-class PgAnnotationRepository:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
+class PgAnnotationRepository(Repository):
     async def input_media(self, app_id: str, input_ids: list[str]) -> dict[str, AnnotatedMedia]:
         if not input_ids:
             return {}
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(INPUT_MEDIA, app_id, input_ids)
+        rows = await self._db.fetch(INPUT_MEDIA, app_id, input_ids)
         return {r["id"]: AnnotatedMedia(MediaType(r["media_type"]), r["media_info"]) for r in rows}
 
     async def lock_inputs(
@@ -132,22 +120,19 @@ class PgAnnotationRepository:
     async def insert_many(self, annotations: list[Annotation]) -> list[Annotation]:
         if not annotations:
             return []
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(
-                INSERT,
-                annotations[0].app_id,
-                [a.id for a in annotations],
-                [a.input_id for a in annotations],
-                *_content_columns(annotations),
-            )
-        return [_row_to_annotation(r) for r in rows]
+        return await self._all(
+            _row_to_annotation,
+            INSERT,
+            annotations[0].app_id,
+            [a.id for a in annotations],
+            [a.input_id for a in annotations],
+            *_content_columns(annotations),
+        )
 
     async def get_many(
         self, app_id: str, ids: list[str], *, lock: bool = False
     ) -> list[Annotation]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(LOCK_MANY if lock else GET_MANY, app_id, ids)
-        return [_row_to_annotation(r) for r in rows]
+        return await self._all(_row_to_annotation, LOCK_MANY if lock else GET_MANY, app_id, ids)
 
     async def page(
         self,
@@ -157,26 +142,23 @@ class PgAnnotationRepository:
         after_seq: int | None,
         limit: int,
     ) -> list[tuple[int, Annotation]]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(PAGE, app_id, input_ids, dataset_id, after_seq, limit)
-        return [(r["seq"], _row_to_annotation(r)) for r in rows]
+        return await self._page(
+            _row_to_annotation, PAGE, app_id, input_ids, dataset_id, after_seq, limit
+        )
 
     async def update_many(self, annotations: list[Annotation]) -> list[Annotation]:
         if not annotations:
             return []
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(
-                UPDATE,
-                annotations[0].app_id,
-                [a.id for a in annotations],
-                *_content_columns(annotations),
-            )
-        return [_row_to_annotation(r) for r in rows]
+        return await self._all(
+            _row_to_annotation,
+            UPDATE,
+            annotations[0].app_id,
+            [a.id for a in annotations],
+            *_content_columns(annotations),
+        )
 
     async def delete(self, app_id: str, ids: list[str]) -> int:
-        async with self._db.connection() as conn:
-            return rows_affected(await conn.execute(DELETE, app_id, ids))
+        return await self._db.affected(DELETE, app_id, ids)
 
     async def delete_for_inputs(self, app_id: str, input_ids: list[str]) -> int:
-        async with self._db.connection() as conn:
-            return rows_affected(await conn.execute(DELETE_FOR_INPUTS, app_id, input_ids))
+        return await self._db.affected(DELETE_FOR_INPUTS, app_id, input_ids)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncpg
 
 from service.domain.models import ApiKey
-from service.storage.db import Database
+from service.storage.db import Repository
+from service.storage.rows import record
 
 INSERT = """
 INSERT INTO api_keys (id, app_id, lookup, secret_hash, description, scopes, expires_at)
@@ -28,50 +29,31 @@ RETURNING id
 
 
 def _row_to_key(row: asyncpg.Record) -> ApiKey:
-    return ApiKey(
-        id=row["id"],
-        app_id=row["app_id"],
-        lookup=row["lookup"],
-        secret_hash=bytes(row["secret_hash"]),
-        description=row["description"],
-        scopes=tuple(row["scopes"]),
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        revoked_at=row["revoked_at"],
-    )
+    return record(ApiKey, row, secret_hash=bytes(row["secret_hash"]), scopes=tuple(row["scopes"]))
 
 
-class PgApiKeyRepository:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
+class PgApiKeyRepository(Repository):
     async def insert(self, key: ApiKey) -> None:
-        async with self._db.connection() as conn:
-            await conn.execute(
-                INSERT,
-                key.id,
-                key.app_id,
-                key.lookup,
-                key.secret_hash,
-                key.description,
-                list(key.scopes),
-                key.expires_at,
-            )
+        await self._db.execute(
+            INSERT,
+            key.id,
+            key.app_id,
+            key.lookup,
+            key.secret_hash,
+            key.description,
+            list(key.scopes),
+            key.expires_at,
+        )
 
     async def find_by_lookup(self, lookup: str) -> list[ApiKey]:
-        async with self._db.connection() as conn:
-            return [_row_to_key(r) for r in await conn.fetch(BY_LOOKUP, lookup)]
+        return await self._all(_row_to_key, BY_LOOKUP, lookup)
 
     async def find_by_description(self, app_id: str, description: str) -> ApiKey | None:
-        async with self._db.connection() as conn:
-            row = await conn.fetchrow(BY_DESCRIPTION, app_id, description)
-        return None if row is None else _row_to_key(row)
+        return await self._one(_row_to_key, BY_DESCRIPTION, app_id, description)
 
     async def list_for_app(self, app_id: str) -> list[ApiKey]:
-        async with self._db.connection() as conn:
-            return [_row_to_key(r) for r in await conn.fetch(BY_APP, app_id)]
+        return await self._all(_row_to_key, BY_APP, app_id)
 
     async def revoke(self, app_id: str, key_id: str) -> bool:
         """Revokes an active key; False when the app has no such active key."""
-        async with self._db.connection() as conn:
-            return await conn.fetchval(REVOKE, app_id, key_id) is not None
+        return await self._db.fetchval(REVOKE, app_id, key_id) is not None

@@ -14,10 +14,10 @@ from service.domain.models import (
     DatasetListQuery,
     DatasetStatistics,
     SortField,
-    StoredBlob,
     Visibility,
 )
-from service.storage.db import Database
+from service.storage.db import Repository
+from service.storage.rows import BLOB_COLUMNS, record, stored_blob
 
 _COLUMNS = (
     "d.app_id, d.id, d.description, d.notes, d.metadata, d.visibility, d.cover_url,"
@@ -110,72 +110,54 @@ def _like_pattern(text: str) -> str:
     return f"%{escaped}%"
 
 
-def _cover_columns(cover: CoverImage | None) -> tuple[str, str | None, dict[str, Any] | None]:
-    if cover is None:
-        return "", None, None
-    info = {
-        "width": cover.width,
-        "height": cover.height,
-        "format": cover.format,
-        "color_mode": cover.color_mode,
-    }
-    return cover.url, cover.blob.key if cover.blob else None, info
-
-
-def _row_to_dataset(row: asyncpg.Record) -> Dataset:
-    cover = None
-    info = row["cover_info"] or {}
-    blob = None
-    if row["blob_key"] is not None:
-        blob = StoredBlob(
-            row["blob_key"], row["blob_sha256"], row["blob_size"], row["blob_content_type"]
-        )
-    if blob is not None or row["cover_url"]:
-        cover = CoverImage(
-            url=row["cover_url"],
-            blob=blob,
-            width=info.get("width", 0),
-            height=info.get("height", 0),
-            format=info.get("format", ""),
-            color_mode=info.get("color_mode", ""),
-        )
-    return Dataset(
-        app_id=row["app_id"],
-        id=row["id"],
-        description=row["description"],
-        notes=row["notes"],
-        metadata=row["metadata"],
-        visibility=Visibility(row["visibility"]),
-        cover=cover,
-        default_filter=row["default_filter"],
-        created_at=row["created_at"],
-        modified_at=row["modified_at"],
-        revision=row["revision"],
-        deleted_at=row["deleted_at"],
-        purge_after=row["purge_after"],
+def _values(dataset: Dataset) -> tuple[Any, ...]:
+    """Parameters $1 to $10 of INSERT and UPDATE: the key and the editable columns."""
+    cover = dataset.cover
+    cover_info = None
+    if cover is not None:
+        cover_info = {
+            "width": cover.width,
+            "height": cover.height,
+            "format": cover.format,
+            "color_mode": cover.color_mode,
+        }
+    return (
+        dataset.app_id,
+        dataset.id,
+        dataset.description,
+        dataset.notes,
+        dataset.metadata,
+        int(dataset.visibility),
+        cover.url if cover is not None else "",
+        cover.blob.key if cover is not None and cover.blob else None,
+        cover_info,
+        dataset.default_filter,
     )
 
 
-class PgDatasetRepository:
-    def __init__(self, db: Database) -> None:
-        self._db = db
+def _cover(row: asyncpg.Record) -> CoverImage | None:
+    blob = stored_blob(row, BLOB_COLUMNS)
+    if blob is None and not row["cover_url"]:
+        return None
+    info = row["cover_info"] or {}
+    return CoverImage(
+        url=row["cover_url"],
+        blob=blob,
+        width=info.get("width", 0),
+        height=info.get("height", 0),
+        format=info.get("format", ""),
+        color_mode=info.get("color_mode", ""),
+    )
 
+
+def _row_to_dataset(row: asyncpg.Record) -> Dataset:
+    return record(Dataset, row, visibility=Visibility(row["visibility"]), cover=_cover(row))
+
+
+class PgDatasetRepository(Repository):
     async def insert(self, dataset: Dataset) -> Dataset:
-        cover_url, cover_blob, cover_info = _cover_columns(dataset.cover)
         async with self._db.connection() as conn:
-            row = await conn.fetchrow(
-                INSERT,
-                dataset.app_id,
-                dataset.id,
-                dataset.description,
-                dataset.notes,
-                dataset.metadata,
-                int(dataset.visibility),
-                cover_url,
-                cover_blob,
-                cover_info,
-                dataset.default_filter,
-            )
+            row = await conn.fetchrow(INSERT, *_values(dataset))
             if row is None:
                 existing = await conn.fetchrow(SELECT_ONE, dataset.app_id, dataset.id)
                 deleted = existing is not None and existing["deleted_at"] is not None
@@ -208,40 +190,21 @@ class PgDatasetRepository:
         if query.after is not None:
             args.extend(query.after)
         args.append(query.limit)
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(sql, *args)
-        return [_row_to_dataset(row) for row in rows]
+        return await self._all(_row_to_dataset, sql, *args)
 
     async def update(self, dataset: Dataset) -> Dataset:
-        cover_url, cover_blob, cover_info = _cover_columns(dataset.cover)
-        async with self._db.connection() as conn:
-            row = await conn.fetchrow(
-                UPDATE,
-                dataset.app_id,
-                dataset.id,
-                dataset.description,
-                dataset.notes,
-                dataset.metadata,
-                int(dataset.visibility),
-                cover_url,
-                cover_blob,
-                cover_info,
-                dataset.default_filter,
-                dataset.deleted_at,
-                dataset.purge_after,
-            )
+        row = await self._db.fetchrow(
+            UPDATE, *_values(dataset), dataset.deleted_at, dataset.purge_after
+        )
         if row is None:
             raise RuntimeError(f"dataset {dataset.app_id}/{dataset.id} vanished during update")
         return _row_to_dataset(row)
 
     async def purge(self, app_id: str, dataset_id: str) -> None:
-        async with self._db.connection() as conn:
-            await conn.execute(PURGE, app_id, dataset_id)
+        await self._db.execute(PURGE, app_id, dataset_id)
 
     async def purge_expired(self, now: datetime, limit: int) -> int:
-        async with self._db.connection() as conn:
-            status = await conn.execute(PURGE_EXPIRED, now, limit)
-        return int(status.split()[-1])
+        return await self._db.affected(PURGE_EXPIRED, now, limit)
 
     async def statistics(self, app_id: str, dataset_id: str) -> DatasetStatistics:
         # Counted from the rows each time, so they are exact after any change.

@@ -9,12 +9,14 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Any constant works; it only has to be the same for every replica.
 MIGRATION_LOCK_ID = 0x64617461_7365_7464
@@ -70,6 +72,29 @@ class Database:
         async with self.pool.acquire() as conn:
             yield conn
 
+    # One statement on the ambient connection: a repository method that runs a single
+    # statement needs neither to hold a connection nor to know whether it is in a transaction.
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.connection() as conn:
+            return await conn.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        async with self.connection() as conn:
+            return await conn.fetchrow(sql, *args)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        async with self.connection() as conn:
+            return await conn.fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        async with self.connection() as conn:
+            return await conn.execute(sql, *args)
+
+    async def affected(self, sql: str, *args: Any) -> int:
+        """The number of rows a DELETE, UPDATE or INSERT statement touched."""
+        return rows_affected(await self.execute(sql, *args))
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         current = _current.get()
@@ -118,8 +143,28 @@ class Database:
                     await conn.execute("SELECT pg_advisory_unlock($1)", lock_id)
 
     async def ping(self) -> None:
-        async with self.connection() as conn:
-            await conn.fetchval("SELECT 1")
+        await self.fetchval("SELECT 1")
+
+
+class Repository:
+    """The shared constructor of the PostgreSQL repositories, and the row mappings
+    every one of them makes: one row or none, a list, a page keyed by `seq`."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def _one(self, convert: Callable[[asyncpg.Record], T], sql: str, *args: Any) -> T | None:
+        row = await self._db.fetchrow(sql, *args)
+        return None if row is None else convert(row)
+
+    async def _all(self, convert: Callable[[asyncpg.Record], T], sql: str, *args: Any) -> list[T]:
+        return [convert(row) for row in await self._db.fetch(sql, *args)]
+
+    async def _page(
+        self, convert: Callable[[asyncpg.Record], T], sql: str, *args: Any
+    ) -> list[tuple[int, T]]:
+        """Rows of a keyset page, each with the `seq` the next page starts after."""
+        return [(row["seq"], convert(row)) for row in await self._db.fetch(sql, *args)]
 
 
 def _migration_files() -> list[tuple[int, str, str]]:
@@ -170,11 +215,10 @@ async def server_secret(db: Database, name: str, size: int = 32) -> bytes:
     """A random secret created once per installation and shared by all replicas."""
     import secrets
 
-    async with db.connection() as conn:
-        value: Any = await conn.fetchval(
-            "INSERT INTO server_secrets (name, value) VALUES ($1, $2)"
-            " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING value",
-            name,
-            secrets.token_bytes(size),
-        )
+    value: Any = await db.fetchval(
+        "INSERT INTO server_secrets (name, value) VALUES ($1, $2)"
+        " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING value",
+        name,
+        secrets.token_bytes(size),
+    )
     return bytes(value)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncpg
+
 from service.domain.diffs import MemberPair
-from service.storage.db import Database
+from service.storage.db import Repository
+from service.storage.rows import record
 
 # Shares the versions' rows for the rest of the transaction: a delete waits until the
 # page is read, so that a page is never cut short by a version vanishing under it.
@@ -40,15 +43,16 @@ ORDER BY coalesce(f.input_id, t.input_id) COLLATE "C" LIMIT $6
 """
 
 
-class PgVersionPairs:
+def _member_pair(row: asyncpg.Record) -> MemberPair:
+    # Equal hashes mean the same content only where both versions have the input.
+    return record(MemberPair, row, same=row["in_from"] and row["in_to"] and row["same"])
+
+
+class PgVersionPairs(Repository):
     """The domain's VersionPairs."""
 
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
     async def share(self, app_id: str, dataset_id: str, version_ids: list[str]) -> set[str]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(SHARE_VERSIONS, app_id, dataset_id, version_ids)
+        rows = await self._db.fetch(SHARE_VERSIONS, app_id, dataset_id, version_ids)
         return {r["id"] for r in rows}
 
     async def page(
@@ -60,18 +64,13 @@ class PgVersionPairs:
         after_input_id: str | None,
         limit: int,
     ) -> list[MemberPair]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(
-                PAGE, app_id, dataset_id, from_version_id, to_version_id, after_input_id, limit
-            )
-        return [
-            MemberPair(
-                input_id=r["input_id"],
-                in_from=r["in_from"],
-                in_to=r["in_to"],
-                same=r["in_from"] and r["in_to"] and r["same"],
-                from_data=r["from_data"],
-                to_data=r["to_data"],
-            )
-            for r in rows
-        ]
+        return await self._all(
+            _member_pair,
+            PAGE,
+            app_id,
+            dataset_id,
+            from_version_id,
+            to_version_id,
+            after_input_id,
+            limit,
+        )

@@ -13,11 +13,11 @@ from service.domain.models import (
     ExportStatus,
     FidelityReport,
     SplitOptions,
-    StoredBlob,
     VersionMember,
 )
 from service.storage.blobs import TOUCH
-from service.storage.db import Database
+from service.storage.db import Repository
+from service.storage.rows import record, stored_blob
 
 _KEY = "e.app_id = $1 AND e.dataset_id = $2 AND e.version_id = $3"
 # While the job runs, its progress (kept by the job runner) is the export's.
@@ -81,62 +81,53 @@ def _options(stored: dict[str, Any]) -> ExportOptions:
     )
 
 
+# The export's blob as _SELECT joins it.
+_EXPORT_BLOB = ("blob_key", "sha256", "blob_size", "content_type")
+# A member's blob as MEMBERS joins it.
+_MEMBER_BLOB = ("key", "sha256", "size", "content_type")
+
+
 def _row_to_export(row: asyncpg.Record) -> Export:
-    blob = None
-    if row["blob_key"] is not None:
-        blob = StoredBlob(row["blob_key"], row["sha256"], row["blob_size"], row["content_type"])
     fidelity = row["fidelity"]
-    return Export(
-        app_id=row["app_id"],
-        dataset_id=row["dataset_id"],
-        version_id=row["version_id"],
-        id=row["id"],
+    return record(
+        Export,
+        row,
         format=ExportFormat(row["format"]),
         options=_options(row["options"]),
         status=ExportStatus(row["status"]),
-        percent=row["percent"],
-        details=row["details"],
-        blob=blob,
+        blob=stored_blob(row, _EXPORT_BLOB),
         split_counts=dict(row["split_counts"]),
         fidelity=FidelityReport(dict(fidelity.get("dropped", {})), list(fidelity.get("notes", []))),
-        job_id=row["job_id"],
-        created_at=row["created_at"],
-        modified_at=row["modified_at"],
     )
 
 
-class PgExportRepository:
-    def __init__(self, db: Database) -> None:
-        self._db = db
+def _row_to_member(row: asyncpg.Record) -> VersionMember:
+    return record(VersionMember, row, blob=stored_blob(row, _MEMBER_BLOB))
 
+
+class PgExportRepository(Repository):
     async def insert(self, export: Export) -> Export | None:
         key = (export.app_id, export.dataset_id, export.version_id, export.id)
-        async with self._db.connection() as conn:
-            inserted = await conn.fetchval(
-                INSERT, *key, export.format.value, _options_to_json(export.options)
-            )
+        inserted = await self._db.fetchval(
+            INSERT, *key, export.format.value, _options_to_json(export.options)
+        )
         return None if inserted is None else await self.get(*key)
 
     async def get(
         self, app_id: str, dataset_id: str, version_id: str, export_id: str, *, lock: bool = False
     ) -> Export | None:
-        async with self._db.connection() as conn:
-            row = await conn.fetchrow(
-                LOCK if lock else GET, app_id, dataset_id, version_id, export_id
-            )
-        return None if row is None else _row_to_export(row)
+        sql = LOCK if lock else GET
+        return await self._one(_row_to_export, sql, app_id, dataset_id, version_id, export_id)
 
     async def page(
         self, app_id: str, dataset_id: str, version_id: str, after_seq: int | None, limit: int
     ) -> list[tuple[int, Export]]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(PAGE, app_id, dataset_id, version_id, after_seq, limit)
-        return [(r["seq"], _row_to_export(r)) for r in rows]
+        return await self._page(
+            _row_to_export, PAGE, app_id, dataset_id, version_id, after_seq, limit
+        )
 
     async def latest_by_format(self, app_id: str, dataset_id: str, version_id: str) -> list[Export]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(LATEST_BY_FORMAT, app_id, dataset_id, version_id)
-        return [_row_to_export(r) for r in rows]
+        return await self._all(_row_to_export, LATEST_BY_FORMAT, app_id, dataset_id, version_id)
 
     async def update(self, export: Export) -> Export:
         blob = export.blob
@@ -168,16 +159,10 @@ class PgExportRepository:
     async def members(
         self, app_id: str, dataset_id: str, version_id: str, after_position: int | None, limit: int
     ) -> list[VersionMember]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(MEMBERS, app_id, dataset_id, version_id, after_position, limit)
-        members = []
+        rows = await self._db.fetch(MEMBERS, app_id, dataset_id, version_id, after_position, limit)
         for r in rows:
             if r["data"] is None:
                 raise LookupError(
                     f"member {r['position']} of version {version_id!r} has no content"
                 )
-            blob = None
-            if r["key"] is not None:
-                blob = StoredBlob(r["key"], r["sha256"], r["size"], r["content_type"])
-            members.append(VersionMember(r["position"], r["input_id"], r["data"], blob))
-        return members
+        return [_row_to_member(r) for r in rows]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from service.domain.models import IdempotencyRecord
-from service.storage.db import Database
+from service.storage.db import Repository
 
 # The insert blocks while another transaction holds an uncommitted claim on the
 # same key, so a concurrent retry waits for the first call and then replays it.
@@ -23,10 +23,7 @@ UPDATE idempotency SET response = $4 WHERE app_id = $1 AND method = $2 AND reque
 EXPIRE = "DELETE FROM idempotency WHERE created_at < now() - $1::interval"
 
 
-class PgIdempotencyRepository:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
+class PgIdempotencyRepository(Repository):
     async def claim(
         self, app_id: str, method: str, request_id: str, fingerprint: bytes
     ) -> IdempotencyRecord | None:
@@ -44,10 +41,7 @@ class PgIdempotencyRepository:
         raise RuntimeError(f"could not claim request id {request_id!r}")
 
     async def complete(self, app_id: str, method: str, request_id: str, response: bytes) -> None:
-        async with self._db.connection() as conn:
-            await conn.execute(COMPLETE, app_id, method, request_id, response)
+        await self._db.execute(COMPLETE, app_id, method, request_id, response)
 
     async def expire(self, older_than: timedelta) -> int:
-        async with self._db.connection() as conn:
-            status = await conn.execute(EXPIRE, older_than)
-        return int(status.split()[-1])
+        return await self._db.affected(EXPIRE, older_than)

@@ -15,9 +15,9 @@ from service.domain.models import (
     Input,
     InputQuery,
     MediaType,
-    StoredBlob,
 )
-from service.storage.db import Database, rows_affected
+from service.storage.db import Database, Repository
+from service.storage.rows import BLOB_COLUMNS, record, stored_blob
 
 _INPUT_COLUMNS = """
     i.app_id, i.id, i.seq, i.media_type, i.source_url, i.text_raw, i.media_info, i.metadata,
@@ -143,29 +143,17 @@ SELECT (SELECT count(*) FROM added) AS added, (SELECT count(*) FROM source) AS t
 
 
 def row_to_input(row: asyncpg.Record) -> Input:
-    blob = None
-    if row["blob_key"] is not None:
-        blob = StoredBlob(
-            row["blob_key"], row["blob_sha256"], row["blob_size"], row["blob_content_type"]
-        )
     geo = None
     if row["longitude"] is not None and row["latitude"] is not None:
         geo = GeoPoint(row["longitude"], row["latitude"])
-    return Input(
-        app_id=row["app_id"],
-        id=row["id"],
+    return record(
+        Input,
+        row,
         media_type=MediaType(row["media_type"]),
-        blob=blob,
-        source_url=row["source_url"],
+        blob=stored_blob(row, BLOB_COLUMNS),
         text=row["text_raw"],
-        media_info=row["media_info"],
-        metadata=row["metadata"],
         geo=geo,
-        title=row["title"],
-        concepts=row["concepts"],
         dataset_ids=list(row["dataset_ids"]),
-        created_at=row["created_at"],
-        modified_at=row["modified_at"],
     )
 
 
@@ -191,9 +179,9 @@ _ANALYZE_AFTER = (1_000, 10_000, 100_000)
 ANALYZE_INGEST_TABLES = "ANALYZE inputs, annotations, dataset_inputs"
 
 
-class PgInputRepository:
+class PgInputRepository(Repository):
     def __init__(self, db: Database) -> None:
-        self._db = db
+        super().__init__(db)
         self._inserted = 0
 
     async def _refresh_statistics(self, added: int) -> None:
@@ -249,8 +237,7 @@ class PgInputRepository:
         return inserted
 
     async def existing_ids(self, app_id: str, ids: list[str]) -> set[str]:
-        async with self._db.connection() as conn:
-            return {r["id"] for r in await conn.fetch(EXISTING_IDS, app_id, ids)}
+        return {r["id"] for r in await self._db.fetch(EXISTING_IDS, app_id, ids)}
 
     async def get_many(self, app_id: str, ids: list[str], *, lock: bool = False) -> list[Input]:
         async with self._db.connection() as conn:
@@ -261,9 +248,7 @@ class PgInputRepository:
     async def page(
         self, query: InputQuery, after_seq: int | None, limit: int
     ) -> list[tuple[int, Input]]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(LIST_INPUTS, *_query_args(query), after_seq, limit)
-        return [(r["seq"], row_to_input(r)) for r in rows]
+        return await self._page(row_to_input, LIST_INPUTS, *_query_args(query), after_seq, limit)
 
     async def update(self, updated: Input) -> None:
         geo = updated.geo
@@ -290,57 +275,43 @@ class PgInputRepository:
                 await conn.execute(DELETE_INPUT_LEVEL, updated.app_id, updated.id)
 
     async def delete(self, app_id: str, ids: list[str]) -> list[str]:
-        async with self._db.connection() as conn:
-            return [r["id"] for r in await conn.fetch(DELETE_INPUTS, app_id, ids)]
+        return [r["id"] for r in await self._db.fetch(DELETE_INPUTS, app_id, ids)]
 
     async def count_matching(self, query: InputQuery) -> int:
-        async with self._db.connection() as conn:
-            count: int = await conn.fetchval(COUNT_MATCHING, *_query_args(query))
+        count: int = await self._db.fetchval(COUNT_MATCHING, *_query_args(query))
         return count
 
     async def delete_matching(self, query: InputQuery) -> int:
-        async with self._db.connection() as conn:
-            return rows_affected(await conn.execute(DELETE_MATCHING, *_query_args(query)))
+        return await self._db.affected(DELETE_MATCHING, *_query_args(query))
 
 
 def _row_to_member(row: asyncpg.Record) -> DatasetMember:
     return DatasetMember(row_to_input(row), row["added_at"], row["member_seq"])
 
 
-class PgMembershipRepository:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
+class PgMembershipRepository(Repository):
     async def live_datasets(self, app_id: str, dataset_ids: list[str]) -> set[str]:
         if not dataset_ids:
             return set()
-        async with self._db.connection() as conn:
-            return {r["id"] for r in await conn.fetch(LIVE_DATASETS, app_id, dataset_ids)}
+        return {r["id"] for r in await self._db.fetch(LIVE_DATASETS, app_id, dataset_ids)}
 
     async def add(self, app_id: str, dataset_id: str, input_ids: list[str]) -> int:
         if not input_ids:
             return 0
-        async with self._db.connection() as conn:
-            return rows_affected(await conn.execute(ADD_MEMBERS, app_id, dataset_id, input_ids))
+        return await self._db.affected(ADD_MEMBERS, app_id, dataset_id, input_ids)
 
     async def page(
         self, app_id: str, dataset_id: str, after_seq: int | None, limit: int
     ) -> list[DatasetMember]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(LIST_MEMBERS, app_id, dataset_id, after_seq, limit)
-        return [_row_to_member(r) for r in rows]
+        return await self._all(_row_to_member, LIST_MEMBERS, app_id, dataset_id, after_seq, limit)
 
     async def get(self, app_id: str, dataset_id: str, input_id: str) -> DatasetMember | None:
-        async with self._db.connection() as conn:
-            row = await conn.fetchrow(GET_MEMBER, app_id, dataset_id, input_id)
-        return None if row is None else _row_to_member(row)
+        return await self._one(_row_to_member, GET_MEMBER, app_id, dataset_id, input_id)
 
     async def remove(self, app_id: str, dataset_id: str, input_ids: list[str]) -> int:
-        async with self._db.connection() as conn:
-            return rows_affected(await conn.execute(REMOVE_MEMBERS, app_id, dataset_id, input_ids))
+        return await self._db.affected(REMOVE_MEMBERS, app_id, dataset_id, input_ids)
 
     async def merge(self, app_id: str, source_id: str, destination_id: str) -> tuple[int, int]:
-        async with self._db.connection() as conn:
-            row = await conn.fetchrow(MERGE, app_id, source_id, destination_id)
+        row = await self._db.fetchrow(MERGE, app_id, source_id, destination_id)
         assert row is not None
         return row["added"], row["total"] - row["added"]

@@ -10,7 +10,8 @@ from typing import Any
 import asyncpg
 
 from service.domain.jobs import Job, JobKind, JobStatus
-from service.storage.db import Database
+from service.storage.db import Repository
+from service.storage.rows import record
 
 ENQUEUE = "INSERT INTO jobs (kind, app_id, payload) VALUES ($1, $2, $3) RETURNING id"
 
@@ -78,15 +79,14 @@ RETURNING status
 
 
 def _job(row: asyncpg.Record) -> Job:
-    payload: dict[str, Any] = row["payload"]
-    return Job(row["id"], JobKind(row["kind"]), row["app_id"], payload, row["attempts"])
+    return record(Job, row, kind=JobKind(row["kind"]))
 
 
 def _status(value: str | None) -> JobStatus | None:
     return None if value is None else JobStatus(value)
 
 
-class PgJobQueue:
+class PgJobQueue(Repository):
     """The domain's JobQueue, plus the lease primitives of the job runner.
 
     The lease-holder methods (claim, heartbeat) run on a connection of their
@@ -97,23 +97,17 @@ class PgJobQueue:
     runner can commit a job's end together with the handler's `failed` write.
     """
 
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
     # -- JobQueue -----------------------------------------------------------
 
     async def enqueue(self, kind: JobKind, app_id: str, payload: dict[str, Any]) -> int:
-        async with self._db.connection() as conn:
-            job_id: int = await conn.fetchval(ENQUEUE, kind.value, app_id, payload)
+        job_id: int = await self._db.fetchval(ENQUEUE, kind.value, app_id, payload)
         return job_id
 
     async def cancel(self, job_id: int) -> bool:
-        async with self._db.connection() as conn:
-            return await conn.fetchval(CANCEL, job_id) is not None
+        return await self._db.fetchval(CANCEL, job_id) is not None
 
     async def status(self, job_id: int) -> JobStatus | None:
-        async with self._db.connection() as conn:
-            return _status(await conn.fetchval(STATUS, job_id))
+        return _status(await self._db.fetchval(STATUS, job_id))
 
     # -- lease primitives -----------------------------------------------------
 
@@ -151,8 +145,7 @@ class PgJobQueue:
         first), or None when this worker no longer holds it."""
         if status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
             raise ValueError(f"not a final status: {status}")
-        async with self._db.connection() as conn:
-            return _status(await conn.fetchval(FINISH, job_id, worker_id, status.value, error))
+        return _status(await self._db.fetchval(FINISH, job_id, worker_id, status.value, error))
 
     async def release(
         self, job_id: int, worker_id: str, *, counted: bool = True
@@ -161,5 +154,4 @@ class PgJobQueue:
 
         Returns PENDING, CANCELLED when cancel() came first, or None when this
         worker no longer holds it."""
-        async with self._db.connection() as conn:
-            return _status(await conn.fetchval(RELEASE, job_id, worker_id, counted))
+        return _status(await self._db.fetchval(RELEASE, job_id, worker_id, counted))

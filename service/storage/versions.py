@@ -8,7 +8,8 @@ from typing import Any
 import asyncpg
 
 from service.domain.models import DatasetVersion, VersionContent, VersionMetrics, VersionStatus
-from service.storage.db import Database, rows_affected
+from service.storage.db import Repository
+from service.storage.rows import record
 
 _COLUMNS = (
     "app_id, dataset_id, id, seq, status, percent, details, description, metadata, metrics,"
@@ -83,95 +84,75 @@ def _metrics(stored: dict[str, Any]) -> VersionMetrics | None:
 
 
 def _row_to_version(row: asyncpg.Record) -> DatasetVersion:
-    return DatasetVersion(
-        app_id=row["app_id"],
-        dataset_id=row["dataset_id"],
-        id=row["id"],
+    return record(
+        DatasetVersion,
+        row,
         status=VersionStatus(row["status"]),
-        percent=row["percent"],
-        details=row["details"],
-        description=row["description"],
-        metadata=row["metadata"],
         metrics=_metrics(row["metrics"]),
-        input_count=row["input_count"],
-        job_id=row["job_id"],
-        created_at=row["created_at"],
-        modified_at=row["modified_at"],
     )
 
 
-class PgVersionRepository:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
+class PgVersionRepository(Repository):
     async def insert(self, version: DatasetVersion) -> DatasetVersion | None:
-        async with self._db.connection() as conn:
-            row = await conn.fetchrow(
-                INSERT,
-                version.app_id,
-                version.dataset_id,
-                version.id,
-                version.description,
-                version.metadata,
-                version.job_id,
-            )
-        return None if row is None else _row_to_version(row)
+        return await self._one(
+            _row_to_version,
+            INSERT,
+            version.app_id,
+            version.dataset_id,
+            version.id,
+            version.description,
+            version.metadata,
+            version.job_id,
+        )
 
     async def fix_members(self, app_id: str, dataset_id: str, version_id: str) -> int:
-        async with self._db.connection() as conn:
-            count: int = await conn.fetchval(FIX_MEMBERS, app_id, dataset_id, version_id)
+        count: int = await self._db.fetchval(FIX_MEMBERS, app_id, dataset_id, version_id)
         return count
 
     async def get(
         self, app_id: str, dataset_id: str, version_id: str, *, lock: bool = False
     ) -> DatasetVersion | None:
-        async with self._db.connection() as conn:
-            row = await conn.fetchrow(LOCK if lock else GET, app_id, dataset_id, version_id)
-        return None if row is None else _row_to_version(row)
+        sql = LOCK if lock else GET
+        return await self._one(_row_to_version, sql, app_id, dataset_id, version_id)
 
     async def page(
         self, app_id: str, dataset_id: str, before_seq: int | None, limit: int
     ) -> list[tuple[int, DatasetVersion]]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(PAGE, app_id, dataset_id, before_seq, limit)
-        return [(r["seq"], _row_to_version(r)) for r in rows]
+        return await self._page(_row_to_version, PAGE, app_id, dataset_id, before_seq, limit)
 
     async def update(self, version: DatasetVersion) -> DatasetVersion:
         metrics = dataclasses.asdict(version.metrics) if version.metrics is not None else {}
-        async with self._db.connection() as conn:
-            row = await conn.fetchrow(
-                UPDATE,
-                version.app_id,
-                version.dataset_id,
-                version.id,
-                version.status.value,
-                version.percent,
-                version.details,
-                version.description,
-                version.metadata,
-                metrics,
-                version.input_count,
-            )
-        if row is None:
+        updated = await self._one(
+            _row_to_version,
+            UPDATE,
+            version.app_id,
+            version.dataset_id,
+            version.id,
+            version.status.value,
+            version.percent,
+            version.details,
+            version.description,
+            version.metadata,
+            metrics,
+            version.input_count,
+        )
+        if updated is None:
             raise LookupError(f"version {version.id!r} of dataset {version.dataset_id!r} is gone")
-        return _row_to_version(row)
+        return updated
 
     async def delete(self, app_id: str, dataset_id: str, version_id: str) -> bool:
-        async with self._db.connection() as conn:
-            return rows_affected(await conn.execute(DELETE, app_id, dataset_id, version_id)) > 0
+        return await self._db.affected(DELETE, app_id, dataset_id, version_id) > 0
 
     async def members(
         self, app_id: str, dataset_id: str, version_id: str, after_position: int | None, limit: int
     ) -> list[tuple[int, str]]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(MEMBERS, app_id, dataset_id, version_id, after_position, limit)
+        rows = await self._db.fetch(MEMBERS, app_id, dataset_id, version_id, after_position, limit)
         return [(r["position"], r["input_id"]) for r in rows]
 
     async def missing_inputs(
         self, app_id: str, dataset_id: str, version_id: str, limit: int
     ) -> tuple[int, list[str]]:
-        async with self._db.connection() as conn:
-            rows = await conn.fetch(MISSING_INPUTS, app_id, dataset_id, version_id, limit)
+        rows = await self._db.fetch(MISSING_INPUTS, app_id, dataset_id, version_id, limit)
         return (rows[0]["total"] if rows else 0), [r["input_id"] for r in rows]
 
     async def store_content(
@@ -179,18 +160,16 @@ class PgVersionRepository:
     ) -> None:
         if not content:
             return
-        async with self._db.connection() as conn:
-            await conn.execute(
-                STORE_CONTENT,
-                app_id,
-                dataset_id,
-                version_id,
-                [c.position for c in content],
-                [c.data for c in content],
-                [c.content_hash for c in content],
-            )
+        await self._db.execute(
+            STORE_CONTENT,
+            app_id,
+            dataset_id,
+            version_id,
+            [c.position for c in content],
+            [c.data for c in content],
+            [c.content_hash for c in content],
+        )
 
     async def unbuilt_count(self, app_id: str, dataset_id: str, version_id: str) -> int:
-        async with self._db.connection() as conn:
-            count: int = await conn.fetchval(UNBUILT_COUNT, app_id, dataset_id, version_id)
+        count: int = await self._db.fetchval(UNBUILT_COUNT, app_id, dataset_id, version_id)
         return count
