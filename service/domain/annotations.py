@@ -1,6 +1,6 @@
 """Annotation use cases: batch create, get, list, patch, delete.
 
-Annotation content is the protobuf JSON form of `Data` (see annotation_rules), so the
+Annotation content is the protobuf JSON form of `Data` (see annotation_fields), so the
 same rules check it on create and after every patch.
 """
 
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from service.domain.annotation_fields import MediaContext
 from service.domain.annotation_rules import (
     MAX_ANNOTATIONS_PER_INPUT,
-    MediaContext,
     check_annotation_data,
     is_empty,
 )
@@ -28,7 +28,8 @@ from service.domain.errors import (
     NotFound,
     Violations,
 )
-from service.domain.inputs import MAX_IDS_PER_CALL, Outcome
+from service.domain.input_drafts import MAX_IDS_PER_CALL, Outcome
+from service.domain.inputs import dataset_not_found
 from service.domain.models import AnnotatedMedia, Annotation, MediaType, Principal
 from service.domain.patch import PatchAction, apply_json
 from service.domain.ports import AnnotationRepository, MembershipRepository, TransactionManager
@@ -143,6 +144,63 @@ def _failed(
     )
 
 
+def _already_exists(index: int, annotation_id: str) -> AnnotationOutcome:
+    return _failed(
+        index, annotation_id, Outcome.DUPLICATE_ID, "id", f"{annotation_id!r} already exists"
+    )
+
+
+def _check_batch_size(drafts: Sequence[AnnotationDraft]) -> None:
+    if not drafts:
+        raise InvalidArgument.field("annotations", "must contain at least one annotation")
+    if len(drafts) > MAX_BATCH_ANNOTATIONS:
+        raise InvalidArgument.field(
+            "annotations",
+            f"at most {MAX_BATCH_ANNOTATIONS} annotations per call, got {len(drafts)}",
+            reason="BATCH_TOO_LARGE",
+        )
+
+
+def _admit(
+    candidates: list[tuple[int, Annotation]],
+    counts: dict[str, int],
+    taken: set[str],
+    outcomes: dict[int, AnnotationOutcome],
+) -> list[tuple[int, Annotation]]:
+    """The candidates that fit their locked input (stored `counts`, `taken` ids); an
+    outcome for each of the others."""
+    added = dict.fromkeys(counts, 0)
+    accepted: list[tuple[int, Annotation]] = []
+    for index, annotation in candidates:
+        input_id = annotation.input_id
+        if annotation.id in taken:
+            outcomes[index] = _already_exists(index, annotation.id)
+        elif input_id not in counts:
+            outcomes[index] = _failed(
+                index,
+                annotation.id,
+                Outcome.INVALID,
+                "input_id",
+                f"input {input_id!r} was deleted meanwhile",
+            )
+        elif counts[input_id] + added[input_id] >= MAX_ANNOTATIONS_PER_INPUT:
+            earlier = ""
+            if added[input_id]:
+                earlier = f" and {added[input_id]} earlier in this request"
+            outcomes[index] = _failed(
+                index,
+                annotation.id,
+                Outcome.INVALID,
+                "input_id",
+                f"input {input_id!r} would have more than {MAX_ANNOTATIONS_PER_INPUT} "
+                f"annotations ({counts[input_id]} stored{earlier})",
+            )
+        else:
+            added[input_id] += 1
+            accepted.append((index, annotation))
+    return accepted
+
+
 def _batch_failure(total: int, outcomes: dict[int, AnnotationOutcome]) -> DomainError:
     violations = [v for i in sorted(outcomes) for v in outcomes[i].violations]
     duplicates_only = all(o.outcome is Outcome.DUPLICATE_ID for o in outcomes.values())
@@ -170,20 +228,40 @@ def _check_ids(violations: Violations, field: str, ids: Sequence[str]) -> None:
         check_id(violations, f"{field}[{index}]", value)
 
 
+def _check_patches(
+    action: PatchAction, patches: Sequence[AnnotationPatch], *, delete_if_empty: bool
+) -> dict[str, str]:
+    """Raises unless the request is well-formed; returns the field path of each id."""
+    violations = Violations()
+    if not patches or len(patches) > MAX_BATCH_ANNOTATIONS:
+        violations.add(
+            "annotations",
+            f"must contain 1..{MAX_BATCH_ANNOTATIONS} annotations, got {len(patches)}",
+        )
+    if delete_if_empty and action is not PatchAction.REMOVE:
+        violations.add("delete_if_empty", "only applies to PATCH_ACTION_REMOVE")
+    paths: dict[str, str] = {}
+    for index, patch in enumerate(patches):
+        path = f"annotations[{index}]"
+        check_id(violations, f"{path}.id", patch.id)
+        if patch.id in paths:
+            violations.add(f"{path}.id", f"{patch.id!r} repeats within the request")
+        paths.setdefault(patch.id, f"{path}.id")
+        if patch.data is None and patch.annotation_info is None:
+            violations.add(path, "nothing to update: set data or annotation_info")
+    violations.raise_if_any()
+    return paths
+
+
 # What UpdateAnnotations may change.
 PATCHABLE_FIELDS = ("data", "annotation_info")
 
 
+@dataclass(frozen=True)
 class AnnotationService:
-    def __init__(
-        self,
-        annotations: AnnotationRepository,
-        members: MembershipRepository,
-        tx: TransactionManager,
-    ) -> None:
-        self._annotations = annotations
-        self._members = members
-        self._tx = tx
+    annotations: AnnotationRepository
+    members: MembershipRepository
+    tx: TransactionManager
 
     # --- create ----------------------------------------------------------------------------
 
@@ -198,20 +276,30 @@ class AnnotationService:
         """Validates every annotation against its input, then writes the valid ones in one
         transaction; with `atomic`, any failure fails the whole batch."""
         authorize(principal, app_id, Permission.WRITE)
-        if not drafts:
-            raise InvalidArgument.field("annotations", "must contain at least one annotation")
-        if len(drafts) > MAX_BATCH_ANNOTATIONS:
-            raise InvalidArgument.field(
-                "annotations",
-                f"at most {MAX_BATCH_ANNOTATIONS} annotations per call, got {len(drafts)}",
-                reason="BATCH_TOO_LARGE",
-            )
+        _check_batch_size(drafts)
         # Media never change after an input is created, so the (CPU-bound) content checks
         # run before the input rows are locked; only the counts need the lock.
-        media = await self._annotations.input_media(
+        media = await self.annotations.input_media(
             app_id, sorted({d.input_id for d in drafts if ID_PATTERN.match(d.input_id)})
         )
         outcomes: dict[int, AnnotationOutcome] = {}
+        candidates = self._candidates(app_id, drafts, media, outcomes)
+        if atomic and outcomes:
+            raise _batch_failure(len(drafts), outcomes)
+        if candidates:
+            await self._insert(app_id, candidates, outcomes, atomic=atomic, total=len(drafts))
+        return [outcomes[i] for i in range(len(drafts))]
+
+    @classmethod
+    def _candidates(
+        cls,
+        app_id: str,
+        drafts: Sequence[AnnotationDraft],
+        media: dict[str, AnnotatedMedia],
+        outcomes: dict[int, AnnotationOutcome],
+    ) -> list[tuple[int, Annotation]]:
+        """The drafts that passed validation, as annotations with their request index;
+        an outcome for each of the others."""
         candidates: list[tuple[int, Annotation]] = []
         seen: set[str] = set()
         for index, draft in enumerate(drafts):
@@ -226,29 +314,21 @@ class AnnotationService:
                 )
                 continue
             seen.add(annotation_id)
-            violations = self._check_draft(app_id, f"annotations[{index}]", draft, media)
+            violations = cls._check_draft(app_id, f"annotations[{index}]", draft, media)
             if violations.items:
                 outcomes[index] = AnnotationOutcome(
                     index, annotation_id, Outcome.INVALID, tuple(violations.items)
                 )
                 continue
-            candidates.append(
-                (
-                    index,
-                    Annotation(
-                        app_id=app_id,
-                        id=annotation_id,
-                        input_id=draft.input_id,
-                        data=with_generated_ids(draft.data),
-                        annotation_info=draft.annotation_info or {},
-                    ),
-                )
+            annotation = Annotation(
+                app_id=app_id,
+                id=annotation_id,
+                input_id=draft.input_id,
+                data=with_generated_ids(draft.data),
+                annotation_info=draft.annotation_info or {},
             )
-        if atomic and outcomes:
-            raise _batch_failure(len(drafts), outcomes)
-        if candidates:
-            await self._insert(app_id, candidates, outcomes, atomic=atomic, total=len(drafts))
-        return [outcomes[i] for i in range(len(drafts))]
+            candidates.append((index, annotation))
+        return candidates
 
     @staticmethod
     def _check_draft(
@@ -277,64 +357,22 @@ class AnnotationService:
         atomic: bool,
         total: int,
     ) -> None:
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             # The lock serializes writers per input, so two concurrent batches cannot both
             # see 999 annotations and each add one.
-            counts, taken = await self._annotations.lock_inputs(
+            counts, taken = await self.annotations.lock_inputs(
                 app_id,
                 sorted({a.input_id for _, a in candidates}),
                 [a.id for _, a in candidates],
             )
-            added = dict.fromkeys(counts, 0)
-            accepted: list[tuple[int, Annotation]] = []
-            for index, annotation in candidates:
-                input_id = annotation.input_id
-                if annotation.id in taken:
-                    outcomes[index] = _failed(
-                        index,
-                        annotation.id,
-                        Outcome.DUPLICATE_ID,
-                        "id",
-                        f"{annotation.id!r} already exists",
-                    )
-                elif input_id not in counts:
-                    outcomes[index] = _failed(
-                        index,
-                        annotation.id,
-                        Outcome.INVALID,
-                        "input_id",
-                        f"input {input_id!r} was deleted meanwhile",
-                    )
-                elif counts[input_id] + added[input_id] >= MAX_ANNOTATIONS_PER_INPUT:
-                    earlier = ""
-                    if added[input_id]:
-                        earlier = f" and {added[input_id]} earlier in this request"
-                    outcomes[index] = _failed(
-                        index,
-                        annotation.id,
-                        Outcome.INVALID,
-                        "input_id",
-                        f"input {input_id!r} would have more than {MAX_ANNOTATIONS_PER_INPUT} "
-                        f"annotations ({counts[input_id]} stored{earlier})",
-                    )
-                else:
-                    added[input_id] += 1
-                    accepted.append((index, annotation))
+            accepted = _admit(candidates, counts, taken, outcomes)
             if atomic and outcomes:
                 raise _batch_failure(total, outcomes)
-            stored = {
-                a.id: a for a in await self._annotations.insert_many([a for _, a in accepted])
-            }
+            stored = {a.id: a for a in await self.annotations.insert_many([a for _, a in accepted])}
             # Only an insert of the same id by a concurrent call gets here, after the check.
             for index, annotation in accepted:
                 if annotation.id not in stored:
-                    outcomes[index] = _failed(
-                        index,
-                        annotation.id,
-                        Outcome.DUPLICATE_ID,
-                        "id",
-                        f"{annotation.id!r} already exists",
-                    )
+                    outcomes[index] = _already_exists(index, annotation.id)
             if atomic and outcomes:
                 raise _batch_failure(total, outcomes)
         for index, annotation in accepted:
@@ -350,7 +388,7 @@ class AnnotationService:
         violations = Violations()
         check_id(violations, "annotation_id", annotation_id)
         violations.raise_if_any()
-        found = await self._annotations.get_many(app_id, [annotation_id])
+        found = await self.annotations.get_many(app_id, [annotation_id])
         if not found:
             raise NotFound(
                 f"annotation {annotation_id!r} not found in app {app_id!r}",
@@ -378,16 +416,12 @@ class AnnotationService:
         if dataset_id is not None:
             check_id(violations, "dataset_id", dataset_id)
         violations.raise_if_any()
-        async with self._tx.transaction():
-            if dataset_id is not None and not await self._members.live_datasets(
+        async with self.tx.transaction():
+            if dataset_id is not None and not await self.members.live_datasets(
                 app_id, [dataset_id]
             ):
-                raise NotFound(
-                    f"dataset {dataset_id!r} not found in app {app_id!r}",
-                    reason="DATASET_NOT_FOUND",
-                    metadata={"dataset_id": dataset_id},
-                )
-            rows = await self._annotations.page(
+                raise dataset_not_found(app_id, dataset_id)
+            rows = await self.annotations.page(
                 app_id,
                 list(input_ids) if input_ids is not None else None,
                 dataset_id,
@@ -411,55 +445,56 @@ class AnnotationService:
         """Patches annotations, all-or-nothing; returns the updated annotations in request
         order and the ids of those deleted because REMOVE left them empty."""
         authorize(principal, app_id, Permission.WRITE)
-        violations = Violations()
-        if not patches or len(patches) > MAX_BATCH_ANNOTATIONS:
-            violations.add(
-                "annotations",
-                f"must contain 1..{MAX_BATCH_ANNOTATIONS} annotations, got {len(patches)}",
-            )
-        if delete_if_empty and action is not PatchAction.REMOVE:
-            violations.add("delete_if_empty", "only applies to PATCH_ACTION_REMOVE")
+        paths = _check_patches(action, patches, delete_if_empty=delete_if_empty)
         ids = [p.id for p in patches]
-        paths: dict[str, str] = {}
-        for index, patch in enumerate(patches):
-            path = f"annotations[{index}]"
-            check_id(violations, f"{path}.id", patch.id)
-            if patch.id in paths:
-                violations.add(f"{path}.id", f"{patch.id!r} repeats within the request")
-            paths.setdefault(patch.id, f"{path}.id")
-            if patch.data is None and patch.annotation_info is None:
-                violations.add(path, "nothing to update: set data or annotation_info")
-        violations.raise_if_any()
-        async with self._tx.transaction():
-            current = {a.id: a for a in await self._annotations.get_many(app_id, ids, lock=True)}
+        async with self.tx.transaction():
+            current = {a.id: a for a in await self.annotations.get_many(app_id, ids, lock=True)}
             missing = [i for i in ids if i not in current]
             if missing:
                 raise _not_found(missing, paths)
-            media = await self._annotations.input_media(
+            media = await self.annotations.input_media(
                 app_id, sorted({a.input_id for a in current.values()})
             )
-            changed: list[Annotation] = []
-            emptied: list[str] = []
-            for index, patch in enumerate(patches):
-                path = f"annotations[{index}]"
-                before = current[patch.id]
-                after = self._apply(before, action, patch, path)
-                if delete_if_empty and is_empty(after.data):
-                    emptied.append(patch.id)
-                    continue
-                if before.input_level:
-                    _check_input_level(violations, path, after.data)
-                check_annotation_data(
-                    violations, f"{path}.data", after.data, media_context(media[before.input_id])
-                )
-                if patch.annotation_info is not None:
-                    check_metadata(violations, f"{path}.annotation_info", after.annotation_info)
-                changed.append(after)
-            violations.raise_if_any()
-            stored = {a.id: a for a in await self._annotations.update_many(changed)}
+            changed, emptied = self._patched(
+                current, media, action, patches, delete_if_empty=delete_if_empty
+            )
+            stored = {a.id: a for a in await self.annotations.update_many(changed)}
             if emptied:
-                await self._annotations.delete(app_id, emptied)
+                await self.annotations.delete(app_id, emptied)
         return [stored[i] for i in ids if i in stored], emptied
+
+    @classmethod
+    def _patched(
+        cls,
+        current: dict[str, Annotation],
+        media: dict[str, AnnotatedMedia],
+        action: PatchAction,
+        patches: Sequence[AnnotationPatch],
+        *,
+        delete_if_empty: bool,
+    ) -> tuple[list[Annotation], list[str]]:
+        """The patched annotations, checked like new ones, and the ids of those REMOVE
+        emptied when they are to be deleted; raises if any patch breaks the rules."""
+        violations = Violations()
+        changed: list[Annotation] = []
+        emptied: list[str] = []
+        for index, patch in enumerate(patches):
+            path = f"annotations[{index}]"
+            before = current[patch.id]
+            after = cls._apply(before, action, patch, path)
+            if delete_if_empty and is_empty(after.data):
+                emptied.append(patch.id)
+                continue
+            if before.input_level:
+                _check_input_level(violations, path, after.data)
+            check_annotation_data(
+                violations, f"{path}.data", after.data, media_context(media[before.input_id])
+            )
+            if patch.annotation_info is not None:
+                check_metadata(violations, f"{path}.annotation_info", after.annotation_info)
+            changed.append(after)
+        violations.raise_if_any()
+        return changed, emptied
 
     @staticmethod
     def _apply(
@@ -498,7 +533,7 @@ class AnnotationService:
         else:
             _check_ids(violations, "input_ids", input_ids)
         violations.raise_if_any()
-        async with self._tx.transaction():
+        async with self.tx.transaction():
             if ids:
-                return await self._annotations.delete(app_id, list(dict.fromkeys(ids)))
-            return await self._annotations.delete_for_inputs(app_id, list(dict.fromkeys(input_ids)))
+                return await self.annotations.delete(app_id, list(dict.fromkeys(ids)))
+            return await self.annotations.delete_for_inputs(app_id, list(dict.fromkeys(input_ids)))

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from service.domain.annotation_rules import MediaContext, check_annotation_data
+from service.domain.annotation_fields import MediaContext
+from service.domain.annotation_rules import check_annotation_data
 from service.domain.auth import Permission, authorize
 from service.domain.errors import (
     Aborted,

@@ -16,11 +16,11 @@ from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.domain.annotation_fields import MediaContext
 from service.domain.annotation_rules import (
     MAX_ANNOTATIONS_PER_INPUT,
     MAX_VIOLATIONS_PER_ANNOTATION,
     AnnotationSummary,
-    MediaContext,
     check_annotation_data,
     summarize,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from service.domain.annotation_rules import MediaContext
+from service.domain.annotation_fields import MediaContext
 from service.domain.annotations import media_context, with_generated_ids
 from service.domain.models import AnnotatedMedia, MediaType
 
