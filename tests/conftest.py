@@ -29,8 +29,8 @@ from service.config import Config
 from service.devstack import EmbeddedStack, S3Endpoint
 from service.domain.auth import new_key
 from service.storage.api_keys import PgApiKeyRepository
-from service.storage.blobs import ObjectStore
 from service.storage.db import Database
+from service.storage.objectstore import ObjectStore
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,8 @@ from typing import Any
 from grpc_health.v1 import health, health_pb2
 
 from service.app import Resources, _watch_health
-from service.storage.blobs import ObjectStore
 from service.storage.db import Database
+from service.storage.objectstore import ObjectStore
 from tests.conftest import Stack, object_store
 
 

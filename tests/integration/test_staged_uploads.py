@@ -11,15 +11,9 @@ from datetime import timedelta
 
 import pytest
 
-from service.storage.blobs import (
-    MIN_PART_BYTES,
-    UPLOADS_PREFIX,
-    ContentAddressedBlobStore,
-    ObjectStore,
-    content_key,
-    part_size_for,
-)
+from service.storage.blobs import UPLOADS_PREFIX, ContentAddressedBlobStore, content_key
 from service.storage.db import Database
+from service.storage.objectstore import MIN_PART_BYTES, ObjectStore, part_size_for
 from tests.conftest import Stack, object_store
 
 MIB = 1024 * 1024
@@ -72,6 +66,8 @@ async def test_abort_leaves_nothing(objects: ObjectStore) -> None:
     writer = objects.writer(prefix + "x", "video/mp4", MIN_PART_BYTES)
     for piece in pieces(os.urandom(2 * MIN_PART_BYTES + MIB), MIB):
         await writer.write(piece)
+    # Parts go out on the writer's own thread: wait until those written have.
+    await writer.drain()
     assert await multipart_uploads(objects, prefix) == [prefix + "x"]
     await writer.abort()
     await writer.abort()  # idempotent
@@ -114,6 +110,8 @@ async def test_abandoned_uploads_are_collected_once_idle(
     # And a slow upload, started as long ago but still receiving parts.
     slow = objects.writer(f"{UPLOADS_PREFIX}{secrets.token_hex(8)}", "video/mp4", MIN_PART_BYTES)
     await slow.write(os.urandom(MIN_PART_BYTES + 1))
+    await unfinished.drain()
+    await slow.drain()
 
     # Within the grace period nothing is touched.
     await blobs.collect_orphans(timedelta(hours=1), limit=1000)
@@ -124,7 +122,7 @@ async def test_abandoned_uploads_are_collected_once_idle(
     # the slow upload send another part.
     await asyncio.sleep(3.1)
     await slow.write(os.urandom(MIN_PART_BYTES))
-    await slow._wait_sending()
+    await slow.drain()
     collected = await blobs.collect_orphans(timedelta(seconds=2), limit=1000)
     assert collected >= 2
     assert await objects.list_keys(UPLOADS_PREFIX) == []

@@ -18,10 +18,11 @@ from service.domain.maintenance import Maintenance
 from service.domain.models import CoverImage, Dataset
 from service.media.probe import MediaProbes
 from service.storage.api_keys import PgApiKeyRepository
-from service.storage.blobs import ContentAddressedBlobStore, ObjectStore, content_key
+from service.storage.blobs import ContentAddressedBlobStore, content_key
 from service.storage.datasets import PgDatasetRepository
 from service.storage.db import Database, _migration_files, migrate
 from service.storage.idempotency import PgIdempotencyRepository
+from service.storage.objectstore import ObjectStore
 from tests.conftest import Stack, object_store
 
 

@@ -1,0 +1,225 @@
+"""The object store: an async facade over the synchronous minio client."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import BinaryIO, TypeVar, cast
+
+import urllib3
+from minio import Minio
+from minio.commonconfig import ComposeSource
+from minio.error import S3Error
+
+from service.storage.objectstore.writer import ObjectWriter, Readable
+
+T = TypeVar("T")
+
+
+class ObjectStore:
+    """Async facade over the synchronous minio client.
+
+    Calls run on a bounded thread pool so the event loop never blocks on S3 and
+    a burst of uploads cannot open an unbounded number of connections.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        *,
+        secure: bool = False,
+        region: str | None = None,
+        max_workers: int = 16,
+    ) -> None:
+        http = urllib3.PoolManager(
+            maxsize=max_workers,
+            timeout=urllib3.Timeout(connect=5, read=60),
+            retries=urllib3.Retry(
+                total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
+        )
+        self._client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http,
+        )
+        self.bucket = bucket
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="s3")
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def ensure_bucket(self) -> None:
+        def create() -> None:
+            if not self._client.bucket_exists(self.bucket):
+                self._client.make_bucket(self.bucket)
+
+        await self._run(create)
+
+    async def ping(self) -> None:
+        """Raises unless the bucket is reachable with our credentials."""
+        exists = await self._run(lambda: self._client.bucket_exists(self.bucket))
+        if not exists:
+            raise RuntimeError(f"bucket {self.bucket!r} does not exist")
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        await self._run(
+            lambda: self._client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+            )
+        )
+
+    async def get(self, key: str) -> bytes:
+        def read() -> bytes:
+            response = self._client.get_object(self.bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return await self._run(read)
+
+    async def exists(self, key: str) -> bool:
+        def stat() -> bool:
+            try:
+                self._client.stat_object(self.bucket, key)
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                    return False
+                raise
+            return True
+
+        return await self._run(stat)
+
+    async def delete(self, key: str) -> None:
+        await self._run(lambda: self._client.remove_object(self.bucket, key))
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        return await self._run(
+            lambda: [
+                o.object_name
+                for o in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                if o.object_name is not None
+            ]
+        )
+
+    def writer(self, key: str, content_type: str, part_size: int) -> ObjectWriter:
+        """Writes `key` from chunks as they arrive (see ObjectWriter)."""
+
+        def upload(stream: Readable) -> None:
+            # Parts one at a time: the writer's pipe already overlaps sending a part with
+            # receiving the next, and parallel parts would each hold a part of memory.
+            self._client.put_object(
+                self.bucket,
+                key,
+                # put_object only calls read().
+                cast(BinaryIO, stream),
+                -1,
+                content_type=content_type,
+                part_size=part_size,
+                num_parallel_uploads=1,
+            )
+
+        return ObjectWriter(key, part_size, upload=upload, remove=lambda: self.delete(key))
+
+    async def stream(self, key: str, chunk_size: int) -> AsyncGenerator[bytes, None]:
+        """The object in chunks of at most `chunk_size` bytes. Each read is its own job on
+        the pool, so a slow consumer holds one connection but no thread."""
+        response = await self._run(lambda: self._client.get_object(self.bucket, key))
+        # A read still running on a worker when the consumer goes away must finish
+        # before the connection is closed under it.
+        lock = threading.Lock()
+
+        def read() -> bytes:
+            with lock:
+                data: bytes = response.read(chunk_size)
+                return data
+
+        def close() -> None:
+            with lock:
+                response.close()
+                response.release_conn()
+
+        try:
+            while chunk := await self._run(read):
+                yield chunk
+        finally:
+            await self._run(close)
+
+    async def copy(self, source: str, destination: str, content_type: str) -> None:
+        """Server-side copy: no bytes pass through this process. compose_object turns a
+        source over 5 GiB (the limit of one CopyObject) into part copies."""
+        await self._run(
+            lambda: self._client.compose_object(
+                self.bucket,
+                destination,
+                [ComposeSource(self.bucket, source)],
+                metadata={"Content-Type": content_type},
+            )
+        )
+
+    async def remove_stale(self, prefix: str, idle_since: datetime, limit: int) -> int:
+        """Deletes objects under `prefix` last written before `idle_since` and aborts
+        multipart uploads under it that have received no part since then; at most `limit`
+        of each. Returns how many were removed."""
+        return await self._run(
+            lambda: (
+                self._remove_idle_objects(prefix, idle_since, limit)
+                + self._abort_idle_uploads(prefix, idle_since, limit)
+            )
+        )
+
+    def _remove_idle_objects(self, prefix: str, idle_since: datetime, limit: int) -> int:
+        removed = 0
+        for found in self._client.list_objects(self.bucket, prefix=prefix, recursive=True):
+            if removed >= limit:
+                break
+            name, modified = found.object_name, found.last_modified
+            if name is not None and modified is not None and modified < idle_since:
+                self._client.remove_object(self.bucket, name)
+                removed += 1
+        return removed
+
+    def _abort_idle_uploads(self, prefix: str, idle_since: datetime, limit: int) -> int:
+        # minio 7 has no public calls for unfinished multipart uploads (a crash leaves
+        # them behind); these are the ones its own put_object is built on.
+        listing = self._client._list_multipart_uploads(
+            self.bucket, prefix=prefix, max_uploads=limit
+        )
+        aborted = 0
+        for upload in listing.uploads:
+            name, upload_id = upload.object_name, upload.upload_id
+            initiated = upload.initiated_time
+            if name is None or upload_id is None or initiated is None or initiated >= idle_since:
+                continue
+            # A slow upload started long ago is still alive while parts keep arriving.
+            parts = self._client._list_parts(self.bucket, name, upload_id).parts
+            if all(p.last_modified is None or p.last_modified < idle_since for p in parts):
+                self._client._abort_multipart_upload(self.bucket, name, upload_id)
+                aborted += 1
+        return aborted
+
+    async def presign_get(self, key: str, ttl: timedelta) -> str:
+        return await self._run(lambda: self._client.presigned_get_object(self.bucket, key, ttl))
+
+    async def presign_many(self, keys: list[str], ttl: timedelta) -> list[str]:
+        # Signing is local computation: one executor hop for the whole page.
+        if not keys:
+            return []
+        return await self._run(
+            lambda: [self._client.presigned_get_object(self.bucket, k, ttl) for k in keys]
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)
