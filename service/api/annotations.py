@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from datasetd.v1 import annotation_service_pb2 as api
 
 from service.api.interceptors import current_principal
-from service.api.outcomes import OUTCOMES, field_errors
-from service.api.pagination import PageTokens, page_size
+from service.api.outcomes import OUTCOMES, count_outcomes, field_errors
+from service.api.pagination import PageTokens
 from service.api.rpc import Context, mutation, patch_action
 from service.domain.annotations import (
     PATCHABLE_FIELDS,
@@ -18,7 +18,6 @@ from service.domain.annotations import (
 )
 from service.domain.errors import Violations
 from service.domain.idempotency import Idempotency
-from service.domain.input_drafts import Outcome
 from service.domain.models import Principal
 from service.domain.patch import UpdateMask
 from service.wire.annotations import annotation_draft, annotation_to_proto, data_to_json
@@ -74,12 +73,9 @@ class AnnotationRpcs:
             [annotation_draft(a) for a in request.annotations],
             atomic=request.atomic,
         )
-        created = sum(o.outcome is Outcome.CREATED for o in outcomes)
-        return api.CreateAnnotationsResponse(
-            results=[_result(o) for o in outcomes],
-            created_count=created,
-            failed_count=len(outcomes) - created,
-        )
+        response = api.CreateAnnotationsResponse(results=[_result(o) for o in outcomes])
+        count_outcomes(response, outcomes)
+        return response
 
     async def GetAnnotation(
         self, request: api.GetAnnotationRequest, context: Context
@@ -92,24 +88,21 @@ class AnnotationRpcs:
     async def ListAnnotations(
         self, request: api.ListAnnotationsRequest, context: Context
     ) -> api.ListAnnotationsResponse:
-        limit = page_size(request.page_size)
-        scope = {
-            "method": "ListAnnotations",
-            "app_id": request.app_id,
-            "input_ids": list(request.input_ids),
-            "dataset_id": request.dataset_id,
-        }
+        input_ids = list(request.input_ids)
+        page = self.tokens.page(
+            "ListAnnotations", request, input_ids=input_ids, dataset_id=request.dataset_id
+        )
         annotations, last = await self.annotations.list_annotations(
             current_principal(),
             request.app_id,
-            input_ids=list(request.input_ids) or None,
+            input_ids=input_ids or None,
             dataset_id=request.dataset_id or None,
-            after_seq=self.tokens.decode_seq(request.page_token, scope),
-            limit=limit,
+            after_seq=page.after,
+            limit=page.limit,
         )
         return api.ListAnnotationsResponse(
             annotations=[annotation_to_proto(a) for a in annotations],
-            next_page_token=self.tokens.next_token(scope, last),
+            next_page_token=page.next_token(last),
         )
 
     @mutation()

@@ -9,7 +9,7 @@ from datasetd.v1 import dataset_version_service_pb2 as api
 
 from service.api.export_messages import FORMATS_BY_NUMBER, export_options, export_to_proto
 from service.api.interceptors import current_principal
-from service.api.pagination import PageTokens, page_size
+from service.api.pagination import PageTokens
 from service.api.rpc import Context, download, mutation
 from service.domain.auth import Permission, authorize
 from service.domain.exports import ExportService
@@ -54,20 +54,20 @@ class ExportRpcs:
     ) -> api.ListExportsResponse:
         principal = current_principal()
         authorize(principal, request.app_id, Permission.READ)
-        limit = page_size(request.page_size)
-        scope = {
-            "method": "ListExports",
-            "app_id": request.app_id,
-            "dataset_id": request.dataset_id,
-            "version_id": request.version_id,
-        }
-        after = self.tokens.decode_seq(request.page_token, scope)
+        page = self.tokens.page(
+            "ListExports", request, dataset_id=request.dataset_id, version_id=request.version_id
+        )
         views, last = await self.exports.page(
-            principal, request.app_id, request.dataset_id, request.version_id, after, limit
+            principal,
+            request.app_id,
+            request.dataset_id,
+            request.version_id,
+            page.after,
+            page.limit,
         )
         return api.ListExportsResponse(
             exports=[export_to_proto(view) for view in views],
-            next_page_token=self.tokens.next_token(scope, last),
+            next_page_token=page.next_token(last),
         )
 
     async def DownloadExport(

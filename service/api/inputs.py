@@ -12,13 +12,13 @@ from datasetd.v1 import input_service_pb2
 
 from service.api.idempotency import idempotency_key, run_once
 from service.api.interceptors import current_principal
-from service.api.outcomes import OUTCOMES, field_errors
-from service.api.pagination import PageTokens, page_size
+from service.api.outcomes import OUTCOMES, count_outcomes, field_errors
+from service.api.pagination import PageTokens
 from service.api.rpc import Context, download, mutation, patch_action
 from service.api.streams import chunks, header_message
 from service.domain.errors import Violations
 from service.domain.idempotency import Idempotency
-from service.domain.input_drafts import InputOutcome, Outcome
+from service.domain.input_drafts import InputOutcome
 from service.domain.inputs import PATCHABLE_FIELDS, InputService
 from service.domain.models import Principal
 from service.domain.patch import UpdateMask
@@ -78,12 +78,9 @@ class InputRpcs:
             [input_draft(i) for i in request.inputs],
             atomic=request.atomic,
         )
-        created = sum(o.outcome is Outcome.CREATED for o in outcomes)
-        return input_service_pb2.CreateInputsResponse(
-            results=[_result(o) for o in outcomes],
-            created_count=created,
-            failed_count=len(outcomes) - created,
-        )
+        response = input_service_pb2.CreateInputsResponse(results=[_result(o) for o in outcomes])
+        count_outcomes(response, outcomes)
+        return response
 
     async def GetInput(
         self, request: input_service_pb2.GetInputRequest, context: Context
@@ -94,28 +91,27 @@ class InputRpcs:
     async def ListInputs(
         self, request: input_service_pb2.ListInputsRequest, context: Context
     ) -> input_service_pb2.ListInputsResponse:
-        limit = page_size(request.page_size)
+        ids = list(request.ids)
         query = input_filter_query(
             request.app_id,
             request.filter if request.HasField("filter") else None,
-            ids=list(request.ids) or None,
+            ids=ids or None,
             dataset_id=request.dataset_id or None,
         )
-        scope = {
-            "method": "ListInputs",
-            "app_id": request.app_id,
-            "ids": list(request.ids),
-            "dataset_id": request.dataset_id,
-            "filter": hashlib.sha256(
-                request.filter.SerializeToString(deterministic=True)
-            ).hexdigest(),
-        }
+        serialized = request.filter.SerializeToString(deterministic=True)
+        page = self.tokens.page(
+            "ListInputs",
+            request,
+            ids=ids,
+            dataset_id=request.dataset_id,
+            filter=hashlib.sha256(serialized).hexdigest(),
+        )
         views, last = await self.inputs.list_inputs(
-            current_principal(), query, self.tokens.decode_seq(request.page_token, scope), limit
+            current_principal(), query, page.after, page.limit
         )
         return input_service_pb2.ListInputsResponse(
             inputs=[input_to_proto(v) for v in views],
-            next_page_token=self.tokens.next_token(scope, last),
+            next_page_token=page.next_token(last),
         )
 
     @mutation()

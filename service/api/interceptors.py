@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import re
@@ -121,6 +122,20 @@ class _Call:
         trailing = (*status.trailing_metadata, (_REQUEST_ID_HEADER, request_id))
         await context.abort(status.code, status.details, trailing)
 
+    @contextlib.asynccontextmanager
+    async def running(self, context: Context) -> AsyncIterator[None]:
+        """Begins the call, turns its failure into a status and logs it when it ends."""
+        try:
+            await self.begin(context)
+            yield
+        except grpc.aio.AbortError:
+            self.outcome = "ABORTED_BY_HANDLER"
+            raise
+        except Exception as exc:
+            await self.fail(context, exc)
+        finally:
+            self.done()
+
     def done(self) -> None:
         elapsed_ms = (time.perf_counter() - self._started) * 1000
         log.info(
@@ -158,19 +173,10 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         if inner is not None:
 
             async def unary_response(request: Any, context: Context) -> Any:
-                call = _Call(authenticator, method, metadata)
-                try:
-                    await call.begin(context)
+                async with _Call(authenticator, method, metadata).running(context):
                     if handler.stream_unary:
                         return await inner(_checked_stream(request), context)
                     return await inner(_checked(request), context)
-                except grpc.aio.AbortError:
-                    call.outcome = "ABORTED_BY_HANDLER"
-                    raise
-                except Exception as exc:
-                    await call.fail(context, exc)
-                finally:
-                    call.done()
 
             if handler.unary_unary:
                 return grpc.unary_unary_rpc_method_handler(unary_response, **kwargs)
@@ -179,19 +185,10 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         inner_stream: Any = handler.unary_stream or handler.stream_stream
 
         async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = _Call(authenticator, method, metadata)
-            try:
-                await call.begin(context)
+            async with _Call(authenticator, method, metadata).running(context):
                 request = _checked_stream(request) if handler.stream_stream else _checked(request)
                 async for item in inner_stream(request, context):
                     yield item
-            except grpc.aio.AbortError:
-                call.outcome = "ABORTED_BY_HANDLER"
-                raise
-            except Exception as exc:
-                await call.fail(context, exc)
-            finally:
-                call.done()
 
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(stream_response, **kwargs)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datasetd.v1 import dataset_service_pb2 as api
 
 from service.api.interceptors import current_principal
-from service.api.pagination import PageTokens, page_size
+from service.api.pagination import PageTokens
 from service.api.rpc import Context, mutation
 from service.domain.errors import Violations
 from service.domain.idempotency import Idempotency
@@ -37,19 +37,11 @@ class MembershipRpcs:
     async def ListDatasetInputs(
         self, request: api.ListDatasetInputsRequest, context: Context
     ) -> api.ListDatasetInputsResponse:
-        limit = page_size(request.page_size)
-        scope = {
-            "method": "ListDatasetInputs",
-            "app_id": request.app_id,
-            "dataset_id": request.dataset_id,
-        }
-        after = self.tokens.decode_seq(request.page_token, scope)
+        page = self.tokens.page("ListDatasetInputs", request, dataset_id=request.dataset_id)
         members, last = await self.members.list_members(
-            current_principal(), request.app_id, request.dataset_id, after, limit
+            current_principal(), request.app_id, request.dataset_id, page.after, page.limit
         )
-        response = api.ListDatasetInputsResponse(
-            next_page_token=self.tokens.next_token(scope, last)
-        )
+        response = api.ListDatasetInputsResponse(next_page_token=page.next_token(last))
         for member, view in members:
             item = response.dataset_inputs.add()
             item.created_at.FromDatetime(member.added_at)

@@ -11,7 +11,8 @@ import base64
 import hashlib
 import hmac
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from service.domain.errors import InvalidArgument
 
@@ -30,6 +31,29 @@ def page_size(value: int) -> int:
 
 def _bad(description: str) -> InvalidArgument:
     return InvalidArgument.field("page_token", description, reason="INVALID_PAGE_TOKEN")
+
+
+class PagedRequest(Protocol):
+    @property
+    def app_id(self) -> str: ...
+    @property
+    def page_size(self) -> int: ...
+    @property
+    def page_token(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a List call: how many rows, the row it continues after, and the scope
+    (method, app and filters) that its tokens are bound to."""
+
+    limit: int
+    after: int | None
+    scope: dict[str, Any]
+    tokens: PageTokens
+
+    def next_token(self, last: int | None) -> str:
+        return self.tokens.next_token(self.scope, last)
 
 
 class PageTokens:
@@ -68,6 +92,13 @@ class PageTokens:
         if not isinstance(cursor, list):
             raise _bad("is malformed")
         return cursor
+
+    def page(self, method: str, request: PagedRequest, **scope: Any) -> Page:
+        """The page a List request asks for; `scope` holds the request's filters, so that
+        a token is refused under other filters."""
+        limit = page_size(request.page_size)
+        bound = {"method": method, "app_id": request.app_id, **scope}
+        return Page(limit, self.decode_seq(request.page_token, bound), bound, self)
 
     def next_token(self, scope: dict[str, Any], last: int | None) -> str:
         """The token of the page after the row numbered `last`; empty on the last page."""

@@ -10,7 +10,7 @@ from datasetd.v1 import dataset_version_service_pb2 as api
 
 from service.api.export_messages import export_info
 from service.api.interceptors import current_principal
-from service.api.pagination import PageTokens, page_size
+from service.api.pagination import PageTokens
 from service.api.rpc import Context, mutation
 from service.domain.auth import Permission, authorize
 from service.domain.errors import Violations
@@ -120,19 +120,13 @@ class VersionRpcs:
     ) -> api.ListDatasetVersionsResponse:
         principal = current_principal()
         authorize(principal, request.app_id, Permission.READ)
-        limit = page_size(request.page_size)
-        scope = {
-            "method": "ListDatasetVersions",
-            "app_id": request.app_id,
-            "dataset_id": request.dataset_id,
-        }
-        before = self.tokens.decode_seq(request.page_token, scope)
+        page = self.tokens.page("ListDatasetVersions", request, dataset_id=request.dataset_id)
         versions, last = await self.versions.list(
-            principal, request.app_id, request.dataset_id, before, limit
+            principal, request.app_id, request.dataset_id, page.after, page.limit
         )
         return api.ListDatasetVersionsResponse(
             versions=[version_to_proto(version) for version in versions],
-            next_page_token=self.tokens.next_token(scope, last),
+            next_page_token=page.next_token(last),
         )
 
     @mutation()

@@ -30,6 +30,12 @@ class FieldViolation:
 class DomainError(Exception):
     kind: ErrorKind = ErrorKind.INVALID_ARGUMENT
 
+    def __init_subclass__(cls, kind: ErrorKind | None = None, **kwargs: object) -> None:
+        # `class NotFound(DomainError, kind=ErrorKind.NOT_FOUND)`: a kind per subclass.
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.kind = kind
+
     def __init__(
         self,
         message: str,
@@ -45,9 +51,7 @@ class DomainError(Exception):
         self.metadata = dict(metadata or {})
 
 
-class InvalidArgument(DomainError):
-    kind = ErrorKind.INVALID_ARGUMENT
-
+class InvalidArgument(DomainError, kind=ErrorKind.INVALID_ARGUMENT):
     @classmethod
     def field(
         cls, field: str, description: str, *, reason: str = "INVALID_FIELD"
@@ -59,36 +63,28 @@ class InvalidArgument(DomainError):
         )
 
 
-class NotFound(DomainError):
-    kind = ErrorKind.NOT_FOUND
+class NotFound(DomainError, kind=ErrorKind.NOT_FOUND): ...
 
 
-class AlreadyExists(DomainError):
-    kind = ErrorKind.ALREADY_EXISTS
+class AlreadyExists(DomainError, kind=ErrorKind.ALREADY_EXISTS): ...
 
 
-class PermissionDenied(DomainError):
-    kind = ErrorKind.PERMISSION_DENIED
+class PermissionDenied(DomainError, kind=ErrorKind.PERMISSION_DENIED): ...
 
 
-class Unauthenticated(DomainError):
-    kind = ErrorKind.UNAUTHENTICATED
+class Unauthenticated(DomainError, kind=ErrorKind.UNAUTHENTICATED): ...
 
 
-class FailedPrecondition(DomainError):
-    kind = ErrorKind.FAILED_PRECONDITION
+class FailedPrecondition(DomainError, kind=ErrorKind.FAILED_PRECONDITION): ...
 
 
-class Aborted(DomainError):
-    kind = ErrorKind.ABORTED
+class Aborted(DomainError, kind=ErrorKind.ABORTED): ...
 
 
-class ResourceExhausted(DomainError):
-    kind = ErrorKind.RESOURCE_EXHAUSTED
+class ResourceExhausted(DomainError, kind=ErrorKind.RESOURCE_EXHAUSTED): ...
 
 
-class Unavailable(DomainError):
-    kind = ErrorKind.UNAVAILABLE
+class Unavailable(DomainError, kind=ErrorKind.UNAVAILABLE): ...
 
 
 class Violations:
