@@ -33,7 +33,7 @@ from service.domain.inputs import dataset_not_found
 from service.domain.models import AnnotatedMedia, Annotation, MediaType, Principal
 from service.domain.patch import PatchAction, apply_json
 from service.domain.ports import AnnotationRepository, MembershipRepository, TransactionManager
-from service.domain.validation import ID_PATTERN, check_id, check_metadata
+from service.domain.validation import ID_PATTERN, check_id, check_metadata, require_ids
 
 MAX_BATCH_ANNOTATIONS = 128
 # How many problems an atomic failure spells out in its message; the details list them all.
@@ -385,9 +385,7 @@ class AnnotationService:
 
     async def get(self, principal: Principal, app_id: str, annotation_id: str) -> Annotation:
         authorize(principal, app_id, Permission.READ)
-        violations = Violations()
-        check_id(violations, "annotation_id", annotation_id)
-        violations.raise_if_any()
+        require_ids(("annotation_id", annotation_id))
         found = await self.annotations.get_many(app_id, [annotation_id])
         if not found:
             raise NotFound(

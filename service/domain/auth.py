@@ -9,10 +9,10 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from service.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated, Violations
+from service.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from service.domain.models import ApiKey, Principal
 from service.domain.ports import ApiKeyRepository, Clock
-from service.domain.validation import check_id
+from service.domain.validation import require_ids
 
 KEY_PREFIX = "dsd_"
 MIN_SECRET_LENGTH = 16
@@ -112,9 +112,7 @@ class Authenticator:
 
 def authorize(principal: Principal, app_id: str, permission: Permission) -> None:
     """Every use case calls this first. Dataset-scoped keys and roles extend it."""
-    violations = Violations()
-    check_id(violations, "app_id", app_id)
-    violations.raise_if_any()
+    require_ids(("app_id", app_id))
     if principal.app_id != app_id:
         raise PermissionDenied(
             f"this API key belongs to app {principal.app_id!r}, not to app {app_id!r}",

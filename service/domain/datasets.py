@@ -34,7 +34,7 @@ from service.domain.ports import (
     MediaProber,
     TransactionManager,
 )
-from service.domain.validation import check_id, check_metadata, check_text
+from service.domain.validation import check_id, check_metadata, check_text, checked_ids, require_ids
 
 DESCRIPTION_MAX_CHARS = 1024
 NOTES_MAX_CHARS = 64 * 1024
@@ -219,8 +219,7 @@ class DatasetService:
         etag: str,
     ) -> DatasetView:
         authorize(principal, app_id, Permission.WRITE)
-        violations = Violations()
-        check_id(violations, "dataset.id", dataset_id)
+        violations = checked_ids(("dataset.id", dataset_id))
         if fields.is_empty():
             violations.add(
                 "dataset", "nothing to update: set the fields to change or name them in update_mask"
@@ -355,9 +354,7 @@ class DatasetService:
 
     @staticmethod
     def _check_dataset_id(dataset_id: str) -> None:
-        violations = Violations()
-        check_id(violations, "dataset_id", dataset_id)
-        violations.raise_if_any()
+        require_ids(("dataset_id", dataset_id))
 
     @staticmethod
     def _not_found(app_id: str, dataset_id: str) -> NotFound:

@@ -18,11 +18,11 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
 from service.domain.auth import Permission, authorize
-from service.domain.errors import Aborted, FailedPrecondition, Violations
+from service.domain.errors import Aborted, FailedPrecondition
 from service.domain.inputs import dataset_not_found
 from service.domain.models import Principal, VersionStatus
 from service.domain.ports import MembershipRepository, TransactionManager, VersionRepository
-from service.domain.validation import check_id
+from service.domain.validation import require_ids
 from service.domain.versions import version_not_found
 
 # Members read per step of the merge, from each version; also the most changes per batch.
@@ -122,11 +122,11 @@ class DiffService:
         The checks run before anything is yielded, so a bad request fails the call
         before its stream starts."""
         authorize(principal, app_id, Permission.READ)
-        violations = Violations()
-        check_id(violations, "dataset_id", dataset_id)
-        check_id(violations, "from_version_id", from_version_id)
-        check_id(violations, "to_version_id", to_version_id)
-        violations.raise_if_any()
+        require_ids(
+            ("dataset_id", dataset_id),
+            ("from_version_id", from_version_id),
+            ("to_version_id", to_version_id),
+        )
         key = (app_id, dataset_id, from_version_id, to_version_id)
         await self._require_ready(*key)
         return self._stream(*key)

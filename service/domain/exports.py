@@ -51,7 +51,7 @@ from service.domain.ports import (
     VersionRepository,
 )
 from service.domain.splits import StratifiedSplit
-from service.domain.validation import check_id
+from service.domain.validation import checked_ids, require_ids
 from service.domain.versions import VersionService
 
 # Without a split every input is in this one.
@@ -155,9 +155,7 @@ class ExportService:
         """The export of a READY version in a format: queued now (in the transaction that
         records it), or as it stands when it was asked for before."""
         authorize(principal, app_id, Permission.WRITE)
-        violations = Violations()
-        check_id(violations, "dataset_id", dataset_id)
-        check_id(violations, "version_id", version_id)
+        violations = checked_ids(("dataset_id", dataset_id), ("version_id", version_id))
         if export_format is None:
             allowed = ", ".join(f.name for f in ExportFormat)
             violations.add("format", f"must name a format (EXPORT_FORMAT_ + one of {allowed})")
@@ -252,9 +250,7 @@ class ExportService:
     async def _require(
         self, principal: Principal, app_id: str, dataset_id: str, version_id: str, export_id: str
     ) -> Export:
-        violations = Violations()
-        check_id(violations, "export_id", export_id)
-        violations.raise_if_any()
+        require_ids(("export_id", export_id))
         async with self.tx.transaction():
             await self.versions.get(principal, app_id, dataset_id, version_id)
             export = await self.exports.get(app_id, dataset_id, version_id, export_id)

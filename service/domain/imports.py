@@ -74,7 +74,7 @@ from service.domain.ports import (
     TransactionManager,
 )
 from service.domain.transfers import MAX_CHUNK_BYTES
-from service.domain.validation import check_id
+from service.domain.validation import checked_ids
 
 _MIB = 1024 * 1024
 # How many problems a failed check collects before it stops reading; the message spells
@@ -202,8 +202,7 @@ class ImportService:
         """Checks the header, then stages the archive's bytes; the staged archive is
         removed when the block ends, whatever happens."""
         authorize(principal, request.app_id, Permission.WRITE)
-        violations = Violations()
-        check_id(violations, "header.dataset_id", request.dataset_id)
+        violations = checked_ids(("header.dataset_id", request.dataset_id))
         if request.format is None:
             violations.add(
                 "header.format",

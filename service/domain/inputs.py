@@ -51,7 +51,7 @@ from service.domain.ports import (
     MembershipRepository,
     TransactionManager,
 )
-from service.domain.validation import check_id, check_metadata, check_text
+from service.domain.validation import check_id, check_metadata, check_text, require_ids
 
 
 @dataclass(frozen=True)
@@ -403,9 +403,7 @@ class InputService:
         return views
 
     async def _require(self, app_id: str, input_id: str) -> Input:
-        violations = Violations()
-        check_id(violations, "input_id", input_id)
-        violations.raise_if_any()
+        require_ids(("input_id", input_id))
         found = await self.inputs.get_many(app_id, [input_id])
         if not found:
             raise NotFound(

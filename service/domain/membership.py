@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.domain.auth import Permission, authorize
-from service.domain.errors import NotFound, Violations
+from service.domain.errors import NotFound
 from service.domain.input_drafts import MAX_IDS_PER_CALL
 from service.domain.inputs import InputService, dataset_not_found
 from service.domain.models import DatasetMember, InputQuery, InputView, Principal
 from service.domain.ports import InputRepository, MembershipRepository, TransactionManager
-from service.domain.validation import check_id
+from service.domain.validation import check_id, checked_ids, require_ids
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,7 @@ class MembershipService:
         self, principal: Principal, app_id: str, dataset_id: str, input_id: str
     ) -> tuple[DatasetMember, InputView]:
         authorize(principal, app_id, Permission.READ)
-        violations = Violations()
-        check_id(violations, "dataset_id", dataset_id)
-        check_id(violations, "input_id", input_id)
-        violations.raise_if_any()
+        require_ids(("dataset_id", dataset_id), ("input_id", input_id))
         async with self.tx.transaction():
             await self._require_live_dataset(app_id, dataset_id)
             member = await self.members.get(app_id, dataset_id, input_id)
@@ -99,9 +96,9 @@ class MembershipService:
         self, principal: Principal, app_id: str, source_id: str, destination_id: str
     ) -> tuple[int, int]:
         authorize(principal, app_id, Permission.WRITE)
-        violations = Violations()
-        check_id(violations, "source_dataset_id", source_id)
-        check_id(violations, "destination_dataset_id", destination_id)
+        violations = checked_ids(
+            ("source_dataset_id", source_id), ("destination_dataset_id", destination_id)
+        )
         if source_id == destination_id:
             violations.add("destination_dataset_id", "must differ from source_dataset_id")
         violations.raise_if_any()
@@ -114,13 +111,10 @@ class MembershipService:
 
     @staticmethod
     def _check_dataset_id(dataset_id: str) -> None:
-        violations = Violations()
-        check_id(violations, "dataset_id", dataset_id)
-        violations.raise_if_any()
+        require_ids(("dataset_id", dataset_id))
 
     def _check_member_ids(self, dataset_id: str, input_ids: Sequence[str]) -> list[str]:
-        violations = Violations()
-        check_id(violations, "dataset_id", dataset_id)
+        violations = checked_ids(("dataset_id", dataset_id))
         if not input_ids or len(input_ids) > MAX_IDS_PER_CALL:
             violations.add("input_ids", f"must contain 1..{MAX_IDS_PER_CALL} ids")
         for index, input_id in enumerate(input_ids):

@@ -62,3 +62,18 @@ def check_metadata(violations: Violations, field: str, value: Any) -> None:
         )
     if "\\u0000" in json.dumps(value):
         violations.add(field, "must not contain NUL characters (PostgreSQL jsonb rejects them)")
+
+
+def checked_ids(*fields: tuple[str, str]) -> Violations:
+    """The violations of required ids, given as (field, value) pairs, for other checks to
+    add to before raising."""
+    violations = Violations()
+    for field, value in fields:
+        check_id(violations, field, value)
+    return violations
+
+
+def require_ids(*fields: tuple[str, str]) -> None:
+    """Raises InvalidArgument naming every required id, of the (field, value) pairs, that
+    is missing or malformed."""
+    checked_ids(*fields).raise_if_any()

@@ -51,7 +51,7 @@ from service.domain.ports import (
     TransactionManager,
     VersionRepository,
 )
-from service.domain.validation import check_id, check_metadata, check_text
+from service.domain.validation import check_id, check_metadata, check_text, checked_ids, require_ids
 
 DESCRIPTION_MAX_CHARS = 1024
 CANCELLED = "cancelled"
@@ -113,8 +113,7 @@ class VersionService:
     ) -> DatasetVersion:
         """The version, PENDING: its row, its members and its build job commit together."""
         authorize(principal, app_id, Permission.WRITE)
-        violations = Violations()
-        check_id(violations, "dataset_id", dataset_id)
+        violations = checked_ids(("dataset_id", dataset_id))
         check_id(violations, "version.id", version_id, required=False)
         _check_fields(violations, fields)
         violations.raise_if_any()
@@ -162,9 +161,7 @@ class VersionService:
     ) -> tuple[list[DatasetVersion], int | None]:
         """A page, newest first, and the cursor of its last row when more rows follow."""
         authorize(principal, app_id, Permission.READ)
-        violations = Violations()
-        check_id(violations, "dataset_id", dataset_id)
-        violations.raise_if_any()
+        require_ids(("dataset_id", dataset_id))
         async with self.tx.transaction():
             await self._require_dataset(app_id, dataset_id)
             rows = await self.versions.page(app_id, dataset_id, before_seq, limit + 1)
@@ -181,9 +178,7 @@ class VersionService:
     ) -> DatasetVersion:
         """Replaces description and/or metadata, whatever the status: content never changes."""
         authorize(principal, app_id, Permission.WRITE)
-        violations = Violations()
-        check_id(violations, "dataset_id", dataset_id)
-        check_id(violations, "version.id", version_id)
+        violations = checked_ids(("dataset_id", dataset_id), ("version.id", version_id))
         if fields.is_empty():
             violations.add(
                 "version",
@@ -235,8 +230,7 @@ class VersionService:
 
     @staticmethod
     def _check_ids(dataset_id: str, version_id: str, version_field: str) -> None:
-        violations = Violations()
-        check_id(violations, "dataset_id", dataset_id)
+        violations = checked_ids(("dataset_id", dataset_id))
         check_id(violations, version_field, version_id)
         violations.raise_if_any()
 
