@@ -29,7 +29,6 @@ from service.domain.errors import (
     Violations,
 )
 from service.domain.input_drafts import MAX_IDS_PER_CALL, Outcome
-from service.domain.inputs import dataset_not_found
 from service.domain.models import AnnotatedMedia, Annotation, MediaType, Principal
 from service.domain.patch import PatchAction, apply_json
 from service.domain.ports import AnnotationRepository, MembershipRepository, TransactionManager
@@ -388,11 +387,7 @@ class AnnotationService:
         require_ids(("annotation_id", annotation_id))
         found = await self.annotations.get_many(app_id, [annotation_id])
         if not found:
-            raise NotFound(
-                f"annotation {annotation_id!r} not found in app {app_id!r}",
-                reason="ANNOTATION_NOT_FOUND",
-                metadata={"annotation_id": annotation_id},
-            )
+            raise NotFound.in_app("annotation", app_id, annotation_id)
         return found[0]
 
     async def list_annotations(
@@ -418,7 +413,7 @@ class AnnotationService:
             if dataset_id is not None and not await self.members.live_datasets(
                 app_id, [dataset_id]
             ):
-                raise dataset_not_found(app_id, dataset_id)
+                raise NotFound.in_app("dataset", app_id, dataset_id)
             rows = await self.annotations.page(
                 app_id,
                 list(input_ids) if input_ids is not None else None,

@@ -252,7 +252,7 @@ class DatasetService:
         async with self.tx.transaction():
             current = await self.datasets.get(app_id, dataset_id, include_deleted=True, lock=True)
             if current is None or (current.deleted_at is not None and not force):
-                raise self._not_found(app_id, dataset_id)
+                raise NotFound.in_app("dataset", app_id, dataset_id)
             if force:
                 await self.datasets.purge(app_id, dataset_id)
                 return DeleteOutcome(purged=True, purge_after=None)
@@ -356,17 +356,9 @@ class DatasetService:
     def _check_dataset_id(dataset_id: str) -> None:
         require_ids(("dataset_id", dataset_id))
 
-    @staticmethod
-    def _not_found(app_id: str, dataset_id: str) -> NotFound:
-        return NotFound(
-            f"dataset {dataset_id!r} not found in app {app_id!r}",
-            reason="DATASET_NOT_FOUND",
-            metadata={"dataset_id": dataset_id},
-        )
-
     async def _require(self, app_id: str, dataset_id: str, *, lock: bool = False) -> Dataset:
         self._check_dataset_id(dataset_id)
         dataset = await self.datasets.get(app_id, dataset_id, lock=lock)
         if dataset is None:
-            raise self._not_found(app_id, dataset_id)
+            raise NotFound.in_app("dataset", app_id, dataset_id)
         return dataset

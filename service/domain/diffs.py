@@ -18,8 +18,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
 from service.domain.auth import Permission, authorize
-from service.domain.errors import Aborted, FailedPrecondition
-from service.domain.inputs import dataset_not_found
+from service.domain.errors import Aborted, FailedPrecondition, NotFound
 from service.domain.models import Principal, VersionStatus
 from service.domain.ports import MembershipRepository, TransactionManager, VersionRepository
 from service.domain.validation import require_ids
@@ -136,7 +135,7 @@ class DiffService:
     ) -> None:
         async with self.tx.transaction():
             if not await self.members.live_datasets(app_id, [dataset_id]):
-                raise dataset_not_found(app_id, dataset_id)
+                raise NotFound.in_app("dataset", app_id, dataset_id)
             for name, version_id in (
                 ("from_version_id", from_version_id),
                 ("to_version_id", to_version_id),

@@ -63,7 +63,15 @@ class InvalidArgument(DomainError, kind=ErrorKind.INVALID_ARGUMENT):
         )
 
 
-class NotFound(DomainError, kind=ErrorKind.NOT_FOUND): ...
+class NotFound(DomainError, kind=ErrorKind.NOT_FOUND):
+    @classmethod
+    def in_app(cls, resource: str, app_id: str, resource_id: str) -> NotFound:
+        """`resource` ("input", "dataset", ...) `resource_id` does not exist in the app."""
+        return cls(
+            f"{resource} {resource_id!r} not found in app {app_id!r}",
+            reason=f"{resource.upper()}_NOT_FOUND",
+            metadata={f"{resource}_id": resource_id},
+        )
 
 
 class AlreadyExists(DomainError, kind=ErrorKind.ALREADY_EXISTS): ...

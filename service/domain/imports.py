@@ -44,7 +44,7 @@ from service.domain.annotations import (
     media_context,
 )
 from service.domain.auth import Permission, authorize
-from service.domain.errors import DomainError, FieldViolation, InvalidArgument, Violations
+from service.domain.errors import DomainError, FieldViolation, InvalidArgument, NotFound, Violations
 from service.domain.imported import (
     ARCHIVE_FIELD,
     CHUNK_FIELD,
@@ -65,7 +65,7 @@ from service.domain.input_drafts import (
     media_source,
     medium_field,
 )
-from service.domain.inputs import InputService, dataset_not_found
+from service.domain.inputs import InputService
 from service.domain.models import AnnotatedMedia, MediaType, Principal, StoredBlob
 from service.domain.ports import (
     BlobStore,
@@ -252,7 +252,7 @@ class ImportService:
     async def _require_dataset(self, request: ImportRequest) -> None:
         async with self.tx.transaction():
             if not await self.members.live_datasets(request.app_id, [request.dataset_id]):
-                raise dataset_not_found(request.app_id, request.dataset_id)
+                raise NotFound.in_app("dataset", request.app_id, request.dataset_id)
 
     async def _batches(
         self, archive: ReceivedArchive, archive_format: ImportFormat

@@ -406,11 +406,7 @@ class InputService:
         require_ids(("input_id", input_id))
         found = await self.inputs.get_many(app_id, [input_id])
         if not found:
-            raise NotFound(
-                f"input {input_id!r} not found in app {app_id!r}",
-                reason="INPUT_NOT_FOUND",
-                metadata={"input_id": input_id},
-            )
+            raise NotFound.in_app("input", app_id, input_id)
         return found[0]
 
     # --- update and delete -----------------------------------------------------------------
@@ -513,14 +509,6 @@ def _missing_datasets(
         )
         for d in dict.fromkeys(dataset_ids)
         if d not in live
-    )
-
-
-def dataset_not_found(app_id: str, dataset_id: str) -> NotFound:
-    return NotFound(
-        f"dataset {dataset_id!r} not found in app {app_id!r}",
-        reason="DATASET_NOT_FOUND",
-        metadata={"dataset_id": dataset_id},
     )
 
 

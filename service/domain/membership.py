@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from service.domain.auth import Permission, authorize
 from service.domain.errors import NotFound
 from service.domain.input_drafts import MAX_IDS_PER_CALL
-from service.domain.inputs import InputService, dataset_not_found
+from service.domain.inputs import InputService
 from service.domain.models import DatasetMember, InputQuery, InputView, Principal
 from service.domain.ports import InputRepository, MembershipRepository, TransactionManager
 from service.domain.validation import check_id, checked_ids, require_ids
@@ -106,7 +106,7 @@ class MembershipService:
             live = await self.members.live_datasets(app_id, sorted({source_id, destination_id}))
             for dataset_id in (source_id, destination_id):
                 if dataset_id not in live:
-                    raise dataset_not_found(app_id, dataset_id)
+                    raise NotFound.in_app("dataset", app_id, dataset_id)
             return await self.members.merge(app_id, source_id, destination_id)
 
     @staticmethod
@@ -124,4 +124,4 @@ class MembershipService:
 
     async def _require_live_dataset(self, app_id: str, dataset_id: str) -> None:
         if not await self.members.live_datasets(app_id, [dataset_id]):
-            raise dataset_not_found(app_id, dataset_id)
+            raise NotFound.in_app("dataset", app_id, dataset_id)

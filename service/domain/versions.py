@@ -29,7 +29,6 @@ from service.domain.errors import (
     NotFound,
     Violations,
 )
-from service.domain.inputs import dataset_not_found
 from service.domain.jobs import Job, JobCancelled, JobFailed, JobKind, JobQueue, Progress
 from service.domain.models import (
     Annotation,
@@ -236,7 +235,7 @@ class VersionService:
 
     async def _require_dataset(self, app_id: str, dataset_id: str) -> None:
         if not await self.members.live_datasets(app_id, [dataset_id]):
-            raise dataset_not_found(app_id, dataset_id)
+            raise NotFound.in_app("dataset", app_id, dataset_id)
 
     async def _require(
         self, app_id: str, dataset_id: str, version_id: str, *, lock: bool = False
