@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.cli.output import Output, confirm, download_summary
 from service.cli.progress import RichProgress
-from service.client import Client, DatasetInfo, InputInfo, NotFoundError
+from service.client import Client, DatasetInfo, NotFoundError
 from service.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -148,18 +149,13 @@ def keys_revoke(args: argparse.Namespace, output: Output) -> int:
 _DATASET_COLUMNS = ("id", "description", "visibility", "created_at", "modified_at")
 
 
+def _fields(value: Any, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A result dataclass's fields as a row (nested values stay as they are)."""
+    return {f.name: getattr(value, f.name) for f in fields(value) if f.name not in leave_out}
+
+
 def _dataset_row(dataset: DatasetInfo) -> dict[str, Any]:
-    return {
-        "id": dataset.id,
-        "app_id": dataset.app_id,
-        "description": dataset.description,
-        "notes": dataset.notes,
-        "metadata": dataset.metadata,
-        "visibility": dataset.visibility,
-        "created_at": dataset.created_at,
-        "modified_at": dataset.modified_at,
-        "etag": dataset.etag,
-    }
+    return _fields(dataset, leave_out=("statistic",))
 
 
 def _dataset_record(dataset: DatasetInfo) -> dict[str, Any]:
@@ -431,23 +427,10 @@ def merge(args: argparse.Namespace, output: Output) -> int:
 _INPUT_COLUMNS = ("id", "media_type", "concepts", "metadata", "created_at")
 
 
-def _input_row(item: InputInfo) -> dict[str, Any]:
-    return {
-        "id": item.id,
-        "media_type": item.media_type,
-        "concepts": item.concepts,
-        "metadata": item.metadata,
-        "dataset_ids": item.dataset_ids,
-        "created_at": item.created_at,
-        "title": item.title,
-        "url": item.url,
-    }
-
-
 def inputs_list(args: argparse.Namespace, output: Output) -> int:
     with _client(args) as client:
         listed = client.dataset(args.dataset).list_inputs()
-        rows = [_input_row(i) for i in itertools.islice(listed, args.limit)]
+        rows = [_fields(i) for i in itertools.islice(listed, args.limit)]
     output.table(rows, _INPUT_COLUMNS, f"inputs of dataset {args.dataset}")
     return 0
 
@@ -455,7 +438,7 @@ def inputs_list(args: argparse.Namespace, output: Output) -> int:
 def inputs_get(args: argparse.Namespace, output: Output) -> int:
     with _client(args) as client:
         item = client.dataset(args.dataset).get_input(args.input)
-    output.record(_input_row(item), f"input {item.id}")
+    output.record(_fields(item), f"input {item.id}")
     return 0
 
 
@@ -485,10 +468,7 @@ def inputs_download(args: argparse.Namespace, output: Output) -> int:
         downloaded = client.dataset(args.dataset).download_inputs(
             Path(args.save_dir), **_progress(args)
         )
-    rows = [
-        {"input_id": d.input_id, "path": d.path, "size": d.size, "sha256": d.sha256}
-        for d in downloaded
-    ]
+    rows = [_fields(d) for d in downloaded]
     output.table(rows, ("input_id", "path", "size"), f"downloaded into {args.save_dir}")
     missing = [d.input_id for d in downloaded if d.path is None]
     if missing:

@@ -24,7 +24,7 @@ from service.client._rpc import Rpc, time_of
 from service.client.errors import DatasetdError, NotFoundError
 from service.client.progress import Progress, reporter, text_table
 from service.client.unpack import SPLIT, unpack
-from service.client.versions import READY, Versions, poll, status_name
+from service.client.versions import READY, Versions, status_name, wait_for
 
 FORMATS: dict[str, dataset_version_pb2.ExportFormat.ValueType] = {
     "clarifai_data_protobuf": dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF,
@@ -33,7 +33,6 @@ FORMATS: dict[str, dataset_version_pb2.ExportFormat.ValueType] = {
 }
 _FORMAT_NAMES = {value: name for name, value in FORMATS.items()}
 _PREFIX = "STATUS_CODE_DATASET_VERSION_EXPORT_"
-_RUNNING = ("PENDING", "IN_PROGRESS")
 SUCCESS = "SUCCESS"
 DEFAULT_SPLIT_NAMES = ("train", "validation", "test")
 MIB = 1024 * 1024
@@ -358,17 +357,14 @@ def wait_export(
     if version_id is None:
         version_id = get_export(rpc, dataset_id, export_id).version_id
     version = version_id
-    finished: ExportInfo = poll(
+    return wait_for(
         lambda: _get(rpc, dataset_id, version, export_id),
-        lambda e: e.status not in _RUNNING,
-        lambda e: e.percent_completed,
+        SUCCESS,
+        ExportFailedError,
         timeout,
         f"exporting version {version_id}",
         reporter(show_progress, progress),
     )
-    if finished.status != SUCCESS:
-        raise ExportFailedError(finished)
-    return finished
 
 
 # --- download --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -167,6 +168,16 @@ def hashed_id(prefix: str, *parts: str) -> str:
     return f"{prefix}{digest[: ID_MAX_CHARS - len(prefix)]}"
 
 
+def _claim(scan: Scan, first: dict[str, str], input_id: str, index: int, source: str) -> bool:
+    """True for the first file of an id; a later one is a failure naming that first file."""
+    if input_id not in first:
+        first[input_id] = source
+        return True
+    reason = f"input id {input_id!r} is also the id of {first[input_id]}"
+    scan.failures.append(Failure(index, input_id, reason, source, BAD_SOURCE))
+    return False
+
+
 def _check_kind(input_type: str) -> MediaKind:
     for kind in MEDIA_KINDS:
         if kind == input_type:
@@ -202,18 +213,8 @@ def scan_folder(folder: str | Path, input_type: str = "image", labels: bool = Fa
             continue
         index += 1
         input_id = clean_id(path.stem)
-        if input_id in first:
-            scan.failures.append(
-                Failure(
-                    index,
-                    input_id,
-                    f"input id {input_id!r} is also the id of {first[input_id]}",
-                    relative,
-                    BAD_SOURCE,
-                )
-            )
+        if not _claim(scan, first, input_id, index, relative):
             continue
-        first[input_id] = relative
         concepts = (path.parent.name,) if labels else ()
         scan.add(
             index,
@@ -299,67 +300,67 @@ def read_csv(
     if csv_type == "raw" and kind != "text":
         raise ValueError(f"csv_type 'raw' is for text inputs only, not input_type {kind!r}")
     csv_path = Path(path).resolve()
-    folder = csv_path.parent
     scan = Scan()
     first: dict[str, int] = {}
     csv.field_size_limit(CSV_FIELD_LIMIT)
     # utf-8-sig: spreadsheets often prepend a byte-order mark to the header.
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or not any(h.strip() for h in header):
-            raise ValueError(f"{path}: a header row is required ({', '.join(CSV_COLUMNS)})")
-        names = [h.strip().lower() for h in header]
-        unknown = [h for h in names if h not in CSV_COLUMNS]
-        if unknown:
-            raise ValueError(
-                f"{path}: unknown column(s) {', '.join(repr(u) for u in unknown)}; "
-                f"allowed: {', '.join(CSV_COLUMNS)}"
-            )
-        repeated = sorted({h for h in names if names.count(h) > 1})
-        if repeated:
-            raise ValueError(f"{path}: column(s) {', '.join(repeated)} appear more than once")
-        if "input" not in names:
-            raise ValueError(f"{path}: the 'input' column is required")
-        end = reader.line_num
-        for cells in reader:
-            # A quoted field may span lines: the row starts after the previous one ended.
-            line, end = end + 1, reader.line_num
-            if not any(c.strip() for c in cells):
-                continue
+        names = _csv_header(next(reader, None), path)
+        for line, row in _csv_rows(reader, names, scan, csv_path.name):
             source = f"{csv_path.name}:{line}"
-            if len(cells) > len(names):
-                scan.failures.append(
-                    Failure(
-                        line,
-                        "",
-                        f"row has {len(cells)} fields, the header has {len(names)}",
-                        source,
-                        BAD_SOURCE,
-                    )
-                )
-                continue
-            row = dict(zip(names, [*cells, *[""] * (len(names) - len(cells))], strict=True))
             given_id = row.get("inputid", "").strip()
             try:
-                item = _csv_item(row, given_id, dataset_id, kind, csv_type, labels, folder, source)
+                item = _csv_item(
+                    row, given_id, dataset_id, kind, csv_type, labels, csv_path.parent, source
+                )
             except ValueError as error:
                 scan.failures.append(Failure(line, given_id, str(error), source, BAD_SOURCE))
                 continue
             if item.input_id in first:
-                scan.failures.append(
-                    Failure(
-                        line,
-                        item.input_id,
-                        f"input id {item.input_id!r} repeats line {first[item.input_id]}",
-                        source,
-                        BAD_SOURCE,
-                    )
-                )
+                reason = f"input id {item.input_id!r} repeats line {first[item.input_id]}"
+                scan.failures.append(Failure(line, item.input_id, reason, source, BAD_SOURCE))
                 continue
             first[item.input_id] = line
             scan.add(line, item)
     return scan
+
+
+def _csv_header(header: list[str] | None, path: str | Path) -> list[str]:
+    """The column names, lowercased; ValueError for a header the upload cannot use."""
+    if header is None or not any(h.strip() for h in header):
+        raise ValueError(f"{path}: a header row is required ({', '.join(CSV_COLUMNS)})")
+    names = [h.strip().lower() for h in header]
+    unknown = [h for h in names if h not in CSV_COLUMNS]
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown column(s) {', '.join(repr(u) for u in unknown)}; "
+            f"allowed: {', '.join(CSV_COLUMNS)}"
+        )
+    repeated = sorted({h for h in names if names.count(h) > 1})
+    if repeated:
+        raise ValueError(f"{path}: column(s) {', '.join(repeated)} appear more than once")
+    if "input" not in names:
+        raise ValueError(f"{path}: the 'input' column is required")
+    return names
+
+
+def _csv_rows(
+    reader: Any, names: list[str], scan: Scan, file_name: str
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line where the row starts, row by column) for every non-blank row; rows with too
+    many fields become failures."""
+    end = reader.line_num
+    for cells in reader:
+        # A quoted field may span lines: the row starts after the previous one ended.
+        line, end = end + 1, reader.line_num
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) > len(names):
+            reason = f"row has {len(cells)} fields, the header has {len(names)}"
+            scan.failures.append(Failure(line, "", reason, f"{file_name}:{line}", BAD_SOURCE))
+            continue
+        yield line, dict(zip(names, [*cells, *[""] * (len(names) - len(cells))], strict=True))
 
 
 def _csv_item(
@@ -437,52 +438,7 @@ def read_coco(
         for c in document.get("categories") or []
         if isinstance(c, dict) and "id" in c
     }
-    images: dict[Any, tuple[str, float, float]] = {}
-    first: dict[str, str] = {}
-    for index, image in enumerate(document["images"], start=1):
-        source = f"{name}:images[{index - 1}]"
-        if not isinstance(image, dict) or "id" not in image or not image.get("file_name"):
-            scan.failures.append(
-                Failure(index, "", "image needs 'id' and 'file_name'", source, BAD_SOURCE)
-            )
-            continue
-        file_name = str(image["file_name"])
-        # The JSON may come from anywhere: never read a file outside images_dir.
-        if not (root / file_name).resolve().is_relative_to(root):
-            scan.failures.append(
-                Failure(
-                    index,
-                    "",
-                    f"file_name {file_name!r} is outside the images folder",
-                    source,
-                    BAD_SOURCE,
-                )
-            )
-            continue
-        input_id = clean_id(Path(file_name).stem)
-        if input_id in first:
-            scan.failures.append(
-                Failure(
-                    index,
-                    input_id,
-                    f"input id {input_id!r} is also the id of {first[input_id]}",
-                    file_name,
-                    BAD_SOURCE,
-                )
-            )
-            continue
-        first[input_id] = file_name
-        images[image["id"]] = (input_id, _number(image.get("width")), _number(image.get("height")))
-        scan.add(
-            index,
-            UploadItem(
-                input_id,
-                "image",
-                path=str(root / file_name),
-                title=Path(file_name).name,
-                source=file_name,
-            ),
-        )
+    images = _coco_images(document["images"], root, name, scan)
     if not labels:
         return scan
     for index, entry in enumerate(document.get("annotations") or [], start=1):
@@ -499,6 +455,33 @@ def read_coco(
                 )
             )
     return scan
+
+
+def _coco_images(
+    entries: list[Any], root: Path, name: str, scan: Scan
+) -> dict[Any, tuple[str, float, float]]:
+    """Adds the images to `scan`; returns (input id, width, height) by COCO image id."""
+    images: dict[Any, tuple[str, float, float]] = {}
+    first: dict[str, str] = {}
+    for index, image in enumerate(entries, start=1):
+        source = f"{name}:images[{index - 1}]"
+        if not isinstance(image, dict) or "id" not in image or not image.get("file_name"):
+            reason = "image needs 'id' and 'file_name'"
+            scan.failures.append(Failure(index, "", reason, source, BAD_SOURCE))
+            continue
+        file_name = str(image["file_name"])
+        # The JSON may come from anywhere: never read a file outside images_dir.
+        if not (root / file_name).resolve().is_relative_to(root):
+            reason = f"file_name {file_name!r} is outside the images folder"
+            scan.failures.append(Failure(index, "", reason, source, BAD_SOURCE))
+            continue
+        input_id = clean_id(Path(file_name).stem)
+        if not _claim(scan, first, input_id, index, file_name):
+            continue
+        images[image["id"]] = (input_id, _number(image.get("width")), _number(image.get("height")))
+        path, title = str(root / file_name), Path(file_name).name
+        scan.add(index, UploadItem(input_id, "image", path=path, title=title, source=file_name))
+    return images
 
 
 def _number(value: Any) -> float:

@@ -44,13 +44,16 @@ from service.client.sources import (
     scan_folder,
 )
 
-# The thresholds are read here at run time, so one place (a test, say) can lower them.
-from service.client.upload.calls import CHUNK_BYTES, batch_failures
-from service.client.upload.calls import run_annotations as _run_annotations
-from service.client.upload.calls import run_inputs as _run_inputs
-from service.client.upload.calls import run_stream as _run_stream
-from service.client.upload.engine import Engine as _Engine
-from service.client.upload.engine import Outcome
+# CHUNK_BYTES and STREAM_BYTES are read from this module at run time, so one place (a test,
+# say) can lower them.
+from service.client.upload.calls import (
+    CHUNK_BYTES,
+    batch_failures,
+    run_annotations,
+    run_inputs,
+    run_stream,
+)
+from service.client.upload.engine import Engine, Outcome
 from service.client.upload.failures import (
     annotation_failure,
     check_log_folder,
@@ -98,6 +101,13 @@ __all__ = [
     "upload_inputs",
     "write_failure_log",
 ]
+
+
+# Called through these module names, so that one place (a test, say) can stand in for them.
+_run_inputs = run_inputs
+_run_stream = run_stream
+_run_annotations = run_annotations
+_Engine = Engine
 
 
 class _RunOptions(TypedDict, total=False):

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from datasetd.v1 import dataset_version_pb2, status_pb2
@@ -104,16 +104,30 @@ def to_version_info(message: dataset_version_pb2.DatasetVersion) -> VersionInfo:
     )
 
 
-def poll(
-    fetch: Callable[[], Any],
-    done: Callable[[Any], bool],
-    percent: Callable[[Any], int],
+class _Job(Protocol):
+    """A server job as last fetched: a version build or an export."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def percent_completed(self) -> int: ...
+
+
+J = TypeVar("J", bound=_Job)
+
+
+def wait_for(
+    fetch: Callable[[], J],
+    ok: str,
+    failed: Callable[[J], Exception],
     timeout: float,
     label: str,
     progress: Progress,
-) -> Any:
-    """Calls `fetch` until `done`, reporting `percent` to `progress`; raises TimeoutError
-    after `timeout` seconds."""
+) -> J:
+    """Fetches the job until it left PENDING and IN_PROGRESS, reporting its percentage:
+    status `ok` is returned, any other raised as `failed(job)`; TimeoutError after
+    `timeout` seconds."""
     deadline = time.monotonic() + timeout
     delay = POLL_FIRST_SECONDS
     shown = 0
@@ -121,18 +135,21 @@ def poll(
     try:
         while True:
             current = fetch()
-            finished = done(current)
-            reached = 100 if finished else percent(current)
+            finished = current.status not in _RUNNING
+            reached = 100 if finished else current.percent_completed
             progress.advance(max(reached - shown, 0))
             shown = max(reached, shown)
             if finished:
-                return current
+                break
             if time.monotonic() + delay > deadline:
                 raise TimeoutError(f"{label}: still not finished after {timeout:g} s")
             time.sleep(delay)
             delay = min(delay * 1.5, POLL_MAX_SECONDS)
     finally:
         progress.finish()
+    if current.status != ok:
+        raise failed(current)
+    return current
 
 
 class Versions:
@@ -179,17 +196,14 @@ class Versions:
         progress: Progress | None = None,
     ) -> VersionInfo:
         """Waits until the build ended; READY is returned, FAILURE raised."""
-        finished: VersionInfo = poll(
+        return wait_for(
             lambda: self.get_version(version_id),
-            lambda v: v.status not in _RUNNING,
-            lambda v: v.percent_completed,
+            READY,
+            VersionFailedError,
             timeout,
             f"building version {version_id}",
             reporter(show_progress, progress),
         )
-        if finished.status != READY:
-            raise VersionFailedError(finished)
-        return finished
 
     def get_version(self, version_id: str) -> VersionInfo:
         response = self.rpc.call(
