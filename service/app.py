@@ -60,25 +60,16 @@ async def _object_store(
     config: Config, embedded: list[EmbeddedPostgres | EmbeddedS3]
 ) -> ObjectStore:
     if config.s3_endpoint:
-        return ObjectStore(
-            config.s3_endpoint,
-            config.s3_access_key,
-            config.s3_secret_key,
-            config.s3_bucket,
-            secure=config.s3_secure,
-            region=config.s3_region or None,
-        )
-    s3 = EmbeddedS3(config.data_dir / "s3", config.s3_bucket)
-    embedded.append(s3)
-    log.info("starting embedded S3 (SeaweedFS) in %s", config.data_dir / "s3")
-    endpoint = await asyncio.to_thread(s3.start)
-    return ObjectStore(
-        endpoint.endpoint,
-        endpoint.access_key,
-        endpoint.secret_key,
-        endpoint.bucket,
-        secure=endpoint.secure,
-    )
+        address = (config.s3_endpoint, config.s3_access_key, config.s3_secret_key)
+        bucket, secure, region = config.s3_bucket, config.s3_secure, config.s3_region or None
+    else:
+        s3 = EmbeddedS3(config.data_dir / "s3", config.s3_bucket)
+        embedded.append(s3)
+        log.info("starting embedded S3 (SeaweedFS) in %s", config.data_dir / "s3")
+        started = await asyncio.to_thread(s3.start)
+        address = (started.endpoint, started.access_key, started.secret_key)
+        bucket, secure, region = started.bucket, started.secure, None
+    return ObjectStore(*address, bucket, secure=secure, region=region)
 
 
 async def _stop_embedded(embedded: list[EmbeddedPostgres | EmbeddedS3]) -> None:

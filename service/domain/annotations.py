@@ -29,7 +29,7 @@ from service.domain.errors import (
     Violations,
 )
 from service.domain.input_drafts import MAX_IDS_PER_CALL, Outcome
-from service.domain.models import AnnotatedMedia, Annotation, MediaType, Principal
+from service.domain.models import AnnotatedMedia, Annotation, AnnotationQuery, MediaType, Principal
 from service.domain.patch import PatchAction, apply_json
 from service.domain.ports import AnnotationRepository, MembershipRepository, TransactionManager
 from service.domain.validation import ID_PATTERN, check_id, check_metadata, require_ids
@@ -414,13 +414,10 @@ class AnnotationService:
                 app_id, [dataset_id]
             ):
                 raise NotFound.in_app("dataset", app_id, dataset_id)
-            rows = await self.annotations.page(
-                app_id,
-                list(input_ids) if input_ids is not None else None,
-                dataset_id,
-                after_seq,
-                limit + 1,
+            query = AnnotationQuery(
+                app_id, list(input_ids) if input_ids is not None else None, dataset_id
             )
+            rows = await self.annotations.page(query, after_seq, limit + 1)
         page = rows[:limit]
         return [a for _, a in page], page[-1][0] if len(rows) > limit and page else None
 

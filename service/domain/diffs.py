@@ -22,7 +22,6 @@ from service.domain.errors import Aborted, FailedPrecondition, NotFound
 from service.domain.models import Principal, VersionStatus
 from service.domain.ports import MembershipRepository, TransactionManager, VersionRepository
 from service.domain.validation import require_ids
-from service.domain.versions import version_not_found
 
 # Members read per step of the merge, from each version; also the most changes per batch.
 PAGE_SIZE = 500
@@ -55,6 +54,16 @@ class DiffSummary:
 
 
 @dataclass(frozen=True)
+class VersionPair:
+    """The two versions of a dataset that a diff compares."""
+
+    app_id: str
+    dataset_id: str
+    from_version_id: str
+    to_version_id: str
+
+
+@dataclass(frozen=True)
 class MemberPair:
     """One input id of the merge: whether each version has it, whether their content
     hashes agree, and the serialized content. An unchanged input's content is read once,
@@ -76,13 +85,7 @@ class VersionPairs(Protocol):
         ...
 
     async def page(
-        self,
-        app_id: str,
-        dataset_id: str,
-        from_version_id: str,
-        to_version_id: str,
-        after_input_id: str | None,
-        limit: int,
+        self, pair: VersionPair, after_input_id: str | None, limit: int
     ) -> list[MemberPair]:
         """The first `limit` input ids of either version after `after_input_id`, in
         byte order of the ids."""
@@ -126,13 +129,13 @@ class DiffService:
             ("from_version_id", from_version_id),
             ("to_version_id", to_version_id),
         )
-        key = (app_id, dataset_id, from_version_id, to_version_id)
-        await self._require_ready(*key)
-        return self._stream(*key)
+        pair = VersionPair(app_id, dataset_id, from_version_id, to_version_id)
+        await self._require_ready(pair)
+        return self._stream(pair)
 
-    async def _require_ready(
-        self, app_id: str, dataset_id: str, from_version_id: str, to_version_id: str
-    ) -> None:
+    async def _require_ready(self, pair: VersionPair) -> None:
+        app_id, dataset_id = pair.app_id, pair.dataset_id
+        from_version_id, to_version_id = pair.from_version_id, pair.to_version_id
         async with self.tx.transaction():
             if not await self.members.live_datasets(app_id, [dataset_id]):
                 raise NotFound.in_app("dataset", app_id, dataset_id)
@@ -142,7 +145,7 @@ class DiffService:
             ):
                 version = await self.versions.get(app_id, dataset_id, version_id)
                 if version is None:
-                    raise version_not_found(dataset_id, version_id)
+                    raise NotFound.within("version", version_id, "dataset", dataset_id)
                 if version.status is not VersionStatus.READY:
                     raise FailedPrecondition(
                         f"{name}: version {version_id!r} is {version.status.value}; only "
@@ -152,25 +155,23 @@ class DiffService:
                     )
 
     async def _stream(
-        self, app_id: str, dataset_id: str, from_version_id: str, to_version_id: str
+        self, pair: VersionPair
     ) -> AsyncGenerator[list[InputChange] | DiffSummary, None]:
         counts = {kind: 0 for kind in (*ChangeKind, None)}
         from_concepts: Counter[str] = Counter()
         to_concepts: Counter[str] = Counter()
         pending: list[InputChange] = []
         after: str | None = None
-        wanted = sorted({from_version_id, to_version_id})
+        wanted = sorted({pair.from_version_id, pair.to_version_id})
         while True:
             async with self.tx.transaction():
-                if len(await self.pairs.share(app_id, dataset_id, wanted)) < len(wanted):
+                if len(await self.pairs.share(pair.app_id, pair.dataset_id, wanted)) < len(wanted):
                     raise Aborted(
                         "a version was deleted while the diff was being streamed; the "
                         "changes sent so far are incomplete",
                         reason="VERSION_DELETED_CONCURRENTLY",
                     )
-                page = await self.pairs.page(
-                    app_id, dataset_id, from_version_id, to_version_id, after, self.page_size
-                )
+                page = await self.pairs.page(pair, after, self.page_size)
             if not page:
                 break
             # Parsing is CPU-bound: in a thread, so that other calls are served meanwhile.

@@ -73,6 +73,15 @@ class NotFound(DomainError, kind=ErrorKind.NOT_FOUND):
             metadata={f"{resource}_id": resource_id},
         )
 
+    @classmethod
+    def within(cls, resource: str, resource_id: str, parent: str, parent_id: str) -> NotFound:
+        """`resource` ("version", ...) `resource_id` of `parent` `parent_id` does not exist."""
+        return cls(
+            f"{resource} {resource_id!r} of {parent} {parent_id!r} not found",
+            reason=f"{resource.upper()}_NOT_FOUND",
+            metadata={f"{parent}_id": parent_id, f"{resource}_id": resource_id},
+        )
+
 
 class AlreadyExists(DomainError, kind=ErrorKind.ALREADY_EXISTS): ...
 

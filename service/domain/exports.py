@@ -124,14 +124,6 @@ def derive_export_id(
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _export_not_found(version_id: str, export_id: str) -> NotFound:
-    return NotFound(
-        f"export {export_id!r} of version {version_id!r} not found",
-        reason="EXPORT_NOT_FOUND",
-        metadata={"version_id": version_id, "export_id": export_id},
-    )
-
-
 @dataclass(frozen=True)
 class ExportService:
     versions: VersionService
@@ -255,7 +247,7 @@ class ExportService:
             await self.versions.get(principal, app_id, dataset_id, version_id)
             export = await self.exports.get(app_id, dataset_id, version_id, export_id)
         if export is None:
-            raise _export_not_found(version_id, export_id)
+            raise NotFound.within("export", export_id, "version", version_id)
         return export
 
     async def _enqueue(self, export: Export) -> Export:

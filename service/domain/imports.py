@@ -73,7 +73,7 @@ from service.domain.ports import (
     MembershipRepository,
     TransactionManager,
 )
-from service.domain.transfers import MAX_CHUNK_BYTES
+from service.domain.transfers import check_chunk, size_text
 from service.domain.validation import checked_ids
 
 _MIB = 1024 * 1024
@@ -103,13 +103,6 @@ class CheckedArchive:
 
     archive: ReceivedArchive
     stored: dict[str, StoredBlob]
-
-
-def _size(count: int) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", _MIB), ("KiB", 1024)):
-        if count >= scale:
-            return f"{count / scale:.4g} {unit}"
-    return f"{count} bytes"
 
 
 def _failure(violations: Sequence[FieldViolation], *, complete: bool) -> InvalidArgument:
@@ -225,19 +218,13 @@ class ImportService:
         limit = self.settings.max_archive_bytes
         size = 0
         async for chunk in chunks:
-            if len(chunk) > MAX_CHUNK_BYTES:
-                raise InvalidArgument.field(
-                    CHUNK_FIELD,
-                    f"a chunk of {len(chunk)} bytes arrived; chunks are at most "
-                    f"{MAX_CHUNK_BYTES} bytes ({_size(MAX_CHUNK_BYTES)})",
-                    reason="INVALID_IMPORT_STREAM",
-                )
+            check_chunk(chunk, CHUNK_FIELD, "INVALID_IMPORT_STREAM")
             size += len(chunk)
             # As soon as the excess arrives, not after the rest of the stream.
             if size > limit:
                 raise InvalidArgument.field(
                     CHUNK_FIELD,
-                    f"archives may be at most {limit} bytes ({_size(limit)}) on this server",
+                    f"archives may be at most {limit} bytes ({size_text(limit)}) on this server",
                     reason="ARCHIVE_TOO_LARGE",
                 )
             await staged.write(chunk)
@@ -330,8 +317,8 @@ class ImportService:
             if draft.payload_size() > MAX_BATCH_BYTES:
                 problems.add(
                     medium_field(item.path, draft.media[0]),
-                    f"embedded media of {_size(draft.payload_size())} are more than the "
-                    f"{_size(MAX_BATCH_BYTES)} an import takes per input; reference the "
+                    f"embedded media of {size_text(draft.payload_size())} are more than the "
+                    f"{size_text(MAX_BATCH_BYTES)} an import takes per input; reference the "
                     "media by URL or upload them with UploadInput",
                 )
                 continue

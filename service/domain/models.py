@@ -164,6 +164,15 @@ class InputView:
 
 
 @dataclass(frozen=True)
+class AnnotationQuery:
+    """Which annotations a page is about: of these inputs and/or of a dataset's inputs."""
+
+    app_id: str
+    input_ids: list[str] | None = None
+    dataset_id: str | None = None
+
+
+@dataclass(frozen=True)
 class InputQuery:
     """Which inputs a list or bulk delete is about; every condition must hold."""
 

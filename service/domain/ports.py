@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from service.domain.models import (
     AnnotatedMedia,
     Annotation,
+    AnnotationQuery,
     ApiKey,
     Dataset,
     DatasetListQuery,
@@ -223,12 +224,7 @@ class AnnotationRepository(Protocol):
     ) -> list[Annotation]: ...
 
     async def page(
-        self,
-        app_id: str,
-        input_ids: list[str] | None,
-        dataset_id: str | None,
-        after_seq: int | None,
-        limit: int,
+        self, query: AnnotationQuery, after_seq: int | None, limit: int
     ) -> list[tuple[int, Annotation]]:
         """Annotations in insertion order after `after_seq`, with their sequence numbers."""
         ...

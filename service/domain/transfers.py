@@ -56,11 +56,23 @@ class UploadHeader:
     request_id: str = ""
 
 
-def _size(count: int) -> str:
+def size_text(count: int) -> str:
+    """A byte count as people read it in an error message ("4 MiB")."""
     for unit, scale in (("GiB", 1024**3), ("MiB", _MIB), ("KiB", 1024)):
         if count >= scale:
             return f"{count / scale:.4g} {unit}"
     return f"{count} bytes"
+
+
+def check_chunk(chunk: bytes, field: str, reason: str) -> None:
+    """Refuses a chunk of a client stream larger than MAX_CHUNK_BYTES."""
+    if len(chunk) > MAX_CHUNK_BYTES:
+        raise InvalidArgument.field(
+            field,
+            f"a chunk of {len(chunk)} bytes arrived; chunks are at most "
+            f"{MAX_CHUNK_BYTES} bytes ({size_text(MAX_CHUNK_BYTES)})",
+            reason=reason,
+        )
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,7 @@ class InputTransfers:
             if header.sha256 and digest != header.sha256.lower():
                 raise InvalidArgument.field(
                     "header.sha256",
-                    f"is {header.sha256.lower()} but the {_size(size)} received hash to "
+                    f"is {header.sha256.lower()} but the {size_text(size)} received hash to "
                     f"{digest}; the media were corrupted on the way or the header is wrong",
                     reason="CHECKSUM_MISMATCH",
                 )
@@ -155,7 +167,7 @@ class InputTransfers:
             why = "uploads may be at most"
         return InvalidArgument.field(
             field,
-            f"{why} {limit} bytes ({_size(limit)}) on this server",
+            f"{why} {limit} bytes ({size_text(limit)}) on this server",
             reason="UPLOAD_TOO_LARGE",
         )
 
@@ -172,13 +184,7 @@ class InputTransfers:
         size = 0
         expected = header.content_length
         async for chunk in chunks:
-            if len(chunk) > MAX_CHUNK_BYTES:
-                raise InvalidArgument.field(
-                    MEDIA_FIELD,
-                    f"a chunk of {len(chunk)} bytes arrived; chunks are at most "
-                    f"{MAX_CHUNK_BYTES} bytes ({_size(MAX_CHUNK_BYTES)})",
-                    reason="INVALID_UPLOAD",
-                )
+            check_chunk(chunk, MEDIA_FIELD, "INVALID_UPLOAD")
             size += len(chunk)
             # Both fail as soon as the excess arrives, not after the rest of the stream.
             if size > limit:

@@ -32,6 +32,7 @@ from service.domain.errors import (
 from service.domain.jobs import Job, JobCancelled, JobFailed, JobKind, JobQueue, Progress
 from service.domain.models import (
     Annotation,
+    AnnotationQuery,
     DatasetVersion,
     Input,
     InputSnapshot,
@@ -85,14 +86,6 @@ def _check_fields(violations: Violations, fields: VersionFields) -> None:
         check_text(violations, "version.description", fields.description, DESCRIPTION_MAX_CHARS)
     if fields.metadata is not None:
         check_metadata(violations, "version.metadata", fields.metadata)
-
-
-def version_not_found(dataset_id: str, version_id: str) -> NotFound:
-    return NotFound(
-        f"version {version_id!r} of dataset {dataset_id!r} not found",
-        reason="VERSION_NOT_FOUND",
-        metadata={"dataset_id": dataset_id, "version_id": version_id},
-    )
 
 
 @dataclass(frozen=True)
@@ -244,7 +237,7 @@ class VersionService:
         await self._require_dataset(app_id, dataset_id)
         version = await self.versions.get(app_id, dataset_id, version_id, lock=lock)
         if version is None:
-            raise version_not_found(dataset_id, version_id)
+            raise NotFound.within("version", version_id, "dataset", dataset_id)
         return version
 
 
@@ -407,7 +400,9 @@ class VersionBuilder:
         grouped: dict[str, list[Annotation]] = defaultdict(list)
         after: int | None = None
         while True:
-            rows = await self.annotations.page(app_id, ids, None, after, ANNOTATION_PAGE_SIZE)
+            rows = await self.annotations.page(
+                AnnotationQuery(app_id, ids), after, ANNOTATION_PAGE_SIZE
+            )
             for _, annotation in rows:
                 if not annotation.input_level:
                     grouped[annotation.input_id].append(annotation)

@@ -70,22 +70,25 @@ AUDIO_FORMATS = tuple(_AUDIO_CONTENT_TYPES)
 
 
 @dataclass(frozen=True)
-class VideoProbe:
+class _TimedProbe:
+    """What video and audio share: a container format and a duration (0 when unknown)."""
+
     format: str
     content_type: str
+    duration_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class VideoProbe(_TimedProbe):
     width: int = 0
     height: int = 0
-    duration_seconds: float = 0.0
     fps: float = 0.0
     frame_count: int = 0
 
 
 @dataclass(frozen=True)
-class AudioProbe:
-    format: str
-    content_type: str
+class AudioProbe(_TimedProbe):
     sample_rate: int = 0
-    duration_seconds: float = 0.0
     bit_rate: int = 0
 
 

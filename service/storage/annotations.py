@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 
 from service.domain.annotation_rules import summarize
-from service.domain.models import AnnotatedMedia, Annotation, MediaType
+from service.domain.models import AnnotatedMedia, Annotation, AnnotationQuery, MediaType
 from service.storage.db import Repository
 from service.storage.rows import record
 
@@ -135,15 +135,16 @@ class PgAnnotationRepository(Repository):
         return await self._all(_row_to_annotation, LOCK_MANY if lock else GET_MANY, app_id, ids)
 
     async def page(
-        self,
-        app_id: str,
-        input_ids: list[str] | None,
-        dataset_id: str | None,
-        after_seq: int | None,
-        limit: int,
+        self, query: AnnotationQuery, after_seq: int | None, limit: int
     ) -> list[tuple[int, Annotation]]:
         return await self._page(
-            _row_to_annotation, PAGE, app_id, input_ids, dataset_id, after_seq, limit
+            _row_to_annotation,
+            PAGE,
+            query.app_id,
+            query.input_ids,
+            query.dataset_id,
+            after_seq,
+            limit,
         )
 
     async def update_many(self, annotations: list[Annotation]) -> list[Annotation]:

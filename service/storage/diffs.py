@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import asyncpg
 
-from service.domain.diffs import MemberPair
+from service.domain.diffs import MemberPair, VersionPair
 from service.storage.db import Repository
 from service.storage.rows import record
 
@@ -56,21 +58,6 @@ class PgVersionPairs(Repository):
         return {r["id"] for r in rows}
 
     async def page(
-        self,
-        app_id: str,
-        dataset_id: str,
-        from_version_id: str,
-        to_version_id: str,
-        after_input_id: str | None,
-        limit: int,
+        self, pair: VersionPair, after_input_id: str | None, limit: int
     ) -> list[MemberPair]:
-        return await self._all(
-            _member_pair,
-            PAGE,
-            app_id,
-            dataset_id,
-            from_version_id,
-            to_version_id,
-            after_input_id,
-            limit,
-        )
+        return await self._all(_member_pair, PAGE, *astuple(pair), after_input_id, limit)
