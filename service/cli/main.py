@@ -134,6 +134,10 @@ def _export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", default=None, help="version id (default: the latest READY)")
 
 
+def _confirm_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
 class _Tree:
     """Adds sub-commands; each gets the global options and its handler."""
 
@@ -141,11 +145,14 @@ class _Tree:
         self.top = top
 
     def command(
-        self, group: SubParsers, name: str, handler: Handler, help_text: str
+        self, group: SubParsers, name: str, handler: Handler, help_text: str, *positionals: str
     ) -> argparse.ArgumentParser:
+        """The sub-command, with its plain positional arguments (e.g. "dataset") in order."""
         sub: argparse.ArgumentParser = group.add_parser(name, help=help_text, description=help_text)
         _global_options(sub, defaults=False)
         sub.set_defaults(handler=handler)
+        for positional in positionals:
+            sub.add_argument(positional)
         return sub
 
     def section(self, name: str, help_text: str) -> SubParsers:
@@ -187,7 +194,7 @@ def _server_commands(tree: _Tree) -> None:
     tree.command(keys, "list", c.keys_list, "list the keys of --app (never their secrets)")
     sub = tree.command(keys, "revoke", c.keys_revoke, "revoke a key of --app by its id")
     sub.add_argument("key_id", help="the key's id, from `datasetd keys list`")
-    sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _confirm_option(sub)
 
 
 def _dataset_commands(tree: _Tree) -> None:
@@ -197,26 +204,24 @@ def _dataset_commands(tree: _Tree) -> None:
     sub = tree.command(datasets, "list", c.datasets_list, "list the app's datasets")
     sub.add_argument("--query", default="", help="only datasets whose id or description match")
     sub.add_argument("--page-size", type=_positive, default=100)
-    sub = tree.command(datasets, "get", c.datasets_get, "show a dataset with its statistics")
-    sub.add_argument("dataset")
+    tree.command(datasets, "get", c.datasets_get, "show a dataset with its statistics", "dataset")
     sub = tree.command(datasets, "create", c.datasets_create, "create a dataset")
     sub.add_argument("dataset", nargs="?", default="", help="id (generated when left out)")
     sub.add_argument("--description", default="")
     sub.add_argument("--notes", default="")
     sub.add_argument("--metadata", type=_json_object, default=None, help="a JSON object")
-    sub = tree.command(datasets, "patch", c.datasets_patch, "change a dataset's fields")
-    sub.add_argument("dataset")
+    sub = tree.command(datasets, "patch", c.datasets_patch, "change a dataset's fields", "dataset")
     sub.add_argument("--action", choices=("merge", "overwrite", "remove"), default="merge")
     sub.add_argument("--description", default=None)
     sub.add_argument("--notes", default=None)
     sub.add_argument("--metadata", type=_json_object, default=None, help="a JSON object")
     sub.add_argument("--etag", default=None, help="fail if the dataset changed since this etag")
-    sub = tree.command(datasets, "delete", c.datasets_delete, "delete a dataset (recoverable)")
-    sub.add_argument("dataset")
+    sub = tree.command(
+        datasets, "delete", c.datasets_delete, "delete a dataset (recoverable)", "dataset"
+    )
     sub.add_argument("--force", action="store_true", help="purge now; cannot be undone")
-    sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    sub = tree.command(datasets, "undelete", c.datasets_undelete, "restore a deleted dataset")
-    sub.add_argument("dataset")
+    _confirm_option(sub)
+    tree.command(datasets, "undelete", c.datasets_undelete, "restore a deleted dataset", "dataset")
 
 
 def _upload_commands(tree: _Tree) -> None:
@@ -224,24 +229,26 @@ def _upload_commands(tree: _Tree) -> None:
 
     upload = tree.section("upload", "upload a folder, a CSV file or a COCO dataset into a dataset")
     sub = tree.command(
-        upload, "folder", c.upload_folder, "upload the image or .txt files of a folder"
+        upload,
+        "folder",
+        c.upload_folder,
+        "upload the image or .txt files of a folder",
+        "dataset",
+        "folder",
     )
-    sub.add_argument("dataset")
-    sub.add_argument("folder")
     sub.add_argument("--type", dest="input_type", choices=("image", "text"), default="image")
     sub.add_argument("--labels", action="store_true", help="label each file with its folder's name")
     _upload_options(sub)
-    sub = tree.command(upload, "csv", c.upload_csv, "upload the rows of a CSV file")
-    sub.add_argument("dataset")
-    sub.add_argument("csv")
+    sub = tree.command(
+        upload, "csv", c.upload_csv, "upload the rows of a CSV file", "dataset", "csv"
+    )
     sub.add_argument(
         "--type", dest="input_type", choices=("image", "text", "video", "audio"), default="image"
     )
     sub.add_argument("--csv-type", choices=("url", "file_path", "raw"), default="url")
     sub.add_argument("--no-labels", action="store_true", help="ignore the concepts column")
     _upload_options(sub)
-    sub = tree.command(upload, "coco", c.upload_coco, "upload a COCO detection dataset")
-    sub.add_argument("dataset")
+    sub = tree.command(upload, "coco", c.upload_coco, "upload a COCO detection dataset", "dataset")
     sub.add_argument("images", help="folder of the images")
     sub.add_argument("annotations", help="COCO instances JSON file")
     _upload_options(sub)
@@ -261,33 +268,37 @@ def _version_commands(tree: _Tree) -> None:
 
     versions = tree.section("versions", "immutable snapshots of a dataset")
     sub = tree.command(
-        versions, "create", c.versions_create, "create a version and wait until ready"
+        versions, "create", c.versions_create, "create a version and wait until ready", "dataset"
     )
-    sub.add_argument("dataset")
     sub.add_argument("--id", dest="version_id", default="", help="id (generated when left out)")
     sub.add_argument("--description", default="")
     sub.add_argument("--no-wait", action="store_true", help="return while it is still building")
-    sub = tree.command(versions, "list", c.versions_list, "list a dataset's versions, newest first")
-    sub.add_argument("dataset")
-    sub = tree.command(versions, "get", c.versions_get, "show a version")
-    sub.add_argument("dataset")
-    sub.add_argument("version")
-    sub = tree.command(versions, "delete", c.versions_delete, "delete a version")
-    sub.add_argument("dataset")
-    sub.add_argument("version")
-    sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    tree.command(
+        versions, "list", c.versions_list, "list a dataset's versions, newest first", "dataset"
+    )
+    tree.command(versions, "get", c.versions_get, "show a version", "dataset", "version")
+    sub = tree.command(
+        versions, "delete", c.versions_delete, "delete a version", "dataset", "version"
+    )
+    _confirm_option(sub)
 
-    sub = tree.command(tree.top, "export", c.export, "export a version and wait for the archive")
-    sub.add_argument("dataset")
+    sub = tree.command(
+        tree.top, "export", c.export, "export a version and wait for the archive", "dataset"
+    )
     _export_options(sub)
     sub.add_argument(
         "--no-embed-media", action="store_true", help="reference media instead of embedding them"
     )
     sub.add_argument("--no-progress", action="store_true")
 
-    sub = tree.command(tree.top, "download", c.download, "export the latest version and unpack it")
-    sub.add_argument("dataset")
-    sub.add_argument("save_dir")
+    sub = tree.command(
+        tree.top,
+        "download",
+        c.download,
+        "export the latest version and unpack it",
+        "dataset",
+        "save_dir",
+    )
     _export_options(sub)
     sub.add_argument("--normalized", action=argparse.BooleanOptionalAction, default=None)
     sub.add_argument("--annotations-only", action="store_true", help="no media files")
@@ -303,19 +314,17 @@ def _input_commands(tree: _Tree) -> None:
     from service.cli import commands as c
 
     inputs = tree.section("inputs", "a dataset's inputs")
-    sub = tree.command(inputs, "list", c.inputs_list, "list a dataset's inputs")
-    sub.add_argument("dataset")
+    sub = tree.command(inputs, "list", c.inputs_list, "list a dataset's inputs", "dataset")
     sub.add_argument("--limit", type=_positive, default=None, help="show at most this many")
-    sub = tree.command(inputs, "get", c.inputs_get, "show an input")
-    sub.add_argument("dataset")
-    sub.add_argument("input")
-    sub = tree.command(inputs, "delete", c.inputs_delete, "delete inputs (from every dataset)")
-    sub.add_argument("dataset")
+    tree.command(inputs, "get", c.inputs_get, "show an input", "dataset", "input")
+    sub = tree.command(
+        inputs, "delete", c.inputs_delete, "delete inputs (from every dataset)", "dataset"
+    )
     sub.add_argument("inputs", nargs="+", metavar="INPUT")
-    sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    sub = tree.command(inputs, "download", c.inputs_download, "download the original media")
-    sub.add_argument("dataset")
-    sub.add_argument("save_dir")
+    _confirm_option(sub)
+    sub = tree.command(
+        inputs, "download", c.inputs_download, "download the original media", "dataset", "save_dir"
+    )
     sub.add_argument("--no-progress", action="store_true")
 
 

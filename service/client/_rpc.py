@@ -49,6 +49,22 @@ class Rpc:
             if not token:
                 return
 
+    def app_call(self, method: Callable[..., T], request_type: type[Any], **fields: Any) -> T:
+        """A unary call with a `request_type` request for this app; fields given as None
+        (an optional request id or etag) stay unset."""
+        return self.call(method, request_type(app_id=self.app, **fields))
+
+    def app_pages(
+        self, method: Callable[..., T], request_type: type[Any], page_size: int, **fields: Any
+    ) -> Iterator[T]:
+        """The pages of a list call for this app, as `pages` walks them."""
+        return self.pages(
+            method,
+            lambda token: request_type(
+                app_id=self.app, page_size=page_size, page_token=token, **fields
+            ),
+        )
+
     def stream(self, method: Callable[..., Iterator[T]], request: Any) -> Iterator[T]:
         """A server-streaming call; errors raised mid-stream are typed too."""
         try:

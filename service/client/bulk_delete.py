@@ -78,30 +78,35 @@ def input_filter(criteria: Mapping[str, Any] | None) -> common_pb2.InputFilter:
     return message
 
 
-def bulk_delete_assets(
-    rpc: Rpc,
-    dataset_id: str,
-    filter_criteria: Mapping[str, Any] | None = None,
-    strict_query: bool = False,
-    dry_run: bool = False,
-    request_id: str | None = None,
-) -> BulkDeleteResult:
-    """Deletes the dataset's inputs matching the filter (from the app, with their
-    annotations). An empty filter matches every input: `strict_query=True` refuses it."""
-    message = input_filter(filter_criteria)
-    if strict_query and message == common_pb2.InputFilter():
-        raise ValueError(
-            "strict_query=True refuses an empty filter, which would match every input of "
-            f"dataset {dataset_id}; give a filter, or strict_query=False to delete them all"
-        )
-    response = rpc.call(
-        rpc.datasets.DeleteDatasetInputsByFilter,
-        dapi.DeleteDatasetInputsByFilterRequest(
-            app_id=rpc.app,
+class BulkDeletes:
+    """Deletes of a dataset's inputs by filter; `Datasets` inherits this method."""
+
+    _rpc: Rpc
+
+    def bulk_delete_assets(
+        self,
+        dataset_id: str,
+        filter_criteria: Mapping[str, Any] | None = None,
+        strict_query: bool = False,
+        dry_run: bool = False,
+        request_id: str | None = None,
+    ) -> BulkDeleteResult:
+        """Deletes the dataset's inputs (from the app, with their annotations) matching
+        `filter_criteria`: keys `concepts`, `not_concepts`, `metadata`, `media_types`,
+        `annotated`. An empty filter matches every input; `strict_query=True` refuses it
+        (ValueError)."""
+        message = input_filter(filter_criteria)
+        if strict_query and message == common_pb2.InputFilter():
+            raise ValueError(
+                "strict_query=True refuses an empty filter, which would match every input of "
+                f"dataset {dataset_id}; give a filter, or strict_query=False to delete them all"
+            )
+        response = self._rpc.app_call(
+            self._rpc.datasets.DeleteDatasetInputsByFilter,
+            dapi.DeleteDatasetInputsByFilterRequest,
             dataset_id=dataset_id,
             filter=message,
             dry_run=dry_run,
-            request_id=request_id or "",
-        ),
-    )
-    return BulkDeleteResult(response.matched_count, response.deleted_count, dry_run)
+            request_id=request_id,
+        )
+        return BulkDeleteResult(response.matched_count, response.deleted_count, dry_run)

@@ -63,21 +63,21 @@ class Dataset(Versions):
 
     def list_inputs(self, page_size: int = 100) -> Iterator[InputInfo]:
         """Every input of the dataset, in the order they were added; pages are fetched lazily."""
-        for response in self.rpc.pages(
+        for response in self.rpc.app_pages(
             self.rpc.datasets.ListDatasetInputs,
-            lambda token: dataset_service_pb2.ListDatasetInputsRequest(
-                app_id=self.rpc.app, dataset_id=self.id, page_size=page_size, page_token=token
-            ),
+            dataset_service_pb2.ListDatasetInputsRequest,
+            page_size,
+            dataset_id=self.id,
         ):
             for member in response.dataset_inputs:
                 yield to_input_info(member.input)
 
     def get_input(self, input_id: str) -> InputInfo:
-        response = self.rpc.call(
+        response = self.rpc.app_call(
             self.rpc.datasets.GetDatasetInput,
-            dataset_service_pb2.GetDatasetInputRequest(
-                app_id=self.rpc.app, dataset_id=self.id, input_id=input_id
-            ),
+            dataset_service_pb2.GetDatasetInputRequest,
+            dataset_id=self.id,
+            input_id=input_id,
         )
         return to_input_info(response.dataset_input.input)
 
@@ -97,14 +97,12 @@ class Dataset(Versions):
 
     def merge_dataset(self, source_id: str, request_id: str | None = None) -> MergeResult:
         """Adds every input of `source_id` to this dataset; the source is unchanged."""
-        response = self.rpc.call(
+        response = self.rpc.app_call(
             self.rpc.datasets.MergeDataset,
-            dataset_service_pb2.MergeDatasetRequest(
-                app_id=self.rpc.app,
-                source_dataset_id=source_id,
-                destination_dataset_id=self.id,
-                request_id=request_id or "",
-            ),
+            dataset_service_pb2.MergeDatasetRequest,
+            source_dataset_id=source_id,
+            destination_dataset_id=self.id,
+            request_id=request_id,
         )
         return MergeResult(response.added_count, response.already_present_count)
 

@@ -7,7 +7,6 @@ event loop to list or patch a dataset.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,10 +15,9 @@ from typing import Any, Literal, TypeVar
 from datasetd.v1 import common_pb2, dataset_pb2, dataset_service_pb2
 from google.protobuf import field_mask_pb2, json_format, struct_pb2
 
-from service.client import exports as _exports
 from service.client._rpc import Rpc, time_of
-from service.client.bulk_delete import BulkDeleteResult, bulk_delete_assets
-from service.client.progress import Progress
+from service.client.bulk_delete import BulkDeletes
+from service.client.exports import Exports
 
 T = TypeVar("T")
 PatchActionName = Literal["merge", "overwrite", "remove"]
@@ -134,21 +132,19 @@ def _to_info(message: dataset_pb2.Dataset) -> DatasetInfo:
     )
 
 
-class Datasets:
-    """Dataset operations of one app; get it from `Client.datasets`."""
+class Datasets(Exports, BulkDeletes):
+    """Dataset operations of one app; get it from `Client.datasets`. Exports and downloads
+    (`create_export`, `download`, ...) come from `Exports`, `bulk_delete_assets` from
+    `BulkDeletes`."""
 
     def __init__(self, rpc: Rpc) -> None:
         self._rpc = rpc
         self._stub = rpc.datasets
-        self._app = rpc.app
 
     def list(self, page_size: int = 50, query: str = "") -> Iterator[Page]:
         """Yields pages lazily, so a caller that stops early fetches no more."""
-        for response in self._rpc.pages(
-            self._stub.ListDatasets,
-            lambda token: dataset_service_pb2.ListDatasetsRequest(
-                app_id=self._app, page_size=page_size, page_token=token, query=query
-            ),
+        for response in self._rpc.app_pages(
+            self._stub.ListDatasets, dataset_service_pb2.ListDatasetsRequest, page_size, query=query
         ):
             yield Page([_to_info(d) for d in response.datasets], response.next_page_token)
 
@@ -157,14 +153,15 @@ class Datasets:
         for page in self.list(page_size=page_size, query=query):
             yield from page.items
 
-    def _dataset(self, method: Callable[..., Any], request: Any) -> DatasetInfo:
+    def _dataset(
+        self, method: Callable[..., Any], request_type: type[Any], **fields: Any
+    ) -> DatasetInfo:
         """Calls a method that answers with the dataset."""
-        return _to_info(self._rpc.call(method, request).dataset)
+        return _to_info(self._rpc.app_call(method, request_type, **fields).dataset)
 
     def get(self, dataset_id: str) -> DatasetInfo:
         return self._dataset(
-            self._stub.GetDataset,
-            dataset_service_pb2.GetDatasetRequest(app_id=self._app, dataset_id=dataset_id),
+            self._stub.GetDataset, dataset_service_pb2.GetDatasetRequest, dataset_id=dataset_id
         )
 
     def create(
@@ -181,9 +178,9 @@ class Datasets:
             dataset.metadata.CopyFrom(_struct(metadata))
         return self._dataset(
             self._stub.CreateDataset,
-            dataset_service_pb2.CreateDatasetRequest(
-                app_id=self._app, dataset=dataset, request_id=request_id or ""
-            ),
+            dataset_service_pb2.CreateDatasetRequest,
+            dataset=dataset,
+            request_id=request_id,
         )
 
     def patch(
@@ -218,25 +215,24 @@ class Datasets:
             raise ValueError("patch needs at least one of description, notes or metadata")
         return self._dataset(
             self._stub.UpdateDataset,
-            dataset_service_pb2.UpdateDatasetRequest(
-                app_id=self._app,
-                dataset=dataset,
-                action=_ACTIONS[action],
-                update_mask=field_mask_pb2.FieldMask(paths=paths),
-                etag=etag or "",
-                request_id=request_id or "",
-            ),
+            dataset_service_pb2.UpdateDatasetRequest,
+            dataset=dataset,
+            action=_ACTIONS[action],
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+            etag=etag,
+            request_id=request_id,
         )
 
     def delete(
         self, dataset_id: str, force: bool = False, request_id: str | None = None
     ) -> Deleted:
         """Deletes a dataset; without `force` it can be undeleted until `purge_time`."""
-        response = self._rpc.call(
+        response = self._rpc.app_call(
             self._stub.DeleteDataset,
-            dataset_service_pb2.DeleteDatasetRequest(
-                app_id=self._app, dataset_id=dataset_id, force=force, request_id=request_id or ""
-            ),
+            dataset_service_pb2.DeleteDatasetRequest,
+            dataset_id=dataset_id,
+            force=force,
+            request_id=request_id,
         )
         purge_time = (
             response.purge_time.ToDatetime(tzinfo=UTC) if response.HasField("purge_time") else None
@@ -246,87 +242,7 @@ class Datasets:
     def undelete(self, dataset_id: str, request_id: str | None = None) -> DatasetInfo:
         return self._dataset(
             self._stub.UndeleteDataset,
-            dataset_service_pb2.UndeleteDatasetRequest(
-                app_id=self._app, dataset_id=dataset_id, request_id=request_id or ""
-            ),
-        )
-
-    # --- exports, downloads (service/client/exports.py) and bulk deletes ----------
-
-    def bulk_delete_assets(
-        self,
-        dataset_id: str,
-        filter_criteria: dict[str, Any] | None = None,
-        strict_query: bool = False,
-        dry_run: bool = False,
-        request_id: str | None = None,
-    ) -> BulkDeleteResult:
-        """Deletes the dataset's inputs (from the app) matching `filter_criteria`: keys
-        `concepts`, `not_concepts`, `metadata`, `media_types`, `annotated`. An empty filter
-        matches every input; `strict_query=True` refuses it (ValueError)."""
-        return bulk_delete_assets(
-            self._rpc, dataset_id, filter_criteria, strict_query, dry_run, request_id
-        )
-
-    def create_export(
-        self,
-        dataset_id: str,
-        export_settings: _exports.ExportSettings | None = None,
-        version_id: str | None = None,
-        request_id: str | None = None,
-    ) -> _exports.ExportInfo:
-        """Exports `version_id` (default: the newest READY version, or a new one, built
-        first); returns at once, see `wait_export`."""
-        return _exports.create_export(
-            self._rpc, dataset_id, export_settings, version_id, request_id=request_id
-        )
-
-    def get_export(
-        self, dataset_id: str, export_id: str, version_id: str | None = None
-    ) -> _exports.ExportInfo:
-        return _exports.get_export(self._rpc, dataset_id, export_id, version_id)
-
-    def list_exports(self, dataset_id: str, version_id: str | None = None) -> _exports.ExportList:
-        """The exports of `version_id` (default: the newest READY version)."""
-        return _exports.list_exports(self._rpc, dataset_id, version_id)
-
-    def wait_export(
-        self,
-        dataset_id: str,
-        export_id: str,
-        version_id: str | None = None,
-        timeout: float = 600,
-        show_progress: bool = False,
-        progress: Progress | None = None,
-    ) -> _exports.ExportInfo:
-        """Waits for SUCCESS; raises ExportFailedError or TimeoutError."""
-        return _exports.wait_export(
-            self._rpc, dataset_id, export_id, version_id, timeout, show_progress, progress
-        )
-
-    def download(
-        self,
-        dataset_id: str,
-        save_dir: str | os.PathLike[str],
-        export_settings: _exports.ExportSettings | None = None,
-        annotations_only: bool = False,
-        overwrite: bool = False,
-        show_progress: bool = True,
-        version_id: str | None = None,
-        timeout: float = 600,
-        progress: Progress | None = None,
-    ) -> _exports.DownloadResult:
-        """Exports the latest version (creating one if needed), downloads it and unpacks
-        it into `save_dir` as media files plus annotation files per split."""
-        return _exports.download(
-            self._rpc,
-            dataset_id,
-            save_dir,
-            export_settings,
-            annotations_only,
-            overwrite,
-            show_progress,
-            version_id,
-            timeout,
-            progress,
+            dataset_service_pb2.UndeleteDatasetRequest,
+            dataset_id=dataset_id,
+            request_id=request_id,
         )

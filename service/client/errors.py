@@ -26,6 +26,14 @@ class DatasetdError(Exception):
         self.request_id = request_id
 
 
+class JobFailedError(DatasetdError):
+    """A server job (a version build, an export) ended in failure; ABORTED, as the job
+    was given up rather than the call refused."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(grpc.StatusCode.ABORTED, message, reason=reason)
+
+
 class NotFoundError(DatasetdError):
     """NOT_FOUND."""
 

@@ -21,7 +21,7 @@ from datasetd.v1 import dataset_version_pb2
 from datasetd.v1 import dataset_version_service_pb2 as api
 
 from service.client._rpc import Rpc, time_of
-from service.client.errors import DatasetdError, NotFoundError
+from service.client.errors import JobFailedError, NotFoundError
 from service.client.progress import Progress, reporter, text_table
 from service.client.unpack import SPLIT, unpack
 from service.client.versions import READY, Versions, status_name, wait_for
@@ -161,16 +161,12 @@ class ExportInfo:
 ExportList = list[ExportInfo]
 
 
-class ExportFailedError(DatasetdError):
+class ExportFailedError(JobFailedError):
     """An export ended FAILED (or UNEXPECTED_ERROR); `export.details` says why."""
 
     def __init__(self, export: ExportInfo) -> None:
-        super().__init__(
-            grpc.StatusCode.ABORTED,
-            f"export {export.id} of version {export.version_id} failed: "
-            f"{export.details or export.status}",
-            reason="EXPORT_FAILED",
-        )
+        what = f"export {export.id} of version {export.version_id}"
+        super().__init__(f"{what} failed: {export.details or export.status}", "EXPORT_FAILED")
         self.export = export
 
 
@@ -255,118 +251,6 @@ def to_export_info(message: api.Export) -> ExportInfo:
     )
 
 
-# --- exports ---------------------------------------------------------------------------------
-
-
-def create_export(
-    rpc: Rpc,
-    dataset_id: str,
-    export_settings: ExportSettings | None = None,
-    version_id: str | None = None,
-    embed_media: bool | None = None,
-    request_id: str | None = None,
-    timeout: float = 600,
-    show_progress: bool = False,
-    progress: Progress | None = None,
-) -> ExportInfo:
-    """Asks for an export of `version_id` (default: the newest READY version, or a new one,
-    built first). Returns at once (the export may still be PENDING); idempotent."""
-    settings = export_settings or ExportSettings()
-    if version_id is None:
-        version_id = Versions(rpc, dataset_id).latest_or_new(timeout, show_progress, progress).id
-    embed = (
-        embed_media
-        if embed_media is not None
-        else bool(settings.embed_media)  # None: referenced, the server's default
-    )
-    response = rpc.call(
-        rpc.versions.ExportDatasetVersion,
-        api.ExportDatasetVersionRequest(
-            app_id=rpc.app,
-            dataset_id=dataset_id,
-            version_id=version_id,
-            format=FORMATS[settings.format],
-            options=settings.options(embed),
-            request_id=request_id or "",
-        ),
-    )
-    return to_export_info(response.export)
-
-
-def _get(rpc: Rpc, dataset_id: str, version_id: str, export_id: str) -> ExportInfo:
-    response = rpc.call(
-        rpc.versions.GetExport,
-        api.GetExportRequest(
-            app_id=rpc.app, dataset_id=dataset_id, version_id=version_id, export_id=export_id
-        ),
-    )
-    return to_export_info(response.export)
-
-
-def get_export(
-    rpc: Rpc, dataset_id: str, export_id: str, version_id: str | None = None
-) -> ExportInfo:
-    """The export; without `version_id` the dataset's versions are searched, newest first."""
-    if version_id is not None:
-        return _get(rpc, dataset_id, version_id, export_id)
-    for version in Versions(rpc, dataset_id).list_versions():
-        if version.status != READY:
-            continue
-        try:
-            return _get(rpc, dataset_id, version.id, export_id)
-        except NotFoundError:
-            continue
-    raise NotFoundError(
-        grpc.StatusCode.NOT_FOUND,
-        f"no version of dataset {dataset_id} has an export {export_id}",
-        reason="EXPORT_NOT_FOUND",
-    )
-
-
-def list_exports(rpc: Rpc, dataset_id: str, version_id: str | None = None) -> list[ExportInfo]:
-    """The exports of `version_id` (default: the newest READY version; [] if none)."""
-    if version_id is None:
-        latest = Versions(rpc, dataset_id).latest_version()
-        if latest is None:
-            return []
-        version_id = latest.id
-    pages = rpc.pages(
-        rpc.versions.ListExports,
-        lambda token: api.ListExportsRequest(
-            app_id=rpc.app,
-            dataset_id=dataset_id,
-            version_id=version_id,
-            page_size=1000,
-            page_token=token,
-        ),
-    )
-    return [to_export_info(e) for response in pages for e in response.exports]
-
-
-def wait_export(
-    rpc: Rpc,
-    dataset_id: str,
-    export_id: str,
-    version_id: str | None = None,
-    timeout: float = 600,
-    show_progress: bool = False,
-    progress: Progress | None = None,
-) -> ExportInfo:
-    """Waits until the export ended: SUCCESS is returned, a failure raised
-    (ExportFailedError), TimeoutError after `timeout` seconds."""
-    if version_id is None:
-        version_id = get_export(rpc, dataset_id, export_id).version_id
-    version = version_id
-    return wait_for(
-        lambda: _get(rpc, dataset_id, version, export_id),
-        SUCCESS,
-        ExportFailedError,
-        timeout,
-        f"exporting version {version_id}",
-        reporter(show_progress, progress),
-    )
-
-
 # --- download --------------------------------------------------------------------------------
 
 
@@ -429,58 +313,170 @@ def _fetch(rpc: Rpc, export: ExportInfo, path: Path, progress: Progress) -> tupl
     return size, announced_sha
 
 
-def download(
-    rpc: Rpc,
-    dataset_id: str,
-    save_dir: str | os.PathLike[str],
-    export_settings: ExportSettings | None = None,
-    annotations_only: bool = False,
-    overwrite: bool = False,
-    show_progress: bool = True,
-    version_id: str | None = None,
-    timeout: float = 600,
-    progress: Progress | None = None,
-) -> DownloadResult:
-    """Exports a version (default: the newest READY one; one still building is waited for;
-    with none, a new one is created), downloads it and unpacks it into `save_dir`."""
-    target = Path(save_dir).expanduser().absolute()
-    _check_target(target, overwrite)
-    settings = export_settings or ExportSettings()
-    embed = settings.embed_media if settings.embed_media is not None else not annotations_only
-    if version_id is None:
-        version_id = Versions(rpc, dataset_id).latest_or_new(timeout, show_progress, progress).id
-    started = create_export(rpc, dataset_id, settings, version_id, embed_media=embed)
-    export = wait_export(rpc, dataset_id, started.id, version_id, timeout, show_progress, progress)
+# --- exports ---------------------------------------------------------------------------------
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Next to the target, so that the final renames stay on one file system.
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.download-", dir=target.parent))
-    try:
-        archive = work / "export.zip"
-        size, sha256 = _fetch(rpc, export, archive, reporter(show_progress, progress))
-        content = work / "content"
-        content.mkdir()
-        stats = unpack(archive, content, settings.format, settings.normalized, annotations_only)
-        archive.unlink()
-        (content / DOWNLOAD_MARKER).write_text(f"{dataset_id} {version_id} {export.id}\n")
+
+class Exports:
+    """Exports and downloads of a dataset's versions; `Datasets` inherits these methods."""
+
+    _rpc: Rpc
+
+    def create_export(
+        self,
+        dataset_id: str,
+        export_settings: ExportSettings | None = None,
+        version_id: str | None = None,
+        request_id: str | None = None,
+    ) -> ExportInfo:
+        """Exports `version_id` (default: the newest READY version, or a new one, built
+        first); returns at once (the export may still be PENDING), see `wait_export`;
+        idempotent."""
+        settings = export_settings or ExportSettings()
+        if version_id is None:
+            version_id = Versions(self._rpc, dataset_id).latest_or_new().id
+        # Unset `embed_media`: referenced, the server's default.
+        embed = bool(settings.embed_media)
+        return self._export(dataset_id, settings, version_id, embed, request_id)
+
+    def _export(
+        self,
+        dataset_id: str,
+        settings: ExportSettings,
+        version_id: str,
+        embed_media: bool,
+        request_id: str | None = None,
+    ) -> ExportInfo:
+        response = self._rpc.app_call(
+            self._rpc.versions.ExportDatasetVersion,
+            api.ExportDatasetVersionRequest,
+            dataset_id=dataset_id,
+            version_id=version_id,
+            format=FORMATS[settings.format],
+            options=settings.options(embed_media),
+            request_id=request_id,
+        )
+        return to_export_info(response.export)
+
+    def _get(self, dataset_id: str, version_id: str, export_id: str) -> ExportInfo:
+        response = self._rpc.app_call(
+            self._rpc.versions.GetExport,
+            api.GetExportRequest,
+            dataset_id=dataset_id,
+            version_id=version_id,
+            export_id=export_id,
+        )
+        return to_export_info(response.export)
+
+    def get_export(
+        self, dataset_id: str, export_id: str, version_id: str | None = None
+    ) -> ExportInfo:
+        """The export; without `version_id` the dataset's versions are searched, newest
+        first."""
+        if version_id is not None:
+            return self._get(dataset_id, version_id, export_id)
+        for version in Versions(self._rpc, dataset_id).list_versions():
+            if version.status != READY:
+                continue
+            try:
+                return self._get(dataset_id, version.id, export_id)
+            except NotFoundError:
+                continue
+        raise NotFoundError(
+            grpc.StatusCode.NOT_FOUND,
+            f"no version of dataset {dataset_id} has an export {export_id}",
+            reason="EXPORT_NOT_FOUND",
+        )
+
+    def list_exports(self, dataset_id: str, version_id: str | None = None) -> ExportList:
+        """The exports of `version_id` (default: the newest READY version; [] if none)."""
+        if version_id is None:
+            latest = Versions(self._rpc, dataset_id).latest_version()
+            if latest is None:
+                return []
+            version_id = latest.id
+        pages = self._rpc.app_pages(
+            self._rpc.versions.ListExports,
+            api.ListExportsRequest,
+            1000,
+            dataset_id=dataset_id,
+            version_id=version_id,
+        )
+        return [to_export_info(e) for response in pages for e in response.exports]
+
+    def wait_export(
+        self,
+        dataset_id: str,
+        export_id: str,
+        version_id: str | None = None,
+        timeout: float = 600,
+        show_progress: bool = False,
+        progress: Progress | None = None,
+    ) -> ExportInfo:
+        """Waits until the export ended: SUCCESS is returned, a failure raised
+        (ExportFailedError), TimeoutError after `timeout` seconds."""
+        if version_id is None:
+            version_id = self.get_export(dataset_id, export_id).version_id
+        version = version_id
+        return wait_for(
+            lambda: self._get(dataset_id, version, export_id),
+            SUCCESS,
+            ExportFailedError,
+            timeout,
+            f"exporting version {version_id}",
+            reporter(show_progress, progress),
+        )
+
+    def download(
+        self,
+        dataset_id: str,
+        save_dir: str | os.PathLike[str],
+        export_settings: ExportSettings | None = None,
+        annotations_only: bool = False,
+        overwrite: bool = False,
+        show_progress: bool = True,
+        version_id: str | None = None,
+        timeout: float = 600,
+        progress: Progress | None = None,
+    ) -> DownloadResult:
+        """Exports a version (default: the newest READY one; one still building is waited
+        for; with none, a new one is created), downloads it and unpacks it into `save_dir`
+        as media files plus annotation files per split."""
+        target = Path(save_dir).expanduser().absolute()
         _check_target(target, overwrite)
-        if target.exists():
-            # The old content goes into the work directory, removed below with it.
-            target.rename(work / "previous")
-        content.rename(target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return DownloadResult(
-        save_dir=target,
-        size_mb=round(size / MIB, 3),
-        splits=stats.splits,
-        assets_count=stats.assets_count,
-        annotations_count=stats.annotations_count,
-        format=settings.format,
-        version_id=version_id,
-        export_id=export.id,
-        size_bytes=size,
-        sha256=sha256,
-        media_files=stats.media_files,
-        media_missing=stats.media_missing,
-    )
+        settings = export_settings or ExportSettings()
+        embed = settings.embed_media if settings.embed_media is not None else not annotations_only
+        if version_id is None:
+            versions = Versions(self._rpc, dataset_id)
+            version_id = versions.latest_or_new(timeout, show_progress, progress).id
+        started = self._export(dataset_id, settings, version_id, embed)
+        export = self.wait_export(
+            dataset_id, started.id, version_id, timeout, show_progress, progress
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Next to the target, so that the final renames stay on one file system.
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.download-", dir=target.parent))
+        try:
+            archive = work / "export.zip"
+            size, sha256 = _fetch(self._rpc, export, archive, reporter(show_progress, progress))
+            content = work / "content"
+            content.mkdir()
+            stats = unpack(archive, content, settings.format, settings.normalized, annotations_only)
+            archive.unlink()
+            (content / DOWNLOAD_MARKER).write_text(f"{dataset_id} {version_id} {export.id}\n")
+            _check_target(target, overwrite)
+            if target.exists():
+                # The old content goes into the work directory, removed below with it.
+                target.rename(work / "previous")
+            content.rename(target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return DownloadResult(
+            save_dir=target,
+            size_mb=round(size / MIB, 3),
+            format=settings.format,
+            version_id=version_id,
+            export_id=export.id,
+            size_bytes=size,
+            sha256=sha256,
+            **asdict(stats),
+        )

@@ -13,13 +13,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-import grpc
 from datasetd.v1 import dataset_version_pb2, status_pb2
 from datasetd.v1 import dataset_version_service_pb2 as api
 from google.protobuf import json_format
 
 from service.client._rpc import Rpc, time_of
-from service.client.errors import DatasetdError
+from service.client.errors import JobFailedError
 from service.client.progress import Progress, reporter
 
 _PREFIX = "STATUS_CODE_DATASET_VERSION_"
@@ -31,15 +30,13 @@ POLL_FIRST_SECONDS = 0.05
 POLL_MAX_SECONDS = 1.0
 
 
-class VersionFailedError(DatasetdError):
+class VersionFailedError(JobFailedError):
     """A version build ended in FAILURE; `version.details` holds the server's explanation."""
 
     def __init__(self, version: VersionInfo) -> None:
+        what = f"version {version.id} of dataset {version.dataset_id}"
         super().__init__(
-            grpc.StatusCode.ABORTED,
-            f"version {version.id} of dataset {version.dataset_id} failed to build: "
-            f"{version.details or 'no details'}",
-            reason="VERSION_BUILD_FAILED",
+            f"{what} failed to build: {version.details or 'no details'}", "VERSION_BUILD_FAILED"
         )
         self.version = version
 
@@ -174,14 +171,12 @@ class Versions:
         version = dataset_version_pb2.DatasetVersion(id=version_id, description=description)
         if metadata:
             version.metadata.update(metadata)
-        response = self.rpc.call(
+        response = self.rpc.app_call(
             self.rpc.versions.CreateDatasetVersion,
-            api.CreateDatasetVersionRequest(
-                app_id=self.rpc.app,
-                dataset_id=self.id,
-                version=version,
-                request_id=request_id or "",
-            ),
+            api.CreateDatasetVersionRequest,
+            dataset_id=self.id,
+            version=version,
+            request_id=request_id,
         )
         created = to_version_info(response.version)
         if not wait:
@@ -206,34 +201,32 @@ class Versions:
         )
 
     def get_version(self, version_id: str) -> VersionInfo:
-        response = self.rpc.call(
+        response = self.rpc.app_call(
             self.rpc.versions.GetDatasetVersion,
-            api.GetDatasetVersionRequest(
-                app_id=self.rpc.app, dataset_id=self.id, version_id=version_id
-            ),
+            api.GetDatasetVersionRequest,
+            dataset_id=self.id,
+            version_id=version_id,
         )
         return to_version_info(response.version)
 
     def list_versions(self, page_size: int = 50) -> Iterator[VersionInfo]:
         """Newest first; pages are fetched lazily."""
-        for response in self.rpc.pages(
+        for response in self.rpc.app_pages(
             self.rpc.versions.ListDatasetVersions,
-            lambda token: api.ListDatasetVersionsRequest(
-                app_id=self.rpc.app, dataset_id=self.id, page_size=page_size, page_token=token
-            ),
+            api.ListDatasetVersionsRequest,
+            page_size,
+            dataset_id=self.id,
         ):
             for message in response.versions:
                 yield to_version_info(message)
 
     def delete_version(self, version_id: str, request_id: str | None = None) -> None:
-        self.rpc.call(
+        self.rpc.app_call(
             self.rpc.versions.DeleteDatasetVersion,
-            api.DeleteDatasetVersionRequest(
-                app_id=self.rpc.app,
-                dataset_id=self.id,
-                version_id=version_id,
-                request_id=request_id or "",
-            ),
+            api.DeleteDatasetVersionRequest,
+            dataset_id=self.id,
+            version_id=version_id,
+            request_id=request_id,
         )
 
     def latest_version(self) -> VersionInfo | None:
