@@ -30,6 +30,7 @@ from service.domain.errors import (
 )
 from service.domain.input_drafts import MAX_IDS_PER_CALL, Outcome
 from service.domain.models import AnnotatedMedia, Annotation, AnnotationQuery, MediaType, Principal
+from service.domain.paging import split_page
 from service.domain.patch import PatchAction, apply_json
 from service.domain.ports import AnnotationRepository, MembershipRepository, TransactionManager
 from service.domain.validation import ID_PATTERN, check_id, check_metadata, require_ids
@@ -418,8 +419,7 @@ class AnnotationService:
                 app_id, list(input_ids) if input_ids is not None else None, dataset_id
             )
             rows = await self.annotations.page(query, after_seq, limit + 1)
-        page = rows[:limit]
-        return [a for _, a in page], page[-1][0] if len(rows) > limit and page else None
+        return split_page(rows, limit)
 
     # --- update and delete -----------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from service.domain.auth import Permission, authorize
 from service.domain.errors import FailedPrecondition, NotFound, Violations
-from service.domain.jobs import Job, JobFailed, JobKind, JobQueue, Progress
+from service.domain.jobs import Job, JobFailed, JobKind, JobQueue, Progress, payload_ids
 from service.domain.models import (
     Export,
     ExportFormat,
@@ -40,6 +40,7 @@ from service.domain.models import (
     VersionMember,
     VersionStatus,
 )
+from service.domain.paging import split_page
 from service.domain.ports import (
     ArchiveFormats,
     BlobStore,
@@ -210,9 +211,8 @@ class ExportService:
         async with self.tx.transaction():
             await self.versions.get(principal, app_id, dataset_id, version_id)
             rows = await self.exports.page(app_id, dataset_id, version_id, after_seq, limit + 1)
-        page = rows[:limit]
-        views = await self._views([export for _, export in page])
-        return views, page[-1][0] if len(rows) > limit and page else None
+        exports, last = split_page(rows, limit)
+        return await self._views(exports), last
 
     async def latest_by_format(
         self, principal: Principal, app_id: str, dataset_id: str, version_id: str
@@ -287,16 +287,8 @@ class _Target:
 
     @classmethod
     def of(cls, job: Job) -> _Target:
-        dataset_id = job.payload.get("dataset_id")
-        version_id = job.payload.get("version_id")
-        export_id = job.payload.get("export_id")
-        if not (
-            isinstance(dataset_id, str)
-            and isinstance(version_id, str)
-            and isinstance(export_id, str)
-        ):
-            raise JobFailed(f"malformed export job payload {job.payload!r}")
-        return cls(job.app_id, dataset_id, version_id, export_id)
+        ids = payload_ids(job, "dataset_id", "version_id", "export_id", what="export")
+        return cls(job.app_id, *ids)
 
     @property
     def version_key(self) -> tuple[str, str, str]:

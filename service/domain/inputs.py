@@ -43,6 +43,7 @@ from service.domain.models import (
     Principal,
     StoredBlob,
 )
+from service.domain.paging import split_page
 from service.domain.patch import PatchAction, apply_json, merge_json
 from service.domain.ports import (
     BlobStore,
@@ -373,9 +374,8 @@ class InputService:
         authorize(principal, query.app_id, Permission.READ)
         self.check_query(query)
         rows = await self.inputs.page(query, after_seq, limit + 1)
-        page = rows[:limit]
-        views = await self.views([row for _, row in page])
-        return views, page[-1][0] if len(rows) > limit and page else None
+        inputs, last = split_page(rows, limit)
+        return await self.views(inputs), last
 
     @staticmethod
     def check_query(query: InputQuery) -> None:

@@ -64,6 +64,16 @@ class JobQueue(Protocol):
     async def status(self, job_id: int) -> JobStatus | None: ...
 
 
+def payload_ids(job: Job, *names: str, what: str) -> list[str]:
+    """The ids a job's payload names, in the order asked; JobFailed (no retry can help)
+    when one is missing or not a string."""
+    values = [job.payload.get(name) for name in names]
+    ids = [value for value in values if isinstance(value, str)]
+    if len(ids) < len(names):
+        raise JobFailed(f"malformed {what} job payload {job.payload!r}")
+    return ids
+
+
 class AfterCommit(Protocol):
     def after_commit(self, hook: Callable[[], None]) -> None: ...
 

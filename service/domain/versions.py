@@ -29,7 +29,15 @@ from service.domain.errors import (
     NotFound,
     Violations,
 )
-from service.domain.jobs import Job, JobCancelled, JobFailed, JobKind, JobQueue, Progress
+from service.domain.jobs import (
+    Job,
+    JobCancelled,
+    JobFailed,
+    JobKind,
+    JobQueue,
+    Progress,
+    payload_ids,
+)
 from service.domain.models import (
     Annotation,
     AnnotationQuery,
@@ -42,6 +50,7 @@ from service.domain.models import (
     VersionMetrics,
     VersionStatus,
 )
+from service.domain.paging import split_page
 from service.domain.ports import (
     AnnotationRepository,
     BlobStore,
@@ -157,8 +166,7 @@ class VersionService:
         async with self.tx.transaction():
             await self._require_dataset(app_id, dataset_id)
             rows = await self.versions.page(app_id, dataset_id, before_seq, limit + 1)
-        page = rows[:limit]
-        return [v for _, v in page], page[-1][0] if len(rows) > limit and page else None
+        return split_page(rows, limit)
 
     async def update(
         self,
@@ -251,11 +259,7 @@ class _Target:
 
     @classmethod
     def of(cls, job: Job) -> _Target:
-        dataset_id = job.payload.get("dataset_id")
-        version_id = job.payload.get("version_id")
-        if not isinstance(dataset_id, str) or not isinstance(version_id, str):
-            raise JobFailed(f"malformed build job payload {job.payload!r}")
-        return cls(job.app_id, dataset_id, version_id)
+        return cls(job.app_id, *payload_ids(job, "dataset_id", "version_id", what="build"))
 
 
 def _inputs_deleted(total: int, shown: list[str]) -> JobFailed:
