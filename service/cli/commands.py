@@ -137,10 +137,10 @@ def keys_revoke(args: argparse.Namespace, output: Output) -> int:
             markup=False,
         )
         return 1
-    if output.as_json:
-        output.document({"id": args.key_id, "app_id": args.app, "revoked": True})
-    else:
-        output.text(f"Key {args.key_id} of app {args.app} is revoked.")
+    output.outcome(
+        {"id": args.key_id, "app_id": args.app, "revoked": True},
+        f"Key {args.key_id} of app {args.app} is revoked.",
+    )
     return 0
 
 
@@ -221,18 +221,14 @@ def datasets_delete(args: argparse.Namespace, output: Output) -> int:
         how = "permanently (--force: it cannot be undone)" if args.force else "recoverably"
         confirm(output, f"Dataset {args.dataset} {what} will be deleted {how}.", args.yes)
         deleted = client.datasets.delete(args.dataset, force=args.force)
-    if output.as_json:
-        output.document(
-            {"dataset_id": args.dataset, "purged": deleted.purged, "purge_time": deleted.purge_time}
-        )
-    elif deleted.purged:
-        output.text(f"Dataset {args.dataset} was purged.")
-    else:
-        until = deleted.purge_time.isoformat(timespec="seconds") if deleted.purge_time else "-"
-        output.text(
-            f"Dataset {args.dataset} was deleted; `datasetd datasets undelete {args.dataset}` "
-            f"restores it until {until}."
-        )
+    until = deleted.purge_time.isoformat(timespec="seconds") if deleted.purge_time else "-"
+    output.outcome(
+        {"dataset_id": args.dataset, "purged": deleted.purged, "purge_time": deleted.purge_time},
+        f"Dataset {args.dataset} was purged."
+        if deleted.purged
+        else f"Dataset {args.dataset} was deleted; `datasetd datasets undelete {args.dataset}` "
+        f"restores it until {until}.",
+    )
     return 0
 
 
@@ -355,10 +351,10 @@ def versions_delete(args: argparse.Namespace, output: Output) -> int:
             args.yes,
         )
         dataset.delete_version(args.version)
-    if output.as_json:
-        output.document({"dataset_id": args.dataset, "version_id": args.version, "deleted": True})
-    else:
-        output.text(f"Version {args.version} of dataset {args.dataset} was deleted.")
+    output.outcome(
+        {"dataset_id": args.dataset, "version_id": args.version, "deleted": True},
+        f"Version {args.version} of dataset {args.dataset} was deleted.",
+    )
     return 0
 
 
@@ -409,16 +405,12 @@ def download(args: argparse.Namespace, output: Output) -> int:
 def merge(args: argparse.Namespace, output: Output) -> int:
     with _client(args) as client:
         merged = client.dataset(args.dataset).merge_dataset(args.source)
-    if output.as_json:
-        output.document(
-            {"destination": args.dataset, "source": args.source}
-            | {"added": merged.added, "already_present": merged.already_present}
-        )
-    else:
-        output.text(
-            f"Merged {args.source} into {args.dataset}: {merged.added} inputs added, "
-            f"{merged.already_present} already present."
-        )
+    output.outcome(
+        {"destination": args.dataset, "source": args.source}
+        | {"added": merged.added, "already_present": merged.already_present},
+        f"Merged {args.source} into {args.dataset}: {merged.added} inputs added, "
+        f"{merged.already_present} already present.",
+    )
     return 0
 
 
@@ -453,13 +445,10 @@ def inputs_delete(args: argparse.Namespace, output: Output) -> int:
             args.yes,
         )
         deleted, unknown = dataset.delete_inputs(list(args.inputs))
-    if output.as_json:
-        output.document({"deleted": deleted, "unknown_ids": unknown})
-    else:
-        output.text(
-            f"Deleted {deleted} inputs."
-            + (f" Unknown ids: {', '.join(unknown)}" if unknown else "")
-        )
+    output.outcome(
+        {"deleted": deleted, "unknown_ids": unknown},
+        f"Deleted {deleted} inputs." + (f" Unknown ids: {', '.join(unknown)}" if unknown else ""),
+    )
     return 0
 
 

@@ -74,6 +74,13 @@ class Output:
             table.add_row(key, _cell(item))
         self.console.print(table)
 
+    def outcome(self, document: Any, message: str) -> None:
+        """What a change did: `document` for scripts, `message` for people."""
+        if self.as_json:
+            self.document(document)
+        else:
+            self.text(message)
+
     def text(self, message: str) -> None:
         """Progress and notes for people: stderr in JSON mode, so stdout stays parseable."""
         (self.errors if self.as_json else self.console).print(message, highlight=False)
