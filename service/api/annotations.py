@@ -9,7 +9,7 @@ from datasetd.v1 import annotation_service_pb2 as api
 from service.api.interceptors import current_principal
 from service.api.outcomes import OUTCOMES, count_outcomes, field_errors
 from service.api.pagination import PageTokens
-from service.api.rpc import Context, mutation, patch_action
+from service.api.rpc import Context, mutation, patch_request
 from service.domain.annotations import (
     PATCHABLE_FIELDS,
     AnnotationOutcome,
@@ -109,11 +109,7 @@ class AnnotationRpcs:
     async def UpdateAnnotations(
         self, request: api.UpdateAnnotationsRequest, principal: Principal
     ) -> api.UpdateAnnotationsResponse:
-        violations = Violations()
-        action = patch_action(violations, request.action)
-        patches = _patches(request, violations)
-        violations.raise_if_any()
-        assert action is not None
+        action, patches = patch_request(request.action, lambda v: _patches(request, v))
         updated, deleted = await self.annotations.update(
             principal, request.app_id, action, patches, delete_if_empty=request.delete_if_empty
         )

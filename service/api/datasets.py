@@ -10,10 +10,9 @@ from datasetd.v1 import common_pb2, dataset_service_pb2
 
 from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens, page_size
-from service.api.rpc import Context, mutation, patch_action
-from service.domain.auth import Permission, authorize
+from service.api.rpc import Context, decoded, mutation, patch_request
 from service.domain.datasets import DatasetService
-from service.domain.errors import InvalidArgument, Violations
+from service.domain.errors import InvalidArgument
 from service.domain.idempotency import Idempotency
 from service.domain.models import Principal, SortField
 from service.wire.datasets import dataset_fields, dataset_to_proto
@@ -36,9 +35,7 @@ class DatasetRpcs:
     async def CreateDataset(
         self, request: dataset_service_pb2.CreateDatasetRequest, principal: Principal
     ) -> dataset_service_pb2.CreateDatasetResponse:
-        violations = Violations()
-        fields = dataset_fields(request.dataset, None, violations)
-        violations.raise_if_any()
+        fields = decoded(lambda violations: dataset_fields(request.dataset, None, violations))
         view = await self.datasets.create(principal, request.app_id, request.dataset.id, fields)
         return dataset_service_pb2.CreateDatasetResponse(dataset=dataset_to_proto(view))
 
@@ -52,7 +49,6 @@ class DatasetRpcs:
         self, request: dataset_service_pb2.ListDatasetsRequest, context: Context
     ) -> dataset_service_pb2.ListDatasetsResponse:
         principal = current_principal()
-        authorize(principal, request.app_id, Permission.READ)
         limit = page_size(request.page_size)
         sort_field = _SORT_FIELDS.get(request.sort_by)
         if sort_field is None:
@@ -112,11 +108,10 @@ class DatasetRpcs:
     async def UpdateDataset(
         self, request: dataset_service_pb2.UpdateDatasetRequest, principal: Principal
     ) -> dataset_service_pb2.UpdateDatasetResponse:
-        violations = Violations()
-        action = patch_action(violations, request.action)
-        fields = dataset_fields(request.dataset, list(request.update_mask.paths), violations)
-        violations.raise_if_any()
-        assert action is not None
+        paths = list(request.update_mask.paths)
+        action, fields = patch_request(
+            request.action, lambda violations: dataset_fields(request.dataset, paths, violations)
+        )
         view = await self.datasets.update(
             principal, request.app_id, request.dataset.id, action, fields, request.etag
         )

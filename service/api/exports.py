@@ -11,7 +11,6 @@ from service.api.export_messages import FORMATS_BY_NUMBER, export_options, expor
 from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens
 from service.api.rpc import Context, download, mutation
-from service.domain.auth import Permission, authorize
 from service.domain.exports import ExportService
 from service.domain.idempotency import Idempotency
 from service.domain.models import Principal
@@ -53,7 +52,6 @@ class ExportRpcs:
         self, request: api.ListExportsRequest, context: Context
     ) -> api.ListExportsResponse:
         principal = current_principal()
-        authorize(principal, request.app_id, Permission.READ)
         page = self.tokens.page(
             "ListExports", request, dataset_id=request.dataset_id, version_id=request.version_id
         )

@@ -14,7 +14,7 @@ from service.api.idempotency import idempotency_key, run_once
 from service.api.interceptors import current_principal
 from service.api.outcomes import OUTCOMES, count_outcomes, field_errors
 from service.api.pagination import PageTokens
-from service.api.rpc import Context, download, mutation, patch_action
+from service.api.rpc import Context, download, mutation, patch_request
 from service.api.streams import chunks, header_message
 from service.domain.errors import Violations
 from service.domain.idempotency import Idempotency
@@ -118,11 +118,7 @@ class InputRpcs:
     async def UpdateInputs(
         self, request: input_service_pb2.UpdateInputsRequest, principal: Principal
     ) -> input_service_pb2.UpdateInputsResponse:
-        violations = Violations()
-        action = patch_action(violations, request.action)
-        patches = _patches(request, violations)
-        violations.raise_if_any()
-        assert action is not None
+        action, patches = patch_request(request.action, lambda v: _patches(request, v))
         views = await self.inputs.update(principal, request.app_id, action, patches)
         return input_service_pb2.UpdateInputsResponse(inputs=[input_to_proto(v) for v in views])
 

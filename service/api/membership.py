@@ -10,7 +10,7 @@ from datasetd.v1 import dataset_service_pb2 as api
 from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens
 from service.api.rpc import Context, mutation
-from service.domain.errors import Violations
+from service.domain.errors import InvalidArgument
 from service.domain.idempotency import Idempotency
 from service.domain.membership import MembershipService
 from service.domain.models import Principal
@@ -72,10 +72,8 @@ class MembershipRpcs:
     async def DeleteDatasetInputsByFilter(
         self, request: api.DeleteDatasetInputsByFilterRequest, principal: Principal
     ) -> api.DeleteDatasetInputsByFilterResponse:
-        violations = Violations()
         if not request.dataset_id:
-            violations.add("dataset_id", "is required")
-        violations.raise_if_any()
+            raise InvalidArgument.field("dataset_id", "is required")
         query = input_filter_query(request.app_id, request.filter, dataset_id=request.dataset_id)
         matched, deleted = await self.members.delete_by_filter(
             principal, query, dry_run=request.dry_run

@@ -23,7 +23,15 @@ from service.domain.idempotency import Idempotency
 from service.domain.models import Principal
 from service.domain.patch import PatchAction
 
-__all__ = ["Context", "compose", "download", "mutation", "patch_action"]
+__all__ = [
+    "Context",
+    "compose",
+    "decoded",
+    "download",
+    "mutation",
+    "patch_action",
+    "patch_request",
+]
 
 
 class Mutating(Protocol):
@@ -89,6 +97,30 @@ async def download(
                 yield chunk(data)
     if pending is not None:
         yield pending
+
+
+Decoded = TypeVar("Decoded")
+
+
+def decoded(decode: Callable[[Violations], Decoded]) -> Decoded:
+    """What `decode` reads from a request; every violation it found is raised at once."""
+    violations = Violations()
+    value = decode(violations)
+    violations.raise_if_any()
+    return value
+
+
+def patch_request(
+    action: common_pb2.PatchAction.ValueType, decode: Callable[[Violations], Decoded]
+) -> tuple[PatchAction, Decoded]:
+    """The action of an Update request and what `decode` reads from it, the problems of
+    both reported together."""
+    violations = Violations()
+    chosen = patch_action(violations, action)
+    value = decode(violations)
+    violations.raise_if_any()
+    assert chosen is not None
+    return chosen, value
 
 
 _ACTIONS = {

@@ -11,8 +11,7 @@ from datasetd.v1 import dataset_version_service_pb2 as api
 from service.api.export_messages import export_info
 from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens
-from service.api.rpc import Context, mutation
-from service.domain.auth import Permission, authorize
+from service.api.rpc import Context, decoded, mutation
 from service.domain.errors import Violations
 from service.domain.exports import ExportService
 from service.domain.idempotency import Idempotency
@@ -119,7 +118,6 @@ class VersionRpcs:
         self, request: api.ListDatasetVersionsRequest, context: Context
     ) -> api.ListDatasetVersionsResponse:
         principal = current_principal()
-        authorize(principal, request.app_id, Permission.READ)
         page = self.tokens.page("ListDatasetVersions", request, dataset_id=request.dataset_id)
         versions, last = await self.versions.list(
             principal, request.app_id, request.dataset_id, page.after, page.limit
@@ -133,9 +131,7 @@ class VersionRpcs:
     async def UpdateDatasetVersion(
         self, request: api.UpdateDatasetVersionRequest, principal: Principal
     ) -> api.UpdateDatasetVersionResponse:
-        violations = Violations()
-        fields = _update_fields(request, violations)
-        violations.raise_if_any()
+        fields = decoded(lambda violations: _update_fields(request, violations))
         version = await self.versions.update(
             principal, request.app_id, request.dataset_id, request.version.id, fields
         )
