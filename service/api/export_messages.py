@@ -13,6 +13,7 @@ from service.domain.models import (
     ExportView,
     SplitOptions,
 )
+from service.wire.timestamps import set_times
 
 FORMATS = {
     ExportFormat.CLARIFAI_DATA_PROTOBUF: dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF,
@@ -80,10 +81,7 @@ def export_to_proto(view: ExportView) -> api.Export:
         message.options.split.seed = export.options.split.seed
     if view.url_expires_at is not None:
         message.url_expire_time.FromDatetime(view.url_expires_at)
-    if export.created_at is not None:
-        message.created_at.FromDatetime(export.created_at)
-    if export.modified_at is not None:
-        message.modified_at.FromDatetime(export.modified_at)
+    set_times(message, export.created_at, export.modified_at)
     return message
 
 

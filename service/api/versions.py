@@ -19,6 +19,7 @@ from service.domain.models import DatasetVersion, Principal, VersionStatus
 from service.domain.patch import UpdateMask
 from service.domain.versions import UPDATABLE_FIELDS, VersionFields, VersionService
 from service.wire.struct import struct_to_dict
+from service.wire.timestamps import set_times
 
 # The key of the whole version in DatasetVersion.metrics.
 WHOLE_VERSION = "/"
@@ -54,10 +55,7 @@ def version_to_proto(version: DatasetVersion) -> dataset_version_pb2.DatasetVers
             percent_completed=version.percent,
         ),
     )
-    if version.created_at is not None:
-        message.created_at.FromDatetime(version.created_at)
-    if version.modified_at is not None:
-        message.modified_at.FromDatetime(version.modified_at)
+    set_times(message, version.created_at, version.modified_at)
     if version.metadata:
         message.metadata.update(version.metadata)
     if version.metrics is not None:

@@ -100,16 +100,15 @@ class GeometryChecker(FieldChecker):
         self._unknown_keys(path, obj, frozenset(_BOX_EDGES))
         top, left, bottom, right = (self._unit(path, obj, edge) for edge in _BOX_EDGES)
         # Only compare edges that are valid themselves, so one bad edge is one error.
-        if top is not None and bottom is not None and not top < bottom:
-            self.v.add(
-                f"{path}.bottom_row",
-                f"must be greater than top_row ({top:g}), got {bottom:g}",
-            )
-        if left is not None and right is not None and not left < right:
-            self.v.add(
-                f"{path}.right_col",
-                f"must be greater than left_col ({left:g}), got {right:g}",
-            )
+        for (low_edge, low), (high_edge, high) in (
+            (("top_row", top), ("bottom_row", bottom)),
+            (("left_col", left), ("right_col", right)),
+        ):
+            if low is not None and high is not None and not low < high:
+                self.v.add(
+                    f"{path}.{high_edge}",
+                    f"must be greater than {low_edge} ({low:g}), got {high:g}",
+                )
 
     def point(self, path: str, value: Any) -> None:
         obj = self._object(path, value)

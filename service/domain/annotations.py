@@ -27,13 +27,20 @@ from service.domain.errors import (
     InvalidArgument,
     NotFound,
     Violations,
+    the_one,
 )
 from service.domain.input_drafts import MAX_IDS_PER_CALL, Outcome
 from service.domain.models import AnnotatedMedia, Annotation, AnnotationQuery, MediaType, Principal
 from service.domain.paging import split_page
 from service.domain.patch import PatchAction, apply_json
 from service.domain.ports import AnnotationRepository, MembershipRepository, TransactionManager
-from service.domain.validation import ID_PATTERN, check_id, check_metadata, require_ids
+from service.domain.validation import (
+    ID_PATTERN,
+    check_batch_size,
+    check_id,
+    check_metadata,
+    require_ids,
+)
 
 MAX_BATCH_ANNOTATIONS = 128
 # How many problems an atomic failure spells out in its message; the details list them all.
@@ -148,17 +155,6 @@ def _already_exists(index: int, annotation_id: str) -> AnnotationOutcome:
     return _failed(
         index, annotation_id, Outcome.DUPLICATE_ID, "id", f"{annotation_id!r} already exists"
     )
-
-
-def _check_batch_size(drafts: Sequence[AnnotationDraft]) -> None:
-    if not drafts:
-        raise InvalidArgument.field("annotations", "must contain at least one annotation")
-    if len(drafts) > MAX_BATCH_ANNOTATIONS:
-        raise InvalidArgument.field(
-            "annotations",
-            f"at most {MAX_BATCH_ANNOTATIONS} annotations per call, got {len(drafts)}",
-            reason="BATCH_TOO_LARGE",
-        )
 
 
 def _admit(
@@ -276,7 +272,7 @@ class AnnotationService:
         """Validates every annotation against its input, then writes the valid ones in one
         transaction; with `atomic`, any failure fails the whole batch."""
         authorize(principal, app_id, Permission.WRITE)
-        _check_batch_size(drafts)
+        check_batch_size("annotations", "annotation", len(drafts), MAX_BATCH_ANNOTATIONS)
         # Media never change after an input is created, so the (CPU-bound) content checks
         # run before the input rows are locked; only the counts need the lock.
         media = await self.annotations.input_media(
@@ -387,9 +383,7 @@ class AnnotationService:
         authorize(principal, app_id, Permission.READ)
         require_ids(("annotation_id", annotation_id))
         found = await self.annotations.get_many(app_id, [annotation_id])
-        if not found:
-            raise NotFound.in_app("annotation", app_id, annotation_id)
-        return found[0]
+        return the_one(found, "annotation", app_id, annotation_id)
 
     async def list_annotations(
         self,

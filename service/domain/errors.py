@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class ErrorKind(enum.Enum):
@@ -81,6 +84,13 @@ class NotFound(DomainError, kind=ErrorKind.NOT_FOUND):
             reason=f"{resource.upper()}_NOT_FOUND",
             metadata={f"{parent}_id": parent_id, f"{resource}_id": resource_id},
         )
+
+
+def the_one(found: Sequence[T], resource: str, app_id: str, resource_id: str) -> T:
+    """The single row a lookup by id found; NotFound naming the resource when none."""
+    if not found:
+        raise NotFound.in_app(resource, app_id, resource_id)
+    return found[0]
 
 
 class AlreadyExists(DomainError, kind=ErrorKind.ALREADY_EXISTS): ...

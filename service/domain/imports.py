@@ -73,7 +73,7 @@ from service.domain.ports import (
     MembershipRepository,
     TransactionManager,
 )
-from service.domain.transfers import check_chunk, size_text
+from service.domain.transfers import check_chunk, require_bytes, size_text
 from service.domain.validation import checked_ids
 
 _MIB = 1024 * 1024
@@ -87,6 +87,8 @@ MAX_REMEMBERED_MEDIA = 100_000
 
 @dataclass(frozen=True)
 class ReceivedArchive:
+    """An archive staged whole (a temporary file), before anything in it was read."""
+
     staged: StagedArchive
     sha256: str
     size: int
@@ -228,12 +230,7 @@ class ImportService:
                     reason="ARCHIVE_TOO_LARGE",
                 )
             await staged.write(chunk)
-        if size == 0:
-            raise InvalidArgument.field(
-                CHUNK_FIELD,
-                "no archive bytes followed the header; send the archive as chunk messages",
-                reason="INVALID_IMPORT_STREAM",
-            )
+        require_bytes(size, CHUNK_FIELD, "archive", "INVALID_IMPORT_STREAM")
         return size
 
     async def _require_dataset(self, request: ImportRequest) -> None:

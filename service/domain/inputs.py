@@ -20,6 +20,7 @@ from service.domain.errors import (
     InvalidArgument,
     NotFound,
     Violations,
+    the_one,
 )
 from service.domain.input_drafts import (
     MAX_BATCH_BYTES,
@@ -52,7 +53,13 @@ from service.domain.ports import (
     MembershipRepository,
     TransactionManager,
 )
-from service.domain.validation import check_id, check_metadata, check_text, require_ids
+from service.domain.validation import (
+    check_batch_size,
+    check_id,
+    check_metadata,
+    check_text,
+    require_ids,
+)
 
 
 @dataclass(frozen=True)
@@ -225,15 +232,13 @@ class InputService:
 
     @staticmethod
     def _check_batch(drafts: Sequence[InputDraft]) -> None:
-        if not drafts:
-            raise InvalidArgument.field("inputs", "must contain at least one input")
-        if len(drafts) > MAX_BATCH_INPUTS:
-            raise InvalidArgument.field(
-                "inputs",
-                f"at most {MAX_BATCH_INPUTS} inputs per call, got {len(drafts)}; "
-                "split the batch or stream large media with UploadInput",
-                reason="BATCH_TOO_LARGE",
-            )
+        check_batch_size(
+            "inputs",
+            "input",
+            len(drafts),
+            MAX_BATCH_INPUTS,
+            "; split the batch or stream large media with UploadInput",
+        )
         total = sum(d.payload_size() for d in drafts)
         if total > MAX_BATCH_BYTES:
             raise InvalidArgument.field(
@@ -404,10 +409,7 @@ class InputService:
 
     async def _require(self, app_id: str, input_id: str) -> Input:
         require_ids(("input_id", input_id))
-        found = await self.inputs.get_many(app_id, [input_id])
-        if not found:
-            raise NotFound.in_app("input", app_id, input_id)
-        return found[0]
+        return the_one(await self.inputs.get_many(app_id, [input_id]), "input", app_id, input_id)
 
     # --- update and delete -----------------------------------------------------------------
 

@@ -11,6 +11,8 @@ from service.domain.ports import BlobStore, IdempotencyRepository
 
 @dataclass(frozen=True)
 class MaintenanceReport:
+    """What one maintenance round removed (logged when it removed anything)."""
+
     datasets_purged: int
     blobs_collected: int
     request_ids_expired: int

@@ -188,6 +188,8 @@ class InputQuery:
 
 @dataclass(frozen=True)
 class DatasetMember:
+    """An input in a dataset: since when, and its position in the dataset's listing."""
+
     input: Input
     added_at: datetime
     seq: int

@@ -64,6 +64,16 @@ def size_text(count: int) -> str:
     return f"{count} bytes"
 
 
+def require_bytes(size: int, field: str, what: str, reason: str) -> None:
+    """Refuses a client stream that ended right after its header."""
+    if size == 0:
+        raise InvalidArgument.field(
+            field,
+            f"no {what} bytes followed the header; send the {what} as chunk messages",
+            reason=reason,
+        )
+
+
 def check_chunk(chunk: bytes, field: str, reason: str) -> None:
     """Refuses a chunk of a client stream larger than MAX_CHUNK_BYTES."""
     if len(chunk) > MAX_CHUNK_BYTES:
@@ -194,12 +204,7 @@ class InputTransfers:
             if len(head) < HEAD_BYTES:
                 head += chunk[: HEAD_BYTES - len(head)]
             await staged.write(chunk)
-        if size == 0:
-            raise InvalidArgument.field(
-                MEDIA_FIELD,
-                "no media bytes followed the header; send the media as chunk messages",
-                reason="INVALID_UPLOAD",
-            )
+        require_bytes(size, MEDIA_FIELD, "media", "INVALID_UPLOAD")
         if expected and size != expected:
             raise _length_mismatch(expected, f"the stream ended after {size} bytes")
         return bytes(head), size

@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any
 
-from service.domain.errors import Violations
+from service.domain.errors import InvalidArgument, Violations
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ID_RULE = "must be 1..64 characters of [A-Za-z0-9_-]"
@@ -77,3 +77,16 @@ def require_ids(*fields: tuple[str, str]) -> None:
     """Raises InvalidArgument naming every required id, of the (field, value) pairs, that
     is missing or malformed."""
     checked_ids(*fields).raise_if_any()
+
+
+def check_batch_size(field: str, item: str, count: int, maximum: int, hint: str = "") -> None:
+    """Refuses an empty batch, and one of more than `maximum` items (`hint` says what to
+    do instead); `field` names the list, `item` one of its items."""
+    if not count:
+        raise InvalidArgument.field(field, f"must contain at least one {item}")
+    if count > maximum:
+        raise InvalidArgument.field(
+            field,
+            f"at most {maximum} {field} per call, got {count}{hint}",
+            reason="BATCH_TOO_LARGE",
+        )

@@ -261,6 +261,10 @@ class _Target:
     def of(cls, job: Job) -> _Target:
         return cls(job.app_id, *payload_ids(job, "dataset_id", "version_id", what="build"))
 
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.app_id, self.dataset_id, self.version_id
+
 
 def _inputs_deleted(total: int, shown: list[str]) -> JobFailed:
     more = f" and {total - len(shown)} more" if total > len(shown) else ""
@@ -292,7 +296,7 @@ class VersionBuilder:
 
     async def run(self, job: Job, progress: Progress) -> None:
         target = _Target.of(job)
-        key = (target.app_id, target.dataset_id, target.version_id)
+        key = target.key
         async with self.tx.transaction():
             version = await self._lock_building(target)
             if version is None:
@@ -344,9 +348,7 @@ class VersionBuilder:
         except JobFailed:
             return
         async with self.tx.transaction():
-            version = await self.versions.get(
-                target.app_id, target.dataset_id, target.version_id, lock=True
-            )
+            version = await self.versions.get(*target.key, lock=True)
             # A cancelled version keeps its "cancelled"; a READY one stays READY.
             if version is not None and version.status in BUILDING:
                 await self.versions.update(
@@ -358,9 +360,7 @@ class VersionBuilder:
     async def _lock_building(self, target: _Target) -> DatasetVersion | None:
         """The version, locked, while its build is to go on; None when there is nothing
         left to do (deleted, or READY: an earlier run finished it before it crashed)."""
-        version = await self.versions.get(
-            target.app_id, target.dataset_id, target.version_id, lock=True
-        )
+        version = await self.versions.get(*target.key, lock=True)
         if version is None or version.status is VersionStatus.READY:
             return None
         if version.status is VersionStatus.FAILED:

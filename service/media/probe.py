@@ -183,11 +183,9 @@ def probe_video(data: bytes, field: str, total_size: int | None = None) -> Video
     """
     av = _probe_wanted(_VIDEO, data, field, total_size)
     return VideoProbe(
-        format=av.format,
-        content_type=_VIDEO.content_types[av.format],
+        *_timed(av, _VIDEO),
         width=_count(av.width),
         height=_count(av.height),
-        duration_seconds=_seconds(av.duration),
         fps=_seconds(av.fps),
         frame_count=_count(av.frames),
     )
@@ -199,12 +197,13 @@ def probe_audio(data: bytes, field: str, total_size: int | None = None) -> Audio
     `total_size`."""
     av = _probe_wanted(_AUDIO, data, field, total_size)
     return AudioProbe(
-        format=av.format,
-        content_type=_AUDIO.content_types[av.format],
-        sample_rate=_count(av.sample_rate),
-        duration_seconds=_seconds(av.duration),
-        bit_rate=_count(av.bit_rate),
+        *_timed(av, _AUDIO), sample_rate=_count(av.sample_rate), bit_rate=_count(av.bit_rate)
     )
+
+
+def _timed(av: AV, wanted: _Wanted) -> tuple[str, str, float]:
+    """The fields of _TimedProbe, in order."""
+    return av.format, wanted.content_types[av.format], _seconds(av.duration)
 
 
 def _probe_wanted(wanted: _Wanted, data: bytes, field: str, total_size: int | None) -> AV:

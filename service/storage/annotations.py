@@ -118,16 +118,7 @@ class PgAnnotationRepository(Repository):
         return {i: counts.get(i, 0) for i in locked}, set(row["taken"])
 
     async def insert_many(self, annotations: list[Annotation]) -> list[Annotation]:
-        if not annotations:
-            return []
-        return await self._all(
-            _row_to_annotation,
-            INSERT,
-            annotations[0].app_id,
-            [a.id for a in annotations],
-            [a.input_id for a in annotations],
-            *_content_columns(annotations),
-        )
+        return await self._write(INSERT, annotations, [a.input_id for a in annotations])
 
     async def get_many(
         self, app_id: str, ids: list[str], *, lock: bool = False
@@ -148,13 +139,22 @@ class PgAnnotationRepository(Repository):
         )
 
     async def update_many(self, annotations: list[Annotation]) -> list[Annotation]:
+        return await self._write(UPDATE, annotations)
+
+    async def _write(
+        self, sql: str, annotations: list[Annotation], *columns: list[Any]
+    ) -> list[Annotation]:
+        """Runs an INSERT or UPDATE of one app's annotations, whose parameters are the app,
+        the ids, `columns` and the content columns; returns the rows written."""
         if not annotations:
             return []
+        ids = [a.id for a in annotations]
         return await self._all(
             _row_to_annotation,
-            UPDATE,
+            sql,
             annotations[0].app_id,
-            [a.id for a in annotations],
+            ids,
+            *columns,
             *_content_columns(annotations),
         )
 
