@@ -4,7 +4,7 @@ that `service.wiring` builds, watches its health, and stops it all in order."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import io
 import logging
 import signal
 import sys
@@ -31,6 +31,8 @@ log = logging.getLogger("datasetd")
 BOOTSTRAP_LOCK_ID = 0x64617461_0002
 MAINTENANCE_LOCK_ID = 0x64617461_0003
 HEALTH_INTERVAL_SECONDS = 5.0
+# How long a step of the shutdown may take beyond the grace period of in-flight calls.
+STOP_STEP_SECONDS = 15.0
 
 
 @dataclass
@@ -129,13 +131,34 @@ class Running:
     async def stop(self) -> None:
         await self.health_servicer.enter_graceful_shutdown()
         # In-flight calls get the grace period to finish; new ones are refused.
-        await self.server.stop(self.config.shutdown_grace.total_seconds())
+        grace = self.config.shutdown_grace.total_seconds()
+        stopped = asyncio.ensure_future(self.server.stop(grace))
+        await _finish("the gRPC server", [stopped], grace + STOP_STEP_SECONDS)
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _finish("the background tasks", self.tasks, STOP_STEP_SECONDS)
         await self.resources.close()
+
+
+async def _finish(what: str, tasks: list[asyncio.Task[Any]], seconds: float) -> None:
+    """Waits for a step of the shutdown. One that hangs must not keep the process (and
+    the embedded servers) alive forever: it is logged, with where every task still
+    waits, and the shutdown goes on."""
+    done, pending = await asyncio.wait(tasks, timeout=seconds)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("shutdown: %s failed", what, exc_info=task.exception())
+    if pending:
+        waiting = io.StringIO()
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.print_stack(file=waiting)
+        log.error(
+            "shutdown: %s did not stop within %.0fs; going on. Tasks:\n%s",
+            what,
+            seconds,
+            waiting.getvalue(),
+        )
 
 
 async def start(config: Config, resources: Resources | None = None) -> Running:

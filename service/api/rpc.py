@@ -60,17 +60,22 @@ def mutation(
     ) -> Callable[[S, Req, Context], Coroutine[Any, Any, Resp]]:
         method = handler.__name__
 
+        @functools.cache
+        def response_type() -> type[Resp]:
+            # The annotation names the type a replay decodes to; resolved on first use,
+            # once the module that defines the handler has all its names.
+            resolved: type[Resp] = typing.get_type_hints(handler)["return"]
+            return resolved
+
         @functools.wraps(handler)
         async def rpc(self: S, request: Req, context: Context) -> Resp:
             principal = current_principal()
             authorize(principal, request.app_id, permission)
-            # The annotation names the response type that a replay decodes to.
-            response_type: type[Resp] = typing.get_type_hints(handler)["return"]
             return await run_once(
                 self.idempotency,
                 method,
                 request,
-                response_type,
+                response_type(),
                 lambda: handler(self, request, principal),
             )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+CLOSE_TIMEOUT_SECONDS = 10.0
 # Any constant works; it only has to be the same for every replica.
 MIGRATION_LOCK_ID = 0x64617461_7365_7464
 
@@ -61,7 +63,17 @@ class Database:
         return cls(pool)
 
     async def close(self) -> None:
-        await self.pool.close()
+        """Closes the pool once its connections are back; after CLOSE_TIMEOUT_SECONDS,
+        closes the ones still in use (their transactions roll back) instead of waiting
+        forever."""
+        try:
+            await asyncio.wait_for(self.pool.close(), CLOSE_TIMEOUT_SECONDS)
+        except TimeoutError:
+            log.error(
+                "database connections still in use after %.0fs; closing them",
+                CLOSE_TIMEOUT_SECONDS,
+            )
+            self.pool.terminate()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
