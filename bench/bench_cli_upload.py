@@ -83,7 +83,7 @@ CHANNEL_OPTIONS: Final = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", 64 * MiB),
 ]
-# The upload result's own duration (UploadResult.to_dict in service/client/uploads.py).
+# The upload result's own duration (UploadResult.to_dict in service/client/upload/result.py).
 ELAPSED_KEY: Final = "elapsed_seconds"
 
 
