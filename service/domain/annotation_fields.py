@@ -117,6 +117,14 @@ class FieldChecker:
         self.v.add(path, "must be an object")
         return None
 
+    def _keyed(self, path: str, value: Any, allowed: frozenset[str]) -> dict[str, Any] | None:
+        """The object at `path`, its keys other than `allowed` reported as unsupported;
+        None (and a violation) when it is no object."""
+        obj = self._object(path, value)
+        if obj is not None:
+            self._unknown_keys(path, obj, allowed)
+        return obj
+
     def _bounded_list(self, path: str, value: Any, maximum: int, what: str) -> list[Any]:
         """The items worth checking: past the limit they would only repeat the error."""
         if not isinstance(value, list):

@@ -62,10 +62,9 @@ class GeometryChecker(FieldChecker):
     """Checks one region's `region_info` against the media it annotates."""
 
     def region_info(self, path: str, value: Any) -> None:
-        obj = self._object(path, value)
+        obj = self._keyed(path, value, frozenset(GEOMETRIES))
         if obj is None:
             return
-        self._unknown_keys(path, obj, frozenset(GEOMETRIES))
         set_geometries = [name for name in GEOMETRIES if present(obj, name)]
         if len(set_geometries) != 1:
             got = ", ".join(set_geometries) or "none"
@@ -94,10 +93,9 @@ class GeometryChecker(FieldChecker):
         checks[name](where, obj[name])
 
     def bounding_box(self, path: str, value: Any) -> None:
-        obj = self._object(path, value)
+        obj = self._keyed(path, value, frozenset(_BOX_EDGES))
         if obj is None:
             return
-        self._unknown_keys(path, obj, frozenset(_BOX_EDGES))
         top, left, bottom, right = (self._unit(path, obj, edge) for edge in _BOX_EDGES)
         # Only compare edges that are valid themselves, so one bad edge is one error.
         for (low_edge, low), (high_edge, high) in (
@@ -111,10 +109,9 @@ class GeometryChecker(FieldChecker):
                 )
 
     def point(self, path: str, value: Any) -> None:
-        obj = self._object(path, value)
+        obj = self._keyed(path, value, _POINT_KEYS)
         if obj is None:
             return
-        self._unknown_keys(path, obj, _POINT_KEYS)
         self._unit(path, obj, "row")
         self._unit(path, obj, "col")
         if "z" in obj:
@@ -136,10 +133,9 @@ class GeometryChecker(FieldChecker):
                 )
 
     def polygon(self, path: str, value: Any) -> None:
-        obj = self._object(path, value)
+        obj = self._keyed(path, value, frozenset({"points"}))
         if obj is None:
             return
-        self._unknown_keys(path, obj, frozenset({"points"}))
         points = obj.get("points", [])
         where = f"{path}.points"
         if not isinstance(points, list):
@@ -158,10 +154,9 @@ class GeometryChecker(FieldChecker):
             self.point(f"{path}[{i}]", point)
 
     def mask(self, path: str, value: Any) -> None:
-        obj = self._object(path, value)
+        obj = self._keyed(path, value, frozenset({"image"}))
         if obj is None:
             return
-        self._unknown_keys(path, obj, frozenset({"image"}))
         where = f"{path}.image"
         if "image" not in obj:
             self.v.add(where, "is required")
@@ -206,10 +201,9 @@ class GeometryChecker(FieldChecker):
             self.v.add(path, f"must be an http or https URL, got {shown(url)}")
 
     def span(self, path: str, value: Any) -> None:
-        obj = self._object(path, value)
+        obj = self._keyed(path, value, _SPAN_KEYS)
         if obj is None:
             return
-        self._unknown_keys(path, obj, _SPAN_KEYS)
         start = self._unsigned(path, obj, "char_start", UINT32_MAX)
         end = self._unsigned(path, obj, "char_end", UINT32_MAX)
         if "raw_text" in obj:

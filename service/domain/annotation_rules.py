@@ -248,10 +248,9 @@ class _Checker(GeometryChecker):
     ) -> dict[str, Any] | None:
         """What regions and frames share: an optional id unique among its `kind`, a
         required `<kind>_info` and optional nested data. Returns the item's object."""
-        obj = self._object(path, value)
+        obj = self._keyed(path, value, keys)
         if obj is None:
             return None
-        self._unknown_keys(path, obj, keys)
         if "id" in obj:
             self._unique_id(f"{path}.id", obj["id"], self.ids[kind], kind)
         info = f"{kind}_info"
@@ -291,10 +290,9 @@ class _Checker(GeometryChecker):
         self._item(path, value, "frame", _FRAME_KEYS, self.frame_info)
 
     def frame_info(self, path: str, value: Any) -> None:
-        obj = self._object(path, value)
+        obj = self._keyed(path, value, _FRAME_INFO_KEYS)
         if obj is None:
             return
-        self._unknown_keys(path, obj, _FRAME_INFO_KEYS)
         self._unsigned(path, obj, "index", UINT32_MAX)
         if self.media.media_type == "audio":
             # Audio has no frames of its own: an audio "frame" is a point in time.
