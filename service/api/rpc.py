@@ -42,7 +42,15 @@ class Mutating(Protocol):
 S = TypeVar("S", bound=Mutating)
 Req = TypeVar("Req", bound=Mutation)
 Resp = TypeVar("Resp", bound=Message)
-Chunked = TypeVar("Chunked", bound=Message)
+
+
+class _Chunk(Protocol):
+    """A message of a download stream: its bytes and, in the first, the header fields."""
+
+    chunk: bytes
+
+
+Chunked = TypeVar("Chunked", bound=_Chunk)
 
 
 def mutation(
@@ -95,7 +103,7 @@ async def download(
     async with contextlib.aclosing(stream) as chunks:
         async for data in chunks:
             if pending is not None:
-                pending.chunk = data  # type: ignore[attr-defined]
+                pending.chunk = data
                 yield pending
                 pending = None
             else:
