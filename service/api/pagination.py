@@ -53,7 +53,8 @@ class Page:
     tokens: PageTokens
 
     def next_token(self, last: int | None) -> str:
-        return self.tokens.next_token(self.scope, last)
+        """The token of the page after the row numbered `last`; empty on the last page."""
+        return "" if last is None else self.tokens.encode(self.scope, [last])
 
 
 class PageTokens:
@@ -99,10 +100,6 @@ class PageTokens:
         limit = page_size(request.page_size)
         bound = {"method": method, "app_id": request.app_id, **scope}
         return Page(limit, self.decode_seq(request.page_token, bound), bound, self)
-
-    def next_token(self, scope: dict[str, Any], last: int | None) -> str:
-        """The token of the page after the row numbered `last`; empty on the last page."""
-        return "" if last is None else self.encode(scope, [last])
 
     def decode_seq(self, token: str, scope: dict[str, Any]) -> int | None:
         """The sequence number a token continues after, or None without a token."""

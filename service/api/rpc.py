@@ -29,7 +29,6 @@ __all__ = [
     "decoded",
     "download",
     "mutation",
-    "patch_action",
     "patch_request",
 ]
 
@@ -129,7 +128,7 @@ def patch_request(
     """The action of an Update request and what `decode` reads from it, the problems of
     both reported together."""
     violations = Violations()
-    chosen = patch_action(violations, action)
+    chosen = _patch_action(violations, action)
     value = decode(violations)
     violations.raise_if_any()
     assert chosen is not None
@@ -143,7 +142,7 @@ _ACTIONS = {
 }
 
 
-def patch_action(
+def _patch_action(
     violations: Violations, value: common_pb2.PatchAction.ValueType
 ) -> PatchAction | None:
     """The action of an Update request; None (and a violation) when it is not chosen."""

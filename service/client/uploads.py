@@ -43,9 +43,6 @@ from service.client.sources import (
     read_csv,
     scan_folder,
 )
-
-# CHUNK_BYTES and STREAM_BYTES are read from this module at run time, so one place (a test,
-# say) can lower them.
 from service.client.upload.calls import (
     CHUNK_BYTES,
     batch_failures,
@@ -101,13 +98,6 @@ __all__ = [
     "upload_inputs",
     "write_failure_log",
 ]
-
-
-# Called through these module names, so that one place (a test, say) can stand in for them.
-_run_inputs = run_inputs
-_run_stream = run_stream
-_run_annotations = run_annotations
-_Engine = Engine
 
 
 class _RunOptions(TypedDict, total=False):
@@ -170,10 +160,10 @@ class _Worker:
     def __call__(self, batch: Batch) -> list[Outcome]:
         try:
             if batch.kind == "inputs":
-                return _run_inputs(self.rpc, self.dataset_id, batch, self.token)
+                return run_inputs(self.rpc, self.dataset_id, batch, self.token)
             if batch.kind == "stream":
-                return _run_stream(self.rpc, self.dataset_id, batch, self.token, CHUNK_BYTES)
-            return _run_annotations(self.rpc, batch, self.token)
+                return run_stream(self.rpc, self.dataset_id, batch, self.token, CHUNK_BYTES)
+            return run_annotations(self.rpc, batch, self.token)
         except Exception as error:
             # A bug or a bad item (e.g. metadata the Struct cannot hold) fails this
             # batch's items only, instead of ending the upload and losing its results.
@@ -207,7 +197,7 @@ class _Run:
 def _execute(rpc: Rpc, dataset_id: str, job: _Job, settings: _Settings) -> UploadResult:
     progress = reporter(settings.show_progress, settings.progress)
     worker = _Worker(rpc, dataset_id)
-    engine = _Engine(worker, settings.concurrency, progress)
+    engine = Engine(worker, settings.concurrency, progress)
     log = settings.failure_log
     log_path = Path(log) if log is not None else default_failure_log(dataset_id)
     check_log_folder(log_path)
@@ -240,7 +230,7 @@ def _execute(rpc: Rpc, dataset_id: str, job: _Job, settings: _Settings) -> Uploa
     return run.result
 
 
-def _run_job(engine: _Engine, run: _Run, batch_size: int) -> None:
+def _run_job(engine: Engine, run: _Run, batch_size: int) -> None:
     """Inputs first, then the annotations whose input did not fail; counts into the result."""
     job, result = run.job, run.result
     lost: dict[str, str] = {}

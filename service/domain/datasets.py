@@ -248,7 +248,7 @@ class DatasetService:
         self, principal: Principal, app_id: str, dataset_id: str, *, force: bool
     ) -> DeleteOutcome:
         authorize(principal, app_id, Permission.WRITE)
-        self._check_dataset_id(dataset_id)
+        require_ids(("dataset_id", dataset_id))
         async with self.tx.transaction():
             current = await self.datasets.get(app_id, dataset_id, include_deleted=True, lock=True)
             if current is None or (current.deleted_at is not None and not force):
@@ -265,7 +265,7 @@ class DatasetService:
 
     async def undelete(self, principal: Principal, app_id: str, dataset_id: str) -> DatasetView:
         authorize(principal, app_id, Permission.WRITE)
-        self._check_dataset_id(dataset_id)
+        require_ids(("dataset_id", dataset_id))
         async with self.tx.transaction():
             current = await self.datasets.get(app_id, dataset_id, include_deleted=True, lock=True)
             if current is None or (
@@ -352,12 +352,8 @@ class DatasetService:
             statistics = await self.datasets.statistics(dataset.app_id, dataset.id)
         return DatasetView(dataset, url, statistics)
 
-    @staticmethod
-    def _check_dataset_id(dataset_id: str) -> None:
-        require_ids(("dataset_id", dataset_id))
-
     async def _require(self, app_id: str, dataset_id: str, *, lock: bool = False) -> Dataset:
-        self._check_dataset_id(dataset_id)
+        require_ids(("dataset_id", dataset_id))
         dataset = await self.datasets.get(app_id, dataset_id, lock=lock)
         if dataset is None:
             raise NotFound.in_app("dataset", app_id, dataset_id)

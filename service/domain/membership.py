@@ -44,7 +44,7 @@ class MembershipService:
         limit: int,
     ) -> tuple[list[tuple[DatasetMember, InputView]], int | None]:
         authorize(principal, app_id, Permission.READ)
-        self._check_dataset_id(dataset_id)
+        require_ids(("dataset_id", dataset_id))
         async with self.tx.transaction():
             await self._require_live_dataset(app_id, dataset_id)
             rows = await self.members.page(app_id, dataset_id, after_seq, limit + 1)
@@ -108,10 +108,6 @@ class MembershipService:
                 if dataset_id not in live:
                     raise NotFound.in_app("dataset", app_id, dataset_id)
             return await self.members.merge(app_id, source_id, destination_id)
-
-    @staticmethod
-    def _check_dataset_id(dataset_id: str) -> None:
-        require_ids(("dataset_id", dataset_id))
 
     def _check_member_ids(self, dataset_id: str, input_ids: Sequence[str]) -> list[str]:
         violations = checked_ids(("dataset_id", dataset_id))

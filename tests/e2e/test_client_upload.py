@@ -28,6 +28,8 @@ from service.client.sources import (
     NOT_ATTEMPTED,
     UNREADABLE,
 )
+from service.client.upload.calls import run_inputs
+from service.client.upload.engine import Engine
 from tests.conftest import Caller
 from tests.helpers import png_bytes
 
@@ -330,7 +332,7 @@ async def test_ctrl_c_writes_the_log_and_a_re_run_resumes(
     for n in range(6):
         png(tmp_path / "imgs" / f"{n}.png", n)
     (tmp_path / "imgs" / "9.png").write_bytes(b"broken")
-    real = uploads._run_inputs
+    real = run_inputs
     calls = 0
 
     def interrupted_on_third(*args: Any) -> Any:
@@ -340,7 +342,7 @@ async def test_ctrl_c_writes_the_log_and_a_re_run_resumes(
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(uploads, "_run_inputs", interrupted_on_third)
+    monkeypatch.setattr(uploads, "run_inputs", interrupted_on_third)
     log = tmp_path / "log.csv"
 
     def upload() -> UploadResult:
@@ -355,7 +357,7 @@ async def test_ctrl_c_writes_the_log_and_a_re_run_resumes(
     # What was never attempted is in the log, ready for `retry`.
     assert {r["code"] for r in log_rows(log)} == {NOT_ATTEMPTED}
     assert len(run_states(tmp_path)) == 1
-    monkeypatch.setattr(uploads, "_run_inputs", real)
+    monkeypatch.setattr(uploads, "run_inputs", real)
     # Same command, same run token: the first batches are replayed, not duplicated.
     result = await run(upload)
     assert (result.created, result.failed) == (6, 1)
@@ -432,7 +434,7 @@ async def test_interrupted_retry_keeps_the_rows_never_attempted(
     for n, path in enumerate(paths):
         png(path, n)
 
-    real = uploads._Engine.run
+    real = Engine.run
 
     def first_batch_then_ctrl_c(
         self: Any, label: str, units: Iterator[Any], total: int
@@ -442,7 +444,7 @@ async def test_interrupted_retry_keeps_the_rows_never_attempted(
         yield from real(self, label, itertools.islice(units, 1), total)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(uploads._Engine, "run", first_batch_then_ctrl_c)
+    monkeypatch.setattr(Engine, "run", first_batch_then_ctrl_c)
 
     def retry() -> UploadResult:
         return dataset.retry(log, batch_size=2, concurrency=1, show_progress=False)
@@ -455,7 +457,7 @@ async def test_interrupted_retry_keeps_the_rows_never_attempted(
     assert {r["code"] for r in rows} == {NOT_ATTEMPTED}
     assert all(r["item"] for r in rows)
 
-    monkeypatch.setattr(uploads._Engine, "run", real)
+    monkeypatch.setattr(Engine, "run", real)
     again = await run(retry)
     assert (again.total, again.created, again.failed) == (8, 8, 0)
     assert not log.exists()
