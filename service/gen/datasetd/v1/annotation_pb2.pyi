@@ -41,14 +41,18 @@ class Annotation(_message.Message):
     [A-Za-z0-9_-], unique within the app. Immutable.
     """
     input_id: _builtins.str
-    """Required. Id of the annotated input."""
+    """Required on create: id of the annotated input. Refused in
+    UpdateAnnotations (INVALID_ARGUMENT): an annotation stays on its input.
+    """
     input_level: _builtins.bool
     """Output only. True for the annotation that carries an input's input-level
     concepts.
     """
     @_builtins.property
     def data(self) -> _data_pb2.Data:
-        """Required. Concepts, regions or frames."""
+        """Required. Concepts, regions, frames or metadata. Media, geo and
+        embeddings are refused here (INVALID_ARGUMENT): they belong to the input.
+        """
 
     @_builtins.property
     def status(self) -> _status_pb2.Status:

@@ -273,13 +273,15 @@ class UpdateAnnotationsRequest(_message.Message):
     @_builtins.property
     def annotations(self) -> _containers.RepeatedCompositeFieldContainer[_annotation_pb2.Annotation]:
         """Required. 1..128 annotations: `id` names each; `data` and
-        `annotation_info` carry the patch.
+        `annotation_info` carry the patch. `input_id` and output-only fields are
+        refused (INVALID_ARGUMENT).
         """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Optional. "data" and/or "annotation_info"; when empty, the non-empty
-        fields apply.
+        fields apply. A field set but not named here is refused
+        (INVALID_ARGUMENT, "not in update_mask").
         """
 
     def __init__(

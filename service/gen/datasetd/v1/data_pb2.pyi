@@ -29,6 +29,11 @@ class Data(_message.Message):
     name in `clarifai.api` (same field numbers, types and repeated-ness); fields
     of the reference model that datasetd does not support are absent here and
     survive a parse as unknown fields.
+
+    In requests, every field set is either stored (and returned by the matching
+    Get/List) or refused with INVALID_ARGUMENT naming its path and saying why;
+    nothing is silently dropped. "Output only" fields are refused in every
+    request.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -45,11 +50,15 @@ class Data(_message.Message):
     AUDIO_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def image(self) -> Global___Image:
-        """Optional. The image of an image input."""
+        """Optional in an input: the image of an image input. Refused in an
+        annotation (INVALID_ARGUMENT): media belong to the input.
+        """
 
     @_builtins.property
     def video(self) -> Global___Video:
-        """Optional. The video of a video input."""
+        """Optional in an input: the video of a video input. Refused in an
+        annotation (INVALID_ARGUMENT): media belong to the input.
+        """
 
     @_builtins.property
     def concepts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Concept]:
@@ -65,27 +74,42 @@ class Data(_message.Message):
 
     @_builtins.property
     def geo(self) -> Global___Geo:
-        """Optional. Location of the input."""
+        """Optional in an input: its location. Refused in an annotation
+        (INVALID_ARGUMENT): the geo point belongs to the input.
+        """
 
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
-        """Optional. Embedding vectors (used for similarity search)."""
+        """Refused in every request (INVALID_ARGUMENT): kept for wire compatibility
+        with clarifai.api; datasetd stores no embeddings.
+        """
 
     @_builtins.property
     def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Region]:
-        """Optional. Regions of an annotation: boxes, polygons, points, masks, spans."""
+        """Optional in an annotation (and in a frame's data): boxes, polygons,
+        points, masks, spans. Refused in an input (INVALID_ARGUMENT: regions are
+        annotations, send them with CreateAnnotations) and in a region's data
+        (regions do not nest).
+        """
 
     @_builtins.property
     def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___Frame]:
-        """Optional. Video frames of an annotation, each with its own regions."""
+        """Optional in an annotation: video or audio frames, each with its own
+        regions. Refused in an input (INVALID_ARGUMENT: frames are annotations,
+        send them with CreateAnnotations) and in a region's or frame's data.
+        """
 
     @_builtins.property
     def text(self) -> Global___Text:
-        """Optional. The text of a text input."""
+        """Optional in an input: the text of a text input. Refused in an annotation
+        (INVALID_ARGUMENT): media belong to the input.
+        """
 
     @_builtins.property
     def audio(self) -> Global___Audio:
-        """Optional. The audio of an audio input."""
+        """Optional in an input: the audio of an audio input. Refused in an
+        annotation (INVALID_ARGUMENT): media belong to the input.
+        """
 
     def __init__(
         self,
@@ -123,12 +147,16 @@ class Image(_message.Message):
     IMAGE_INFO_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """Optional. Source URL (http or https), or, in responses, a time-limited
-    download URL of the stored original. At most 2048 characters.
+    download URL of the stored original. At most 2048 characters. Refused in
+    an UploadInput header (the media follow as chunks).
     """
     base64: _builtins.bytes
     """Optional, input only. The encoded image bytes (JPEG, PNG, WEBP, GIF, BMP
     or TIFF). The name is the reference model's; the field carries raw bytes
-    (base64 only in the JSON mapping). Never echoed back unless asked for.
+    (base64 only in the JSON mapping). Never echoed back for an input (download
+    them with DownloadInput) or a dataset cover; a mask's image is returned
+    as given. Refused in an
+    UploadInput header (the media follow as chunks).
     """
     @_builtins.property
     def hosted(self) -> Global___HostedURL:
@@ -166,10 +194,12 @@ class Video(_message.Message):
     VIDEO_INFO_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """Optional. Source URL (http or https) or, in responses, a time-limited
-    download URL. At most 2048 characters.
+    download URL. At most 2048 characters. Refused in an UploadInput header.
     """
     base64: _builtins.bytes
-    """Optional, input only. The encoded video bytes."""
+    """Optional, input only. The encoded video bytes (download them with
+    DownloadInput). Refused in an UploadInput header.
+    """
     @_builtins.property
     def hosted(self) -> Global___HostedURL:
         """Output only. Where the stored video can be downloaded."""
@@ -206,10 +236,12 @@ class Audio(_message.Message):
     AUDIO_INFO_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """Optional. Source URL (http or https) or, in responses, a time-limited
-    download URL. At most 2048 characters.
+    download URL. At most 2048 characters. Refused in an UploadInput header.
     """
     base64: _builtins.bytes
-    """Optional, input only. The encoded audio bytes."""
+    """Optional, input only. The encoded audio bytes (download them with
+    DownloadInput). Refused in an UploadInput header.
+    """
     @_builtins.property
     def hosted(self) -> Global___HostedURL:
         """Output only. Where the stored audio can be downloaded."""
@@ -245,9 +277,13 @@ class Text(_message.Message):
     HOSTED_FIELD_NUMBER: _builtins.int
     TEXT_INFO_FIELD_NUMBER: _builtins.int
     raw: _builtins.str
-    """Optional. The text itself, valid UTF-8."""
+    """Optional, input only. The text itself, valid UTF-8 (download it with
+    DownloadInput). Refused in an UploadInput header.
+    """
     url: _builtins.str
-    """Optional. Source URL (http or https). At most 2048 characters."""
+    """Optional. Source URL (http or https). At most 2048 characters. Refused in
+    an UploadInput header.
+    """
     @_builtins.property
     def hosted(self) -> Global___HostedURL:
         """Output only. Where the stored text can be downloaded."""
@@ -548,7 +584,9 @@ class Embedding(_message.Message):
     """Output only. Number of dimensions."""
     @_builtins.property
     def vector(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Required. The vector components."""
+        """The vector components. Refused with the whole embedding: datasetd stores
+        no embeddings.
+        """
 
     def __init__(
         self,
@@ -589,7 +627,9 @@ class Region(_message.Message):
 
     @_builtins.property
     def data(self) -> Global___Data:
-        """Optional. Labels of the region (`concepts`)."""
+        """Optional. Labels (`concepts`) and `metadata` of the region; other fields
+        of Data are refused here.
+        """
 
     def __init__(
         self,
@@ -859,7 +899,9 @@ class Frame(_message.Message):
 
     @_builtins.property
     def data(self) -> Global___Data:
-        """Optional. Regions and concepts of the frame."""
+        """Optional. Regions, concepts and metadata of the frame; other fields of
+        Data are refused here.
+        """
 
     def __init__(
         self,

@@ -95,7 +95,7 @@ class CreateDatasetRequest(_message.Message):
     @_builtins.property
     def dataset(self) -> _dataset_pb2.Dataset:
         """Required. The dataset to create. `id` is optional (generated when empty);
-        output-only fields are ignored.
+        output-only fields are refused (INVALID_ARGUMENT).
         """
 
     def __init__(
@@ -291,14 +291,16 @@ class UpdateDatasetRequest(_message.Message):
     def dataset(self) -> _dataset_pb2.Dataset:
         """Required. `id` names the dataset; the other fields carry the patch.
         Patchable fields: description, notes, metadata, visibility, image,
-        default_filter.
+        default_filter; output-only fields are refused (INVALID_ARGUMENT).
         """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Optional. Fields the patch applies to (e.g. "description", "metadata").
         When empty, the fields set to a non-default value in `dataset` apply.
-        Use it to overwrite a field with its empty value.
+        Use it to overwrite a field with its empty value. A patchable field set
+        in `dataset` but not named here is refused (INVALID_ARGUMENT, "not in
+        update_mask"), never skipped.
         """
 
     def __init__(

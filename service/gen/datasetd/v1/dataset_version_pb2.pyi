@@ -91,7 +91,10 @@ class DatasetVersion(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     EXPORT_INFO_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Output only. Version id, unique within the dataset."""
+    """Optional on create (generated when empty): 1..64 characters of
+    [A-Za-z0-9_-], unique within the dataset. Names the version in
+    UpdateDatasetVersion. Immutable.
+    """
     app_id: _builtins.str
     """Output only. App of the dataset."""
     dataset_id: _builtins.str
@@ -171,71 +174,71 @@ class DatasetVersionMetrics(_message.Message):
     FRAME_INPUTS_COUNT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def inputs_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of inputs."""
+        """Output only. Number of inputs."""
 
     @_builtins.property
     def unlabeled_inputs_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of inputs without any annotation."""
+        """Output only. Number of inputs without any annotation."""
 
     @_builtins.property
     def inputs_with_metadata_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of inputs with non-empty metadata."""
+        """Output only. Number of inputs with non-empty metadata."""
 
     @_builtins.property
     def inputs_with_geo_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of inputs with a geo point."""
+        """Output only. Number of inputs with a geo point."""
 
     @_builtins.property
     def regions_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of regions."""
+        """Output only. Number of regions."""
 
     @_builtins.property
     def bounding_boxes_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of bounding boxes."""
+        """Output only. Number of bounding boxes."""
 
     @_builtins.property
     def polygons_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of polygons."""
+        """Output only. Number of polygons."""
 
     @_builtins.property
     def points_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of points."""
+        """Output only. Number of points."""
 
     @_builtins.property
     def masks_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of masks."""
+        """Output only. Number of masks."""
 
     @_builtins.property
     def frames_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of annotated video frames."""
+        """Output only. Number of annotated video frames."""
 
     @_builtins.property
     def embeddings_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of embeddings."""
+        """Output only. Number of embeddings."""
 
     @_builtins.property
     def positive_input_tags_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of positive input-level concept tags."""
+        """Output only. Number of positive input-level concept tags."""
 
     @_builtins.property
     def positive_region_tags_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of positive region-level concept tags."""
+        """Output only. Number of positive region-level concept tags."""
 
     @_builtins.property
     def positive_frame_tags_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of positive frame-level concept tags."""
+        """Output only. Number of positive frame-level concept tags."""
 
     @_builtins.property
     def region_inputs_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of inputs with at least one region."""
+        """Output only. Number of inputs with at least one region."""
 
     @_builtins.property
     def region_frames_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of frames with at least one region."""
+        """Output only. Number of frames with at least one region."""
 
     @_builtins.property
     def frame_inputs_count(self) -> _wrappers_pb2.UInt64Value:
-        """Number of inputs with at least one annotated frame."""
+        """Output only. Number of inputs with at least one annotated frame."""
 
     def __init__(
         self,

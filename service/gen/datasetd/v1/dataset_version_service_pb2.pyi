@@ -782,7 +782,8 @@ class CreateDatasetVersionRequest(_message.Message):
     def version(self) -> _dataset_version_pb2.DatasetVersion:
         """Optional. The version: `id` (1..64 of [A-Za-z0-9_-], generated when
         empty), `description` (at most 1024 characters), `metadata` (JSON object,
-        at most 64 KiB, depth at most 8). Other fields are output only.
+        at most 64 KiB, depth at most 8). Other fields are output only and
+        refused (INVALID_ARGUMENT).
         """
 
     def __init__(
@@ -961,13 +962,14 @@ class UpdateDatasetVersionRequest(_message.Message):
     @_builtins.property
     def version(self) -> _dataset_version_pb2.DatasetVersion:
         """Required. `id` names the version; `description` and `metadata` carry the
-        new values.
+        new values. Output-only fields are refused (INVALID_ARGUMENT).
         """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Optional. "description" and/or "metadata"; when empty, the non-empty
-        fields apply. Metadata is replaced as a whole.
+        fields apply. Metadata is replaced as a whole. A field set but not named
+        here is refused (INVALID_ARGUMENT, "not in update_mask").
         """
 
     def __init__(

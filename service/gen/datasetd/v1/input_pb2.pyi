@@ -46,7 +46,10 @@ class Input(_message.Message):
     """
     @_builtins.property
     def data(self) -> _data_pb2.Data:
-        """Required. The media and input-level concepts, metadata and geo point."""
+        """Required. The media and input-level concepts, metadata and geo point.
+        Regions, frames and embeddings are refused here (INVALID_ARGUMENT):
+        regions and frames are annotations (CreateAnnotations).
+        """
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
@@ -63,7 +66,8 @@ class Input(_message.Message):
     @_builtins.property
     def dataset_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Optional on create: datasets (ids in the same app) to add the input to.
-        Output: the datasets the input belongs to.
+        Output: the datasets the input belongs to. Refused in UpdateInputs
+        (INVALID_ARGUMENT): use AddDatasetInputs and RemoveDatasetInputs.
         """
 
     def __init__(

@@ -162,7 +162,8 @@ class UploadInputHeader(_message.Message):
     def input(self) -> _input_pb2.Input:
         """Required. The input without media bytes: id (optional), title, metadata,
         concepts, geo, dataset_ids, and which medium follows: set `data.video`,
-        `data.audio`, `data.image` or `data.text` to an empty message.
+        `data.audio`, `data.image` or `data.text` to an empty message (its
+        `base64`, `raw` or `url` is refused: the media follow as chunks).
         """
 
     def __init__(
@@ -382,13 +383,16 @@ class UpdateInputsRequest(_message.Message):
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_input_pb2.Input]:
         """Required. 1..128 inputs: `id` names each; the other fields carry the patch.
-        Patchable: data.metadata, data.concepts, data.geo, title.
+        Patchable: data.metadata, data.concepts, data.geo, title. Media
+        (data.image, .video, .audio, .text) and dataset_ids are refused
+        (INVALID_ARGUMENT), as are output-only fields.
         """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Optional. Fields the patch applies to: "metadata", "concepts", "geo",
-        "title". When empty, the non-empty fields apply.
+        "title". When empty, the non-empty fields apply. A patchable field set
+        but not named here is refused (INVALID_ARGUMENT, "not in update_mask").
         """
 
     def __init__(

@@ -1,0 +1,349 @@
+"""Which set fields of a request the service refuses, and why (boundary.py asks).
+
+The rule (issue 18): every field a caller sets is either accepted — stored and returned
+by the matching Get/List — or refused with INVALID_ARGUMENT naming it. Nothing is
+silently dropped. This module is the whole list of refusals, in three parts:
+
+* `OUTPUT_ONLY`: fields the server sets (times, statuses, hosted URLs, probed media
+  facts, statistics). They are refused wherever their message appears in a request,
+  because a caller who sets one expects it kept. The proto comments say "Output only."
+  for exactly these fields (tests/unit/test_field_policy.py keeps the two in step).
+* `_refused_data_field`: `datasetd.v1.Data` is shared by inputs and annotations, and
+  which of its fields are accepted depends on where it sits: media and geo belong to an
+  input, regions and frames to an annotation, and regions or frames do not nest.
+* `_PER_REQUEST`: fields one request does not take though another does (an update
+  cannot change media, memberships or the annotated input; an upload's media come as
+  chunks). Wire-compatibility fields nothing uses (`Data.embeddings`) are refused too.
+
+Everything else is accepted, request parameters (ids, page sizes, flags, masks,
+`request_id`) included: the servicers consume them. `outside_mask` adds the one rule
+that needs the request's values: with an update_mask, a patchable field set but not
+named in the mask is refused rather than skipped.
+
+The e2e test tests/e2e/test_field_roundtrip.py sets every field of every request and
+checks each is either refused here or read back, so a field accepted and then lost
+fails it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Final
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from service.domain.errors import FieldViolation
+
+_PACKAGE = "datasetd.v1."
+OUTPUT = "output only: set by the server"
+_TIMES = "output only: the server records when it happened"
+_STATUS = "output only: the server reports the processing status"
+_HOSTED = "output only: the server says where the stored media can be downloaded"
+_PROBED = "output only: the server reads it from the stored media itself"
+_STATISTICS = "output only: the server counts it"
+
+# (message full name, field name) -> why a caller may not set it. Applies wherever the
+# message appears in a request.
+OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
+    **{
+        (_PACKAGE + message, field): reason
+        for message, fields in {
+            "Input": {"created_at": _TIMES, "modified_at": _TIMES, "status": _STATUS},
+            "Annotation": {
+                "created_at": _TIMES,
+                "modified_at": _TIMES,
+                "status": _STATUS,
+                "input_level": "output only: input-level concepts are set with the input's "
+                "data.concepts (CreateInputs, UpdateInputs)",
+            },
+            "Image": {"hosted": _HOSTED, "image_info": _PROBED},
+            "Video": {"hosted": _HOSTED, "video_info": _PROBED},
+            "Audio": {"hosted": _HOSTED, "audio_info": _PROBED},
+            "Text": {"hosted": _HOSTED, "text_info": _PROBED},
+            "HostedURL": dict.fromkeys(("prefix", "suffix", "sizes"), _HOSTED),
+            "ImageInfo": dict.fromkeys(("width", "height", "format", "color_mode"), _PROBED),
+            "VideoInfo": dict.fromkeys(
+                (
+                    "width",
+                    "height",
+                    "fps",
+                    "video_format",
+                    "bit_rate",
+                    "frame_count",
+                    "duration_seconds",
+                ),
+                _PROBED,
+            ),
+            "AudioInfo": dict.fromkeys(
+                ("audio_format", "sample_rate", "duration_seconds", "bit_rate"), _PROBED
+            ),
+            "TextInfo": dict.fromkeys(("char_count", "encoding"), _PROBED),
+            "Concept": {
+                "created_at": _TIMES,
+                "app_id": "output only: a concept belongs to the request's app",
+            },
+            "Embedding": {"num_dimensions": "output only: the length of `vector`"},
+            "Dataset": {
+                "created_at": _TIMES,
+                "modified_at": _TIMES,
+                "app_id": "output only: the dataset belongs to the request's app_id",
+                "version": "output only: create versions with CreateDatasetVersion",
+                "statistics": _STATISTICS,
+                "etag": "output only: pass it as UpdateDatasetRequest.etag to make an "
+                "update conditional",
+            },
+            "DatasetStatistics": dict.fromkeys(
+                ("inputs_count", "annotated_inputs_count", "annotations_count", "concept_counts"),
+                _STATISTICS,
+            ),
+            "DatasetInput": {"created_at": _TIMES, "input": OUTPUT},
+            "DatasetVersion": {
+                "created_at": _TIMES,
+                "modified_at": _TIMES,
+                "app_id": "output only: the version belongs to the request's app_id",
+                "dataset_id": "output only: the version belongs to the request's dataset_id",
+                "status": _STATUS,
+                "metrics": "output only: the build counts the version's content",
+                "export_info": "output only: create exports with ExportDatasetVersion",
+            },
+            "DatasetVersionMetrics": dict.fromkeys(
+                (
+                    "inputs_count",
+                    "unlabeled_inputs_count",
+                    "inputs_with_metadata_count",
+                    "inputs_with_geo_count",
+                    "regions_count",
+                    "bounding_boxes_count",
+                    "polygons_count",
+                    "points_count",
+                    "masks_count",
+                    "frames_count",
+                    "embeddings_count",
+                    "positive_input_tags_count",
+                    "positive_region_tags_count",
+                    "positive_frame_tags_count",
+                    "region_inputs_count",
+                    "region_frames_count",
+                    "frame_inputs_count",
+                ),
+                "output only: the build counts the version's content",
+            ),
+            "DatasetVersionExport": dict.fromkeys(("format", "status", "url", "size"), OUTPUT),
+            "DatasetVersionExportInfo": dict.fromkeys(
+                ("clarifai_data_protobuf", "coco", "clarifai_data_json"), OUTPUT
+            ),
+            "Status": dict.fromkeys(
+                (
+                    "code",
+                    "description",
+                    "details",
+                    "percent_completed",
+                    "time_remaining",
+                    "req_id",
+                ),
+                _STATUS,
+            ),
+            "Export": dict.fromkeys(
+                (
+                    "id",
+                    "dataset_id",
+                    "version_id",
+                    "format",
+                    "options",
+                    "status",
+                    "size",
+                    "url",
+                    "url_expire_time",
+                    "split_counts",
+                    "fidelity",
+                    "created_at",
+                    "modified_at",
+                ),
+                OUTPUT,
+            ),
+        }.items()
+        for field, reason in fields.items()
+    }
+}
+
+_MEDIA: Final = ("image", "video", "audio", "text")
+_REGIONS_ARE_ANNOTATIONS = (
+    "regions are annotations: send them with CreateAnnotations (input_id = this input)"
+)
+_FRAMES_ARE_ANNOTATIONS = (
+    "frames are annotations: send them with CreateAnnotations (input_id = this input)"
+)
+_EMBEDDINGS = (
+    "embeddings are not stored by datasetd (the field exists for wire compatibility "
+    "with clarifai.api only)"
+)
+_MEDIA_OF_INPUT = (
+    "media belong to the input, not an annotation: send them with CreateInputs or UploadInput"
+)
+_GEO_OF_INPUT = (
+    "the geo point belongs to the input, not an annotation: set it with CreateInputs "
+    "or UpdateInputs"
+)
+
+# Where a Data message is the data of an input (as opposed to an annotation), by request
+# type and the path of the Input message.
+_INPUT_DATA: Final = frozenset(
+    {
+        ("datasetd.v1.CreateInputsRequest", ("inputs", "data")),
+        ("datasetd.v1.UpdateInputsRequest", ("inputs", "data")),
+        ("datasetd.v1.UploadInputRequest", ("header", "input", "data")),
+    }
+)
+
+
+def _refused_data_field(request_type: str, data_path: tuple[str, ...], name: str) -> str | None:
+    """Why field `name` of the Data at `data_path` is refused in `request_type`."""
+    if name == "embeddings":
+        return _EMBEDDINGS
+    if (request_type, data_path) in _INPUT_DATA:
+        if name == "regions":
+            return _REGIONS_ARE_ANNOTATIONS
+        if name == "frames":
+            return _FRAMES_ARE_ANNOTATIONS
+        return None
+    # Annotation data (top level, or nested in a region or frame).
+    if name in _MEDIA:
+        return _MEDIA_OF_INPUT
+    if name == "geo":
+        return _GEO_OF_INPUT
+    holder = data_path[-2] if len(data_path) >= 2 else ""
+    if holder == "regions" and name in ("regions", "frames"):
+        return f"{name} do not nest in a region: put them in the annotation's data"
+    if holder == "frames" and name == "frames":
+        return "frames do not nest: put them in the annotation's data.frames"
+    return None
+
+
+_MEDIA_NEVER_CHANGE = (
+    "media never change by a patch: delete the input and create it again with the new media"
+)
+_UPLOAD_MEDIA = (
+    "the media follow the header as chunks: send data.{medium} as an empty message to say "
+    "which medium they are"
+)
+
+# Per request type: path -> why that request refuses a field other requests accept.
+_PER_REQUEST: Final[Mapping[str, Mapping[tuple[str, ...], str]]] = {
+    "datasetd.v1.UpdateInputsRequest": {
+        **{("inputs", "data", medium): _MEDIA_NEVER_CHANGE for medium in _MEDIA},
+        ("inputs", "dataset_ids"): "memberships change with AddDatasetInputs and "
+        "RemoveDatasetInputs, not with UpdateInputs",
+    },
+    "datasetd.v1.UploadInputRequest": {
+        ("header", "input", "data", medium, source): _UPLOAD_MEDIA.format(medium=medium)
+        for medium in _MEDIA
+        for source in ("raw" if medium == "text" else "base64", "url")
+    },
+    "datasetd.v1.UpdateAnnotationsRequest": {
+        ("annotations", "input_id"): "an annotation stays on its input: delete it and create "
+        "it again on the other input with CreateAnnotations",
+    },
+}
+
+
+def refusal(request_type: str, path: tuple[str, ...], field: FieldDescriptor) -> str | None:
+    """Why a set field of a request is refused, or None when it is accepted.
+
+    request_type: full name of the top-level request message, e.g.
+        "datasetd.v1.CreateInputsRequest".
+    path: field names from the request down to this field, without indexes or map keys,
+        e.g. ("inputs", "data", "regions").
+    field: the descriptor of the field itself."""
+    # Every field of a message has its containing type; only extensions might not.
+    owner = field.containing_type.full_name if field.containing_type is not None else ""
+    reason = OUTPUT_ONLY.get((owner, field.name))
+    if reason is not None:
+        return reason
+    specific = _PER_REQUEST.get(request_type, {}).get(path)
+    if specific is not None:
+        return specific
+    if owner == "datasetd.v1.Data":
+        return _refused_data_field(request_type, path[:-1], field.name)
+    return None
+
+
+# --- update masks ------------------------------------------------------------------------
+
+# Per Update request: the field holding the resource(s), and each update_mask name with
+# the path (below the resource) of the field it names. The names are those the domain
+# accepts (service/domain: PATCHABLE_FIELDS, UPDATABLE_FIELDS; a unit test compares).
+UPDATE_MASKS: Final[Mapping[str, tuple[str, Mapping[str, tuple[str, ...]]]]] = {
+    "datasetd.v1.UpdateDatasetRequest": (
+        "dataset",
+        {
+            name: (name,)
+            for name in (
+                "description",
+                "notes",
+                "metadata",
+                "visibility",
+                "image",
+                "default_filter",
+            )
+        },
+    ),
+    "datasetd.v1.UpdateInputsRequest": (
+        "inputs",
+        {
+            "metadata": ("data", "metadata"),
+            "concepts": ("data", "concepts"),
+            "geo": ("data", "geo"),
+            "title": ("title",),
+        },
+    ),
+    "datasetd.v1.UpdateAnnotationsRequest": (
+        "annotations",
+        {"data": ("data",), "annotation_info": ("annotation_info",)},
+    ),
+    "datasetd.v1.UpdateDatasetVersionRequest": (
+        "version",
+        {"description": ("description",), "metadata": ("metadata",)},
+    ),
+}
+
+
+def outside_mask(request: Message) -> Iterator[FieldViolation]:
+    """Patchable fields set but not named in a non-empty update_mask.
+
+    An update applies only the fields its mask names; one set beside them would be
+    skipped without a word, so it is refused instead. With an empty mask every set
+    patchable field applies and nothing is refused here."""
+    found = UPDATE_MASKS.get(request.DESCRIPTOR.full_name)
+    if found is None:
+        return
+    holder, names = found
+    paths: list[str] = list(request.update_mask.paths)  # type: ignore[attr-defined]
+    if not paths:
+        return
+    named = ", ".join(f'"{p}"' for p in paths)
+    value = getattr(request, holder)
+    resources: list[tuple[str, Message]] = (
+        [(holder, value)]
+        if isinstance(value, Message)
+        else [(f"{holder}[{i}]", item) for i, item in enumerate(value)]
+    )
+    for at, resource in resources:
+        for name, path in names.items():
+            if name not in paths and _is_set(resource, path):
+                yield FieldViolation(
+                    f"{at}.{'.'.join(path)}",
+                    f'not in update_mask ({named}): add "{name}" to update_mask, or leave '
+                    "the field unset",
+                )
+
+
+def _is_set(message: Message, path: tuple[str, ...]) -> bool:
+    """Whether the field at `path` is set as the walker sees it (present, non-default,
+    non-empty)."""
+    *parents, last = path
+    for name in parents:
+        if not message.HasField(name):
+            return False
+        message = getattr(message, name)
+    return any(field.name == last for field, _ in message.ListFields())
