@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from service.api.boundary import check_request
 from service.api.errors import internal_status, to_rpc_status
 from service.domain.auth import Authenticator, parse_authorization
 from service.domain.errors import DomainError, InvalidArgument
@@ -70,6 +71,7 @@ def _checked(request: Any) -> Any:
             "string fields must be valid UTF-8",
             reason="MALFORMED_REQUEST",
         )
+    check_request(request)
     return request
 
 
