@@ -1,0 +1,605 @@
+"""A kill -9 storm: four writers and four readers against a server that is SIGKILLed over
+and over, sometimes with its whole stack (PostgreSQL and SeaweedFS too, restarted on the
+same data directories).
+
+Writers upload inputs (CreateInputs batches with server-generated ids, and client-streamed
+UploadInput calls, some of them cut off mid-stream on purpose), create versions and request
+exports. Every call that was not acknowledged is retried with the same request id until it
+is, so a retry that ran twice would show as a duplicate. Readers list, get and download
+inputs and exports, checking what they read against what was acknowledged. Afterwards the
+ledger check (tests.faults.ledger) and, after a zero-grace orphan collection, the orphan
+check must hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import io
+import os
+import random
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import psutil
+import pytest
+from datasetd.v1 import (
+    data_pb2,
+    dataset_pb2,
+    dataset_service_pb2_grpc,
+    dataset_version_pb2,
+    dataset_version_service_pb2_grpc,
+    input_pb2,
+    input_service_pb2_grpc,
+    status_pb2,
+)
+from datasetd.v1 import dataset_service_pb2 as dapi
+from datasetd.v1 import dataset_version_service_pb2 as vapi
+from datasetd.v1 import input_service_pb2 as api
+from PIL import Image
+
+from service.devstack import EmbeddedStack
+from service.storage.db import Database
+from service.storage.objectstore import ObjectStore
+from tests.conftest import Caller
+from tests.faults.ledger import (
+    Ledger,
+    LedgerReport,
+    OrphanReport,
+    check_ledger,
+    collect_and_check_orphans,
+)
+from tests.processes import ServerProcess, clean_env, run_server
+
+T = TypeVar("T")
+
+WRITERS = 4
+READERS = 4
+BATCH = 4
+CALL_TIMEOUT = 15.0
+UPLOAD_CHUNK = 32 * 1024
+VERSION_READY = status_pb2.STATUS_CODE_DATASET_VERSION_READY
+VERSION_FAILED = status_pb2.STATUS_CODE_DATASET_VERSION_FAILURE
+EXPORT_SUCCESS = status_pb2.STATUS_CODE_DATASET_VERSION_EXPORT_SUCCESS
+EXPORT_FAILED = status_pb2.STATUS_CODE_DATASET_VERSION_EXPORT_FAILED
+PROTOBUF = dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF
+# What a client may see while the server (or its stack) is being killed; anything else
+# (INTERNAL, UNKNOWN, NOT_FOUND for an acknowledged input...) is a finding.
+TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
+SETTLE_TIMEOUT = 120.0
+
+
+def noise_png(seed: bytes, side: int) -> bytes:
+    """A PNG that does not compress, different for every seed."""
+    pixels = hashlib.shake_256(seed).digest(side * side * 3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (side, side), pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Down(Exception):
+    """The server is not up, or the storm is over."""
+
+
+class Target:
+    """The server being stormed: its current channel, if it is up."""
+
+    def __init__(self, app: str, key: str) -> None:
+        self.caller = Caller(app, key)
+        self.channel: grpc.aio.Channel | None = None
+        self.up = asyncio.Event()
+        self.over = False
+
+    async def ready(self) -> grpc.aio.Channel:
+        while self.channel is None:
+            if self.over:
+                raise Down
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.up.wait(), 0.5)
+        return self.channel
+
+    def inputs(self, channel: grpc.aio.Channel) -> input_service_pb2_grpc.InputServiceAsyncStub:
+        return input_service_pb2_grpc.InputServiceStub(channel)
+
+    def versions(
+        self, channel: grpc.aio.Channel
+    ) -> dataset_version_service_pb2_grpc.DatasetVersionServiceAsyncStub:
+        return dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel)
+
+
+@dataclasses.dataclass
+class Tally:
+    acknowledged: int = 0
+    retried: int = 0
+    abandoned: int = 0
+    cut_off: int = 0
+    reads: int = 0
+    findings: list[str] = dataclasses.field(default_factory=list)
+    codes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def saw(self, code: grpc.StatusCode) -> None:
+        self.codes[code.name] = self.codes.get(code.name, 0) + 1
+
+
+@dataclasses.dataclass
+class Storm:
+    target: Target
+    ledger: Ledger
+    tally: Tally
+    # (dataset id, version id, export id) of every acknowledged export.
+    exports: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    # (input id, sha256) of every acknowledged input, for the readers.
+    acked: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def app(self) -> str:
+        return self.target.caller.app_id
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.target.caller.metadata
+
+    async def until_acknowledged(
+        self, what: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]
+    ) -> T | None:
+        """Runs `call` until it is acknowledged; None if the storm ended first."""
+        first = True
+        while True:
+            try:
+                channel = await self.target.ready()
+            except Down:
+                self.tally.abandoned += 1
+                return None
+            if not first:
+                self.tally.retried += 1
+            first = False
+            try:
+                result = await call(channel)
+            except grpc.aio.AioRpcError as error:
+                self.tally.saw(error.code())
+                if error.code() not in TRANSIENT:
+                    self.tally.findings.append(f"{what}: {error.code().name} {error.details()}")
+                    return None
+                await asyncio.sleep(0.05)
+                continue
+            self.tally.acknowledged += 1
+            return result
+
+
+async def writer(storm: Storm, index: int, stop: asyncio.Event) -> None:
+    app, dataset = storm.app, f"d{index}"
+    created = await storm.until_acknowledged(
+        f"w{index} CreateDataset",
+        lambda channel: dataset_service_pb2_grpc.DatasetServiceStub(channel).CreateDataset(
+            dapi.CreateDatasetRequest(
+                app_id=app, request_id=f"w{index}-dataset", dataset=dataset_pb2.Dataset(id=dataset)
+            ),
+            metadata=storm.metadata,
+            timeout=CALL_TIMEOUT,
+        ),
+    )
+    if created is None:
+        return
+    pending: list[str] = []
+    step = 0
+    while not stop.is_set():
+        if step % 3 == 1:
+            await upload(storm, index, step, cut=step % 6 == 4)
+        else:
+            await batch(storm, index, step)
+        if step % 5 == 4:
+            version_id = f"v{step}"
+            request = vapi.CreateDatasetVersionRequest(
+                app_id=app,
+                dataset_id=dataset,
+                request_id=f"w{index}-{version_id}",
+                version=dataset_version_pb2.DatasetVersion(id=version_id),
+            )
+
+            async def create(
+                channel: grpc.aio.Channel, request: vapi.CreateDatasetVersionRequest = request
+            ) -> vapi.CreateDatasetVersionResponse:
+                return await storm.target.versions(channel).CreateDatasetVersion(
+                    request, metadata=storm.metadata, timeout=CALL_TIMEOUT
+                )
+
+            made = await storm.until_acknowledged(f"w{index} CreateDatasetVersion", create)
+            if made is not None:
+                storm.ledger.version(app, dataset, version_id)
+                pending.append(version_id)
+        pending = await export_ready(storm, index, pending)
+        step += 1
+
+
+async def batch(storm: Storm, index: int, step: int) -> None:
+    images = [noise_png(f"{storm.app}/{index}/{step}/{i}".encode(), 40) for i in range(BATCH)]
+    request = api.CreateInputsRequest(
+        app_id=storm.app,
+        request_id=f"w{index}-batch-{step}",
+        # Server-generated ids: a request that ran twice would leave two inputs per image.
+        inputs=[
+            input_pb2.Input(
+                data=data_pb2.Data(image=data_pb2.Image(base64=image)), dataset_ids=[f"d{index}"]
+            )
+            for image in images
+        ],
+    )
+    response = await storm.until_acknowledged(
+        f"w{index} CreateInputs",
+        lambda channel: storm.target.inputs(channel).CreateInputs(
+            request, metadata=storm.metadata, timeout=CALL_TIMEOUT
+        ),
+    )
+    if response is None:
+        for image in images:
+            storm.ledger.attempted(storm.app, sha(image))
+        return
+    for result in response.results:
+        digest = sha(images[result.index])
+        storm.ledger.acknowledged(storm.app, result.input_id, digest, (f"d{index}",))
+        storm.acked.append((result.input_id, digest))
+
+
+async def upload(storm: Storm, index: int, step: int, *, cut: bool) -> None:
+    media = noise_png(f"{storm.app}/{index}/{step}/up".encode(), 160)
+    input_id = f"w{index}-up-{step}"
+    header = api.UploadInputHeader(
+        app_id=storm.app,
+        input=input_pb2.Input(
+            id=input_id, data=data_pb2.Data(image=data_pb2.Image()), dataset_ids=[f"d{index}"]
+        ),
+        content_length=len(media),
+        sha256=sha(media),
+        request_id=f"w{index}-upload-{step}",
+    )
+    chunks = [media[i : i + UPLOAD_CHUNK] for i in range(0, len(media), UPLOAD_CHUNK)]
+
+    async def send(channel: grpc.aio.Channel) -> api.UploadInputResponse | None:
+        call = storm.target.inputs(channel).UploadInput(
+            metadata=storm.metadata, timeout=CALL_TIMEOUT
+        )
+        await call.write(api.UploadInputRequest(header=header))
+        for number, chunk in enumerate(chunks):
+            if cut and number == len(chunks) // 2:
+                # Cut off mid-stream: the server has part of the bytes, then the
+                # client goes. Nothing of it may stay behind.
+                await asyncio.sleep(0.05)
+                call.cancel()
+                return None
+            await call.write(api.UploadInputRequest(chunk=chunk))
+        await call.done_writing()
+        response: api.UploadInputResponse = await call
+        return response
+
+    if cut:
+        try:
+            channel = await storm.target.ready()
+            await send(channel)
+        except (Down, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass
+        # Never recorded as sent: any trace of these bytes is a finding.
+        storm.tally.cut_off += 1
+        return
+    response = await storm.until_acknowledged(f"w{index} UploadInput", send)
+    if response is None:
+        storm.ledger.attempted(storm.app, sha(media))
+        return
+    storm.ledger.acknowledged(storm.app, response.input.id, sha(media), (f"d{index}",))
+    storm.acked.append((response.input.id, sha(media)))
+
+
+async def export_ready(storm: Storm, index: int, pending: list[str]) -> list[str]:
+    """Requests an export of each pending version that is READY; the others stay pending."""
+    left = []
+    for version_id in pending:
+        try:
+            channel = await storm.target.ready()
+            got = await storm.target.versions(channel).GetDatasetVersion(
+                vapi.GetDatasetVersionRequest(
+                    app_id=storm.app, dataset_id=f"d{index}", version_id=version_id
+                ),
+                metadata=storm.metadata,
+                timeout=CALL_TIMEOUT,
+            )
+        except Down:
+            return pending
+        except grpc.aio.AioRpcError as error:
+            storm.tally.saw(error.code())
+            if error.code() not in TRANSIENT:
+                storm.tally.findings.append(f"GetDatasetVersion {version_id}: {error.code().name}")
+            left.append(version_id)
+            continue
+        if got.version.status.code == VERSION_FAILED:
+            storm.tally.findings.append(f"d{index}/{version_id} failed: {got.version.status}")
+        if got.version.status.code != VERSION_READY:
+            left.append(version_id)
+            continue
+        request = vapi.ExportDatasetVersionRequest(
+            app_id=storm.app,
+            dataset_id=f"d{index}",
+            version_id=version_id,
+            format=PROTOBUF,
+            request_id=f"w{index}-export-{version_id}",
+        )
+
+        async def export(
+            channel: grpc.aio.Channel, request: vapi.ExportDatasetVersionRequest = request
+        ) -> vapi.ExportDatasetVersionResponse:
+            return await storm.target.versions(channel).ExportDatasetVersion(
+                request, metadata=storm.metadata, timeout=CALL_TIMEOUT
+            )
+
+        exported = await storm.until_acknowledged(f"w{index} ExportDatasetVersion", export)
+        if exported is not None:
+            storm.exports.append((f"d{index}", version_id, exported.export.id))
+    return left
+
+
+async def download_export(
+    storm: Storm, channel: grpc.aio.Channel, export: tuple[str, str, str]
+) -> bytes | None:
+    """The archive if the export succeeded, checked against its announced size and hash."""
+    dataset_id, version_id, export_id = export
+    got = await storm.target.versions(channel).GetExport(
+        vapi.GetExportRequest(
+            app_id=storm.app, dataset_id=dataset_id, version_id=version_id, export_id=export_id
+        ),
+        metadata=storm.metadata,
+        timeout=CALL_TIMEOUT,
+    )
+    if got.export.status.code == EXPORT_FAILED:
+        storm.tally.findings.append(f"export {export} failed: {got.export.status}")
+    if got.export.status.code != EXPORT_SUCCESS:
+        return None
+    messages = [
+        m
+        async for m in storm.target.versions(channel).DownloadExport(
+            vapi.DownloadExportRequest(
+                app_id=storm.app, dataset_id=dataset_id, version_id=version_id, export_id=export_id
+            ),
+            metadata=storm.metadata,
+            timeout=CALL_TIMEOUT,
+        )
+    ]
+    archive = b"".join(m.chunk for m in messages)
+    if len(archive) != messages[0].total_size or sha(archive) != messages[0].sha256:
+        storm.tally.findings.append(f"export {export}: download does not match its header")
+    storm.ledger.archive(storm.app, archive)
+    return archive
+
+
+async def reader(storm: Storm, index: int, stop: asyncio.Event) -> None:
+    rng = random.Random(index)
+    while not stop.is_set():
+        try:
+            channel = await storm.target.ready()
+            choice = rng.randrange(3)
+            if choice == 0:
+                await storm.target.inputs(channel).ListInputs(
+                    api.ListInputsRequest(app_id=storm.app, page_size=50),
+                    metadata=storm.metadata,
+                    timeout=CALL_TIMEOUT,
+                )
+            elif choice == 1 and storm.acked:
+                input_id, digest = rng.choice(storm.acked)
+                chunks = [
+                    m.chunk
+                    async for m in storm.target.inputs(channel).DownloadInput(
+                        api.DownloadInputRequest(app_id=storm.app, input_id=input_id),
+                        metadata=storm.metadata,
+                        timeout=CALL_TIMEOUT,
+                    )
+                ]
+                if sha(b"".join(chunks)) != digest:
+                    storm.tally.findings.append(f"DownloadInput {input_id}: other bytes")
+            elif choice == 2 and storm.exports:
+                await download_export(storm, channel, rng.choice(storm.exports))
+            else:
+                await asyncio.sleep(0.05)
+                continue
+            storm.tally.reads += 1
+        except Down:
+            return
+        except grpc.aio.AioRpcError as error:
+            storm.tally.saw(error.code())
+            if error.code() not in TRANSIENT:
+                storm.tally.findings.append(f"reader: {error.code().name} {error.details()}")
+            await asyncio.sleep(0.05)
+
+
+# --- the stack and the kills ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stormed:
+    stack: EmbeddedStack
+    env: dict[str, str]
+    server_kills: int = 0
+    stack_kills: int = 0
+
+    @property
+    def kills(self) -> int:
+        return self.server_kills + self.stack_kills
+
+    def point_at_stack(self) -> None:
+        s3 = self.stack.s3_endpoint
+        self.env.update(
+            DATASETD_DATABASE_URL=self.stack.dsn,
+            DATASETD_S3_ENDPOINT=s3.endpoint,
+            DATASETD_S3_ACCESS_KEY=s3.access_key,
+            DATASETD_S3_SECRET_KEY=s3.secret_key,
+            DATASETD_S3_BUCKET=s3.bucket,
+        )
+
+    def stack_processes(self) -> list[psutil.Process]:
+        found = []
+        for pid in (self.stack.postgres.pid, self.stack.s3.pid):
+            assert pid is not None, "a stack server is not running"
+            process = psutil.Process(pid)
+            found += [process, *process.children(recursive=True)]
+        return found
+
+    async def kill(self, server: ServerProcess, *, whole_stack: bool) -> None:
+        victims = self.stack_processes() if whole_stack else []
+        server.process.send_signal(signal.SIGKILL)
+        for victim in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGKILL)
+        await server.process.wait()
+        if whole_stack:
+            psutil.wait_procs(victims, timeout=10)
+            # Restarted on the same data directories: PostgreSQL recovers from its WAL.
+            await asyncio.to_thread(self.stack.stop)
+            await asyncio.to_thread(self.stack.start)
+            self.point_at_stack()
+            self.stack_kills += 1
+        else:
+            self.server_kills += 1
+
+
+@contextlib.asynccontextmanager
+async def dedicated_stack(directory: Path) -> AsyncIterator[EmbeddedStack]:
+    stack = EmbeddedStack(directory, bucket="storm")
+    await asyncio.to_thread(stack.start)
+    try:
+        yield stack
+    finally:
+        await asyncio.to_thread(stack.stop)
+
+
+async def settle(storm: Storm, channel: grpc.aio.Channel, deadline: float) -> None:
+    """Waits for every acknowledged version to be READY and every acknowledged export to
+    finish, and downloads each finished export once."""
+    versions = storm.target.versions(channel)
+    for dataset_id, version_id in sorted(storm.ledger.app(storm.app).versions):
+        while True:
+            got = await versions.GetDatasetVersion(
+                vapi.GetDatasetVersionRequest(
+                    app_id=storm.app, dataset_id=dataset_id, version_id=version_id
+                ),
+                metadata=storm.metadata,
+                timeout=CALL_TIMEOUT,
+            )
+            if got.version.status.code == VERSION_READY:
+                break
+            assert got.version.status.code != VERSION_FAILED, got.version.status
+            assert time.monotonic() < deadline, f"{dataset_id}/{version_id}: {got.version.status}"
+            await asyncio.sleep(0.2)
+    for export in storm.exports:
+        while await download_export(storm, channel, export) is None:
+            assert time.monotonic() < deadline, f"export {export} never finished"
+            await asyncio.sleep(0.2)
+
+
+async def run_storm(
+    directory: Path, kills: int, stack_kill_every: int, seed: int
+) -> tuple[Stormed, Tally, LedgerReport, OrphanReport]:
+    rng = random.Random(seed)
+    app, key = "storm", "storm-key-" + secrets.token_hex(12)
+    async with dedicated_stack(directory) as stack:
+        stormed = Stormed(
+            stack,
+            {
+                **clean_env(),
+                "DATASETD_BOOTSTRAP_KEY": key,
+                "DATASETD_BOOTSTRAP_APP": app,
+                # Jobs of a killed server are taken over quickly.
+                "DATASETD_JOB_LEASE": "2s",
+                "DATASETD_LOG_LEVEL": "WARNING",
+            },
+        )
+        stormed.point_at_stack()
+        target = Target(app, key)
+        storm = Storm(target, Ledger(), Tally())
+        stop = asyncio.Event()
+        workers = [asyncio.create_task(writer(storm, i, stop)) for i in range(WRITERS)]
+        workers += [asyncio.create_task(reader(storm, i, stop)) for i in range(READERS)]
+        # Channels stay open until the end: closing one would cancel the calls still on it
+        # locally, where a client of a dying server sees UNAVAILABLE.
+        channels: list[grpc.aio.Channel] = []
+        try:
+            for number in range(kills):
+                whole_stack = (number + 1) % stack_kill_every == 0
+                async with run_server(dict(stormed.env)) as server:
+                    channels.append(grpc.aio.insecure_channel(server.address))
+                    target.channel = channels[-1]
+                    target.up.set()
+                    await asyncio.sleep(rng.uniform(0.3, 2.0))
+                    target.up.clear()
+                    target.channel = None
+                    await stormed.kill(server, whole_stack=whole_stack)
+            stop.set()
+            async with run_server(dict(stormed.env)) as server:
+                channels.append(grpc.aio.insecure_channel(server.address))
+                target.channel = channels[-1]
+                target.up.set()
+                # The writers finish their current step against a live server.
+                await asyncio.wait_for(asyncio.gather(*workers), SETTLE_TIMEOUT)
+                target.over = True
+                await settle(storm, channels[-1], time.monotonic() + SETTLE_TIMEOUT)
+                await server.stop()
+        finally:
+            target.over = True
+            stop.set()
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            for channel in channels:
+                await channel.close()
+        s3 = stack.s3_endpoint
+        objects = ObjectStore(s3.endpoint, s3.access_key, s3.secret_key, s3.bucket)
+        db = await Database.connect(stack.dsn, min_size=1, max_size=2)
+        try:
+            report = await check_ledger(db, objects, storm.ledger)
+            orphans = await collect_and_check_orphans(db, objects)
+        finally:
+            await db.close()
+            objects.close()
+    return stormed, storm.tally, report, orphans
+
+
+async def storm_and_check(directory: Path, kills: int, stack_kill_every: int) -> None:
+    seed = int(os.environ.get("STORM_SEED", "0")) or secrets.randbelow(2**31)
+    started = time.monotonic()
+    stormed, tally, report, orphans = await run_storm(directory, kills, stack_kill_every, seed)
+    print(
+        f"\nstorm (seed {seed}) in {time.monotonic() - started:.1f}s: "
+        f"{stormed.server_kills} server kills, {stormed.stack_kills} whole-stack kills; "
+        f"{tally.acknowledged} acknowledged calls, {tally.retried} retries, "
+        f"{tally.abandoned} abandoned at the end, {tally.cut_off} uploads cut off, "
+        f"{tally.reads} reads; errors seen {tally.codes}\nledger: {report}\norphans: {orphans}"
+    )
+    assert not tally.findings, tally.findings
+    assert stormed.kills == kills
+    # The storm proved something: calls were interrupted and retried, inputs, versions
+    # and exports were acknowledged and checked.
+    assert tally.retried > 0, "no kill interrupted a call"
+    assert report.acknowledged_inputs > 0
+    assert report.ready_versions > 0
+    assert report.archives_checked > 0
+    assert tally.cut_off > 0
+
+
+async def test_kill_storm_short(tmp_path: Path) -> None:
+    await storm_and_check(tmp_path, kills=5, stack_kill_every=3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+async def test_kill_storm(tmp_path: Path) -> None:
+    await storm_and_check(tmp_path, kills=50, stack_kill_every=7)
