@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import io
@@ -23,6 +24,7 @@ import random
 import secrets
 import signal
 import time
+import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -46,15 +48,17 @@ from datasetd.v1 import input_service_pb2 as api
 from PIL import Image
 
 from service.devstack import EmbeddedStack
+from service.storage.blobs import content_key
 from service.storage.db import Database
 from service.storage.objectstore import ObjectStore
-from tests.conftest import Caller
+from tests.conftest import Caller, Stack, object_store
 from tests.faults.ledger import (
     Ledger,
     LedgerReport,
     OrphanReport,
     check_ledger,
     collect_and_check_orphans,
+    zip_problem,
 )
 from tests.processes import ServerProcess, clean_env, run_server
 
@@ -603,3 +607,69 @@ async def test_kill_storm_short(tmp_path: Path) -> None:
 @pytest.mark.timeout(1800)
 async def test_kill_storm(tmp_path: Path) -> None:
     await storm_and_check(tmp_path, kills=50, stack_kill_every=7)
+
+
+# --- the checks can fail -------------------------------------------------------------------
+
+
+async def test_the_ledger_check_finds_what_it_is_for(
+    stack: Stack, db: Database, caller: Caller, inputs: input_service_pb2_grpc.InputServiceAsyncStub
+) -> None:
+    """Lost, unsent and damaged data each fail the checks, which the storm relies on."""
+    images = [noise_png(f"{caller.app_id}/{i}".encode(), 24) for i in range(3)]
+
+    async def create(image: bytes) -> str:
+        response = await inputs.CreateInputs(
+            api.CreateInputsRequest(
+                app_id=caller.app_id,
+                inputs=[input_pb2.Input(data=data_pb2.Data(image=data_pb2.Image(base64=image)))],
+            ),
+            metadata=caller.metadata,
+        )
+        return response.results[0].input_id
+
+    ledger = Ledger()
+    for image in images[:2]:
+        ledger.acknowledged(caller.app_id, await create(image), sha(image))
+    objects = object_store(stack)
+    try:
+        assert (await check_ledger(db, objects, ledger)).acknowledged_inputs == 2
+
+        lost = copy.deepcopy(ledger)
+        lost.acknowledged(caller.app_id, "never-stored", sha(b"x"))
+        with pytest.raises(AssertionError, match="never-stored: acknowledged, not in the database"):
+            await check_ledger(db, objects, lost)
+
+        await create(images[2])
+        with pytest.raises(AssertionError, match="never sent"):
+            await check_ledger(db, objects, ledger)
+        ledger.attempted(caller.app_id, sha(images[2]))
+        await check_ledger(db, objects, ledger)
+
+        key = content_key(sha(images[0]))
+        await objects.delete(key)
+        try:
+            with pytest.raises(AssertionError, match=f"object {key} is missing"):
+                await check_ledger(db, objects, ledger)
+        finally:
+            await objects.put(key, images[0], "image/png")
+
+        stray = content_key(sha(b"no row for these bytes"))
+        await objects.put(stray, b"no row for these bytes", "application/octet-stream")
+        try:
+            with pytest.raises(AssertionError, match="1 objects without a row"):
+                await collect_and_check_orphans(db, objects)
+        finally:
+            await objects.delete(stray)
+        await collect_and_check_orphans(db, objects)
+    finally:
+        objects.close()
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as out:
+        out.writestr("a", b"a" * 1000)
+    assert zip_problem(archive.getvalue()) is None
+    assert zip_problem(archive.getvalue()[:-30]) is not None
+    damaged = bytearray(archive.getvalue())
+    damaged[damaged.index(b"a" * 100) + 10] ^= 1
+    assert zip_problem(bytes(damaged)) == "member a fails its CRC"
