@@ -311,6 +311,14 @@ def _unfinished_uploads(objects: ObjectStore, prefix: str) -> list[str]:
     return [u.object_name or "?" for u in listing.uploads]
 
 
+async def staged_uploads(objects: ObjectStore) -> list[str]:
+    """What streamed uploads left in S3: objects under `uploads/`, then unfinished
+    multipart uploads there (each name prefixed with "multipart:")."""
+    staged = await objects.list_keys(UPLOADS_PREFIX)
+    unfinished = await asyncio.to_thread(_unfinished_uploads, objects, UPLOADS_PREFIX)
+    return staged + [f"multipart:{name}" for name in unfinished]
+
+
 async def collect_and_check_orphans(db: Database, objects: ObjectStore) -> OrphanReport:
     """One collection pass with a zero grace period (nothing may be writing), then: every
     `blobs` row is referenced and has its object, every object under `blobs/` has its
@@ -328,12 +336,9 @@ async def collect_and_check_orphans(db: Database, objects: ObjectStore) -> Orpha
         problems.append(f"{len(stored - rows)} objects without a row: {sorted(stored - rows)[:5]}")
     if rows - stored:
         problems.append(f"{len(rows - stored)} rows without an object: {sorted(rows - stored)[:5]}")
-    staged = await objects.list_keys(UPLOADS_PREFIX)
+    staged = await staged_uploads(objects)
     if staged:
-        problems.append(f"{len(staged)} staged upload objects left: {staged[:5]}")
-    unfinished = await asyncio.to_thread(_unfinished_uploads, objects, UPLOADS_PREFIX)
-    if unfinished:
-        problems.append(f"{len(unfinished)} unfinished multipart uploads: {unfinished[:5]}")
+        problems.append(f"{len(staged)} uploads cut off left behind: {staged[:5]}")
     if problems:
         raise AssertionError("orphan check failed:\n  " + "\n  ".join(problems))
     return OrphanReport(collected, len(rows))
