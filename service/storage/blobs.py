@@ -11,6 +11,8 @@ import uuid
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
+
 from service.domain.models import StoredBlob
 from service.storage.db import Database
 from service.storage.objectstore import ObjectStore, ObjectWriter, part_size_for
@@ -66,6 +68,18 @@ WHERE b.key = $1 AND b.last_seen < now() - $2::interval AND NOT {REFERENCED}
 FOR UPDATE SKIP LOCKED
 """
 DELETE_BLOB = "DELETE FROM blobs WHERE key = $1"
+UNREGISTERED = """
+SELECT k FROM unnest($1::text[]) AS k WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE key = k)
+"""
+# A placeholder row, inserted and deleted in the collector's own transaction (never seen by
+# anyone else): it waits for a writer whose uncommitted touch inserted the same key, and
+# makes a writer that touches the key meanwhile wait until the object is gone.
+CLAIM_UNREGISTERED = """
+INSERT INTO blobs (key, sha256, size, content_type) VALUES ($1, '', 0, '')
+ON CONFLICT (key) DO NOTHING RETURNING key
+"""
+# How long the collector waits for a writer that holds the key; it skips the key after.
+CLAIM_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '1s'"
 
 
 class ContentAddressedBlobStore:
@@ -76,6 +90,10 @@ class ContentAddressedBlobStore:
     seen before the grace period, locking the row and removing the object before
     its own commit. An upload that races with a collection therefore either
     waits for it and re-creates both, or makes the collector skip the blob.
+
+    Inside a caller's transaction (a mutation with a request id) the touch commits with
+    that transaction, after the PUT: a rollback or a crash leaves the object without
+    its row. The collector finds those objects too (`_collect_unregistered`).
     """
 
     def __init__(self, db: Database, objects: ObjectStore) -> None:
@@ -168,6 +186,7 @@ class ContentAddressedBlobStore:
                 await self._objects.delete(key)
                 await conn.execute(DELETE_BLOB, key)
                 collected += 1
+        collected += await self._collect_unregistered(limit)
         if collected:
             log.info("collected %d orphan blobs", collected)
         # Server time of S3 against ours: the grace period dwarfs any sane clock skew.
@@ -177,6 +196,32 @@ class ContentAddressedBlobStore:
         if abandoned:
             log.info("removed %d abandoned uploads", abandoned)
         return collected + abandoned
+
+    async def _collect_unregistered(self, limit: int) -> int:
+        """Deletes objects under the content-addressed prefix that have no blobs row: their
+        row was rolled back with the transaction that touched it (or its process died), so
+        no row references them and the row-based pass above never sees them.
+
+        No grace period is needed: every writer touches the row before it writes the object,
+        and the claim below conflicts with a touch not yet committed (waiting for it, up to
+        CLAIM_LOCK_TIMEOUT) and holds off touches that come after it until the object is
+        gone, which the writer then writes again."""
+        keys = await self._objects.list_keys(f"{HOSTED_PREFIX}/{HOSTED_SIZE}/")
+        async with self._db.connection() as conn:
+            missing = [r["k"] for r in await conn.fetch(UNREGISTERED, keys)]
+        collected = 0
+        for key in missing[:limit]:
+            try:
+                async with self._db.transaction(), self._db.connection() as conn:
+                    await conn.execute(CLAIM_LOCK_TIMEOUT)
+                    if await conn.fetchval(CLAIM_UNREGISTERED, key) is None:
+                        continue
+                    await self._objects.delete(key)
+                    await conn.execute(DELETE_BLOB, key)
+                    collected += 1
+            except asyncpg.LockNotAvailableError:
+                continue  # a transaction that touched the key is still open: not an orphan yet
+        return collected
 
 
 class StagedObject:

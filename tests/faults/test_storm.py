@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import hashlib
@@ -26,6 +27,7 @@ import signal
 import time
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,7 +50,7 @@ from datasetd.v1 import input_service_pb2 as api
 from PIL import Image
 
 from service.devstack import EmbeddedStack
-from service.storage.blobs import content_key
+from service.storage.blobs import ContentAddressedBlobStore, content_key
 from service.storage.db import Database
 from service.storage.objectstore import ObjectStore
 from tests.conftest import Caller, Stack, object_store
@@ -133,6 +135,8 @@ class Tally:
     abandoned: int = 0
     cut_off: int = 0
     reads: int = 0
+    server_kills: int = 0
+    stack_kills: int = 0
     findings: list[str] = dataclasses.field(default_factory=list)
     codes: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -433,12 +437,7 @@ async def reader(storm: Storm, index: int, stop: asyncio.Event) -> None:
 class Stormed:
     stack: EmbeddedStack
     env: dict[str, str]
-    server_kills: int = 0
-    stack_kills: int = 0
-
-    @property
-    def kills(self) -> int:
-        return self.server_kills + self.stack_kills
+    tally: Tally
 
     def point_at_stack(self) -> None:
         s3 = self.stack.s3_endpoint
@@ -471,9 +470,9 @@ class Stormed:
             await asyncio.to_thread(self.stack.stop)
             await asyncio.to_thread(self.stack.start)
             self.point_at_stack()
-            self.stack_kills += 1
+            self.tally.stack_kills += 1
         else:
-            self.server_kills += 1
+            self.tally.server_kills += 1
 
 
 @contextlib.asynccontextmanager
@@ -511,8 +510,8 @@ async def settle(storm: Storm, channel: grpc.aio.Channel, deadline: float) -> No
 
 
 async def run_storm(
-    directory: Path, kills: int, stack_kill_every: int, seed: int
-) -> tuple[Stormed, Tally, LedgerReport, OrphanReport]:
+    directory: Path, kills: int, stack_kill_every: int, seed: int, tally: Tally
+) -> tuple[LedgerReport, OrphanReport]:
     rng = random.Random(seed)
     app, key = "storm", "storm-key-" + secrets.token_hex(12)
     async with dedicated_stack(directory) as stack:
@@ -526,10 +525,11 @@ async def run_storm(
                 "DATASETD_JOB_LEASE": "2s",
                 "DATASETD_LOG_LEVEL": "WARNING",
             },
+            tally,
         )
         stormed.point_at_stack()
         target = Target(app, key)
-        storm = Storm(target, Ledger(), Tally())
+        storm = Storm(target, Ledger(), tally)
         stop = asyncio.Event()
         workers = [asyncio.create_task(writer(storm, i, stop)) for i in range(WRITERS)]
         workers += [asyncio.create_task(reader(storm, i, stop)) for i in range(READERS)]
@@ -574,22 +574,26 @@ async def run_storm(
         finally:
             await db.close()
             objects.close()
-    return stormed, storm.tally, report, orphans
+    return report, orphans
 
 
 async def storm_and_check(directory: Path, kills: int, stack_kill_every: int) -> None:
     seed = int(os.environ.get("STORM_SEED", "0")) or secrets.randbelow(2**31)
     started = time.monotonic()
-    stormed, tally, report, orphans = await run_storm(directory, kills, stack_kill_every, seed)
-    print(
-        f"\nstorm (seed {seed}) in {time.monotonic() - started:.1f}s: "
-        f"{stormed.server_kills} server kills, {stormed.stack_kills} whole-stack kills; "
-        f"{tally.acknowledged} acknowledged calls, {tally.retried} retries, "
-        f"{tally.abandoned} abandoned at the end, {tally.cut_off} uploads cut off, "
-        f"{tally.reads} reads; errors seen {tally.codes}\nledger: {report}\norphans: {orphans}"
-    )
+    tally = Tally()
+    try:
+        report, orphans = await run_storm(directory, kills, stack_kill_every, seed, tally)
+    finally:
+        print(
+            f"\nstorm (seed {seed}) for {time.monotonic() - started:.1f}s: "
+            f"{tally.server_kills} server kills, {tally.stack_kills} whole-stack kills; "
+            f"{tally.acknowledged} acknowledged calls, {tally.retried} retries, "
+            f"{tally.abandoned} abandoned at the end, {tally.cut_off} uploads cut off, "
+            f"{tally.reads} reads; errors seen {tally.codes}; findings {tally.findings}"
+        )
+    print(f"ledger: {report}\norphans: {orphans}")
     assert not tally.findings, tally.findings
-    assert stormed.kills == kills
+    assert tally.server_kills + tally.stack_kills == kills
     # The storm proved something: calls were interrupted and retried, inputs, versions
     # and exports were acknowledged and checked.
     assert tally.retried > 0, "no kill interrupted a call"
@@ -654,13 +658,18 @@ async def test_the_ledger_check_finds_what_it_is_for(
         finally:
             await objects.put(key, images[0], "image/png")
 
+        # A stray object without a row is collected; a row whose object is gone is found.
         stray = content_key(sha(b"no row for these bytes"))
         await objects.put(stray, b"no row for these bytes", "application/octet-stream")
+        assert (await collect_and_check_orphans(db, objects)).collected >= 1
+        assert not await objects.exists(stray)
+        await objects.delete(key)
         try:
-            with pytest.raises(AssertionError, match="1 objects without a row"):
+            with pytest.raises(AssertionError, match="rows without an object") as raised:
                 await collect_and_check_orphans(db, objects)
+            assert key in str(raised.value)
         finally:
-            await objects.delete(stray)
+            await objects.put(key, images[0], "image/png")
         await collect_and_check_orphans(db, objects)
     finally:
         objects.close()
@@ -673,3 +682,43 @@ async def test_the_ledger_check_finds_what_it_is_for(
     damaged = bytearray(archive.getvalue())
     damaged[damaged.index(b"a" * 100) + 10] ^= 1
     assert zip_problem(bytes(damaged)) == "member a fails its CRC"
+
+
+class _RolledBack(Exception):
+    pass
+
+
+async def test_the_collector_finds_objects_whose_row_was_rolled_back(
+    stack: Stack, db: Database
+) -> None:
+    """Inside a transaction (a mutation with a request id) the blobs row commits only with
+    it, after the object was written; a rollback leaves an object without a row, which the
+    collector removes. An object whose row is not committed yet is left alone."""
+    objects = object_store(stack)
+    blobs = ContentAddressedBlobStore(db, objects)
+
+    async def collect() -> None:
+        # In a context of its own: not on the transaction's connection.
+        collection = asyncio.create_task(
+            blobs.collect_orphans(timedelta(hours=1), 1000), context=contextvars.Context()
+        )
+        await collection
+
+    pending, rolled_back = secrets.token_bytes(64), secrets.token_bytes(64)
+    try:
+        async with db.transaction():
+            blob = await blobs.put(pending, "application/octet-stream")
+            await collect()
+            assert await objects.exists(blob.key)
+        assert await db.fetchval("SELECT count(*) FROM blobs WHERE key = $1", blob.key) == 1
+
+        with contextlib.suppress(_RolledBack):
+            async with db.transaction():
+                lost = await blobs.put(rolled_back, "application/octet-stream")
+                raise _RolledBack
+        assert await db.fetchval("SELECT count(*) FROM blobs WHERE key = $1", lost.key) == 0
+        assert await objects.exists(lost.key)
+        await collect()
+        assert not await objects.exists(lost.key)
+    finally:
+        objects.close()
