@@ -276,9 +276,22 @@ async def test_update_patches_metadata_concepts_title_never_media(
         data=data_pb2.Data(
             metadata=metadata({"a": {"y": 2}}),
             concepts=[data_pb2.Concept(id="dog", value=1)],
-            image=data_pb2.Image(base64=png_bytes(5, 5)),
         ),
     )
+    # Media never change by a patch: sending some is refused by name, not ignored.
+    with_media = input_pb2.Input(
+        id="p", data=data_pb2.Data(image=data_pb2.Image(base64=png_bytes(5, 5)))
+    )
+    refused = await call_error(
+        inputs.UpdateInputs(
+            api.UpdateInputsRequest(
+                app_id=caller.app_id, inputs=[with_media], action=common_pb2.PATCH_ACTION_MERGE
+            ),
+            metadata=caller.metadata,
+        )
+    )
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inputs[0].data.image" in refused.fields
     response = await inputs.UpdateInputs(
         api.UpdateInputsRequest(
             app_id=caller.app_id, inputs=[patch], action=common_pb2.PATCH_ACTION_MERGE
