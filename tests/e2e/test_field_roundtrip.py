@@ -34,13 +34,15 @@ from typing import Any
 import datasetd.v1
 import grpc
 import pytest
-from datasetd.v1 import (
-    common_pb2,
-    data_pb2,
-    dataset_version_pb2,
-    status_pb2,
+from datasetd.v1 import common_pb2, data_pb2, dataset_version_pb2, status_pb2
+from datasetd.v1 import dataset_version_service_pb2 as vapi
+from google.protobuf import (
+    descriptor_pool,
+    field_mask_pb2,
+    json_format,
+    message_factory,
+    struct_pb2,
 )
-from google.protobuf import field_mask_pb2, json_format, message_factory, struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 
@@ -58,15 +60,8 @@ PROTOBUF = dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF
 # Nested messages that refer to themselves (Data in a Region in Data...) are walked to
 # this many occurrences of one type in a path: enough to reach a frame's region's data.
 MAX_SAME_TYPE = 3
-# Leaf types: set as a whole, not walked into.
-WHOLE = frozenset(
-    {
-        "google.protobuf.Struct",
-        "google.protobuf.Timestamp",
-        "google.protobuf.FieldMask",
-        "google.protobuf.UInt64Value",
-    }
-)
+# Well-known types (Struct, Timestamp, FieldMask, wrappers) are set as a whole, not walked.
+WELL_KNOWN = "google.protobuf."
 
 Path = tuple[str, ...]
 
@@ -113,12 +108,12 @@ def leaves(descriptor: Descriptor, path: Path = (), seen: tuple[str, ...] = ()) 
     """Paths of every settable field: scalars, repeated scalars, maps and whole messages
     (Struct, Timestamp...); other messages are walked into."""
     for field in descriptor.fields:
-        nested = field.message_type
+        inner = field.message_type
         here = (*path, field.name)
-        if nested is None or _is_map(field) or nested.full_name in WHOLE:
+        if inner is None or _is_map(field) or inner.full_name.startswith(WELL_KNOWN):
             yield here
-        elif seen.count(nested.full_name) < MAX_SAME_TYPE:
-            yield from leaves(nested, here, (*seen, nested.full_name))
+        elif seen.count(inner.full_name) < MAX_SAME_TYPE:
+            yield from leaves(inner, here, (*seen, inner.full_name))
 
 
 def field_at(descriptor: Descriptor, path: Path) -> FieldDescriptor:
@@ -222,16 +217,10 @@ def _template(full_name: str) -> Message:
 
 
 def _split_options() -> Message:
-    from datasetd.v1 import dataset_version_service_pb2 as vapi
-
-    options = vapi.SplitOptions()
-    options.ratios["train"] = 1.0
-    return options
+    return vapi.SplitOptions(ratios={"train": 1.0})
 
 
 def _empty(name: str) -> Message:
-    from google.protobuf import descriptor_pool
-
     return message_class(descriptor_pool.Default().FindMessageTypeByName(name))()
 
 
@@ -266,7 +255,7 @@ VALUES: Mapping[tuple[str, str], Callable[[Env], Any]] = {
 }
 
 
-def default_value(env: Env, field: FieldDescriptor) -> Any:
+def default_value(env: Env, field: Any) -> Any:
     """A valid, non-default value of the field's type (unique for strings, which are often
     ids that must not collide)."""
     if _is_map(field):
@@ -283,9 +272,11 @@ def default_value(env: Env, field: FieldDescriptor) -> Any:
             value_time = message_class(nested(field))()
             value_time.GetCurrentTime()  # type: ignore[attr-defined]
             return value_time
-        if name == "google.protobuf.UInt64Value":
-            return message_class(nested(field))(value=1)
-        return message_class(nested(field))()
+        made = message_class(nested(field))()
+        wrapped = made.DESCRIPTOR.fields_by_name.get("value")
+        if name.startswith(WELL_KNOWN) and wrapped is not None:  # UInt64Value and the like
+            made.value = default_value(env, wrapped)  # type: ignore[attr-defined]
+        return made
     if kind == FieldDescriptor.TYPE_STRING:
         return env.unique()
     if kind == FieldDescriptor.TYPE_BYTES:
@@ -339,7 +330,7 @@ class Case:
 
 
 def fixed(rpc: str, **fields: Any) -> Callable[[Env], Awaitable[Prepared]]:
-    """A base request whose fields name the shared content: {"x": "img"} is ids["img"]."""
+    """A base request; a string "@name" stands for the shared content's ids["name"]."""
 
     async def base(env: Env) -> Prepared:
         return Prepared(env.request(rpc, **_resolve(env, fields)))
@@ -551,12 +542,17 @@ async def _etag(env: Env, request: Message) -> Any:
     return (await get_dataset(env, env.ids["patched"])).etag  # type: ignore[attr-defined]
 
 
+def _upload_bytes(env: Env, request: Message) -> bytes:
+    chunk: bytes = _upload_stream(env, request)[1].chunk  # type: ignore[attr-defined]
+    return chunk
+
+
 async def _upload_length(env: Env, request: Message) -> Any:
-    return len(_upload_stream(env, request)[1].chunk)  # type: ignore[attr-defined]
+    return len(_upload_bytes(env, request))
 
 
 async def _upload_sha256(env: Env, request: Message) -> Any:
-    return hashlib.sha256(_upload_stream(env, request)[1].chunk).hexdigest()  # type: ignore[attr-defined]
+    return hashlib.sha256(_upload_bytes(env, request)).hexdigest()
 
 
 async def _results_inputs(env: Env, request: Message, response: Any) -> list[Message]:
