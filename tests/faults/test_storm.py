@@ -20,16 +20,18 @@ import copy
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import random
 import secrets
 import signal
+import sys
 import time
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import psutil
@@ -49,7 +51,6 @@ from datasetd.v1 import dataset_version_service_pb2 as vapi
 from datasetd.v1 import input_service_pb2 as api
 from PIL import Image
 
-from service.devstack import EmbeddedStack
 from service.storage.blobs import ContentAddressedBlobStore, content_key
 from service.storage.db import Database
 from service.storage.objectstore import ObjectStore
@@ -62,7 +63,7 @@ from tests.faults.ledger import (
     collect_and_check_orphans,
     zip_problem,
 )
-from tests.processes import ServerProcess, clean_env, run_server
+from tests.processes import ROOT, ServerProcess, clean_env, run_server
 
 T = TypeVar("T")
 
@@ -433,56 +434,116 @@ async def reader(storm: Storm, index: int, stop: asyncio.Event) -> None:
 # --- the stack and the kills ---------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Stormed:
-    stack: EmbeddedStack
-    env: dict[str, str]
-    tally: Tally
+# The stack runs in a process of its own: PostgreSQL and SeaweedFS are spawned with a
+# pre-exec step, and a fork of this process (whose gRPC threads are busy) may abort
+# before its exec.
+STACK_SCRIPT = """
+import json, pathlib, sys
+from service.devstack import EmbeddedStack
+stack = EmbeddedStack(pathlib.Path(sys.argv[1]), bucket="storm")
+dsn, s3 = stack.start()
+print(json.dumps({"dsn": dsn, "endpoint": s3.endpoint, "access_key": s3.access_key,
+                  "secret_key": s3.secret_key, "bucket": s3.bucket,
+                  "pids": [stack.postgres.pid, stack.s3.pid]}), flush=True)
+sys.stdin.read()
+stack.stop()
+"""
 
-    def point_at_stack(self) -> None:
-        s3 = self.stack.s3_endpoint
-        self.env.update(
-            DATASETD_DATABASE_URL=self.stack.dsn,
-            DATASETD_S3_ENDPOINT=s3.endpoint,
-            DATASETD_S3_ACCESS_KEY=s3.access_key,
-            DATASETD_S3_SECRET_KEY=s3.secret_key,
-            DATASETD_S3_BUCKET=s3.bucket,
+
+class StackProcess:
+    """PostgreSQL and SeaweedFS on `directory`, run by a helper process."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.process: asyncio.subprocess.Process | None = None
+        self.info: dict[str, Any] = {}
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            STACK_SCRIPT,
+            str(self.directory),
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
         )
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), 120)
+        assert line, "the stack did not start"
+        self.info = json.loads(line)
 
-    def stack_processes(self) -> list[psutil.Process]:
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "DATASETD_DATABASE_URL": self.info["dsn"],
+            "DATASETD_S3_ENDPOINT": self.info["endpoint"],
+            "DATASETD_S3_ACCESS_KEY": self.info["access_key"],
+            "DATASETD_S3_SECRET_KEY": self.info["secret_key"],
+            "DATASETD_S3_BUCKET": self.info["bucket"],
+        }
+
+    def servers(self) -> list[psutil.Process]:
+        """PostgreSQL (the postmaster and its backends) and SeaweedFS."""
         found = []
-        for pid in (self.stack.postgres.pid, self.stack.s3.pid):
-            assert pid is not None, "a stack server is not running"
+        for pid in self.info["pids"]:
             process = psutil.Process(pid)
             found += [process, *process.children(recursive=True)]
         return found
 
-    async def kill(self, server: ServerProcess, *, whole_stack: bool) -> None:
-        victims = self.stack_processes() if whole_stack else []
-        server.process.send_signal(signal.SIGKILL)
+    async def kill(self) -> None:
+        """kill -9 of every process of the stack (the servers first: the helper's death
+        would send them their stop signal)."""
+        assert self.process is not None
+        victims = self.servers()
         for victim in victims:
             with contextlib.suppress(psutil.NoSuchProcess):
                 victim.send_signal(signal.SIGKILL)
+        self.process.kill()
+        await self.process.wait()
+        await asyncio.to_thread(psutil.wait_procs, victims, 10)
+
+    async def stop(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), 90)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+@dataclasses.dataclass
+class Stormed:
+    stack: StackProcess
+    env: dict[str, str]
+    tally: Tally
+
+    async def kill(self, server: ServerProcess, *, whole_stack: bool) -> None:
+        server.process.send_signal(signal.SIGKILL)
+        if whole_stack:
+            await self.stack.kill()
         await server.process.wait()
         if whole_stack:
-            psutil.wait_procs(victims, timeout=10)
             # Restarted on the same data directories: PostgreSQL recovers from its WAL.
-            await asyncio.to_thread(self.stack.stop)
-            await asyncio.to_thread(self.stack.start)
-            self.point_at_stack()
+            await self.stack.start()
+            self.env.update(self.stack.env)
             self.tally.stack_kills += 1
         else:
             self.tally.server_kills += 1
 
 
 @contextlib.asynccontextmanager
-async def dedicated_stack(directory: Path) -> AsyncIterator[EmbeddedStack]:
-    stack = EmbeddedStack(directory, bucket="storm")
-    await asyncio.to_thread(stack.start)
+async def dedicated_stack(directory: Path) -> AsyncIterator[StackProcess]:
+    stack = StackProcess(directory)
     try:
+        await stack.start()
         yield stack
     finally:
-        await asyncio.to_thread(stack.stop)
+        await stack.stop()
 
 
 async def settle(storm: Storm, channel: grpc.aio.Channel, deadline: float) -> None:
@@ -527,7 +588,7 @@ async def run_storm(
             },
             tally,
         )
-        stormed.point_at_stack()
+        stormed.env.update(stack.env)
         target = Target(app, key)
         storm = Storm(target, Ledger(), tally)
         stop = asyncio.Event()
@@ -565,9 +626,11 @@ async def run_storm(
             await asyncio.gather(*workers, return_exceptions=True)
             for channel in channels:
                 await channel.close()
-        s3 = stack.s3_endpoint
-        objects = ObjectStore(s3.endpoint, s3.access_key, s3.secret_key, s3.bucket)
-        db = await Database.connect(stack.dsn, min_size=1, max_size=2)
+        info = stack.info
+        objects = ObjectStore(
+            info["endpoint"], info["access_key"], info["secret_key"], info["bucket"]
+        )
+        db = await Database.connect(info["dsn"], min_size=1, max_size=2)
         try:
             report = await check_ledger(db, objects, storm.ledger)
             orphans = await collect_and_check_orphans(db, objects)
