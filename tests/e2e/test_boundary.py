@@ -32,8 +32,7 @@ NON_FINITE = [math.nan, math.inf, -math.inf]
 def hostile_struct(number: float) -> struct_pb2.Struct:
     """A non-finite number two levels down, inside a list, beside valid values."""
     value = struct_pb2.Struct()
-    value.update({"ok": 1, "deep": {"list": [1, "x"]}})
-    value["deep"]["list"].append(number)
+    value.update({"ok": 1, "deep": {"list": [1, "x", number]}})
     return value
 
 
@@ -168,7 +167,9 @@ async def test_non_finite_numbers_in_json_metadata_name_the_path(
 async def test_unknown_enum_numbers_name_the_field_and_the_allowed_values(
     stubs: Stubs, caller: Caller, number: int
 ) -> None:
-    hostile = common_pb2.InputFilter(media_types=[common_pb2.MEDIA_TYPE_IMAGE, number])
+    hostile = common_pb2.InputFilter(
+        media_types=[common_pb2.MEDIA_TYPE_IMAGE, common_pb2.MediaType.ValueType(number)]
+    )
     listing = await call_error(
         stubs.inputs.ListInputs(
             api.ListInputsRequest(app_id=caller.app_id, filter=hostile), metadata=caller.metadata
