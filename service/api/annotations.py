@@ -44,6 +44,7 @@ def _patches(
     return [
         AnnotationPatch(
             id=message.id,
+            input_id=message.input_id,
             data=data_to_json(message.data)
             if mask.given("data", message.HasField("data"))
             else None,

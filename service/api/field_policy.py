@@ -240,10 +240,6 @@ _PER_REQUEST: Final[Mapping[str, Mapping[tuple[str, ...], str]]] = {
         for medium in _MEDIA
         for source in ("raw" if medium == "text" else "base64", "url")
     },
-    "datasetd.v1.UpdateAnnotationsRequest": {
-        ("annotations", "input_id"): "an annotation stays on its input: delete it and create "
-        "it again on the other input with CreateAnnotations",
-    },
 }
 
 

@@ -73,6 +73,9 @@ class AnnotationPatch:
     id: str
     data: dict[str, Any] | None = None
     annotation_info: dict[str, Any] | None = None
+    # When given, the input the caller believes the annotation is on (clients written for
+    # clarifai.api send it with every patch); it must be the one it is on.
+    input_id: str = ""
 
 
 def media_context(media: AnnotatedMedia) -> MediaContext:
@@ -247,6 +250,22 @@ def _check_patches(
             violations.add(path, "nothing to update: set data or annotation_info")
     violations.raise_if_any()
     return paths
+
+
+def _check_inputs_unchanged(
+    current: dict[str, Annotation], patches: Sequence[AnnotationPatch]
+) -> None:
+    violations = Violations()
+    for index, patch in enumerate(patches):
+        on = current[patch.id].input_id
+        if patch.input_id and patch.input_id != on:
+            violations.add(
+                f"annotations[{index}].input_id",
+                f"annotation {patch.id!r} is on input {on!r}, not {patch.input_id!r}; an "
+                "annotation stays on its input: leave input_id empty or set it to "
+                f"{on!r}, or delete the annotation and create it on the other input",
+            )
+    violations.raise_if_any()
 
 
 # What UpdateAnnotations may change.
@@ -436,6 +455,7 @@ class AnnotationService:
             missing = [i for i in ids if i not in current]
             if missing:
                 raise _not_found(missing, paths)
+            _check_inputs_unchanged(current, patches)
             media = await self.annotations.input_media(
                 app_id, sorted({a.input_id for a in current.values()})
             )

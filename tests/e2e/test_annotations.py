@@ -128,15 +128,11 @@ async def patch(
     items: list[annotation_pb2.Annotation],
     **options: Any,
 ) -> api.UpdateAnnotationsResponse:
-    """Patches `items` by id. Their input_id (the builders set one) is left out: an update
-    refuses it, since an annotation never moves to another input."""
-    by_id = [annotation_pb2.Annotation() for _ in items]
-    for sent, item in zip(by_id, items, strict=True):
-        sent.CopyFrom(item)
-        sent.ClearField("input_id")
+    """Patches `items` by id, with the input_id the builders set, as clarifai.api clients
+    send it."""
     response: api.UpdateAnnotationsResponse = await stub.UpdateAnnotations(
         api.UpdateAnnotationsRequest(
-            app_id=caller.app_id, annotations=by_id, action=action, **options
+            app_id=caller.app_id, annotations=items, action=action, **options
         ),
         metadata=caller.metadata,
     )
@@ -800,3 +796,23 @@ async def test_lookup_errors_and_other_apps(
     # Apps are separate namespaces: another app cannot annotate this app's inputs.
     response = await add(annotations, other, [annotation("img", "a", concepts=concepts("cat"))])
     assert [e.field for e in response.results[0].errors] == ["annotations[0].input_id"]
+
+
+async def test_an_update_names_the_input_an_annotation_is_on_or_none(
+    annotations: Annotations, inputs: Inputs, datasets: Datasets, caller: Caller
+) -> None:
+    await media_inputs(inputs, datasets, caller)
+    await add(annotations, caller, [annotation("img", "on-img", concepts=concepts("cat"))])
+    moved = annotation("txt", "on-img", concepts=concepts("dog"))
+    error = await call_error(patch(annotations, caller, common_pb2.PATCH_ACTION_MERGE, [moved]))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stays on its input" in error.fields["annotations[0].input_id"]
+    assert "'img'" in error.fields["annotations[0].input_id"]
+    # Without an input_id, or with the right one, the patch applies.
+    unnamed = annotation_pb2.Annotation(id="on-img", data=data_pb2.Data(concepts=concepts("dog")))
+    await patch(annotations, caller, common_pb2.PATCH_ACTION_MERGE, [unnamed])
+    named = annotation("img", "on-img", concepts=concepts("bird"))
+    response = await patch(annotations, caller, common_pb2.PATCH_ACTION_MERGE, [named])
+    stored = response.annotations[0]
+    assert stored.input_id == "img"
+    assert sorted(c.id for c in stored.data.concepts) == ["bird", "cat", "dog"]

@@ -41,8 +41,9 @@ class Annotation(_message.Message):
     [A-Za-z0-9_-], unique within the app. Immutable.
     """
     input_id: _builtins.str
-    """Required on create: id of the annotated input. Refused in
-    UpdateAnnotations (INVALID_ARGUMENT): an annotation stays on its input.
+    """Required on create: id of the annotated input. Optional in
+    UpdateAnnotations, where it must name the input the annotation is on
+    (INVALID_ARGUMENT otherwise): an annotation stays on its input.
     """
     input_level: _builtins.bool
     """Output only. True for the annotation that carries an input's input-level

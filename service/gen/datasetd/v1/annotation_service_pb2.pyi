@@ -273,7 +273,8 @@ class UpdateAnnotationsRequest(_message.Message):
     @_builtins.property
     def annotations(self) -> _containers.RepeatedCompositeFieldContainer[_annotation_pb2.Annotation]:
         """Required. 1..128 annotations: `id` names each; `data` and
-        `annotation_info` carry the patch. `input_id` and output-only fields are
+        `annotation_info` carry the patch; `input_id`, when set, must be the
+        annotation's input (annotations never move). Output-only fields are
         refused (INVALID_ARGUMENT).
         """
 
