@@ -1,0 +1,332 @@
+"""Real resources for the fuzzer to aim at: one app with datasets, inputs, an annotation, a
+READY version and an export, made through the public API like any caller would."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import zipfile
+
+import grpc
+from datasetd.v1 import (
+    annotation_pb2,
+    annotation_service_pb2,
+    annotation_service_pb2_grpc,
+    data_pb2,
+    dataset_pb2,
+    dataset_service_pb2,
+    dataset_service_pb2_grpc,
+    dataset_version_pb2,
+    dataset_version_service_pb2,
+    dataset_version_service_pb2_grpc,
+    input_pb2,
+    input_service_pb2,
+    input_service_pb2_grpc,
+    status_pb2,
+)
+from google.protobuf import descriptor, struct_pb2
+
+from service.domain.auth import new_key
+from service.storage.api_keys import PgApiKeyRepository
+from service.storage.db import Database
+from tests.conftest import Caller, new_caller
+from tests.fuzz.strategies import Known
+from tests.helpers import png_bytes
+
+DATASET_IDS = ("fuzz-a", "fuzz-b")
+INPUT_IDS = ("fuzz-img-1", "fuzz-img-2", "fuzz-text-1", "fuzz-img-3")
+ANNOTATION_IDS = ("fuzz-ann-1",)
+VERSION_IDS = ("fuzz-v1",)
+CONCEPT_IDS = ("cat", "dog")
+READY = status_pb2.STATUS_CODE_DATASET_VERSION_READY
+EXPORT_DONE = (status_pb2.STATUS_CODE_SUCCESS, status_pb2.STATUS_CODE_FAILURE)
+SETUP_TIMEOUT_SECONDS = 60.0
+# Statuses a setup call may meet when an earlier fuzz batch already made or removed the thing.
+_EXPECTED = (
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+)
+
+
+@dataclasses.dataclass
+class Resources:
+    """The app the fuzzer attacks, callers with other rights, and what exists in the app."""
+
+    channel: grpc.aio.Channel
+    caller: Caller
+    reader: Caller  # scopes ("read",) in the same app
+    stranger: Caller  # another app
+    export_ids: list[str] = dataclasses.field(default_factory=list)
+    page_tokens: list[str] = dataclasses.field(default_factory=list)
+    archive: bytes = b""
+
+    @property
+    def datasets(self) -> dataset_service_pb2_grpc.DatasetServiceAsyncStub:
+        return dataset_service_pb2_grpc.DatasetServiceStub(self.channel)
+
+    @property
+    def inputs(self) -> input_service_pb2_grpc.InputServiceAsyncStub:
+        return input_service_pb2_grpc.InputServiceStub(self.channel)
+
+    @property
+    def annotations(self) -> annotation_service_pb2_grpc.AnnotationServiceAsyncStub:
+        return annotation_service_pb2_grpc.AnnotationServiceStub(self.channel)
+
+    @property
+    def versions(self) -> dataset_version_service_pb2_grpc.DatasetVersionServiceAsyncStub:
+        return dataset_version_service_pb2_grpc.DatasetVersionServiceStub(self.channel)
+
+    def known(self, field_paths: tuple[str, ...]) -> Known:
+        return Known(
+            app_id=self.caller.app_id,
+            ids={
+                "dataset": DATASET_IDS,
+                "input": INPUT_IDS,
+                "annotation": ANNOTATION_IDS,
+                "version": VERSION_IDS,
+                "export": tuple(self.export_ids),
+                "concept": CONCEPT_IDS,
+            },
+            page_tokens=tuple(self.page_tokens),
+            field_paths=field_paths,
+            blobs=self.blobs(),
+        )
+
+    def blobs(self) -> tuple[bytes, ...]:
+        """Content worth streaming: a real image, a real export archive, a tiny COCO zip."""
+        coco = io.BytesIO()
+        with zipfile.ZipFile(coco, "w") as archive:
+            archive.writestr(
+                "annotations.json",
+                '{"images":[{"id":1,"file_name":"a.png","width":8,"height":6}],'
+                '"annotations":[{"id":1,"image_id":1,"category_id":1,"bbox":[1e309,0,1,1]}],'
+                '"categories":[{"id":1,"name":"cat"}]}',
+            )
+            archive.writestr("a.png", png_bytes())
+        return (png_bytes(), self.archive, coco.getvalue())
+
+
+async def _tolerating(call: object) -> None:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as error:
+        if error.code() not in _EXPECTED:
+            raise
+
+
+def _inputs() -> list[input_pb2.Input]:
+    meta = struct_pb2.Struct()
+    meta.update({"split": "train", "n": 1, "nested": {"a": [1, "b", None]}})
+    made = []
+    for number, input_id in enumerate(INPUT_IDS):
+        if "text" in input_id:
+            data = data_pb2.Data(text=data_pb2.Text(raw="a fuzzing text"))
+        else:
+            data = data_pb2.Data(
+                image=data_pb2.Image(base64=png_bytes(16, 12, (number * 40, 20, 30))),
+                concepts=[data_pb2.Concept(id=CONCEPT_IDS[number % 2], value=1.0)],
+            )
+        data.metadata.CopyFrom(meta)
+        made.append(input_pb2.Input(id=input_id, data=data))
+    return made
+
+
+async def ensure(res: Resources) -> None:
+    """Brings back what earlier fuzz batches deleted, so every batch can reach deep code."""
+    app, md = res.caller.app_id, res.caller.metadata
+    for dataset_id in DATASET_IDS:
+        await _tolerating(
+            res.datasets.UndeleteDataset(
+                dataset_service_pb2.UndeleteDatasetRequest(app_id=app, dataset_id=dataset_id),
+                metadata=md,
+            )
+        )
+        await _tolerating(
+            res.datasets.CreateDataset(
+                dataset_service_pb2.CreateDatasetRequest(
+                    app_id=app, dataset=dataset_pb2.Dataset(id=dataset_id)
+                ),
+                metadata=md,
+            )
+        )
+    await _tolerating(
+        res.inputs.CreateInputs(
+            input_service_pb2.CreateInputsRequest(app_id=app, inputs=_inputs()), metadata=md
+        )
+    )
+    await _tolerating(
+        res.datasets.AddDatasetInputs(
+            dataset_service_pb2.AddDatasetInputsRequest(
+                app_id=app, dataset_id=DATASET_IDS[0], input_ids=INPUT_IDS
+            ),
+            metadata=md,
+        )
+    )
+    region = data_pb2.Region(
+        region_info=data_pb2.RegionInfo(
+            bounding_box=data_pb2.BoundingBox(
+                top_row=0.1, left_col=0.1, bottom_row=0.5, right_col=0.5
+            )
+        ),
+        data=data_pb2.Data(concepts=[data_pb2.Concept(id="cat", value=1.0)]),
+    )
+    await _tolerating(
+        res.annotations.CreateAnnotations(
+            annotation_service_pb2.CreateAnnotationsRequest(
+                app_id=app,
+                annotations=[
+                    annotation_pb2.Annotation(
+                        id=ANNOTATION_IDS[0],
+                        input_id=INPUT_IDS[0],
+                        data=data_pb2.Data(regions=[region]),
+                    )
+                ],
+            ),
+            metadata=md,
+        )
+    )
+    for version_id in VERSION_IDS:
+        await _ensure_version(res, version_id)
+
+
+async def _ensure_version(res: Resources, version_id: str) -> None:
+    app, md, dataset_id = res.caller.app_id, res.caller.metadata, DATASET_IDS[0]
+    await _tolerating(
+        res.versions.CreateDatasetVersion(
+            dataset_version_service_pb2.CreateDatasetVersionRequest(
+                app_id=app,
+                dataset_id=dataset_id,
+                version=dataset_version_pb2.DatasetVersion(id=version_id),
+            ),
+            metadata=md,
+        )
+    )
+    deadline = asyncio.get_running_loop().time() + SETUP_TIMEOUT_SECONDS
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            got = await res.versions.GetDatasetVersion(
+                dataset_version_service_pb2.GetDatasetVersionRequest(
+                    app_id=app, dataset_id=dataset_id, version_id=version_id
+                ),
+                metadata=md,
+            )
+        except grpc.aio.AioRpcError as error:
+            # Deleted by a batch and its id not reusable: the fuzzer aims at a missing version.
+            if error.code() in _EXPECTED:
+                return
+            raise
+        if got.version.status.code == READY:
+            break
+        if got.version.status.code == status_pb2.STATUS_CODE_DATASET_VERSION_FAILURE:
+            return
+        await asyncio.sleep(0.05)
+    if not await _export_exists(res, version_id):
+        await _export(res, version_id)
+
+
+async def _export_exists(res: Resources, version_id: str) -> bool:
+    for export_id in res.export_ids:
+        try:
+            await res.versions.GetExport(
+                dataset_version_service_pb2.GetExportRequest(
+                    app_id=res.caller.app_id,
+                    dataset_id=DATASET_IDS[0],
+                    version_id=version_id,
+                    export_id=export_id,
+                ),
+                metadata=res.caller.metadata,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        else:
+            return True
+    return False
+
+
+async def _export(res: Resources, version_id: str) -> None:
+    app, md, dataset_id = res.caller.app_id, res.caller.metadata, DATASET_IDS[0]
+    started = await res.versions.ExportDatasetVersion(
+        dataset_version_service_pb2.ExportDatasetVersionRequest(
+            app_id=app,
+            dataset_id=dataset_id,
+            version_id=version_id,
+            format=dataset_version_pb2.EXPORT_FORMAT_COCO,
+        ),
+        metadata=md,
+    )
+    # The version was rebuilt (a batch deleted it): the old export went with it.
+    res.export_ids[:] = [started.export.id]
+    deadline = asyncio.get_running_loop().time() + SETUP_TIMEOUT_SECONDS
+    while asyncio.get_running_loop().time() < deadline:
+        got = await res.versions.GetExport(
+            dataset_version_service_pb2.GetExportRequest(
+                app_id=app,
+                dataset_id=dataset_id,
+                version_id=version_id,
+                export_id=started.export.id,
+            ),
+            metadata=md,
+        )
+        if got.export.status.code in EXPORT_DONE:
+            break
+        await asyncio.sleep(0.05)
+    chunks = res.versions.DownloadExport(
+        dataset_version_service_pb2.DownloadExportRequest(
+            app_id=app, dataset_id=dataset_id, version_id=version_id, export_id=started.export.id
+        ),
+        metadata=md,
+    )
+    res.archive = b"".join([message.chunk async for message in chunks])
+
+
+async def _page_tokens(res: Resources) -> list[str]:
+    app, md = res.caller.app_id, res.caller.metadata
+    inputs = await res.inputs.ListInputs(
+        input_service_pb2.ListInputsRequest(app_id=app, page_size=1), metadata=md
+    )
+    datasets = await res.datasets.ListDatasets(
+        dataset_service_pb2.ListDatasetsRequest(app_id=app, page_size=1), metadata=md
+    )
+    members = await res.datasets.ListDatasetInputs(
+        dataset_service_pb2.ListDatasetInputsRequest(
+            app_id=app, dataset_id=DATASET_IDS[0], page_size=1
+        ),
+        metadata=md,
+    )
+    tokens = (inputs.next_page_token, datasets.next_page_token, members.next_page_token)
+    return [token for token in tokens if token]
+
+
+async def open_resources(db: Database, channel: grpc.aio.Channel) -> Resources:
+    caller = await new_caller(db)
+    res = Resources(
+        channel=channel,
+        caller=caller,
+        reader=await _same_app_reader(db, caller),
+        stranger=await new_caller(db),
+    )
+    await ensure(res)
+    res.page_tokens = await _page_tokens(res)
+    return res
+
+
+async def _same_app_reader(db: Database, caller: Caller) -> Caller:
+    secret, key = new_key(caller.app_id, "fuzz-reader")
+    await PgApiKeyRepository(db).insert(dataclasses.replace(key, scopes=("read",)))
+    return Caller(caller.app_id, secret)
+
+
+def field_paths(messages: list[descriptor.Descriptor]) -> tuple[str, ...]:
+    """Names an update_mask may hold: the fields of the messages and of the messages in them."""
+    paths: set[str] = set()
+    for message in messages:
+        for field in message.fields:
+            paths.add(field.name)
+            if field.message_type is not None:
+                for inner in field.message_type.fields:
+                    paths.update((inner.name, f"{field.name}.{inner.name}"))
+    return tuple(sorted(paths))
