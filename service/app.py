@@ -31,6 +31,10 @@ log = logging.getLogger("datasetd")
 BOOTSTRAP_LOCK_ID = 0x64617461_0002
 MAINTENANCE_LOCK_ID = 0x64617461_0003
 HEALTH_INTERVAL_SECONDS = 5.0
+# The shortest time between two checks: an outage that calls run into triggers a check at
+# once, and a failed check is repeated this often, so that health follows PostgreSQL or the
+# store within about this long of a change instead of a whole interval.
+HEALTH_RETRY_SECONDS = 1.0
 # How long a step of the shutdown may take beyond the grace period of in-flight calls.
 STOP_STEP_SECONDS = 15.0
 
@@ -71,7 +75,8 @@ async def _object_store(
         started = await asyncio.to_thread(s3.start)
         address = (started.endpoint, started.access_key, started.secret_key)
         bucket, secure, region = started.bucket, started.secure, None
-    return ObjectStore(*address, bucket, secure=secure, region=region)
+    timeout = config.s3_timeout.total_seconds()
+    return ObjectStore(*address, bucket, secure=secure, region=region, timeout=timeout)
 
 
 async def _stop_embedded(embedded: list[EmbeddedPostgres | EmbeddedS3]) -> None:
@@ -221,8 +226,13 @@ async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
 
 
 async def _watch_health(servicer: health.aio.HealthServicer, resources: Resources) -> None:
-    """SERVING only while the database and the bucket answer."""
+    """SERVING only while the database and the bucket answer. Checked every
+    HEALTH_INTERVAL_SECONDS while serving; sooner when a call found either unreachable,
+    and every HEALTH_RETRY_SECONDS until both answer again."""
+    outage = (resources.db.unreachable, resources.objects.unreachable)
     while True:
+        for event in outage:
+            event.clear()
         try:
             await asyncio.wait_for(
                 asyncio.gather(resources.db.ping(), resources.objects.ping()),
@@ -233,7 +243,19 @@ async def _watch_health(servicer: health.aio.HealthServicer, resources: Resource
             log.warning("health check failed: %s", exc)
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         await _set_health(servicer, status)
-        await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+        await asyncio.sleep(HEALTH_RETRY_SECONDS)
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            await _first_of(outage, HEALTH_INTERVAL_SECONDS - HEALTH_RETRY_SECONDS)
+
+
+async def _first_of(events: tuple[asyncio.Event, ...], seconds: float) -> None:
+    """Returns once any of `events` is set, or after `seconds`."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _maintain(maintenance: Maintenance, db: Database, interval: float) -> None:

@@ -74,6 +74,7 @@ class Config:
     s3_bucket: str = "datasetd"
     s3_secure: bool = False
     s3_region: str = ""
+    s3_timeout: timedelta = timedelta(seconds=10)
     bootstrap_key: str = ""
     bootstrap_app: str = "main"
     delete_retention: timedelta = timedelta(days=7)
@@ -109,6 +110,7 @@ class Config:
             s3_bucket=get.text("S3_BUCKET", cls.s3_bucket),
             s3_secure=get.flag("S3_SECURE"),
             s3_region=get.text("S3_REGION"),
+            s3_timeout=get.duration("S3_TIMEOUT", "10s"),
             bootstrap_key=get.text("BOOTSTRAP_KEY"),
             bootstrap_app=get.text("BOOTSTRAP_APP", cls.bootstrap_app),
             delete_retention=get.duration("DELETE_RETENTION", "7d"),
@@ -148,6 +150,8 @@ class Config:
             raise ConfigError(
                 "DATASETD_MAX_UPLOAD_BYTES must be at most 5 TiB (the largest S3 object)"
             )
+        if self.s3_timeout <= timedelta(0):
+            raise ConfigError("DATASETD_S3_TIMEOUT must be positive")
         if self.job_lease < timedelta(seconds=1):
             # Renewed every third of it: shorter would turn heartbeats into a busy loop.
             raise ConfigError("DATASETD_JOB_LEASE must be at least 1s")

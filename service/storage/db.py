@@ -15,6 +15,8 @@ from typing import Any, TypeAlias, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from service.domain.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -33,6 +35,48 @@ _current: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
 _hooks: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar(
     "datasetd_db_after_commit", default=None
 )
+
+
+# PostgreSQL is unreachable, not the request wrong: SQLSTATE class 08 (connection
+# exception, which asyncpg also raises for a connection lost mid-query) and the server
+# shutting down (57P01), crashing (57P02) or still starting up, e.g. in crash recovery
+# (57P03). The caller may retry once it is back.
+_SERVER_GONE: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+def database_unavailable(exc: Exception) -> Unavailable:
+    """The error for the caller (raised `from exc`, so the log keeps asyncpg's own)."""
+    return Unavailable(
+        f"the database is unavailable ({type(exc).__name__}); retry later",
+        reason="DATABASE_UNAVAILABLE",
+    )
+
+
+def _lost(exc: BaseException, conn: Connection) -> bool:
+    """Whether `exc`, raised while `conn` was in use, means PostgreSQL went away."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        # Rolling back on a lost connection raises InterfaceError ("the underlying
+        # connection is closed") in the context of the error that lost it.
+        if isinstance(cause, _SERVER_GONE):
+            return True
+        cause = cause.__context__
+    # Using a connection that the server closed under us raises InterfaceError or a
+    # socket error: the closed connection tells them from a bug.
+    return isinstance(exc, asyncpg.InterfaceError | OSError) and _closed(conn)
+
+
+def _closed(conn: Connection) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        # The pool takes a connection back (detaching our proxy of it) as soon as it closes.
+        return True
 
 
 async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
@@ -54,6 +98,9 @@ class Database:
 
     def __init__(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
         self.pool = pool
+        # Set whenever PostgreSQL could not be reached, so that the health check need not
+        # wait for its next round to notice an outage shorter than its interval.
+        self.unreachable = asyncio.Event()
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Database:
@@ -76,12 +123,43 @@ class Database:
             self.pool.terminate()
 
     @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Connection]:
+        """A connection of the pool for the block. PostgreSQL being unreachable (when
+        connecting, or the connection lost during the block) raises Unavailable instead of
+        asyncpg's or the socket's own errors, which no layer above may know; the pool
+        replaces a lost connection at its next acquire."""
+        acquired = False
+        try:
+            async with self.pool.acquire() as conn:
+                acquired = True
+                try:
+                    yield conn
+                except Exception as exc:
+                    if _lost(exc, conn):
+                        self.unreachable.set()
+                        raise database_unavailable(exc) from exc
+                    raise
+        except Unavailable:
+            raise
+        except Exception as exc:
+            # Before the block: connecting failed (refused, reset, timed out, "the
+            # database system is starting up") or the pool is closing at shutdown.
+            # After it: a lost connection could not be released.
+            if isinstance(exc, _SERVER_GONE) or (
+                not acquired and isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError)
+            ):
+                self.unreachable.set()
+                raise database_unavailable(exc) from exc
+            raise
+
+    @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
         current = _current.get()
         if current is not None:
+            # Failures reach the transaction() that owns the connection, which translates them.
             yield current
             return
-        async with self.pool.acquire() as conn:
+        async with self.acquire() as conn:
             yield conn
 
     # One statement on the ambient connection: a repository method that runs a single
@@ -118,7 +196,7 @@ class Database:
                 async with current.transaction():
                     yield
             else:
-                async with self.pool.acquire() as conn, conn.transaction():
+                async with self.acquire() as conn, conn.transaction():
                     token = _current.set(conn)
                     try:
                         yield
@@ -146,7 +224,7 @@ class Database:
     @asynccontextmanager
     async def exclusive(self, lock_id: int) -> AsyncIterator[bool]:
         """Yields whether this process got the session lock (held for the block)."""
-        async with self.pool.acquire() as conn:
+        async with self.acquire() as conn:
             got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_id))
             try:
                 yield got

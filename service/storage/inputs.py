@@ -192,7 +192,7 @@ class PgInputRepository(Repository):
         invalidated by new statistics); later, autovacuum keeps up on its own."""
         before, self._inserted = self._inserted, self._inserted + added
         if any(before < mark <= self._inserted for mark in _ANALYZE_AFTER):
-            async with self._db.pool.acquire() as conn:
+            async with self._db.acquire() as conn:
                 await conn.execute(ANALYZE_INGEST_TABLES)
 
     async def insert_many(self, inputs: list[Input]) -> set[str]:

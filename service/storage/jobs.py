@@ -122,7 +122,7 @@ class PgJobQueue(Repository):
         """Takes the oldest runnable job of these kinds, or None when there is none."""
         if not kinds:
             return None
-        async with self._db.pool.acquire() as conn:
+        async with self._db.acquire() as conn:
             row = await conn.fetchrow(CLAIM, [kind.value for kind in kinds], worker_id, lease)
         return None if row is None else _job(row)
 
@@ -133,7 +133,7 @@ class PgJobQueue(Repository):
 
         Returns the job's status while this worker holds it: RUNNING (still
         yours), CANCELLED (stop); None when another worker took it over."""
-        async with self._db.pool.acquire() as conn:
+        async with self._db.acquire() as conn:
             return _status(await conn.fetchval(HEARTBEAT, job_id, worker_id, lease, progress))
 
     async def finish(

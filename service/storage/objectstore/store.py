@@ -13,18 +13,59 @@ from typing import BinaryIO, TypeVar, cast
 import urllib3
 from minio import Minio
 from minio.commonconfig import ComposeSource
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
 
+from service.domain.errors import Unavailable
 from service.storage.objectstore.writer import ObjectWriter, Readable
 
 T = TypeVar("T")
+
+DEFAULT_TIMEOUT_SECONDS = 10.0
+# S3 error codes that say the store, not the request, is at fault.
+_STORE_BUSY = frozenset(
+    {"ServiceUnavailable", "SlowDown", "InternalError", "RequestTimeout", "RequestTimeTooSkewed"}
+)
+
+
+def _store_unreachable(exc: Exception) -> bool:
+    """Whether `exc` from minio means the object store cannot be reached or served nothing:
+    urllib3's connection errors (refused, reset, timed out, MaxRetryError after its
+    retries, a body cut short) and socket errors, a 5xx answer (ServerError), or an S3
+    error code that blames the store."""
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError | ServerError):
+        return True
+    return isinstance(exc, S3Error) and exc.code in _STORE_BUSY
+
+
+def object_store_unavailable(exc: Exception) -> Unavailable:
+    """The error for the caller (raised `from exc`, so the log keeps minio's own)."""
+    return Unavailable(
+        f"the object store is unavailable ({type(exc).__name__}); retry later",
+        reason="OBJECT_STORE_UNAVAILABLE",
+    )
+
+
+def _translated(fn: Callable[[], T]) -> Callable[[], T]:
+    def call() -> T:
+        try:
+            return fn()
+        except Exception as exc:
+            if _store_unreachable(exc):
+                raise object_store_unavailable(exc) from exc
+            raise
+
+    return call
 
 
 class ObjectStore:
     """Async facade over the synchronous minio client.
 
     Calls run on a bounded thread pool so the event loop never blocks on S3 and
-    a burst of uploads cannot open an unbounded number of connections.
+    a burst of uploads cannot open an unbounded number of connections. A store that
+    cannot be reached raises Unavailable. `timeout` bounds connecting and each wait for
+    the store's next bytes: a store that accepts connections but answers nothing (a
+    network partition) fails a call after at most two attempts of `timeout` each,
+    instead of urllib3's default of waiting forever.
     """
 
     def __init__(
@@ -37,12 +78,18 @@ class ObjectStore:
         secure: bool = False,
         region: str | None = None,
         max_workers: int = 16,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         http = urllib3.PoolManager(
             maxsize=max_workers,
-            timeout=urllib3.Timeout(connect=5, read=60),
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
             retries=urllib3.Retry(
-                total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+                total=3,
+                # One retry of a read: a pooled connection the store closed while idle
+                # fails its first use; more would only multiply the wait on a silent store.
+                read=1,
+                backoff_factor=0.2,
+                status_forcelist=[500, 502, 503, 504],
             ),
         )
         self._client = Minio(
@@ -54,10 +101,16 @@ class ObjectStore:
             http_client=http,
         )
         self.bucket = bucket
+        # Set whenever the store could not be reached (see Database.unreachable).
+        self.unreachable = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="s3")
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, _translated(fn))
+        except Unavailable:
+            self.unreachable.set()
+            raise
 
     async def ensure_bucket(self) -> None:
         def create() -> None:
@@ -131,7 +184,9 @@ class ObjectStore:
                 num_parallel_uploads=1,
             )
 
-        return ObjectWriter(key, part_size, upload=upload, remove=lambda: self.delete(key))
+        return ObjectWriter(
+            key, part_size, upload=_translated_upload(upload), remove=lambda: self.delete(key)
+        )
 
     async def stream(self, key: str, chunk_size: int) -> AsyncGenerator[bytes, None]:
         """The object in chunks of at most `chunk_size` bytes. Each read is its own job on
@@ -223,3 +278,10 @@ class ObjectStore:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
+
+
+def _translated_upload(upload: Callable[[Readable], None]) -> Callable[[Readable], None]:
+    def run(stream: Readable) -> None:
+        _translated(lambda: upload(stream))()
+
+    return run
