@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError, Message
 from service.api.boundary import check_request
 from service.api.errors import internal_status, to_rpc_status
 from service.domain.auth import Authenticator, parse_authorization
-from service.domain.errors import DomainError, InvalidArgument
+from service.domain.errors import DomainError, ErrorKind, InvalidArgument
 from service.domain.models import Principal
 from service.observability import REQUEST_ID
 
@@ -110,9 +110,23 @@ class _Call:
 
     async def fail(self, context: Context, exc: Exception) -> None:
         request_id = REQUEST_ID.get()
+        while isinstance(exc, ExceptionGroup) and exc.split(DomainError)[1] is None:
+            # Concurrent work (a task group) that failed only with domain errors: the caller
+            # gets the first one's status, not INTERNAL.
+            exc = exc.exceptions[0]
         if isinstance(exc, DomainError):
             self.outcome = exc.kind.value
             status = to_rpc_status(exc, request_id)
+            if exc.kind is ErrorKind.UNAVAILABLE and exc.__cause__ is not None:
+                # PostgreSQL or the object store failed: the caller only learns that it may
+                # retry; the log keeps what the driver said.
+                log.warning(
+                    "%s in %s: %r",
+                    exc.reason,
+                    self.method,
+                    exc.__cause__,
+                    extra={"request_id": request_id},
+                )
         else:
             self.outcome = "INTERNAL"
             log.error(

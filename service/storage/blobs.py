@@ -136,10 +136,15 @@ class ContentAddressedBlobStore:
             await self._objects.put(blob.key, data, blob.content_type)
 
         stored: dict[str, asyncio.Task[None]] = {}
-        async with asyncio.TaskGroup() as group:
-            for blob, (data, _) in zip(blobs, items, strict=True):
-                if blob.key not in stored:
-                    stored[blob.key] = group.create_task(store(blob, data))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for blob, (data, _) in zip(blobs, items, strict=True):
+                    if blob.key not in stored:
+                        stored[blob.key] = group.create_task(store(blob, data))
+        except ExceptionGroup as failed:
+            # The first failed PUT cancels the others; the caller gets its error itself, not
+            # a group (the store being unavailable must reach it as Unavailable).
+            raise failed.exceptions[0] from failed
         return blobs
 
     async def read(self, blob: StoredBlob) -> bytes:

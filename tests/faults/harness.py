@@ -353,6 +353,19 @@ class Outcomes:
     violations: list[str] = dataclasses.field(default_factory=list)
     # Seconds that calls ending UNAVAILABLE took: they must fail fast, not hang.
     unavailable_seconds: list[float] = dataclasses.field(default_factory=list)
+    # Every call: (method, code name, monotonic start, monotonic end).
+    calls: list[tuple[str, str, float, float]] = dataclasses.field(default_factory=list)
+
+    def ended_between(self, method: str, code: str, start: float, end: float) -> list[float]:
+        """Durations of the `method` calls that ended with `code` within [start, end]."""
+        return [
+            e - s for m, c, s, e in self.calls if m == method and c == code and start <= e <= end
+        ]
+
+    def first_ok_started_after(self, method: str, since: float) -> float | None:
+        """When the first `method` call started after `since` succeeded (its end), if any."""
+        ends = [e for m, c, s, e in self.calls if m == method and c == "OK" and s >= since]
+        return min(ends) if ends else None
 
     @property
     def requests(self) -> int:
@@ -376,6 +389,7 @@ class Writers:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._run_id = secrets.token_hex(3)
+        self._exports = 0
 
     async def __aenter__(self) -> Writers:
         for writer in range(WRITERS):
@@ -412,9 +426,11 @@ class Writers:
             try:
                 response = await call()
             except grpc.aio.AioRpcError as error:
-                elapsed = time.monotonic() - started
+                ended = time.monotonic()
+                elapsed = ended - started
                 code = error.code()
                 self.outcomes.by_code[code.name] += 1
+                self.outcomes.calls.append((method, code.name, started, ended))
                 if code not in ACCEPTABLE:
                     self.outcomes.violations.append(
                         f"{method}: {code.name} after {elapsed:.1f}s: {error.details()}"
@@ -426,6 +442,7 @@ class Writers:
                 await asyncio.sleep(0.2)
                 continue
             self.outcomes.by_code["OK"] += 1
+            self.outcomes.calls.append((method, "OK", started, time.monotonic()))
             return response
         return None
 
@@ -544,6 +561,8 @@ class Writers:
         if not ready:
             return
         version = ready[0].id
+        # A new request id for each try: one that failed with the store must not be replayed.
+        self._exports += 1
         started = await self._call(
             "ExportDatasetVersion",
             lambda: self._versions.ExportDatasetVersion(
@@ -552,7 +571,7 @@ class Writers:
                     dataset_id=dataset,
                     version_id=version,
                     format=dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF,
-                    request_id=f"export-{dataset}-{version}",
+                    request_id=f"export-{dataset}-{version}-{self._exports}",
                 ),
                 metadata=self._stack.metadata,
                 timeout=CALL_DEADLINE_SECONDS,
