@@ -138,6 +138,8 @@ class Tally:
     reads: int = 0
     server_kills: int = 0
     stack_kills: int = 0
+    # Versions and exports whose job was given up after its runner died in each attempt.
+    given_up: list[str] = dataclasses.field(default_factory=list)
     findings: list[str] = dataclasses.field(default_factory=list)
     codes: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -334,7 +336,7 @@ async def export_ready(storm: Storm, index: int, pending: list[str]) -> list[str
             left.append(version_id)
             continue
         if got.version.status.code == VERSION_FAILED:
-            storm.tally.findings.append(f"d{index}/{version_id} failed: {got.version.status}")
+            continue  # judged by settle(), which can tell why
         if got.version.status.code != VERSION_READY:
             left.append(version_id)
             continue
@@ -371,9 +373,8 @@ async def download_export(
         metadata=storm.metadata,
         timeout=CALL_TIMEOUT,
     )
-    if got.export.status.code == EXPORT_FAILED:
-        storm.tally.findings.append(f"export {export} failed: {got.export.status}")
     if got.export.status.code != EXPORT_SUCCESS:
+        # A failed export is judged by settle(), which can tell why.
         return None
     messages = [
         m
@@ -397,7 +398,7 @@ async def reader(storm: Storm, index: int, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             channel = await storm.target.ready()
-            choice = rng.randrange(3)
+            choice = rng.randrange(4)
             if choice == 0:
                 await storm.target.inputs(channel).ListInputs(
                     api.ListInputsRequest(app_id=storm.app, page_size=50),
@@ -416,6 +417,15 @@ async def reader(storm: Storm, index: int, stop: asyncio.Event) -> None:
                 ]
                 if sha(b"".join(chunks)) != digest:
                     storm.tally.findings.append(f"DownloadInput {input_id}: other bytes")
+            elif choice == 3 and storm.acked:
+                input_id, _ = rng.choice(storm.acked)
+                got = await storm.target.inputs(channel).GetInput(
+                    api.GetInputRequest(app_id=storm.app, input_id=input_id),
+                    metadata=storm.metadata,
+                    timeout=CALL_TIMEOUT,
+                )
+                if got.input.id != input_id:
+                    storm.tally.findings.append(f"GetInput {input_id}: got {got.input.id}")
             elif choice == 2 and storm.exports:
                 await download_export(storm, channel, rng.choice(storm.exports))
             else:
@@ -546,11 +556,34 @@ async def dedicated_stack(directory: Path) -> AsyncIterator[StackProcess]:
         await stack.stop()
 
 
-async def settle(storm: Storm, channel: grpc.aio.Channel, deadline: float) -> None:
+# JobRunner's default: a job claimed once more after this many runs whose runner died is
+# failed instead, so that a job that kills its process cannot take replicas down forever.
+# Under a storm of kills a job can be killed that often without any fault of its own.
+MAX_JOB_ATTEMPTS = 3
+JOB_ATTEMPTS = {
+    "version": "SELECT j.attempts FROM dataset_versions v JOIN jobs j ON j.id = v.job_id"
+    " WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.id = $3",
+    "export": "SELECT j.attempts FROM exports e JOIN jobs j ON j.id = e.job_id"
+    " WHERE e.app_id = $1 AND e.dataset_id = $2 AND e.version_id = $3 AND e.id = $4",
+}
+
+
+async def killed_too_often(db: Database, what: str, *key: str) -> bool:
+    """Whether the job of a failed version or export was given up because its runner died
+    in each of its attempts (rather than because it raised)."""
+    attempts = await db.fetchval(JOB_ATTEMPTS[what], *key)
+    return attempts is not None and attempts > MAX_JOB_ATTEMPTS
+
+
+async def settle(storm: Storm, channel: grpc.aio.Channel, db: Database, deadline: float) -> None:
     """Waits for every acknowledged version to be READY and every acknowledged export to
-    finish, and downloads each finished export once."""
+    finish, and downloads each finished export once. A version or an export whose job was
+    given up after its runner was killed in each attempt is counted, not a finding; such an
+    export is asked for again, as a client would (a failed export is retried when asked
+    again); anything else failed is a finding."""
     versions = storm.target.versions(channel)
-    for dataset_id, version_id in sorted(storm.ledger.app(storm.app).versions):
+    app = storm.ledger.app(storm.app)
+    for dataset_id, version_id in sorted(app.versions):
         while True:
             got = await versions.GetDatasetVersion(
                 vapi.GetDatasetVersionRequest(
@@ -561,12 +594,46 @@ async def settle(storm: Storm, channel: grpc.aio.Channel, deadline: float) -> No
             )
             if got.version.status.code == VERSION_READY:
                 break
-            assert got.version.status.code != VERSION_FAILED, got.version.status
+            if got.version.status.code == VERSION_FAILED:
+                if not await killed_too_often(db, "version", storm.app, dataset_id, version_id):
+                    storm.tally.findings.append(f"{dataset_id}/{version_id}: {got.version.status}")
+                storm.tally.given_up.append(f"version {dataset_id}/{version_id}")
+                app.versions.discard((dataset_id, version_id))
+                break
             assert time.monotonic() < deadline, f"{dataset_id}/{version_id}: {got.version.status}"
             await asyncio.sleep(0.2)
     for export in storm.exports:
+        again = 0
         while await download_export(storm, channel, export) is None:
             assert time.monotonic() < deadline, f"export {export} never finished"
+            state = await versions.GetExport(
+                vapi.GetExportRequest(
+                    app_id=storm.app,
+                    dataset_id=export[0],
+                    version_id=export[1],
+                    export_id=export[2],
+                ),
+                metadata=storm.metadata,
+                timeout=CALL_TIMEOUT,
+            )
+            if state.export.status.code == EXPORT_FAILED:
+                if not await killed_too_often(db, "export", storm.app, *export):
+                    storm.tally.findings.append(f"export {export}: {state.export.status}")
+                    break
+                storm.tally.given_up.append(f"export {export}")
+                again += 1
+                asked = await versions.ExportDatasetVersion(
+                    vapi.ExportDatasetVersionRequest(
+                        app_id=storm.app,
+                        dataset_id=export[0],
+                        version_id=export[1],
+                        format=PROTOBUF,
+                        request_id=f"settle-{export[2]}-{again}",
+                    ),
+                    metadata=storm.metadata,
+                    timeout=CALL_TIMEOUT,
+                )
+                assert asked.export.id == export[2], "the same export, asked again"
             await asyncio.sleep(0.2)
 
 
@@ -616,7 +683,11 @@ async def run_storm(
                 # The writers finish their current step against a live server.
                 await asyncio.wait_for(asyncio.gather(*workers), SETTLE_TIMEOUT)
                 target.over = True
-                await settle(storm, channels[-1], time.monotonic() + SETTLE_TIMEOUT)
+                db = await Database.connect(stack.info["dsn"], min_size=1, max_size=2)
+                try:
+                    await settle(storm, channels[-1], db, time.monotonic() + SETTLE_TIMEOUT)
+                finally:
+                    await db.close()
                 await server.stop()
         finally:
             target.over = True
@@ -626,18 +697,23 @@ async def run_storm(
             await asyncio.gather(*workers, return_exceptions=True)
             for channel in channels:
                 await channel.close()
-        info = stack.info
-        objects = ObjectStore(
-            info["endpoint"], info["access_key"], info["secret_key"], info["bucket"]
+        return await check_stack(stack, storm.ledger)
+
+
+async def check_stack(stack: StackProcess, ledger: Ledger) -> tuple[LedgerReport, OrphanReport]:
+    """The ledger check, then the orphan check after a zero-grace collection (the server is
+    stopped: nothing writes)."""
+    info = stack.info
+    objects = ObjectStore(info["endpoint"], info["access_key"], info["secret_key"], info["bucket"])
+    db = await Database.connect(info["dsn"], min_size=1, max_size=2)
+    try:
+        return (
+            await check_ledger(db, objects, ledger),
+            await collect_and_check_orphans(db, objects),
         )
-        db = await Database.connect(info["dsn"], min_size=1, max_size=2)
-        try:
-            report = await check_ledger(db, objects, storm.ledger)
-            orphans = await collect_and_check_orphans(db, objects)
-        finally:
-            await db.close()
-            objects.close()
-    return report, orphans
+    finally:
+        await db.close()
+        objects.close()
 
 
 async def storm_and_check(directory: Path, kills: int, stack_kill_every: int) -> None:
@@ -652,7 +728,8 @@ async def storm_and_check(directory: Path, kills: int, stack_kill_every: int) ->
             f"{tally.server_kills} server kills, {tally.stack_kills} whole-stack kills; "
             f"{tally.acknowledged} acknowledged calls, {tally.retried} retries, "
             f"{tally.abandoned} abandoned at the end, {tally.cut_off} uploads cut off, "
-            f"{tally.reads} reads; errors seen {tally.codes}; findings {tally.findings}"
+            f"{tally.reads} reads; errors seen {tally.codes}; given up after their runner "
+            f"was killed {MAX_JOB_ATTEMPTS} times: {tally.given_up}; findings {tally.findings}"
         )
     print(f"ledger: {report}\norphans: {orphans}")
     assert not tally.findings, tally.findings
