@@ -102,6 +102,7 @@ async def store_goes_away(stack: FaultStack, plan: Plan) -> float:
                 await asyncio.sleep(0.2)
         print(f"outcomes {dict(outcomes.by_code)}; health SERVING {health_back:.1f}s after healing")
         assert not outcomes.violations, "\n".join([*outcomes.violations[:20], stack.log_tail()])
+        assert not stack.server_internal_errors(), stack.log_tail()
 
         # The store was away and the writers noticed, quickly, through UNAVAILABLE.
         failed = _check_failures_were_fast(outcomes, plan, blackholed, slowed)

@@ -65,6 +65,7 @@ async def restart_under_load(stack: FaultStack, restarts: int) -> list[float]:
         outcomes = writers.outcomes
         print(f"{restarts} restarts: {dict(outcomes.by_code)}, recoveries {recoveries}")
         assert not outcomes.violations, "\n".join([*outcomes.violations[:20], stack.log_tail()])
+        assert not stack.server_internal_errors(), stack.log_tail()
         # The load ran into the restarts (or the test proved nothing) and went on after.
         assert outcomes.by_code["UNAVAILABLE"] > 0, outcomes.by_code
         assert outcomes.by_code["OK"] > 0, outcomes.by_code
