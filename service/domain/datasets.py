@@ -34,15 +34,20 @@ from service.domain.ports import (
     MediaProber,
     TransactionManager,
 )
-from service.domain.validation import check_id, check_metadata, check_text, checked_ids, require_ids
+from service.domain.validation import (
+    check_concept_ids,
+    check_id,
+    check_metadata,
+    check_text,
+    checked_ids,
+    require_ids,
+)
 
 DESCRIPTION_MAX_CHARS = 1024
 NOTES_MAX_CHARS = 64 * 1024
 URL_MAX_CHARS = 2048
 COVER_MAX_BYTES = 10 * 1024 * 1024
 QUERY_MAX_CHARS = 256
-FILTER_MAX_CONCEPTS = 100
-CONCEPT_ID_MAX_CHARS = 256
 FILTER_MEDIA_TYPES = ("MEDIA_TYPE_IMAGE", "MEDIA_TYPE_VIDEO", "MEDIA_TYPE_AUDIO", "MEDIA_TYPE_TEXT")
 FILTER_ANNOTATION_STATES = ("ANNOTATION_STATE_ANNOTATED", "ANNOTATION_STATE_UNANNOTATED")
 
@@ -89,23 +94,12 @@ def _check_url(violations: Violations, field: str, url: str) -> None:
         violations.add(field, "must be an http:// or https:// URL")
 
 
-def _check_concept_ids(violations: Violations, field: str, value: Any) -> None:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        violations.add(field, "must be a list of concept ids")
-        return
-    if len(value) > FILTER_MAX_CONCEPTS:
-        violations.add(field, f"must have at most {FILTER_MAX_CONCEPTS} ids, got {len(value)}")
-    for index, concept in enumerate(value):
-        if not 1 <= len(concept) <= CONCEPT_ID_MAX_CHARS:
-            violations.add(f"{field}[{index}]", f"must be 1..{CONCEPT_ID_MAX_CHARS} characters")
-
-
 def check_filter(violations: Violations, field: str, value: dict[str, Any]) -> None:
     """Validates the JSON form of an InputFilter (proto field names)."""
     for key, item in value.items():
         where = f"{field}.{key}"
         if key in ("concept_ids", "negative_concept_ids"):
-            _check_concept_ids(violations, where, item)
+            check_concept_ids(violations, where, item)
         elif key == "metadata":
             check_metadata(violations, where, item)
         elif key == "media_types":

@@ -55,6 +55,7 @@ from service.domain.ports import (
 )
 from service.domain.validation import (
     check_batch_size,
+    check_concept_ids,
     check_id,
     check_metadata,
     check_text,
@@ -394,6 +395,11 @@ class InputService:
             check_id(violations, "dataset_id", query.dataset_id)
         if query.metadata is not None:
             check_metadata(violations, "filter.metadata", query.metadata)
+        if query.concept_ids is not None:
+            check_concept_ids(violations, "filter.concept_ids", list(query.concept_ids))
+        if query.negative_concept_ids is not None:
+            negative = list(query.negative_concept_ids)
+            check_concept_ids(violations, "filter.negative_concept_ids", negative)
         violations.raise_if_any()
 
     async def views(self, inputs: list[Input]) -> list[InputView]:

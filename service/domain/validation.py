@@ -14,6 +14,8 @@ REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 REQUEST_ID_RULE = "must be 1..128 characters of [A-Za-z0-9_.:-]"
 METADATA_MAX_BYTES = 64 * 1024
 METADATA_MAX_DEPTH = 8
+FILTER_MAX_CONCEPTS = 100
+CONCEPT_ID_MAX_CHARS = 256
 
 
 def check_id(violations: Violations, field: str, value: str, *, required: bool = True) -> None:
@@ -36,6 +38,21 @@ def check_text(violations: Violations, field: str, value: str, max_chars: int) -
         violations.add(field, f"must be at most {max_chars} characters, got {len(value)}")
     if "\x00" in value:
         violations.add(field, "must not contain NUL characters")
+
+
+def check_concept_ids(violations: Violations, field: str, value: Any) -> None:
+    """The concept ids of an input filter: a dataset's default filter or a query's."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        violations.add(field, "must be a list of concept ids")
+        return
+    if len(value) > FILTER_MAX_CONCEPTS:
+        violations.add(field, f"must have at most {FILTER_MAX_CONCEPTS} ids, got {len(value)}")
+    for index, concept in enumerate(value):
+        if not 1 <= len(concept) <= CONCEPT_ID_MAX_CHARS:
+            violations.add(f"{field}[{index}]", f"must be 1..{CONCEPT_ID_MAX_CHARS} characters")
+        elif "\x00" in concept:
+            # PostgreSQL text and jsonb reject NUL: the query would fail as INTERNAL.
+            violations.add(f"{field}[{index}]", "must not contain NUL characters")
 
 
 def json_depth(value: Any) -> int:

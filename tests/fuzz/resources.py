@@ -27,6 +27,7 @@ from datasetd.v1 import (
 )
 from google.protobuf import descriptor, struct_pb2
 
+from service.api.field_policy import OUTPUT_ONLY
 from service.domain.auth import new_key
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.db import Database
@@ -40,7 +41,12 @@ ANNOTATION_IDS = ("fuzz-ann-1",)
 VERSION_IDS = ("fuzz-v1",)
 CONCEPT_IDS = ("cat", "dog")
 READY = status_pb2.STATUS_CODE_DATASET_VERSION_READY
-EXPORT_DONE = (status_pb2.STATUS_CODE_SUCCESS, status_pb2.STATUS_CODE_FAILURE)
+FAILURE = status_pb2.STATUS_CODE_DATASET_VERSION_FAILURE
+EXPORT_DONE = (
+    status_pb2.STATUS_CODE_DATASET_VERSION_EXPORT_SUCCESS,
+    status_pb2.STATUS_CODE_DATASET_VERSION_EXPORT_FAILED,
+    status_pb2.STATUS_CODE_DATASET_VERSION_EXPORT_UNEXPECTED_ERROR,
+)
 SETUP_TIMEOUT_SECONDS = 60.0
 # Statuses a setup call may meet when an earlier fuzz batch already made or removed the thing.
 _EXPECTED = (
@@ -93,6 +99,7 @@ class Resources:
             page_tokens=tuple(self.page_tokens),
             field_paths=field_paths,
             blobs=self.blobs(),
+            output_only=frozenset(OUTPUT_ONLY),
         )
 
     def blobs(self) -> tuple[bytes, ...]:
@@ -194,37 +201,53 @@ async def ensure(res: Resources) -> None:
 
 async def _ensure_version(res: Resources, version_id: str) -> None:
     app, md, dataset_id = res.caller.app_id, res.caller.metadata, DATASET_IDS[0]
-    await _tolerating(
-        res.versions.CreateDatasetVersion(
-            dataset_version_service_pb2.CreateDatasetVersionRequest(
-                app_id=app,
-                dataset_id=dataset_id,
-                version=dataset_version_pb2.DatasetVersion(id=version_id),
-            ),
-            metadata=md,
+    status = None
+    for _ in range(2):
+        await _tolerating(
+            res.versions.CreateDatasetVersion(
+                dataset_version_service_pb2.CreateDatasetVersionRequest(
+                    app_id=app,
+                    dataset_id=dataset_id,
+                    version=dataset_version_pb2.DatasetVersion(id=version_id),
+                ),
+                metadata=md,
+            )
         )
-    )
-    deadline = asyncio.get_running_loop().time() + SETUP_TIMEOUT_SECONDS
-    while asyncio.get_running_loop().time() < deadline:
-        try:
-            got = await res.versions.GetDatasetVersion(
-                dataset_version_service_pb2.GetDatasetVersionRequest(
+        status = await _settled(res, version_id)
+        if status != FAILURE:
+            break
+        # Cancelled by a batch: built again, so that reads reach a READY version's data.
+        await _tolerating(
+            res.versions.DeleteDatasetVersion(
+                dataset_version_service_pb2.DeleteDatasetVersionRequest(
                     app_id=app, dataset_id=dataset_id, version_id=version_id
                 ),
                 metadata=md,
             )
-        except grpc.aio.AioRpcError as error:
-            # Deleted by a batch and its id not reusable: the fuzzer aims at a missing version.
-            if error.code() in _EXPECTED:
-                return
-            raise
-        if got.version.status.code == READY:
-            break
-        if got.version.status.code == status_pb2.STATUS_CODE_DATASET_VERSION_FAILURE:
-            return
-        await asyncio.sleep(0.05)
-    if not await _export_exists(res, version_id):
+        )
+    if status == READY and not await _export_exists(res, version_id):
         await _export(res, version_id)
+
+
+async def _settled(res: Resources, version_id: str) -> int | None:
+    """The version's status once its build ended; None when it does not exist."""
+    deadline = asyncio.get_running_loop().time() + SETUP_TIMEOUT_SECONDS
+    while True:
+        try:
+            got = await res.versions.GetDatasetVersion(
+                dataset_version_service_pb2.GetDatasetVersionRequest(
+                    app_id=res.caller.app_id, dataset_id=DATASET_IDS[0], version_id=version_id
+                ),
+                metadata=res.caller.metadata,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() in _EXPECTED:
+                return None
+            raise
+        if got.version.status.code in (READY, FAILURE):
+            return got.version.status.code
+        assert asyncio.get_running_loop().time() < deadline, f"build hangs: {got.version.status}"
+        await asyncio.sleep(0.05)
 
 
 async def _export_exists(res: Resources, version_id: str) -> bool:
@@ -261,7 +284,7 @@ async def _export(res: Resources, version_id: str) -> None:
     # The version was rebuilt (a batch deleted it): the old export went with it.
     res.export_ids[:] = [started.export.id]
     deadline = asyncio.get_running_loop().time() + SETUP_TIMEOUT_SECONDS
-    while asyncio.get_running_loop().time() < deadline:
+    while True:
         got = await res.versions.GetExport(
             dataset_version_service_pb2.GetExportRequest(
                 app_id=app,
@@ -273,7 +296,10 @@ async def _export(res: Resources, version_id: str) -> None:
         )
         if got.export.status.code in EXPORT_DONE:
             break
+        assert asyncio.get_running_loop().time() < deadline, f"export hangs: {got.export.status}"
         await asyncio.sleep(0.05)
+    if got.export.status.code != EXPORT_DONE[0]:
+        return
     chunks = res.versions.DownloadExport(
         dataset_version_service_pb2.DownloadExportRequest(
             app_id=app, dataset_id=dataset_id, version_id=version_id, export_id=started.export.id

@@ -108,6 +108,8 @@ class Known:
     page_tokens: Sequence[str] = ()
     field_paths: Sequence[str] = ()
     blobs: Sequence[bytes] = ()  # real content: an image, an archive
+    # (message full name, field name) the server sets: calm requests leave them out.
+    output_only: frozenset[tuple[str, str]] = frozenset()
 
     def ids_for(self, field_name: str) -> Sequence[str]:
         for kind, ids in self.ids.items():
@@ -332,6 +334,9 @@ def calm_scalars(field: FD, known: Known) -> st.SearchStrategy[Any]:
     if kind == FD.TYPE_STRING:
         if field.name == "app_id":
             return st.just(known.app_id)
+        if field.name == "request_id":
+            # Fresh: a reused one replays or conflicts (the hostile requests test that).
+            return st.text("0123456789abcdef", min_size=16, max_size=32)
         ids = known.ids_for(field.name)
         if (field.name in ("id", "ids") or field.name.endswith(("_id", "_ids"))) and ids:
             return st.sampled_from(list(ids))
@@ -344,7 +349,9 @@ def calm_scalars(field: FD, known: Known) -> st.SearchStrategy[Any]:
         return st.booleans()
     if kind == FD.TYPE_ENUM:
         assert field.enum_type is not None
-        return st.sampled_from([value.number for value in field.enum_type.values])
+        numbers = [value.number for value in field.enum_type.values]
+        # UNSPECIFIED (0) is refused where a choice is required: mostly a real choice.
+        return weighted((4, st.sampled_from(numbers[1:] or numbers)), (1, st.just(numbers[0])))
     if kind in (FD.TYPE_FLOAT, FD.TYPE_DOUBLE):
         return st.floats(0.0, 1.0, width=32)
     return st.integers(0, 10)
@@ -383,21 +390,26 @@ def messages(
         oneof.name: draw(st.sampled_from([None, *oneof.fields])) for oneof in message.oneofs
     }
     for field in message.fields:
+        if calm and (message.full_name, field.name) in known.output_only:
+            continue
         oneof = field.containing_oneof
         if oneof is not None and chosen_oneofs[oneof.name] is not field:
             continue
-        if oneof is None and draw(st.integers(0, 19)) >= _presence(field, calm):
+        if oneof is None and draw(st.integers(0, 19)) >= _presence(field, depth, calm):
             continue
         set_field(draw, result, field, known, depth, huge, calm)
     return result
 
 
-def _presence(field: FD, calm: bool) -> int:
+def _presence(field: FD, depth: int, calm: bool) -> int:
     """In twentieths: ids are mostly present, so that requests name a resource and get past
-    "required" checks into the code behind them; a calm request sets few other fields."""
+    "required" checks into the code behind them; a calm request sets most of the request's
+    own fields and few of the nested messages'."""
     if field.name in ("app_id", "id") or field.name.endswith("_id"):
         return 17
-    return 6 if calm else 10
+    if calm:
+        return 15 if depth == 0 else 5
+    return 10
 
 
 def element_strategy(
@@ -444,7 +456,8 @@ def set_field(
                 target[key] = value
         return
     if field.is_repeated:
-        short = st.lists(element_strategy(field, known, depth, huge, calm), max_size=4)
+        element = element_strategy(field, known, depth, huge, calm)
+        short = st.lists(element, min_size=1, max_size=3) if calm else st.lists(element, max_size=4)
         # Long lists repeat an element without huge values, so a request stays in megabytes.
         long = long_lists(element_strategy(field, known, depth, huge=False))
         items = draw(weighted((8, short), (1, long)) if huge and not calm else short)

@@ -67,6 +67,8 @@ async def _fuzz(rpc: Rpc, res: Resources, count: int, base_seed: int) -> None:
         outcomes = await run(res.channel, batch)
         if os.environ.get("DATASETD_FUZZ_STATS"):
             print(rpc.name, Counter(outcome.label for outcome in outcomes).most_common())
+            details = Counter(o.details[:150] for o in outcomes if o.label == "INVALID_ARGUMENT")
+            print("   ", details.most_common(6))
         problem = verdict(outcomes)
         assert not problem, f"seed {base_seed + batch_number}: {problem}"
         sent += size
