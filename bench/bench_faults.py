@@ -72,7 +72,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 @dataclasses.dataclass
 class Fault:
     name: str
+    began_at: float
     healed_at: float
+    left_serving: bool = False
     health_seconds: float | None = None
     upload_seconds: float | None = None
 
@@ -80,6 +82,7 @@ class Fault:
 async def _recovery(fault: Fault, health: HealthWatch, outcomes: Outcomes) -> None:
     """Fills in how long after healing health said SERVING and an upload begun after
     healing was acknowledged."""
+    fault.left_serving = health.left_serving_between(fault.began_at, fault.healed_at)
     try:
         fault.health_seconds = await health.serving_again(fault.healed_at, RECOVERY_LIMIT_SECONDS)
     except AssertionError:
@@ -99,13 +102,14 @@ async def _postgres_restarts(
     faults = []
     for restart in range(settings.restarts):
         await asyncio.sleep(LOAD_SECONDS)
+        began = time.monotonic()
         if restart % 2 == 0:
             accepting = await stack.postgres.restart_held(HELD_DOWN_SECONDS)
             name = f"PostgreSQL down {HELD_DOWN_SECONDS:.0f}s"
         else:
             accepting = await stack.postgres.restart()
             name = "PostgreSQL restart -m immediate"
-        fault = Fault(f"{restart + 1:2}. {name}", accepting)
+        fault = Fault(f"{restart + 1:2}. {name}", began, accepting)
         await _recovery(fault, health, outcomes)
         faults.append(fault)
     return faults
@@ -128,13 +132,14 @@ async def _object_store(
     durations = [settings.blackhole_seconds, RESET_SECONDS, LATENCY_SECONDS]
     for (name, inject, latency), seconds in zip(steps, durations, strict=True):
         await asyncio.sleep(LOAD_SECONDS)
+        began = time.monotonic()
         inject()
         if latency is not None:
             proxy.set_latency(latency)
         await asyncio.sleep(seconds)
         proxy.pass_through()
         proxy.set_latency(0.0)
-        fault = Fault(name, time.monotonic())
+        fault = Fault(name, began, time.monotonic())
         await _recovery(fault, health, outcomes)
         faults.append(fault)
     return faults
@@ -222,11 +227,10 @@ def format_report(result: Result, settings: Settings, load_before: float) -> str
     outcomes = result.outcomes
     lines = ["faults injected", f"  {'fault':<42} {'health SERVING':>15} {'upload OK':>10}"]
     for fault in result.faults:
-        lines.append(
-            f"  {fault.name:<42} {_seconds(fault.health_seconds):>15}"
-            f" {_seconds(fault.upload_seconds):>10}"
-        )
-    lines.append("  (seconds after the fault healed: PostgreSQL accepting, or S3 passing again)")
+        health = _seconds(fault.health_seconds) if fault.left_serving else "stayed"
+        lines.append(f"  {fault.name:<42} {health:>15} {_seconds(fault.upload_seconds):>10}")
+    lines.append("  (seconds after the fault healed: PostgreSQL accepting, or S3 passing again;")
+    lines.append("   'stayed': health never left SERVING while the fault lasted)")
     lines.append("")
     lines.append(f"requests sent          {outcomes.requests}")
     for code, count in outcomes.by_code.most_common():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from service.storage.objectstore.writer import ABORT_REMOVE_SECONDS
 from tests.faults.harness import (
     FaultStack,
     HealthWatch,
@@ -35,6 +36,10 @@ RESET_SECONDS = 3.0
 # Long enough for calls that began under the reset to end, then for some to succeed slowly.
 LATENCY_PHASE_SECONDS = 5.0
 UPLOADS = ("CreateInputs", "UploadInput")
+# A store that accepts connections but answers nothing is only noticed by a health check
+# that waits for it: one starts within 5 s (service/app.py HEALTH_INTERVAL_SECONDS) and
+# gives up after 5 s more; a shorter blackhole may pass unseen by health.
+SILENCE_NOTICED_SECONDS = 12.0
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,9 @@ class Plan:
     @property
     def fail_fast_seconds(self) -> float:
         """The longest an upload may take to fail on a store that does not answer: two
-        attempts of the S3 timeout (one read retry), their backoff, and slack for a
-        loaded 2-core machine."""
-        return 2 * self.s3_timeout_seconds + 3.0
+        attempts of the S3 timeout (one read retry) and their backoff, the bounded removal
+        of what it wrote (ObjectWriter.abort), and slack for a loaded 2-core machine."""
+        return 2 * self.s3_timeout_seconds + ABORT_REMOVE_SECONDS + 3.0
 
 
 def _check_failures_were_fast(outcomes: Outcomes, plan: Plan, start: float, end: float) -> int:
@@ -108,6 +113,11 @@ async def store_goes_away(stack: FaultStack, plan: Plan) -> float:
         failed = _check_failures_were_fast(outcomes, plan, blackholed, slowed)
         assert failed > 0, f"no upload failed while the store was away: {outcomes.by_code}"
         assert health.left_serving_between(blackholed, slowed), health.changes
+        if plan.blackhole_seconds >= SILENCE_NOTICED_SECONDS:
+            # A silent store is noticed by health alone, not only once connections reset.
+            assert health.left_serving_between(blackholed, blackholed + plan.blackhole_seconds), (
+                health.changes
+            )
         # The latency alone breaks nothing: uploads made while it lasted succeeded.
         under_latency = [
             code

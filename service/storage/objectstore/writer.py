@@ -28,6 +28,8 @@ MIN_PART_BYTES = 5 * 1024 * 1024
 MAX_PARTS = 10_000
 DEFAULT_PART_BYTES = 8 * 1024 * 1024
 _MIB = 1024 * 1024
+# How long an aborted upload waits for the removal of what it wrote (see ObjectWriter.abort).
+ABORT_REMOVE_SECONDS = 2.0
 
 
 def part_size_for(max_size: int) -> int:
@@ -225,14 +227,18 @@ class ObjectWriter:
 
     async def abort(self) -> None:
         """Removes whatever was written, finished or not. Never raises: it runs on error
-        paths, and whatever a failure here leaves behind is removed by remove_stale."""
+        paths, and whatever a failure here leaves behind is removed by remove_stale.
+
+        The removal is waited for at most ABORT_REMOVE_SECONDS: on a store that does not
+        answer (the usual reason to abort) it would take as long again as the failure that
+        led here, and the caller's error, due now, would reach it after its deadline."""
         try:
             if self._pipe is not None:
                 # The thread fails its next read, and minio aborts the multipart upload.
                 self._pipe.abort()
                 with contextlib.suppress(Exception):
                     await asyncio.wrap_future(self._done)
-            await self._remove()
+            await asyncio.wait_for(self._remove(), ABORT_REMOVE_SECONDS)
         except Exception:
             log.warning(
                 "could not remove upload %s; it is removed once stale", self.key, exc_info=True
