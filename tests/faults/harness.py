@@ -230,7 +230,8 @@ class FaultStack:
         return clean_env(**{**settings, **extra})
 
 
-def _socket_path(dsn: str) -> str:
+def socket_path(dsn: str) -> str:
+    """The unix socket a devstack DSN names."""
     query = urllib.parse.parse_qs(urllib.parse.urlparse(dsn).query)
     return f"{query['host'][0]}/.s.PGSQL.{query['port'][0]}"
 
@@ -242,7 +243,7 @@ async def fault_stack() -> AsyncIterator[FaultStack]:
         dsn, s3 = await asyncio.to_thread(embedded.start)
         postgres = Postgres(embedded.postgres.data_dir)
         try:
-            pg_proxy = await FaultProxy(Upstream.unix(_socket_path(dsn))).start()
+            pg_proxy = await FaultProxy(Upstream.unix(socket_path(dsn))).start()
             s3_proxy = await FaultProxy(Upstream.tcp(s3.endpoint)).start()
             db = await Database.connect(dsn, min_size=0, max_size=4)
             objects = ObjectStore(s3.endpoint, s3.access_key, s3.secret_key, s3.bucket)
