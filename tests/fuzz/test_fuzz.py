@@ -6,7 +6,8 @@ UNKNOWN nor INTERNAL, well within the call's deadline, and the server stays SERV
 
 `make test` sends EXAMPLES_PER_RPC cases per RPC with fixed seeds, so a failure reproduces;
 `make test-slow` sends DATASETD_FUZZ_EXAMPLES (default SLOW_EXAMPLES_PER_RPC) per RPC, with a
-seed taken from DATASETD_FUZZ_SEED or drawn and printed.
+seed taken from DATASETD_FUZZ_SEED or drawn (a failure names it). DATASETD_FUZZ_STATS=1 (with
+`-s`) prints the statuses of each batch: how far the requests got.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _cases(rpc: Rpc, res: Resources, count: int, seed_value: int) -> list[Case]:
     return generate(strategy, count, seed_value)
 
 
-async def _fuzz(rpc: Rpc, res: Resources, count: int, base_seed: int) -> None:
+async def _fuzz(rpc: Rpc, res: Resources, count: int, base_seed: int, rerun: str = "") -> None:
     sent = 0
     batch_number = 0
     while sent < count:
@@ -70,7 +71,9 @@ async def _fuzz(rpc: Rpc, res: Resources, count: int, base_seed: int) -> None:
             details = Counter(o.details[:150] for o in outcomes if o.label == "INVALID_ARGUMENT")
             print("   ", details.most_common(6))
         problem = verdict(outcomes)
-        assert not problem, f"seed {base_seed + batch_number}: {problem}"
+        if problem:
+            where = f"batch {batch_number} (seed {base_seed + batch_number}{rerun})"
+            pytest.fail(f"{rpc.name}, {where}: {problem}", pytrace=False)
         sent += size
         batch_number += 1
     await _assert_serving(res.channel)
@@ -108,8 +111,8 @@ async def test_rpc_keeps_the_contract(rpc: Rpc, resources: Resources) -> None:
 async def test_rpc_keeps_the_contract_at_length(rpc: Rpc, resources: Resources) -> None:
     count = int(os.environ.get("DATASETD_FUZZ_EXAMPLES", SLOW_EXAMPLES_PER_RPC))
     base = int(os.environ.get("DATASETD_FUZZ_SEED", random.randrange(2**31)))
-    print(f"{rpc.name}: DATASETD_FUZZ_SEED={base}")
-    await _fuzz(rpc, resources, count, base + _seed(rpc))
+    rerun = f"; rerun with DATASETD_FUZZ_SEED={base}"
+    await _fuzz(rpc, resources, count, base + _seed(rpc), rerun)
 
 
 async def test_the_server_is_serving_after_the_fuzzing(channel: grpc.aio.Channel) -> None:
