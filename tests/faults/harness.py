@@ -465,16 +465,23 @@ class Writers:
 
     async def _write(self, writer: int) -> None:
         step = 0
-        while not self._stop.is_set():
-            name = f"w{writer}-{self._run_id}-{step}"
-            await self._create_inputs(writer, name)
-            if step % 2 == 1:
-                await self._upload(writer, name)
-            if step % 4 == 2:
-                await self._build_version(writer, name)
-            if step % 4 == 3:
-                await self._export(writer)
-            step += 1
+        # An export waits for its job and its download: it runs beside the uploads, one at
+        # a time per writer, so that a store that stalls exports does not stall uploads.
+        exporting: asyncio.Task[None] | None = None
+        try:
+            while not self._stop.is_set():
+                name = f"w{writer}-{self._run_id}-{step}"
+                await self._create_inputs(writer, name)
+                if step % 2 == 1:
+                    await self._upload(writer, name)
+                if step % 4 == 2:
+                    await self._build_version(writer, name)
+                if step % 4 == 3 and (exporting is None or exporting.done()):
+                    exporting = asyncio.create_task(self._export(writer))
+                step += 1
+        finally:
+            if exporting is not None:
+                await exporting
 
     def _dataset(self, writer: int) -> str:
         return f"ds{writer}-{self._run_id}"
