@@ -78,6 +78,8 @@ CLAIM_UNREGISTERED = """
 INSERT INTO blobs (key, sha256, size, content_type) VALUES ($1, '', 0, '')
 ON CONFLICT (key) DO NOTHING RETURNING key
 """
+# Objects looked at per collection pass for a missing row (one listing page costs 1,000).
+UNREGISTERED_SCAN = 10_000
 # How long the collector waits for a writer that holds the key; it skips the key after.
 CLAIM_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '1s'"
 
@@ -99,6 +101,8 @@ class ContentAddressedBlobStore:
     def __init__(self, db: Database, objects: ObjectStore) -> None:
         self._db = db
         self._objects = objects
+        # Where the next scan for unregistered objects starts (in this process).
+        self._scan_after = ""
 
     async def put(self, data: bytes, content_type: str) -> StoredBlob:
         digest = hashlib.sha256(data).hexdigest()
@@ -210,8 +214,20 @@ class ContentAddressedBlobStore:
         No grace period is needed: every writer touches the row before it writes the object,
         and the claim below conflicts with a touch not yet committed (waiting for it, up to
         CLAIM_LOCK_TIMEOUT) and holds off touches that come after it until the object is
-        gone, which the writer then writes again."""
-        keys = await self._objects.list_keys(f"{HOSTED_PREFIX}/{HOSTED_SIZE}/")
+        gone, which the writer then writes again.
+
+        Each pass looks at UNREGISTERED_SCAN keys, going on where the previous pass stopped
+        and wrapping around, so a pass costs the same whatever the size of the bucket."""
+        prefix = f"{HOSTED_PREFIX}/{HOSTED_SIZE}/"
+        after = self._scan_after
+        keys = await self._objects.list_keys(prefix, after, UNREGISTERED_SCAN)
+        if len(keys) < UNREGISTERED_SCAN:  # the end of the bucket: wrap around
+            if after:
+                head = await self._objects.list_keys(prefix, "", UNREGISTERED_SCAN - len(keys))
+                keys += [k for k in head if k <= after]
+            self._scan_after = ""
+        else:
+            self._scan_after = keys[-1]
         async with self._db.connection() as conn:
             missing = [r["k"] for r in await conn.fetch(UNREGISTERED, keys)]
         collected = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -158,14 +159,19 @@ class ObjectStore:
     async def delete(self, key: str) -> None:
         await self._run(lambda: self._client.remove_object(self.bucket, key))
 
-    async def list_keys(self, prefix: str) -> list[str]:
-        return await self._run(
-            lambda: [
-                o.object_name
-                for o in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
-                if o.object_name is not None
-            ]
-        )
+    async def list_keys(
+        self, prefix: str, start_after: str = "", limit: int | None = None
+    ) -> list[str]:
+        """Keys under `prefix` in key order, after `start_after`, at most `limit` of them."""
+
+        def names() -> list[str]:
+            listing = self._client.list_objects(
+                self.bucket, prefix=prefix, recursive=True, start_after=start_after or None
+            )
+            found = (o.object_name for o in listing if o.object_name is not None)
+            return list(itertools.islice(found, limit))
+
+        return await self._run(names)
 
     def writer(self, key: str, content_type: str, part_size: int) -> ObjectWriter:
         """Writes `key` from chunks as they arrive (see ObjectWriter)."""
