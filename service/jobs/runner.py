@@ -23,6 +23,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from typing import Protocol
 
+from service.domain.errors import Unavailable
 from service.domain.jobs import Job, JobCancelled, JobFailed, JobHandler, JobKind, JobStatus
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ PROGRESS_INTERVAL_SECONDS = 0.5
 # Handing a job back on shutdown is a courtesy (the lease expires anyway): never
 # hold up the shutdown for long.
 RELEASE_TIMEOUT_SECONDS = 5.0
+# A job that met an outage of PostgreSQL or the object store waits this long before it is
+# handed back, and is retried this many times without counting an attempt.
+OUTAGE_PAUSE_SECONDS = 2.0
+OUTAGE_RETRIES = 30
 CANCELLED_MESSAGE = "cancelled"
 
 
@@ -151,6 +156,7 @@ class JobRunner:
         self._poll_interval = poll_interval
         self._concurrency = concurrency
         self._max_attempts = max_attempts
+        self._outages: dict[int, int] = {}
         self._wake = asyncio.Event()
 
     def notify(self) -> None:
@@ -228,6 +234,8 @@ class JobRunner:
             await self._settle(job, handler, JobStatus.FAILED, str(error) or "failed")
         elif isinstance(error, JobCancelled):
             await self._settle(job, handler, JobStatus.CANCELLED, CANCELLED_MESSAGE)
+        elif isinstance(error, Unavailable) and self._outages.get(job.id, 0) < OUTAGE_RETRIES:
+            await self._after_outage(job, error)
         else:
             log.error(
                 "job %s (%s) attempt %d/%d raised",
@@ -241,6 +249,20 @@ class JobRunner:
                 await self._settle(job, handler, JobStatus.PENDING, "")
             else:
                 await self._settle(job, handler, JobStatus.FAILED, gave_up_message(job.attempts))
+
+    async def _after_outage(self, job: Job, error: Unavailable) -> None:
+        """PostgreSQL or the object store went away under the job: not the job's fault, so
+        the attempt is not counted. The job goes back to the queue after a pause (an outage
+        must not spin it); if PostgreSQL is still away the release fails and the lease
+        expires, which counts. OUTAGE_RETRIES bounds the uncounted retries of one job."""
+        self._outages[job.id] = self._outages.get(job.id, 0) + 1
+        log.warning("job %s (%s): %s; retrying after the outage", job.id, job.kind.value, error)
+        await asyncio.sleep(OUTAGE_PAUSE_SECONDS)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self._queue.release(job.id, self.worker_id, counted=False),
+                RELEASE_TIMEOUT_SECONDS,
+            )
 
     async def _keep_alive(self, job: Job, lease: _Lease, work: asyncio.Task[None]) -> None:
         interval = self._lease.total_seconds() / 3
@@ -266,6 +288,8 @@ class JobRunner:
 
         False when that could not be recorded: the job stays leased to this runner
         and runs again once the lease expires."""
+        if status is not JobStatus.PENDING:
+            self._outages.pop(job.id, None)
         try:
             async with self._queue.transaction():
                 if status is JobStatus.PENDING:

@@ -11,8 +11,10 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
+from service.domain.errors import Unavailable
 from service.domain.jobs import Job, JobCancelled, JobFailed, JobKind, JobStatus, Progress
 from service.jobs import JobRunner
+from service.jobs import runner as runner_module
 from service.storage.db import Database, migrate
 from service.storage.jobs import PgJobQueue
 from tests.conftest import Stack
@@ -296,6 +298,37 @@ async def test_a_transient_error_then_success(jobs_db: Database, queue: PgJobQue
     assert await runner.run_once()
     row = await job_row(jobs_db, job_id)
     assert (row["status"], row["attempts"]) == ("succeeded", 2)
+    assert handler.failures == []
+
+
+async def test_outages_do_not_use_up_attempts_but_are_bounded(
+    jobs_db: Database, queue: PgJobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL or S3 away under a job is not the job's fault: it is retried without
+    counting an attempt, up to OUTAGE_RETRIES times; after that attempts count again."""
+    monkeypatch.setattr(runner_module, "OUTAGE_PAUSE_SECONDS", 0.0)
+    monkeypatch.setattr(runner_module, "OUTAGE_RETRIES", 4)
+    outages = 6
+
+    async def work(job: Job, progress: Progress) -> None:
+        if len(handler.runs) <= outages:
+            raise Unavailable("the object store does not answer", reason="OBJECT_STORE_UNAVAILABLE")
+
+    handler = Recorder(work)
+    runner = JobRunner(queue, {KIND: handler}, worker_id="w-outage", max_attempts=3)
+    job_id = await queue.enqueue(KIND, "app-o", {})
+    for _ in range(4):
+        assert await runner.run_once()
+        row = await job_row(jobs_db, job_id)
+        assert (row["status"], row["attempts"]) == ("pending", 0)
+    # The fifth and sixth outages count: two attempts of three.
+    for attempt in (1, 2):
+        assert await runner.run_once()
+        row = await job_row(jobs_db, job_id)
+        assert (row["status"], row["attempts"]) == ("pending", attempt)
+    assert await runner.run_once()
+    row = await job_row(jobs_db, job_id)
+    assert (row["status"], row["attempts"]) == ("succeeded", 3)
     assert handler.failures == []
 
 
