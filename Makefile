@@ -51,6 +51,7 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.bench_ingest
 	$(PY) -m bench.bench_versions
 	$(PY) -m bench.bench_cli_upload
+	$(PY) -m bench.bench_faults
 
 clean:
 	rm -rf $(VENV) .data build *.egg-info
