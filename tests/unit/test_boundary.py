@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from datasetd.v1 import common_pb2, data_pb2, input_pb2
 from datasetd.v1 import dataset_version_service_pb2 as vapi
 from datasetd.v1 import input_service_pb2 as api
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.api.boundary import MAX_REPORTED, check_request
 from service.domain.errors import InvalidArgument
@@ -91,3 +94,45 @@ def test_a_refused_field_is_not_walked_into() -> None:
     found = violations(api.CreateInputsRequest(app_id="a", inputs=[item]))
     assert list(found) == ["inputs[0].data.regions"]
     assert "CreateAnnotations" in found["inputs[0].data.regions"]
+
+
+json_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.text(max_size=12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    # Strings holding the byte pattern of a non-finite double (the scan's false positives).
+    st.sampled_from(["\x11abcdef\xf0\x7f", "\x11\x00\x00\x00\x00\x00\x00\xf8\x7f"]),
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _non_finite(value: object) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+@settings(max_examples=300, derandomize=True, database=None)
+@given(st.dictionaries(st.text(max_size=5), json_values, max_size=5))
+def test_metadata_is_refused_exactly_when_it_holds_a_non_finite_number(
+    metadata: dict[str, Any],
+) -> None:
+    item = input_pb2.Input(id="i")
+    item.data.metadata.update(metadata)
+    request = api.CreateInputsRequest(app_id="a", inputs=[item])
+    if _non_finite(metadata):
+        found = violations(request)
+        assert found and all(p.startswith("inputs[0].data.metadata[") for p in found)
+    else:
+        check_request(request)
