@@ -29,8 +29,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-import grpc
-
 from bench.common import environment, install_sigterm_handler, load_average
 from tests.faults.harness import (
     FaultStack,
@@ -39,7 +37,7 @@ from tests.faults.harness import (
     Writers,
     fault_stack,
     peak_rss,
-    serving,
+    serving_healthy,
     wait_for_versions,
 )
 from tests.faults.ledger import Ledger, check_ledger
@@ -183,21 +181,18 @@ async def bench(settings: Settings) -> Result:
     async with fault_stack() as stack:
         ledger = Ledger()
         timeout = f"{settings.s3_timeout_seconds}s"
-        async with (
-            serving(stack, DATASETD_S3_TIMEOUT=timeout) as server,
-            grpc.aio.insecure_channel(server.address) as channel,
-            HealthWatch(channel) as health,
-        ):
-            await health.serving_again(time.monotonic(), RECOVERY_LIMIT_SECONDS)
+        async with serving_healthy(
+            stack, RECOVERY_LIMIT_SECONDS, DATASETD_S3_TIMEOUT=timeout
+        ) as served:
             print("load: 4 writers; PostgreSQL restarts ...", flush=True)
-            async with Writers(stack, channel, ledger) as writers:
-                faults = await _postgres_restarts(stack, settings, health, writers.outcomes)
+            async with Writers(stack, served.channel, ledger) as writers:
+                faults = await _postgres_restarts(stack, settings, served.health, writers.outcomes)
                 print("object store faults ...", flush=True)
-                faults += await _object_store(stack, settings, health, writers.outcomes)
+                faults += await _object_store(stack, settings, served.health, writers.outcomes)
                 await asyncio.sleep(LOAD_SECONDS)
             print("checking the ledger ...", flush=True)
             await wait_for_versions(stack, ledger, 120)
-            rss = peak_rss(server.pid)
+            rss = peak_rss(served.server.pid)
             internal = stack.server_internal_errors()
         acknowledged, lost, duplicated = await _inputs_lost_and_duplicated(stack, ledger)
         try:

@@ -7,10 +7,11 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import grpc
 import psutil
@@ -45,11 +46,11 @@ class ServerProcess:
         return await asyncio.wait_for(self.process.wait(), 30)
 
 
-@asynccontextmanager
-async def run_server(env: dict[str, str]) -> AsyncIterator[ServerProcess]:
-    port = free_port()
-    env = {**env, "DATASETD_LISTEN": f"127.0.0.1:{port}", "PYTHONUNBUFFERED": "1"}
-    process = await asyncio.create_subprocess_exec(
+async def start_serve(
+    env: dict[str, str], *, stderr: int | IO[bytes]
+) -> asyncio.subprocess.Process:
+    """`python -m service serve`, as `make run` starts it, with its stdout piped."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "service",
@@ -57,8 +58,23 @@ async def run_server(env: dict[str, str]) -> AsyncIterator[ServerProcess]:
         cwd=ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
     )
+
+
+@asynccontextmanager
+async def run_server(
+    env: dict[str, str],
+    *,
+    stderr: int | IO[bytes] = asyncio.subprocess.DEVNULL,
+    log_tail: Callable[[], str] | None = None,
+) -> AsyncIterator[ServerProcess]:
+    """The server on a free port, once it serves; killed at the end. Its stderr goes to
+    `stderr` (nowhere by default); `log_tail`, if given, tells the server's side of a start
+    that failed."""
+    port = free_port()
+    env = {**env, "DATASETD_LISTEN": f"127.0.0.1:{port}", "PYTHONUNBUFFERED": "1"}
+    process = await start_serve(env, stderr=stderr)
     assert process.stdout is not None
     lines: list[str] = []
 
@@ -67,7 +83,8 @@ async def run_server(env: dict[str, str]) -> AsyncIterator[ServerProcess]:
         while not lines or not lines[-1].startswith("stop with Ctrl-C"):
             line = await process.stdout.readline()
             if not line:
-                raise AssertionError(f"server exited before serving: {''.join(lines)}")
+                told = f"; {log_tail()}" if log_tail is not None else ""
+                raise AssertionError(f"server exited before serving: {''.join(lines)}{told}")
             lines.append(line.decode())
 
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import signal
-import sys
 from pathlib import Path
 
 import psutil
@@ -20,7 +19,7 @@ from datasetd.v1 import dataset_service_pb2 as api
 from service.storage.db import Database
 from tests.conftest import Stack, stack_env
 from tests.helpers import download, png_bytes
-from tests.processes import ROOT, clean_env, create_key, run_server, stub_for
+from tests.processes import clean_env, create_key, run_server, start_serve, stub_for
 
 
 async def test_embedded_stack_starts_persists_and_stops_cleanly(tmp_path: Path) -> None:
@@ -139,16 +138,7 @@ async def test_external_stack_starts_nothing_and_drains_in_flight_calls(
 async def test_bad_configuration_exits_with_a_clear_message(
     env: dict[str, str], message: str
 ) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        cwd=ROOT,
-        env=clean_env(**env),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await start_serve(clean_env(**env), stderr=asyncio.subprocess.PIPE)
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
     assert message in stderr.decode()

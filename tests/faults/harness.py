@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import importlib.util
 import io
@@ -20,14 +19,13 @@ import pwd
 import secrets
 import shlex
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import grpc
 from datasetd.v1 import (
@@ -51,8 +49,9 @@ from service.storage.db import Database
 from service.storage.objectstore import ObjectStore
 from tests.faults.ledger import Ledger
 from tests.faults.proxy import FaultProxy, Upstream
-from tests.processes import ROOT, START_TIMEOUT, ServerProcess, clean_env, free_port
+from tests.processes import ServerProcess, clean_env, run_server
 
+R = TypeVar("R")
 T = TypeVar("T")
 
 WRITERS = 4
@@ -270,41 +269,14 @@ async def fault_stack() -> AsyncIterator[FaultStack]:
 
 @contextlib.asynccontextmanager
 async def serving(stack: FaultStack, **env: str) -> AsyncIterator[ServerProcess]:
-    """`python -m service serve` against the proxies, as tests.processes.run_server starts
-    it, but with its log kept in the stack's directory (server.log): a fault test that
-    fails needs the server's side of the story."""
-    port = free_port()
-    settings = {
-        **stack.server_env(**env),
-        "DATASETD_LISTEN": f"127.0.0.1:{port}",
-        "PYTHONUNBUFFERED": "1",
-    }
+    """`python -m service serve` against the proxies (tests.processes.run_server), with its
+    log kept in the stack's directory (server.log): a fault test that fails needs the
+    server's side of the story."""
     with stack.log_path.open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            cwd=ROOT,
-            env=settings,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log,
-        )
-    assert process.stdout is not None
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (line := await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT)):
-            raise AssertionError(f"server exited before serving; {stack.log_tail()}")
-        while not line.startswith(b"stop with Ctrl-C"):
-            assert time.monotonic() < deadline, "server did not start"
-            line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT)
-            if not line:
-                raise AssertionError(f"server exited before serving; {stack.log_tail()}")
-        yield ServerProcess(process, f"127.0.0.1:{port}", "")
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        async with run_server(
+            stack.server_env(**env), stderr=log, log_tail=stack.log_tail
+        ) as server:
+            yield server
 
 
 # --- health -------------------------------------------------------------------------------
@@ -354,6 +326,25 @@ class HealthWatch:
                 return max(0.0, self.changes[-1][0] - since)
             await asyncio.sleep(HEALTH_POLL_SECONDS)
         raise AssertionError(f"health not SERVING within {within}s: {self.changes[-5:]}")
+
+
+class Served(NamedTuple):
+    server: ServerProcess
+    channel: grpc.aio.Channel
+    health: HealthWatch
+
+
+@contextlib.asynccontextmanager
+async def serving_healthy(stack: FaultStack, within: float, **env: str) -> AsyncIterator[Served]:
+    """`serving(stack, **env)`, a channel to it and a HealthWatch on that channel, once the
+    server's health is SERVING (waited for `within` seconds at the most)."""
+    async with (
+        serving(stack, **env) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+        HealthWatch(channel) as health,
+    ):
+        await health.serving_again(time.monotonic(), within)
+        yield Served(server, channel, health)
 
 
 # --- the load -----------------------------------------------------------------------------
@@ -412,16 +403,7 @@ class Writers:
                 dataset=dataset_pb2.Dataset(id=self._dataset(writer)),
                 request_id=self._dataset(writer),
             )
-            await self._call(
-                "CreateDataset",
-                functools.partial(
-                    self._datasets.CreateDataset,
-                    request,
-                    metadata=self._stack.metadata,
-                    timeout=CALL_DEADLINE_SECONDS,
-                ),
-                retry=True,
-            )
+            await self._unary("CreateDataset", self._datasets.CreateDataset, request, retry=True)
         self._tasks = [asyncio.create_task(self._write(w)) for w in range(WRITERS)]
         return self
 
@@ -463,6 +445,21 @@ class Writers:
             return response
         return None
 
+    async def _unary(
+        self,
+        method: str,
+        rpc: grpc.aio.UnaryUnaryMultiCallable[R, T],
+        request: R,
+        *,
+        retry: bool = False,
+    ) -> T | None:
+        """`_call` of a unary RPC with the app's key and the call deadline."""
+        return await self._call(
+            method,
+            lambda: rpc(request, metadata=self._stack.metadata, timeout=CALL_DEADLINE_SECONDS),
+            retry=retry,
+        )
+
     async def _write(self, writer: int) -> None:
         step = 0
         # An export waits for its job and its download: it runs beside the uploads, one at
@@ -502,13 +499,7 @@ class Writers:
             ],
         )
         hashes = [hashlib.sha256(image).hexdigest() for image in images]
-        response = await self._call(
-            "CreateInputs",
-            lambda: self._inputs.CreateInputs(
-                request, metadata=self._stack.metadata, timeout=CALL_DEADLINE_SECONDS
-            ),
-            retry=True,
-        )
+        response = await self._unary("CreateInputs", self._inputs.CreateInputs, request, retry=True)
         if response is None:
             for sha256 in hashes:
                 self.ledger.attempted(self._stack.app, sha256)
@@ -553,17 +544,14 @@ class Writers:
 
     async def _build_version(self, writer: int, name: str) -> None:
         dataset, version = self._dataset(writer), f"v-{name}"
-        response = await self._call(
+        response = await self._unary(
             "CreateDatasetVersion",
-            lambda: self._versions.CreateDatasetVersion(
-                vapi.CreateDatasetVersionRequest(
-                    app_id=self._stack.app,
-                    dataset_id=dataset,
-                    version=dataset_version_pb2.DatasetVersion(id=version),
-                    request_id=name + "-version",
-                ),
-                metadata=self._stack.metadata,
-                timeout=CALL_DEADLINE_SECONDS,
+            self._versions.CreateDatasetVersion,
+            vapi.CreateDatasetVersionRequest(
+                app_id=self._stack.app,
+                dataset_id=dataset,
+                version=dataset_version_pb2.DatasetVersion(id=version),
+                request_id=name + "-version",
             ),
             retry=True,
         )
@@ -573,13 +561,10 @@ class Writers:
     async def _export(self, writer: int) -> None:
         """Exports the newest READY version of the writer's dataset and downloads it."""
         dataset = self._dataset(writer)
-        listed = await self._call(
+        listed = await self._unary(
             "ListDatasetVersions",
-            lambda: self._versions.ListDatasetVersions(
-                vapi.ListDatasetVersionsRequest(app_id=self._stack.app, dataset_id=dataset),
-                metadata=self._stack.metadata,
-                timeout=CALL_DEADLINE_SECONDS,
-            ),
+            self._versions.ListDatasetVersions,
+            vapi.ListDatasetVersionsRequest(app_id=self._stack.app, dataset_id=dataset),
         )
         ready = [v for v in listed.versions if v.status.code == READY] if listed else []
         if not ready:
@@ -587,18 +572,15 @@ class Writers:
         version = ready[0].id
         # A new request id for each try: one that failed with the store must not be replayed.
         self._exports += 1
-        started = await self._call(
+        started = await self._unary(
             "ExportDatasetVersion",
-            lambda: self._versions.ExportDatasetVersion(
-                vapi.ExportDatasetVersionRequest(
-                    app_id=self._stack.app,
-                    dataset_id=dataset,
-                    version_id=version,
-                    format=dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF,
-                    request_id=f"export-{dataset}-{version}-{self._exports}",
-                ),
-                metadata=self._stack.metadata,
-                timeout=CALL_DEADLINE_SECONDS,
+            self._versions.ExportDatasetVersion,
+            vapi.ExportDatasetVersionRequest(
+                app_id=self._stack.app,
+                dataset_id=dataset,
+                version_id=version,
+                format=dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF,
+                request_id=f"export-{dataset}-{version}-{self._exports}",
             ),
             retry=True,
         )
@@ -607,17 +589,14 @@ class Writers:
         export_id = started.export.id
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            got = await self._call(
+            got = await self._unary(
                 "GetExport",
-                lambda: self._versions.GetExport(
-                    vapi.GetExportRequest(
-                        app_id=self._stack.app,
-                        dataset_id=dataset,
-                        version_id=version,
-                        export_id=export_id,
-                    ),
-                    metadata=self._stack.metadata,
-                    timeout=CALL_DEADLINE_SECONDS,
+                self._versions.GetExport,
+                vapi.GetExportRequest(
+                    app_id=self._stack.app,
+                    dataset_id=dataset,
+                    version_id=version,
+                    export_id=export_id,
                 ),
             )
             if got is not None and got.export.status.code in EXPORT_ENDED:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -35,8 +36,8 @@ from service.storage.db import Database
 from service.storage.objectstore import ObjectStore
 from tests.conftest import Caller, Stack, object_store
 from tests.e2e.test_inputs import image_input, text_input
+from tests.faults.harness import noise_png
 from tests.faults.ledger import staged_uploads
-from tests.faults.test_storm import noise_png
 
 DEADLINE_SECONDS = 0.5
 # How long a cancelled statement may take to leave pg_stat_activity.
@@ -90,140 +91,129 @@ async def unregistered(db: Database, objects: ObjectStore, media: bytes) -> bool
     return not row and await objects.exists(key)
 
 
+R = TypeVar("R")
+S = TypeVar("S")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a case's call: the stubs on the test's channel, the caller, a tag naming
+    what the run writes, and the deadline."""
+
+    inputs: input_service_pb2_grpc.InputServiceAsyncStub
+    datasets: dataset_service_pb2_grpc.DatasetServiceAsyncStub
+    caller: Caller
+    tag: str
+    deadline: float
+
+    @classmethod
+    def on(cls, channel: grpc.aio.Channel, caller: Caller, tag: str, deadline: float) -> Run:
+        return cls(
+            input_service_pb2_grpc.InputServiceStub(channel),
+            dataset_service_pb2_grpc.DatasetServiceStub(channel),
+            caller,
+            tag,
+            deadline,
+        )
+
+    @property
+    def app(self) -> str:
+        return self.caller.app_id
+
+    async def unary(self, rpc: grpc.aio.UnaryUnaryMultiCallable[R, S], request: R) -> S:
+        return await rpc(request, metadata=self.caller.metadata, timeout=self.deadline)
+
+
 @dataclass(frozen=True)
 class Case:
     table: str
-    # Makes the call with the given deadline; returns after its outcome.
-    call: Callable[[grpc.aio.Channel, Caller, str, float], Awaitable[object]]
-    # Whether the call's writes are visible, after the fact (None: the call writes nothing).
-    written: Callable[[Database, Caller, str], Awaitable[bool]] | None = None
+    # Makes the call; returns after its outcome.
+    call: Callable[[Run], Awaitable[object]]
+    # Counts the call's writes, after the fact: $1 the app, $2 the run's tag (None: the
+    # call writes nothing).
+    written: str | None = None
     # Whether the call sends media (media_of(tag)).
     stores_media: bool = False
 
 
-async def _list_inputs(
-    channel: grpc.aio.Channel, caller: Caller, tag: str, deadline: float
-) -> object:
-    stub = input_service_pb2_grpc.InputServiceStub(channel)
-    return await stub.ListInputs(
-        api.ListInputsRequest(app_id=caller.app_id),
-        metadata=caller.metadata,
-        timeout=deadline,
-    )
-
-
-async def _get_input(
-    channel: grpc.aio.Channel, caller: Caller, tag: str, deadline: float
-) -> object:
-    stub = input_service_pb2_grpc.InputServiceStub(channel)
-    return await stub.GetInput(
-        api.GetInputRequest(app_id=caller.app_id, input_id="seed"),
-        metadata=caller.metadata,
-        timeout=deadline,
-    )
-
-
-async def _download_input(
-    channel: grpc.aio.Channel, caller: Caller, tag: str, deadline: float
-) -> object:
-    stub = input_service_pb2_grpc.InputServiceStub(channel)
-    call = stub.DownloadInput(
-        api.DownloadInputRequest(app_id=caller.app_id, input_id="seed"),
-        metadata=caller.metadata,
-        timeout=deadline,
+async def _download_input(run: Run) -> object:
+    call = run.inputs.DownloadInput(
+        api.DownloadInputRequest(app_id=run.app, input_id="seed"),
+        metadata=run.caller.metadata,
+        timeout=run.deadline,
     )
     return [m async for m in call]
 
 
-async def _create_inputs(
-    channel: grpc.aio.Channel, caller: Caller, tag: str, deadline: float
-) -> object:
-    stub = input_service_pb2_grpc.InputServiceStub(channel)
-    return await stub.CreateInputs(
+async def _create_inputs(run: Run) -> object:
+    return await run.unary(
+        run.inputs.CreateInputs,
         api.CreateInputsRequest(
-            app_id=caller.app_id,
-            request_id=f"deadline-{tag}",
+            app_id=run.app,
+            request_id=f"deadline-{run.tag}",
             inputs=[
-                text_input(f"late-{tag}", "too late"),
+                text_input(f"late-{run.tag}", "too late"),
                 input_pb2.Input(
-                    id=f"late-img-{tag}",
-                    data=data_pb2.Data(image=data_pb2.Image(base64=media_of(tag))),
+                    id=f"late-img-{run.tag}",
+                    data=data_pb2.Data(image=data_pb2.Image(base64=media_of(run.tag))),
                 ),
             ],
         ),
-        metadata=caller.metadata,
-        timeout=deadline,
     )
 
 
-async def _upload_input(
-    channel: grpc.aio.Channel, caller: Caller, tag: str, deadline: float
-) -> object:
-    stub = input_service_pb2_grpc.InputServiceStub(channel)
-    media = media_of(tag)
+async def _upload_input(run: Run) -> object:
+    media = media_of(run.tag)
     header = api.UploadInputHeader(
-        app_id=caller.app_id,
-        input=input_pb2.Input(id=f"late-up-{tag}", data=data_pb2.Data(image=data_pb2.Image())),
+        app_id=run.app,
+        input=input_pb2.Input(id=f"late-up-{run.tag}", data=data_pb2.Data(image=data_pb2.Image())),
         content_length=len(media),
         sha256=hashlib.sha256(media).hexdigest(),
-        request_id=f"deadline-up-{tag}",
+        request_id=f"deadline-up-{run.tag}",
     )
     messages = [
         api.UploadInputRequest(header=header),
         api.UploadInputRequest(chunk=media[:100]),
         api.UploadInputRequest(chunk=media[100:]),
     ]
-    return await stub.UploadInput(iter(messages), metadata=caller.metadata, timeout=deadline)
-
-
-async def _input_written(db: Database, caller: Caller, tag: str) -> bool:
-    found = await db.fetchval(
-        "SELECT count(*) FROM inputs WHERE app_id = $1 AND id LIKE $2",
-        caller.app_id,
-        f"late-%{tag}",
+    return await run.inputs.UploadInput(
+        iter(messages), metadata=run.caller.metadata, timeout=run.deadline
     )
-    return bool(found)
 
 
-async def _create_dataset(
-    channel: grpc.aio.Channel, caller: Caller, tag: str, deadline: float
-) -> object:
-    stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
-    return await stub.CreateDataset(
+async def _create_dataset(run: Run) -> object:
+    return await run.unary(
+        run.datasets.CreateDataset,
         dapi.CreateDatasetRequest(
-            app_id=caller.app_id,
-            request_id=f"deadline-{tag}",
-            dataset=dataset_pb2.Dataset(id=f"late-{tag}"),
+            app_id=run.app,
+            request_id=f"deadline-{run.tag}",
+            dataset=dataset_pb2.Dataset(id=f"late-{run.tag}"),
         ),
-        metadata=caller.metadata,
-        timeout=deadline,
     )
 
 
-async def _dataset_written(db: Database, caller: Caller, tag: str) -> bool:
-    found = await db.fetchval(
-        "SELECT count(*) FROM datasets WHERE app_id = $1 AND id = $2", caller.app_id, f"late-{tag}"
-    )
-    return bool(found)
-
-
-async def _list_datasets(
-    channel: grpc.aio.Channel, caller: Caller, tag: str, deadline: float
-) -> object:
-    stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
-    return await stub.ListDatasets(
-        dapi.ListDatasetsRequest(app_id=caller.app_id), metadata=caller.metadata, timeout=deadline
-    )
-
+INPUTS_WRITTEN = "SELECT count(*) FROM inputs WHERE app_id = $1 AND id LIKE 'late-%' || $2::text"
+DATASETS_WRITTEN = "SELECT count(*) FROM datasets WHERE app_id = $1 AND id = 'late-' || $2::text"
 
 CASES = {
-    "ListInputs": Case("inputs", _list_inputs),
-    "GetInput": Case("inputs", _get_input),
+    "ListInputs": Case(
+        "inputs",
+        lambda run: run.unary(run.inputs.ListInputs, api.ListInputsRequest(app_id=run.app)),
+    ),
+    "GetInput": Case(
+        "inputs",
+        lambda run: run.unary(
+            run.inputs.GetInput, api.GetInputRequest(app_id=run.app, input_id="seed")
+        ),
+    ),
     "DownloadInput": Case("inputs", _download_input),
-    "CreateInputs": Case("inputs", _create_inputs, _input_written, stores_media=True),
-    "UploadInput": Case("inputs", _upload_input, _input_written, stores_media=True),
-    "CreateDataset": Case("datasets", _create_dataset, _dataset_written),
-    "ListDatasets": Case("datasets", _list_datasets),
+    "CreateInputs": Case("inputs", _create_inputs, INPUTS_WRITTEN, stores_media=True),
+    "UploadInput": Case("inputs", _upload_input, INPUTS_WRITTEN, stores_media=True),
+    "CreateDataset": Case("datasets", _create_dataset, DATASETS_WRITTEN),
+    "ListDatasets": Case(
+        "datasets",
+        lambda run: run.unary(run.datasets.ListDatasets, dapi.ListDatasetsRequest(app_id=run.app)),
+    ),
 }
 
 
@@ -247,7 +237,7 @@ async def test_a_call_past_its_deadline_leaves_no_query_behind(
     )
     async with table_locked(db, case.table) as holder:
         started = asyncio.get_running_loop().time()
-        call = asyncio.ensure_future(case.call(channel, caller, tag, DEADLINE_SECONDS))
+        call = asyncio.ensure_future(case.call(Run.on(channel, caller, tag, DEADLINE_SECONDS)))
         # The call reaches the table: its statement waits on the lock (else the test
         # would prove nothing about cancelling it).
         while True:
@@ -279,6 +269,6 @@ async def test_a_call_past_its_deadline_leaves_no_query_behind(
     if case.written is not None:
         # Nothing of the abandoned call commits once the table is free again.
         await asyncio.sleep(0.3)
-        assert not await case.written(db, caller, tag)
+        assert not await db.fetchval(case.written, caller.app_id, tag)
     # The server is still fine: the same call answers once the table is free.
-    await case.call(channel, caller, tag + "b", 10.0)
+    await case.call(Run.on(channel, caller, tag + "b", 10.0))

@@ -15,17 +15,15 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import grpc
 import pytest
 
 from service.storage.objectstore.writer import ABORT_REMOVE_SECONDS
 from tests.faults.harness import (
     FaultStack,
-    HealthWatch,
     Outcomes,
     Writers,
     fault_stack,
-    serving,
+    serving_healthy,
     wait_for_versions,
 )
 from tests.faults.ledger import Ledger, check_ledger
@@ -76,13 +74,9 @@ async def store_goes_away(stack: FaultStack, plan: Plan) -> float:
     ledger = Ledger()
     proxy = stack.s3_proxy
     timeout = f"{plan.s3_timeout_seconds}s"
-    async with (
-        serving(stack, DATASETD_S3_TIMEOUT=timeout) as server,
-        grpc.aio.insecure_channel(server.address) as channel,
-        HealthWatch(channel) as health,
-    ):
-        await health.serving_again(time.monotonic(), RECOVERY_SECONDS)
-        async with Writers(stack, channel, ledger) as writers:
+    async with serving_healthy(stack, RECOVERY_SECONDS, DATASETD_S3_TIMEOUT=timeout) as served:
+        health = served.health
+        async with Writers(stack, served.channel, ledger) as writers:
             await asyncio.sleep(WARMUP_SECONDS)
             blackholed = time.monotonic()
             proxy.blackhole()

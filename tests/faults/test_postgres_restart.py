@@ -18,15 +18,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
 import pytest
 
 from tests.faults.harness import (
     FaultStack,
-    HealthWatch,
     Writers,
     fault_stack,
-    serving,
+    serving_healthy,
     wait_for_versions,
 )
 from tests.faults.ledger import Ledger, check_ledger
@@ -41,13 +39,9 @@ async def restart_under_load(stack: FaultStack, restarts: int) -> list[float]:
     """Runs the load through `restarts` restarts; returns the recovery time of each."""
     ledger = Ledger()
     recoveries = []
-    async with (
-        serving(stack) as server,
-        grpc.aio.insecure_channel(server.address) as channel,
-        HealthWatch(channel) as health,
-    ):
-        await health.serving_again(time.monotonic(), RECOVERY_SECONDS)
-        async with Writers(stack, channel, ledger) as writers:
+    async with serving_healthy(stack, RECOVERY_SECONDS) as served:
+        health = served.health
+        async with Writers(stack, served.channel, ledger) as writers:
             for restart in range(restarts):
                 await asyncio.sleep(LOAD_SECONDS)
                 began = time.monotonic()

@@ -49,12 +49,12 @@ from datasetd.v1 import (
 from datasetd.v1 import dataset_service_pb2 as dapi
 from datasetd.v1 import dataset_version_service_pb2 as vapi
 from datasetd.v1 import input_service_pb2 as api
-from PIL import Image
 
 from service.storage.blobs import ContentAddressedBlobStore, content_key
 from service.storage.db import Database
 from service.storage.objectstore import ObjectStore
 from tests.conftest import Caller, Stack, object_store
+from tests.faults.harness import noise_png
 from tests.faults.ledger import (
     Ledger,
     LedgerReport,
@@ -65,6 +65,7 @@ from tests.faults.ledger import (
 )
 from tests.processes import ROOT, ServerProcess, clean_env, run_server
 
+R = TypeVar("R")
 T = TypeVar("T")
 
 WRITERS = 4
@@ -85,14 +86,6 @@ TRANSIENT = {
     grpc.StatusCode.CANCELLED,
 }
 SETTLE_TIMEOUT = 120.0
-
-
-def noise_png(seed: bytes, side: int) -> bytes:
-    """A PNG that does not compress, different for every seed."""
-    pixels = hashlib.shake_256(seed).digest(side * side * 3)
-    buffer = io.BytesIO()
-    Image.frombytes("RGB", (side, side), pixels).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 def sha(data: bytes) -> str:
@@ -191,17 +184,27 @@ class Storm:
             self.tally.acknowledged += 1
             return result
 
+    async def unary_until_acknowledged(
+        self,
+        what: str,
+        rpc: Callable[[grpc.aio.Channel], grpc.aio.UnaryUnaryMultiCallable[R, T]],
+        request: R,
+    ) -> T | None:
+        """`until_acknowledged` of the unary call of `rpc(channel)` with `request`, the
+        storm's key and CALL_TIMEOUT."""
+        return await self.until_acknowledged(
+            what,
+            lambda channel: rpc(channel)(request, metadata=self.metadata, timeout=CALL_TIMEOUT),
+        )
+
 
 async def writer(storm: Storm, index: int, stop: asyncio.Event) -> None:
     app, dataset = storm.app, f"d{index}"
-    created = await storm.until_acknowledged(
+    created = await storm.unary_until_acknowledged(
         f"w{index} CreateDataset",
-        lambda channel: dataset_service_pb2_grpc.DatasetServiceStub(channel).CreateDataset(
-            dapi.CreateDatasetRequest(
-                app_id=app, request_id=f"w{index}-dataset", dataset=dataset_pb2.Dataset(id=dataset)
-            ),
-            metadata=storm.metadata,
-            timeout=CALL_TIMEOUT,
+        lambda channel: dataset_service_pb2_grpc.DatasetServiceStub(channel).CreateDataset,
+        dapi.CreateDatasetRequest(
+            app_id=app, request_id=f"w{index}-dataset", dataset=dataset_pb2.Dataset(id=dataset)
         ),
     )
     if created is None:
@@ -221,15 +224,11 @@ async def writer(storm: Storm, index: int, stop: asyncio.Event) -> None:
                 request_id=f"w{index}-{version_id}",
                 version=dataset_version_pb2.DatasetVersion(id=version_id),
             )
-
-            async def create(
-                channel: grpc.aio.Channel, request: vapi.CreateDatasetVersionRequest = request
-            ) -> vapi.CreateDatasetVersionResponse:
-                return await storm.target.versions(channel).CreateDatasetVersion(
-                    request, metadata=storm.metadata, timeout=CALL_TIMEOUT
-                )
-
-            made = await storm.until_acknowledged(f"w{index} CreateDatasetVersion", create)
+            made = await storm.unary_until_acknowledged(
+                f"w{index} CreateDatasetVersion",
+                lambda channel: storm.target.versions(channel).CreateDatasetVersion,
+                request,
+            )
             if made is not None:
                 storm.ledger.version(app, dataset, version_id)
                 pending.append(version_id)
@@ -250,11 +249,8 @@ async def batch(storm: Storm, index: int, step: int) -> None:
             for image in images
         ],
     )
-    response = await storm.until_acknowledged(
-        f"w{index} CreateInputs",
-        lambda channel: storm.target.inputs(channel).CreateInputs(
-            request, metadata=storm.metadata, timeout=CALL_TIMEOUT
-        ),
+    response = await storm.unary_until_acknowledged(
+        f"w{index} CreateInputs", lambda channel: storm.target.inputs(channel).CreateInputs, request
     )
     if response is None:
         for image in images:
@@ -347,15 +343,11 @@ async def export_ready(storm: Storm, index: int, pending: list[str]) -> list[str
             format=PROTOBUF,
             request_id=f"w{index}-export-{version_id}",
         )
-
-        async def export(
-            channel: grpc.aio.Channel, request: vapi.ExportDatasetVersionRequest = request
-        ) -> vapi.ExportDatasetVersionResponse:
-            return await storm.target.versions(channel).ExportDatasetVersion(
-                request, metadata=storm.metadata, timeout=CALL_TIMEOUT
-            )
-
-        exported = await storm.until_acknowledged(f"w{index} ExportDatasetVersion", export)
+        exported = await storm.unary_until_acknowledged(
+            f"w{index} ExportDatasetVersion",
+            lambda channel: storm.target.versions(channel).ExportDatasetVersion,
+            request,
+        )
         if exported is not None:
             storm.exports.append((f"d{index}", version_id, exported.export.id))
     return left
