@@ -181,6 +181,10 @@ class Env:
             message.app_id = self.caller.app_id  # type: ignore[attr-defined]
         return message
 
+    async def send(self, rpc: str, **fields: Any) -> Any:
+        """Calls `rpc` with `request(rpc, **fields)`, as the shared app's caller."""
+        return await self.call(rpc, self.request(rpc, **fields))
+
 
 RPCS = {f"{m.containing_service.name}.{m.name}": m for m in all_rpcs()}
 
@@ -374,38 +378,26 @@ def mask(*paths: str) -> Callable[[Env, Message], Awaitable[Any]]:
 
 
 async def get_dataset(env: Env, dataset_id: str) -> Message:
-    response = await env.call(
-        "DatasetService.GetDataset", env.request("DatasetService.GetDataset", dataset_id=dataset_id)
-    )
+    response = await env.send("DatasetService.GetDataset", dataset_id=dataset_id)
     dataset: Message = response.dataset
     return dataset
 
 
 async def get_input(env: Env, input_id: str) -> Message:
-    response = await env.call(
-        "InputService.GetInput", env.request("InputService.GetInput", input_id=input_id)
-    )
+    response = await env.send("InputService.GetInput", input_id=input_id)
     found: Message = response.input
     return found
 
 
 async def get_annotation(env: Env, annotation_id: str) -> Message:
-    response = await env.call(
-        "AnnotationService.GetAnnotation",
-        env.request("AnnotationService.GetAnnotation", annotation_id=annotation_id),
-    )
+    response = await env.send("AnnotationService.GetAnnotation", annotation_id=annotation_id)
     found: Message = response.annotation
     return found
 
 
 async def get_version(env: Env, dataset_id: str, version_id: str) -> Message:
-    response = await env.call(
-        "DatasetVersionService.GetDatasetVersion",
-        env.request(
-            "DatasetVersionService.GetDatasetVersion",
-            dataset_id=dataset_id,
-            version_id=version_id,
-        ),
+    response = await env.send(
+        "DatasetVersionService.GetDatasetVersion", dataset_id=dataset_id, version_id=version_id
     )
     found: Message = response.version
     return found
@@ -447,40 +439,28 @@ def _import_stream(env: Env, first: Message) -> list[Message]:
 
 async def _fresh_dataset(env: Env, deleted: bool = False) -> str:
     dataset_id = env.unique("fresh-")
-    await env.call(
-        "DatasetService.CreateDataset",
-        env.request("DatasetService.CreateDataset", dataset={"id": dataset_id}),
-    )
+    await env.send("DatasetService.CreateDataset", dataset={"id": dataset_id})
     if deleted:
-        await env.call(
-            "DatasetService.DeleteDataset",
-            env.request("DatasetService.DeleteDataset", dataset_id=dataset_id),
-        )
+        await env.send("DatasetService.DeleteDataset", dataset_id=dataset_id)
     return dataset_id
 
 
 async def _fresh_input(env: Env) -> str:
     input_id = env.unique("fresh-")
-    await env.call(
+    await env.send(
         "InputService.CreateInputs",
-        env.request(
-            "InputService.CreateInputs",
-            inputs=[{"id": input_id, "data": {"text": {"raw": TEXT}}}],
-            atomic=True,
-        ),
+        inputs=[{"id": input_id, "data": {"text": {"raw": TEXT}}}],
+        atomic=True,
     )
     return input_id
 
 
 async def _fresh_version(env: Env) -> str:
     version_id = env.unique("fresh-")
-    await env.call(
+    await env.send(
         "DatasetVersionService.CreateDatasetVersion",
-        env.request(
-            "DatasetVersionService.CreateDatasetVersion",
-            dataset_id=env.ids["empty"],
-            version={"id": version_id},
-        ),
+        dataset_id=env.ids["empty"],
+        version={"id": version_id},
     )
     return version_id
 
@@ -518,13 +498,10 @@ async def _delete_inputs(env: Env) -> Prepared:
 
 async def _delete_annotations(env: Env) -> Prepared:
     input_id = await _fresh_input(env)
-    response = await env.call(
+    response = await env.send(
         "AnnotationService.CreateAnnotations",
-        env.request(
-            "AnnotationService.CreateAnnotations",
-            annotations=[{"input_id": input_id, "data": {"concepts": [{"id": "c", "value": 1}]}}],
-            atomic=True,
-        ),
+        annotations=[{"input_id": input_id, "data": {"concepts": [{"id": "c", "value": 1}]}}],
+        atomic=True,
     )
     request = env.request(
         "AnnotationService.DeleteAnnotations", ids=[response.results[0].annotation_id]
@@ -763,16 +740,8 @@ async def _all(found: Iterator[Awaitable[Message]]) -> list[Message]:
 
 
 async def _export_options(env: Env, export_id: str) -> Message:
-    response = await env.call(
-        "DatasetVersionService.GetExport",
-        env.request(
-            "DatasetVersionService.GetExport",
-            dataset_id=env.ids["main"],
-            version_id=env.ids["v1"],
-            export_id=export_id,
-        ),
-    )
-    options: Message = response.export.options
+    export: Any = await _get_export(env, export_id)
+    options: Message = export.options
     return options
 
 
@@ -787,19 +756,27 @@ class Outcome:
     refused_at: tuple[str, ...] = ()
 
 
-def _is_set_in(message: Message, path: Path) -> bool:
+def _holder(message: Message, path: Path, *, through_unset: bool) -> Message | None:
+    """The message holding the last field of `path`, through the first item of each
+    repeated field on the way: None where one is empty, or where a message on the way is
+    not set, unless `through_unset` (its defaults are read then)."""
     for name in path[:-1]:
         field = message.DESCRIPTOR.fields_by_name[name]
         if field.is_repeated:
             items = getattr(message, name)
             if not items:
-                return False
+                return None
             message = items[0]
-        elif message.HasField(name):
+        elif through_unset or message.HasField(name):
             message = getattr(message, name)
         else:
-            return False
-    return any(f.name == path[-1] for f, _ in message.ListFields())
+            return None
+    return message
+
+
+def _is_set_in(message: Message, path: Path) -> bool:
+    holder = _holder(message, path, through_unset=False)
+    return holder is not None and any(f.name == path[-1] for f, _ in holder.ListFields())
 
 
 def _set(env: Env, message: Message, path: Path, value: Any) -> None:
@@ -844,16 +821,8 @@ def _exclusive(message: Message, name: str) -> None:
 
 
 def _get(message: Message, path: Path) -> Any:
-    for name in path[:-1]:
-        field = message.DESCRIPTOR.fields_by_name[name]
-        if field.is_repeated:
-            items = getattr(message, name)
-            if not items:
-                return None
-            message = items[0]
-        else:
-            message = getattr(message, name)
-    return getattr(message, path[-1])
+    holder = _holder(message, path, through_unset=True)
+    return None if holder is None else getattr(holder, path[-1])
 
 
 def _same(given: Any, found: Any) -> bool:
@@ -993,67 +962,52 @@ async def shared_app(channel: grpc.aio.Channel, db: Database) -> Env:
     env.ids["app"] = env.caller.app_id
     for name in ("main", "other", "empty", "patched"):
         env.ids[name] = name
-        await env.call(
-            "DatasetService.CreateDataset",
-            env.request("DatasetService.CreateDataset", dataset={"id": name}),
-        )
+        await env.send("DatasetService.CreateDataset", dataset={"id": name})
     media = {
         "img": {"image": {"base64": PNG}},
         "txt": {"text": {"raw": TEXT}},
         "vid": {"video": {"base64": mp4()}},
     }
-    await env.call(
+    await env.send(
         "InputService.CreateInputs",
-        env.request(
-            "InputService.CreateInputs",
-            inputs=[
-                {"id": name, "data": data, "dataset_ids": ["main", "other"]}
-                for name, data in media.items()
-            ],
-            atomic=True,
-        ),
+        inputs=[
+            {"id": name, "data": data, "dataset_ids": ["main", "other"]}
+            for name, data in media.items()
+        ],
+        atomic=True,
     )
     for name in media:
         env.ids[name] = name
         env.ids[f"a-{name}"] = f"a-{name}"
-    await env.call(
+    await env.send(
         "AnnotationService.CreateAnnotations",
-        env.request(
-            "AnnotationService.CreateAnnotations",
-            annotations=[
-                {
-                    "id": f"a-{name}",
-                    "input_id": name,
-                    "data": {"concepts": [{"id": "c1", "value": 1}]},
-                }
-                for name in media
-            ],
-            atomic=True,
-        ),
+        annotations=[
+            {
+                "id": f"a-{name}",
+                "input_id": name,
+                "data": {"concepts": [{"id": "c1", "value": 1}]},
+            }
+            for name in media
+        ],
+        atomic=True,
     )
     for version_id in ("v1", "v2"):
         env.ids[version_id] = version_id
-        await env.call(
+        await env.send(
             "DatasetVersionService.CreateDatasetVersion",
-            env.request(
-                "DatasetVersionService.CreateDatasetVersion",
-                dataset_id="main",
-                version={"id": version_id},
-            ),
+            dataset_id="main",
+            version={"id": version_id},
         )
         await _until(functools.partial(get_version, env, "main", version_id), READY)
     exports = {}
     for name, export_format in (("x1", PROTOBUF), ("x2", dataset_version_pb2.EXPORT_FORMAT_COCO)):
-        response = await env.call(
+        response = await env.send(
             "DatasetVersionService.ExportDatasetVersion",
-            env.request(
-                "DatasetVersionService.ExportDatasetVersion",
-                dataset_id="main",
-                version_id="v1",
-                format=export_format,
-                # Embedded media make the archive importable (references are not URLs).
-                options={"embed_media": True},
-            ),
+            dataset_id="main",
+            version_id="v1",
+            format=export_format,
+            # Embedded media make the archive importable (references are not URLs).
+            options={"embed_media": True},
         )
         env.ids[name] = response.export.id
         exports[name] = await _until(functools.partial(_get_export, env, env.ids[name]), EXPORTED)
@@ -1062,14 +1016,8 @@ async def shared_app(channel: grpc.aio.Channel, db: Database) -> Env:
 
 
 async def _get_export(env: Env, export_id: str) -> Message:
-    response = await env.call(
-        "DatasetVersionService.GetExport",
-        env.request(
-            "DatasetVersionService.GetExport",
-            dataset_id="main",
-            version_id="v1",
-            export_id=export_id,
-        ),
+    response = await env.send(
+        "DatasetVersionService.GetExport", dataset_id="main", version_id="v1", export_id=export_id
     )
     export: Message = response.export
     return export
