@@ -34,6 +34,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from service.domain.errors import FieldViolation
+from service.wire.datasets import PATCHABLE_DATASET_FIELDS
 
 _PACKAGE = "datasetd.v1."
 OUTPUT = "output only: set by the server"
@@ -272,17 +273,7 @@ def refusal(request_type: str, path: tuple[str, ...], field: FieldDescriptor) ->
 UPDATE_MASKS: Final[Mapping[str, tuple[str, Mapping[str, tuple[str, ...]]]]] = {
     "datasetd.v1.UpdateDatasetRequest": (
         "dataset",
-        {
-            name: (name,)
-            for name in (
-                "description",
-                "notes",
-                "metadata",
-                "visibility",
-                "image",
-                "default_filter",
-            )
-        },
+        {name: (name,) for name in PATCHABLE_DATASET_FIELDS},
     ),
     "datasetd.v1.UpdateInputsRequest": (
         "inputs",
