@@ -52,6 +52,7 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.bench_versions
 	$(PY) -m bench.bench_cli_upload
 	$(PY) -m bench.bench_faults
+	$(PY) -m bench.bench_boundary
 
 clean:
 	rm -rf $(VENV) .data build *.egg-info
