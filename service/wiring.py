@@ -141,6 +141,7 @@ class Domain:
             db,
             InputSettings(urls),
             probes,
+            store.annotations,
             fetcher=_fetcher(config),
         )
         annotations = AnnotationService(store.annotations, store.members, db)

@@ -10,7 +10,8 @@ silently dropped. This module is the whole list of refusals, in three parts:
   for exactly these fields (tests/unit/test_field_policy.py keeps the two in step).
 * `_refused_data_field`: `datasetd.v1.Data` is shared by inputs and annotations, and
   which of its fields are accepted depends on where it sits: media and geo belong to an
-  input, regions and frames to an annotation, and regions or frames do not nest.
+  input, regions and frames to an annotation (CreateInputs takes them too, as an
+  annotation of the new input), and regions or frames do not nest.
 * `_PER_REQUEST`: fields one request does not take though another does (an update
   cannot change media, memberships or the annotated input; an upload's media come as
   chunks). Wire-compatibility fields nothing uses (`Data.embeddings`) are refused too.
@@ -170,10 +171,12 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
 
 _MEDIA: Final = ("image", "video", "audio", "text")
 _REGIONS_ARE_ANNOTATIONS = (
-    "regions are annotations: send them with CreateAnnotations (input_id = this input)"
+    "regions are annotations: send them with the new input in CreateInputs, or with "
+    "CreateAnnotations (input_id = this input)"
 )
 _FRAMES_ARE_ANNOTATIONS = (
-    "frames are annotations: send them with CreateAnnotations (input_id = this input)"
+    "frames are annotations: send them with the new input in CreateInputs, or with "
+    "CreateAnnotations (input_id = this input)"
 )
 _EMBEDDINGS = (
     "embeddings are not stored by datasetd (the field exists for wire compatibility "
@@ -188,21 +191,25 @@ _GEO_OF_INPUT = (
 )
 
 # Where a Data message is the data of an input (as opposed to an annotation), by request
-# type and the path of the Input message.
-_INPUT_DATA: Final = frozenset(
-    {
-        ("datasetd.v1.CreateInputsRequest", ("inputs", "data")),
-        ("datasetd.v1.UpdateInputsRequest", ("inputs", "data")),
-        ("datasetd.v1.UploadInputRequest", ("header", "input", "data")),
-    }
-)
+# type and the path of the Input message, and whether its regions and frames are taken:
+# CreateInputs stores them as an annotation of the new input; a patch does not change
+# annotations, and an upload's header is checked before its media (which the regions'
+# coordinates are checked against) arrive.
+_INPUT_DATA: Final[Mapping[tuple[str, tuple[str, ...]], bool]] = {
+    ("datasetd.v1.CreateInputsRequest", ("inputs", "data")): True,
+    ("datasetd.v1.UpdateInputsRequest", ("inputs", "data")): False,
+    ("datasetd.v1.UploadInputRequest", ("header", "input", "data")): False,
+}
 
 
 def _refused_data_field(request_type: str, data_path: tuple[str, ...], name: str) -> str | None:
     """Why field `name` of the Data at `data_path` is refused in `request_type`."""
     if name == "embeddings":
         return _EMBEDDINGS
-    if (request_type, data_path) in _INPUT_DATA:
+    takes_annotations = _INPUT_DATA.get((request_type, data_path))
+    if takes_annotations is not None:
+        if takes_annotations:
+            return None
         if name == "regions":
             return _REGIONS_ARE_ANNOTATIONS
         if name == "frames":

@@ -55,6 +55,9 @@ class InputDraft:
     title: str = ""
     dataset_ids: list[str] = dataclasses.field(default_factory=list)
     stored: StoredMedia | None = None
+    # Regions and frames sent with the input (CreateInputs), in the JSON form of Data:
+    # stored as one annotation of the input, in the transaction that creates it.
+    annotation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def payload_size(self) -> int:
         return len(self.data) + len((self.text or "").encode())

@@ -11,6 +11,7 @@ from typing import Any
 
 from service.domain.annotation_fields import MediaContext
 from service.domain.annotation_rules import check_annotation_data
+from service.domain.annotations import input_annotation
 from service.domain.auth import Permission, authorize
 from service.domain.errors import (
     Aborted,
@@ -37,6 +38,8 @@ from service.domain.input_drafts import (
     medium_field,
 )
 from service.domain.models import (
+    AnnotatedMedia,
+    Annotation,
     Input,
     InputQuery,
     InputView,
@@ -47,6 +50,7 @@ from service.domain.models import (
 from service.domain.paging import split_page
 from service.domain.patch import PatchAction, apply_json, merge_json
 from service.domain.ports import (
+    AnnotationRepository,
     BlobStore,
     InputRepository,
     MediaProber,
@@ -71,6 +75,8 @@ class _Prepared:
     input: Input
     payload: bytes
     content_type: str
+    # The regions and frames sent with the input, checked, as its annotation.
+    annotation: Annotation | None = None
 
 
 # What UpdateInputs may change; media are content-addressed and never change.
@@ -85,6 +91,8 @@ class InputService:
     tx: TransactionManager
     settings: InputSettings
     prober: MediaProber
+    # Where the regions and frames sent with an input are stored (as its annotation).
+    annotations: AnnotationRepository
     fetcher: MediaFetcher | None = None
 
     # --- create ----------------------------------------------------------------------------
@@ -218,6 +226,12 @@ class InputService:
                     reason="DATASET_DELETED_CONCURRENTLY",
                 )
             inserted = await self.inputs.insert_many(rows)
+            # In the same transaction: an input is never seen without the regions it
+            # was sent with. Their ids are fresh, and a new input has no annotation but
+            # its input-level one, so the per-input limit cannot be reached.
+            await self.annotations.insert_many(
+                [p.annotation for p in prepared if p.annotation and p.input.id in inserted]
+            )
             if atomic and len(inserted) < len(rows):
                 duplicates = [r.id for r in rows if r.id not in inserted]
                 raise AlreadyExists(
@@ -329,7 +343,12 @@ class InputService:
             concepts=draft.concepts,
             dataset_ids=list(dict.fromkeys(draft.dataset_ids)),
         )
-        return _Prepared(index, path, stored, payload, content_type)
+        annotation = None
+        if draft.annotation:
+            # Checked against the media just probed, as CreateAnnotations would.
+            media = AnnotatedMedia(media_type, info)
+            annotation = input_annotation(app_id, input_id, path, draft.annotation, media)
+        return _Prepared(index, path, stored, payload, content_type, annotation)
 
     async def _check_datasets(
         self, app_id: str, prepared: list[_Prepared], outcomes: dict[int, InputOutcome]

@@ -48,6 +48,9 @@ def input_draft(message: input_pb2.Input) -> InputDraft:
     geo = None
     if data.HasField("geo") and data.geo.HasField("geo_point"):
         geo = GeoPoint(data.geo.geo_point.longitude, data.geo.geo_point.latitude)
+    annotation: dict[str, Any] = {}
+    if data.regions or data.frames:
+        annotation = message_to_json(data_pb2.Data(regions=data.regions, frames=data.frames))
     return InputDraft(
         id=message.id,
         media=media,
@@ -59,6 +62,7 @@ def input_draft(message: input_pb2.Input) -> InputDraft:
         geo=geo,
         title=message.title,
         dataset_ids=list(message.dataset_ids),
+        annotation=annotation,
     )
 
 

@@ -532,8 +532,33 @@ async def _upload_sha256(env: Env, request: Message) -> Any:
     return hashlib.sha256(_upload_bytes(env, request)).hexdigest()
 
 
-async def _results_inputs(env: Env, request: Message, response: Any) -> list[Message]:
-    return [await get_input(env, r.input_id) for r in response.results]
+async def _results_inputs_with_regions(env: Env, request: Message, response: Any) -> list[Message]:
+    """Each created input as GetInput returns it, with the regions and frames of its
+    annotations (ListAnnotations) in its data: those sent with an input are stored as
+    its annotation, not in the input."""
+    found = []
+    for result in response.results:
+        stored: Any = await get_input(env, result.input_id)
+        listed = await env.send("AnnotationService.ListAnnotations", input_ids=[result.input_id])
+        for annotation in listed.annotations:
+            stored.data.regions.extend(annotation.data.regions)
+            stored.data.frames.extend(annotation.data.frames)
+        found.append(stored)
+    return found
+
+
+def _on_fitting_medium(env: Env, request: Message) -> None:
+    """An input sent with frames is a video, with a span a text (as _on_fitting_input)."""
+    media: dict[str, tuple[str, Message]] = {
+        "vid": ("video", data_pb2.Video(base64=mp4())),
+        "txt": ("text", data_pb2.Text(raw=TEXT)),
+    }
+    for item in request.inputs:  # type: ignore[attr-defined]
+        fitting = media.get(_annotation_target(item))
+        if fitting is not None:
+            name, medium = fitting
+            _exclusive(item.data, name)
+            getattr(item.data, name).CopyFrom(medium)
 
 
 async def _results_annotations(env: Env, request: Message, response: Any) -> list[Message]:
@@ -600,7 +625,8 @@ CASES: Mapping[str, Case] = {
             "InputService.CreateInputs", inputs=[{"data": {"image": {"base64": PNG}}}], atomic=True
         ),
         stored=("inputs",),
-        read_back=_results_inputs,
+        read_back=_results_inputs_with_regions,
+        adjust=_on_fitting_medium,
     ),
     "InputService.UploadInput": Case(
         fixed(
@@ -1064,8 +1090,16 @@ async def test_every_request_field_is_stored_or_refused(
     assert not failures, f"{len(failures)} fields failed:\n" + "\n".join(failures)
     # The issue's own examples, so that a loosened policy cannot pass unnoticed.
     create_inputs = {o.path: o for o in by_rpc["InputService.CreateInputs"]}
-    regions = create_inputs["inputs[0].data.regions[0].id"]
-    assert regions.verdict == "refused" and "CreateAnnotations" in regions.detail, regions
+    # Regions and frames sent with an input are its annotation (issue 10).
+    for path in ("inputs[0].data.regions[0].id", "inputs[0].data.frames[0].id"):
+        assert create_inputs[path].verdict == "stored", create_inputs[path]
+    patched_regions = [
+        o
+        for o in by_rpc["InputService.UpdateInputs"]
+        if o.path.startswith("inputs[0].data.regions")
+    ]
+    assert patched_regions[0].verdict == "refused", patched_regions[0]
+    assert "CreateAnnotations" in patched_regions[0].detail, patched_regions[0]
     image_info = create_inputs["inputs[0].data.image.image_info.width"]
     assert image_info.verdict == "refused" and "output only" in image_info.detail, image_info
     embeddings = create_inputs["inputs[0].data.embeddings[0].vector"]

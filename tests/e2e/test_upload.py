@@ -32,6 +32,7 @@ from service.domain.inputs import InputService
 from service.domain.models import Principal
 from service.domain.transfers import InputTransfers, TransferSettings, UploadHeader
 from service.media.probe import MediaProbes
+from service.storage.annotations import PgAnnotationRepository
 from service.storage.blobs import UPLOADS_PREFIX, ContentAddressedBlobStore
 from service.storage.db import Database
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
@@ -532,7 +533,13 @@ async def test_images_and_texts_over_the_whole_read_limit_are_refused(
     principal = Principal("k", app, frozenset({"read", "write"}))
     blobs = ContentAddressedBlobStore(db, objects)
     inputs = InputService(
-        PgInputRepository(db), PgMembershipRepository(db), blobs, db, InputSettings(), MediaProbes()
+        PgInputRepository(db),
+        PgMembershipRepository(db),
+        blobs,
+        db,
+        InputSettings(),
+        MediaProbes(),
+        PgAnnotationRepository(db),
     )
     transfers = InputTransfers(
         inputs, blobs, TransferSettings(max_whole_bytes=2 * MIB), MediaProbes()

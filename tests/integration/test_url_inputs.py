@@ -15,6 +15,7 @@ from service.domain.input_drafts import InputDraft, InputSettings, Outcome
 from service.domain.inputs import InputService
 from service.domain.models import MediaType, Principal
 from service.media.probe import MediaProbes
+from service.storage.annotations import PgAnnotationRepository
 from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.db import Database
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
@@ -53,6 +54,7 @@ def service(db: Database, stack: Stack, fetcher: UrlFetcher) -> InputService:
         db,
         InputSettings(),
         MediaProbes(),
+        PgAnnotationRepository(db),
         fetcher=fetcher,
     )
 

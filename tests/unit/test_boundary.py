@@ -86,14 +86,18 @@ def test_the_report_is_capped_but_says_there_is_more() -> None:
 
 
 def test_a_refused_field_is_not_walked_into() -> None:
-    # Regions on an input are refused as a whole: the NaN inside is not reported on top.
+    # Regions in an input patch are refused as a whole: the NaN inside is not reported
+    # on top.
     region = data_pb2.Region(
         region_info=data_pb2.RegionInfo(bounding_box=data_pb2.BoundingBox(top_row=math.nan))
     )
     item = input_pb2.Input(id="i", data=data_pb2.Data(regions=[region]))
-    found = violations(api.CreateInputsRequest(app_id="a", inputs=[item]))
+    found = violations(api.UpdateInputsRequest(app_id="a", inputs=[item]))
     assert list(found) == ["inputs[0].data.regions"]
     assert "CreateAnnotations" in found["inputs[0].data.regions"]
+    # CreateInputs takes them (as the input's annotation): the NaN is found by its path.
+    found = violations(api.CreateInputsRequest(app_id="a", inputs=[item]))
+    assert list(found) == ["inputs[0].data.regions[0].region_info.bounding_box.top_row"]
 
 
 json_leaves = st.one_of(

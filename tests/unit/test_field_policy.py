@@ -130,9 +130,17 @@ def test_data_fields_depend_on_where_the_data_is() -> None:
     image = _field(data_pb2.Data, "image")
     create_inputs = "datasetd.v1.CreateInputsRequest"
     create_annotations = "datasetd.v1.CreateAnnotationsRequest"
+    # CreateInputs stores an input's regions as its annotation; a patch or an upload
+    # header does not take them.
+    assert refusal(create_inputs, ("inputs", "data", "regions"), regions) is None
     assert "CreateAnnotations" in str(
-        refusal(create_inputs, ("inputs", "data", "regions"), regions)
+        refusal("datasetd.v1.UpdateInputsRequest", ("inputs", "data", "regions"), regions)
     )
+    upload_data = ("header", "input", "data", "regions")
+    assert refusal("datasetd.v1.UploadInputRequest", upload_data, regions) is not None
+    nested = ("inputs", "data", "regions", "data", "regions")
+    assert refusal(create_inputs, nested, regions) is not None
+    assert refusal(create_inputs, ("inputs", "data", "regions", "data", "image"), image)
     assert refusal(create_annotations, ("annotations", "data", "regions"), regions) is None
     assert refusal(create_inputs, ("inputs", "data", "image"), image) is None
     assert "input" in str(refusal(create_annotations, ("annotations", "data", "image"), image))

@@ -82,8 +82,9 @@ def _imported_input(path: str, message: input_pb2.Input) -> ImportedInput:
     draft = input_draft(message)
     # Embedded bytes win over a reference: an export with embedded media may keep the
     # URL it was made from. Memberships of the source deployment mean nothing here.
+    # Regions and frames become the annotations below, not the one CreateInputs makes.
     url = "" if draft.data or draft.text else draft.url
-    draft = dataclasses.replace(draft, url=url, dataset_ids=[])
+    draft = dataclasses.replace(draft, url=url, dataset_ids=[], annotation={})
     data = message.data
     # One annotation per region, as annotation tools make them, and one for all video
     # frames (a track); a version folds them back into the same `data`.

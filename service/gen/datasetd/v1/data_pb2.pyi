@@ -87,16 +87,19 @@ class Data(_message.Message):
     @_builtins.property
     def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Region]:
         """Optional in an annotation (and in a frame's data): boxes, polygons,
-        points, masks, spans. Refused in an input (INVALID_ARGUMENT: regions are
-        annotations, send them with CreateAnnotations) and in a region's data
-        (regions do not nest).
+        points, masks, spans. Optional in an input of CreateInputs, which stores
+        them as an annotation of the new input. Refused in UpdateInputs and the
+        UploadInput header (INVALID_ARGUMENT: regions are annotations, send them
+        with CreateAnnotations) and in a region's data (regions do not nest).
         """
 
     @_builtins.property
     def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___Frame]:
         """Optional in an annotation: video or audio frames, each with its own
-        regions. Refused in an input (INVALID_ARGUMENT: frames are annotations,
-        send them with CreateAnnotations) and in a region's or frame's data.
+        regions. Optional in an input of CreateInputs, as regions are. Refused in
+        UpdateInputs and the UploadInput header (INVALID_ARGUMENT: frames are
+        annotations, send them with CreateAnnotations) and in a region's or
+        frame's data.
         """
 
     @_builtins.property

@@ -47,8 +47,10 @@ class Input(_message.Message):
     @_builtins.property
     def data(self) -> _data_pb2.Data:
         """Required. The media and input-level concepts, metadata and geo point.
-        Regions, frames and embeddings are refused here (INVALID_ARGUMENT):
-        regions and frames are annotations (CreateAnnotations).
+        Regions and frames are annotations: CreateInputs stores those given here
+        as an annotation of the new input (read back with ListAnnotations);
+        UpdateInputs and the UploadInput header refuse them (INVALID_ARGUMENT:
+        send them with CreateAnnotations). Embeddings are refused everywhere.
         """
 
     @_builtins.property

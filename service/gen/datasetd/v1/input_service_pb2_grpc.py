@@ -101,7 +101,12 @@ class InputServiceServicer:
         the batch is all-or-nothing: if any input fails, nothing is stored and
         the call fails with INVALID_ARGUMENT (or ALREADY_EXISTS) naming every bad
         input. Input-level concepts are stored as the input's input-level
-        annotation (`Annotation.input_level`).
+        annotation (`Annotation.input_level`). Regions and frames in an input's
+        `data` are stored as one more annotation of that input, in the same
+        transaction, checked as CreateAnnotations checks them (against the
+        input's media): an input whose regions are invalid is INVALID with paths
+        such as `inputs[2].data.regions[0].region_info.bounding_box.top_row`, and
+        nothing of it is stored. Read them back with ListAnnotations (input_ids).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

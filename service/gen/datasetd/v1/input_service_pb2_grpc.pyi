@@ -48,7 +48,12 @@ class InputServiceStub:
     the batch is all-or-nothing: if any input fails, nothing is stored and
     the call fails with INVALID_ARGUMENT (or ALREADY_EXISTS) naming every bad
     input. Input-level concepts are stored as the input's input-level
-    annotation (`Annotation.input_level`).
+    annotation (`Annotation.input_level`). Regions and frames in an input's
+    `data` are stored as one more annotation of that input, in the same
+    transaction, checked as CreateAnnotations checks them (against the
+    input's media): an input whose regions are invalid is INVALID with paths
+    such as `inputs[2].data.regions[0].region_info.bounding_box.top_row`, and
+    nothing of it is stored. Read them back with ListAnnotations (input_ids).
     """
     UploadInput: _grpc.StreamUnaryMultiCallable[_input_service_pb2.UploadInputRequest, _input_service_pb2.UploadInputResponse]
     """Uploads one input with media of any size up to the server's cap (2 GiB by
@@ -93,7 +98,12 @@ class InputServiceAsyncStub(InputServiceStub):
     the batch is all-or-nothing: if any input fails, nothing is stored and
     the call fails with INVALID_ARGUMENT (or ALREADY_EXISTS) naming every bad
     input. Input-level concepts are stored as the input's input-level
-    annotation (`Annotation.input_level`).
+    annotation (`Annotation.input_level`). Regions and frames in an input's
+    `data` are stored as one more annotation of that input, in the same
+    transaction, checked as CreateAnnotations checks them (against the
+    input's media): an input whose regions are invalid is INVALID with paths
+    such as `inputs[2].data.regions[0].region_info.bounding_box.top_row`, and
+    nothing of it is stored. Read them back with ListAnnotations (input_ids).
     """
     UploadInput: _aio.StreamUnaryMultiCallable[_input_service_pb2.UploadInputRequest, _input_service_pb2.UploadInputResponse]  # type: ignore[assignment]
     """Uploads one input with media of any size up to the server's cap (2 GiB by
@@ -141,7 +151,12 @@ class InputServiceServicer(metaclass=_abc_1.ABCMeta):
         the batch is all-or-nothing: if any input fails, nothing is stored and
         the call fails with INVALID_ARGUMENT (or ALREADY_EXISTS) naming every bad
         input. Input-level concepts are stored as the input's input-level
-        annotation (`Annotation.input_level`).
+        annotation (`Annotation.input_level`). Regions and frames in an input's
+        `data` are stored as one more annotation of that input, in the same
+        transaction, checked as CreateAnnotations checks them (against the
+        input's media): an input whose regions are invalid is INVALID with paths
+        such as `inputs[2].data.regions[0].region_info.bounding_box.top_row`, and
+        nothing of it is stored. Read them back with ListAnnotations (input_ids).
         """
 
     @_abc_1.abstractmethod
