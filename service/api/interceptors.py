@@ -110,10 +110,6 @@ class _Call:
 
     async def fail(self, context: Context, exc: Exception) -> None:
         request_id = REQUEST_ID.get()
-        while isinstance(exc, ExceptionGroup) and exc.split(DomainError)[1] is None:
-            # Concurrent work (a task group) that failed only with domain errors: the caller
-            # gets the first one's status, not INTERNAL.
-            exc = exc.exceptions[0]
         if isinstance(exc, DomainError):
             self.outcome = exc.kind.value
             status = to_rpc_status(exc, request_id)

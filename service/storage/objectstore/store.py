@@ -9,7 +9,7 @@ import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import BinaryIO, TypeVar, cast
+from typing import BinaryIO, ParamSpec, TypeVar, cast
 
 import urllib3
 from minio import Minio
@@ -20,6 +20,7 @@ from service.domain.errors import Unavailable
 from service.storage.objectstore.writer import ObjectWriter, Readable
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 # S3 error codes that say the store, not the request, is at fault.
@@ -46,10 +47,12 @@ def object_store_unavailable(exc: Exception) -> Unavailable:
     )
 
 
-def _translated(fn: Callable[[], T]) -> Callable[[], T]:
-    def call() -> T:
+def _translated(fn: Callable[P, T]) -> Callable[P, T]:
+    """`fn`, raising Unavailable where minio failed to reach the store."""
+
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return fn()
+            return fn(*args, **kwargs)
         except Exception as exc:
             if _store_unreachable(exc):
                 raise object_store_unavailable(exc) from exc
@@ -191,7 +194,7 @@ class ObjectStore:
             )
 
         return ObjectWriter(
-            key, part_size, upload=_translated_upload(upload), remove=lambda: self.delete(key)
+            key, part_size, upload=_translated(upload), remove=lambda: self.delete(key)
         )
 
     async def stream(self, key: str, chunk_size: int) -> AsyncGenerator[bytes, None]:
@@ -284,10 +287,3 @@ class ObjectStore:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
-
-
-def _translated_upload(upload: Callable[[Readable], None]) -> Callable[[Readable], None]:
-    def run(stream: Readable) -> None:
-        _translated(lambda: upload(stream))()
-
-    return run
