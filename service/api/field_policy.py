@@ -170,12 +170,8 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
 }
 
 _MEDIA: Final = ("image", "video", "audio", "text")
-_REGIONS_ARE_ANNOTATIONS = (
-    "regions are annotations: send them with the new input in CreateInputs, or with "
-    "CreateAnnotations (input_id = this input)"
-)
-_FRAMES_ARE_ANNOTATIONS = (
-    "frames are annotations: send them with the new input in CreateInputs, or with "
+_ARE_ANNOTATIONS = (
+    "{name} are annotations: send them with the new input in CreateInputs, or with "
     "CreateAnnotations (input_id = this input)"
 )
 _EMBEDDINGS = (
@@ -210,11 +206,7 @@ def _refused_data_field(request_type: str, data_path: tuple[str, ...], name: str
     if takes_annotations is not None:
         if takes_annotations:
             return None
-        if name == "regions":
-            return _REGIONS_ARE_ANNOTATIONS
-        if name == "frames":
-            return _FRAMES_ARE_ANNOTATIONS
-        return None
+        return _ARE_ANNOTATIONS.format(name=name) if name in ("regions", "frames") else None
     # Annotation data (top level, or nested in a region or frame).
     if name in _MEDIA:
         return _MEDIA_OF_INPUT
