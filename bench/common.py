@@ -95,6 +95,7 @@ class ServerProcess:
         self.env = {
             **os.environ,
             "DATASETD_LISTEN": self.address,
+            "DATASETD_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
             "DATASETD_DATA_DIR": str(work_dir / "server-data"),
             "DATASETD_DATABASE_URL": stack.dsn,
             "DATASETD_S3_ENDPOINT": stack.s3_endpoint,

@@ -66,8 +66,12 @@ class _Env:
 @dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:50051"
+    # The HTTP port (metrics today); "off" starts none.
+    http_listen: str = "127.0.0.1:8080"
     data_dir: Path = Path(".data")
     database_url: str = ""
+    # A streaming replica for read-only RPCs; empty sends every query to database_url.
+    database_read_url: str = ""
     s3_endpoint: str = ""
     s3_access_key: str = ""
     s3_secret_key: str = ""
@@ -102,8 +106,10 @@ class Config:
         get = _Env(os.environ if env is None else env)
         config = cls(
             listen=get.text("LISTEN", cls.listen),
+            http_listen=get.text("HTTP_LISTEN", cls.http_listen),
             data_dir=Path(get.text("DATA_DIR", str(cls.data_dir))),
             database_url=get.text("DATABASE_URL"),
+            database_read_url=get.text("DATABASE_READ_URL"),
             s3_endpoint=get.text("S3_ENDPOINT"),
             s3_access_key=get.text("S3_ACCESS_KEY"),
             s3_secret_key=get.text("S3_SECRET_KEY"),
@@ -137,6 +143,11 @@ class Config:
         return config
 
     def validate(self) -> None:
+        if self.database_read_url and not self.database_url:
+            raise ConfigError(
+                "DATASETD_DATABASE_READ_URL is set: DATASETD_DATABASE_URL (the primary) is "
+                "required too"
+            )
         if self.s3_endpoint and not (self.s3_access_key and self.s3_secret_key):
             raise ConfigError(
                 "DATASETD_S3_ENDPOINT is set: DATASETD_S3_ACCESS_KEY and DATASETD_S3_SECRET_KEY "

@@ -71,6 +71,7 @@ def object_store(stack: Stack) -> ObjectStore:
 async def server(stack: Stack) -> AsyncIterator[Running]:
     config = Config(
         listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
         data_dir=stack.data_dir,
         database_url=stack.dsn,
         s3_endpoint=stack.s3.endpoint,

@@ -33,6 +33,8 @@ class ServerProcess:
     process: asyncio.subprocess.Process
     address: str
     banner: str
+    # The HTTP port (metrics): a free one unless the caller's env names one.
+    http_address: str = ""
 
     @property
     def pid(self) -> int:
@@ -73,7 +75,13 @@ async def run_server(
     `stderr` (nowhere by default); `log_tail`, if given, tells the server's side of a start
     that failed."""
     port = free_port()
-    env = {**env, "DATASETD_LISTEN": f"127.0.0.1:{port}", "PYTHONUNBUFFERED": "1"}
+    http = env.get("DATASETD_HTTP_LISTEN") or f"127.0.0.1:{free_port()}"
+    env = {
+        **env,
+        "DATASETD_LISTEN": f"127.0.0.1:{port}",
+        "DATASETD_HTTP_LISTEN": http,
+        "PYTHONUNBUFFERED": "1",
+    }
     process = await start_serve(env, stderr=stderr)
     assert process.stdout is not None
     lines: list[str] = []
@@ -89,7 +97,7 @@ async def run_server(
 
     try:
         await asyncio.wait_for(read_banner(), START_TIMEOUT)
-        yield ServerProcess(process, f"127.0.0.1:{port}", "".join(lines))
+        yield ServerProcess(process, f"127.0.0.1:{port}", "".join(lines), http)
     finally:
         if process.returncode is None:
             process.kill()

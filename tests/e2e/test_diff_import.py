@@ -833,6 +833,7 @@ async def capped(stack: Stack) -> AsyncIterator[Running]:
     most 4 MiB uncompressed."""
     config = Config(
         listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
         data_dir=stack.data_dir,
         database_url=stack.dsn,
         s3_endpoint=stack.s3.endpoint,

@@ -482,6 +482,7 @@ async def capped(stack: Stack) -> AsyncIterator[Running]:
     than one part, so an upload over the cap has a multipart upload to abort."""
     config = Config(
         listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
         data_dir=stack.data_dir,
         database_url=stack.dsn,
         s3_endpoint=stack.s3.endpoint,
