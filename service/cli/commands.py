@@ -51,6 +51,53 @@ def serve(args: argparse.Namespace, output: Output) -> int:
     return 0
 
 
+def migrate(args: argparse.Namespace, output: Output) -> int:
+    config = _config(output)
+    if config is None:
+        return 2
+    if not config.database_url:
+        # Without it open_database would start an embedded server: nothing to migrate there
+        # that `serve` would not migrate itself.
+        output.errors.print(
+            "error: set DATASETD_DATABASE_URL to the database to migrate",
+            highlight=False,
+            markup=False,
+        )
+        return 2
+    import asyncpg
+
+    try:
+        applied = asyncio.run(_migrate(config))
+    except asyncpg.PostgresError as error:
+        # Refused by the server (credentials, permissions, a failing migration): one line for
+        # the Job's log; the failed migration's transaction was rolled back.
+        output.errors.print(f"error: migration failed: {error}", highlight=False, markup=False)
+        return 1
+    names = [f"{version:04d}_{name}" for version, name in applied]
+    output.outcome(
+        {"applied": names},
+        "applied migrations: " + ", ".join(names)
+        if names
+        else "no migrations to apply: the schema is up to date",
+    )
+    return 0
+
+
+async def _migrate(config: Config) -> list[tuple[int, str]]:
+    """The migrations this run applied, as (version, name)."""
+    from service.app import open_database
+    from service.storage.db import migrate as apply_migrations
+
+    async with open_database(config) as db, db.connection() as conn:
+        versions = await apply_migrations(conn)
+        rows = await conn.fetch(
+            "SELECT version, name FROM schema_migrations WHERE version = ANY($1::int[])"
+            " ORDER BY version",
+            versions,
+        )
+    return [(row["version"], row["name"]) for row in rows]
+
+
 def _config(output: Output) -> Config | None:
     try:
         return Config.from_env()

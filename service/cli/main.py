@@ -185,6 +185,12 @@ def _server_commands(tree: _Tree) -> None:
     tree.command(
         tree.top, "serve", c.serve, "run the gRPC server (settings from DATASETD_* variables)"
     )
+    tree.command(
+        tree.top,
+        "migrate",
+        c.migrate,
+        "apply pending database migrations to DATASETD_DATABASE_URL and exit",
+    )
 
     keys = tree.section("keys", "manage API keys directly in the database (no server needed)")
     sub = tree.command(
