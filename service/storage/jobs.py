@@ -27,54 +27,99 @@ STATUS = "SELECT status FROM jobs WHERE id = $1"
 # queueing behind one another; the row lock held until the UPDATE commits makes
 # the claim exclusive. A running job whose lease expired belongs to a runner that
 # died (or lost its database for a whole lease) and is taken over.
+# The same statement records the run in job_runs (and marks the run it took the job
+# over from as expired): no extra round trip.
 CLAIM = """
-UPDATE jobs
-SET status = 'running', locked_by = $2, locked_until = now() + $3::interval,
-    attempts = attempts + 1, updated_at = now()
-WHERE id = (
-    SELECT id FROM jobs
-    WHERE kind = ANY($1::text[])
-      AND (status = 'pending'
-           OR (status = 'running' AND (locked_until IS NULL OR locked_until < now())))
-    ORDER BY id
-    FOR UPDATE SKIP LOCKED
-    LIMIT 1)
-RETURNING id, kind, app_id, payload, attempts
+WITH claimed AS (
+    UPDATE jobs
+    SET status = 'running', locked_by = $2, locked_until = now() + $3::interval,
+        attempts = attempts + 1, updated_at = now(),
+        run_id = nextval('job_runs_id_seq'::regclass)
+    FROM (
+        SELECT id, run_id FROM jobs
+        WHERE kind = ANY($1::text[])
+          AND (status = 'pending'
+               OR (status = 'running' AND (locked_until IS NULL OR locked_until < now())))
+        ORDER BY id
+        FOR UPDATE SKIP LOCKED
+        LIMIT 1) AS previous
+    WHERE jobs.id = previous.id
+    RETURNING jobs.id, jobs.kind, jobs.app_id, jobs.payload, jobs.attempts, jobs.run_id,
+              jobs.locked_until, previous.run_id AS previous_run
+),
+expired AS (
+    UPDATE job_runs SET outcome = 'expired'
+    FROM claimed
+    WHERE job_runs.id = claimed.previous_run AND job_runs.outcome IS NULL
+),
+started AS (
+    INSERT INTO job_runs
+        (id, job_id, kind, worker_id, attempt, started_at, heartbeat_at, lease_until)
+    SELECT run_id, id, kind, $2, attempts, now(), now(), locked_until FROM claimed
+)
+SELECT id, kind, app_id, payload, attempts FROM claimed
 """
 
 # The lease-holder statements match on locked_by alone and report the status, so
 # one round trip tells the holder both "still yours" and "cancelled meanwhile".
 # cancel() keeps locked_by, which is how the runner that held the job learns of it.
 HEARTBEAT = """
-UPDATE jobs
-SET locked_until = CASE WHEN status = 'running' THEN now() + $3::interval ELSE locked_until END,
-    progress = CASE WHEN status = 'running' THEN coalesce($4, progress) ELSE progress END,
-    updated_at = now()
-WHERE id = $1 AND locked_by = $2
-RETURNING status
+WITH job AS (
+    UPDATE jobs
+    SET locked_until = CASE WHEN status = 'running' THEN now() + $3::interval
+                            ELSE locked_until END,
+        progress = CASE WHEN status = 'running' THEN coalesce($4, progress) ELSE progress END,
+        updated_at = now()
+    WHERE id = $1 AND locked_by = $2
+    RETURNING status, run_id, locked_until
+),
+run AS (
+    UPDATE job_runs SET heartbeat_at = now(),
+        lease_until = coalesce(job.locked_until, job_runs.lease_until)
+    FROM job
+    WHERE job_runs.id = job.run_id AND job_runs.outcome IS NULL
+)
+SELECT status FROM job
 """
 
 FINISH = """
-UPDATE jobs
-SET status = CASE WHEN status = 'running' THEN $3 ELSE status END,
-    error = CASE WHEN status = 'running' THEN $4 ELSE error END,
-    progress = CASE WHEN status = 'running' AND $3 = 'succeeded' THEN 100 ELSE progress END,
-    locked_until = NULL, updated_at = now()
-WHERE id = $1 AND locked_by = $2
-RETURNING status
+WITH job AS (
+    UPDATE jobs
+    SET status = CASE WHEN status = 'running' THEN $3 ELSE status END,
+        error = CASE WHEN status = 'running' THEN $4 ELSE error END,
+        progress = CASE WHEN status = 'running' AND $3 = 'succeeded' THEN 100 ELSE progress END,
+        locked_until = NULL, updated_at = now()
+    WHERE id = $1 AND locked_by = $2
+    RETURNING status, run_id
+),
+run AS (
+    UPDATE job_runs SET finished_at = now(), outcome = job.status
+    FROM job
+    WHERE job_runs.id = job.run_id AND job_runs.outcome IS NULL
+)
+SELECT status FROM job
 """
 
 # Back to pending with no holder: any runner may retry it. `counted` false gives
 # back the attempt of a run interrupted by a shutdown rather than by the job.
 RELEASE = """
-UPDATE jobs
-SET status = CASE WHEN status = 'running' THEN 'pending' ELSE status END,
-    attempts = CASE WHEN status = 'running' AND NOT $3 THEN greatest(attempts - 1, 0)
-                    ELSE attempts END,
-    locked_by = CASE WHEN status = 'running' THEN NULL ELSE locked_by END,
-    locked_until = NULL, updated_at = now()
-WHERE id = $1 AND locked_by = $2
-RETURNING status
+WITH job AS (
+    UPDATE jobs
+    SET status = CASE WHEN status = 'running' THEN 'pending' ELSE status END,
+        attempts = CASE WHEN status = 'running' AND NOT $3 THEN greatest(attempts - 1, 0)
+                        ELSE attempts END,
+        locked_by = CASE WHEN status = 'running' THEN NULL ELSE locked_by END,
+        locked_until = NULL, updated_at = now()
+    WHERE id = $1 AND locked_by = $2
+    RETURNING status, run_id
+),
+run AS (
+    UPDATE job_runs SET finished_at = now(),
+        outcome = CASE WHEN job.status = 'pending' THEN 'released' ELSE job.status END
+    FROM job
+    WHERE job_runs.id = job.run_id AND job_runs.outcome IS NULL
+)
+SELECT status FROM job
 """
 
 
