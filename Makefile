@@ -7,7 +7,7 @@ PY := $(BIN)/python
 PROTOS := $(wildcard protos/datasetd/v1/*.proto)
 GEN_DIR := service/gen
 
-.PHONY: run test test-slow lint proto proto-check bench clean setup
+.PHONY: run test test-slow lint proto proto-check bench bench-scale clean setup prometheus
 
 setup: $(VENV)/.installed
 
@@ -30,17 +30,22 @@ run: $(VENV)/.installed
 	$(PY) -m service.tools.gen_protos --check $(GEN_DIR) || $(PY) -m service.tools.gen_protos $(GEN_DIR)
 	$(PY) -m service serve
 
+## prometheus: the Debian prometheus binary the metrics test scrapes datasetd with
+prometheus:
+	command -v prometheus >/dev/null || apt-get install -y --no-install-recommends prometheus || (apt-get update && apt-get install -y --no-install-recommends prometheus)
+
 ## test: the whole suite against real PostgreSQL and a real S3 server
-test: $(VENV)/.installed proto-check
+test: $(VENV)/.installed proto-check prometheus
 	$(PY) -m pytest -q
 
 ## test-slow: soak and crash tests excluded from `make test`
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.installed prometheus
 	$(PY) -m pytest -q -m slow
 
 ## lint: the layers' import rules, ruff (lint + format check) and mypy --strict
 lint: $(VENV)/.installed
 	$(PY) -m service.tools.import_rules
+	$(PY) -m service.tools.validate_manifests
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
 	$(BIN)/mypy service tests bench
@@ -53,6 +58,11 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.bench_cli_upload
 	$(PY) -m bench.bench_faults
 	$(PY) -m bench.bench_boundary
+	$(PY) -m bench.bench_replicas
+
+## bench-scale: sizes and throughput at 1M inputs for deploy/SCALING.md (15-40 minutes)
+bench-scale: $(VENV)/.installed
+	$(PY) -m bench.bench_scale
 
 clean:
 	rm -rf $(VENV) .data build *.egg-info

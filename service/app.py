@@ -16,12 +16,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from service.api.http import HttpServer, build_application
 from service.api.server import SERVICE_NAMES, build_server
 from service.config import Config
 from service.devstack import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
 from service.domain.auth import ensure_bootstrap_key
+from service.domain.jobs import JobKind
 from service.domain.maintenance import Maintenance
 from service.jobs import JobRunner
+from service.observability import metrics, tracing
+from service.observability.metrics import InstanceMetrics, QueuedJobs
 from service.storage.db import Database, migrate
 from service.storage.objectstore import ObjectStore
 from service.wiring import Api, Domain, Storage, job_runner
@@ -37,6 +41,13 @@ HEALTH_INTERVAL_SECONDS = 5.0
 HEALTH_RETRY_SECONDS = 1.0
 # How long a step of the shutdown may take beyond the grace period of in-flight calls.
 STOP_STEP_SECONDS = 15.0
+# How often the job queue gauges are sampled (one aggregate query over pending jobs).
+JOB_SAMPLE_SECONDS = 5.0
+_QUEUED_JOBS = """
+SELECT kind, count(*) AS queued,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest
+FROM jobs WHERE status = 'pending' GROUP BY kind
+"""
 
 
 @dataclass
@@ -95,6 +106,13 @@ async def open_resources(config: Config) -> Resources:
             _database_url(config, embedded), _object_store(config, embedded)
         )
         db = await Database.connect(dsn, max_size=config.db_pool_size)
+        if config.database_read_url:
+            # Closed with db.
+            await db.attach_replica(
+                config.database_read_url,
+                max_lag=config.read_max_lag.total_seconds(),
+                max_size=config.db_pool_size,
+            )
     except BaseException:
         await _stop_embedded(embedded)
         raise
@@ -132,6 +150,10 @@ class Running:
     tasks: list[asyncio.Task[Any]]
     config: Config
     runner: JobRunner | None = None
+    # The HTTP port (metrics, health); 0 and None with DATASETD_HTTP_LISTEN=off.
+    http_port: int = 0
+    http: HttpServer | None = None
+    metrics: InstanceMetrics | None = None
 
     async def stop(self) -> None:
         await self.health_servicer.enter_graceful_shutdown()
@@ -139,6 +161,9 @@ class Running:
         grace = self.config.shutdown_grace.total_seconds()
         stopped = asyncio.ensure_future(self.server.stop(grace))
         await _finish("the gRPC server", [stopped], grace + STOP_STEP_SECONDS)
+        if self.http is not None:
+            http_stopped = asyncio.ensure_future(self.http.stop())
+            await _finish("the HTTP server", [http_stopped], STOP_STEP_SECONDS)
         for task in self.tasks:
             task.cancel()
         await _finish("the background tasks", self.tasks, STOP_STEP_SECONDS)
@@ -194,7 +219,16 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         port = server.add_insecure_port(config.listen)
         if port == 0:
             raise RuntimeError(f"cannot listen on {config.listen}")
+        instance = InstanceMetrics(kind.value for kind in JobKind)
+        instance.watch_pool("primary", db.pool)
+        if db.replica is not None:
+            instance.watch_pool("read", db.replica.pool)
         await server.start()
+        try:
+            http = await _start_http(config, instance, health_servicer)
+        except BaseException:
+            await server.stop(None)
+            raise
     except BaseException:
         await resources.close()
         raise
@@ -205,10 +239,53 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             name="maintenance",
         ),
         asyncio.create_task(runner.run_forever(), name="jobs"),
+        asyncio.create_task(_sample_jobs(db, instance, JOB_SAMPLE_SECONDS), name="job-metrics"),
     ]
     return Running(
-        server, port, resources, bootstrap_secret, health_servicer, tasks, config, runner
+        server,
+        port,
+        resources,
+        bootstrap_secret,
+        health_servicer,
+        tasks,
+        config,
+        runner,
+        http_port=http.port if http is not None else 0,
+        http=http,
+        metrics=instance,
     )
+
+
+async def _start_http(
+    config: Config, instance: InstanceMetrics, servicer: health.aio.HealthServicer
+) -> HttpServer | None:
+    """The HTTP port: /metrics and /healthz (None when DATASETD_HTTP_LISTEN is off)."""
+    if config.http_listen == "off":
+        return None
+
+    async def serving() -> bool:
+        # The overall status ("") is always set, so Check never needs the context it
+        # would abort an unknown service name on.
+        response = await servicer.Check(health_pb2.HealthCheckRequest(service=""), None)
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+    app = build_application(lambda: metrics.exposition(instance), serving)
+    return await HttpServer.start(app, config.http_listen)
+
+
+async def _sample_jobs(db: Database, instance: InstanceMetrics, interval: float) -> None:
+    """Samples the job queue for its gauges. On a connection of its own, outside any span:
+    a background query every few seconds is not worth a trace."""
+    while True:
+        try:
+            async with db.acquire() as conn:
+                rows = await conn.fetch(_QUEUED_JOBS)
+            instance.set_job_queue(
+                {row["kind"]: QueuedJobs(row["queued"], row["oldest"]) for row in rows}
+            )
+        except Exception as exc:
+            log.debug("job queue sample failed: %s", exc)
+        await asyncio.sleep(interval)
 
 
 async def _bootstrap_key(config: Config, store: Storage) -> str | None:
@@ -277,6 +354,9 @@ def banner(config: Config, running: Running) -> str:
     address = f"{host}:{running.port}"
     key = running.bootstrap_secret
     lines = [f"datasetd is serving on {address} (app {config.bootstrap_app!r})"]
+    if running.http is not None:
+        http_host = config.http_listen.rsplit(":", 1)[0] or "0.0.0.0"
+        lines.append(f"metrics on http://{http_host}:{running.http_port}/metrics")
     if key:
         lines.append(f"bootstrap API key for app {config.bootstrap_app!r}: {key}")
         if not config.bootstrap_key:
@@ -298,6 +378,8 @@ def banner(config: Config, running: Running) -> str:
 
 
 async def serve(config: Config) -> None:
+    # Process-wide (tests start servers in-process and configure tracing themselves).
+    tracing.configure_from_env()
     running = await start(config)
     print(banner(config, running), flush=True)
     stop = asyncio.Event()
@@ -307,4 +389,6 @@ async def serve(config: Config) -> None:
     await stop.wait()
     print("shutting down: finishing in-flight calls", file=sys.stderr, flush=True)
     await running.stop()
+    # Flushes the spans still batched.
+    await asyncio.to_thread(tracing.shutdown)
     print("datasetd stopped", file=sys.stderr, flush=True)

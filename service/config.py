@@ -11,6 +11,8 @@ from pathlib import Path
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+# host:port, IPv6 hosts in brackets; the host may be empty (all interfaces).
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):(\d{1,5})$")
 MAX_S3_OBJECT_BYTES = 5 * 1024**4
 
 
@@ -72,6 +74,8 @@ class Config:
     database_url: str = ""
     # A streaming replica for read-only RPCs; empty sends every query to database_url.
     database_read_url: str = ""
+    # A replica further behind the primary than this is not read from.
+    read_max_lag: timedelta = timedelta(seconds=30)
     s3_endpoint: str = ""
     s3_access_key: str = ""
     s3_secret_key: str = ""
@@ -110,6 +114,7 @@ class Config:
             data_dir=Path(get.text("DATA_DIR", str(cls.data_dir))),
             database_url=get.text("DATABASE_URL"),
             database_read_url=get.text("DATABASE_READ_URL"),
+            read_max_lag=get.duration("READ_MAX_LAG", "30s"),
             s3_endpoint=get.text("S3_ENDPOINT"),
             s3_access_key=get.text("S3_ACCESS_KEY"),
             s3_secret_key=get.text("S3_SECRET_KEY"),
@@ -148,6 +153,14 @@ class Config:
                 "DATASETD_DATABASE_READ_URL is set: DATASETD_DATABASE_URL (the primary) is "
                 "required too"
             )
+        listen = _HOST_PORT.match(self.http_listen)
+        if self.http_listen != "off" and (listen is None or int(listen.group(2)) > 65535):
+            raise ConfigError(
+                f"DATASETD_HTTP_LISTEN={self.http_listen!r}: expected host:port (port 0 picks a "
+                "free one) or off"
+            )
+        if self.read_max_lag <= timedelta(0):
+            raise ConfigError("DATASETD_READ_MAX_LAG must be positive (such as 30s)")
         if self.s3_endpoint and not (self.s3_access_key and self.s3_secret_key):
             raise ConfigError(
                 "DATASETD_S3_ENDPOINT is set: DATASETD_S3_ACCESS_KEY and DATASETD_S3_SECRET_KEY "

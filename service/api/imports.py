@@ -16,6 +16,7 @@ from service.api.streams import chunks, header_message
 from service.domain.idempotency import Idempotency
 from service.domain.imported import ImportFormat, ImportRequest
 from service.domain.imports import ImportService
+from service.observability import metrics
 
 _FORMATS = {
     api.IMPORT_FORMAT_CLARIFAI_DATA_PROTOBUF: ImportFormat.CLARIFAI_DATA_PROTOBUF,
@@ -56,6 +57,8 @@ class ImportRpcs:
 
             async def write() -> bytes:
                 result = await self.imports.write(principal, request, checked)
+                # Not on a replay: write() runs once per request id.
+                metrics.ingested(result.inputs_created, archive.size)
                 return api.ImportDatasetResponse(
                     inputs_created=result.inputs_created,
                     annotations_created=result.annotations_created,

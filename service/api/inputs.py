@@ -18,11 +18,12 @@ from service.api.rpc import Context, download, mutation, patch_request
 from service.api.streams import chunks, header_message
 from service.domain.errors import Violations
 from service.domain.idempotency import Idempotency
-from service.domain.input_drafts import InputOutcome
+from service.domain.input_drafts import InputOutcome, Outcome
 from service.domain.inputs import PATCHABLE_FIELDS, InputService
 from service.domain.models import Principal
 from service.domain.patch import UpdateMask
 from service.domain.transfers import InputTransfers, UploadHeader
+from service.observability import metrics
 from service.wire.inputs import input_draft, input_filter_query, input_to_proto
 from service.wire.struct import struct_to_dict
 
@@ -37,6 +38,11 @@ def _result(outcome: InputOutcome) -> input_service_pb2.InputResult:
     if outcome.view is not None:
         result.input.CopyFrom(input_to_proto(outcome.view))
     return result
+
+
+def _count_ingest(outcomes: list[InputOutcome]) -> None:
+    created = [o.view.input for o in outcomes if o.outcome is Outcome.CREATED and o.view]
+    metrics.ingested(len(created), sum(i.blob.size for i in created if i.blob is not None))
 
 
 def _patches(
@@ -80,6 +86,7 @@ class InputRpcs:
         )
         response = input_service_pb2.CreateInputsResponse(results=[_result(o) for o in outcomes])
         count_outcomes(response, outcomes)
+        _count_ingest(outcomes)
         return response
 
     async def GetInput(
@@ -173,6 +180,7 @@ class InputRpcs:
 
         async def create() -> input_service_pb2.UploadInputResponse:
             view = await self.transfers.create(principal, header, media)
+            metrics.ingested(1, media.blob.size)
             return input_service_pb2.UploadInputResponse(input=input_to_proto(view))
 
         return await run_once(

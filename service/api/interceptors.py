@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
@@ -17,10 +18,12 @@ from google.protobuf.message import DecodeError, Message
 
 from service.api.boundary import check_request
 from service.api.errors import internal_status, to_rpc_status
+from service.api.read_routing import LSN_HEADER, MIN_LSN_HEADER, route_call
 from service.domain.auth import Authenticator, parse_authorization
 from service.domain.errors import DomainError, ErrorKind, InvalidArgument
 from service.domain.models import Principal
-from service.observability import REQUEST_ID
+from service.observability import REQUEST_ID, metrics, tracing
+from service.storage.replica import CallRoute, format_lsn
 
 log = logging.getLogger("datasetd.access")
 
@@ -94,8 +97,15 @@ class _Call:
         self.method = method
         self._authorization = [str(v) for k, v in metadata if k == "authorization"]
         self._client_request_id = next((str(v) for k, v in metadata if k == _REQUEST_ID_HEADER), "")
+        self._min_lsn = next((str(v) for k, v in metadata if k == MIN_LSN_HEADER), "")
+        self._route: CallRoute | None = None
         self._started = time.perf_counter()
         self.outcome = "OK"
+        # What the caller receives, for the metrics and the span.
+        self.code = grpc.StatusCode.OK
+        self._series = metrics.rpc_series(method)
+        self._span: tuple[Any, object] | None = None
+        self._metadata = metadata
 
     async def begin(self, context: Context) -> None:
         request_id = (
@@ -104,9 +114,22 @@ class _Call:
             else uuid.uuid4().hex
         )
         REQUEST_ID.set(request_id)
+        if tracing.ENABLED:
+            self._span = tracing.start_rpc(self.method, request_id, self._metadata)
         context.set_trailing_metadata(((_REQUEST_ID_HEADER, request_id),))
         secret = parse_authorization(self._authorization)
         PRINCIPAL.set(await self._authenticator.authenticate(secret))
+        # After authentication, which always reads the primary.
+        self._route = route_call(self.method, current_principal(), self._min_lsn)
+
+    async def settle(self, context: Context) -> None:
+        """After a call that may have written: its WAL position, so that the caller's
+        next reads wait for a replica that has it (read-your-writes)."""
+        lsn = None if self._route is None else await self._route.settle()
+        if lsn is not None:
+            context.set_trailing_metadata(
+                ((_REQUEST_ID_HEADER, REQUEST_ID.get()), (LSN_HEADER, format_lsn(lsn)))
+            )
 
     async def fail(self, context: Context, exc: Exception) -> None:
         request_id = REQUEST_ID.get()
@@ -132,17 +155,25 @@ class _Call:
                 extra={"request_id": request_id},
             )
             status = internal_status(request_id)
+        self.code = status.code
         trailing = (*status.trailing_metadata, (_REQUEST_ID_HEADER, request_id))
         await context.abort(status.code, status.details, trailing)
 
     @contextlib.asynccontextmanager
     async def running(self, context: Context) -> AsyncIterator[None]:
         """Begins the call, turns its failure into a status and logs it when it ends."""
+        metrics.RPC_IN_FLIGHT.inc()
         try:
             await self.begin(context)
             yield
+            await self.settle(context)
         except grpc.aio.AbortError:
             self.outcome = "ABORTED_BY_HANDLER"
+            self.code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except asyncio.CancelledError:
+            # The caller cancelled or its deadline passed.
+            self.code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             await self.fail(context, exc)
@@ -150,7 +181,12 @@ class _Call:
             self.done()
 
     def done(self) -> None:
-        elapsed_ms = (time.perf_counter() - self._started) * 1000
+        elapsed = time.perf_counter() - self._started
+        metrics.RPC_IN_FLIGHT.dec()
+        self._series.finished(self.code.name, elapsed)
+        if self._span is not None:
+            tracing.end_rpc(*self._span, self.code.name, self.code.value[0])
+        elapsed_ms = elapsed * 1000
         log.info(
             "%s %s %.1fms",
             self.method,

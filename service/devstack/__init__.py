@@ -7,12 +7,14 @@ Everything here is synchronous; async callers wrap it in `asyncio.to_thread`.
 
 from service.devstack.postgres import DEFAULT_POSTGRES_SETTINGS, EmbeddedPostgres
 from service.devstack.process import EmbeddedServerError
+from service.devstack.replica import EmbeddedReplica
 from service.devstack.seaweedfs import EmbeddedS3, S3Endpoint
 from service.devstack.stack import EmbeddedStack
 
 __all__ = [
     "DEFAULT_POSTGRES_SETTINGS",
     "EmbeddedPostgres",
+    "EmbeddedReplica",
     "EmbeddedS3",
     "EmbeddedServerError",
     "EmbeddedStack",

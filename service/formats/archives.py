@@ -8,13 +8,14 @@ from datetime import datetime
 from typing import BinaryIO
 
 from service.domain.imported import ArchiveLimits, ImportedInput, ImportFormat
-from service.domain.models import ExportFormat, ExportOptions
+from service.domain.models import ExportFormat, ExportOptions, FidelityReport, VersionMember
 from service.domain.ports import ArchiveWriter, ByteSink, MediaStreams
 from service.formats.clarifai.reader import protobuf_batches
 from service.formats.clarifai.writer import ClarifaiDataWriter
 from service.formats.coco.reader import coco_batches
 from service.formats.coco.writer import CocoWriter
 from service.formats.safezip import SafeZip
+from service.observability import metrics
 
 _READERS: dict[ImportFormat, Callable[[SafeZip], Iterator[list[ImportedInput]]]] = {
     ImportFormat.CLARIFAI_DATA_PROTOBUF: protobuf_batches,
@@ -35,11 +36,56 @@ class Archives:
         sink: ByteSink,
         modified: datetime,
     ) -> ArchiveWriter:
+        counted = _CountingSink(sink)
+        writer: ArchiveWriter
         if export_format is ExportFormat.COCO:
-            return CocoWriter(
-                options.embed_media, splits, sink, modified, self._streams, "datasetd export"
+            writer = CocoWriter(
+                options.embed_media, splits, counted, modified, self._streams, "datasetd export"
             )
-        return ClarifaiDataWriter(export_format, options.embed_media, sink, modified, self._streams)
+        else:
+            writer = ClarifaiDataWriter(
+                export_format, options.embed_media, counted, modified, self._streams
+            )
+        return _CountedWriter(writer, counted)
+
+
+class _CountingSink:
+    def __init__(self, sink: ByteSink) -> None:
+        self._sink = sink
+        self.size = 0
+
+    async def write(self, chunk: bytes) -> None:
+        await self._sink.write(chunk)
+        self.size += len(chunk)
+
+
+class _CountedWriter:
+    """Adds an archive's members and bytes to the export metrics once the archive is
+    complete: a run that fails before its end counts nothing."""
+
+    def __init__(self, writer: ArchiveWriter, sink: _CountingSink) -> None:
+        self._writer = writer
+        self._sink = sink
+        self._members = 0
+
+    @property
+    def needs_census(self) -> bool:
+        return self._writer.needs_census
+
+    async def observe(self, members: list[VersionMember]) -> list[frozenset[str]]:
+        return await self._writer.observe(members)
+
+    async def labels(self, members: list[VersionMember]) -> list[frozenset[str]]:
+        return await self._writer.labels(members)
+
+    async def write(self, split: str, members: list[VersionMember]) -> None:
+        await self._writer.write(split, members)
+        self._members += len(members)
+
+    async def finish(self) -> FidelityReport:
+        report = await self._writer.finish()
+        metrics.exported(self._members, self._sink.size)
+        return report
 
 
 class ZipArchiveReader:

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from service.domain.errors import Unavailable
 from service.domain.jobs import Job, JobCancelled, JobFailed, JobHandler, JobKind, JobStatus
+from service.observability import metrics, tracing
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,8 @@ class JobRunner:
         self._concurrency = concurrency
         self._max_attempts = max_attempts
         self._outages: dict[int, int] = {}
+        # How each run settled, for the duration metric (see run_once).
+        self._settled: dict[int, str] = {}
         self._wake = asyncio.Event()
 
     def notify(self) -> None:
@@ -187,7 +190,15 @@ class JobRunner:
         job = await self._queue.claim(list(self._handlers), self.worker_id, self._lease)
         if job is None:
             return False
-        await self._run(job)
+        started = time.monotonic()
+        try:
+            with tracing.job_span(job.kind.value, job.id, job.attempts):
+                await self._run(job)
+        finally:
+            # Unsettled: the lease was lost, an outage or the shutdown handed the job back,
+            # or its outcome could not be recorded.
+            outcome = self._settled.pop(job.id, "abandoned")
+            metrics.job_finished(job.kind.value, outcome, time.monotonic() - started)
         return True
 
     async def _run(self, job: Job) -> None:
@@ -307,4 +318,5 @@ class JobRunner:
             log.warning("job %s: lease lost to another runner before it ended", job.id)
         else:
             log.info("job %s (%s) %s", job.id, job.kind.value, ended.value)
+            self._settled[job.id] = "retry" if ended is JobStatus.PENDING else ended.value
         return True

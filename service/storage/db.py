@@ -10,12 +10,14 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from service.domain.errors import Unavailable
+from service.observability import tracing
+from service.storage.replica import FALLBACK, ReadReplica, connect_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,33 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+if TYPE_CHECKING:
+    _Connection = asyncpg.Connection[asyncpg.Record]
+else:
+    _Connection = asyncpg.Connection
+
+
+class TracedConnection(_Connection):
+    """A pool connection whose statements get spans (tracing.connection_span), whichever
+    repository runs them; while tracing is off, a call and a branch more per statement."""
+
+
+def _traced(name: str) -> None:
+    method = getattr(asyncpg.Connection, name)
+
+    async def call(self: TracedConnection, query: str, *args: Any, **kwargs: Any) -> Any:
+        with tracing.connection_span(query):
+            return await method(self, query, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    # Set here, not written in the class: the stubs' overloads of each would need repeating.
+    setattr(TracedConnection, name, call)
+
+
+for _name in ("fetch", "fetchrow", "fetchval", "fetchmany", "execute", "executemany"):
+    _traced(_name)
+
+
 class Database:
     """Repositories ask it for a connection; inside `transaction()` they all get
     the same one, so use cases compose writes into one transaction without
@@ -101,18 +130,41 @@ class Database:
         # Set whenever PostgreSQL could not be reached, so that the health check need not
         # wait for its next round to notice an outage shorter than its interval.
         self.unreachable = asyncio.Event()
+        # The streaming replica read-only calls read from (service/storage/replica.py).
+        self.replica: ReadReplica | None = None
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Database:
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            reset=_keep_session,
+            connection_class=TracedConnection,
         )
         return cls(pool)
+
+    async def attach_replica(self, dsn: str, *, max_lag: float, max_size: int = 10) -> None:
+        """Reads of read-only calls go to the streaming replica at `dsn` when it is fresh
+        enough (see ReadReplica); it need not be up yet."""
+        pool = await asyncpg.create_pool(
+            dsn,
+            max_size=max_size,
+            init=_init_connection,
+            reset=_keep_session,
+            connection_class=TracedConnection,
+            **connect_kwargs(),
+        )
+        self.replica = ReadReplica(pool, self.pool, max_lag=max_lag)
+        self.replica.start()
 
     async def close(self) -> None:
         """Closes the pool once its connections are back; after CLOSE_TIMEOUT_SECONDS,
         closes the ones still in use (their transactions roll back) instead of waiting
         forever."""
+        if self.replica is not None:
+            await self.replica.close()
         try:
             await asyncio.wait_for(self.pool.close(), CLOSE_TIMEOUT_SECONDS)
         except TimeoutError:
@@ -128,6 +180,8 @@ class Database:
         connecting, or the connection lost during the block) raises Unavailable instead of
         asyncpg's or the socket's own errors, which no layer above may know; the pool
         replaces a lost connection at its next acquire."""
+        if self.replica is not None:
+            self.replica.on_primary()
         acquired = False
         try:
             async with self.pool.acquire() as conn:
@@ -153,33 +207,69 @@ class Database:
             raise
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
+    async def connection(self, *, primary: bool = False) -> AsyncIterator[Connection]:
+        """The ambient transaction's connection, else one of the pool; in a read-only call
+        (unless `primary`), one of the replica's when it is fresh enough."""
         current = _current.get()
         if current is not None:
             # Failures reach the transaction() that owns the connection, which translates them.
             yield current
+            return
+        replica = None if primary else self.replica
+        standby = None if replica is None else await replica.checkout()
+        if replica is not None and standby is not None:
+            try:
+                yield standby
+            except Exception as exc:
+                if _lost(exc, standby):
+                    replica.lost(exc)
+                    raise database_unavailable(exc) from exc
+                if isinstance(exc, asyncpg.SerializationError):
+                    # A hot standby cancels a read that conflicts with the WAL it replays;
+                    # a retry succeeds.
+                    raise database_unavailable(exc) from exc
+                raise
+            finally:
+                await replica.checkin(standby)
             return
         async with self.acquire() as conn:
             yield conn
 
     # One statement on the ambient connection: a repository method that runs a single
     # statement needs neither to hold a connection nor to know whether it is in a transaction.
+    # Outside a transaction, a read-only call's reads may come from the replica.
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        async with self.connection() as conn:
-            return await conn.fetch(sql, *args)
+        with tracing.db_span(sql):
+            if self.replica is not None and _current.get() is None:
+                rows = await self.replica.read(sql, lambda conn: conn.fetch(sql, *args))
+                if rows is not FALLBACK:
+                    return rows
+            async with self.connection(primary=True) as conn:
+                return await conn.fetch(sql, *args)
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        async with self.connection() as conn:
-            return await conn.fetchrow(sql, *args)
+        with tracing.db_span(sql):
+            if self.replica is not None and _current.get() is None:
+                row = await self.replica.read(sql, lambda conn: conn.fetchrow(sql, *args))
+                if row is not FALLBACK:
+                    return row
+            async with self.connection(primary=True) as conn:
+                return await conn.fetchrow(sql, *args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
-        async with self.connection() as conn:
-            return await conn.fetchval(sql, *args)
+        with tracing.db_span(sql):
+            if self.replica is not None and _current.get() is None:
+                value = await self.replica.read(sql, lambda conn: conn.fetchval(sql, *args))
+                if value is not FALLBACK:
+                    return value
+            async with self.connection(primary=True) as conn:
+                return await conn.fetchval(sql, *args)
 
     async def execute(self, sql: str, *args: Any) -> str:
-        async with self.connection() as conn:
-            return await conn.execute(sql, *args)
+        with tracing.db_span(sql):
+            async with self.connection(primary=True) as conn:
+                return await conn.execute(sql, *args)
 
     async def affected(self, sql: str, *args: Any) -> int:
         """The number of rows a DELETE, UPDATE or INSERT statement touched."""
@@ -193,10 +283,14 @@ class Database:
         try:
             if current is not None:
                 # Nested: a savepoint, so an inner failure does not poison the outer work.
-                async with current.transaction():
+                async with tracing.db_transaction_span(True), current.transaction():
                     yield
             else:
-                async with self.acquire() as conn, conn.transaction():
+                async with (
+                    tracing.db_transaction_span(False),
+                    self.acquire() as conn,
+                    conn.transaction(),
+                ):
                     token = _current.set(conn)
                     try:
                         yield

@@ -36,6 +36,12 @@ RULES = (
         (*_DRIVERS, "datasetd", "service.api", "service.storage", *_ADAPTERS),
         "the domain is use cases and rules; adapters implement its ports",
     ),
+    Rule(
+        "service.domain",
+        ("service.observability", "prometheus_client", "opentelemetry"),
+        "metrics and traces are recorded by the layers around the domain; a number only the "
+        "domain knows reaches them through a callback it is given",
+    ),
     Rule("service.storage", ("grpc", "service.api"), "storage sits below the transport"),
     Rule("service.formats", ("grpc", "service.api"), "archive formats sit below the transport"),
     Rule(

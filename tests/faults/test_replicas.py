@@ -40,9 +40,9 @@ from datasetd.v1 import input_service_pb2 as api
 
 from service.storage.db import Database
 from service.storage.objectstore import ObjectStore
-from tests.conftest import Stack, object_store, stack_env
+from tests.conftest import Stack, stack_env
 from tests.faults.harness import noise_png
-from tests.faults.ledger import Ledger, check_ledger, zip_problem
+from tests.faults.ledger import Ledger, check_ledger, collect_and_check_orphans, zip_problem
 from tests.faults.replicas import (
     BALANCED_OPTIONS,
     SERVING,
@@ -428,21 +428,24 @@ async def kill_and_restart(
 
 async def run_replicas(stack: Stack, directory: Path, plan: Plan) -> None:
     app, key = "replicas", "replicas-key-" + secrets.token_hex(12)
+    # A bucket of its own too: the orphan collector of a database deletes the objects that
+    # database has no row for, which are every other database's objects in a shared bucket.
+    bucket = "replicas-" + secrets.token_hex(4)
     async with scratch_database(stack.dsn, "replicas") as dsn:
         env = {
             **stack_env(stack),
             "DATASETD_DATABASE_URL": dsn,
+            "DATASETD_S3_BUCKET": bucket,
             "DATASETD_BOOTSTRAP_APP": app,
             "DATASETD_BOOTSTRAP_KEY": key,
             # A killed replica's jobs are taken over soon.
             "DATASETD_JOB_LEASE": LEASE,
-            # The orphan collector of the shared bucket stays out of the way.
             "DATASETD_MAINTENANCE_INTERVAL": "1h",
             # INFO: the access log tells which replica served which calls.
             "DATASETD_LOG_LEVEL": "INFO",
         }
         db = await Database.connect(dsn, min_size=1, max_size=3)
-        objects = object_store(stack)
+        objects = ObjectStore(stack.s3.endpoint, stack.s3.access_key, stack.s3.secret_key, bucket)
         events: list[str] = []
         try:
             async with running_replicas(env, directory, REPLICAS) as replicas:
@@ -458,6 +461,8 @@ async def run_replicas(stack: Stack, directory: Path, plan: Plan) -> None:
                 finally:
                     await channel.close()
             await check_data(db, objects, load)
+            # The replicas are stopped: nothing writes, so anything unreferenced is an orphan.
+            print(f"orphans: {await collect_and_check_orphans(db, objects)}")
         finally:
             await db.close()
             objects.close()

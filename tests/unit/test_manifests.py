@@ -402,7 +402,7 @@ def test_compose_health_check_follows_the_grpc_health_service() -> None:
 
 def test_a_missing_kubectl_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(vm.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     with pytest.raises(vm.RenderError, match="kubectl not found"):
         vm.render(OVERLAYS["dev"])
     assert vm.main([]) == 2

@@ -6,6 +6,7 @@ import asyncio
 import io
 import itertools
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -17,6 +18,7 @@ from minio.commonconfig import ComposeSource
 from minio.error import S3Error, ServerError
 
 from service.domain.errors import Unavailable
+from service.observability import metrics, tracing
 from service.storage.objectstore.writer import ObjectWriter, Readable
 
 T = TypeVar("T")
@@ -47,16 +49,26 @@ def object_store_unavailable(exc: Exception) -> Unavailable:
     )
 
 
-def _translated(fn: Callable[P, T]) -> Callable[P, T]:
-    """`fn`, raising Unavailable where minio failed to reach the store."""
+def _translated(
+    fn: Callable[P, T], operation: str, bucket: str, parent: tracing.Parent | None
+) -> Callable[P, T]:
+    """`fn`, raising Unavailable where minio failed to reach the store; timed, counted and
+    traced (under `parent`, the caller's span context: `fn` runs on a worker thread) as
+    `operation`."""
+    series = metrics.object_store_series(operation)
 
     def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        started = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            with tracing.object_store_span(operation, bucket, parent):
+                return fn(*args, **kwargs)
         except Exception as exc:
+            series.errors.inc()
             if _store_unreachable(exc):
                 raise object_store_unavailable(exc) from exc
             raise
+        finally:
+            series.duration.observe(time.perf_counter() - started)
 
     return call
 
@@ -109,9 +121,10 @@ class ObjectStore:
         self.unreachable = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="s3")
 
-    async def _run(self, fn: Callable[[], T]) -> T:
+    async def _run(self, operation: str, fn: Callable[[], T]) -> T:
+        call = _translated(fn, operation, self.bucket, tracing.current_context())
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, _translated(fn))
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         except Unavailable:
             self.unreachable.set()
             raise
@@ -121,19 +134,20 @@ class ObjectStore:
             if not self._client.bucket_exists(self.bucket):
                 self._client.make_bucket(self.bucket)
 
-        await self._run(create)
+        await self._run("ensure_bucket", create)
 
     async def ping(self) -> None:
         """Raises unless the bucket is reachable with our credentials."""
-        exists = await self._run(lambda: self._client.bucket_exists(self.bucket))
+        exists = await self._run("bucket_exists", lambda: self._client.bucket_exists(self.bucket))
         if not exists:
             raise RuntimeError(f"bucket {self.bucket!r} does not exist")
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         await self._run(
+            "put",
             lambda: self._client.put_object(
                 self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
-            )
+            ),
         )
 
     async def get(self, key: str) -> bytes:
@@ -145,7 +159,7 @@ class ObjectStore:
                 response.close()
                 response.release_conn()
 
-        return await self._run(read)
+        return await self._run("get", read)
 
     async def exists(self, key: str) -> bool:
         def stat() -> bool:
@@ -157,10 +171,10 @@ class ObjectStore:
                 raise
             return True
 
-        return await self._run(stat)
+        return await self._run("stat", stat)
 
     async def delete(self, key: str) -> None:
-        await self._run(lambda: self._client.remove_object(self.bucket, key))
+        await self._run("delete", lambda: self._client.remove_object(self.bucket, key))
 
     async def list_keys(
         self, prefix: str, start_after: str = "", limit: int | None = None
@@ -174,7 +188,7 @@ class ObjectStore:
             found = (o.object_name for o in listing if o.object_name is not None)
             return list(itertools.islice(found, limit))
 
-        return await self._run(names)
+        return await self._run("list", names)
 
     def writer(self, key: str, content_type: str, part_size: int) -> ObjectWriter:
         """Writes `key` from chunks as they arrive (see ObjectWriter)."""
@@ -194,13 +208,16 @@ class ObjectStore:
             )
 
         return ObjectWriter(
-            key, part_size, upload=_translated(upload), remove=lambda: self.delete(key)
+            key,
+            part_size,
+            upload=_translated(upload, "put_stream", self.bucket, tracing.current_context()),
+            remove=lambda: self.delete(key),
         )
 
     async def stream(self, key: str, chunk_size: int) -> AsyncGenerator[bytes, None]:
         """The object in chunks of at most `chunk_size` bytes. Each read is its own job on
         the pool, so a slow consumer holds one connection but no thread."""
-        response = await self._run(lambda: self._client.get_object(self.bucket, key))
+        response = await self._run("get_stream", lambda: self._client.get_object(self.bucket, key))
         # A read still running on a worker when the consumer goes away must finish
         # before the connection is closed under it.
         lock = threading.Lock()
@@ -216,21 +233,22 @@ class ObjectStore:
                 response.release_conn()
 
         try:
-            while chunk := await self._run(read):
+            while chunk := await self._run("read_chunk", read):
                 yield chunk
         finally:
-            await self._run(close)
+            await self._run("close_stream", close)
 
     async def copy(self, source: str, destination: str, content_type: str) -> None:
         """Server-side copy: no bytes pass through this process. compose_object turns a
         source over 5 GiB (the limit of one CopyObject) into part copies."""
         await self._run(
+            "copy",
             lambda: self._client.compose_object(
                 self.bucket,
                 destination,
                 [ComposeSource(self.bucket, source)],
                 metadata={"Content-Type": content_type},
-            )
+            ),
         )
 
     async def remove_stale(self, prefix: str, idle_since: datetime, limit: int) -> int:
@@ -238,10 +256,11 @@ class ObjectStore:
         multipart uploads under it that have received no part since then; at most `limit`
         of each. Returns how many were removed."""
         return await self._run(
+            "remove_stale",
             lambda: (
                 self._remove_idle_objects(prefix, idle_since, limit)
                 + self._abort_idle_uploads(prefix, idle_since, limit)
-            )
+            ),
         )
 
     def _remove_idle_objects(self, prefix: str, idle_since: datetime, limit: int) -> int:
@@ -275,14 +294,17 @@ class ObjectStore:
         return aborted
 
     async def presign_get(self, key: str, ttl: timedelta) -> str:
-        return await self._run(lambda: self._client.presigned_get_object(self.bucket, key, ttl))
+        return await self._run(
+            "presign", lambda: self._client.presigned_get_object(self.bucket, key, ttl)
+        )
 
     async def presign_many(self, keys: list[str], ttl: timedelta) -> list[str]:
         # Signing is local computation: one executor hop for the whole page.
         if not keys:
             return []
         return await self._run(
-            lambda: [self._client.presigned_get_object(self.bucket, k, ttl) for k in keys]
+            "presign",
+            lambda: [self._client.presigned_get_object(self.bucket, k, ttl) for k in keys],
         )
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""Structured logs carrying the request id of the call being served."""
+"""Structured logs carrying the request id of the call being served; metrics and traces
+are in the `metrics` and `tracing` modules of this package."""
 
 from __future__ import annotations
 

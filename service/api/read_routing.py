@@ -1,0 +1,96 @@
+"""Which RPCs may read from the read replica (DATASETD_DATABASE_READ_URL), and the headers
+that carry a caller's WAL position between its writes and its reads.
+
+Every RPC of every datasetd.v1 service is in exactly one of READ_ONLY and PRIMARY
+(tests/unit/test_read_routing.py fails on one in neither). READ_ONLY only lets a call's
+single statements outside a transaction go to the replica; its transactions, the
+authentication before it and anything that writes still use the primary
+(service/storage/replica.py).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from service.domain.errors import InvalidArgument
+from service.domain.models import Principal
+from service.storage.replica import ROUTE, CallRoute, parse_lsn
+
+# Trailing metadata of a call that may have written: the primary's WAL position after it.
+LSN_HEADER: Final = "x-datasetd-lsn"
+# Request metadata: a read is served from a replica only once it has replayed this far.
+MIN_LSN_HEADER: Final = "x-datasetd-min-lsn"
+
+# Reads only: metadata lookups and lists; the downloads read their metadata here and their
+# bytes from the object store. Audited: none of their use cases writes (the ones that take
+# row locks do so in a transaction, which stays on the primary).
+READ_ONLY: Final = frozenset(
+    {
+        "/datasetd.v1.AnnotationService/GetAnnotation",
+        "/datasetd.v1.AnnotationService/ListAnnotations",
+        "/datasetd.v1.DatasetService/GetDataset",
+        "/datasetd.v1.DatasetService/ListDatasets",
+        "/datasetd.v1.DatasetService/ListDatasetInputs",
+        "/datasetd.v1.DatasetService/GetDatasetInput",
+        "/datasetd.v1.DatasetVersionService/GetDatasetVersion",
+        "/datasetd.v1.DatasetVersionService/ListDatasetVersions",
+        "/datasetd.v1.DatasetVersionService/GetExport",
+        "/datasetd.v1.DatasetVersionService/ListExports",
+        "/datasetd.v1.DatasetVersionService/DownloadExport",
+        "/datasetd.v1.DatasetVersionService/DiffDatasetVersions",
+        "/datasetd.v1.InputService/GetInput",
+        "/datasetd.v1.InputService/ListInputs",
+        "/datasetd.v1.InputService/DownloadInput",
+        "/datasetd.v1.InputService/GetInputDownloadUrl",
+    }
+)
+
+# Writes (and their idempotency records), or reads inside the write they lead to: every
+# statement goes to the primary, and the caller's position is remembered after the call.
+PRIMARY: Final = frozenset(
+    {
+        "/datasetd.v1.AnnotationService/CreateAnnotations",
+        "/datasetd.v1.AnnotationService/UpdateAnnotations",
+        "/datasetd.v1.AnnotationService/DeleteAnnotations",
+        "/datasetd.v1.DatasetService/CreateDataset",
+        "/datasetd.v1.DatasetService/UpdateDataset",
+        "/datasetd.v1.DatasetService/DeleteDataset",
+        "/datasetd.v1.DatasetService/UndeleteDataset",
+        "/datasetd.v1.DatasetService/AddDatasetInputs",
+        "/datasetd.v1.DatasetService/RemoveDatasetInputs",
+        "/datasetd.v1.DatasetService/DeleteDatasetInputsByFilter",
+        "/datasetd.v1.DatasetService/MergeDataset",
+        "/datasetd.v1.DatasetService/ImportDataset",
+        "/datasetd.v1.DatasetVersionService/CreateDatasetVersion",
+        "/datasetd.v1.DatasetVersionService/UpdateDatasetVersion",
+        "/datasetd.v1.DatasetVersionService/DeleteDatasetVersion",
+        "/datasetd.v1.DatasetVersionService/CancelDatasetVersionBuild",
+        # Creates the export (or returns the one being written).
+        "/datasetd.v1.DatasetVersionService/ExportDatasetVersion",
+        "/datasetd.v1.InputService/CreateInputs",
+        "/datasetd.v1.InputService/UploadInput",
+        "/datasetd.v1.InputService/UpdateInputs",
+        "/datasetd.v1.InputService/DeleteInputs",
+    }
+)
+
+
+def read_only(method: str) -> bool:
+    """Whether the RPC (`/package.Service/Method`) may read from the replica; an RPC in
+    neither set (a test service) does not."""
+    return method in READ_ONLY
+
+
+def route_call(method: str, principal: Principal, min_lsn: str) -> CallRoute:
+    """Routes the current call's statements (see service/storage/replica.py); `min_lsn`
+    is the MIN_LSN_HEADER value, empty when not sent."""
+    try:
+        needed = parse_lsn(min_lsn) if min_lsn else 0
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"metadata {MIN_LSN_HEADER}: {exc} (send back the {LSN_HEADER} of a write)",
+            reason="INVALID_MIN_LSN",
+        ) from None
+    route = CallRoute(principal.key_id, read_only(method), needed)
+    ROUTE.set(route)
+    return route
