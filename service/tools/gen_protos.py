@@ -56,8 +56,21 @@ def generate(out_dir: Path) -> None:
         f"--descriptor_set_out={descriptor_set}",
         *protos,
     ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
+    # mypy-protobuf's plugin announces every file it writes on the inherited stderr: two
+    # dozen lines at every `make run` and `make test` that regenerate nothing. Kept aside
+    # and shown only when protoc fails.
+    with tempfile.TemporaryFile() as said:
+        saved = os.dup(2)
+        os.dup2(said.fileno(), 2)
+        try:
+            failed = protoc.main(args) != 0
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if failed:
+            said.seek(0)
+            sys.stderr.write(said.read().decode(errors="replace"))
+            raise SystemExit("protoc failed")
     strip_default_json_names(descriptor_set)
     # Namespace packages confuse setuptools' editable install; mark them.
     for directory in [out_dir, *(p for p in out_dir.rglob("*") if p.is_dir())]:
