@@ -42,7 +42,7 @@ test: $(VENV)/.installed proto-check prometheus
 test-slow: $(VENV)/.installed prometheus
 	$(PY) -m pytest -q -m slow
 
-## lint: the layers' import rules, ruff (lint + format check) and mypy --strict
+## lint: the layers' import rules, the Kubernetes manifests, ruff (lint + format check), mypy --strict
 lint: $(VENV)/.installed
 	$(PY) -m service.tools.import_rules
 	$(PY) -m service.tools.validate_manifests

@@ -212,6 +212,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             inputs=api.inputs,
             annotations=api.annotations,
             versions=api.versions,
+            ontologies=api.ontologies,
             health_servicer=health_servicer,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_rpcs=config.max_concurrent_rpcs,

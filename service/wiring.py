@@ -15,7 +15,9 @@ from service.api.exports import ExportRpcs
 from service.api.imports import ImportRpcs
 from service.api.inputs import InputRpcs
 from service.api.membership import MembershipRpcs
+from service.api.ontologies import OntologyRpcs
 from service.api.pagination import PageTokens
+from service.api.reencode import ReencodeRpcs
 from service.api.versions import VersionRpcs
 from service.config import Config
 from service.domain.annotations import AnnotationService
@@ -32,12 +34,15 @@ from service.domain.inputs import InputService
 from service.domain.jobs import JobHandler, JobKind, JobScheduler
 from service.domain.maintenance import Maintenance
 from service.domain.membership import MembershipService
+from service.domain.ontologies import OntologyService
+from service.domain.reencode import Reencoder, ReencodeService
 from service.domain.transfers import InputTransfers, TransferSettings
 from service.domain.versions import VersionBuilder, VersionService
 from service.formats.archives import Archives, ZipArchiveReader
 from service.formats.snapshot import ProtobufContentConcepts, ProtobufSnapshotEncoder
 from service.jobs import JobRunner, new_worker_id
 from service.media.probe import MediaProbes
+from service.media.transcode import FfmpegTranscoder
 from service.storage.annotations import PgAnnotationRepository
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.archives import TempFileArchives
@@ -50,6 +55,8 @@ from service.storage.idempotency import PgIdempotencyRepository
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
 from service.storage.jobs import PgJobQueue
 from service.storage.objectstore import ObjectStore
+from service.storage.ontologies import PgOntologyRepository
+from service.storage.reencode import PgReencodeRepository
 from service.storage.versions import PgVersionRepository
 
 
@@ -69,6 +76,8 @@ class Storage:
     exports: PgExportRepository
     idempotency: PgIdempotencyRepository
     jobs: PgJobQueue
+    ontologies: PgOntologyRepository
+    reencodes: PgReencodeRepository
 
     @classmethod
     def build(cls, db: Database, objects: ObjectStore) -> Storage:
@@ -85,6 +94,8 @@ class Storage:
             exports=PgExportRepository(db),
             idempotency=PgIdempotencyRepository(db),
             jobs=PgJobQueue(db),
+            ontologies=PgOntologyRepository(db),
+            reencodes=PgReencodeRepository(db),
         )
 
 
@@ -97,6 +108,16 @@ def job_runner(config: Config, store: Storage) -> JobRunner:
         ),
         JobKind.EXPORT_VERSION: ExportBuilder(
             store.exports, store.versions, Archives(blobs), blobs, db
+        ),
+        JobKind.REENCODE_VIDEOS: Reencoder(
+            store.inputs,
+            store.inputs,
+            store.reencodes,
+            blobs,
+            MediaProbes(),
+            FfmpegTranscoder(),
+            db,
+            max_output_bytes=config.max_upload_bytes,
         ),
     }
     return JobRunner(
@@ -121,6 +142,8 @@ class Domain:
     exports: ExportService
     imports: ImportService
     diffs: DiffService
+    ontologies: OntologyService
+    reencodes: ReencodeService
     idempotency: Idempotency
     maintenance: Maintenance
     authenticator: Authenticator
@@ -172,6 +195,8 @@ class Domain:
             diffs=DiffService(
                 store.versions, store.members, store.version_pairs, ProtobufContentConcepts(), db
             ),
+            reencodes=ReencodeService(store.inputs, store.reencodes, jobs, db),
+            ontologies=OntologyService(store.ontologies, db),
             idempotency=Idempotency(db, store.idempotency),
             maintenance=Maintenance(
                 datasets,
@@ -200,6 +225,7 @@ class Api:
     inputs: tuple[object, ...]
     annotations: tuple[object, ...]
     versions: tuple[object, ...]
+    ontologies: tuple[object, ...]
 
     @classmethod
     async def build(cls, domain: Domain, db: Database) -> Api:
@@ -211,11 +237,15 @@ class Api:
                 MembershipRpcs(domain.members, once, tokens),
                 ImportRpcs(domain.imports, once),
             ),
-            inputs=(InputRpcs(domain.inputs, once, tokens, domain.transfers),),
+            inputs=(
+                InputRpcs(domain.inputs, once, tokens, domain.transfers),
+                ReencodeRpcs(domain.reencodes, once),
+            ),
             annotations=(AnnotationRpcs(domain.annotations, once, tokens),),
             versions=(
                 VersionRpcs(domain.versions, domain.exports, once, tokens),
                 ExportRpcs(domain.exports, once, tokens),
                 DiffRpcs(domain.diffs),
             ),
+            ontologies=(OntologyRpcs(domain.ontologies, once, tokens),),
         )

@@ -35,6 +35,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from service.domain.errors import FieldViolation
+from service.domain.ontologies import UPDATABLE_FIELDS as UPDATABLE_ONTOLOGY_FIELDS
 from service.wire.datasets import PATCHABLE_DATASET_FIELDS
 
 _PACKAGE = "datasetd.v1."
@@ -100,6 +101,13 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
                 _STATISTICS,
             ),
             "DatasetInput": {"created_at": _TIMES, "input": OUTPUT},
+            "Ontology": {
+                "app_id": "output only: the ontology belongs to the request's app_id",
+                "revision": "output only: the server counts the changes; pass it as "
+                "UpdateOntologyRequest.expected_revision to make an update conditional",
+                "created_at": _TIMES,
+                "modified_at": _TIMES,
+            },
             "DatasetVersion": {
                 "created_at": _TIMES,
                 "modified_at": _TIMES,
@@ -290,6 +298,10 @@ UPDATE_MASKS: Final[Mapping[str, tuple[str, Mapping[str, tuple[str, ...]]]]] = {
     "datasetd.v1.UpdateDatasetVersionRequest": (
         "version",
         {"description": ("description",), "metadata": ("metadata",)},
+    ),
+    "datasetd.v1.UpdateOntologyRequest": (
+        "ontology",
+        {name: (name,) for name in UPDATABLE_ONTOLOGY_FIELDS},
     ),
 }
 

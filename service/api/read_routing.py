@@ -2,8 +2,9 @@
 that carry a caller's WAL position between its writes and its reads.
 
 Every RPC of every datasetd.v1 service is in exactly one of READ_ONLY and PRIMARY
-(tests/unit/test_read_routing.py fails on one in neither). READ_ONLY only lets a call's
-single statements outside a transaction go to the replica; its transactions, the
+(tests/unit/test_read_routing.py fails on one in neither). READ_ONLY lets a call's
+single statements outside a transaction and its read-only snapshots
+(`TransactionManager.read_transaction`) go to the replica; its other transactions, the
 authentication before it and anything that writes still use the primary
 (service/storage/replica.py).
 """
@@ -22,8 +23,9 @@ LSN_HEADER: Final = "x-datasetd-lsn"
 MIN_LSN_HEADER: Final = "x-datasetd-min-lsn"
 
 # Reads only: metadata lookups and lists; the downloads read their metadata here and their
-# bytes from the object store. Audited: none of their use cases writes (the ones that take
-# row locks do so in a transaction, which stays on the primary).
+# bytes from the object store. Audited: none of their use cases writes or locks rows; the
+# reads that need to agree with each other share a read_transaction, a snapshot, where the
+# write paths lock (tests/e2e/test_read_replica.py checks each is served by the replica).
 READ_ONLY: Final = frozenset(
     {
         "/datasetd.v1.AnnotationService/GetAnnotation",
@@ -42,6 +44,8 @@ READ_ONLY: Final = frozenset(
         "/datasetd.v1.InputService/ListInputs",
         "/datasetd.v1.InputService/DownloadInput",
         "/datasetd.v1.InputService/GetInputDownloadUrl",
+        "/datasetd.v1.OntologyService/GetOntology",
+        "/datasetd.v1.OntologyService/ListOntologies",
     }
 )
 
@@ -71,6 +75,14 @@ PRIMARY: Final = frozenset(
         "/datasetd.v1.InputService/UploadInput",
         "/datasetd.v1.InputService/UpdateInputs",
         "/datasetd.v1.InputService/DeleteInputs",
+        "/datasetd.v1.InputService/ReencodeInputs",
+        "/datasetd.v1.InputService/CancelReencodeJob",
+        # A re-encode job is polled for its progress, which its runner writes on the
+        # primary: a replica lagging behind would show it going backwards.
+        "/datasetd.v1.InputService/GetReencodeJob",
+        "/datasetd.v1.OntologyService/CreateOntology",
+        "/datasetd.v1.OntologyService/UpdateOntology",
+        "/datasetd.v1.OntologyService/DeleteOntology",
     }
 )
 

@@ -15,6 +15,8 @@ from datasetd.v1 import (
     input_pb2,  # noqa: F401  (registered so reflection can describe Input, InputBatch)
     input_service_pb2,
     input_service_pb2_grpc,
+    ontology_service_pb2,
+    ontology_service_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -28,8 +30,9 @@ DATASETS = dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"]
 INPUTS = input_service_pb2.DESCRIPTOR.services_by_name["InputService"]
 ANNOTATIONS = annotation_service_pb2.DESCRIPTOR.services_by_name["AnnotationService"]
 VERSIONS = dataset_version_service_pb2.DESCRIPTOR.services_by_name["DatasetVersionService"]
+ONTOLOGIES = ontology_service_pb2.DESCRIPTOR.services_by_name["OntologyService"]
 SERVICE_NAMES: Sequence[str] = tuple(
-    service.full_name for service in (DATASETS, INPUTS, ANNOTATIONS, VERSIONS)
+    service.full_name for service in (DATASETS, INPUTS, ANNOTATIONS, VERSIONS, ONTOLOGIES)
 )
 
 
@@ -40,6 +43,7 @@ def build_server(
     inputs: Sequence[object],
     annotations: Sequence[object],
     versions: Sequence[object],
+    ontologies: Sequence[object],
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
     max_concurrent_rpcs: int,
@@ -63,6 +67,9 @@ def build_server(
     )
     dataset_version_service_pb2_grpc.add_DatasetVersionServiceServicer_to_server(
         compose(VERSIONS, *versions), server
+    )
+    ontology_service_pb2_grpc.add_OntologyServiceServicer_to_server(
+        compose(ONTOLOGIES, *ontologies), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(

@@ -512,3 +512,41 @@ def inputs_download(args: argparse.Namespace, output: Output) -> int:
             f"{len(missing)} inputs have no stored media (created from a URL): {', '.join(missing)}"
         )
     return 0
+
+
+_REENCODE_COLUMNS = ("input_id", "outcome", "duration_seconds", "fps", "codec", "size", "details")
+
+
+def inputs_reencode(args: argparse.Namespace, output: Output) -> int:
+    from service.client.inputs import ReencodeFailedError
+
+    with _client(args) as client:
+        if args.dry_run:
+            found = client.inputs.reencode_candidates(list(args.inputs))
+            rows = [_fields(c) for c in found]
+            output.table(
+                rows,
+                ("input_id", "video_format", "codec", "reason"),
+                f"{len(rows)} of {len(args.inputs)} videos a browser could not play as they are",
+            )
+            return 0
+        try:
+            job = client.inputs.reencode(
+                list(args.inputs), wait=not args.no_wait, **_progress(args)
+            )
+        except ReencodeFailedError as failed:
+            job = failed.job
+    if args.no_wait:
+        output.record({"job_id": job.id, "state": job.state}, f"re-encode job {job.id}")
+        return 0
+    rows = [_fields(r) for r in job.results]
+    output.table(rows, _REENCODE_COLUMNS, f"re-encode job {job.id}: {job.state}")
+    failed_count = sum(1 for r in job.results if r.outcome != "REENCODED")
+    return 0 if job.state == "SUCCEEDED" and not failed_count else 1
+
+
+def inputs_rename(args: argparse.Namespace, output: Output) -> int:
+    with _client(args) as client:
+        item = client.inputs.rename(args.input, args.title)
+    output.record(_fields(item), f"input {item.id}")
+    return 0

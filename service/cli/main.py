@@ -332,6 +332,19 @@ def _input_commands(tree: _Tree) -> None:
         inputs, "download", c.inputs_download, "download the original media", "dataset", "save_dir"
     )
     sub.add_argument("--no-progress", action="store_true")
+    sub = tree.command(
+        inputs,
+        "reencode",
+        c.inputs_reencode,
+        "re-encode videos to H.264/AAC MP4 that every browser plays (a server job)",
+    )
+    sub.add_argument("inputs", nargs="+", metavar="INPUT")
+    sub.add_argument(
+        "--dry-run", action="store_true", help="only list the videos a browser could not play"
+    )
+    sub.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sub.add_argument("--no-progress", action="store_true")
+    tree.command(inputs, "rename", c.inputs_rename, "set an input's title", "input", "title")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -53,6 +53,13 @@ from service.client.exports import (
     ExportInfo,
     ExportSettings,
 )
+from service.client.inputs import (
+    Inputs,
+    ReencodeCandidateInfo,
+    ReencodeFailedError,
+    ReencodeJobInfo,
+    ReencodeResultInfo,
+)
 from service.client.versions import VersionFailedError, VersionInfo
 
 __all__ += [
@@ -62,6 +69,11 @@ __all__ += [
     "ExportFailedError",
     "ExportInfo",
     "ExportSettings",
+    "Inputs",
+    "ReencodeCandidateInfo",
+    "ReencodeFailedError",
+    "ReencodeJobInfo",
+    "ReencodeResultInfo",
     "VersionFailedError",
     "VersionInfo",
 ]

@@ -9,6 +9,7 @@ import grpc
 from service.client._rpc import Rpc
 from service.client.dataset import Dataset
 from service.client.datasets import Datasets
+from service.client.inputs import Inputs
 
 
 class Client:
@@ -29,6 +30,7 @@ class Client:
         self.app = app
         self.rpc = Rpc(self._channel, app, api_key)
         self.datasets = Datasets(self.rpc)
+        self.inputs = Inputs(self.rpc)
 
     def dataset(self, dataset_id: str) -> Dataset:
         """Operations on one dataset's content: uploads, inputs, versions, merge."""

@@ -437,9 +437,9 @@ class AnnotationService:
         if dataset_id is not None:
             check_id(violations, "dataset_id", dataset_id)
         violations.raise_if_any()
-        async with self.tx.transaction():
+        async with self.tx.read_transaction():
             if dataset_id is not None and not await self.members.live_datasets(
-                app_id, [dataset_id]
+                app_id, [dataset_id], lock=False
             ):
                 raise NotFound.in_app("dataset", app_id, dataset_id)
             query = AnnotationQuery(

@@ -80,8 +80,8 @@ class MemberPair:
 class VersionPairs(Protocol):
     """Both versions' members side by side (implemented in service.storage)."""
 
-    async def share(self, app_id: str, dataset_id: str, version_ids: list[str]) -> set[str]:
-        """Which of the versions exist; they cannot be deleted until the transaction ends."""
+    async def existing(self, app_id: str, dataset_id: str, version_ids: list[str]) -> set[str]:
+        """Which of the versions exist (in the transaction's snapshot)."""
         ...
 
     async def page(
@@ -136,8 +136,8 @@ class DiffService:
     async def _require_ready(self, pair: VersionPair) -> None:
         app_id, dataset_id = pair.app_id, pair.dataset_id
         from_version_id, to_version_id = pair.from_version_id, pair.to_version_id
-        async with self.tx.transaction():
-            if not await self.members.live_datasets(app_id, [dataset_id]):
+        async with self.tx.read_transaction():
+            if not await self.members.live_datasets(app_id, [dataset_id], lock=False):
                 raise NotFound.in_app("dataset", app_id, dataset_id)
             for name, version_id in (
                 ("from_version_id", from_version_id),
@@ -164,8 +164,11 @@ class DiffService:
         after: str | None = None
         wanted = sorted({pair.from_version_id, pair.to_version_id})
         while True:
-            async with self.tx.transaction():
-                if len(await self.pairs.share(pair.app_id, pair.dataset_id, wanted)) < len(wanted):
+            # One snapshot per page: a version the check sees keeps all its members for the
+            # page's read, however soon it is deleted, and the next page's check notices.
+            async with self.tx.read_transaction():
+                found = await self.pairs.existing(pair.app_id, pair.dataset_id, wanted)
+                if len(found) < len(wanted):
                     raise Aborted(
                         "a version was deleted while the diff was being streamed; the "
                         "changes sent so far are incomplete",

@@ -156,7 +156,9 @@ class ExportService:
         violations.raise_if_any()
         assert export_format is not None
         async with self.tx.transaction():
-            version = await self.versions.get(principal, app_id, dataset_id, version_id)
+            version = await self.versions.get(
+                principal, app_id, dataset_id, version_id, for_write=True
+            )
             if version.status is not VersionStatus.READY:
                 raise FailedPrecondition(
                     f"version {version_id!r} is {version.status.value}; only a ready version "
@@ -208,7 +210,7 @@ class ExportService:
     ) -> tuple[list[ExportView], int | None]:
         """A page, oldest first, and the cursor of its last row when more rows follow."""
         authorize(principal, app_id, Permission.READ)
-        async with self.tx.transaction():
+        async with self.tx.read_transaction():
             await self.versions.get(principal, app_id, dataset_id, version_id)
             rows = await self.exports.page(app_id, dataset_id, version_id, after_seq, limit + 1)
         exports, last = split_page(rows, limit)
@@ -243,7 +245,7 @@ class ExportService:
         self, principal: Principal, app_id: str, dataset_id: str, version_id: str, export_id: str
     ) -> Export:
         require_ids(("export_id", export_id))
-        async with self.tx.transaction():
+        async with self.tx.read_transaction():
             await self.versions.get(principal, app_id, dataset_id, version_id)
             export = await self.exports.get(app_id, dataset_id, version_id, export_id)
         if export is None:

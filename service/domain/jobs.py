@@ -11,6 +11,7 @@ from typing import Any, Protocol
 class JobKind(enum.Enum):
     BUILD_VERSION = "build_version"
     EXPORT_VERSION = "export_version"
+    REENCODE_VIDEOS = "reencode_videos"
 
 
 class JobStatus(enum.Enum):

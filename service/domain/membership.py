@@ -45,8 +45,8 @@ class MembershipService:
     ) -> tuple[list[tuple[DatasetMember, InputView]], int | None]:
         authorize(principal, app_id, Permission.READ)
         require_ids(("dataset_id", dataset_id))
-        async with self.tx.transaction():
-            await self._require_live_dataset(app_id, dataset_id)
+        async with self.tx.read_transaction():
+            await self._require_live_dataset(app_id, dataset_id, lock=False)
             rows = await self.members.page(app_id, dataset_id, after_seq, limit + 1)
         page = rows[:limit]
         views = await self.inputs.views([m.input for m in page])
@@ -58,8 +58,8 @@ class MembershipService:
     ) -> tuple[DatasetMember, InputView]:
         authorize(principal, app_id, Permission.READ)
         require_ids(("dataset_id", dataset_id), ("input_id", input_id))
-        async with self.tx.transaction():
-            await self._require_live_dataset(app_id, dataset_id)
+        async with self.tx.read_transaction():
+            await self._require_live_dataset(app_id, dataset_id, lock=False)
             member = await self.members.get(app_id, dataset_id, input_id)
         if member is None:
             raise NotFound(
@@ -118,6 +118,8 @@ class MembershipService:
         violations.raise_if_any()
         return list(dict.fromkeys(input_ids))
 
-    async def _require_live_dataset(self, app_id: str, dataset_id: str) -> None:
-        if not await self.members.live_datasets(app_id, [dataset_id]):
+    async def _require_live_dataset(
+        self, app_id: str, dataset_id: str, *, lock: bool = True
+    ) -> None:
+        if not await self.members.live_datasets(app_id, [dataset_id], lock=lock):
             raise NotFound.in_app("dataset", app_id, dataset_id)

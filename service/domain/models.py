@@ -302,6 +302,10 @@ class VersionContent:
     position: int
     data: bytes
     content_hash: bytes
+    # The stored original the content refers to, kept alive by the version: the one the
+    # input had when the build read it (a re-encode may have replaced the one it had when
+    # the version was created).
+    blob_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -379,3 +383,68 @@ class ExportView:
     export: Export
     url: str = ""
     url_expires_at: datetime | None = None
+
+
+# --- ontologies (rules and use cases in ontologies.py) -----------------------------------
+
+
+class Shape(enum.Enum):
+    """How a class may be drawn; the values are the proto enum's names."""
+
+    UNSPECIFIED = "SHAPE_UNSPECIFIED"
+    CLASSIFICATION = "SHAPE_CLASSIFICATION"
+    BOUNDING_BOX = "SHAPE_BOUNDING_BOX"
+    POLYGON = "SHAPE_POLYGON"
+    POLYLINE = "SHAPE_POLYLINE"
+    POINT = "SHAPE_POINT"
+    KEYPOINTS = "SHAPE_KEYPOINTS"
+    MASK = "SHAPE_MASK"
+    SPAN = "SHAPE_SPAN"
+    VIDEO_TRACK = "SHAPE_VIDEO_TRACK"
+
+
+class AttributeKind(enum.Enum):
+    """The type of an attribute; the values are the proto oneof's field names."""
+
+    UNSPECIFIED = ""
+    ENUM = "enum_type"
+    BOOLEAN = "boolean"
+    NUMBER = "number"
+    TEXT = "text"
+
+
+@dataclass(frozen=True)
+class OntologyAttribute:
+    id: str
+    name: str
+    kind: AttributeKind
+    required: bool = False
+    # ENUM only.
+    options: tuple[str, ...] = ()
+    # NUMBER only; None means unbounded.
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+@dataclass(frozen=True)
+class OntologyClass:
+    id: str
+    display_name: str = ""
+    color: str = ""
+    shapes: tuple[Shape, ...] = ()
+    keypoint_names: tuple[str, ...] = ()
+    attributes: tuple[OntologyAttribute, ...] = ()
+    sub_classes: tuple[OntologyClass, ...] = ()
+    archived: bool = False
+
+
+@dataclass(frozen=True)
+class Ontology:
+    app_id: str
+    id: str
+    description: str = ""
+    classes: tuple[OntologyClass, ...] = ()
+    input_classifications: tuple[OntologyClass, ...] = ()
+    revision: int = 1
+    created_at: datetime | None = None
+    modified_at: datetime | None = None

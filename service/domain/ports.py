@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -27,6 +27,8 @@ from service.domain.models import (
     InputQuery,
     InputSnapshot,
     MediaType,
+    Ontology,
+    Shape,
     StoredBlob,
     VersionContent,
     VersionMember,
@@ -36,6 +38,12 @@ from service.domain.models import (
 class TransactionManager(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[None]:
         """Repository calls inside the block share one database transaction."""
+        ...
+
+    def read_transaction(self) -> AbstractAsyncContextManager[None]:
+        """Repository calls inside the block read one consistent snapshot and may not
+        write or lock rows (a read-only call's snapshot may come from a read replica).
+        Inside a transaction already open, that transaction's."""
         ...
 
     def after_commit(self, hook: Callable[[], None]) -> None:
@@ -182,9 +190,11 @@ class InputRepository(Protocol):
 
 
 class MembershipRepository(Protocol):
-    async def live_datasets(self, app_id: str, dataset_ids: list[str]) -> set[str]:
-        """Which of the datasets exist and are not deleted; locks them against
-        deletion until the transaction ends."""
+    async def live_datasets(
+        self, app_id: str, dataset_ids: list[str], *, lock: bool = True
+    ) -> set[str]:
+        """Which of the datasets exist and are not deleted; with `lock`, locks them
+        against deletion until the transaction ends (not in a read_transaction)."""
         ...
 
     async def add(self, app_id: str, dataset_id: str, input_ids: list[str]) -> int: ...
@@ -383,4 +393,33 @@ class MediaProber(Protocol):
         its headers only. For video and audio, `data` may be the first bytes of media
         `total_size` long. Raises InvalidArgument naming `field` when `data` is not valid
         media of `media_type`."""
+        ...
+
+
+class OntologyRepository(Protocol):
+    async def insert(self, ontology: Ontology) -> Ontology:
+        """Raises AlreadyExists when the id is taken."""
+        ...
+
+    async def get(
+        self, app_id: str, ontology_id: str, *, lock: bool = False
+    ) -> Ontology | None: ...
+
+    async def page(
+        self, app_id: str, after_seq: int | None, limit: int
+    ) -> list[tuple[int, Ontology]]:
+        """Oldest first, each with its sequence number."""
+        ...
+
+    async def update(self, ontology: Ontology) -> Ontology:
+        """Stores the content, increments the revision and modified_at."""
+        ...
+
+    async def delete(self, app_id: str, ontology_id: str) -> bool: ...
+
+    async def annotations_using(
+        self, app_id: str, classes: Sequence[str], shapes: Sequence[tuple[str, Shape]]
+    ) -> int:
+        """Annotations of the app carrying any of `classes` as a positive concept, or a
+        class of `shapes` drawn as that shape."""
         ...

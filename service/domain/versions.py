@@ -145,12 +145,23 @@ class VersionService:
         return dataclasses.replace(created, input_count=count)
 
     async def get(
-        self, principal: Principal, app_id: str, dataset_id: str, version_id: str
+        self,
+        principal: Principal,
+        app_id: str,
+        dataset_id: str,
+        version_id: str,
+        *,
+        for_write: bool = False,
     ) -> DatasetVersion:
+        """`for_write`: in the caller's transaction, which then writes under the version;
+        the dataset stays locked against deletion until it ends."""
         authorize(principal, app_id, Permission.READ)
         self._check_ids(dataset_id, version_id, "version_id")
-        async with self.tx.transaction():
-            return await self._require(app_id, dataset_id, version_id)
+        if for_write:
+            async with self.tx.transaction():
+                return await self._require(app_id, dataset_id, version_id)
+        async with self.tx.read_transaction():
+            return await self._require(app_id, dataset_id, version_id, share=False)
 
     async def list(
         self,
@@ -163,8 +174,8 @@ class VersionService:
         """A page, newest first, and the cursor of its last row when more rows follow."""
         authorize(principal, app_id, Permission.READ)
         require_ids(("dataset_id", dataset_id))
-        async with self.tx.transaction():
-            await self._require_dataset(app_id, dataset_id)
+        async with self.tx.read_transaction():
+            await self._require_dataset(app_id, dataset_id, share=False)
             rows = await self.versions.page(app_id, dataset_id, before_seq, limit + 1)
         return split_page(rows, limit)
 
@@ -234,15 +245,23 @@ class VersionService:
         check_id(violations, version_field, version_id)
         violations.raise_if_any()
 
-    async def _require_dataset(self, app_id: str, dataset_id: str) -> None:
-        if not await self.members.live_datasets(app_id, [dataset_id]):
+    async def _require_dataset(self, app_id: str, dataset_id: str, *, share: bool = True) -> None:
+        """`share`: lock the dataset against deletion (not in a read_transaction, whose
+        snapshot already keeps it from vanishing between its reads)."""
+        if not await self.members.live_datasets(app_id, [dataset_id], lock=share):
             raise NotFound.in_app("dataset", app_id, dataset_id)
 
     async def _require(
-        self, app_id: str, dataset_id: str, version_id: str, *, lock: bool = False
+        self,
+        app_id: str,
+        dataset_id: str,
+        version_id: str,
+        *,
+        lock: bool = False,
+        share: bool = True,
     ) -> DatasetVersion:
         """The version of a live dataset: those of a deleted dataset are gone with it."""
-        await self._require_dataset(app_id, dataset_id)
+        await self._require_dataset(app_id, dataset_id, share=share)
         version = await self.versions.get(app_id, dataset_id, version_id, lock=lock)
         if version is None:
             raise NotFound.within("version", version_id, "dataset", dataset_id)
@@ -384,8 +403,13 @@ class VersionBuilder:
         # CPU-bound: in a thread, so that the event loop keeps serving calls meanwhile.
         encoded = await asyncio.to_thread(lambda: [self.encoder.encode(s) for s in snapshots])
         content = [
-            VersionContent(position, item.data, hashlib.sha256(item.data).digest())
-            for (position, _), item in zip(members, encoded, strict=True)
+            VersionContent(
+                position,
+                item.data,
+                hashlib.sha256(item.data).digest(),
+                blob.key if (blob := found[input_id].blob) is not None else None,
+            )
+            for (position, input_id), item in zip(members, encoded, strict=True)
         ]
         return content, sum((item.metrics for item in encoded), VersionMetrics())
 

@@ -306,6 +306,54 @@ class Database:
             for hook in hooks:
                 hook()
 
+    @asynccontextmanager
+    async def read_transaction(self) -> AsyncIterator[None]:
+        """A snapshot for reads only: in a read-only call, on the replica when it may serve
+        the call (as `connection()` decides), else on the primary. Inside a transaction
+        already open, that one (a write's reads must see its own writes)."""
+        if _current.get() is not None:
+            yield
+            return
+        replica = self.replica
+        standby = None if replica is None else await replica.checkout()
+        if replica is None or standby is None:
+            # Read-only here too, so that a write or row lock a use case slips into its
+            # reads fails in every test, not only once a replica refuses it.
+            async with (
+                tracing.db_transaction_span(False),
+                self.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                token = _current.set(conn)
+                try:
+                    yield
+                finally:
+                    _current.reset(token)
+            return
+        try:
+            # Repeatable read: the reads of the block see one point of the replay, not
+            # each statement a later one.
+            async with (
+                tracing.db_transaction_span(False),
+                standby.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                token = _current.set(standby)
+                try:
+                    yield
+                finally:
+                    _current.reset(token)
+        except Exception as exc:
+            if _lost(exc, standby):
+                replica.lost(exc)
+                raise database_unavailable(exc) from exc
+            if isinstance(exc, asyncpg.SerializationError):
+                # A hot standby cancels a snapshot that conflicts with the WAL it replays
+                # (max_standby_streaming_delay); a retry takes a newer one.
+                raise database_unavailable(exc) from exc
+            raise
+        finally:
+            await replica.checkin(standby)
+
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Runs `hook` once the current transaction commits (at once outside one), so that
         work the transaction makes visible (a queued job) is announced only when it is."""

@@ -10,12 +10,11 @@ from service.domain.diffs import MemberPair, VersionPair
 from service.storage.db import Repository
 from service.storage.rows import record
 
-# Shares the versions' rows for the rest of the transaction: a delete waits until the
-# page is read, so that a page is never cut short by a version vanishing under it.
-SHARE_VERSIONS = """
+# No row lock (a hot standby refuses one): the diff reads each page in one snapshot, in
+# which a version found here keeps all its members until the page is read.
+EXISTING_VERSIONS = """
 SELECT id FROM dataset_versions
 WHERE app_id = $1 AND dataset_id = $2 AND id = ANY($3::text[])
-FOR SHARE
 """
 # One step of an ordered merge. Each side takes its first `limit` members after the
 # cursor (an index range scan of version_inputs_by_input); the first `limit` ids of their
@@ -53,8 +52,8 @@ def _member_pair(row: asyncpg.Record) -> MemberPair:
 class PgVersionPairs(Repository):
     """The domain's VersionPairs."""
 
-    async def share(self, app_id: str, dataset_id: str, version_ids: list[str]) -> set[str]:
-        rows = await self._db.fetch(SHARE_VERSIONS, app_id, dataset_id, version_ids)
+    async def existing(self, app_id: str, dataset_id: str, version_ids: list[str]) -> set[str]:
+        rows = await self._db.fetch(EXISTING_VERSIONS, app_id, dataset_id, version_ids)
         return {r["id"] for r in rows}
 
     async def page(

@@ -15,6 +15,7 @@ from service.domain.models import (
     Input,
     InputQuery,
     MediaType,
+    StoredBlob,
 )
 from service.storage.db import Database, Repository
 from service.storage.rows import BLOB_COLUMNS, record, stored_blob
@@ -74,6 +75,13 @@ UPDATE inputs SET metadata = $3, longitude = $4, latitude = $5, title = $6,
        modified_at = greatest(now(), modified_at + interval '1 microsecond')
 WHERE app_id = $1 AND id = $2
 """
+# Only while the input still points at the media that was re-encoded: a concurrent delete
+# or change wins, and the re-encode of that input is reported as failed.
+REPLACE_MEDIA = """
+UPDATE inputs SET blob_key = $4, media_info = $5,
+       modified_at = greatest(now(), modified_at + interval '1 microsecond')
+WHERE app_id = $1 AND id = $2 AND blob_key = $3
+"""
 DELETE_INPUTS = "DELETE FROM inputs WHERE app_id = $1 AND id = ANY($2::text[]) RETURNING id"
 
 # Every condition is optional (NULL means "any"), so one statement serves every
@@ -107,8 +115,9 @@ DELETE_MATCHING = f"DELETE FROM inputs i WHERE {_MATCH}"
 LIVE_DATASETS = """
 SELECT id FROM datasets
 WHERE app_id = $1 AND id = ANY($2::text[]) AND deleted_at IS NULL
-ORDER BY id FOR SHARE
+ORDER BY id
 """
+LOCK_LIVE_DATASETS = LIVE_DATASETS + " FOR SHARE"
 ADD_MEMBERS = """
 INSERT INTO dataset_inputs (app_id, dataset_id, input_id)
 SELECT $1, $2, input_id FROM unnest($3::text[]) AS t(input_id)
@@ -277,6 +286,12 @@ class PgInputRepository(Repository):
     async def delete(self, app_id: str, ids: list[str]) -> list[str]:
         return [r["id"] for r in await self._db.fetch(DELETE_INPUTS, app_id, ids)]
 
+    async def replace_media(
+        self, app_id: str, input_id: str, old: StoredBlob, new: StoredBlob, info: dict[str, Any]
+    ) -> bool:
+        """Points a video at re-encoded media (service.domain.reencode.MediaReplacer)."""
+        return await self._db.affected(REPLACE_MEDIA, app_id, input_id, old.key, new.key, info) > 0
+
     async def count_matching(self, query: InputQuery) -> int:
         count: int = await self._db.fetchval(COUNT_MATCHING, *_query_args(query))
         return count
@@ -290,10 +305,13 @@ def _row_to_member(row: asyncpg.Record) -> DatasetMember:
 
 
 class PgMembershipRepository(Repository):
-    async def live_datasets(self, app_id: str, dataset_ids: list[str]) -> set[str]:
+    async def live_datasets(
+        self, app_id: str, dataset_ids: list[str], *, lock: bool = True
+    ) -> set[str]:
         if not dataset_ids:
             return set()
-        return {r["id"] for r in await self._db.fetch(LIVE_DATASETS, app_id, dataset_ids)}
+        sql = LOCK_LIVE_DATASETS if lock else LIVE_DATASETS
+        return {r["id"] for r in await self._db.fetch(sql, app_id, dataset_ids)}
 
     async def add(self, app_id: str, dataset_id: str, input_ids: list[str]) -> int:
         if not input_ids:

@@ -2,10 +2,11 @@
 
 What may go to the replica, in a call the transport marked read-only
 (`CallRoute.read_only`) and outside a transaction: a `fetch`/`fetchrow`/`fetchval` whose
-SQL does not write or lock (rerun on the primary if the replica fails it), and the
-connection a repository takes with `Database.connection()` for several reads. Everything
-else (transactions, `execute`, every statement of a call that may write, authentication,
-the job runner and maintenance, which run outside any call) uses the primary.
+SQL does not write or lock (rerun on the primary if the replica fails it), the
+connection a repository takes with `Database.connection()` for several reads, and the
+snapshot of a `Database.read_transaction()`. Everything else (transactions, `execute`,
+every statement of a call that may write, authentication, the job runner and maintenance,
+which run outside any call) uses the primary.
 
 When: the replica must have replayed the WAL up to the position the caller needs — the
 primary's WAL insert position taken after the caller's last writing call in this process

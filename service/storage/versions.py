@@ -66,8 +66,9 @@ WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3
 ORDER BY v.position LIMIT $4
 """
 STORE_CONTENT = """
-UPDATE version_inputs v SET data = t.data, content_hash = t.content_hash
-FROM unnest($4::integer[], $5::bytea[], $6::bytea[]) AS t(position, data, content_hash)
+UPDATE version_inputs v SET data = t.data, content_hash = t.content_hash, blob_key = t.blob_key
+FROM unnest($4::integer[], $5::bytea[], $6::bytea[], $7::text[])
+     AS t(position, data, content_hash, blob_key)
 WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3 AND v.position = t.position
 """
 UNBUILT_COUNT = f"SELECT count(*) FROM version_inputs WHERE {_MEMBER_KEY} AND data IS NULL"
@@ -168,6 +169,7 @@ class PgVersionRepository(Repository):
             [c.position for c in content],
             [c.data for c in content],
             [c.content_hash for c in content],
+            [c.blob_key for c in content],
         )
 
     async def unbuilt_count(self, app_id: str, dataset_id: str, version_id: str) -> int:

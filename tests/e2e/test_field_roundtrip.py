@@ -34,7 +34,7 @@ from typing import Any
 import datasetd.v1
 import grpc
 import pytest
-from datasetd.v1 import common_pb2, data_pb2, dataset_version_pb2, status_pb2
+from datasetd.v1 import common_pb2, data_pb2, dataset_version_pb2, ontology_pb2, status_pb2
 from datasetd.v1 import dataset_version_service_pb2 as vapi
 from google.protobuf import (
     descriptor_pool,
@@ -215,9 +215,19 @@ def _template(full_name: str) -> Message:
         "Geo": lambda: data_pb2.Geo(geo_point=data_pb2.GeoPoint(longitude=0.25, latitude=0.25)),
         "Concept": lambda: data_pb2.Concept(id="c-template", value=1.0),
         "SplitOptions": _split_options,
+        # A class id of its own each time: class ids are unique in the whole ontology.
+        "OntologyClass": lambda: ontology_pb2.OntologyClass(
+            id=f"class-{next(_CLASS_IDS)}", shapes=[ontology_pb2.SHAPE_CLASSIFICATION]
+        ),
+        "OntologyAttribute": lambda: ontology_pb2.OntologyAttribute(
+            id="attr", name="Attr", boolean=ontology_pb2.BooleanAttribute()
+        ),
     }
     make = templates.get(full_name.removeprefix("datasetd.v1."))
     return make() if make is not None else _empty(full_name)
+
+
+_CLASS_IDS = itertools.count()
 
 
 def _split_options() -> Message:
@@ -239,6 +249,7 @@ EXCLUSIVE: Mapping[str, frozenset[str]] = {
     "datasetd.v1.Audio": frozenset({"base64", "url"}),
     "datasetd.v1.Text": frozenset({"raw", "url"}),
     "datasetd.v1.DeleteAnnotationsRequest": frozenset({"ids", "input_ids"}),
+    "datasetd.v1.OntologyAttribute": frozenset({"enum_type", "boolean", "number", "text"}),
 }
 
 # Values that the per-type defaults would get wrong, by message and field.
@@ -256,6 +267,7 @@ VALUES: Mapping[tuple[str, str], Callable[[Env], Any]] = {
     ("datasetd.v1.Span", "char_end"): lambda env: 2,
     ("datasetd.v1.SplitOptions", "ratios"): lambda env: {"train": 1.0},
     ("datasetd.v1.Input", "dataset_ids"): lambda env: [env.ids["other"]],
+    ("datasetd.v1.OntologyClass", "color"): lambda env: "#12AB9f",
 }
 
 
@@ -455,6 +467,22 @@ async def _fresh_input(env: Env) -> str:
     return input_id
 
 
+def _reencode_job(rpc: str) -> Callable[[Env], Awaitable[Prepared]]:
+    """A request about a new re-encode job (of a new video input)."""
+
+    async def base(env: Env) -> Prepared:
+        input_id = env.unique("fresh-")
+        await env.send(
+            "InputService.CreateInputs",
+            inputs=[{"id": input_id, "data": {"video": {"base64": mp4()}}}],
+            atomic=True,
+        )
+        started = await env.send("InputService.ReencodeInputs", input_ids=[input_id])
+        return Prepared(env.request(rpc, job_id=started.job.id))
+
+    return base
+
+
 async def _fresh_version(env: Env) -> str:
     version_id = env.unique("fresh-")
     await env.send(
@@ -513,6 +541,22 @@ async def _delete_annotations(env: Env) -> Prepared:
 async def _version_of_empty(rpc: str, env: Env) -> Prepared:
     version_id = await _fresh_version(env)
     return Prepared(env.request(rpc, dataset_id=env.ids["empty"], version_id=version_id))
+
+
+async def get_ontology(env: Env, ontology_id: str) -> Message:
+    response = await env.send("OntologyService.GetOntology", ontology_id=ontology_id)
+    found: Message = response.ontology
+    return found
+
+
+async def _revision(env: Env, request: Message) -> Any:
+    return (await get_ontology(env, env.ids["onto"])).revision  # type: ignore[attr-defined]
+
+
+async def _delete_ontology(env: Env) -> Prepared:
+    ontology_id = env.unique("fresh-")
+    await env.send("OntologyService.CreateOntology", ontology={"id": ontology_id})
+    return Prepared(env.request("OntologyService.DeleteOntology", ontology_id=ontology_id))
 
 
 async def _etag(env: Env, request: Message) -> Any:
@@ -665,6 +709,16 @@ CASES: Mapping[str, Case] = {
     "InputService.GetInputDownloadUrl": Case(
         fixed("InputService.GetInputDownloadUrl", input_id="@img")
     ),
+    "InputService.ReencodeInputs": Case(
+        # A dry run: a real job would re-encode the shared video other cases rely on.
+        fixed("InputService.ReencodeInputs", input_ids=["@vid"], dry_run=True)
+    ),
+    "InputService.GetReencodeJob": Case(_reencode_job("InputService.GetReencodeJob")),
+    "InputService.CancelReencodeJob": Case(
+        _reencode_job("InputService.CancelReencodeJob"),
+        # The job may have ended before the cancel comes.
+        ends=frozenset({grpc.StatusCode.FAILED_PRECONDITION}),
+    ),
     # --- AnnotationService
     "AnnotationService.CreateAnnotations": Case(
         fixed(
@@ -754,6 +808,24 @@ CASES: Mapping[str, Case] = {
             to_version_id="@v2",
         )
     ),
+    # --- OntologyService
+    "OntologyService.CreateOntology": Case(
+        fixed("OntologyService.CreateOntology", ontology={}),
+        stored=("ontology",),
+        read_back=lambda env, req, resp: _one(get_ontology(env, resp.ontology.id)),
+    ),
+    "OntologyService.GetOntology": Case(fixed("OntologyService.GetOntology", ontology_id="@onto")),
+    "OntologyService.ListOntologies": Case(
+        fixed("OntologyService.ListOntologies"),
+        values={("page_token",): page_token("OntologyService.ListOntologies")},
+    ),
+    "OntologyService.UpdateOntology": Case(
+        fixed("OntologyService.UpdateOntology", ontology={"id": "@onto", "description": "base"}),
+        stored=("ontology",),
+        read_back=lambda env, req, resp: _one(get_ontology(env, req.ontology.id)),
+        values={("expected_revision",): _revision, ("update_mask",): mask("description")},
+    ),
+    "OntologyService.DeleteOntology": Case(_delete_ontology),
 }
 
 
@@ -1017,6 +1089,9 @@ async def shared_app(channel: grpc.aio.Channel, db: Database) -> Env:
         ],
         atomic=True,
     )
+    for ontology_id in ("onto", "onto2"):
+        env.ids[ontology_id] = ontology_id
+        await env.send("OntologyService.CreateOntology", ontology={"id": ontology_id})
     for version_id in ("v1", "v2"):
         env.ids[version_id] = version_id
         await env.send(
@@ -1116,6 +1191,7 @@ async def test_every_request_field_is_stored_or_refused(
         ("InputService.UpdateInputs", ("inputs",), ("data", "metadata"), "title"),
         ("AnnotationService.UpdateAnnotations", ("annotations",), ("annotation_info",), "data"),
         ("DatasetVersionService.UpdateDatasetVersion", ("version",), ("metadata",), "description"),
+        ("OntologyService.UpdateOntology", ("ontology",), ("description",), "classes"),
     ],
 )
 async def test_a_field_outside_the_update_mask_is_refused(
@@ -1128,7 +1204,7 @@ async def test_a_field_outside_the_update_mask_is_refused(
 ) -> None:
     """With an update_mask, a patchable field set beside it is refused, not skipped."""
     env = Env(await new_caller(db), channel, db)
-    env.ids.update({k: k for k in ("patched", "main", "img", "a-img", "v1")})
+    env.ids.update({k: k for k in ("patched", "main", "img", "a-img", "v1", "onto")})
     env.ids["app"] = env.caller.app_id
     case = CASES[rpc]
     request = copy.deepcopy((await case.base(env)).request)

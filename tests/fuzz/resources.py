@@ -23,6 +23,9 @@ from datasetd.v1 import (
     input_pb2,
     input_service_pb2,
     input_service_pb2_grpc,
+    ontology_pb2,
+    ontology_service_pb2,
+    ontology_service_pb2_grpc,
     status_pb2,
 )
 from google.protobuf import descriptor, struct_pb2
@@ -34,11 +37,13 @@ from service.storage.db import Database
 from tests.conftest import Caller, new_caller
 from tests.fuzz.strategies import Known
 from tests.helpers import png_bytes
+from tests.unit.test_media import mp4
 
 DATASET_IDS = ("fuzz-a", "fuzz-b")
 INPUT_IDS = ("fuzz-img-1", "fuzz-img-2", "fuzz-text-1", "fuzz-img-3")
 ANNOTATION_IDS = ("fuzz-ann-1",)
 VERSION_IDS = ("fuzz-v1",)
+ONTOLOGY_IDS = ("fuzz-onto-1", "fuzz-onto-2")
 CONCEPT_IDS = ("cat", "dog")
 READY = status_pb2.STATUS_CODE_DATASET_VERSION_READY
 FAILURE = status_pb2.STATUS_CODE_DATASET_VERSION_FAILURE
@@ -66,6 +71,7 @@ class Resources:
     reader: Caller  # scopes ("read",) in the same app
     stranger: Caller  # another app
     export_ids: list[str] = dataclasses.field(default_factory=list)
+    reencode_job_ids: list[str] = dataclasses.field(default_factory=list)
     page_tokens: list[str] = dataclasses.field(default_factory=list)
     archive: bytes = b""
 
@@ -82,6 +88,10 @@ class Resources:
         return annotation_service_pb2_grpc.AnnotationServiceStub(self.channel)
 
     @property
+    def ontologies(self) -> ontology_service_pb2_grpc.OntologyServiceAsyncStub:
+        return ontology_service_pb2_grpc.OntologyServiceStub(self.channel)
+
+    @property
     def versions(self) -> dataset_version_service_pb2_grpc.DatasetVersionServiceAsyncStub:
         return dataset_version_service_pb2_grpc.DatasetVersionServiceStub(self.channel)
 
@@ -94,7 +104,9 @@ class Resources:
                 "annotation": ANNOTATION_IDS,
                 "version": VERSION_IDS,
                 "export": tuple(self.export_ids),
+                "job": tuple(self.reencode_job_ids),
                 "concept": CONCEPT_IDS,
+                "ontology": ONTOLOGY_IDS,
             },
             page_tokens=tuple(self.page_tokens),
             field_paths=field_paths,
@@ -195,8 +207,54 @@ async def ensure(res: Resources) -> None:
             metadata=md,
         )
     )
+    for ontology_id in ONTOLOGY_IDS:
+        await _tolerating(
+            res.ontologies.CreateOntology(
+                ontology_service_pb2.CreateOntologyRequest(
+                    app_id=app, ontology=_ontology(ontology_id)
+                ),
+                metadata=md,
+            )
+        )
     for version_id in VERSION_IDS:
         await _ensure_version(res, version_id)
+
+
+def _ontology(ontology_id: str) -> ontology_pb2.Ontology:
+    """Classes the fuzzing app's annotation uses (removing them reaches the in-use check),
+    with every kind of attribute."""
+    attributes = [
+        ontology_pb2.OntologyAttribute(
+            id="colour", name="Colour", enum_type=ontology_pb2.EnumAttribute(options=["red"])
+        ),
+        ontology_pb2.OntologyAttribute(
+            id="big", name="Big", boolean=ontology_pb2.BooleanAttribute()
+        ),
+        ontology_pb2.OntologyAttribute(
+            id="n", name="N", number=ontology_pb2.NumberAttribute(min=0, max=1)
+        ),
+        ontology_pb2.OntologyAttribute(id="note", name="Note", text=ontology_pb2.TextAttribute()),
+    ]
+    return ontology_pb2.Ontology(
+        id=ontology_id,
+        classes=[
+            ontology_pb2.OntologyClass(
+                id=CONCEPT_IDS[0],
+                color="#FF0000",
+                shapes=[ontology_pb2.SHAPE_BOUNDING_BOX, ontology_pb2.SHAPE_KEYPOINTS],
+                keypoint_names=["head"],
+                attributes=attributes,
+                sub_classes=[
+                    ontology_pb2.OntologyClass(id="kitten", shapes=[ontology_pb2.SHAPE_POINT])
+                ],
+            )
+        ],
+        input_classifications=[
+            ontology_pb2.OntologyClass(
+                id=CONCEPT_IDS[1], shapes=[ontology_pb2.SHAPE_CLASSIFICATION]
+            )
+        ],
+    )
 
 
 async def _ensure_version(res: Resources, version_id: str) -> None:
@@ -323,7 +381,15 @@ async def _page_tokens(res: Resources) -> list[str]:
         ),
         metadata=md,
     )
-    tokens = (inputs.next_page_token, datasets.next_page_token, members.next_page_token)
+    ontologies = await res.ontologies.ListOntologies(
+        ontology_service_pb2.ListOntologiesRequest(app_id=app, page_size=1), metadata=md
+    )
+    tokens = (
+        inputs.next_page_token,
+        datasets.next_page_token,
+        members.next_page_token,
+        ontologies.next_page_token,
+    )
     return [token for token in tokens if token]
 
 
@@ -337,7 +403,24 @@ async def open_resources(db: Database, channel: grpc.aio.Channel) -> Resources:
     )
     await ensure(res)
     res.page_tokens = await _page_tokens(res)
+    res.reencode_job_ids = [await _reencode_job(res)]
     return res
+
+
+async def _reencode_job(res: Resources) -> str:
+    """A re-encode job for GetReencodeJob and CancelReencodeJob to find (of a video of its
+    own, so that the fuzzed calls cannot change the inputs the other RPCs aim at)."""
+    app, md = res.caller.app_id, res.caller.metadata
+    video = input_pb2.Input(id="fuzz-vid-1", data=data_pb2.Data(video=data_pb2.Video(base64=mp4())))
+    await _tolerating(
+        res.inputs.CreateInputs(
+            input_service_pb2.CreateInputsRequest(app_id=app, inputs=[video]), metadata=md
+        )
+    )
+    started = await res.inputs.ReencodeInputs(
+        input_service_pb2.ReencodeInputsRequest(app_id=app, input_ids=[video.id]), metadata=md
+    )
+    return started.job.id
 
 
 async def _same_app_reader(db: Database, caller: Caller) -> Caller:

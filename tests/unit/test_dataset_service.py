@@ -99,6 +99,10 @@ class FakeTx:
     async def transaction(self) -> AsyncIterator[None]:
         yield
 
+    @asynccontextmanager
+    async def read_transaction(self) -> AsyncIterator[None]:
+        yield
+
     def after_commit(self, hook: Callable[[], None]) -> None:
         hook()
 

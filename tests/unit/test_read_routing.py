@@ -23,6 +23,7 @@ from service.api.exports import ExportRpcs
 from service.api.imports import ImportRpcs
 from service.api.inputs import InputRpcs
 from service.api.membership import MembershipRpcs
+from service.api.ontologies import OntologyRpcs
 from service.api.read_routing import (
     LSN_HEADER,
     MIN_LSN_HEADER,
@@ -48,6 +49,7 @@ PARTS = (
     ImportRpcs,
     InputRpcs,
     MembershipRpcs,
+    OntologyRpcs,
     VersionRpcs,
 )
 

@@ -12,6 +12,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,70 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ReencodeJobState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReencodeJobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReencodeJobState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REENCODE_JOB_STATE_UNSPECIFIED: _ReencodeJobState.ValueType  # 0
+    """Not set."""
+    REENCODE_JOB_STATE_PENDING: _ReencodeJobState.ValueType  # 1
+    """Queued."""
+    REENCODE_JOB_STATE_RUNNING: _ReencodeJobState.ValueType  # 2
+    """Running; see `percent_completed`."""
+    REENCODE_JOB_STATE_SUCCEEDED: _ReencodeJobState.ValueType  # 3
+    """Every input was attempted; see each result."""
+    REENCODE_JOB_STATE_FAILED: _ReencodeJobState.ValueType  # 4
+    """The job failed as a whole; see `details`."""
+    REENCODE_JOB_STATE_CANCELLED: _ReencodeJobState.ValueType  # 5
+    """Cancelled; inputs not reached keep their media."""
+
+class ReencodeJobState(_ReencodeJobState, metaclass=_ReencodeJobStateEnumTypeWrapper):
+    """State of a re-encode job."""
+
+REENCODE_JOB_STATE_UNSPECIFIED: ReencodeJobState.ValueType  # 0
+"""Not set."""
+REENCODE_JOB_STATE_PENDING: ReencodeJobState.ValueType  # 1
+"""Queued."""
+REENCODE_JOB_STATE_RUNNING: ReencodeJobState.ValueType  # 2
+"""Running; see `percent_completed`."""
+REENCODE_JOB_STATE_SUCCEEDED: ReencodeJobState.ValueType  # 3
+"""Every input was attempted; see each result."""
+REENCODE_JOB_STATE_FAILED: ReencodeJobState.ValueType  # 4
+"""The job failed as a whole; see `details`."""
+REENCODE_JOB_STATE_CANCELLED: ReencodeJobState.ValueType  # 5
+"""Cancelled; inputs not reached keep their media."""
+Global___ReencodeJobState: _TypeAlias = ReencodeJobState  # noqa: Y015
+
+class _ReencodeOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReencodeOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReencodeOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REENCODE_OUTCOME_UNSPECIFIED: _ReencodeOutcome.ValueType  # 0
+    """Not set."""
+    REENCODE_OUTCOME_PENDING: _ReencodeOutcome.ValueType  # 1
+    """Not reached yet."""
+    REENCODE_OUTCOME_REENCODED: _ReencodeOutcome.ValueType  # 2
+    """Re-encoded; the input now points at the new media."""
+    REENCODE_OUTCOME_FAILED: _ReencodeOutcome.ValueType  # 3
+    """Could not be re-encoded (see `details`); the input keeps its media."""
+
+class ReencodeOutcome(_ReencodeOutcome, metaclass=_ReencodeOutcomeEnumTypeWrapper):
+    """What happened to one input of a re-encode job."""
+
+REENCODE_OUTCOME_UNSPECIFIED: ReencodeOutcome.ValueType  # 0
+"""Not set."""
+REENCODE_OUTCOME_PENDING: ReencodeOutcome.ValueType  # 1
+"""Not reached yet."""
+REENCODE_OUTCOME_REENCODED: ReencodeOutcome.ValueType  # 2
+"""Re-encoded; the input now points at the new media."""
+REENCODE_OUTCOME_FAILED: ReencodeOutcome.ValueType  # 3
+"""Could not be re-encoded (see `details`); the input keeps its media."""
+Global___ReencodeOutcome: _TypeAlias = ReencodeOutcome  # noqa: Y015
 
 @_typing.final
 class CreateInputsRequest(_message.Message):
@@ -609,3 +674,307 @@ class GetInputDownloadUrlResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetInputDownloadUrlResponse: _TypeAlias = GetInputDownloadUrlResponse  # noqa: Y015
+
+@_typing.final
+class ReencodeInputsRequest(_message.Message):
+    """Request of ReencodeInputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    INPUT_IDS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dry_run: _builtins.bool
+    """Optional. Queue nothing; list which of the videos a browser could not play."""
+    request_id: _builtins.str
+    """Optional. Idempotency key."""
+    @_builtins.property
+    def input_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required. 1..1000 distinct ids of video inputs; an id that is not a video
+        input is INVALID_ARGUMENT naming `input_ids[i]`.
+        """
+
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        input_ids: _abc.Iterable[_builtins.str] | None = ...,
+        dry_run: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dry_run", b"dry_run", "input_ids", b"input_ids", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReencodeInputsRequest: _TypeAlias = ReencodeInputsRequest  # noqa: Y015
+
+@_typing.final
+class ReencodeCandidate(_message.Message):
+    """A video a browser could not play as it is (a dry run's finding)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_ID_FIELD_NUMBER: _builtins.int
+    VIDEO_FORMAT_FIELD_NUMBER: _builtins.int
+    CODEC_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    input_id: _builtins.str
+    """The input id."""
+    video_format: _builtins.str
+    """Container format from the stored media info, e.g. "AVI", "WEBM"."""
+    codec: _builtins.str
+    """Video codec from the stored media info, when known (e.g. "h264")."""
+    reason: _builtins.str
+    """Why a browser could not play it, e.g. "AVI is not a container browsers play"."""
+    def __init__(
+        self,
+        *,
+        input_id: _builtins.str = ...,
+        video_format: _builtins.str = ...,
+        codec: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "input_id", b"input_id", "reason", b"reason", "video_format", b"video_format"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReencodeCandidate: _TypeAlias = ReencodeCandidate  # noqa: Y015
+
+@_typing.final
+class ReencodeInputsResponse(_message.Message):
+    """Response of ReencodeInputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___ReencodeJob:
+        """The queued job; not set for a dry run."""
+
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReencodeCandidate]:
+        """Dry run only: the requested videos a browser could not play as they are,
+        in request order (the others play as they are).
+        """
+
+    def __init__(
+        self,
+        *,
+        job: Global___ReencodeJob | None = ...,
+        candidates: _abc.Iterable[Global___ReencodeCandidate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReencodeInputsResponse: _TypeAlias = ReencodeInputsResponse  # noqa: Y015
+
+@_typing.final
+class ReencodeResult(_message.Message):
+    """The result of one input of a re-encode job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
+    CODEC_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    input_id: _builtins.str
+    """The input id."""
+    outcome: Global___ReencodeOutcome.ValueType
+    """Pending, re-encoded or failed."""
+    details: _builtins.str
+    """Why it failed, for FAILED."""
+    duration_seconds: _builtins.float
+    """REENCODED: duration of the new media in seconds."""
+    fps: _builtins.float
+    """REENCODED: frames per second of the new media."""
+    codec: _builtins.str
+    """REENCODED: video codec of the new media ("h264")."""
+    size: _builtins.int
+    """REENCODED: size of the new media in bytes."""
+    sha256: _builtins.str
+    """REENCODED: hex SHA-256 of the new media."""
+    def __init__(
+        self,
+        *,
+        input_id: _builtins.str = ...,
+        outcome: Global___ReencodeOutcome.ValueType = ...,
+        details: _builtins.str = ...,
+        duration_seconds: _builtins.float = ...,
+        fps: _builtins.float = ...,
+        codec: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "details", b"details", "duration_seconds", b"duration_seconds", "fps", b"fps", "input_id", b"input_id", "outcome", b"outcome", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReencodeResult: _TypeAlias = ReencodeResult  # noqa: Y015
+
+@_typing.final
+class ReencodeJob(_message.Message):
+    """A re-encode job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PERCENT_COMPLETED_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Id of the job."""
+    state: Global___ReencodeJobState.ValueType
+    """Pending, running, succeeded, failed or cancelled."""
+    percent_completed: _builtins.int
+    """Progress, 0..100 (percent of the inputs done)."""
+    details: _builtins.str
+    """Why the job failed or that it was cancelled."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReencodeResult]:
+        """One result per input, in request order."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the job was queued."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        state: Global___ReencodeJobState.ValueType = ...,
+        percent_completed: _builtins.int = ...,
+        details: _builtins.str = ...,
+        results: _abc.Iterable[Global___ReencodeResult] | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "details", b"details", "id", b"id", "percent_completed", b"percent_completed", "results", b"results", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReencodeJob: _TypeAlias = ReencodeJob  # noqa: Y015
+
+@_typing.final
+class GetReencodeJobRequest(_message.Message):
+    """Request of GetReencodeJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    job_id: _builtins.str
+    """Required. `job.id` of a ReencodeInputs response."""
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReencodeJobRequest: _TypeAlias = GetReencodeJobRequest  # noqa: Y015
+
+@_typing.final
+class GetReencodeJobResponse(_message.Message):
+    """Response of GetReencodeJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___ReencodeJob:
+        """The job."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___ReencodeJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReencodeJobResponse: _TypeAlias = GetReencodeJobResponse  # noqa: Y015
+
+@_typing.final
+class CancelReencodeJobRequest(_message.Message):
+    """Request of CancelReencodeJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    job_id: _builtins.str
+    """Required. The job."""
+    request_id: _builtins.str
+    """Optional. Idempotency key."""
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "job_id", b"job_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelReencodeJobRequest: _TypeAlias = CancelReencodeJobRequest  # noqa: Y015
+
+@_typing.final
+class CancelReencodeJobResponse(_message.Message):
+    """Response of CancelReencodeJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___ReencodeJob:
+        """The job after the cancellation."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___ReencodeJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelReencodeJobResponse: _TypeAlias = CancelReencodeJobResponse  # noqa: Y015

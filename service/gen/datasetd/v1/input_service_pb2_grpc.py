@@ -81,6 +81,21 @@ class InputServiceStub:
                 request_serializer=datasetd_dot_v1_dot_input__service__pb2.GetInputDownloadUrlRequest.SerializeToString,
                 response_deserializer=datasetd_dot_v1_dot_input__service__pb2.GetInputDownloadUrlResponse.FromString,
                 _registered_method=True)
+        self.ReencodeInputs = channel.unary_unary(
+                '/datasetd.v1.InputService/ReencodeInputs',
+                request_serializer=datasetd_dot_v1_dot_input__service__pb2.ReencodeInputsRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_input__service__pb2.ReencodeInputsResponse.FromString,
+                _registered_method=True)
+        self.GetReencodeJob = channel.unary_unary(
+                '/datasetd.v1.InputService/GetReencodeJob',
+                request_serializer=datasetd_dot_v1_dot_input__service__pb2.GetReencodeJobRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_input__service__pb2.GetReencodeJobResponse.FromString,
+                _registered_method=True)
+        self.CancelReencodeJob = channel.unary_unary(
+                '/datasetd.v1.InputService/CancelReencodeJob',
+                request_serializer=datasetd_dot_v1_dot_input__service__pb2.CancelReencodeJobRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_input__service__pb2.CancelReencodeJobResponse.FromString,
+                _registered_method=True)
 
 
 class InputServiceServicer:
@@ -166,6 +181,37 @@ class InputServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReencodeInputs(self, request, context):
+        """Re-encodes stored videos to H.264/AAC MP4 with `+faststart` (plays in every
+        browser) as a durable background job: the response names the job, which
+        GetReencodeJob follows (progress and one result per input) and
+        CancelReencodeJob stops between inputs. Each output is verified (duration
+        within one frame of the original) and stored before the input points at it;
+        the original stays stored until then, and versions made before keep it. A
+        video that cannot be decoded is reported on its result and kept as it is.
+        With `dry_run`, nothing is queued: the response lists the videos a browser
+        could not play as they are, and why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReencodeJob(self, request, context):
+        """Gets a re-encode job with its progress and per-input results.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelReencodeJob(self, request, context):
+        """Cancels a pending or running re-encode job: the input being re-encoded is
+        finished or left as it was, the others are not started. FAILED_PRECONDITION
+        when the job already ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InputServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +254,21 @@ def add_InputServiceServicer_to_server(servicer, server):
                     servicer.GetInputDownloadUrl,
                     request_deserializer=datasetd_dot_v1_dot_input__service__pb2.GetInputDownloadUrlRequest.FromString,
                     response_serializer=datasetd_dot_v1_dot_input__service__pb2.GetInputDownloadUrlResponse.SerializeToString,
+            ),
+            'ReencodeInputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReencodeInputs,
+                    request_deserializer=datasetd_dot_v1_dot_input__service__pb2.ReencodeInputsRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_input__service__pb2.ReencodeInputsResponse.SerializeToString,
+            ),
+            'GetReencodeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReencodeJob,
+                    request_deserializer=datasetd_dot_v1_dot_input__service__pb2.GetReencodeJobRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_input__service__pb2.GetReencodeJobResponse.SerializeToString,
+            ),
+            'CancelReencodeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelReencodeJob,
+                    request_deserializer=datasetd_dot_v1_dot_input__service__pb2.CancelReencodeJobRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_input__service__pb2.CancelReencodeJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +494,87 @@ class InputService:
             '/datasetd.v1.InputService/GetInputDownloadUrl',
             datasetd_dot_v1_dot_input__service__pb2.GetInputDownloadUrlRequest.SerializeToString,
             datasetd_dot_v1_dot_input__service__pb2.GetInputDownloadUrlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReencodeInputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.InputService/ReencodeInputs',
+            datasetd_dot_v1_dot_input__service__pb2.ReencodeInputsRequest.SerializeToString,
+            datasetd_dot_v1_dot_input__service__pb2.ReencodeInputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReencodeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.InputService/GetReencodeJob',
+            datasetd_dot_v1_dot_input__service__pb2.GetReencodeJobRequest.SerializeToString,
+            datasetd_dot_v1_dot_input__service__pb2.GetReencodeJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelReencodeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.InputService/CancelReencodeJob',
+            datasetd_dot_v1_dot_input__service__pb2.CancelReencodeJobRequest.SerializeToString,
+            datasetd_dot_v1_dot_input__service__pb2.CancelReencodeJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

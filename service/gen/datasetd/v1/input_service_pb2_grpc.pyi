@@ -77,6 +77,24 @@ class InputServiceStub:
     """Streams the original media bytes of an input in chunks of up to 1 MiB."""
     GetInputDownloadUrl: _grpc.UnaryUnaryMultiCallable[_input_service_pb2.GetInputDownloadUrlRequest, _input_service_pb2.GetInputDownloadUrlResponse]
     """A time-limited URL to download the original media of an input."""
+    ReencodeInputs: _grpc.UnaryUnaryMultiCallable[_input_service_pb2.ReencodeInputsRequest, _input_service_pb2.ReencodeInputsResponse]
+    """Re-encodes stored videos to H.264/AAC MP4 with `+faststart` (plays in every
+    browser) as a durable background job: the response names the job, which
+    GetReencodeJob follows (progress and one result per input) and
+    CancelReencodeJob stops between inputs. Each output is verified (duration
+    within one frame of the original) and stored before the input points at it;
+    the original stays stored until then, and versions made before keep it. A
+    video that cannot be decoded is reported on its result and kept as it is.
+    With `dry_run`, nothing is queued: the response lists the videos a browser
+    could not play as they are, and why.
+    """
+    GetReencodeJob: _grpc.UnaryUnaryMultiCallable[_input_service_pb2.GetReencodeJobRequest, _input_service_pb2.GetReencodeJobResponse]
+    """Gets a re-encode job with its progress and per-input results."""
+    CancelReencodeJob: _grpc.UnaryUnaryMultiCallable[_input_service_pb2.CancelReencodeJobRequest, _input_service_pb2.CancelReencodeJobResponse]
+    """Cancels a pending or running re-encode job: the input being re-encoded is
+    finished or left as it was, the others are not started. FAILED_PRECONDITION
+    when the job already ended.
+    """
 
 @_typing.type_check_only
 class InputServiceAsyncStub(InputServiceStub):
@@ -127,6 +145,24 @@ class InputServiceAsyncStub(InputServiceStub):
     """Streams the original media bytes of an input in chunks of up to 1 MiB."""
     GetInputDownloadUrl: _aio.UnaryUnaryMultiCallable[_input_service_pb2.GetInputDownloadUrlRequest, _input_service_pb2.GetInputDownloadUrlResponse]  # type: ignore[assignment]
     """A time-limited URL to download the original media of an input."""
+    ReencodeInputs: _aio.UnaryUnaryMultiCallable[_input_service_pb2.ReencodeInputsRequest, _input_service_pb2.ReencodeInputsResponse]  # type: ignore[assignment]
+    """Re-encodes stored videos to H.264/AAC MP4 with `+faststart` (plays in every
+    browser) as a durable background job: the response names the job, which
+    GetReencodeJob follows (progress and one result per input) and
+    CancelReencodeJob stops between inputs. Each output is verified (duration
+    within one frame of the original) and stored before the input points at it;
+    the original stays stored until then, and versions made before keep it. A
+    video that cannot be decoded is reported on its result and kept as it is.
+    With `dry_run`, nothing is queued: the response lists the videos a browser
+    could not play as they are, and why.
+    """
+    GetReencodeJob: _aio.UnaryUnaryMultiCallable[_input_service_pb2.GetReencodeJobRequest, _input_service_pb2.GetReencodeJobResponse]  # type: ignore[assignment]
+    """Gets a re-encode job with its progress and per-input results."""
+    CancelReencodeJob: _aio.UnaryUnaryMultiCallable[_input_service_pb2.CancelReencodeJobRequest, _input_service_pb2.CancelReencodeJobResponse]  # type: ignore[assignment]
+    """Cancels a pending or running re-encode job: the input being re-encoded is
+    finished or left as it was, the others are not started. FAILED_PRECONDITION
+    when the job already ended.
+    """
 
 class InputServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages inputs: media items (image, video, audio, text) with their
@@ -222,5 +258,41 @@ class InputServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_input_service_pb2.GetInputDownloadUrlResponse, _abc.Awaitable[_input_service_pb2.GetInputDownloadUrlResponse]]:
         """A time-limited URL to download the original media of an input."""
+
+    @_abc_1.abstractmethod
+    def ReencodeInputs(
+        self,
+        request: _input_service_pb2.ReencodeInputsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_input_service_pb2.ReencodeInputsResponse, _abc.Awaitable[_input_service_pb2.ReencodeInputsResponse]]:
+        """Re-encodes stored videos to H.264/AAC MP4 with `+faststart` (plays in every
+        browser) as a durable background job: the response names the job, which
+        GetReencodeJob follows (progress and one result per input) and
+        CancelReencodeJob stops between inputs. Each output is verified (duration
+        within one frame of the original) and stored before the input points at it;
+        the original stays stored until then, and versions made before keep it. A
+        video that cannot be decoded is reported on its result and kept as it is.
+        With `dry_run`, nothing is queued: the response lists the videos a browser
+        could not play as they are, and why.
+        """
+
+    @_abc_1.abstractmethod
+    def GetReencodeJob(
+        self,
+        request: _input_service_pb2.GetReencodeJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_input_service_pb2.GetReencodeJobResponse, _abc.Awaitable[_input_service_pb2.GetReencodeJobResponse]]:
+        """Gets a re-encode job with its progress and per-input results."""
+
+    @_abc_1.abstractmethod
+    def CancelReencodeJob(
+        self,
+        request: _input_service_pb2.CancelReencodeJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_input_service_pb2.CancelReencodeJobResponse, _abc.Awaitable[_input_service_pb2.CancelReencodeJobResponse]]:
+        """Cancels a pending or running re-encode job: the input being re-encoded is
+        finished or left as it was, the others are not started. FAILED_PRECONDITION
+        when the job already ended.
+        """
 
 def add_InputServiceServicer_to_server(servicer: InputServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
