@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from service.api.http import HttpServer, build_application
-from service.api.server import SERVICE_NAMES, build_server
+from service.api.server import LIVENESS_SERVICE, SERVICE_NAMES, build_server
 from service.config import Config
 from service.devstack import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
 from service.domain.auth import ensure_bootstrap_key
@@ -206,6 +206,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         api = await Api.build(domain, db)
         health_servicer = health.aio.HealthServicer()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         server = build_server(
             authenticator=domain.authenticator,
             datasets=api.datasets,

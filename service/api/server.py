@@ -34,6 +34,10 @@ ONTOLOGIES = ontology_service_pb2.DESCRIPTOR.services_by_name["OntologyService"]
 SERVICE_NAMES: Sequence[str] = tuple(
     service.full_name for service in (DATASETS, INPUTS, ANNOTATIONS, VERSIONS, ONTOLOGIES)
 )
+# A health service name that is SERVING as long as the process serves, whatever PostgreSQL
+# and the object store do: for liveness probes, which must not restart every replica
+# during a database outage ("" and the API services follow the dependencies).
+LIVENESS_SERVICE = "datasetd.liveness"
 
 
 def build_server(

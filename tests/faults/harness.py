@@ -44,6 +44,7 @@ from datasetd.v1 import input_service_pb2 as api
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from service.api.server import LIVENESS_SERVICE
 from service.devstack import EmbeddedStack
 from service.storage.db import Database
 from service.storage.objectstore import ObjectStore
@@ -288,6 +289,8 @@ class HealthWatch:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = health_pb2_grpc.HealthStub(channel)
         self.changes: list[tuple[float, int]] = []
+        # What the liveness service answered whenever it was not SERVING.
+        self.liveness_lost: list[tuple[float, int]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> HealthWatch:
@@ -309,7 +312,20 @@ class HealthWatch:
                 status = -1  # the health service itself did not answer
             if not self.changes or self.changes[-1][1] != status:
                 self.changes.append((time.monotonic(), status))
+            if status != SERVING:
+                await self._check_liveness()
             await asyncio.sleep(HEALTH_POLL_SECONDS)
+
+    async def _check_liveness(self) -> None:
+        try:
+            response = await self._stub.Check(
+                health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=1.0
+            )
+            liveness = int(response.status)
+        except grpc.aio.AioRpcError:
+            liveness = -1
+        if liveness != SERVING:
+            self.liveness_lost.append((time.monotonic(), liveness))
 
     def status(self) -> int:
         return self.changes[-1][1] if self.changes else -1

@@ -107,6 +107,8 @@ async def store_goes_away(stack: FaultStack, plan: Plan) -> float:
         failed = _check_failures_were_fast(outcomes, plan, blackholed, slowed)
         assert failed > 0, f"no upload failed while the store was away: {outcomes.by_code}"
         assert health.left_serving_between(blackholed, slowed), health.changes
+        # Readiness follows the store; liveness must not, or every replica restarts.
+        assert not health.liveness_lost, health.liveness_lost
         if plan.blackhole_seconds >= SILENCE_NOTICED_SECONDS:
             # A silent store is noticed by health alone, not only once connections reset.
             assert health.left_serving_between(blackholed, blackholed + plan.blackhole_seconds), (

@@ -55,6 +55,8 @@ async def restart_under_load(stack: FaultStack, restarts: int) -> list[float]:
                     assert health.left_serving_between(began, accepting), (
                         f"health stayed SERVING through {held}s without PostgreSQL"
                     )
+            # Readiness follows PostgreSQL; liveness must not, or every replica restarts.
+            assert not health.liveness_lost, health.liveness_lost
             await asyncio.sleep(LOAD_SECONDS)
         outcomes = writers.outcomes
         print(f"{restarts} restarts: {dict(outcomes.by_code)}, recoveries {recoveries}")

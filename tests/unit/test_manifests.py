@@ -17,6 +17,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from service.api.server import LIVENESS_SERVICE
 from service.app import STOP_STEP_SECONDS
 from service.config import Config, parse_duration
 from service.tools import validate_manifests as vm
@@ -217,9 +218,14 @@ def test_ports_and_probes_match_the_configured_listeners(
     container = server_container(docs)
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"grpc": grpc_port, "http": http_port}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        # The standard gRPC health service, overall status ("").
+    for probe in ("startupProbe", "readinessProbe"):
+        # The standard gRPC health service, overall status (""): PostgreSQL and S3 answer.
         assert container[probe]["grpc"] == {"port": grpc_port, "service": ""}, probe
+    # The process alone: a database outage must not restart every replica.
+    assert container["livenessProbe"]["grpc"] == {
+        "port": grpc_port,
+        "service": LIVENESS_SERVICE,
+    }
     for service in (doc for doc in docs if doc["kind"] == "Service"):
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports, service["metadata"]["name"]
