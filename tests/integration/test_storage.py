@@ -74,6 +74,22 @@ async def test_migrations_apply_once_even_when_servers_race(fresh_dsn: str) -> N
             await conn.close()
 
 
+async def test_replicas_starting_together_make_the_bucket_once(stack: Stack) -> None:
+    # Each replica checks, then creates: the losers of that race must not fail to start.
+    bucket = "race-" + secrets.token_hex(4)
+    stores = [
+        ObjectStore(stack.s3.endpoint, stack.s3.access_key, stack.s3.secret_key, bucket)
+        for _ in range(8)
+    ]
+    try:
+        for _ in range(3):
+            await asyncio.gather(*(store.ensure_bucket() for store in stores))
+        await stores[0].ping()
+    finally:
+        for store in stores:
+            store.close()
+
+
 async def test_object_store_round_trip(objects: ObjectStore) -> None:
     key = f"test/{secrets.token_hex(4)}"
     await objects.put(key, b"hello", "text/plain")

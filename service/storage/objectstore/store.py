@@ -131,8 +131,15 @@ class ObjectStore:
 
     async def ensure_bucket(self) -> None:
         def create() -> None:
-            if not self._client.bucket_exists(self.bucket):
+            if self._client.bucket_exists(self.bucket):
+                return
+            try:
                 self._client.make_bucket(self.bucket)
+            except S3Error as exc:
+                # Replicas starting together on a new bucket: another one made it between
+                # our check and our request, which is what we wanted.
+                if exc.code != "BucketAlreadyOwnedByYou":
+                    raise
 
         await self._run("ensure_bucket", create)
 
