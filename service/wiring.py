@@ -17,6 +17,7 @@ from service.api.inputs import InputRpcs
 from service.api.membership import MembershipRpcs
 from service.api.ontologies import OntologyRpcs
 from service.api.pagination import PageTokens
+from service.api.projects import ProjectRpcs
 from service.api.reencode import ReencodeRpcs
 from service.api.versions import VersionRpcs
 from service.config import Config
@@ -35,6 +36,7 @@ from service.domain.jobs import JobHandler, JobKind, JobScheduler
 from service.domain.maintenance import Maintenance
 from service.domain.membership import MembershipService
 from service.domain.ontologies import OntologyService
+from service.domain.projects import ProjectService
 from service.domain.reencode import Reencoder, ReencodeService
 from service.domain.transfers import InputTransfers, TransferSettings
 from service.domain.versions import VersionBuilder, VersionService
@@ -56,6 +58,7 @@ from service.storage.inputs import PgInputRepository, PgMembershipRepository
 from service.storage.jobs import PgJobQueue
 from service.storage.objectstore import ObjectStore
 from service.storage.ontologies import PgOntologyRepository
+from service.storage.projects import PgProjectRepository
 from service.storage.reencode import PgReencodeRepository
 from service.storage.versions import PgVersionRepository
 
@@ -77,6 +80,7 @@ class Storage:
     idempotency: PgIdempotencyRepository
     jobs: PgJobQueue
     ontologies: PgOntologyRepository
+    projects: PgProjectRepository
     reencodes: PgReencodeRepository
 
     @classmethod
@@ -95,6 +99,7 @@ class Storage:
             idempotency=PgIdempotencyRepository(db),
             jobs=PgJobQueue(db),
             ontologies=PgOntologyRepository(db),
+            projects=PgProjectRepository(db),
             reencodes=PgReencodeRepository(db),
         )
 
@@ -143,6 +148,7 @@ class Domain:
     imports: ImportService
     diffs: DiffService
     ontologies: OntologyService
+    projects: ProjectService
     reencodes: ReencodeService
     idempotency: Idempotency
     maintenance: Maintenance
@@ -197,6 +203,7 @@ class Domain:
             ),
             reencodes=ReencodeService(store.inputs, store.reencodes, jobs, db),
             ontologies=OntologyService(store.ontologies, db),
+            projects=ProjectService(store.projects, store.ontologies, store.datasets, db),
             idempotency=Idempotency(db, store.idempotency),
             maintenance=Maintenance(
                 datasets,
@@ -226,6 +233,7 @@ class Api:
     annotations: tuple[object, ...]
     versions: tuple[object, ...]
     ontologies: tuple[object, ...]
+    projects: tuple[object, ...]
 
     @classmethod
     async def build(cls, domain: Domain, db: Database) -> Api:
@@ -248,4 +256,5 @@ class Api:
                 DiffRpcs(domain.diffs),
             ),
             ontologies=(OntologyRpcs(domain.ontologies, once, tokens),),
+            projects=(ProjectRpcs(domain.projects, once, tokens),),
         )

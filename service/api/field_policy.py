@@ -36,6 +36,7 @@ from google.protobuf.message import Message
 
 from service.domain.errors import FieldViolation
 from service.domain.ontologies import UPDATABLE_FIELDS as UPDATABLE_ONTOLOGY_FIELDS
+from service.domain.projects import UPDATABLE_FIELDS as UPDATABLE_PROJECT_FIELDS
 from service.wire.datasets import PATCHABLE_DATASET_FIELDS
 
 _PACKAGE = "datasetd.v1."
@@ -95,6 +96,7 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
                 "statistics": _STATISTICS,
                 "etag": "output only: pass it as UpdateDatasetRequest.etag to make an "
                 "update conditional",
+                "project_ids": "output only: attach datasets with ProjectService.AttachDataset",
             },
             "DatasetStatistics": dict.fromkeys(
                 ("inputs_count", "annotated_inputs_count", "annotations_count", "concept_counts"),
@@ -105,6 +107,12 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
                 "app_id": "output only: the ontology belongs to the request's app_id",
                 "revision": "output only: the server counts the changes; pass it as "
                 "UpdateOntologyRequest.expected_revision to make an update conditional",
+                "created_at": _TIMES,
+                "modified_at": _TIMES,
+            },
+            "Project": {
+                "app_id": "output only: the project belongs to the request's app_id",
+                "dataset_ids": "output only: attach datasets with AttachDataset",
                 "created_at": _TIMES,
                 "modified_at": _TIMES,
             },
@@ -302,6 +310,10 @@ UPDATE_MASKS: Final[Mapping[str, tuple[str, Mapping[str, tuple[str, ...]]]]] = {
     "datasetd.v1.UpdateOntologyRequest": (
         "ontology",
         {name: (name,) for name in UPDATABLE_ONTOLOGY_FIELDS},
+    ),
+    "datasetd.v1.UpdateProjectRequest": (
+        "project",
+        {name: (name,) for name in UPDATABLE_PROJECT_FIELDS},
     ),
 }
 

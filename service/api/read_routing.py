@@ -46,6 +46,8 @@ READ_ONLY: Final = frozenset(
         "/datasetd.v1.InputService/GetInputDownloadUrl",
         "/datasetd.v1.OntologyService/GetOntology",
         "/datasetd.v1.OntologyService/ListOntologies",
+        "/datasetd.v1.ProjectService/GetProject",
+        "/datasetd.v1.ProjectService/ListProjects",
     }
 )
 
@@ -83,6 +85,11 @@ PRIMARY: Final = frozenset(
         "/datasetd.v1.OntologyService/CreateOntology",
         "/datasetd.v1.OntologyService/UpdateOntology",
         "/datasetd.v1.OntologyService/DeleteOntology",
+        "/datasetd.v1.ProjectService/CreateProject",
+        "/datasetd.v1.ProjectService/UpdateProject",
+        "/datasetd.v1.ProjectService/DeleteProject",
+        "/datasetd.v1.ProjectService/AttachDataset",
+        "/datasetd.v1.ProjectService/DetachDataset",
     }
 )
 

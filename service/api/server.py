@@ -17,6 +17,8 @@ from datasetd.v1 import (
     input_service_pb2_grpc,
     ontology_service_pb2,
     ontology_service_pb2_grpc,
+    project_service_pb2,
+    project_service_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -31,8 +33,9 @@ INPUTS = input_service_pb2.DESCRIPTOR.services_by_name["InputService"]
 ANNOTATIONS = annotation_service_pb2.DESCRIPTOR.services_by_name["AnnotationService"]
 VERSIONS = dataset_version_service_pb2.DESCRIPTOR.services_by_name["DatasetVersionService"]
 ONTOLOGIES = ontology_service_pb2.DESCRIPTOR.services_by_name["OntologyService"]
+PROJECTS = project_service_pb2.DESCRIPTOR.services_by_name["ProjectService"]
 SERVICE_NAMES: Sequence[str] = tuple(
-    service.full_name for service in (DATASETS, INPUTS, ANNOTATIONS, VERSIONS, ONTOLOGIES)
+    service.full_name for service in (DATASETS, INPUTS, ANNOTATIONS, VERSIONS, ONTOLOGIES, PROJECTS)
 )
 # A health service name that is SERVING as long as the process serves, whatever PostgreSQL
 # and the object store do: for liveness probes, which must not restart every replica
@@ -48,6 +51,7 @@ def build_server(
     annotations: Sequence[object],
     versions: Sequence[object],
     ontologies: Sequence[object],
+    projects: Sequence[object],
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
     max_concurrent_rpcs: int,
@@ -74,6 +78,9 @@ def build_server(
     )
     ontology_service_pb2_grpc.add_OntologyServiceServicer_to_server(
         compose(ONTOLOGIES, *ontologies), server
+    )
+    project_service_pb2_grpc.add_ProjectServiceServicer_to_server(
+        compose(PROJECTS, *projects), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(

@@ -60,6 +60,8 @@ class Dataset:
     revision: int = 1
     deleted_at: datetime | None = None
     purge_after: datetime | None = None
+    # The projects the dataset is attached to, sorted (read only: kept by ProjectService).
+    project_ids: tuple[str, ...] = ()
 
     @property
     def etag(self) -> str:
@@ -446,5 +448,20 @@ class Ontology:
     classes: tuple[OntologyClass, ...] = ()
     input_classifications: tuple[OntologyClass, ...] = ()
     revision: int = 1
+    created_at: datetime | None = None
+    modified_at: datetime | None = None
+
+
+# --- projects (use cases in projects.py) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Project:
+    app_id: str
+    id: str
+    ontology_id: str
+    description: str = ""
+    # The live datasets attached, sorted (read only: kept by attach and detach).
+    dataset_ids: tuple[str, ...] = ()
     created_at: datetime | None = None
     modified_at: datetime | None = None

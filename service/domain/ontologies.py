@@ -341,9 +341,23 @@ class OntologyService:
 
     async def delete(self, principal: Principal, app_id: str, ontology_id: str) -> None:
         authorize(principal, app_id, Permission.WRITE)
-        require_ids(("ontology_id", ontology_id))
-        if not await self.ontologies.delete(app_id, ontology_id):
-            raise NotFound.in_app("ontology", app_id, ontology_id)
+        async with self.tx.transaction():
+            # Locked: a project created meanwhile either commits first (and is seen
+            # here) or finds the ontology gone.
+            await self._require(app_id, ontology_id, lock=True)
+            projects = await self.ontologies.projects_using(app_id, ontology_id)
+            if projects:
+                shown = ", ".join(repr(p) for p in projects[:MAX_VIOLATIONS])
+                more = len(projects) - MAX_VIOLATIONS
+                raise FailedPrecondition(
+                    f"ontology {ontology_id!r} is used by project(s) {shown}"
+                    + (f" and {more} more" if more > 0 else "")
+                    + ": point them at another ontology (UpdateProject) or delete them first",
+                    reason="ONTOLOGY_IN_USE",
+                    metadata={"projects": ",".join(projects[:MAX_VIOLATIONS])},
+                )
+            if not await self.ontologies.delete(app_id, ontology_id):
+                raise NotFound.in_app("ontology", app_id, ontology_id)
 
     async def _refuse_breaking(self, current: Ontology, updated: Ontology) -> None:
         """FAILED_PRECONDITION when the update removes a class, or a shape of a class that

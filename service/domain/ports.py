@@ -28,6 +28,7 @@ from service.domain.models import (
     InputSnapshot,
     MediaType,
     Ontology,
+    Project,
     Shape,
     StoredBlob,
     VersionContent,
@@ -417,9 +418,43 @@ class OntologyRepository(Protocol):
 
     async def delete(self, app_id: str, ontology_id: str) -> bool: ...
 
+    async def projects_using(self, app_id: str, ontology_id: str) -> list[str]:
+        """The ids of the projects using the ontology, sorted."""
+        ...
+
     async def annotations_using(
         self, app_id: str, classes: Sequence[str], shapes: Sequence[tuple[str, Shape]]
     ) -> int:
         """Annotations of the app carrying any of `classes` as a positive concept, or a
         class of `shapes` drawn as that shape."""
+        ...
+
+
+class ProjectRepository(Protocol):
+    async def insert(self, project: Project) -> Project:
+        """Raises AlreadyExists when the id is taken."""
+        ...
+
+    async def get(self, app_id: str, project_id: str, *, lock: bool = False) -> Project | None: ...
+
+    async def page(
+        self, app_id: str, after_seq: int | None, limit: int
+    ) -> list[tuple[int, Project]]:
+        """Oldest first, each with its sequence number."""
+        ...
+
+    async def update(self, project: Project) -> Project:
+        """Stores description and ontology_id, and moves modified_at."""
+        ...
+
+    async def delete(self, app_id: str, project_id: str) -> bool:
+        """Deletes the project and its attachments."""
+        ...
+
+    async def attach(self, app_id: str, project_id: str, dataset_id: str) -> bool:
+        """Whether the dataset was not attached before."""
+        ...
+
+    async def detach(self, app_id: str, project_id: str, dataset_id: str) -> bool:
+        """Whether the dataset was attached."""
         ...

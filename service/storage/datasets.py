@@ -23,7 +23,10 @@ _COLUMNS = (
     "d.app_id, d.id, d.description, d.notes, d.metadata, d.visibility, d.cover_url,"
     " d.cover_info, d.default_filter, d.created_at, d.modified_at, d.revision, d.deleted_at,"
     " d.purge_after, b.key AS blob_key, b.sha256 AS blob_sha256, b.size AS blob_size,"
-    " b.content_type AS blob_content_type"
+    " b.content_type AS blob_content_type,"
+    " ARRAY(SELECT pd.project_id FROM project_datasets pd"
+    " WHERE pd.app_id = d.app_id AND pd.dataset_id = d.id ORDER BY pd.project_id)"
+    " AS project_ids"
 )
 _FROM = "datasets d LEFT JOIN blobs b ON b.key = d.cover_blob"
 
@@ -151,7 +154,13 @@ def _cover(row: asyncpg.Record) -> CoverImage | None:
 
 
 def _row_to_dataset(row: asyncpg.Record) -> Dataset:
-    return record(Dataset, row, visibility=Visibility(row["visibility"]), cover=_cover(row))
+    return record(
+        Dataset,
+        row,
+        visibility=Visibility(row["visibility"]),
+        cover=_cover(row),
+        project_ids=tuple(row["project_ids"]),
+    )
 
 
 class PgDatasetRepository(Repository):

@@ -43,6 +43,7 @@ WHERE app_id = $1 AND id = $2
 RETURNING {_COLUMNS}
 """
 DELETE = "DELETE FROM ontologies WHERE app_id = $1 AND id = $2"
+PROJECTS_USING = "SELECT id FROM projects WHERE app_id = $1 AND ontology_id = $2 ORDER BY id"
 
 # Annotations carrying a concept positively ($2: every concept concerned, through the
 # concept index), as a removed class ($3) or drawn as a removed shape: ($4, $5) pairs of
@@ -185,6 +186,10 @@ class PgOntologyRepository(Repository):
 
     async def delete(self, app_id: str, ontology_id: str) -> bool:
         return await self._db.affected(DELETE, app_id, ontology_id) > 0
+
+    async def projects_using(self, app_id: str, ontology_id: str) -> list[str]:
+        rows = await self._db.fetch(PROJECTS_USING, app_id, ontology_id)
+        return [row["id"] for row in rows]
 
     async def annotations_using(
         self, app_id: str, classes: Sequence[str], shapes: Sequence[tuple[str, Shape]]

@@ -90,6 +90,7 @@ def dataset_to_proto(view: DatasetView) -> dataset_pb2.Dataset:
         description=dataset.description,
         notes=dataset.notes,
         etag=dataset.etag,
+        project_ids=dataset.project_ids,
     )
     set_times(message, dataset.created_at, dataset.modified_at)
     message.metadata.update(dataset.metadata)

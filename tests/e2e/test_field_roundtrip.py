@@ -268,6 +268,7 @@ VALUES: Mapping[tuple[str, str], Callable[[Env], Any]] = {
     ("datasetd.v1.SplitOptions", "ratios"): lambda env: {"train": 1.0},
     ("datasetd.v1.Input", "dataset_ids"): lambda env: [env.ids["other"]],
     ("datasetd.v1.OntologyClass", "color"): lambda env: "#12AB9f",
+    ("datasetd.v1.Project", "ontology_id"): lambda env: env.ids["onto2"],
 }
 
 
@@ -559,6 +560,20 @@ async def _delete_ontology(env: Env) -> Prepared:
     return Prepared(env.request("OntologyService.DeleteOntology", ontology_id=ontology_id))
 
 
+async def get_project(env: Env, project_id: str) -> Message:
+    response = await env.send("ProjectService.GetProject", project_id=project_id)
+    found: Message = response.project
+    return found
+
+
+async def _delete_project(env: Env) -> Prepared:
+    project_id = env.unique("fresh-")
+    await env.send(
+        "ProjectService.CreateProject", project={"id": project_id, "ontology_id": env.ids["onto"]}
+    )
+    return Prepared(env.request("ProjectService.DeleteProject", project_id=project_id))
+
+
 async def _etag(env: Env, request: Message) -> Any:
     return (await get_dataset(env, env.ids["patched"])).etag  # type: ignore[attr-defined]
 
@@ -826,6 +841,30 @@ CASES: Mapping[str, Case] = {
         values={("expected_revision",): _revision, ("update_mask",): mask("description")},
     ),
     "OntologyService.DeleteOntology": Case(_delete_ontology),
+    # --- ProjectService
+    "ProjectService.CreateProject": Case(
+        fixed("ProjectService.CreateProject", project={"ontology_id": "@onto"}),
+        stored=("project",),
+        read_back=lambda env, req, resp: _one(get_project(env, resp.project.id)),
+    ),
+    "ProjectService.GetProject": Case(fixed("ProjectService.GetProject", project_id="@proj")),
+    "ProjectService.ListProjects": Case(
+        fixed("ProjectService.ListProjects"),
+        values={("page_token",): page_token("ProjectService.ListProjects")},
+    ),
+    "ProjectService.UpdateProject": Case(
+        fixed("ProjectService.UpdateProject", project={"id": "@proj", "description": "base"}),
+        stored=("project",),
+        read_back=lambda env, req, resp: _one(get_project(env, req.project.id)),
+        values={("update_mask",): mask("description")},
+    ),
+    "ProjectService.DeleteProject": Case(_delete_project),
+    "ProjectService.AttachDataset": Case(
+        fixed("ProjectService.AttachDataset", project_id="@proj", dataset_id="@main")
+    ),
+    "ProjectService.DetachDataset": Case(
+        fixed("ProjectService.DetachDataset", project_id="@proj2", dataset_id="@main")
+    ),
 }
 
 
@@ -1092,6 +1131,11 @@ async def shared_app(channel: grpc.aio.Channel, db: Database) -> Env:
     for ontology_id in ("onto", "onto2"):
         env.ids[ontology_id] = ontology_id
         await env.send("OntologyService.CreateOntology", ontology={"id": ontology_id})
+    for project_id in ("proj", "proj2"):
+        env.ids[project_id] = project_id
+        await env.send(
+            "ProjectService.CreateProject", project={"id": project_id, "ontology_id": "onto"}
+        )
     for version_id in ("v1", "v2"):
         env.ids[version_id] = version_id
         await env.send(
@@ -1192,6 +1236,7 @@ async def test_every_request_field_is_stored_or_refused(
         ("AnnotationService.UpdateAnnotations", ("annotations",), ("annotation_info",), "data"),
         ("DatasetVersionService.UpdateDatasetVersion", ("version",), ("metadata",), "description"),
         ("OntologyService.UpdateOntology", ("ontology",), ("description",), "classes"),
+        ("ProjectService.UpdateProject", ("project",), ("description",), "ontology_id"),
     ],
 )
 async def test_a_field_outside_the_update_mask_is_refused(
@@ -1204,7 +1249,7 @@ async def test_a_field_outside_the_update_mask_is_refused(
 ) -> None:
     """With an update_mask, a patchable field set beside it is refused, not skipped."""
     env = Env(await new_caller(db), channel, db)
-    env.ids.update({k: k for k in ("patched", "main", "img", "a-img", "v1", "onto")})
+    env.ids.update({k: k for k in ("patched", "main", "img", "a-img", "v1", "onto", "proj")})
     env.ids["app"] = env.caller.app_id
     case = CASES[rpc]
     request = copy.deepcopy((await case.base(env)).request)

@@ -22,12 +22,15 @@ from datasetd.v1 import (
     dataset_version_service_pb2_grpc,
     input_service_pb2_grpc,
     ontology_service_pb2_grpc,
+    project_pb2,
+    project_service_pb2_grpc,
     status_pb2,
 )
 from datasetd.v1 import dataset_service_pb2 as dapi
 from datasetd.v1 import dataset_version_service_pb2 as vapi
 from datasetd.v1 import input_service_pb2 as iapi
 from datasetd.v1 import ontology_service_pb2 as oapi
+from datasetd.v1 import project_service_pb2 as papi
 
 from service.api.read_routing import LSN_HEADER, MIN_LSN_HEADER, READ_ONLY
 from service.app import Running, open_resources, start
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
     from datasetd.v1.dataset_version_service_pb2_grpc import DatasetVersionServiceAsyncStub
     from datasetd.v1.input_service_pb2_grpc import InputServiceAsyncStub
     from datasetd.v1.ontology_service_pb2_grpc import OntologyServiceAsyncStub
+    from datasetd.v1.project_service_pb2_grpc import ProjectServiceAsyncStub
 
 CATCH_UP_TIMEOUT = 30.0
 EXPORT_FORMAT = dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF
@@ -64,6 +68,7 @@ class Stubs:
     annotations: AnnotationServiceAsyncStub
     versions: DatasetVersionServiceAsyncStub
     ontologies: OntologyServiceAsyncStub
+    projects: ProjectServiceAsyncStub
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +124,7 @@ async def replica_server(stack: Stack, replica: EmbeddedReplica) -> AsyncIterato
                 annotation_service_pb2_grpc.AnnotationServiceStub(channel),
                 dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel),
                 ontology_service_pb2_grpc.OntologyServiceStub(channel),
+                project_service_pb2_grpc.ProjectServiceStub(channel),
             )
             yield ReplicaServer(running, replica, stubs)
     finally:
@@ -237,6 +243,16 @@ async def _content(stubs: Stubs, writer: Caller) -> None:
         oapi.CreateOntologyRequest(app_id=writer.app_id, ontology=full_ontology("onto1")),
         metadata=writer.metadata,
     )
+    await stubs.projects.CreateProject(
+        papi.CreateProjectRequest(
+            app_id=writer.app_id, project=project_pb2.Project(id="proj1", ontology_id="onto1")
+        ),
+        metadata=writer.metadata,
+    )
+    await stubs.projects.AttachDataset(
+        papi.AttachDatasetRequest(app_id=writer.app_id, project_id="proj1", dataset_id="ds"),
+        metadata=writer.metadata,
+    )
 
 
 def _reads(stubs: Stubs, app_id: str, export_id: str) -> dict[str, Callable[[Any], Awaitable[Any]]]:
@@ -247,12 +263,13 @@ def _reads(stubs: Stubs, app_id: str, export_id: str) -> dict[str, Callable[[Any
     async def streamed(stream: Any) -> list[Any]:
         return [message async for message in stream]
 
-    d, i, a, v, o = (
+    d, i, a, v, o, p = (
         stubs.datasets,
         stubs.inputs,
         stubs.annotations,
         stubs.versions,
         stubs.ontologies,
+        stubs.projects,
     )
     return {
         "/datasetd.v1.DatasetService/GetDataset": lambda m: d.GetDataset(
@@ -312,6 +329,12 @@ def _reads(stubs: Stubs, app_id: str, export_id: str) -> dict[str, Callable[[Any
         "/datasetd.v1.OntologyService/ListOntologies": lambda m: o.ListOntologies(
             oapi.ListOntologiesRequest(app_id=app_id), metadata=m
         ),
+        "/datasetd.v1.ProjectService/GetProject": lambda m: p.GetProject(
+            papi.GetProjectRequest(app_id=app_id, project_id="proj1"), metadata=m
+        ),
+        "/datasetd.v1.ProjectService/ListProjects": lambda m: p.ListProjects(
+            papi.ListProjectsRequest(app_id=app_id), metadata=m
+        ),
     }
 
 
@@ -324,6 +347,8 @@ _SHOWS: dict[str, Callable[[Any], bool]] = {
     "ListDatasetVersions": lambda r: any(v.id == "v1" for v in r.versions),
     "ListExports": lambda r: len(r.exports) == 1,
     "ListOntologies": lambda r: any(o.id == "onto1" for o in r.ontologies),
+    "GetDataset": lambda r: list(r.dataset.project_ids) == ["proj1"],
+    "ListProjects": lambda r: any(p.id == "proj1" for p in r.projects),
 }
 
 
@@ -377,6 +402,10 @@ async def test_every_read_only_rpc_is_served_by_the_replica(
         )
         await stubs.datasets.DeleteDataset(
             dapi.DeleteDatasetRequest(app_id=writer.app_id, dataset_id="ds"),
+            metadata=writer.metadata,
+        )
+        await stubs.projects.DeleteProject(
+            papi.DeleteProjectRequest(app_id=writer.app_id, project_id="proj1"),
             metadata=writer.metadata,
         )
         await stubs.ontologies.DeleteOntology(

@@ -26,6 +26,9 @@ from datasetd.v1 import (
     ontology_pb2,
     ontology_service_pb2,
     ontology_service_pb2_grpc,
+    project_pb2,
+    project_service_pb2,
+    project_service_pb2_grpc,
     status_pb2,
 )
 from google.protobuf import descriptor, struct_pb2
@@ -44,6 +47,7 @@ INPUT_IDS = ("fuzz-img-1", "fuzz-img-2", "fuzz-text-1", "fuzz-img-3")
 ANNOTATION_IDS = ("fuzz-ann-1",)
 VERSION_IDS = ("fuzz-v1",)
 ONTOLOGY_IDS = ("fuzz-onto-1", "fuzz-onto-2")
+PROJECT_IDS = ("fuzz-proj-1", "fuzz-proj-2")
 CONCEPT_IDS = ("cat", "dog")
 READY = status_pb2.STATUS_CODE_DATASET_VERSION_READY
 FAILURE = status_pb2.STATUS_CODE_DATASET_VERSION_FAILURE
@@ -92,6 +96,10 @@ class Resources:
         return ontology_service_pb2_grpc.OntologyServiceStub(self.channel)
 
     @property
+    def projects(self) -> project_service_pb2_grpc.ProjectServiceAsyncStub:
+        return project_service_pb2_grpc.ProjectServiceStub(self.channel)
+
+    @property
     def versions(self) -> dataset_version_service_pb2_grpc.DatasetVersionServiceAsyncStub:
         return dataset_version_service_pb2_grpc.DatasetVersionServiceStub(self.channel)
 
@@ -107,6 +115,7 @@ class Resources:
                 "job": tuple(self.reencode_job_ids),
                 "concept": CONCEPT_IDS,
                 "ontology": ONTOLOGY_IDS,
+                "project": PROJECT_IDS,
             },
             page_tokens=tuple(self.page_tokens),
             field_paths=field_paths,
@@ -212,6 +221,24 @@ async def ensure(res: Resources) -> None:
             res.ontologies.CreateOntology(
                 ontology_service_pb2.CreateOntologyRequest(
                     app_id=app, ontology=_ontology(ontology_id)
+                ),
+                metadata=md,
+            )
+        )
+    for project_id in PROJECT_IDS:
+        await _tolerating(
+            res.projects.CreateProject(
+                project_service_pb2.CreateProjectRequest(
+                    app_id=app,
+                    project=project_pb2.Project(id=project_id, ontology_id=ONTOLOGY_IDS[0]),
+                ),
+                metadata=md,
+            )
+        )
+        await _tolerating(
+            res.projects.AttachDataset(
+                project_service_pb2.AttachDatasetRequest(
+                    app_id=app, project_id=project_id, dataset_id=DATASET_IDS[0]
                 ),
                 metadata=md,
             )

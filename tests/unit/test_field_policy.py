@@ -15,6 +15,7 @@ from datasetd.v1 import (
     input_pb2,
     input_service_pb2,
     ontology_service_pb2,
+    project_service_pb2,
 )
 from google.protobuf import descriptor_pool, field_mask_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -22,7 +23,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from service.api import field_policy
 from service.api.field_policy import OUTPUT_ONLY, UPDATE_MASKS, outside_mask, refusal
 from service.domain import annotations as annotation_domain
-from service.domain import inputs, ontologies, versions
+from service.domain import inputs, ontologies, projects, versions
 from service.wire.datasets import PATCHABLE_DATASET_FIELDS
 
 PROTOS = Path(__file__).resolve().parents[2] / "protos" / "datasetd" / "v1"
@@ -88,6 +89,7 @@ def _request_paths() -> set[tuple[str, tuple[str, ...]]]:
         annotation_service_pb2,
         dataset_version_service_pb2,
         ontology_service_pb2,
+        project_service_pb2,
     ):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
@@ -119,6 +121,7 @@ def test_update_masks_are_the_domains() -> None:
     assert (
         tuple(UPDATE_MASKS["datasetd.v1.UpdateOntologyRequest"][1]) == ontologies.UPDATABLE_FIELDS
     )
+    assert tuple(UPDATE_MASKS["datasetd.v1.UpdateProjectRequest"][1]) == projects.UPDATABLE_FIELDS
     paths = _request_paths()
     for request, (holder, names) in UPDATE_MASKS.items():
         for path in names.values():

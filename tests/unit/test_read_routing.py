@@ -24,6 +24,7 @@ from service.api.imports import ImportRpcs
 from service.api.inputs import InputRpcs
 from service.api.membership import MembershipRpcs
 from service.api.ontologies import OntologyRpcs
+from service.api.projects import ProjectRpcs
 from service.api.read_routing import (
     LSN_HEADER,
     MIN_LSN_HEADER,
@@ -50,6 +51,7 @@ PARTS = (
     InputRpcs,
     MembershipRpcs,
     OntologyRpcs,
+    ProjectRpcs,
     VersionRpcs,
 )
 

@@ -47,6 +47,7 @@ class Dataset(_message.Message):
     DEFAULT_FILTER_FIELD_NUMBER: _builtins.int
     STATISTICS_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    PROJECT_IDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Optional on create (a 32-character hex id is generated when empty):
     1..64 characters of [A-Za-z0-9_-], unique within the app (deleted datasets
@@ -101,6 +102,12 @@ class Dataset(_message.Message):
         the responses of Create/Update/Undelete; absent in ListDatasets.
         """
 
+    @_builtins.property
+    def project_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. The ids of the projects the dataset is attached to
+        (ProjectService.AttachDataset), sorted.
+        """
+
     def __init__(
         self,
         *,
@@ -117,10 +124,11 @@ class Dataset(_message.Message):
         default_filter: _common_pb2.InputFilter | None = ...,
         statistics: Global___DatasetStatistics | None = ...,
         etag: _builtins.str = ...,
+        project_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "default_filter", b"default_filter", "image", b"image", "metadata", b"metadata", "modified_at", b"modified_at", "statistics", b"statistics", "version", b"version", "visibility", b"visibility"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "created_at", b"created_at", "default_filter", b"default_filter", "description", b"description", "etag", b"etag", "id", b"id", "image", b"image", "metadata", b"metadata", "modified_at", b"modified_at", "notes", b"notes", "statistics", b"statistics", "version", b"version", "visibility", b"visibility"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "created_at", b"created_at", "default_filter", b"default_filter", "description", b"description", "etag", b"etag", "id", b"id", "image", b"image", "metadata", b"metadata", "modified_at", b"modified_at", "notes", b"notes", "project_ids", b"project_ids", "statistics", b"statistics", "version", b"version", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -119,7 +119,9 @@ class OntologyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteOntology(self, request, context):
-        """Deletes an ontology at once. Annotations are not changed.
+        """Deletes an ontology at once. Annotations are not changed. Refused with
+        FAILED_PRECONDITION (reason ONTOLOGY_IN_USE, the project ids in the
+        message and in the error's metadata `projects`) while projects use it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

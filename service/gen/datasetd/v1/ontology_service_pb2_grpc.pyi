@@ -62,7 +62,10 @@ class OntologyServiceStub:
     input or a frame for SHAPE_CLASSIFICATION).
     """
     DeleteOntology: _grpc.UnaryUnaryMultiCallable[_ontology_service_pb2.DeleteOntologyRequest, _ontology_service_pb2.DeleteOntologyResponse]
-    """Deletes an ontology at once. Annotations are not changed."""
+    """Deletes an ontology at once. Annotations are not changed. Refused with
+    FAILED_PRECONDITION (reason ONTOLOGY_IN_USE, the project ids in the
+    message and in the error's metadata `projects`) while projects use it.
+    """
 
 @_typing.type_check_only
 class OntologyServiceAsyncStub(OntologyServiceStub):
@@ -98,7 +101,10 @@ class OntologyServiceAsyncStub(OntologyServiceStub):
     input or a frame for SHAPE_CLASSIFICATION).
     """
     DeleteOntology: _aio.UnaryUnaryMultiCallable[_ontology_service_pb2.DeleteOntologyRequest, _ontology_service_pb2.DeleteOntologyResponse]  # type: ignore[assignment]
-    """Deletes an ontology at once. Annotations are not changed."""
+    """Deletes an ontology at once. Annotations are not changed. Refused with
+    FAILED_PRECONDITION (reason ONTOLOGY_IN_USE, the project ids in the
+    message and in the error's metadata `projects`) while projects use it.
+    """
 
 class OntologyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages ontologies (label schemas) of an app.
@@ -161,6 +167,9 @@ class OntologyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ontology_service_pb2.DeleteOntologyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ontology_service_pb2.DeleteOntologyResponse, _abc.Awaitable[_ontology_service_pb2.DeleteOntologyResponse]]:
-        """Deletes an ontology at once. Annotations are not changed."""
+        """Deletes an ontology at once. Annotations are not changed. Refused with
+        FAILED_PRECONDITION (reason ONTOLOGY_IN_USE, the project ids in the
+        message and in the error's metadata `projects`) while projects use it.
+        """
 
 def add_OntologyServiceServicer_to_server(servicer: OntologyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
