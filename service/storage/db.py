@@ -17,7 +17,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from service.domain.errors import Unavailable
 from service.observability import tracing
-from service.storage.replica import FALLBACK, ReadReplica, connect_kwargs
+from service.storage.replica import FALLBACK, ReadReplica, ReplicaConnection, connect_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,24 @@ for _name in ("fetch", "fetchrow", "fetchval", "fetchmany", "execute", "executem
     _traced(_name)
 
 
+@asynccontextmanager
+async def _on_standby(replica: ReadReplica, standby: ReplicaConnection) -> AsyncIterator[None]:
+    """A block on a connection of the read replica, given back to its pool at the end. The
+    replica going away, or the standby cancelling a read that conflicts with the WAL it
+    replays (max_standby_streaming_delay), is UNAVAILABLE: a retry succeeds."""
+    try:
+        yield
+    except Exception as exc:
+        if _lost(exc, standby):
+            replica.lost(exc)
+            raise database_unavailable(exc) from exc
+        if isinstance(exc, asyncpg.SerializationError):
+            raise database_unavailable(exc) from exc
+        raise
+    finally:
+        await replica.checkin(standby)
+
+
 class Database:
     """Repositories ask it for a connection; inside `transaction()` they all get
     the same one, so use cases compose writes into one transaction without
@@ -218,19 +236,8 @@ class Database:
         replica = None if primary else self.replica
         standby = None if replica is None else await replica.checkout()
         if replica is not None and standby is not None:
-            try:
+            async with _on_standby(replica, standby):
                 yield standby
-            except Exception as exc:
-                if _lost(exc, standby):
-                    replica.lost(exc)
-                    raise database_unavailable(exc) from exc
-                if isinstance(exc, asyncpg.SerializationError):
-                    # A hot standby cancels a read that conflicts with the WAL it replays;
-                    # a retry succeeds.
-                    raise database_unavailable(exc) from exc
-                raise
-            finally:
-                await replica.checkin(standby)
             return
         async with self.acquire() as conn:
             yield conn
@@ -330,29 +337,18 @@ class Database:
                 finally:
                     _current.reset(token)
             return
-        try:
-            # Repeatable read: the reads of the block see one point of the replay, not
-            # each statement a later one.
-            async with (
-                tracing.db_transaction_span(False),
-                standby.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                token = _current.set(standby)
-                try:
-                    yield
-                finally:
-                    _current.reset(token)
-        except Exception as exc:
-            if _lost(exc, standby):
-                replica.lost(exc)
-                raise database_unavailable(exc) from exc
-            if isinstance(exc, asyncpg.SerializationError):
-                # A hot standby cancels a snapshot that conflicts with the WAL it replays
-                # (max_standby_streaming_delay); a retry takes a newer one.
-                raise database_unavailable(exc) from exc
-            raise
-        finally:
-            await replica.checkin(standby)
+        # Repeatable read: the reads of the block see one point of the replay, not each
+        # statement a later one.
+        async with (
+            _on_standby(replica, standby),
+            tracing.db_transaction_span(False),
+            standby.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            token = _current.set(standby)
+            try:
+                yield
+            finally:
+                _current.reset(token)
 
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Runs `hook` once the current transaction commits (at once outside one), so that
