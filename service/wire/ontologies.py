@@ -16,6 +16,7 @@ from service.domain.models import (
     Shape,
 )
 from service.domain.ontologies import UPDATABLE_FIELDS, OntologyFields
+from service.wire.masks import given_fields
 from service.wire.timestamps import set_times
 
 _SHAPES: Final = {ontology_pb2.Shape.Value(shape.value): shape for shape in Shape}
@@ -60,26 +61,16 @@ def ontology_fields(
 ) -> OntologyFields:
     """The fields a caller gave: those in `paths`, or else those set to a non-default value
     (`paths` None: a create, where every field is given)."""
-    if paths is None:
-        given = set(UPDATABLE_FIELDS)
-    elif paths:
-        for index, path in enumerate(paths):
-            if path not in UPDATABLE_FIELDS:
-                violations.add(
-                    f"update_mask.paths[{index}]",
-                    f"{path!r} cannot be updated; allowed: {', '.join(UPDATABLE_FIELDS)}",
-                )
-        given = set(paths)
-    else:
-        given = {
-            name
-            for name, is_set in (
-                ("description", bool(message.description)),
-                ("classes", bool(message.classes)),
-                ("input_classifications", bool(message.input_classifications)),
-            )
-            if is_set
-        }
+    given = given_fields(
+        paths,
+        UPDATABLE_FIELDS,
+        {
+            "description": bool(message.description),
+            "classes": bool(message.classes),
+            "input_classifications": bool(message.input_classifications),
+        },
+        violations,
+    )
     return OntologyFields(
         description=message.description if "description" in given else None,
         classes=_classes(message.classes) if "classes" in given else None,

@@ -9,6 +9,7 @@ from datasetd.v1 import project_pb2
 from service.domain.errors import Violations
 from service.domain.models import Project
 from service.domain.projects import UPDATABLE_FIELDS, ProjectFields
+from service.wire.masks import given_fields
 from service.wire.timestamps import set_times
 
 
@@ -17,25 +18,15 @@ def project_fields(
 ) -> ProjectFields:
     """The fields a caller gave: those in `paths`, or else those set to a non-default value
     (`paths` None: a create, where every field is given)."""
-    if paths is None:
-        given = set(UPDATABLE_FIELDS)
-    elif paths:
-        for index, path in enumerate(paths):
-            if path not in UPDATABLE_FIELDS:
-                violations.add(
-                    f"update_mask.paths[{index}]",
-                    f"{path!r} cannot be updated; allowed: {', '.join(UPDATABLE_FIELDS)}",
-                )
-        given = set(paths)
-    else:
-        given = {
-            name
-            for name, is_set in (
-                ("description", bool(message.description)),
-                ("ontology_id", bool(message.ontology_id)),
-            )
-            if is_set
-        }
+    given = given_fields(
+        paths,
+        UPDATABLE_FIELDS,
+        {
+            "description": bool(message.description),
+            "ontology_id": bool(message.ontology_id),
+        },
+        violations,
+    )
     return ProjectFields(
         description=message.description if "description" in given else None,
         ontology_id=message.ontology_id if "ontology_id" in given else None,
