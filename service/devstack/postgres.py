@@ -307,6 +307,12 @@ class EmbeddedPostgres(Server):
             "C.UTF-8",
             "--no-instructions",
         ]
+        self._run_tool(argv, account, timeout=120)
+
+    def _run_tool(self, argv: list[str], account: Account | None, *, timeout: float) -> None:
+        """Runs a PostgreSQL program on the data directory (as `account`, if given); its
+        failure, with what it printed, is an EmbeddedServerError."""
+        tool = pathlib.Path(argv[0]).name
         try:
             subprocess.run(
                 argv,
@@ -316,16 +322,16 @@ class EmbeddedPostgres(Server):
                 capture_output=True,
                 text=True,
                 check=True,
-                timeout=120,
+                timeout=timeout,
                 **(account.popen_kwargs() if account else {}),
             )
         except subprocess.CalledProcessError as exc:
             raise EmbeddedServerError(
-                f"initdb failed for {self._data_dir} (exit code {exc.returncode}):\n"
+                f"{tool} failed for {self._data_dir} (exit code {exc.returncode}):\n"
                 f"{exc.stderr.strip() or exc.stdout.strip()}"
             ) from exc
         except subprocess.TimeoutExpired as exc:
-            raise EmbeddedServerError(f"initdb for {self._data_dir} timed out") from exc
+            raise EmbeddedServerError(f"{tool} for {self._data_dir} timed out") from exc
 
     def _choose_socket_dir(self, account: Account | None) -> pathlib.Path:
         socket_path = self._data_dir / f".s.PGSQL.{_POSTGRES_SOCKET_PORT}"

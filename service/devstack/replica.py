@@ -13,12 +13,11 @@ Synchronous, like the rest of service.devstack.
 from __future__ import annotations
 
 import pathlib
-import subprocess
 import time
 from collections.abc import Mapping
 from typing import Final
 
-from service.devstack.postgres import EmbeddedPostgres, _postgres_env, _read_postmaster_pid
+from service.devstack.postgres import EmbeddedPostgres, _read_postmaster_pid
 from service.devstack.process import (
     POLL_INTERVAL,
     START_TIMEOUT,
@@ -64,25 +63,7 @@ class EmbeddedReplica(EmbeddedPostgres):
             "--checkpoint=fast",
             "--no-password",
         ]
-        try:
-            subprocess.run(
-                argv,
-                cwd=self._data_dir,
-                env=_postgres_env(),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=_BASEBACKUP_TIMEOUT,
-                **(account.popen_kwargs() if account else {}),
-            )
-        except subprocess.CalledProcessError as exc:
-            raise EmbeddedServerError(
-                f"pg_basebackup into {self._data_dir} failed (exit code {exc.returncode}):\n"
-                f"{exc.stderr.strip() or exc.stdout.strip()}"
-            ) from exc
-        except subprocess.TimeoutExpired as exc:
-            raise EmbeddedServerError(f"pg_basebackup into {self._data_dir} timed out") from exc
+        self._run_tool(argv, account, timeout=_BASEBACKUP_TIMEOUT)
         # The copy brings along the primary's logs, which would read as the replica's, and
         # the lock file of its socket, which would make the replica take the primary for
         # another postmaster on its own socket.
