@@ -4,7 +4,6 @@ that `service.wiring` builds, watches its health, and stops it all in order."""
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import signal
 import sys
@@ -179,16 +178,26 @@ async def _finish(what: str, tasks: list[asyncio.Task[Any]], seconds: float) -> 
         if not task.cancelled() and task.exception() is not None:
             log.error("shutdown: %s failed", what, exc_info=task.exception())
     if pending:
-        waiting = io.StringIO()
-        for task in asyncio.all_tasks():
-            if task is not asyncio.current_task():
-                task.print_stack(file=waiting)
+        waiting = [
+            _where(task) for task in asyncio.all_tasks() if task is not asyncio.current_task()
+        ]
         log.error(
             "shutdown: %s did not stop within %.0fs; going on. Tasks:\n%s",
             what,
             seconds,
-            waiting.getvalue(),
+            "\n".join(waiting),
         )
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    """Where a task waits, one line per frame. Task.print_stack cannot be used: it reads
+    source lines, and fails on the frames of compiled code (grpc's Cython has no line
+    numbers)."""
+    lines = [f"{task.get_name()}: {task.get_coro()!r}"]
+    for frame in task.get_stack():
+        code = frame.f_code
+        lines.append(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}")
+    return "\n".join(lines)
 
 
 async def start(config: Config, resources: Resources | None = None) -> Running:
