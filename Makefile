@@ -7,7 +7,7 @@ PY := $(BIN)/python
 PROTOS := $(wildcard protos/datasetd/v1/*.proto)
 GEN_DIR := service/gen
 
-.PHONY: run test test-slow lint proto proto-check bench bench-scale clean setup prometheus
+.PHONY: run test test-slow test-torch lint proto proto-check bench bench-scale clean setup prometheus
 
 setup: $(VENV)/.installed
 
@@ -42,13 +42,22 @@ test: $(VENV)/.installed proto-check prometheus
 test-slow: $(VENV)/.installed prometheus
 	$(PY) -m pytest -q -m slow
 
+## test-torch: the PyTorch adapter of the training loaders, with torch installed into the venv
+## (not a dependency of datasetd): a CPU build from TORCH_INDEX, else the registry's torch
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+test-torch: $(VENV)/.installed
+	$(PY) -c "import torch" 2>/dev/null \
+		|| $(PY) -m pip install --quiet --retries 1 --timeout 20 torch --index-url $(TORCH_INDEX) \
+		|| $(PY) -m pip install --quiet torch
+	$(PY) -m pytest -q -m torch
+
 ## lint: the layers' import rules, the Kubernetes manifests, ruff (lint + format check), mypy --strict
 lint: $(VENV)/.installed
 	$(PY) -m service.tools.import_rules
 	$(PY) -m service.tools.validate_manifests
-	$(BIN)/ruff check service tests bench
-	$(BIN)/ruff format --check service tests bench
-	$(BIN)/mypy service tests bench
+	$(BIN)/ruff check service sdk tests bench
+	$(BIN)/ruff format --check service sdk tests bench
+	$(BIN)/mypy service sdk tests bench
 
 ## bench: benchmarks, printing figures beside raw limits measured in the same run
 bench: $(VENV)/.installed
@@ -59,6 +68,10 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.bench_faults
 	$(PY) -m bench.bench_boundary
 	$(PY) -m bench.bench_replicas
+	$(PY) -m bench.bench_ontology
+	$(PY) -m bench.bench_ontology_exports
+	$(PY) -m bench.bench_vi_download
+	$(PY) -m bench.bench_vi_exports
 
 ## bench-scale: sizes and throughput at 1M inputs for deploy/SCALING.md (15-40 minutes)
 bench-scale: $(VENV)/.installed

@@ -36,6 +36,7 @@ from service.domain.jobs import JobHandler, JobKind, JobScheduler
 from service.domain.maintenance import Maintenance
 from service.domain.membership import MembershipService
 from service.domain.ontologies import OntologyService
+from service.domain.ontology_check import OntologyGate
 from service.domain.projects import ProjectService
 from service.domain.reencode import Reencoder, ReencodeService
 from service.domain.transfers import InputTransfers, TransferSettings
@@ -109,7 +110,13 @@ def job_runner(config: Config, store: Storage) -> JobRunner:
     db, blobs = store.db, store.blobs
     handlers: dict[JobKind, JobHandler] = {
         JobKind.BUILD_VERSION: VersionBuilder(
-            store.versions, store.inputs, store.annotations, blobs, ProtobufSnapshotEncoder(), db
+            store.versions,
+            store.inputs,
+            store.annotations,
+            store.ontologies,
+            blobs,
+            ProtobufSnapshotEncoder(),
+            db,
         ),
         JobKind.EXPORT_VERSION: ExportBuilder(
             store.exports, store.versions, Archives(blobs), blobs, db
@@ -163,6 +170,8 @@ class Domain:
         datasets = DatasetService(
             store.datasets, blobs, db, clock, DatasetSettings(config.delete_retention, urls), probes
         )
+        # The ontologies that labels on inputs of datasets attached to projects must fit.
+        gate = OntologyGate(store.projects, store.ontologies)
         inputs = InputService(
             store.inputs,
             store.members,
@@ -171,9 +180,10 @@ class Domain:
             InputSettings(urls),
             probes,
             store.annotations,
+            gate,
             fetcher=_fetcher(config),
         )
-        annotations = AnnotationService(store.annotations, store.members, db)
+        annotations = AnnotationService(store.annotations, store.members, db, gate)
         versions = VersionService(store.versions, store.members, jobs, db)
         return cls(
             datasets=datasets,
@@ -197,13 +207,22 @@ class Domain:
                 db,
                 ImportSettings(max_archive_bytes=config.max_import_bytes),
                 probes,
+                gate,
             ),
             diffs=DiffService(
                 store.versions, store.members, store.version_pairs, ProtobufContentConcepts(), db
             ),
             reencodes=ReencodeService(store.inputs, store.reencodes, jobs, db),
             ontologies=OntologyService(store.ontologies, db),
-            projects=ProjectService(store.projects, store.ontologies, store.datasets, db),
+            projects=ProjectService(
+                store.projects,
+                store.ontologies,
+                store.datasets,
+                db,
+                store.annotations,
+                store.members,
+                gate,
+            ),
             idempotency=Idempotency(db, store.idempotency),
             maintenance=Maintenance(
                 datasets,
@@ -242,7 +261,7 @@ class Api:
         return cls(
             datasets=(
                 DatasetRpcs(domain.datasets, once, tokens),
-                MembershipRpcs(domain.members, once, tokens),
+                MembershipRpcs(domain.members, once, tokens, domain.datasets),
                 ImportRpcs(domain.imports, once),
             ),
             inputs=(

@@ -63,6 +63,7 @@ class DatasetRpcs:
             "sort": sort_field.value,
             "descending": descending,
             "query": request.query,
+            "include_hidden": request.include_hidden,
         }
         after = None
         if request.page_token:
@@ -75,6 +76,7 @@ class DatasetRpcs:
             text=request.query,
             limit=limit,
             after=after,
+            include_hidden=request.include_hidden,
         )
         response = dataset_service_pb2.ListDatasetsResponse(
             datasets=[dataset_to_proto(view) for view in views]

@@ -19,6 +19,8 @@ FORMATS = {
     ExportFormat.CLARIFAI_DATA_PROTOBUF: dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF,
     ExportFormat.CLARIFAI_DATA_JSON: dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_JSON,
     ExportFormat.COCO: dataset_version_pb2.EXPORT_FORMAT_COCO,
+    ExportFormat.VI_FULL: dataset_version_pb2.EXPORT_FORMAT_VI_FULL,
+    ExportFormat.VI_JSONL: dataset_version_pb2.EXPORT_FORMAT_VI_JSONL,
 }
 FORMATS_BY_NUMBER = {number: export_format for export_format, number in FORMATS.items()}
 # The field of each format in DatasetVersion.export_info.
@@ -26,6 +28,8 @@ EXPORT_INFO_FIELDS = {
     ExportFormat.CLARIFAI_DATA_PROTOBUF: "clarifai_data_protobuf",
     ExportFormat.CLARIFAI_DATA_JSON: "clarifai_data_json",
     ExportFormat.COCO: "coco",
+    ExportFormat.VI_FULL: "vi_full",
+    ExportFormat.VI_JSONL: "vi_jsonl",
 }
 _STATUS = {
     ExportStatus.PENDING: (
@@ -48,7 +52,11 @@ def export_options(message: api.ExportOptions) -> ExportOptions:
     split = None
     if message.HasField("split"):
         split = SplitOptions(dict(message.split.ratios), message.split.seed)
-    return ExportOptions(split=split, embed_media=message.embed_media)
+    return ExportOptions(
+        split=split,
+        embed_media=message.embed_media,
+        pixel_coordinates=message.pixel_coordinates,
+    )
 
 
 def _status(view: ExportView) -> status_pb2.Status:
@@ -76,6 +84,7 @@ def export_to_proto(view: ExportView) -> api.Export:
         fidelity=api.FidelityReport(dropped=export.fidelity.dropped, notes=export.fidelity.notes),
     )
     message.options.embed_media = export.options.embed_media
+    message.options.pixel_coordinates = export.options.pixel_coordinates
     if export.options.split is not None:
         message.options.split.ratios.update(export.options.split.ratios)
         message.options.split.seed = export.options.split.seed

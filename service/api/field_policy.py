@@ -97,6 +97,8 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
                 "etag": "output only: pass it as UpdateDatasetRequest.etag to make an "
                 "update conditional",
                 "project_ids": "output only: attach datasets with ProjectService.AttachDataset",
+                "last_accessed_at": "output only: the server records when the dataset "
+                "was last read",
             },
             "DatasetStatistics": dict.fromkeys(
                 ("inputs_count", "annotated_inputs_count", "annotations_count", "concept_counts"),
@@ -109,6 +111,10 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
                 "UpdateOntologyRequest.expected_revision to make an update conditional",
                 "created_at": _TIMES,
                 "modified_at": _TIMES,
+            },
+            "OntologyClass": {
+                "category_id": "output only: the server numbers each class when it first "
+                "appears and keeps the number (matched by class id); leave it unset",
             },
             "Project": {
                 "app_id": "output only: the project belongs to the request's app_id",
@@ -124,7 +130,12 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
                 "status": _STATUS,
                 "metrics": "output only: the build counts the version's content",
                 "export_info": "output only: create exports with ExportDatasetVersion",
+                "ontology": "output only: the build records the ontology governing the "
+                "dataset (attach it to a project with ProjectService.AttachDataset)",
             },
+            "VersionOntology": dict.fromkeys(
+                ("ontology_id", "revision"), "output only: the build records it"
+            ),
             "DatasetVersionMetrics": dict.fromkeys(
                 (
                     "inputs_count",
@@ -149,7 +160,8 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
             ),
             "DatasetVersionExport": dict.fromkeys(("format", "status", "url", "size"), OUTPUT),
             "DatasetVersionExportInfo": dict.fromkeys(
-                ("clarifai_data_protobuf", "coco", "clarifai_data_json"), OUTPUT
+                ("clarifai_data_protobuf", "coco", "clarifai_data_json", "vi_full", "vi_jsonl"),
+                OUTPUT,
             ),
             "Status": dict.fromkeys(
                 (

@@ -10,6 +10,7 @@ from datasetd.v1 import dataset_service_pb2 as api
 from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens
 from service.api.rpc import Context, mutation
+from service.domain.datasets import DatasetService
 from service.domain.errors import InvalidArgument
 from service.domain.idempotency import Idempotency
 from service.domain.membership import MembershipService
@@ -22,6 +23,8 @@ class MembershipRpcs:
     members: MembershipService
     idempotency: Idempotency
     tokens: PageTokens
+    # Records the reads of a dataset's inputs as reads of the dataset (last_accessed_at).
+    datasets: DatasetService
 
     @mutation()
     async def AddDatasetInputs(
@@ -46,6 +49,7 @@ class MembershipRpcs:
             item = response.dataset_inputs.add()
             item.created_at.FromDatetime(member.added_at)
             item.input.CopyFrom(input_to_proto(view))
+        await self.datasets.touch(request.app_id, request.dataset_id)
         return response
 
     async def GetDatasetInput(
@@ -57,6 +61,7 @@ class MembershipRpcs:
         response = api.GetDatasetInputResponse()
         response.dataset_input.created_at.FromDatetime(member.added_at)
         response.dataset_input.input.CopyFrom(input_to_proto(view))
+        await self.datasets.touch(request.app_id, request.dataset_id)
         return response
 
     @mutation()

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from datasetd.v1 import project_service_pb2 as api
 
 from service.api.interceptors import current_principal
-from service.api.pagination import PageTokens
+from service.api.pagination import PageTokens, page_size
 from service.api.rpc import Context, decoded, mutation
+from service.domain.errors import InvalidArgument
 from service.domain.idempotency import Idempotency
 from service.domain.models import Principal
+from service.domain.ontology_check import DatasetValidation, LocatedFinding, Rule
 from service.domain.projects import ProjectService
 from service.wire.projects import project_fields, project_to_proto
 
@@ -79,3 +81,78 @@ class ProjectRpcs:
             principal, request.app_id, request.project_id, request.dataset_id
         )
         return api.DetachDatasetResponse(project=project_to_proto(project))
+
+    async def ValidateDataset(
+        self, request: api.ValidateDatasetRequest, context: Context
+    ) -> api.ValidateDatasetResponse:
+        limit = page_size(request.page_size)
+        rule = (
+            Rule(api.OntologyRule.Name(request.rule))
+            if request.rule != api.ONTOLOGY_RULE_UNSPECIFIED
+            else None
+        )
+        scope = {
+            "method": "ValidateDataset",
+            "app_id": request.app_id,
+            "dataset_id": request.dataset_id,
+            "rule": request.rule,
+        }
+        after = self._finding_cursor(request.page_token, scope, rule)
+        found = await self.projects.validate(
+            current_principal(), request.app_id, request.dataset_id, rule, after, limit
+        )
+        return _validation_to_proto(
+            found,
+            self.tokens.encode(scope, list(found.next_cursor)) if found.next_cursor else "",
+        )
+
+    def _finding_cursor(
+        self, token: str, scope: dict[str, object], rule: Rule | None
+    ) -> tuple[int, int] | None:
+        if not token:
+            return None
+        if rule is None:
+            raise InvalidArgument.field(
+                "page_token",
+                "pages continue the findings of one rule: set `rule` as in the request "
+                "that returned the token",
+                reason="INVALID_PAGE_TOKEN",
+            )
+        cursor = self.tokens.decode(token, dict(scope))
+        if len(cursor) != 2 or not all(isinstance(v, int) for v in cursor):
+            raise InvalidArgument.field(
+                "page_token",
+                "is malformed; pass next_page_token unchanged",
+                reason="INVALID_PAGE_TOKEN",
+            )
+        return cursor[0], cursor[1]
+
+
+def _finding_to_proto(located: LocatedFinding) -> api.OntologyFinding:
+    finding = located.finding
+    return api.OntologyFinding(
+        annotation_id=located.annotation_id,
+        input_id=located.input_id,
+        rule=api.OntologyRule.Value(finding.rule.value),
+        field=finding.field,
+        message=finding.message,
+    )
+
+
+def _validation_to_proto(found: DatasetValidation, token: str) -> api.ValidateDatasetResponse:
+    return api.ValidateDatasetResponse(
+        ontology_id=found.ontology.id,
+        ontology_revision=found.ontology.revision,
+        annotations_checked=found.annotations_checked,
+        annotations_invalid=found.annotations_invalid,
+        rules=[
+            api.OntologyRuleReport(
+                rule=api.OntologyRule.Value(report.rule.value),
+                annotations_count=report.annotations,
+                findings_count=report.findings,
+                findings=[_finding_to_proto(f) for f in report.page],
+            )
+            for report in found.reports
+        ],
+        next_page_token=token,
+    )

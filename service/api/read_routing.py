@@ -48,6 +48,7 @@ READ_ONLY: Final = frozenset(
         "/datasetd.v1.OntologyService/ListOntologies",
         "/datasetd.v1.ProjectService/GetProject",
         "/datasetd.v1.ProjectService/ListProjects",
+        "/datasetd.v1.ProjectService/ValidateDataset",
     }
 )
 

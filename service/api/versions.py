@@ -18,6 +18,7 @@ from service.domain.idempotency import Idempotency
 from service.domain.models import DatasetVersion, Principal, VersionStatus
 from service.domain.patch import UpdateMask
 from service.domain.versions import UPDATABLE_FIELDS, VersionFields, VersionService
+from service.wire.ontologies import version_ontology_to_proto
 from service.wire.struct import struct_to_dict
 from service.wire.timestamps import set_times
 
@@ -63,6 +64,8 @@ def version_to_proto(version: DatasetVersion) -> dataset_version_pb2.DatasetVers
         # VersionMetrics is named field for field after DatasetVersionMetrics.
         for field in dataclasses.fields(version.metrics):
             getattr(metrics, field.name).value = getattr(version.metrics, field.name)
+    if version.ontology is not None:
+        message.ontology.CopyFrom(version_ontology_to_proto(version.ontology))
     return message
 
 

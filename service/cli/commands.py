@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import fields
 from pathlib import Path
@@ -145,7 +146,14 @@ def keys_create(args: argparse.Namespace, output: Output) -> int:
             {"id": key.id, "app_id": args.app, "key": secret, "description": args.description}
         )
     else:
+        # The secret alone on stdout, so that KEY=$(datasetd keys create ...) keeps working;
+        # the id (what `keys list` shows and `keys revoke` takes) beside it on stderr.
         print(secret)
+        print(
+            f"key id {key.id} (app {args.app}): the secret above is shown only once; "
+            f"revoke it with `datasetd keys revoke --app {args.app} {key.id}`",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -409,7 +417,7 @@ def _export_settings(args: argparse.Namespace, embed_media: bool) -> Any:
     from service.client.exports import ExportSettings
 
     return ExportSettings(
-        format=args.format,
+        format=args.format or "clarifai_data_protobuf",
         split_ratio=args.split,
         seed=args.seed,
         embed_media=embed_media,
@@ -432,14 +440,33 @@ def export(args: argparse.Namespace, output: Output) -> int:
 
 
 def download(args: argparse.Namespace, output: Output) -> int:
+    from service.client.exports import ExportSettings
+
     with _client(args) as client:
+        settings = _export_settings(args, embed_media=not args.annotations_only)
+        export_id = None
+        if args.format is None:
+            # Without --format, the export the user already made (e.g. `export --format
+            # coco`) is what they want on disk, not a new one in the default format.
+            version = args.version or client.dataset(args.dataset).latest_or_new().id
+            found = client.datasets.find_export(
+                args.dataset,
+                version,
+                split_ratio=args.split,
+                embed_media=None if args.annotations_only else True,
+            )
+            if found is not None:
+                export_id = found.id
+                settings = ExportSettings(format=found.format, normalized=args.normalized)
+            args.version = version
         result = client.datasets.download(
             args.dataset,
             Path(args.save_dir),
-            export_settings=_export_settings(args, embed_media=not args.annotations_only),
+            export_settings=settings,
             annotations_only=args.annotations_only,
             overwrite=args.overwrite,
             version_id=args.version,
+            export_id=export_id,
             **_progress(args),
         )
     if output.as_json:

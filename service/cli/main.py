@@ -2,7 +2,9 @@
 
 Client commands talk to a running server over gRPC through `service.client`;
 the address, app and API key come from options or DATASETD_ADDRESS,
-DATASETD_APP and DATASETD_API_KEY.
+DATASETD_APP and DATASETD_API_KEY. Without an address, the client commands go where a
+server started with the same environment listens (DATASETD_LISTEN): one variable moves
+both off the default port.
 """
 
 from __future__ import annotations
@@ -12,12 +14,28 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from service.cli.output import ConfirmationRefused, Output
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# Listening on every interface is reached through the loopback one.
+_WILDCARD_HOSTS = ("", "0.0.0.0", "[::]", "::")
+
+
+def default_address(env: Mapping[str, str]) -> str:
+    """DATASETD_ADDRESS, else the address of DATASETD_LISTEN (what `serve` binds), else
+    DEFAULT_ADDRESS."""
+    if address := env.get("DATASETD_ADDRESS", ""):
+        return address
+    listen = env.get("DATASETD_LISTEN", "")
+    host, colon, port = listen.rpartition(":")
+    if not colon or not port.isdigit():
+        return DEFAULT_ADDRESS
+    return f"{'127.0.0.1' if host in _WILDCARD_HOSTS else host}:{port}"
+
+
 DEFAULT_APP = "main"
 
 Handler = Callable[[argparse.Namespace, Output], int]
@@ -79,8 +97,9 @@ def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     group = parser.add_argument_group("connection and output")
     group.add_argument(
         "--address",
-        default=default(os.environ.get("DATASETD_ADDRESS", DEFAULT_ADDRESS)),
-        help="server host:port (env DATASETD_ADDRESS, default %(default)s)"
+        default=default(default_address(os.environ)),
+        help="server host:port (env DATASETD_ADDRESS, else that of DATASETD_LISTEN; "
+        "default %(default)s)"
         if defaults
         else argparse.SUPPRESS,
     )
@@ -126,8 +145,10 @@ def _upload_options(parser: argparse.ArgumentParser) -> None:
 def _export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
-        choices=("clarifai_data_protobuf", "clarifai_data_json", "coco"),
-        default="clarifai_data_protobuf",
+        choices=("clarifai_data_protobuf", "clarifai_data_json", "coco", "vi_full", "vi_jsonl"),
+        default=None,
+        help="export: clarifai_data_protobuf by default; download: the newest finished export "
+        "of the version (with --split's ratios) whatever its format, else clarifai_data_protobuf",
     )
     parser.add_argument("--split", type=_splits, default=None, help="e.g. train=0.8,validation=0.2")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
@@ -176,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     _upload_commands(tree)
     _version_commands(tree)
     _input_commands(tree)
+    from service.cli.ontologies import add_commands as ontology_and_project_commands
+
+    ontology_and_project_commands(tree)
     return parser
 
 

@@ -60,6 +60,14 @@ from service.client.inputs import (
     ReencodeJobInfo,
     ReencodeResultInfo,
 )
+from service.client.ontologies import Ontologies, OntologyInfo
+from service.client.projects import (
+    FindingInfo,
+    ProjectInfo,
+    Projects,
+    RuleReportInfo,
+    ValidationInfo,
+)
 from service.client.versions import VersionFailedError, VersionInfo
 
 __all__ += [
@@ -69,11 +77,18 @@ __all__ += [
     "ExportFailedError",
     "ExportInfo",
     "ExportSettings",
+    "FindingInfo",
     "Inputs",
+    "Ontologies",
+    "OntologyInfo",
+    "ProjectInfo",
+    "Projects",
     "ReencodeCandidateInfo",
     "ReencodeFailedError",
     "ReencodeJobInfo",
     "ReencodeResultInfo",
+    "RuleReportInfo",
+    "ValidationInfo",
     "VersionFailedError",
     "VersionInfo",
 ]

@@ -10,6 +10,8 @@ from service.client._rpc import Rpc
 from service.client.dataset import Dataset
 from service.client.datasets import Datasets
 from service.client.inputs import Inputs
+from service.client.ontologies import Ontologies
+from service.client.projects import Projects
 
 
 class Client:
@@ -31,6 +33,8 @@ class Client:
         self.rpc = Rpc(self._channel, app, api_key)
         self.datasets = Datasets(self.rpc)
         self.inputs = Inputs(self.rpc)
+        self.ontologies = Ontologies(self.rpc, self._channel)
+        self.projects = Projects(self.rpc, self._channel)
 
     def dataset(self, dataset_id: str) -> Dataset:
         """Operations on one dataset's content: uploads, inputs, versions, merge."""

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 from datasetd.v1 import dataset_version_pb2
@@ -30,7 +30,11 @@ FORMATS: dict[str, dataset_version_pb2.ExportFormat.ValueType] = {
     "clarifai_data_protobuf": dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF,
     "clarifai_data_json": dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_JSON,
     "coco": dataset_version_pb2.EXPORT_FORMAT_COCO,
+    "vi_full": dataset_version_pb2.EXPORT_FORMAT_VI_FULL,
+    "vi_jsonl": dataset_version_pb2.EXPORT_FORMAT_VI_JSONL,
 }
+# The Datature Vi layouts: coordinates chosen by the server, media always (full) or never.
+VI_FORMATS = ("vi_full", "vi_jsonl")
 _FORMAT_NAMES = {value: name for name, value in FORMATS.items()}
 _PREFIX = "STATUS_CODE_DATASET_VERSION_EXPORT_"
 SUCCESS = "SUCCESS"
@@ -55,7 +59,10 @@ class ExportSettings:
       train/validation(/test); each > 0, summing to 1. None: one split named "all".
     * `seed`: of the deterministic, concept-stratified split.
     * `embed_media`: media bytes inside the archive. None: embedded by `download` (unless
-      `annotations_only`), referenced by `create_export`.
+      `annotations_only`), referenced by `create_export`. The Vi formats decide it
+      themselves: "vi_full" always embeds, "vi_jsonl" never.
+    * `pixel_coordinates`: "vi_full" and "vi_jsonl" only: the server writes pixels instead
+      of normalized [0, 1] coordinates.
     """
 
     format: str = "clarifai_data_protobuf"
@@ -63,6 +70,7 @@ class ExportSettings:
     split_ratio: Mapping[str, float] | Sequence[float] | None = None
     seed: int = 0
     embed_media: bool | None = None
+    pixel_coordinates: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -75,6 +83,10 @@ class ExportSettings:
             raise ValueError(f"seed must be an integer, not {self.seed!r}")
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in 0..2**64-1, not {self.seed}")
+        if self.pixel_coordinates and self.format not in VI_FORMATS:
+            raise ValueError(
+                f"pixel_coordinates is for the formats {', '.join(VI_FORMATS)}, not {self.format!r}"
+            )
         self.ratios()
 
     def ratios(self) -> dict[str, float]:
@@ -112,8 +124,16 @@ class ExportSettings:
             raise ValueError(f"split ratios must sum to 1, not {total:g}")
         return {name: float(ratio) for name, ratio in named.items()}
 
+    def embed(self, default: bool) -> bool:
+        """Whether the export embeds the media, `default` unless the settings decide."""
+        if self.format in VI_FORMATS:
+            return self.format == "vi_full"
+        return default if self.embed_media is None else self.embed_media
+
     def options(self, embed_media: bool) -> api.ExportOptions:
-        message = api.ExportOptions(embed_media=embed_media)
+        message = api.ExportOptions(
+            embed_media=embed_media, pixel_coordinates=self.pixel_coordinates
+        )
         ratios = self.ratios()
         if ratios:
             message.split.ratios.update(ratios)
@@ -144,6 +164,7 @@ class ExportInfo:
     seed: int
     created_at: datetime | None
     modified_at: datetime | None
+    pixel_coordinates: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -209,7 +230,7 @@ class DownloadResult:
         return rows
 
     def summary_title(self) -> str:
-        return f"Downloaded {self.save_dir}"
+        return f"Downloaded {self.format} into {self.save_dir}"
 
     def summary(self) -> str:
         return text_table(self.summary_title(), self.summary_rows())
@@ -248,6 +269,7 @@ def to_export_info(message: api.Export) -> ExportInfo:
         seed=message.options.split.seed,
         created_at=time_of(message, "created_at"),
         modified_at=time_of(message, "modified_at"),
+        pixel_coordinates=message.options.pixel_coordinates,
     )
 
 
@@ -279,6 +301,18 @@ def _check_target(save_dir: Path, overwrite: bool) -> None:
 def _fetch(rpc: Rpc, export: ExportInfo, path: Path, progress: Progress) -> tuple[int, str]:
     """Streams the archive into `path`; returns its size and SHA-256 once both match what
     the server announced."""
+    with path.open("wb") as sink:
+        fetched = fetch_into(rpc, export, sink, progress)
+        sink.flush()
+        os.fsync(sink.fileno())
+    return fetched
+
+
+def fetch_into(
+    rpc: Rpc, export: ExportInfo, sink: IO[bytes], progress: Progress
+) -> tuple[int, str]:
+    """Streams the archive into `sink`; returns its size and SHA-256 once both match what
+    the server announced (ArchiveIntegrityError otherwise)."""
     digest = hashlib.sha256()
     size, announced_size, announced_sha = 0, -1, ""
     request = api.DownloadExportRequest(
@@ -289,16 +323,13 @@ def _fetch(rpc: Rpc, export: ExportInfo, path: Path, progress: Progress) -> tupl
     )
     progress.start("downloading", export.size or None, "bytes")
     try:
-        with path.open("wb") as sink:
-            for index, message in enumerate(rpc.stream(rpc.versions.DownloadExport, request)):
-                if index == 0:
-                    announced_size, announced_sha = message.total_size, message.sha256
-                sink.write(message.chunk)
-                digest.update(message.chunk)
-                size += len(message.chunk)
-                progress.advance(len(message.chunk))
-            sink.flush()
-            os.fsync(sink.fileno())
+        for index, message in enumerate(rpc.stream(rpc.versions.DownloadExport, request)):
+            if index == 0:
+                announced_size, announced_sha = message.total_size, message.sha256
+            sink.write(message.chunk)
+            digest.update(message.chunk)
+            size += len(message.chunk)
+            progress.advance(len(message.chunk))
     finally:
         progress.finish()
     if size != announced_size or (export.size and size != export.size):
@@ -335,8 +366,7 @@ class Exports:
         if version_id is None:
             version_id = Versions(self._rpc, dataset_id).latest_or_new().id
         # Unset `embed_media`: referenced, the server's default.
-        embed = bool(settings.embed_media)
-        return self._export(dataset_id, settings, version_id, embed, request_id)
+        return self._export(dataset_id, settings, version_id, settings.embed(False), request_id)
 
     def _export(
         self,
@@ -403,6 +433,29 @@ class Exports:
         )
         return [to_export_info(e) for response in pages for e in response.exports]
 
+    def find_export(
+        self,
+        dataset_id: str,
+        version_id: str,
+        export_format: str | None = None,
+        split_ratio: Mapping[str, float] | Sequence[float] | None = None,
+        embed_media: bool | None = None,
+    ) -> ExportInfo | None:
+        """The newest successful export of the version with the given format, split ratios
+        (as ExportSettings reads them) and media embedding; None given matches any."""
+        ratios = None if split_ratio is None else ExportSettings(split_ratio=split_ratio).ratios()
+        matching = [
+            export
+            for export in self.list_exports(dataset_id, version_id)
+            if export.succeeded
+            and export_format in (None, export.format)
+            and ratios in (None, export.split_ratio)
+            and embed_media in (None, export.embed_media)
+        ]
+        if not matching:
+            return None
+        return max(matching, key=lambda e: e.created_at.timestamp() if e.created_at else 0.0)
+
     def wait_export(
         self,
         dataset_id: str,
@@ -437,21 +490,41 @@ class Exports:
         version_id: str | None = None,
         timeout: float = 600,
         progress: Progress | None = None,
+        export_id: str | None = None,
     ) -> DownloadResult:
-        """Exports a version (default: the newest READY one; one still building is waited
-        for; with none, a new one is created), downloads it and unpacks it into `save_dir`
-        as media files plus annotation files per split."""
+        """Downloads an export of a version and unpacks it into `save_dir` as media files
+        plus annotation files per split.
+
+        The export: `export_id` when given (of `version_id`, or searched for); else one of
+        `version_id` (default: the newest READY version; one still building is waited for;
+        with none, a new one is created). Without `export_settings` that is the newest
+        finished export of the version carrying what the download needs (the media, unless
+        `annotations_only`), whatever its format, so that a download after an export writes
+        that export; with settings, or when none matches, the export of those settings
+        (default Clarifai-Data-Protobuf), made now or reused (the server keeps one per
+        version, format and options). `result.format` says which format was written."""
         target = Path(save_dir).expanduser().absolute()
         _check_target(target, overwrite)
-        settings = export_settings or ExportSettings()
-        embed = settings.embed_media if settings.embed_media is not None else not annotations_only
-        if version_id is None:
+        chosen: ExportInfo | None = None
+        if export_id is not None:
+            chosen = self.get_export(dataset_id, export_id, version_id)
+            version_id = chosen.version_id
+        elif version_id is None:
             versions = Versions(self._rpc, dataset_id)
             version_id = versions.latest_or_new(timeout, show_progress, progress).id
-        started = self._export(dataset_id, settings, version_id, embed)
+        if chosen is None and export_settings is None:
+            chosen = self.find_export(
+                dataset_id, version_id, embed_media=None if annotations_only else True
+            )
+        if chosen is None:
+            settings = export_settings or ExportSettings()
+            chosen = self._export(
+                dataset_id, settings, version_id, settings.embed(not annotations_only)
+            )
         export = self.wait_export(
-            dataset_id, started.id, version_id, timeout, show_progress, progress
+            dataset_id, chosen.id, version_id, timeout, show_progress, progress
         )
+        normalized = export_settings.normalized if export_settings else None
         target.parent.mkdir(parents=True, exist_ok=True)
         # Next to the target, so that the final renames stay on one file system.
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}.download-", dir=target.parent))
@@ -460,7 +533,7 @@ class Exports:
             size, sha256 = _fetch(self._rpc, export, archive, reporter(show_progress, progress))
             content = work / "content"
             content.mkdir()
-            stats = unpack(archive, content, settings.format, settings.normalized, annotations_only)
+            stats = unpack(archive, content, export.format, normalized, annotations_only)
             archive.unlink()
             (content / DOWNLOAD_MARKER).write_text(f"{dataset_id} {version_id} {export.id}\n")
             _check_target(target, overwrite)
@@ -473,7 +546,7 @@ class Exports:
         return DownloadResult(
             save_dir=target,
             size_mb=round(size / MIB, 3),
-            format=settings.format,
+            format=export.format,
             version_id=version_id,
             export_id=export.id,
             size_bytes=size,

@@ -7,12 +7,17 @@ export has no split):
   input, named after the cleaned input id plus the extension of its format (`.txt` for
   texts, UTF-8). Nothing is written there with `annotations_only`.
 * Clarifai formats: `<split>/annotations.jsonl`, one line per input:
-  `{"input_id": ..., "file": "images/<name>.png" | null, "input": {...}}` where `input` is
-  the Input in the protobuf JSON mapping (proto field names) with its annotations folded
-  in as in the archive (`data.concepts`, `data.regions`, `data.frames`, metadata, geo),
-  minus the embedded media bytes (they are in `file`).
+  `{"input_id": ..., "file": "images/<name>.png" | null, "title": ... (when set),
+  "input": {...}}` where `input` is the Input in the protobuf JSON mapping (proto field
+  names) with its annotations folded in as in the archive (`data.concepts`,
+  `data.regions`, `data.frames`, metadata, geo), minus the embedded media bytes (they are
+  in `file`) and minus its title (beside it: the reference `clarifai.api.Input` has no
+  title, and parses `input` as it is).
 * COCO: `<split>/annotations.json`, the archive's instances file with each image's
   `file_name` set to the name of its file under `<split>/images/`.
+
+The Datature Vi formats keep the archive's own layout (README "Export formats"):
+`metadata.json`, `annotations/<split>.jsonl` and, for "vi_full", `assets/<split>/<file>`.
 
 The archive is treated as untrusted: entry names are only compared with expected
 patterns, never used as paths; file names are built from cleaned input ids.
@@ -21,6 +26,7 @@ patterns, never used as paths; file names are built from cleaned input ids.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import zipfile
@@ -39,6 +45,8 @@ MIMETYPES = {
 SPLIT = re.compile(r"^[a-z0-9_-]{1,32}$")
 _BATCH = re.compile(r"^([a-z0-9_-]{1,32})/batch-\d{1,12}_n\d{1,12}$")
 _INSTANCES = re.compile(r"^annotations/instances_([a-z0-9_-]{1,32})\.json$")
+_VI_LINES = re.compile(r"^annotations/([a-z0-9_-]{1,32})\.jsonl$")
+_VI_ASSET = re.compile(r"^assets/[a-z0-9_-]{1,32}/[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ENTRIES = 1_000_000
 # Batches and instances files are JSON or protobuf: they deflate well, but not by more
@@ -319,13 +327,14 @@ def _write_input(
     stats.annotations_count += _annotation_count(data)
     stats.assets_count += 1
     split.count += 1
-    split.write_line(
-        {
-            "input_id": message.id,
-            "file": file,
-            "input": json_format.MessageToDict(message, preserving_proto_field_name=True),
-        }
-    )
+    record: dict[str, Any] = {"input_id": message.id, "file": file}
+    # The reference `clarifai.api.Input` has no title: it moves beside the input, so that
+    # the reference classes parse `input` as it is.
+    if message.title:
+        record["title"] = message.title
+        message.ClearField("title")
+    record["input"] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    split.write_line(record)
 
 
 def unpack_coco(
@@ -422,6 +431,63 @@ def _normalize(annotation: dict[str, Any], width: float, height: float) -> None:
         ]
 
 
+def vi_annotation_count(line: dict[str, Any]) -> int:
+    """Positive tags plus annotations of a Vi JSONL line, its frames' included."""
+    parts = [line, *(line.get("frames") or [])]
+    return sum(
+        sum(1 for tag in part.get("tags") or [] if tag.get("value", 1) > 0)
+        + len(part.get("annotations") or [])
+        for part in parts
+    )
+
+
+def _vi_lines(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, stats: UnpackStats) -> int:
+    """Counts the lines (inputs) of a Vi JSONL entry into `stats`; returns their number."""
+    count = 0
+    with archive.open(entry) as stream:
+        for raw in stream:
+            try:
+                line = json.loads(raw)
+            except ValueError as error:
+                raise ArchiveError(f"line {count + 1} of {entry.filename!r}: {error}") from None
+            count += 1
+            stats.annotations_count += vi_annotation_count(line)
+            if line.get("media_type") != "text" and not line.get("file_name"):
+                stats.media_missing.append(str(line.get("asset_id")))
+    return count
+
+
+def unpack_vi(archive_path: Path, target: Path, annotations_only: bool) -> UnpackStats:
+    """Unpacks a Vi archive into its own layout; entry names are checked against the
+    layout's patterns before they name a file."""
+    stats = UnpackStats()
+    # Creating thousands of small files is the cost here: each folder is made once, and
+    # paths are joined as strings.
+    made: set[str] = set()
+    root = str(target)
+    with zipfile.ZipFile(archive_path) as archive:
+        for entry in _check_entries(archive):
+            name = entry.filename
+            lines = _VI_LINES.match(name)
+            if _VI_ASSET.match(name):
+                if annotations_only:
+                    continue
+                stats.media_files += 1
+            elif lines is not None:
+                count = _vi_lines(archive, entry, stats)
+                stats.splits[lines.group(1)] = count
+                stats.assets_count += count
+            elif name != "metadata.json":
+                raise ArchiveError(f"unexpected archive entry {name!r}")
+            folder, _, _ = name.rpartition("/")
+            if folder not in made:
+                os.makedirs(os.path.join(root, folder), exist_ok=True)
+                made.add(folder)
+            with archive.open(entry) as source, open(os.path.join(root, name), "wb") as sink:
+                shutil.copyfileobj(source, sink, COPY_CHUNK)
+    return stats
+
+
 def unpack(
     archive_path: Path,
     target: Path,
@@ -432,6 +498,9 @@ def unpack(
     """Unpacks an export archive of `export_format` into the existing, empty `target`."""
     if export_format == "coco":
         return unpack_coco(archive_path, target, normalized, annotations_only)
+    if export_format in ("vi_full", "vi_jsonl"):
+        # The server wrote the coordinates the export asked for (pixel_coordinates).
+        return unpack_vi(archive_path, target, annotations_only)
     if export_format in MIMETYPES:
         return unpack_clarifai(archive_path, target, export_format, normalized, annotations_only)
     raise ValueError(f"unknown export format {export_format!r}")

@@ -31,6 +31,13 @@ from service.domain.errors import (
 )
 from service.domain.input_drafts import MAX_IDS_PER_CALL, Outcome
 from service.domain.models import AnnotatedMedia, Annotation, AnnotationQuery, MediaType, Principal
+from service.domain.ontology_check import (
+    OntologyChecker,
+    OntologyGate,
+    add_findings,
+    check_all,
+    class_ids_in,
+)
 from service.domain.paging import split_page
 from service.domain.patch import PatchAction, apply_json
 from service.domain.ports import AnnotationRepository, MembershipRepository, TransactionManager
@@ -291,6 +298,8 @@ class AnnotationService:
     annotations: AnnotationRepository
     members: MembershipRepository
     tx: TransactionManager
+    # The ontologies of the projects an input's datasets are attached to.
+    gate: OntologyGate
 
     # --- create ----------------------------------------------------------------------------
 
@@ -313,6 +322,7 @@ class AnnotationService:
         )
         outcomes: dict[int, AnnotationOutcome] = {}
         candidates = self._candidates(app_id, drafts, media, outcomes)
+        candidates = await self._governed(app_id, candidates, outcomes)
         if atomic and outcomes:
             raise _batch_failure(len(drafts), outcomes)
         if candidates:
@@ -358,6 +368,35 @@ class AnnotationService:
             )
             candidates.append((index, annotation))
         return candidates
+
+    async def _governed(
+        self,
+        app_id: str,
+        candidates: list[tuple[int, Annotation]],
+        outcomes: dict[int, AnnotationOutcome],
+    ) -> list[tuple[int, Annotation]]:
+        """The candidates whose labels fit the ontologies of their inputs' projects; an
+        outcome for each of the others."""
+        if not candidates:
+            return candidates
+        gates = await self.gate.for_inputs(app_id, sorted({a.input_id for _, a in candidates}))
+        if not gates:
+            return candidates
+        kept: list[tuple[int, Annotation]] = []
+        for index, annotation in candidates:
+            findings = check_all(
+                gates.get(annotation.input_id, []), f"annotations[{index}].data", annotation.data
+            )
+            if findings:
+                outcomes[index] = AnnotationOutcome(
+                    index,
+                    annotation.id,
+                    Outcome.INVALID,
+                    tuple(FieldViolation(f.field, f.message) for f in findings),
+                )
+            else:
+                kept.append((index, annotation))
+        return kept
 
     @staticmethod
     def _check_draft(
@@ -470,11 +509,11 @@ class AnnotationService:
             if missing:
                 raise _not_found(missing, paths)
             _check_inputs_unchanged(current, patches)
-            media = await self.annotations.input_media(
-                app_id, sorted({a.input_id for a in current.values()})
-            )
+            inputs = sorted({a.input_id for a in current.values()})
+            media = await self.annotations.input_media(app_id, inputs)
+            gates = await self.gate.for_inputs(app_id, inputs)
             changed, emptied = self._patched(
-                current, media, action, patches, delete_if_empty=delete_if_empty
+                current, media, gates, action, patches, delete_if_empty=delete_if_empty
             )
             stored = {a.id: a for a in await self.annotations.update_many(changed)}
             if emptied:
@@ -486,13 +525,15 @@ class AnnotationService:
         cls,
         current: dict[str, Annotation],
         media: dict[str, AnnotatedMedia],
+        gates: dict[str, list[OntologyChecker]],
         action: PatchAction,
         patches: Sequence[AnnotationPatch],
         *,
         delete_if_empty: bool,
     ) -> tuple[list[Annotation], list[str]]:
         """The patched annotations, checked like new ones, and the ids of those REMOVE
-        emptied when they are to be deleted; raises if any patch breaks the rules."""
+        emptied when they are to be deleted; raises if any patch breaks the rules. An
+        archived class the annotation carried before may stay: archiving keeps labels."""
         violations = Violations()
         changed: list[Annotation] = []
         emptied: list[str] = []
@@ -507,6 +548,15 @@ class AnnotationService:
                 _check_input_level(violations, path, after.data)
             check_annotation_data(
                 violations, f"{path}.data", after.data, media_context(media[before.input_id])
+            )
+            add_findings(
+                violations,
+                check_all(
+                    gates.get(before.input_id, []),
+                    f"{path}.data",
+                    after.data,
+                    allowed_archived=class_ids_in(before.data),
+                ),
             )
             if patch.annotation_info is not None:
                 check_metadata(violations, f"{path}.annotation_info", after.annotation_info)

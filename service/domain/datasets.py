@@ -1,10 +1,28 @@
-"""Dataset use cases: create, get, list, patch, delete, undelete, purge."""
+"""Dataset use cases: create, get, list, patch, delete, undelete, purge; and the flags that
+refuse changes to a dataset (`locked`, `read_only`), checked here for every use case that
+changes one (check_changeable).
+
+What the flags refuse (FAILED_PRECONDITION):
+
+* `locked` (reason DATASET_LOCKED): every mutation of the dataset: an update of any field
+  but `locked` itself (an update of only `locked` is how it is unlocked), deletion, its
+  membership (DatasetChange.MEMBERSHIP) and its versions (DatasetChange.VERSIONS).
+  Reads and exports change nothing and stay allowed.
+* `read_only` (reason DATASET_READ_ONLY): its membership only. Its settings can still be
+  updated and versions of its frozen content made.
+
+Inputs belong to the app, not to a dataset: editing or deleting an input is not a change
+of the datasets holding it and is not refused.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import unicodedata
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,6 +36,7 @@ from service.domain.errors import (
 from service.domain.models import (
     CoverImage,
     Dataset,
+    DatasetGuard,
     DatasetListQuery,
     DatasetView,
     MediaType,
@@ -32,6 +51,7 @@ from service.domain.ports import (
     Clock,
     DatasetRepository,
     MediaProber,
+    MembershipRepository,
     TransactionManager,
 )
 from service.domain.validation import (
@@ -48,6 +68,11 @@ NOTES_MAX_CHARS = 64 * 1024
 URL_MAX_CHARS = 2048
 COVER_MAX_BYTES = 10 * 1024 * 1024
 QUERY_MAX_CHARS = 256
+DISPLAY_NAME_MAX_CHARS = 256
+# last_accessed_at is written at most this often per dataset, so reads stay reads.
+ACCESS_RECORD_INTERVAL = timedelta(minutes=1)
+# Datasets whose last recorded read this process remembers (it forgets the oldest first).
+_TOUCHED_MAX = 10_000
 FILTER_MEDIA_TYPES = ("MEDIA_TYPE_IMAGE", "MEDIA_TYPE_VIDEO", "MEDIA_TYPE_AUDIO", "MEDIA_TYPE_TEXT")
 FILTER_ANNOTATION_STATES = ("ANNOTATION_STATE_ANNOTATED", "ANNOTATION_STATE_UNANNOTATED")
 
@@ -70,6 +95,10 @@ class DatasetFields:
     visibility: Visibility | None = None
     cover: CoverImageInput | None = None
     default_filter: dict[str, Any] | None = None
+    display_name: str | None = None
+    locked: bool | None = None
+    read_only: bool | None = None
+    hidden: bool | None = None
 
     def is_empty(self) -> bool:
         return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
@@ -112,7 +141,62 @@ def check_filter(violations: Violations, field: str, value: dict[str, Any]) -> N
             violations.add(where, "is not a field of InputFilter")
 
 
+class DatasetChange(enum.Enum):
+    """What a use case changes of a dataset, for the flags that refuse it."""
+
+    MEMBERSHIP = "change the inputs of"
+    VERSIONS = "change the versions of"
+
+
+def check_changeable(dataset_id: str, guard: DatasetGuard, change: DatasetChange) -> None:
+    if guard.locked:
+        raise locked_error(dataset_id, change.value)
+    if guard.read_only and change is DatasetChange.MEMBERSHIP:
+        raise FailedPrecondition(
+            f"dataset {dataset_id!r} is read-only: cannot {change.value} it; clear the flag "
+            'first (UpdateDataset with dataset.read_only false and update_mask ["read_only"])',
+            reason="DATASET_READ_ONLY",
+            metadata={"dataset_id": dataset_id},
+        )
+
+
+def locked_error(dataset_id: str, what: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"dataset {dataset_id!r} is locked: cannot {what} it; unlock it first "
+        '(UpdateDataset with dataset.locked false and update_mask ["locked"])',
+        reason="DATASET_LOCKED",
+        metadata={"dataset_id": dataset_id},
+    )
+
+
+async def require_changeable(
+    members: MembershipRepository,
+    app_id: str,
+    dataset_ids: Sequence[str],
+    change: DatasetChange,
+) -> None:
+    """NOT_FOUND for a dataset that is not live, FAILED_PRECONDITION for one whose flags
+    refuse the change. In the caller's transaction: the datasets stay locked against
+    deletion and against a change of their flags until it ends."""
+    wanted = sorted(set(dataset_ids))
+    guards = await members.guarded_datasets(app_id, wanted)
+    for dataset_id in dict.fromkeys(dataset_ids):
+        guard = guards.get(dataset_id)
+        if guard is None:
+            raise NotFound.in_app("dataset", app_id, dataset_id)
+        check_changeable(dataset_id, guard, change)
+
+
+def _check_display_name(violations: Violations, value: str) -> None:
+    where = "dataset.display_name"
+    check_text(violations, where, value, DISPLAY_NAME_MAX_CHARS)
+    if any(unicodedata.category(c) == "Cc" for c in value if c != "\x00"):
+        violations.add(where, "must not contain control characters (newlines, tabs, ...)")
+
+
 def _check_fields(violations: Violations, fields: DatasetFields) -> None:
+    if fields.display_name is not None:
+        _check_display_name(violations, fields.display_name)
     if fields.description is not None:
         check_text(violations, "dataset.description", fields.description, DESCRIPTION_MAX_CHARS)
     if fields.notes is not None:
@@ -136,6 +220,11 @@ def _check_fields(violations: Violations, fields: DatasetFields) -> None:
             _check_url(violations, "dataset.image.url", cover.url)
 
 
+def _only_lock(fields: DatasetFields) -> bool:
+    """Whether an update changes nothing but the lock (what a locked dataset allows)."""
+    return fields.locked is not None and dataclasses.replace(fields, locked=None).is_empty()
+
+
 def _stored_cover(dataset: Dataset) -> StoredBlob | None:
     return dataset.cover.blob if dataset.cover is not None else None
 
@@ -148,6 +237,9 @@ class DatasetService:
     clock: Clock
     settings: DatasetSettings
     prober: MediaProber
+    # When this process last recorded a read of each dataset (app id, dataset id): most
+    # reads then cost no statement at all on the primary.
+    _touched: dict[tuple[str, str], datetime] = field(default_factory=dict, compare=False)
 
     async def create(
         self, principal: Principal, app_id: str, dataset_id: str, fields: DatasetFields
@@ -168,6 +260,10 @@ class DatasetService:
             visibility=fields.visibility or Visibility.PRIVATE,
             cover=cover,
             default_filter=fields.default_filter or None,
+            display_name=fields.display_name or "",
+            locked=bool(fields.locked),
+            read_only=bool(fields.read_only),
+            hidden=bool(fields.hidden),
         )
         created = await self.datasets.insert(draft)
         return await self._view(created, with_statistics=True)
@@ -175,7 +271,30 @@ class DatasetService:
     async def get(self, principal: Principal, app_id: str, dataset_id: str) -> DatasetView:
         authorize(principal, app_id, Permission.READ)
         dataset = await self._require(app_id, dataset_id)
-        return await self._view(dataset, with_statistics=True)
+        view = await self._view(dataset, with_statistics=True)
+        await self.touch(app_id, dataset_id, dataset.last_accessed_at)
+        return view
+
+    async def touch(
+        self, app_id: str, dataset_id: str, last_recorded: datetime | None = None
+    ) -> None:
+        """Records that the dataset was read, at most once per ACCESS_RECORD_INTERVAL.
+
+        The statement runs on the primary (even when the read was served by the replica)
+        and skips a row a write holds: a read never waits for it. `last_recorded`, the
+        dataset's last_accessed_at as the caller read it, saves the statement when recent.
+        """
+        now = self.clock.now()
+        since = now - ACCESS_RECORD_INTERVAL
+        key = (app_id, dataset_id)
+        known = max(filter(None, (last_recorded, self._touched.get(key))), default=None)
+        if known is not None and known > since:
+            return
+        await self.datasets.touch(app_id, dataset_id, now, since)
+        self._touched.pop(key, None)
+        self._touched[key] = now
+        while len(self._touched) > _TOUCHED_MAX:
+            del self._touched[next(iter(self._touched))]
 
     async def list(
         self,
@@ -187,6 +306,7 @@ class DatasetService:
         text: str,
         limit: int,
         after: tuple[Any, str] | None,
+        include_hidden: bool = False,
     ) -> tuple[list[DatasetView], bool]:
         """One page and whether more rows follow."""
         authorize(principal, app_id, Permission.READ)
@@ -194,7 +314,7 @@ class DatasetService:
         check_text(violations, "query", text, QUERY_MAX_CHARS)
         violations.raise_if_any()
         rows = await self.datasets.list(
-            DatasetListQuery(app_id, sort_field, descending, text, limit + 1, after)
+            DatasetListQuery(app_id, sort_field, descending, text, limit + 1, after, include_hidden)
         )
         page = rows[:limit]
         # One signing round for the page's covers instead of one per dataset.
@@ -234,6 +354,8 @@ class DatasetService:
                     reason="ETAG_MISMATCH",
                     metadata={"current_etag": current.etag},
                 )
+            if current.locked and not _only_lock(fields):
+                raise locked_error(dataset_id, "update fields other than `locked` of")
             updated = self._apply(current, action, fields, new_cover)
             saved = await self.datasets.update(updated)
         return await self._view(saved, with_statistics=True)
@@ -247,6 +369,8 @@ class DatasetService:
             current = await self.datasets.get(app_id, dataset_id, include_deleted=True, lock=True)
             if current is None or (current.deleted_at is not None and not force):
                 raise NotFound.in_app("dataset", app_id, dataset_id)
+            if current.locked:
+                raise locked_error(dataset_id, "delete")
             if force:
                 await self.datasets.purge(app_id, dataset_id)
                 return DeleteOutcome(purged=True, purge_after=None)
@@ -298,6 +422,12 @@ class DatasetService:
             changes["notes"] = "" if remove else fields.notes
         if fields.visibility is not None:
             changes["visibility"] = fields.visibility
+        if fields.display_name is not None:
+            changes["display_name"] = "" if remove else fields.display_name
+        for flag in ("locked", "read_only", "hidden"):
+            value = getattr(fields, flag)
+            if value is not None:
+                changes[flag] = False if remove else value
         if fields.cover is not None:
             changes["cover"] = None if remove else new_cover
         if fields.metadata is not None:

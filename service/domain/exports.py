@@ -38,6 +38,7 @@ from service.domain.models import (
     Principal,
     StoredBlob,
     VersionMember,
+    VersionOntology,
     VersionStatus,
 )
 from service.domain.paging import split_page
@@ -81,6 +82,30 @@ def _split_names(options: ExportOptions) -> list[str]:
     return sorted(options.split.ratios) if options.split is not None else [NO_SPLIT]
 
 
+_VI_FORMATS = frozenset({ExportFormat.VI_FULL, ExportFormat.VI_JSONL})
+
+
+def check_format_options(
+    violations: Violations, export_format: ExportFormat, options: ExportOptions
+) -> ExportOptions:
+    """The options as the export keeps them: the Vi formats' own rules applied."""
+    if options.pixel_coordinates and export_format not in _VI_FORMATS:
+        violations.add(
+            "options.pixel_coordinates",
+            f"only the VI_FULL and VI_JSONL formats have a choice of coordinates "
+            f"(EXPORT_FORMAT_{export_format.name} has its own)",
+        )
+    if export_format is ExportFormat.VI_JSONL and options.embed_media:
+        violations.add(
+            "options.embed_media",
+            "VI_JSONL holds annotations only; ask for EXPORT_FORMAT_VI_FULL for the media",
+        )
+    if export_format is ExportFormat.VI_FULL:
+        # The format is the media plus the annotations: one export, whichever was asked.
+        return dataclasses.replace(options, embed_media=True)
+    return options
+
+
 def check_options(violations: Violations, options: ExportOptions) -> None:
     split = options.split
     if split is None:
@@ -119,6 +144,9 @@ def derive_export_id(
         "format": export_format.value,
         "embed_media": options.embed_media,
     }
+    # Only when set: the ids of the exports made before the option existed stay the same.
+    if options.pixel_coordinates:
+        canonical["pixel_coordinates"] = True
     if options.split is not None:
         canonical["split"] = {"ratios": options.split.ratios, "seed": options.split.seed}
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
@@ -153,6 +181,8 @@ class ExportService:
             allowed = ", ".join(f.name for f in ExportFormat)
             violations.add("format", f"must name a format (EXPORT_FORMAT_ + one of {allowed})")
         check_options(violations, options)
+        if export_format is not None:
+            options = check_format_options(violations, export_format, options)
         violations.raise_if_any()
         assert export_format is not None
         async with self.tx.transaction():
@@ -331,11 +361,12 @@ class ExportBuilder:
             export = await self.exports.update(
                 dataclasses.replace(export, status=ExportStatus.IN_PROGRESS, percent=0)
             )
+            ontology = await self.versions.ontology(*target.version_key)
         pages = _Pages(self.exports, self.page_size, target, job.id, progress, version.input_count)
         staged = self.streams.stage(MAX_ARCHIVE_BYTES)
         try:
             modified = max(version.created_at or _ZIP_EPOCH, _ZIP_EPOCH)
-            counts, fidelity = await self._write(export, pages, staged, modified)
+            counts, fidelity = await self._write(export, pages, staged, modified, ontology)
             await staged.finish()
             # Published (its blobs row committed, then the object) before the export
             # refers to it: if the export is gone by then, the collector removes it.
@@ -363,11 +394,16 @@ class ExportBuilder:
             await asyncio.shield(staged.discard())
 
     async def _write(
-        self, export: Export, pages: _Pages, sink: ByteSink, modified: datetime
+        self,
+        export: Export,
+        pages: _Pages,
+        sink: ByteSink,
+        modified: datetime,
+        ontology: VersionOntology | None,
     ) -> tuple[dict[str, int], FidelityReport]:
         """Writes the archive: the counting passes first when needed, then the members."""
         names = _split_names(export.options)
-        writer = self.formats.writer(export.format, export.options, names, sink, modified)
+        writer = self.formats.writer(export.format, export.options, names, sink, modified, ontology)
         split = export.options.split
         splitter = StratifiedSplit(split.ratios, split.seed) if split is not None else None
         census = splitter is not None or writer.needs_census
@@ -394,8 +430,7 @@ class ExportBuilder:
             for name in names:
                 members = [m for m, s in zip(page, assigned, strict=True) if s == name]
                 if members:
-                    counts[name] += len(members)
-                    await writer.write(name, members)
+                    counts[name] += await writer.write(name, members)
         return counts, await writer.finish()
 
     async def failed(self, job: Job, message: str) -> None:

@@ -44,7 +44,8 @@ from service.domain.annotations import (
     media_context,
 )
 from service.domain.auth import Permission, authorize
-from service.domain.errors import DomainError, FieldViolation, InvalidArgument, NotFound, Violations
+from service.domain.datasets import DatasetChange, require_changeable
+from service.domain.errors import DomainError, FieldViolation, InvalidArgument, Violations
 from service.domain.imported import (
     ARCHIVE_FIELD,
     CHUNK_FIELD,
@@ -67,6 +68,7 @@ from service.domain.input_drafts import (
 )
 from service.domain.inputs import InputService
 from service.domain.models import AnnotatedMedia, MediaType, Principal, StoredBlob
+from service.domain.ontology_check import OntologyChecker, OntologyGate, add_findings, check_all
 from service.domain.ports import (
     BlobStore,
     MediaProber,
@@ -187,6 +189,8 @@ class ImportService:
     tx: TransactionManager
     settings: ImportSettings
     prober: MediaProber
+    # The ontology of the projects the target dataset is attached to.
+    gate: OntologyGate
 
     # --- receive ---------------------------------------------------------------------------
 
@@ -235,8 +239,9 @@ class ImportService:
 
     async def _require_dataset(self, request: ImportRequest) -> None:
         async with self.tx.transaction():
-            if not await self.members.live_datasets(request.app_id, [request.dataset_id]):
-                raise NotFound.in_app("dataset", request.app_id, request.dataset_id)
+            await require_changeable(
+                self.members, request.app_id, [request.dataset_id], DatasetChange.MEMBERSHIP
+            )
 
     async def _batches(
         self, archive: ReceivedArchive, archive_format: ImportFormat
@@ -266,6 +271,8 @@ class ImportService:
         seen: set[str] = set()
         stored: dict[str, StoredBlob] = {}
         count = 0
+        governed = await self.gate.for_datasets(request.app_id, [request.dataset_id])
+        checkers = governed.get(request.dataset_id, [])
         async with contextlib.aclosing(self._batches(archive, request.format)) as batches:
             async for batch in batches:
                 count += len(batch)
@@ -277,6 +284,7 @@ class ImportService:
                         reason="ARCHIVE_TOO_LARGE",
                     )
                 media = await self._check_batch(principal, request, batch, problems, seen)
+                _check_labels(checkers, batch, problems)
                 if not problems.items:
                     await self._store(media, stored)
                 if len(problems.items) >= MAX_REPORTED:
@@ -472,3 +480,20 @@ def _check_item(
         for violation in local.items:
             problems.add(annotation.locate(violation.field), violation.description)
     return _Media(inline, content_type), problems.items
+
+
+def _check_labels(
+    checkers: Sequence[OntologyChecker], batch: list[ImportedInput], problems: Violations
+) -> None:
+    """The problems of the labels of `batch` under the target dataset's ontology."""
+    if not checkers:
+        return
+    for item in batch:
+        if item.draft.concepts:
+            add_findings(
+                problems,
+                check_all(checkers, f"{item.path}.data", {"concepts": item.draft.concepts}),
+            )
+        for annotation in item.annotations:
+            for finding in check_all(checkers, "", annotation.data):
+                problems.add(annotation.locate(finding.field), finding.message)

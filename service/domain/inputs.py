@@ -13,6 +13,7 @@ from service.domain.annotation_fields import MediaContext
 from service.domain.annotation_rules import check_annotation_data
 from service.domain.annotations import input_annotation
 from service.domain.auth import Permission, authorize
+from service.domain.datasets import DatasetChange, check_changeable
 from service.domain.errors import (
     Aborted,
     AlreadyExists,
@@ -47,6 +48,7 @@ from service.domain.models import (
     Principal,
     StoredBlob,
 )
+from service.domain.ontology_check import OntologyGate, add_findings, check_all
 from service.domain.paging import split_page
 from service.domain.patch import PatchAction, apply_json, merge_json
 from service.domain.ports import (
@@ -93,6 +95,8 @@ class InputService:
     prober: MediaProber
     # Where the regions and frames sent with an input are stored (as its annotation).
     annotations: AnnotationRepository
+    # The ontologies the concepts, regions and frames of an input must fit.
+    gate: OntologyGate
     fetcher: MediaFetcher | None = None
 
     # --- create ----------------------------------------------------------------------------
@@ -218,13 +222,16 @@ class InputService:
         wanted = sorted({d for r in rows for d in r.dataset_ids})
         async with self.tx.transaction():
             # Locks the datasets against deletion until the rows are written.
-            gone = set(wanted) - await self.members.live_datasets(app_id, wanted)
+            guards = await self.members.guarded_datasets(app_id, wanted)
+            gone = set(wanted) - set(guards)
             if gone:
                 raise Aborted(
                     f"datasets {', '.join(sorted(gone))} were deleted while the inputs were "
                     "being stored; nothing was written",
                     reason="DATASET_DELETED_CONCURRENTLY",
                 )
+            for dataset_id, guard in guards.items():
+                check_changeable(dataset_id, guard, DatasetChange.MEMBERSHIP)
             inserted = await self.inputs.insert_many(rows)
             # In the same transaction: an input is never seen without the regions it
             # was sent with. Their ids are fresh, and a new input has no annotation but
@@ -358,10 +365,21 @@ class InputService:
             return
         async with self.tx.transaction():
             live = await self.members.live_datasets(app_id, wanted)
+        gates = await self.gate.for_datasets(app_id, wanted)
         for p in prepared:
             missing = _missing_datasets(app_id, p.path, p.input.dataset_ids, live)
             if missing:
                 outcomes[p.index] = InputOutcome(p.index, p.input.id, Outcome.INVALID, missing)
+                continue
+            checkers = [c for d in dict.fromkeys(p.input.dataset_ids) for c in gates.get(d, [])]
+            findings = check_all(checkers, f"{p.path}.data", labels_of(p.input, p.annotation))
+            if findings:
+                outcomes[p.index] = InputOutcome(
+                    p.index,
+                    p.input.id,
+                    Outcome.INVALID,
+                    tuple(FieldViolation(f.field, f.message) for f in findings),
+                )
 
     # --- read ------------------------------------------------------------------------------
 
@@ -471,11 +489,31 @@ class InputService:
                         for m in missing
                     ],
                 )
+            gates = await self.gate.for_inputs(
+                app_id, [i for i, fields in patches if "concepts" in fields]
+            )
             updated = []
+            labels = Violations()
             for index, (input_id, fields) in enumerate(patches):
-                patched = self._apply(current[input_id], action, fields, f"inputs[{index}]")
-                await self.inputs.update(patched)
+                path = f"inputs[{index}]"
+                before = current[input_id]
+                patched = self._apply(before, action, fields, path)
+                if "concepts" in fields:
+                    # An archived class the input carried before may stay.
+                    kept = frozenset(c.get("id", "") for c in before.concepts)
+                    add_findings(
+                        labels,
+                        check_all(
+                            gates.get(input_id, []),
+                            f"{path}.data",
+                            {"concepts": patched.concepts},
+                            allowed_archived=kept,
+                        ),
+                    )
                 updated.append(patched)
+            labels.raise_if_any()
+            for patched in updated:
+                await self.inputs.update(patched)
             fresh = {i.id: i for i in await self.inputs.get_many(app_id, ids)}
         return await self.views([fresh[i] for i in ids])
 
@@ -550,3 +588,12 @@ def _patch_concepts(
         return [c for c in current if c.get("id") not in drop]
     merged: list[dict[str, Any]] = merge_json(current, given) if current else list(given)
     return merged
+
+
+def labels_of(item: Input, annotation: Annotation | None) -> dict[str, Any]:
+    """The labels a new input carries, in the shape of annotation data: its concepts and
+    the regions and frames sent with it."""
+    labels = dict(annotation.data) if annotation is not None else {}
+    if item.concepts:
+        labels["concepts"] = item.concepts
+    return labels

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.domain.auth import Permission, authorize
+from service.domain.datasets import DatasetChange, require_changeable
 from service.domain.errors import NotFound
 from service.domain.input_drafts import MAX_IDS_PER_CALL
 from service.domain.inputs import InputService
@@ -29,7 +30,7 @@ class MembershipService:
         authorize(principal, app_id, Permission.WRITE)
         unique = self._check_member_ids(dataset_id, input_ids)
         async with self.tx.transaction():
-            await self._require_live_dataset(app_id, dataset_id)
+            await require_changeable(self.members, app_id, [dataset_id], DatasetChange.MEMBERSHIP)
             existing = await self.records.existing_ids(app_id, unique)
             known = [i for i in unique if i in existing]
             added = await self.members.add(app_id, dataset_id, known)
@@ -75,7 +76,7 @@ class MembershipService:
         authorize(principal, app_id, Permission.WRITE)
         unique = self._check_member_ids(dataset_id, input_ids)
         async with self.tx.transaction():
-            await self._require_live_dataset(app_id, dataset_id)
+            await require_changeable(self.members, app_id, [dataset_id], DatasetChange.MEMBERSHIP)
             return await self.members.remove(app_id, dataset_id, unique)
 
     async def delete_by_filter(
@@ -86,9 +87,12 @@ class MembershipService:
         assert query.dataset_id is not None
         self.inputs.check_query(query)
         async with self.tx.transaction():
-            await self._require_live_dataset(query.app_id, query.dataset_id)
             if dry_run:
+                await self._require_live_dataset(query.app_id, query.dataset_id)
                 return await self.records.count_matching(query), 0
+            await require_changeable(
+                self.members, query.app_id, [query.dataset_id], DatasetChange.MEMBERSHIP
+            )
             deleted = await self.records.delete_matching(query)
             return deleted, deleted
 
@@ -107,6 +111,10 @@ class MembershipService:
             for dataset_id in (source_id, destination_id):
                 if dataset_id not in live:
                     raise NotFound.in_app("dataset", app_id, dataset_id)
+            # The source only gives its members away: its flags do not matter.
+            await require_changeable(
+                self.members, app_id, [destination_id], DatasetChange.MEMBERSHIP
+            )
             return await self.members.merge(app_id, source_id, destination_id)
 
     def _check_member_ids(self, dataset_id: str, input_ids: Sequence[str]) -> list[str]:

@@ -62,10 +62,26 @@ class Dataset:
     purge_after: datetime | None = None
     # The projects the dataset is attached to, sorted (read only: kept by ProjectService).
     project_ids: tuple[str, ...] = ()
+    display_name: str = ""
+    # What they refuse: service.domain.datasets.check_changeable.
+    locked: bool = False
+    read_only: bool = False
+    # Left out of listings unless asked for.
+    hidden: bool = False
+    # Kept by DatasetService.touch, not by updates (read only here).
+    last_accessed_at: datetime | None = None
 
     @property
     def etag(self) -> str:
         return f"r{self.revision}"
+
+
+@dataclass(frozen=True)
+class DatasetGuard:
+    """The flags of a live dataset that refuse changes to it."""
+
+    locked: bool = False
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +110,7 @@ class DatasetListQuery:
     limit: int
     # Sort value and id of the last row of the previous page (keyset pagination).
     after: tuple[Any, str] | None = None
+    include_hidden: bool = False
 
 
 @dataclass(frozen=True)
@@ -276,6 +293,9 @@ class DatasetVersion:
     job_id: int | None = None
     created_at: datetime | None = None
     modified_at: datetime | None = None
+    # The ontology recorded when the build completed (its classes, for exports, are
+    # read apart: VersionRepository.ontology); None without a governing ontology.
+    ontology: OntologyRef | None = None
 
 
 @dataclass(frozen=True)
@@ -325,6 +345,8 @@ class ExportFormat(enum.Enum):
     CLARIFAI_DATA_PROTOBUF = "clarifai_data_protobuf"
     CLARIFAI_DATA_JSON = "clarifai_data_json"
     COCO = "coco"
+    VI_FULL = "vi_full"
+    VI_JSONL = "vi_jsonl"
 
 
 class ExportStatus(enum.Enum):
@@ -346,6 +368,8 @@ class SplitOptions:
 class ExportOptions:
     split: SplitOptions | None = None
     embed_media: bool = False
+    # Vi formats only: pixels instead of coordinates normalized to 0..1.
+    pixel_coordinates: bool = False
 
 
 @dataclass(frozen=True)
@@ -438,6 +462,8 @@ class OntologyClass:
     attributes: tuple[OntologyAttribute, ...] = ()
     sub_classes: tuple[OntologyClass, ...] = ()
     archived: bool = False
+    # The class's category number in exports, given by the service (0: not yet given).
+    category_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -450,9 +476,41 @@ class Ontology:
     revision: int = 1
     created_at: datetime | None = None
     modified_at: datetime | None = None
+    # The highest category number ever given: new classes get the next ones, so that a
+    # removed class's number is never another's.
+    last_category_id: int = 0
+
+
+@dataclass(frozen=True)
+class VersionOntology:
+    """The ontology governing a dataset as a version captured it: exports take category
+    numbers and concept names from these classes, whatever the ontology becomes."""
+
+    ontology_id: str
+    revision: int
+    classes: tuple[OntologyClass, ...] = ()
+    input_classifications: tuple[OntologyClass, ...] = ()
+    last_category_id: int = 0
 
 
 # --- projects (use cases in projects.py) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OntologyRef:
+    """An ontology at one revision."""
+
+    id: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class ProjectLink:
+    """A dataset attached to a project, and the project's ontology."""
+
+    dataset_id: str
+    project_id: str
+    ontology_id: str
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -247,6 +247,59 @@ def class_ids(classes: Sequence[OntologyClass]) -> dict[str, OntologyClass]:
     return {item.id: item for _, _, item in walk(classes, "")}
 
 
+# --- category numbers --------------------------------------------------------------------
+
+Trees = tuple[tuple[OntologyClass, ...], tuple[OntologyClass, ...]]
+
+
+def category_ids(trees: Trees) -> dict[str, int]:
+    """The category number of every numbered class of both trees, by class id."""
+    return {
+        item.id: item.category_id
+        for tree in trees
+        for _, _, item in walk(tree, "")
+        if item.category_id
+    }
+
+
+def number_classes(trees: Trees, known: Mapping[str, int], last: int) -> tuple[Trees, int]:
+    """Both trees (`classes`, `input_classifications`) with every class numbered, and
+    the new highest number. A class in `known` keeps its number whatever it carries;
+    any other gets the next number above `last`, in tree order (a class before its
+    sub-classes, `classes` before `input_classifications`). Numbers are never reused:
+    `last` only grows, and a removed class's number stays below it."""
+    counter = last
+
+    def numbered(item: OntologyClass) -> OntologyClass:
+        nonlocal counter
+        number = known.get(item.id)
+        if number is None:
+            counter += 1
+            number = counter
+        # Parent first: its number comes before those of its sub-classes.
+        children = tuple(numbered(c) for c in item.sub_classes)
+        return dataclasses.replace(item, category_id=number, sub_classes=children)
+
+    classes, input_classifications = trees
+    result = (
+        tuple(numbered(c) for c in classes),
+        tuple(numbered(c) for c in input_classifications),
+    )
+    return result, max(counter, last, *known.values(), 0)
+
+
+def _numbered(draft: Ontology, known: Mapping[str, int]) -> Ontology:
+    (classes, input_classifications), last = number_classes(
+        (draft.classes, draft.input_classifications), known, draft.last_category_id
+    )
+    return dataclasses.replace(
+        draft,
+        classes=classes,
+        input_classifications=input_classifications,
+        last_category_id=last,
+    )
+
+
 # --- use cases ---------------------------------------------------------------------------
 
 
@@ -270,7 +323,7 @@ class OntologyService:
         check_id(violations, "ontology.id", ontology_id, required=False)
         check_ontology(violations, draft.description, draft.classes, draft.input_classifications)
         violations.raise_if_any()
-        return await self.ontologies.insert(draft)
+        return await self.ontologies.insert(_numbered(draft, {}))
 
     async def get(self, principal: Principal, app_id: str, ontology_id: str) -> Ontology:
         authorize(principal, app_id, Permission.READ)
@@ -337,7 +390,9 @@ class OntologyService:
             )
             violations.raise_if_any()
             await self._refuse_breaking(current, updated)
-            return await self.ontologies.update(updated)
+            # Matched by class id: a caller's classes carry no numbers (output only).
+            known = category_ids((current.classes, current.input_classifications))
+            return await self.ontologies.update(_numbered(updated, known))
 
     async def delete(self, principal: Principal, app_id: str, ontology_id: str) -> None:
         authorize(principal, app_id, Permission.WRITE)

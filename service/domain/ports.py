@@ -13,6 +13,7 @@ from service.domain.models import (
     AnnotationQuery,
     ApiKey,
     Dataset,
+    DatasetGuard,
     DatasetListQuery,
     DatasetMember,
     DatasetStatistics,
@@ -28,11 +29,14 @@ from service.domain.models import (
     InputSnapshot,
     MediaType,
     Ontology,
+    OntologyRef,
     Project,
+    ProjectLink,
     Shape,
     StoredBlob,
     VersionContent,
     VersionMember,
+    VersionOntology,
 )
 
 
@@ -67,6 +71,11 @@ class DatasetRepository(Protocol):
     async def update(self, dataset: Dataset) -> Dataset:
         """Stores every mutable field (deletion marks included), bumps the revision and
         modified_at."""
+        ...
+
+    async def touch(self, app_id: str, dataset_id: str, now: datetime, since: datetime) -> bool:
+        """Records a read at `now` unless one was recorded after `since` (or the row is
+        locked by a write); whether it wrote."""
         ...
 
     async def purge(self, app_id: str, dataset_id: str) -> None: ...
@@ -198,6 +207,14 @@ class MembershipRepository(Protocol):
         against deletion until the transaction ends (not in a read_transaction)."""
         ...
 
+    async def guarded_datasets(
+        self, app_id: str, dataset_ids: list[str]
+    ) -> dict[str, DatasetGuard]:
+        """The live datasets among `dataset_ids` with the flags that refuse changes to them,
+        locked against deletion and against a change of those flags until the transaction
+        ends."""
+        ...
+
     async def add(self, app_id: str, dataset_id: str, input_ids: list[str]) -> int: ...
 
     async def page(
@@ -298,6 +315,19 @@ class VersionRepository(Protocol):
         """Members without content yet."""
         ...
 
+    async def store_ontology(
+        self, app_id: str, dataset_id: str, version_id: str, ontology: VersionOntology | None
+    ) -> None:
+        """Records the ontology the version is built against (None: none), replacing any
+        an earlier run recorded; `DatasetVersion.ontology` then names it."""
+        ...
+
+    async def ontology(
+        self, app_id: str, dataset_id: str, version_id: str
+    ) -> VersionOntology | None:
+        """The ontology recorded with the version, classes included (for its exports)."""
+        ...
+
 
 class InputSnapshotEncoder(Protocol):
     """The serialization of a version's content (implemented in service.formats: the
@@ -361,8 +391,9 @@ class ArchiveWriter(Protocol):
         """The positive concept ids of each member: input-level, region and frame ones."""
         ...
 
-    async def write(self, split: str, members: list[VersionMember]) -> None:
-        """Adds members, in order, to a split."""
+    async def write(self, split: str, members: list[VersionMember]) -> int:
+        """Adds members, in order, to a split; returns how many of them the archive holds
+        (a format may leave out media it cannot carry: they are not counted in the split)."""
         ...
 
     async def finish(self) -> FidelityReport:
@@ -378,9 +409,11 @@ class ArchiveFormats(Protocol):
         splits: list[str],
         sink: ByteSink,
         modified: datetime,
+        ontology: VersionOntology | None = None,
     ) -> ArchiveWriter:
         """A writer of an archive whose members go into `splits`; `modified` is the time
-        stamped on its entries (the version's creation, so that archives are repeatable)."""
+        stamped on its entries (the version's creation, so that archives are repeatable);
+        `ontology` the version's, which names categories and concepts."""
         ...
 
 
@@ -417,6 +450,12 @@ class OntologyRepository(Protocol):
         ...
 
     async def delete(self, app_id: str, ontology_id: str) -> bool: ...
+
+    async def governing(self, app_id: str, dataset_id: str) -> Ontology | None:
+        """The ontology of the projects the dataset is attached to, None without one.
+        A dataset has one at most; were the rows ever to hold several, the ontology of
+        the project created first is the one."""
+        ...
 
     async def projects_using(self, app_id: str, ontology_id: str) -> list[str]:
         """The ids of the projects using the ontology, sorted."""
@@ -457,4 +496,24 @@ class ProjectRepository(Protocol):
 
     async def detach(self, app_id: str, project_id: str, dataset_id: str) -> bool:
         """Whether the dataset was attached."""
+        ...
+
+    async def ontologies_of_inputs(
+        self, app_id: str, input_ids: Sequence[str]
+    ) -> list[tuple[str, OntologyRef]]:
+        """(input id, ontology) for every live dataset holding one of the inputs and
+        attached to a project; distinct pairs."""
+        ...
+
+    async def ontologies_of_datasets(
+        self, app_id: str, dataset_ids: Sequence[str]
+    ) -> list[tuple[str, OntologyRef]]:
+        """(dataset id, ontology) for every live dataset of `dataset_ids` attached to a
+        project; distinct pairs."""
+        ...
+
+    async def other_projects(
+        self, app_id: str, dataset_ids: Sequence[str], project_id: str
+    ) -> list[ProjectLink]:
+        """The attachments of the datasets to projects other than `project_id`."""
         ...

@@ -9,6 +9,11 @@ touched again: later edits to inputs, annotations or the dataset change no versi
 Inputs deleted between the creation and the build cannot be captured any more. The
 build then fails and names them, rather than skipping them: a READY version always
 holds every member it was created with.
+
+The ontology governing the dataset (through its projects) is captured in the transaction
+that makes the version READY, after every annotation: a class those annotations use
+cannot have been removed meanwhile (the ontology refuses that), so the captured classes
+name them all, and exports of the version keep the ontology as it was then.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from service.domain.auth import Permission, authorize
+from service.domain.datasets import DatasetChange, require_changeable
 from service.domain.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -45,9 +51,11 @@ from service.domain.models import (
     Input,
     InputSnapshot,
     InputView,
+    Ontology,
     Principal,
     VersionContent,
     VersionMetrics,
+    VersionOntology,
     VersionStatus,
 )
 from service.domain.paging import split_page
@@ -57,6 +65,7 @@ from service.domain.ports import (
     InputRepository,
     InputSnapshotEncoder,
     MembershipRepository,
+    OntologyRepository,
     TransactionManager,
     VersionRepository,
 )
@@ -121,7 +130,7 @@ class VersionService:
         version_id = version_id or uuid.uuid4().hex
         async with self.tx.transaction():
             # Also locks the dataset against deletion until the members are recorded.
-            await self._require_dataset(app_id, dataset_id)
+            await require_changeable(self.members, app_id, [dataset_id], DatasetChange.VERSIONS)
             job_id = await self.queue.enqueue(
                 JobKind.BUILD_VERSION, app_id, {"dataset_id": dataset_id, "version_id": version_id}
             )
@@ -198,7 +207,7 @@ class VersionService:
         _check_fields(violations, fields)
         violations.raise_if_any()
         async with self.tx.transaction():
-            current = await self._require(app_id, dataset_id, version_id, lock=True)
+            current = await self._require(app_id, dataset_id, version_id, lock=True, change=True)
             changes: dict[str, Any] = {}
             if fields.description is not None:
                 changes["description"] = fields.description
@@ -212,7 +221,7 @@ class VersionService:
         authorize(principal, app_id, Permission.WRITE)
         self._check_ids(dataset_id, version_id, "version_id")
         async with self.tx.transaction():
-            current = await self._require(app_id, dataset_id, version_id, lock=True)
+            current = await self._require(app_id, dataset_id, version_id, lock=True, change=True)
             # A build that runs on finds the version gone at its next page and stops.
             if current.status in BUILDING and current.job_id is not None:
                 await self.queue.cancel(current.job_id)
@@ -225,7 +234,7 @@ class VersionService:
         authorize(principal, app_id, Permission.WRITE)
         self._check_ids(dataset_id, version_id, "version_id")
         async with self.tx.transaction():
-            current = await self._require(app_id, dataset_id, version_id, lock=True)
+            current = await self._require(app_id, dataset_id, version_id, lock=True, change=True)
             if current.status not in BUILDING:
                 raise FailedPrecondition(
                     f"the build of version {version_id!r} already ended "
@@ -259,9 +268,14 @@ class VersionService:
         *,
         lock: bool = False,
         share: bool = True,
+        change: bool = False,
     ) -> DatasetVersion:
-        """The version of a live dataset: those of a deleted dataset are gone with it."""
-        await self._require_dataset(app_id, dataset_id, share=share)
+        """The version of a live dataset: those of a deleted dataset are gone with it.
+        `change`: the caller changes the version, which the dataset's lock refuses."""
+        if change:
+            await require_changeable(self.members, app_id, [dataset_id], DatasetChange.VERSIONS)
+        else:
+            await self._require_dataset(app_id, dataset_id, share=share)
         version = await self.versions.get(app_id, dataset_id, version_id, lock=lock)
         if version is None:
             raise NotFound.within("version", version_id, "dataset", dataset_id)
@@ -283,6 +297,17 @@ class _Target:
     @property
     def key(self) -> tuple[str, str, str]:
         return self.app_id, self.dataset_id, self.version_id
+
+
+def captured(ontology: Ontology) -> VersionOntology:
+    """What a version keeps of the ontology governing its dataset."""
+    return VersionOntology(
+        ontology.id,
+        ontology.revision,
+        ontology.classes,
+        ontology.input_classifications,
+        ontology.last_category_id,
+    )
 
 
 def _inputs_deleted(total: int, shown: list[str]) -> JobFailed:
@@ -307,6 +332,7 @@ class VersionBuilder:
     versions: VersionRepository
     inputs: InputRepository
     annotations: AnnotationRepository
+    ontologies: OntologyRepository
     blobs: BlobStore
     encoder: InputSnapshotEncoder
     tx: TransactionManager
@@ -350,6 +376,10 @@ class VersionBuilder:
             unbuilt = await self.versions.unbuilt_count(*key)
             if unbuilt:
                 raise JobFailed(f"{unbuilt} member(s) of the version have no content")
+            governing = await self.ontologies.governing(target.app_id, target.dataset_id)
+            await self.versions.store_ontology(
+                *key, captured(governing) if governing is not None else None
+            )
             await self.versions.update(
                 dataclasses.replace(
                     current,

@@ -8,13 +8,20 @@ from datetime import datetime
 from typing import BinaryIO
 
 from service.domain.imported import ArchiveLimits, ImportedInput, ImportFormat
-from service.domain.models import ExportFormat, ExportOptions, FidelityReport, VersionMember
+from service.domain.models import (
+    ExportFormat,
+    ExportOptions,
+    FidelityReport,
+    VersionMember,
+    VersionOntology,
+)
 from service.domain.ports import ArchiveWriter, ByteSink, MediaStreams
 from service.formats.clarifai.reader import protobuf_batches
 from service.formats.clarifai.writer import ClarifaiDataWriter
 from service.formats.coco.reader import coco_batches
 from service.formats.coco.writer import CocoWriter
 from service.formats.safezip import SafeZip
+from service.formats.vi.writer import ViWriter
 from service.observability import metrics
 
 _READERS: dict[ImportFormat, Callable[[SafeZip], Iterator[list[ImportedInput]]]] = {
@@ -35,16 +42,33 @@ class Archives:
         splits: list[str],
         sink: ByteSink,
         modified: datetime,
+        ontology: VersionOntology | None = None,
     ) -> ArchiveWriter:
         counted = _CountingSink(sink)
         writer: ArchiveWriter
         if export_format is ExportFormat.COCO:
             writer = CocoWriter(
-                options.embed_media, splits, counted, modified, self._streams, "datasetd export"
+                options.embed_media,
+                splits,
+                counted,
+                modified,
+                self._streams,
+                "datasetd export",
+                ontology,
+            )
+        elif export_format in (ExportFormat.VI_FULL, ExportFormat.VI_JSONL):
+            writer = ViWriter(
+                export_format is ExportFormat.VI_FULL,
+                options.pixel_coordinates,
+                splits,
+                counted,
+                modified,
+                self._streams,
+                ontology,
             )
         else:
             writer = ClarifaiDataWriter(
-                export_format, options.embed_media, counted, modified, self._streams
+                export_format, options.embed_media, counted, modified, self._streams, ontology
             )
         return _CountedWriter(writer, counted)
 
@@ -78,9 +102,10 @@ class _CountedWriter:
     async def labels(self, members: list[VersionMember]) -> list[frozenset[str]]:
         return await self._writer.labels(members)
 
-    async def write(self, split: str, members: list[VersionMember]) -> None:
-        await self._writer.write(split, members)
-        self._members += len(members)
+    async def write(self, split: str, members: list[VersionMember]) -> int:
+        written = await self._writer.write(split, members)
+        self._members += written
+        return written
 
     async def finish(self) -> FidelityReport:
         report = await self._writer.finish()

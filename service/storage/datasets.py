@@ -22,7 +22,8 @@ from service.storage.rows import BLOB_COLUMNS, record, stored_blob
 _COLUMNS = (
     "d.app_id, d.id, d.description, d.notes, d.metadata, d.visibility, d.cover_url,"
     " d.cover_info, d.default_filter, d.created_at, d.modified_at, d.revision, d.deleted_at,"
-    " d.purge_after, b.key AS blob_key, b.sha256 AS blob_sha256, b.size AS blob_size,"
+    " d.purge_after, d.display_name, d.locked, d.read_only, d.hidden, d.last_accessed_at,"
+    " b.key AS blob_key, b.sha256 AS blob_sha256, b.size AS blob_size,"
     " b.content_type AS blob_content_type,"
     " ARRAY(SELECT pd.project_id FROM project_datasets pd"
     " WHERE pd.app_id = d.app_id AND pd.dataset_id = d.id ORDER BY pd.project_id)"
@@ -34,8 +35,9 @@ _FROM = "datasets d LEFT JOIN blobs b ON b.key = d.cover_blob"
 INSERT = f"""
 WITH d AS (
     INSERT INTO datasets (app_id, id, description, notes, metadata, visibility, cover_url,
-                          cover_blob, cover_info, default_filter)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                          cover_blob, cover_info, default_filter, display_name, locked,
+                          read_only, hidden)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
     ON CONFLICT (app_id, id) DO NOTHING
     RETURNING *)
 SELECT {_COLUMNS} FROM d LEFT JOIN blobs b ON b.key = d.cover_blob
@@ -49,7 +51,8 @@ UPDATE = f"""
 WITH d AS (
     UPDATE datasets SET description = $3, notes = $4, metadata = $5, visibility = $6,
            cover_url = $7, cover_blob = $8, cover_info = $9, default_filter = $10,
-           deleted_at = $11, purge_after = $12, revision = revision + 1,
+           display_name = $11, locked = $12, read_only = $13, hidden = $14,
+           deleted_at = $15, purge_after = $16, revision = revision + 1,
            modified_at = greatest(now(), modified_at + interval '1 microsecond')
     WHERE app_id = $1 AND id = $2
     RETURNING *)
@@ -57,6 +60,16 @@ SELECT {_COLUMNS} FROM d LEFT JOIN blobs b ON b.key = d.cover_blob
 """
 
 PURGE = "DELETE FROM datasets WHERE app_id = $1 AND id = $2"
+# Best effort and never waiting: a row locked by a write (or shared by an import) is
+# skipped, and one read within the last minute is not written again.
+TOUCH = """
+UPDATE datasets SET last_accessed_at = $3
+WHERE ctid = (
+    SELECT ctid FROM datasets
+    WHERE app_id = $1 AND id = $2 AND deleted_at IS NULL
+      AND (last_accessed_at IS NULL OR last_accessed_at <= $4)
+    FOR NO KEY UPDATE SKIP LOCKED)
+"""
 PURGE_EXPIRED = """
 DELETE FROM datasets WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM datasets
@@ -85,15 +98,19 @@ GROUP BY c.concept
 """
 
 # $2 is the search text, $3 its ILIKE pattern; $4/$5 the keyset cursor; $6 the limit.
-_TEXT_FILTER = "($2 = '' OR d.id ILIKE $3 OR d.description ILIKE $3 OR d.notes ILIKE $3)"
+_TEXT_FILTER = (
+    "($2 = '' OR d.id ILIKE $3 OR d.display_name ILIKE $3 OR d.description ILIKE $3"
+    " OR d.notes ILIKE $3)"
+)
 
 
-def _list_sql(column: str, descending: bool, with_cursor: bool) -> str:
+def _list_sql(column: str, descending: bool, with_cursor: bool, with_hidden: bool) -> str:
     direction, compare = ("DESC", "<") if descending else ("ASC", ">")
     cursor = f" AND (d.{column}, d.id) {compare} ($4, $5)" if with_cursor else ""
     limit = "$6" if with_cursor else "$4"
+    hidden = "" if with_hidden else " AND NOT d.hidden"
     return (
-        f"SELECT {_COLUMNS} FROM {_FROM} WHERE d.app_id = $1 AND d.deleted_at IS NULL"
+        f"SELECT {_COLUMNS} FROM {_FROM} WHERE d.app_id = $1 AND d.deleted_at IS NULL{hidden}"
         f" AND {_TEXT_FILTER}{cursor} ORDER BY d.{column} {direction}, d.id {direction}"
         f" LIMIT {limit}"
     )
@@ -101,10 +118,13 @@ def _list_sql(column: str, descending: bool, with_cursor: bool) -> str:
 
 # Every statement the list call can run, built once from whitelisted names.
 LIST_SQL = {
-    (field, descending, with_cursor): _list_sql(field.value, descending, with_cursor)
+    (field, descending, with_cursor, with_hidden): _list_sql(
+        field.value, descending, with_cursor, with_hidden
+    )
     for field in SortField
     for descending in (False, True)
     for with_cursor in (False, True)
+    for with_hidden in (False, True)
 }
 
 
@@ -114,7 +134,7 @@ def _like_pattern(text: str) -> str:
 
 
 def _values(dataset: Dataset) -> tuple[Any, ...]:
-    """Parameters $1 to $10 of INSERT and UPDATE: the key and the editable columns."""
+    """Parameters $1 to $14 of INSERT and UPDATE: the key and the editable columns."""
     cover = dataset.cover
     cover_info = None
     if cover is not None:
@@ -135,6 +155,10 @@ def _values(dataset: Dataset) -> tuple[Any, ...]:
         cover.blob.key if cover is not None and cover.blob else None,
         cover_info,
         dataset.default_filter,
+        dataset.display_name,
+        dataset.locked,
+        dataset.read_only,
+        dataset.hidden,
     )
 
 
@@ -194,7 +218,9 @@ class PgDatasetRepository(Repository):
         return None if row is None else _row_to_dataset(row)
 
     async def list(self, query: DatasetListQuery) -> list[Dataset]:
-        sql = LIST_SQL[(query.sort_field, query.descending, query.after is not None)]
+        sql = LIST_SQL[
+            (query.sort_field, query.descending, query.after is not None, query.include_hidden)
+        ]
         args: list[Any] = [query.app_id, query.text, _like_pattern(query.text)]
         if query.after is not None:
             args.extend(query.after)
@@ -208,6 +234,10 @@ class PgDatasetRepository(Repository):
         if row is None:
             raise RuntimeError(f"dataset {dataset.app_id}/{dataset.id} vanished during update")
         return _row_to_dataset(row)
+
+    async def touch(self, app_id: str, dataset_id: str, now: datetime, since: datetime) -> bool:
+        # On the primary even in a read-only call (execute never reads the replica).
+        return await self._db.affected(TOUCH, app_id, dataset_id, now, since) > 0
 
     async def purge(self, app_id: str, dataset_id: str) -> None:
         await self._db.execute(PURGE, app_id, dataset_id)

@@ -68,6 +68,8 @@ ORDER BY v.position LIMIT $5
 
 def _options_to_json(options: ExportOptions) -> dict[str, Any]:
     stored: dict[str, Any] = {"embed_media": options.embed_media}
+    if options.pixel_coordinates:
+        stored["pixel_coordinates"] = True
     if options.split is not None:
         stored["split"] = {"ratios": options.split.ratios, "seed": options.split.seed}
     return stored
@@ -78,6 +80,7 @@ def _options(stored: dict[str, Any]) -> ExportOptions:
     return ExportOptions(
         split=SplitOptions(dict(split["ratios"]), int(split["seed"])) if split else None,
         embed_media=bool(stored.get("embed_media", False)),
+        pixel_coordinates=bool(stored.get("pixel_coordinates", False)),
     )
 
 

@@ -10,6 +10,7 @@ import asyncpg
 
 from service.domain.annotation_rules import summarize
 from service.domain.models import (
+    DatasetGuard,
     DatasetMember,
     GeoPoint,
     Input,
@@ -118,6 +119,11 @@ WHERE app_id = $1 AND id = ANY($2::text[]) AND deleted_at IS NULL
 ORDER BY id
 """
 LOCK_LIVE_DATASETS = LIVE_DATASETS + " FOR SHARE"
+GUARDED_DATASETS = """
+SELECT id, locked, read_only FROM datasets
+WHERE app_id = $1 AND id = ANY($2::text[]) AND deleted_at IS NULL
+ORDER BY id FOR SHARE
+"""
 ADD_MEMBERS = """
 INSERT INTO dataset_inputs (app_id, dataset_id, input_id)
 SELECT $1, $2, input_id FROM unnest($3::text[]) AS t(input_id)
@@ -312,6 +318,12 @@ class PgMembershipRepository(Repository):
             return set()
         sql = LOCK_LIVE_DATASETS if lock else LIVE_DATASETS
         return {r["id"] for r in await self._db.fetch(sql, app_id, dataset_ids)}
+
+    async def guarded_datasets(
+        self, app_id: str, dataset_ids: list[str]
+    ) -> dict[str, DatasetGuard]:
+        rows = await self._db.fetch(GUARDED_DATASETS, app_id, dataset_ids) if dataset_ids else []
+        return {r["id"]: DatasetGuard(r["locked"], r["read_only"]) for r in rows}
 
     async def add(self, app_id: str, dataset_id: str, input_ids: list[str]) -> int:
         if not input_ids:

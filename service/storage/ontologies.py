@@ -15,16 +15,18 @@ from service.domain.models import (
     OntologyClass,
     Shape,
 )
+from service.domain.ontologies import Trees, category_ids, number_classes, walk
 from service.storage.db import Repository
 from service.storage.rows import record
 
 _COLUMNS = (
     "app_id, id, seq, description, classes, input_classifications, revision, created_at,"
-    " modified_at"
+    " modified_at, last_category_id"
 )
 INSERT = f"""
-INSERT INTO ontologies (app_id, id, description, classes, input_classifications)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO ontologies (app_id, id, description, classes, input_classifications,
+                        last_category_id)
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (app_id, id) DO NOTHING
 RETURNING {_COLUMNS}
 """
@@ -37,13 +39,25 @@ ORDER BY seq LIMIT $3
 """
 UPDATE = f"""
 UPDATE ontologies SET description = $3, classes = $4, input_classifications = $5,
-       revision = revision + 1,
+       last_category_id = $6, revision = revision + 1,
        modified_at = greatest(now(), modified_at + interval '1 microsecond')
 WHERE app_id = $1 AND id = $2
 RETURNING {_COLUMNS}
 """
 DELETE = "DELETE FROM ontologies WHERE app_id = $1 AND id = $2"
 PROJECTS_USING = "SELECT id FROM projects WHERE app_id = $1 AND ontology_id = $2 ORDER BY id"
+# The ontology of the projects a dataset is attached to. The service lets a dataset be
+# governed by one ontology at most; should the rows ever say otherwise, the project
+# created first (lowest seq) decides, so that every reader picks the same one.
+_O_COLUMNS = ", ".join(f"o.{name.strip()}" for name in _COLUMNS.split(","))
+GOVERNING = f"""
+SELECT {_O_COLUMNS}
+FROM project_datasets pd
+JOIN projects p ON p.app_id = pd.app_id AND p.id = pd.project_id
+JOIN ontologies o ON o.app_id = p.app_id AND o.id = p.ontology_id
+WHERE pd.app_id = $1 AND pd.dataset_id = $2
+ORDER BY p.seq LIMIT 1
+"""
 
 # Annotations carrying a concept positively ($2: every concept concerned, through the
 # concept index), as a removed class ($3) or drawn as a removed shape: ($4, $5) pairs of
@@ -99,7 +113,8 @@ def _attribute_json(attribute: OntologyAttribute) -> dict[str, Any]:
     return found
 
 
-def _class_json(item: OntologyClass) -> dict[str, Any]:
+def class_json(item: OntologyClass) -> dict[str, Any]:
+    """A class as stored in jsonb (its sub-classes nested)."""
     return {
         "id": item.id,
         "display_name": item.display_name,
@@ -107,8 +122,9 @@ def _class_json(item: OntologyClass) -> dict[str, Any]:
         "shapes": [shape.value for shape in item.shapes],
         "keypoint_names": list(item.keypoint_names),
         "attributes": [_attribute_json(a) for a in item.attributes],
-        "sub_classes": [_class_json(c) for c in item.sub_classes],
+        "sub_classes": [class_json(c) for c in item.sub_classes],
         "archived": item.archived,
+        "category_id": item.category_id,
     }
 
 
@@ -124,7 +140,8 @@ def _attribute(value: dict[str, Any]) -> OntologyAttribute:
     )
 
 
-def _class(value: dict[str, Any]) -> OntologyClass:
+def stored_class(value: dict[str, Any]) -> OntologyClass:
+    """A class as class_json stored it."""
     return OntologyClass(
         id=value["id"],
         display_name=value["display_name"],
@@ -132,28 +149,52 @@ def _class(value: dict[str, Any]) -> OntologyClass:
         shapes=tuple(Shape(s) for s in value["shapes"]),
         keypoint_names=tuple(value["keypoint_names"]),
         attributes=tuple(_attribute(a) for a in value["attributes"]),
-        sub_classes=tuple(_class(c) for c in value["sub_classes"]),
+        sub_classes=tuple(stored_class(c) for c in value["sub_classes"]),
         archived=value["archived"],
+        # Rows stored before classes had numbers have none: numbered on read.
+        category_id=value.get("category_id", 0),
     )
 
 
+def stored_trees(
+    classes: list[dict[str, Any]], input_classifications: list[dict[str, Any]], last: int
+) -> tuple[Trees, int]:
+    """Both class trees as stored, and the highest category number. Classes stored
+    without a number (rows older than the numbers) get one here, as the service would
+    have given it, and keep it: the next update stores it."""
+    trees = (
+        tuple(stored_class(c) for c in classes),
+        tuple(stored_class(c) for c in input_classifications),
+    )
+    known = category_ids(trees)
+    highest = max(last, *known.values(), 0)
+    if len(known) == sum(1 for tree in trees for _ in walk(tree, "")):
+        return trees, highest
+    return number_classes(trees, known, highest)
+
+
 def _row_to_ontology(row: asyncpg.Record) -> Ontology:
+    (classes, input_classifications), last = stored_trees(
+        row["classes"], row["input_classifications"], row["last_category_id"]
+    )
     return record(
         Ontology,
         row,
-        classes=tuple(_class(c) for c in row["classes"]),
-        input_classifications=tuple(_class(c) for c in row["input_classifications"]),
+        classes=classes,
+        input_classifications=input_classifications,
+        last_category_id=last,
     )
 
 
 def _values(ontology: Ontology) -> tuple[Any, ...]:
-    """$1 to $5 of INSERT and UPDATE."""
+    """$1 to $6 of INSERT and UPDATE."""
     return (
         ontology.app_id,
         ontology.id,
         ontology.description,
-        [_class_json(c) for c in ontology.classes],
-        [_class_json(c) for c in ontology.input_classifications],
+        [class_json(c) for c in ontology.classes],
+        [class_json(c) for c in ontology.input_classifications],
+        ontology.last_category_id,
     )
 
 
@@ -186,6 +227,9 @@ class PgOntologyRepository(Repository):
 
     async def delete(self, app_id: str, ontology_id: str) -> bool:
         return await self._db.affected(DELETE, app_id, ontology_id) > 0
+
+    async def governing(self, app_id: str, dataset_id: str) -> Ontology | None:
+        return await self._one(_row_to_ontology, GOVERNING, app_id, dataset_id)
 
     async def projects_using(self, app_id: str, ontology_id: str) -> list[str]:
         rows = await self._db.fetch(PROJECTS_USING, app_id, ontology_id)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
 
 from service.domain.errors import AlreadyExists
-from service.domain.models import Project
+from service.domain.models import OntologyRef, Project, ProjectLink
 from service.storage.db import Repository
 from service.storage.rows import record
 
@@ -50,6 +52,34 @@ INSERT INTO project_datasets (app_id, project_id, dataset_id) VALUES ($1, $2, $3
 ON CONFLICT DO NOTHING
 """
 DETACH = "DELETE FROM project_datasets WHERE app_id = $1 AND project_id = $2 AND dataset_id = $3"
+# The ontology (id, revision) of each live dataset holding one of the inputs ($2), or of
+# each of the datasets ($2), through the projects they are attached to.
+_GOVERNED = """
+JOIN datasets d ON d.app_id = pd.app_id AND d.id = pd.dataset_id AND d.deleted_at IS NULL
+JOIN projects p ON p.app_id = pd.app_id AND p.id = pd.project_id
+JOIN ontologies o ON o.app_id = p.app_id AND o.id = p.ontology_id
+"""
+ONTOLOGIES_OF_INPUTS = f"""
+SELECT DISTINCT m.input_id AS key, o.id, o.revision
+FROM dataset_inputs m
+JOIN project_datasets pd ON pd.app_id = m.app_id AND pd.dataset_id = m.dataset_id
+{_GOVERNED}
+WHERE m.app_id = $1 AND m.input_id = ANY($2::text[])
+"""
+ONTOLOGIES_OF_DATASETS = f"""
+SELECT DISTINCT pd.dataset_id AS key, o.id, o.revision
+FROM project_datasets pd
+{_GOVERNED}
+WHERE pd.app_id = $1 AND pd.dataset_id = ANY($2::text[])
+"""
+# Projects other than $3 that the datasets ($2) are attached to, with their ontology.
+OTHER_PROJECTS = """
+SELECT pd.dataset_id, p.id AS project_id, p.ontology_id
+FROM project_datasets pd
+JOIN projects p ON p.app_id = pd.app_id AND p.id = pd.project_id
+WHERE pd.app_id = $1 AND pd.dataset_id = ANY($2::text[]) AND p.id <> $3
+ORDER BY pd.dataset_id, p.id
+"""
 
 
 def _row_to_project(row: asyncpg.Record) -> Project:
@@ -111,3 +141,27 @@ class PgProjectRepository(Repository):
         if removed:
             await self._db.affected(TOUCH, app_id, project_id)
         return removed
+
+    async def ontologies_of_inputs(
+        self, app_id: str, input_ids: Sequence[str]
+    ) -> list[tuple[str, OntologyRef]]:
+        return await self._refs(ONTOLOGIES_OF_INPUTS, app_id, input_ids)
+
+    async def ontologies_of_datasets(
+        self, app_id: str, dataset_ids: Sequence[str]
+    ) -> list[tuple[str, OntologyRef]]:
+        return await self._refs(ONTOLOGIES_OF_DATASETS, app_id, dataset_ids)
+
+    async def _refs(
+        self, query: str, app_id: str, keys: Sequence[str]
+    ) -> list[tuple[str, OntologyRef]]:
+        if not keys:
+            return []
+        rows = await self._db.fetch(query, app_id, list(keys))
+        return [(row["key"], OntologyRef(row["id"], row["revision"])) for row in rows]
+
+    async def other_projects(
+        self, app_id: str, dataset_ids: Sequence[str], project_id: str
+    ) -> list[ProjectLink]:
+        rows = await self._db.fetch(OTHER_PROJECTS, app_id, list(dataset_ids), project_id)
+        return [ProjectLink(r["dataset_id"], r["project_id"], r["ontology_id"]) for r in rows]

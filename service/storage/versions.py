@@ -7,13 +7,21 @@ from typing import Any
 
 import asyncpg
 
-from service.domain.models import DatasetVersion, VersionContent, VersionMetrics, VersionStatus
+from service.domain.models import (
+    DatasetVersion,
+    OntologyRef,
+    VersionContent,
+    VersionMetrics,
+    VersionOntology,
+    VersionStatus,
+)
 from service.storage.db import Repository
+from service.storage.ontologies import class_json, stored_trees
 from service.storage.rows import record
 
 _COLUMNS = (
     "app_id, dataset_id, id, seq, status, percent, details, description, metadata, metrics,"
-    " input_count, job_id, created_at, modified_at"
+    " input_count, job_id, created_at, modified_at, ontology_id, ontology_revision"
 )
 _KEY = "app_id = $1 AND dataset_id = $2"
 _VERSION_KEY = f"{_KEY} AND id = $3"
@@ -72,6 +80,14 @@ FROM unnest($4::integer[], $5::bytea[], $6::bytea[], $7::text[])
 WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3 AND v.position = t.position
 """
 UNBUILT_COUNT = f"SELECT count(*) FROM version_inputs WHERE {_MEMBER_KEY} AND data IS NULL"
+STORE_ONTOLOGY = f"""
+UPDATE dataset_versions SET ontology_id = $4, ontology_revision = $5, ontology_classes = $6
+WHERE {_VERSION_KEY}
+"""
+ONTOLOGY = f"""
+SELECT ontology_id, ontology_revision, ontology_classes FROM dataset_versions
+WHERE {_VERSION_KEY} AND ontology_id IS NOT NULL
+"""
 
 _METRIC_NAMES = frozenset(f.name for f in dataclasses.fields(VersionMetrics))
 
@@ -84,12 +100,34 @@ def _metrics(stored: dict[str, Any]) -> VersionMetrics | None:
     return VersionMetrics(**{k: v for k, v in stored.items() if k in _METRIC_NAMES})
 
 
+def _classes_json(ontology: VersionOntology) -> dict[str, Any]:
+    return {
+        "classes": [class_json(c) for c in ontology.classes],
+        "input_classifications": [class_json(c) for c in ontology.input_classifications],
+        "last_category_id": ontology.last_category_id,
+    }
+
+
+def _row_to_ontology(row: asyncpg.Record) -> VersionOntology:
+    stored = row["ontology_classes"]
+    (classes, input_classifications), last = stored_trees(
+        stored["classes"], stored["input_classifications"], stored["last_category_id"]
+    )
+    return VersionOntology(
+        row["ontology_id"], row["ontology_revision"], classes, input_classifications, last
+    )
+
+
 def _row_to_version(row: asyncpg.Record) -> DatasetVersion:
+    ontology_id = row["ontology_id"]
     return record(
         DatasetVersion,
         row,
         status=VersionStatus(row["status"]),
         metrics=_metrics(row["metrics"]),
+        ontology=None
+        if ontology_id is None
+        else OntologyRef(ontology_id, row["ontology_revision"]),
     )
 
 
@@ -175,3 +213,21 @@ class PgVersionRepository(Repository):
     async def unbuilt_count(self, app_id: str, dataset_id: str, version_id: str) -> int:
         count: int = await self._db.fetchval(UNBUILT_COUNT, app_id, dataset_id, version_id)
         return count
+
+    async def store_ontology(
+        self, app_id: str, dataset_id: str, version_id: str, ontology: VersionOntology | None
+    ) -> None:
+        await self._db.execute(
+            STORE_ONTOLOGY,
+            app_id,
+            dataset_id,
+            version_id,
+            None if ontology is None else ontology.ontology_id,
+            None if ontology is None else ontology.revision,
+            None if ontology is None else _classes_json(ontology),
+        )
+
+    async def ontology(
+        self, app_id: str, dataset_id: str, version_id: str
+    ) -> VersionOntology | None:
+        return await self._one(_row_to_ontology, ONTOLOGY, app_id, dataset_id, version_id)

@@ -28,6 +28,14 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "protos"
 # Relative to the output directory; shipped as package data of `datasetd.v1`.
 DESCRIPTOR_SET = Path("datasetd/v1/descriptor_set.binpb")
+# `datasetd` holds the generated `datasetd.v1` and the hand-written client library
+# `datasetd.client` (sdk/datasetd/client): two source folders, one package. A built wheel
+# merges them into one folder; a checkout or an editable install has two, which this
+# pkgutil-style __init__ (the same text as sdk/datasetd/__init__.py) joins.
+SHARED_PACKAGE_INIT = (
+    '"""datasetd: the generated protos (datasetd.v1) and the client library (datasetd.client)."""'
+    "\n\nfrom pkgutil import extend_path\n\n__path__ = extend_path(__path__, __name__)\n"
+)
 
 
 def generate(out_dir: Path) -> None:
@@ -76,6 +84,7 @@ def generate(out_dir: Path) -> None:
     for directory in [out_dir, *(p for p in out_dir.rglob("*") if p.is_dir())]:
         if directory != out_dir:
             (directory / "__init__.py").touch()
+    (out_dir / "datasetd" / "__init__.py").write_text(SHARED_PACKAGE_INIT)
 
 
 def _default_json_name(name: str) -> str:

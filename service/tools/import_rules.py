@@ -60,7 +60,15 @@ RULES = (
         "the client library talks to the server only through its protos and reports progress "
         "through a callback; rich output belongs to the CLI",
     ),
+    Rule(
+        "datasetd.client",
+        (*_SERVER, *_ADAPTERS, "service.cli", "rich"),
+        "the published client library (sdk/datasetd/client) builds on service.client and the "
+        "protos only",
+    ),
 )
+# Hand-written source folders and the package root each one's modules are named from.
+_SOURCES = ("service", "sdk/datasetd")
 
 
 @dataclass(frozen=True)
@@ -116,12 +124,14 @@ def check_file(root: Path, path: Path) -> list[Violation]:
 
 
 def check(root: Path) -> list[Violation]:
-    """Every broken rule under `root` (the folder holding the `service` package)."""
+    """Every broken rule under `root` (the folder holding the `service` package and the
+    client library's `sdk` folder)."""
     return [
         violation
-        for path in sorted((root / "service").rglob("*.py"))
+        for source in _SOURCES
+        for path in sorted((root / source).rglob("*.py"))
         if "gen" not in path.relative_to(root).parts
-        for violation in check_file(root, path)
+        for violation in check_file((root / source).parent, path)
     ]
 
 

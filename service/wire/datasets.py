@@ -9,7 +9,7 @@ from service.domain.datasets import CoverImageInput, DatasetFields
 from service.domain.errors import Violations
 from service.domain.models import DatasetView, Visibility
 from service.wire.struct import message_to_json, struct_to_dict
-from service.wire.timestamps import set_times
+from service.wire.timestamps import set_times, set_timestamp
 
 PATCHABLE_DATASET_FIELDS = (
     "description",
@@ -18,6 +18,10 @@ PATCHABLE_DATASET_FIELDS = (
     "visibility",
     "image",
     "default_filter",
+    "display_name",
+    "locked",
+    "read_only",
+    "hidden",
 )
 
 
@@ -52,6 +56,10 @@ def _given_fields(
             ("visibility", message.HasField("visibility")),
             ("image", message.HasField("image")),
             ("default_filter", message.HasField("default_filter")),
+            ("display_name", bool(message.display_name)),
+            ("locked", message.locked),
+            ("read_only", message.read_only),
+            ("hidden", message.hidden),
         )
         if is_set
     }
@@ -79,6 +87,10 @@ def dataset_fields(
         default_filter=(
             message_to_json(message.default_filter) if "default_filter" in given else None
         ),
+        display_name=message.display_name if "display_name" in given else None,
+        locked=message.locked if "locked" in given else None,
+        read_only=message.read_only if "read_only" in given else None,
+        hidden=message.hidden if "hidden" in given else None,
     )
 
 
@@ -91,8 +103,14 @@ def dataset_to_proto(view: DatasetView) -> dataset_pb2.Dataset:
         notes=dataset.notes,
         etag=dataset.etag,
         project_ids=dataset.project_ids,
+        display_name=dataset.display_name,
+        locked=dataset.locked,
+        read_only=dataset.read_only,
+        hidden=dataset.hidden,
     )
     set_times(message, dataset.created_at, dataset.modified_at)
+    if dataset.last_accessed_at is not None:
+        set_timestamp(message.last_accessed_at, dataset.last_accessed_at)
     message.metadata.update(dataset.metadata)
     message.visibility.gettable = int(dataset.visibility)  # type: ignore[assignment]
     cover = dataset.cover

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-from datasetd.v1 import ontology_pb2
+from datasetd.v1 import dataset_version_pb2, ontology_pb2
 
 from service.domain.errors import Violations
 from service.domain.models import (
@@ -13,6 +13,7 @@ from service.domain.models import (
     Ontology,
     OntologyAttribute,
     OntologyClass,
+    OntologyRef,
     Shape,
 )
 from service.domain.ontologies import UPDATABLE_FIELDS, OntologyFields
@@ -110,6 +111,7 @@ def _class_to_proto(item: OntologyClass) -> ontology_pb2.OntologyClass:
         attributes=[_attribute_to_proto(a) for a in item.attributes],
         sub_classes=[_class_to_proto(c) for c in item.sub_classes],
         archived=item.archived,
+        category_id=item.category_id,
     )
 
 
@@ -124,3 +126,7 @@ def ontology_to_proto(ontology: Ontology) -> ontology_pb2.Ontology:
     )
     set_times(message, ontology.created_at, ontology.modified_at)
     return message
+
+
+def version_ontology_to_proto(ontology: OntologyRef) -> dataset_version_pb2.VersionOntology:
+    return dataset_version_pb2.VersionOntology(ontology_id=ontology.id, revision=ontology.revision)

@@ -174,8 +174,8 @@ async def test_create_get_list_and_wait_exports(
     assert done.status == "SUCCESS" and done.percent_completed == 100
     assert done.size > 0 and done.url
     assert done.url_expires_at is not None and done.url_expires_at > datetime.now(UTC)
-    # Inputs assigned to each split; COCO then carries only the images of them.
-    assert sum(done.split_counts.values()) == 7
+    # The inputs each split holds: COCO carries only the images (6 of the 7 inputs).
+    assert sum(done.split_counts.values()) == 6
     assert set(done.split_counts) == {"train", "validation"}
     assert done.fidelity["dropped"] == {"text_inputs": 1}
 

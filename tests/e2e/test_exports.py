@@ -247,6 +247,12 @@ async def every_kind(
     versions: Versions, annotations: Annotations, inputs: Inputs, datasets: Datasets, db: Database
 ) -> Version:
     """Version "v1" of dataset "ds" with every kind of content (see every_kind_of_content)."""
+    return await every_kind_version(versions, annotations, inputs, datasets, db)
+
+
+async def every_kind_version(
+    versions: Versions, annotations: Annotations, inputs: Inputs, datasets: Datasets, db: Database
+) -> Version:
     caller = await new_caller(db)
     mask = await every_kind_of_content(annotations, inputs, datasets, caller)
     await build(versions, caller, "ds", "v1")

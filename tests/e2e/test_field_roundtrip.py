@@ -34,7 +34,14 @@ from typing import Any
 import datasetd.v1
 import grpc
 import pytest
-from datasetd.v1 import common_pb2, data_pb2, dataset_version_pb2, ontology_pb2, status_pb2
+from datasetd.v1 import (
+    common_pb2,
+    data_pb2,
+    dataset_version_pb2,
+    ontology_pb2,
+    project_service_pb2,
+    status_pb2,
+)
 from datasetd.v1 import dataset_version_service_pb2 as vapi
 from google.protobuf import (
     descriptor_pool,
@@ -575,7 +582,20 @@ async def _delete_project(env: Env) -> Prepared:
 
 
 async def _etag(env: Env, request: Message) -> Any:
-    return (await get_dataset(env, env.ids["patched"])).etag  # type: ignore[attr-defined]
+    dataset_id = request.dataset.id  # type: ignore[attr-defined]
+    return (await get_dataset(env, dataset_id)).etag  # type: ignore[attr-defined]
+
+
+async def _update_dataset(env: Env) -> Prepared:
+    # A dataset per call: `locked`, set by one field's call, would refuse the next one's.
+    dataset_id = await _fresh_dataset(env)
+    return Prepared(
+        env.request(
+            "DatasetService.UpdateDataset",
+            dataset={"id": dataset_id, "description": "base"},
+            action=OVERWRITE,
+        )
+    )
 
 
 def _upload_bytes(env: Env, request: Message) -> bytes:
@@ -637,11 +657,7 @@ CASES: Mapping[str, Case] = {
         values={("page_token",): page_token("DatasetService.ListDatasets")},
     ),
     "DatasetService.UpdateDataset": Case(
-        fixed(
-            "DatasetService.UpdateDataset",
-            dataset={"id": "@patched", "description": "base"},
-            action=OVERWRITE,
-        ),
+        _update_dataset,
         stored=("dataset",),
         read_back=lambda env, req, resp: _one(get_dataset(env, req.dataset.id)),
         values={("etag",): _etag, ("update_mask",): mask("description")},
@@ -864,6 +880,15 @@ CASES: Mapping[str, Case] = {
     ),
     "ProjectService.DetachDataset": Case(
         fixed("ProjectService.DetachDataset", project_id="@proj2", dataset_id="@main")
+    ),
+    "ProjectService.ValidateDataset": Case(
+        # Pages continue one rule; "checked" has two labels its (empty) ontology lacks.
+        fixed(
+            "ProjectService.ValidateDataset",
+            dataset_id="@checked",
+            rule=project_service_pb2.ONTOLOGY_RULE_UNKNOWN_CLASS,
+        ),
+        values={("page_token",): page_token("ProjectService.ValidateDataset")},
     ),
 }
 
@@ -1136,6 +1161,28 @@ async def shared_app(channel: grpc.aio.Channel, db: Database) -> Env:
         await env.send(
             "ProjectService.CreateProject", project={"id": project_id, "ontology_id": "onto"}
         )
+    # A dataset of its own inputs, labelled before it joins a project whose ontology lacks
+    # the label: what ValidateDataset reports.
+    env.ids["checked"] = "checked"
+    await env.send("DatasetService.CreateDataset", dataset={"id": "checked"})
+    await env.send(
+        "InputService.CreateInputs",
+        inputs=[
+            {"id": f"checked-{n}", "data": media["img"], "dataset_ids": ["checked"]}
+            for n in range(2)
+        ],
+        atomic=True,
+    )
+    await env.send(
+        "AnnotationService.CreateAnnotations",
+        annotations=[
+            {"input_id": f"checked-{n}", "data": {"concepts": [{"id": "c1", "value": 1}]}}
+            for n in range(2)
+        ],
+        atomic=True,
+    )
+    await env.send("ProjectService.CreateProject", project={"id": "checker", "ontology_id": "onto"})
+    await env.send("ProjectService.AttachDataset", project_id="checker", dataset_id="checked")
     for version_id in ("v1", "v2"):
         env.ids[version_id] = version_id
         await env.send(

@@ -120,7 +120,15 @@ def content(ontology: Any) -> dict[str, Any]:
     found: dict[str, Any] = json_format.MessageToDict(ontology)
     for name in ("appId", "revision", "createdAt", "modifiedAt"):
         found.pop(name, None)
+    for tree in ("classes", "inputClassifications"):
+        _drop_category_ids(found.get(tree, []))
     return found
+
+
+def _drop_category_ids(classes: list[dict[str, Any]]) -> None:
+    for item in classes:
+        item.pop("categoryId", None)
+        _drop_category_ids(item.get("subClasses", []))
 
 
 async def test_create_get_and_delete(ontologies: Stub, caller: Caller) -> None:

@@ -335,6 +335,9 @@ def _reads(stubs: Stubs, app_id: str, export_id: str) -> dict[str, Callable[[Any
         "/datasetd.v1.ProjectService/ListProjects": lambda m: p.ListProjects(
             papi.ListProjectsRequest(app_id=app_id), metadata=m
         ),
+        "/datasetd.v1.ProjectService/ValidateDataset": lambda m: p.ValidateDataset(
+            papi.ValidateDatasetRequest(**at), metadata=m
+        ),
     }
 
 
@@ -349,6 +352,7 @@ _SHOWS: dict[str, Callable[[Any], bool]] = {
     "ListOntologies": lambda r: any(o.id == "onto1" for o in r.ontologies),
     "GetDataset": lambda r: list(r.dataset.project_ids) == ["proj1"],
     "ListProjects": lambda r: any(p.id == "proj1" for p in r.projects),
+    "ValidateDataset": lambda r: r.ontology_id == "onto1" and r.annotations_checked > 0,
 }
 
 

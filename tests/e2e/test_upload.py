@@ -30,6 +30,7 @@ from service.domain.errors import InvalidArgument
 from service.domain.input_drafts import InputSettings
 from service.domain.inputs import InputService
 from service.domain.models import Principal
+from service.domain.ontology_check import OntologyGate
 from service.domain.transfers import InputTransfers, TransferSettings, UploadHeader
 from service.media.probe import MediaProbes
 from service.storage.annotations import PgAnnotationRepository
@@ -37,6 +38,8 @@ from service.storage.blobs import UPLOADS_PREFIX, ContentAddressedBlobStore
 from service.storage.db import Database
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
 from service.storage.objectstore import ObjectStore
+from service.storage.ontologies import PgOntologyRepository
+from service.storage.projects import PgProjectRepository
 from service.wire.inputs import input_draft
 from tests.conftest import Caller, Stack, new_caller, object_store
 from tests.e2e.test_inputs import create, metadata, new_dataset
@@ -541,6 +544,7 @@ async def test_images_and_texts_over_the_whole_read_limit_are_refused(
         InputSettings(),
         MediaProbes(),
         PgAnnotationRepository(db),
+        OntologyGate(PgProjectRepository(db), PgOntologyRepository(db)),
     )
     transfers = InputTransfers(
         inputs, blobs, TransferSettings(max_whole_bytes=2 * MIB), MediaProbes()

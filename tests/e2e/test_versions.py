@@ -32,6 +32,7 @@ from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.db import Database
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
 from service.storage.jobs import PgJobQueue
+from service.storage.ontologies import PgOntologyRepository
 from service.storage.versions import PgVersionRepository
 from tests.conftest import Caller, new_caller
 from tests.e2e.test_annotations import (
@@ -720,6 +721,7 @@ def builder(server: Running, page_size: int) -> VersionBuilder:
         PgVersionRepository(db),
         PgInputRepository(db),
         PgAnnotationRepository(db),
+        PgOntologyRepository(db),
         ContentAddressedBlobStore(db, server.resources.objects),
         ProtobufSnapshotEncoder(),
         db,

@@ -14,11 +14,14 @@ from service.adapters.url_fetch import UrlFetcher
 from service.domain.input_drafts import InputDraft, InputSettings, Outcome
 from service.domain.inputs import InputService
 from service.domain.models import MediaType, Principal
+from service.domain.ontology_check import OntologyGate
 from service.media.probe import MediaProbes
 from service.storage.annotations import PgAnnotationRepository
 from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.db import Database
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
+from service.storage.ontologies import PgOntologyRepository
+from service.storage.projects import PgProjectRepository
 from tests.conftest import Stack, object_store
 from tests.helpers import png_bytes
 
@@ -55,6 +58,7 @@ def service(db: Database, stack: Stack, fetcher: UrlFetcher) -> InputService:
         InputSettings(),
         MediaProbes(),
         PgAnnotationRepository(db),
+        OntologyGate(PgProjectRepository(db), PgOntologyRepository(db)),
         fetcher=fetcher,
     )
 

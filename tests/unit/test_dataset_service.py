@@ -33,6 +33,7 @@ WRITER = Principal("k", "app", frozenset({"read", "write"}))
 class FakeRepo:
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], Dataset] = {}
+        self.touches: list[datetime] = []
 
     async def insert(self, dataset: Dataset) -> Dataset:
         self.rows[(dataset.app_id, dataset.id)] = dataset
@@ -65,6 +66,14 @@ class FakeRepo:
 
     async def statistics(self, app_id: str, dataset_id: str) -> DatasetStatistics:
         return DatasetStatistics()
+
+    async def touch(self, app_id: str, dataset_id: str, now: datetime, since: datetime) -> bool:
+        self.touches.append(now)
+        row = self.rows[(app_id, dataset_id)]
+        if row.last_accessed_at is not None and row.last_accessed_at > since:
+            return False
+        self.rows[(app_id, dataset_id)] = dataclasses.replace(row, last_accessed_at=now)
+        return True
 
 
 class FakeBlobs:
@@ -166,3 +175,42 @@ async def test_remove_of_visibility_is_refused() -> None:
             etag="",
         )
     assert raised.value.violations[0].field == "dataset.visibility"
+
+
+async def test_reads_record_the_access_at_most_once_a_minute() -> None:
+    datasets, repo, _, clock = service()
+    await datasets.create(WRITER, "app", "d", DatasetFields())
+    first = clock.current
+    await datasets.get(WRITER, "app", "d")
+    clock.current += timedelta(seconds=30)
+    await datasets.get(WRITER, "app", "d")
+    await datasets.touch("app", "d")
+    # The second read and the touch cost no statement: this process recorded one just now.
+    assert repo.touches == [first]
+    clock.current += timedelta(seconds=31)
+    view = await datasets.get(WRITER, "app", "d")
+    assert repo.touches == [first, clock.current]
+    assert repo.rows[("app", "d")].last_accessed_at == clock.current
+    # The view is the row as read, before this read was recorded.
+    assert view.dataset.last_accessed_at == first
+
+
+async def test_a_locked_dataset_refuses_updates_and_deletion_until_unlocked() -> None:
+    datasets, _, _, _ = service()
+    await datasets.create(WRITER, "app", "d", DatasetFields(locked=True))
+    with pytest.raises(FailedPrecondition) as refused:
+        await datasets.update(
+            WRITER, "app", "d", PatchAction.OVERWRITE, DatasetFields(description="x"), ""
+        )
+    assert refused.value.reason == "DATASET_LOCKED"
+    with pytest.raises(FailedPrecondition):
+        await datasets.update(
+            WRITER, "app", "d", PatchAction.OVERWRITE, DatasetFields(locked=False, hidden=True), ""
+        )
+    with pytest.raises(FailedPrecondition):
+        await datasets.delete(WRITER, "app", "d", force=True)
+    unlocked = await datasets.update(
+        WRITER, "app", "d", PatchAction.OVERWRITE, DatasetFields(locked=False), ""
+    )
+    assert not unlocked.dataset.locked
+    await datasets.delete(WRITER, "app", "d", force=True)

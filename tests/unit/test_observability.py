@@ -177,8 +177,9 @@ class _Archive:
     async def labels(self, members: list[VersionMember]) -> list[frozenset[str]]:
         return [frozenset() for _ in members]
 
-    async def write(self, split: str, members: list[VersionMember]) -> None:
+    async def write(self, split: str, members: list[VersionMember]) -> int:
         await self.sink.write(b"x" * len(members))
+        return len(members)
 
     async def finish(self) -> FidelityReport:
         await self.sink.write(b"end")

@@ -67,7 +67,9 @@ def annotation_json(item: AnnotationLike) -> dict[str, Any] | None:
 
 
 def _concepts(ids: Iterable[str]) -> list[data_pb2.Concept]:
-    return [data_pb2.Concept(id=c, value=1.0) for c in ids]
+    # A label is both the concept's id and its name (a folder label: the folder's name),
+    # so that readers of the stored concepts see a name without knowing this default.
+    return [data_pb2.Concept(id=c, name=c, value=1.0) for c in ids]
 
 
 def input_message(item: InputLike, dataset_id: str, with_media: bool = True) -> input_pb2.Input:

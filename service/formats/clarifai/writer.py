@@ -12,6 +12,11 @@ followed by a second `data { <medium> { base64 } }` field, whose lengths are kno
 the stored size. Protobuf parsers merge repeated occurrences of a message field, so
 readers see one Input with its media in `data.<medium>.base64`. The JSON variant splices
 the base64 text into the input's JSON the same way.
+
+When the version captured an ontology, a concept without a name (of the input, its
+regions, its frames and their regions) is written with the `display_name` of the class
+of its id as `name`; the stored bytes are then re-serialized (deterministically) instead
+of copied. Concepts that have a name, and those of no class, are written as stored.
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ from typing import Any
 from datasetd.v1 import data_pb2, input_pb2
 from google.protobuf import json_format
 
-from service.domain.models import ExportFormat, FidelityReport, StoredBlob, VersionMember
+from service.domain.models import (
+    ExportFormat,
+    FidelityReport,
+    StoredBlob,
+    VersionMember,
+    VersionOntology,
+)
+from service.domain.ontologies import walk
 from service.domain.ports import ByteSink, MediaStreams
 from service.formats.clarifai import JSON_MIMETYPE, MIMETYPE_ENTRY, PROTOBUF_MIMETYPE
 from service.formats.snapshot import labels_of, parse
@@ -73,6 +85,33 @@ def _media_field(medium: Medium, size: int) -> bytes:
     inner = _length_delimited(media_message.fields_by_name["base64"].number, size)
     middle = _length_delimited(medium_field.number, len(inner) + size)
     return _length_delimited(_INPUT_DATA, len(middle) + len(inner) + size) + middle + inner
+
+
+def display_names(ontology: VersionOntology | None) -> dict[str, str]:
+    """The display name of every class of an ontology that has one, by class id."""
+    if ontology is None:
+        return {}
+    return {
+        item.id: item.display_name
+        for tree in (ontology.classes, ontology.input_classifications)
+        for _, _, item in walk(tree, "")
+        if item.display_name
+    }
+
+
+def _name_concepts(data: data_pb2.Data, names: dict[str, str]) -> int:
+    """Gives each concept of `data` (its regions and frames included) without a name the
+    name of its class; returns how many it named."""
+    named = 0
+    for concept in data.concepts:
+        if not concept.name and concept.id in names:
+            concept.name = names[concept.id]
+            named += 1
+    for region in data.regions:
+        named += _name_concepts(region.data, names)
+    for frame in data.frames:
+        named += _name_concepts(frame.data, names)
+    return named
 
 
 def _base64_size(size: int) -> int:
@@ -130,8 +169,10 @@ class ClarifaiDataWriter:
         sink: ByteSink,
         modified: datetime,
         streams: MediaStreams,
+        ontology: VersionOntology | None = None,
     ) -> None:
         self._json = export_format is ExportFormat.CLARIFAI_DATA_JSON
+        self._names = display_names(ontology)
         self._mimetype = MIMETYPES[export_format]
         self._embed = embed_media
         self._zip = ZipStream(sink, modified)
@@ -156,7 +197,7 @@ class ClarifaiDataWriter:
     async def labels(self, members: list[VersionMember]) -> list[frozenset[str]]:
         return await asyncio.to_thread(labels_of, [m.data for m in members])
 
-    async def write(self, split: str, members: list[VersionMember]) -> None:
+    async def write(self, split: str, members: list[VersionMember]) -> int:
         await self._start()
         for item in await asyncio.to_thread(lambda: [self._encode(m) for m in members]):
             batch = self._pending.get(split)
@@ -172,6 +213,7 @@ class ClarifaiDataWriter:
             self._pending_memory += memory
             while self._pending_memory > MAX_PENDING_BYTES:
                 await self._flush(max(self._pending, key=lambda s: self._pending[s].memory))
+        return len(members)
 
     async def finish(self) -> FidelityReport:
         await self._start()
@@ -188,14 +230,21 @@ class ClarifaiDataWriter:
     def _encode(self, member: VersionMember) -> _Item:
         message: input_pb2.Input | None = None
         medium: Medium | None = None
-        if self._embed:
+        rewritten = self._embed
+        if self._json or self._embed or self._names:
             message = parse(member.data)
-            medium = self._detach_media(message, member.blob)
+            rewritten = _name_concepts(message.data, self._names) > 0 or rewritten
+            if self._embed:
+                medium = self._detach_media(message, member.blob)
         if self._json:
-            return self._encode_json(
-                message if message is not None else parse(member.data), medium, member.blob
-            )
-        head = member.data if message is None else message.SerializeToString(deterministic=True)
+            assert message is not None
+            return self._encode_json(message, medium, member.blob)
+        # Unchanged, the stored bytes are copied as they are.
+        head = (
+            message.SerializeToString(deterministic=True)
+            if message is not None and rewritten
+            else member.data
+        )
         if medium is None or member.blob is None:
             return _Item(_length_delimited(_BATCH_INPUTS, len(head)) + head)
         size = member.blob.size
@@ -284,6 +333,11 @@ class ClarifaiDataWriter:
                 "media are referenced, not embedded: url and hosted (size orig) name the "
                 "stored original in this deployment's bucket (s3://...); inputs created from "
                 "a URL keep it"
+            )
+        if self._names:
+            notes.append(
+                "concepts without a name are named with the display_name of their class in "
+                "the ontology the version was built against"
             )
         if self._json:
             notes.append("enum values are written as numbers (protobuf JSON mapping)")

@@ -6,9 +6,18 @@ Mapping (also stated in the export's fidelity notes):
 * One COCO image per image input: `id` is the input's position in the version + 1,
   `datasetd_input_id` its id, `file_name` `<input id>.<ext>`; without embedded media,
   `coco_url` references the stored original. Videos, texts and audio are left out.
-* Categories are the concepts found on the version's images, sorted by concept id, with
-  ids 1, 2, ... in that order (the same for every export of the version) and the concept
-  id as `name` (what identifies a concept here, and what importers read back).
+* Categories, without an ontology: the concepts found on the version's images, sorted
+  by concept id, with ids 1, 2, ... in that order (the same for every export of the
+  version) and the concept id as `name` (what identifies a concept here, and what
+  importers read back).
+* Categories, when the version captured an ontology (see service.domain.versions): every
+  class of it (`classes` and `input_classifications`, sub-classes included, archived ones
+  too) with `id` the class's category number, which the class keeps in every revision
+  (the same class has the same id in every export of every version), `name` the class id
+  (the concept id annotations carry), `supercategory` the parent class's id ("" at the
+  top) and the class's `display_name` in an extra key. Concepts of the images that are
+  not classes of it (labelled before the dataset was attached) follow, sorted by concept
+  id, numbered from the ontology's highest category number + 1: nothing is dropped.
 * Input-level concepts are kept on the image in the extra field `datasetd_concepts`:
   `{"concept_id", "category_id", "value"}` (value 0 is a negative label).
 * Each positive concept of a region becomes an annotation (`datasetd_region_id` holds
@@ -37,7 +46,13 @@ from typing import IO, Any
 
 from datasetd.v1 import data_pb2
 
-from service.domain.models import FidelityReport, StoredBlob, VersionMember
+from service.domain.models import (
+    FidelityReport,
+    OntologyClass,
+    StoredBlob,
+    VersionMember,
+    VersionOntology,
+)
 from service.domain.ports import ByteSink, MediaStreams
 from service.formats.coco.rle import mask_rle
 from service.formats.snapshot import labels_of, parse
@@ -80,6 +95,27 @@ def _pixels(value: float) -> float:
     return round(value, _DECIMALS)
 
 
+def ontology_categories(ontology: VersionOntology) -> list[dict[str, Any]]:
+    """The COCO categories of an ontology's classes, in tree order."""
+    found: list[dict[str, Any]] = []
+
+    def add(classes: tuple[OntologyClass, ...], parent: str) -> None:
+        for item in classes:
+            found.append(
+                {
+                    "id": item.category_id,
+                    "name": item.id,
+                    "supercategory": parent,
+                    "display_name": item.display_name,
+                }
+            )
+            add(item.sub_classes, item.id)
+
+    add(ontology.classes, "")
+    add(ontology.input_classifications, "")
+    return found
+
+
 def _shoelace(xs: list[float], ys: list[float]) -> float:
     total = 0.0
     for i in range(len(xs)):
@@ -101,8 +137,10 @@ class CocoWriter:
         modified: datetime,
         streams: MediaStreams,
         description: str,
+        ontology: VersionOntology | None = None,
     ) -> None:
         self._embed = embed_media
+        self._ontology = ontology
         self._splits = {name: _SplitFiles() for name in splits}
         self._zip = ZipStream(sink, modified)
         self._streams = streams
@@ -112,9 +150,10 @@ class CocoWriter:
             "year": modified.year,
             "date_created": modified.isoformat(),
         }
-        # Concept ids from the census; category ids are fixed at the first write.
+        # Concept ids from the census; categories are fixed at the first write.
         self._concepts: set[str] = set()
         self._categories: dict[str, int] | None = None
+        self._category_records: list[dict[str, Any]] = []
         self._next_annotation = 1
         self._dropped: Counter[str] = Counter()
 
@@ -125,16 +164,19 @@ class CocoWriter:
     async def labels(self, members: list[VersionMember]) -> list[frozenset[str]]:
         return await asyncio.to_thread(labels_of, [m.data for m in members])
 
-    async def write(self, split: str, members: list[VersionMember]) -> None:
+    async def write(self, split: str, members: list[VersionMember]) -> int:
         if self._categories is None:
-            self._categories = {cid: n for n, cid in enumerate(sorted(self._concepts), start=1)}
+            self._fix_categories()
         files = self._splits[split]
+        # Only images have a place in COCO: the split counts what was written.
+        images_before = files.image_count
         embedded = await asyncio.to_thread(lambda: [self._convert(files, m) for m in members])
         for file_name, blob in (item for item in embedded if item is not None):
             path = f"images/{split}/{file_name}"
             async with self._zip.open(path, size=blob.size, compress=False) as entry:
                 async for chunk in media_chunks(self._streams, blob):
                     await entry.write(chunk)
+        return files.image_count - images_before
 
     async def finish(self) -> FidelityReport:
         try:
@@ -145,6 +187,20 @@ class CocoWriter:
             for files in self._splits.values():
                 files.close()
         return FidelityReport(dict(sorted(self._dropped.items())), self._notes())
+
+    def _fix_categories(self) -> None:
+        """The categories: the ontology's classes, if any, then the concepts of the census
+        that are not among them, numbered on from the ontology's highest number."""
+        records = ontology_categories(self._ontology) if self._ontology is not None else []
+        known = {record["name"] for record in records}
+        first = self._ontology.last_category_id + 1 if self._ontology is not None else 1
+        records += [
+            {"id": number, "name": concept_id, "supercategory": ""}
+            for number, concept_id in enumerate(sorted(self._concepts - known), start=first)
+        ]
+        records.sort(key=lambda record: int(record["id"]))
+        self._category_records = records
+        self._categories = {record["name"]: record["id"] for record in records}
 
     def _observe(self, members_data: list[bytes]) -> None:
         for data in members_data:
@@ -281,12 +337,11 @@ class CocoWriter:
         return category
 
     async def _write_instances(self, split: str, files: _SplitFiles) -> None:
-        categories = [
-            {"id": category, "name": concept_id, "supercategory": ""}
-            for concept_id, category in (self._categories or {}).items()
-        ]
+        if self._categories is None:
+            # No member was written: the categories are still the ontology's.
+            self._fix_categories()
         head = json.dumps(
-            {"info": self._info, "licenses": [], "categories": categories},
+            {"info": self._info, "licenses": [], "categories": self._category_records},
             ensure_ascii=False,
             separators=(",", ":"),
         ).encode()
@@ -309,12 +364,26 @@ class CocoWriter:
                 while chunk := await asyncio.to_thread(part.read, MEDIA_CHUNK_BYTES):
                     await entry.write(chunk)
 
+    def _categories_note(self) -> str:
+        if self._ontology is None:
+            return (
+                "categories are the concepts of the images sorted by concept id (ids from 1), "
+                "named by concept id"
+            )
+        return (
+            f"categories are the classes of ontology {self._ontology.ontology_id!r} "
+            f"(revision {self._ontology.revision}), named by class id, with the class's "
+            "category number as id (stable across exports and versions), the parent class "
+            "as supercategory and display_name; concepts of the images outside the "
+            f"ontology follow from id {self._ontology.last_category_id + 1}, sorted by "
+            "concept id"
+        )
+
     def _notes(self) -> list[str]:
         notes = [
             "one COCO image per image input (id = position in the version + 1, "
             "datasetd_input_id = input id); videos, texts and audio are left out",
-            "categories are the concepts of the images sorted by concept id (ids from 1), "
-            "named by concept id",
+            self._categories_note(),
             "input-level concepts are kept on each image in datasetd_concepts "
             "(concept_id, category_id, value; value 0 is a negative label)",
             "each positive concept of a region becomes one annotation (datasetd_region_id "

@@ -30,7 +30,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61tasetd/v1/dataset.proto\x12\x0b\x64\x61tasetd.v1\x1a\x18\x64\x61tasetd/v1/common.proto\x1a\x16\x64\x61tasetd/v1/data.proto\x1a!datasetd/v1/dataset_version.proto\x1a\x17\x64\x61tasetd/v1/input.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x03\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bmodified_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61pp_id\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12)\n\x08metadata\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nvisibility\x18\t \x01(\x0b\x32\x17.datasetd.v1.Visibility\x12\r\n\x05notes\x18\x0b \x01(\t\x12,\n\x07version\x18\r \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\x12!\n\x05image\x18\x12 \x01(\x0b\x32\x12.datasetd.v1.Image\x12\x30\n\x0e\x64\x65\x66\x61ult_filter\x18\x64 \x01(\x0b\x32\x18.datasetd.v1.InputFilter\x12\x32\n\nstatistics\x18\x65 \x01(\x0b\x32\x1e.datasetd.v1.DatasetStatistics\x12\x0c\n\x04\x65tag\x18\x66 \x01(\t\x12\x13\n\x0bproject_ids\x18g \x03(\t\"a\n\x0c\x44\x61tasetInput\x12.\n\ncreated_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05input\x18\x02 \x01(\x0b\x32\x12.datasetd.v1.Input\"\xa3\x01\n\nVisibility\x12\x32\n\x08gettable\x18\x01 \x01(\x0e\x32 .datasetd.v1.Visibility.Gettable\"a\n\x08Gettable\x12\x18\n\x14GETTABLE_UNSPECIFIED\x10\x00\x12\x14\n\x10GETTABLE_PRIVATE\x10\n\x12\x10\n\x0cGETTABLE_ORG\x10\x1e\x12\x13\n\x0fGETTABLE_PUBLIC\x10\x32\"\xe5\x01\n\x11\x44\x61tasetStatistics\x12\x14\n\x0cinputs_count\x18\x01 \x01(\x04\x12\x1e\n\x16\x61nnotated_inputs_count\x18\x02 \x01(\x04\x12\x19\n\x11\x61nnotations_count\x18\x03 \x01(\x04\x12I\n\x0e\x63oncept_counts\x18\x04 \x03(\x0b\x32\x31.datasetd.v1.DatasetStatistics.ConceptCountsEntry\x1a\x34\n\x12\x43onceptCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42N\n\x0eio.datasetd.v1P\x01Z:github.com/datasetd/datasetd/gen/go/datasetd/v1;datasetdv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61tasetd/v1/dataset.proto\x12\x0b\x64\x61tasetd.v1\x1a\x18\x64\x61tasetd/v1/common.proto\x1a\x16\x64\x61tasetd/v1/data.proto\x1a!datasetd/v1/dataset_version.proto\x1a\x17\x64\x61tasetd/v1/input.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x04\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bmodified_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61pp_id\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12)\n\x08metadata\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nvisibility\x18\t \x01(\x0b\x32\x17.datasetd.v1.Visibility\x12\r\n\x05notes\x18\x0b \x01(\t\x12,\n\x07version\x18\r \x01(\x0b\x32\x1b.datasetd.v1.DatasetVersion\x12!\n\x05image\x18\x12 \x01(\x0b\x32\x12.datasetd.v1.Image\x12\x30\n\x0e\x64\x65\x66\x61ult_filter\x18\x64 \x01(\x0b\x32\x18.datasetd.v1.InputFilter\x12\x32\n\nstatistics\x18\x65 \x01(\x0b\x32\x1e.datasetd.v1.DatasetStatistics\x12\x0c\n\x04\x65tag\x18\x66 \x01(\t\x12\x13\n\x0bproject_ids\x18g \x03(\t\x12\x14\n\x0c\x64isplay_name\x18h \x01(\t\x12\x0e\n\x06locked\x18i \x01(\x08\x12\x11\n\tread_only\x18j \x01(\x08\x12\x0e\n\x06hidden\x18k \x01(\x08\x12\x34\n\x10last_accessed_at\x18l \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x0c\x44\x61tasetInput\x12.\n\ncreated_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05input\x18\x02 \x01(\x0b\x32\x12.datasetd.v1.Input\"\xa3\x01\n\nVisibility\x12\x32\n\x08gettable\x18\x01 \x01(\x0e\x32 .datasetd.v1.Visibility.Gettable\"a\n\x08Gettable\x12\x18\n\x14GETTABLE_UNSPECIFIED\x10\x00\x12\x14\n\x10GETTABLE_PRIVATE\x10\n\x12\x10\n\x0cGETTABLE_ORG\x10\x1e\x12\x13\n\x0fGETTABLE_PUBLIC\x10\x32\"\xe5\x01\n\x11\x44\x61tasetStatistics\x12\x14\n\x0cinputs_count\x18\x01 \x01(\x04\x12\x1e\n\x16\x61nnotated_inputs_count\x18\x02 \x01(\x04\x12\x19\n\x11\x61nnotations_count\x18\x03 \x01(\x04\x12I\n\x0e\x63oncept_counts\x18\x04 \x03(\x0b\x32\x31.datasetd.v1.DatasetStatistics.ConceptCountsEntry\x1a\x34\n\x12\x43onceptCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42N\n\x0eio.datasetd.v1P\x01Z:github.com/datasetd/datasetd/gen/go/datasetd/v1;datasetdv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,15 +41,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASETSTATISTICS_CONCEPTCOUNTSENTRY']._loaded_options = None
   _globals['_DATASETSTATISTICS_CONCEPTCOUNTSENTRY']._serialized_options = b'8\001'
   _globals['_DATASET']._serialized_start=216
-  _globals['_DATASET']._serialized_end=692
-  _globals['_DATASETINPUT']._serialized_start=694
-  _globals['_DATASETINPUT']._serialized_end=791
-  _globals['_VISIBILITY']._serialized_start=794
-  _globals['_VISIBILITY']._serialized_end=957
-  _globals['_VISIBILITY_GETTABLE']._serialized_start=860
-  _globals['_VISIBILITY_GETTABLE']._serialized_end=957
-  _globals['_DATASETSTATISTICS']._serialized_start=960
-  _globals['_DATASETSTATISTICS']._serialized_end=1189
-  _globals['_DATASETSTATISTICS_CONCEPTCOUNTSENTRY']._serialized_start=1137
-  _globals['_DATASETSTATISTICS_CONCEPTCOUNTSENTRY']._serialized_end=1189
+  _globals['_DATASET']._serialized_end=819
+  _globals['_DATASETINPUT']._serialized_start=821
+  _globals['_DATASETINPUT']._serialized_end=918
+  _globals['_VISIBILITY']._serialized_start=921
+  _globals['_VISIBILITY']._serialized_end=1084
+  _globals['_VISIBILITY_GETTABLE']._serialized_start=987
+  _globals['_VISIBILITY_GETTABLE']._serialized_end=1084
+  _globals['_DATASETSTATISTICS']._serialized_start=1087
+  _globals['_DATASETSTATISTICS']._serialized_end=1316
+  _globals['_DATASETSTATISTICS_CONCEPTCOUNTSENTRY']._serialized_start=1264
+  _globals['_DATASETSTATISTICS_CONCEPTCOUNTSENTRY']._serialized_end=1316
 # @@protoc_insertion_point(module_scope)

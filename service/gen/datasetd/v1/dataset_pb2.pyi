@@ -48,6 +48,11 @@ class Dataset(_message.Message):
     STATISTICS_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     PROJECT_IDS_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    LOCKED_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    HIDDEN_FIELD_NUMBER: _builtins.int
+    LAST_ACCESSED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Optional on create (a 32-character hex id is generated when empty):
     1..64 characters of [A-Za-z0-9_-], unique within the app (deleted datasets
@@ -62,6 +67,36 @@ class Dataset(_message.Message):
     etag: _builtins.str
     """Output only. Opaque revision tag; pass it to UpdateDataset to make the
     update conditional on no one having changed the dataset since.
+    """
+    display_name: _builtins.str
+    """Optional. Human-readable name shown instead of the id (Vi's `name`): at
+    most 256 characters, no control characters; empty means none. Not unique.
+    """
+    locked: _builtins.bool
+    """Optional. While true, every mutation of the dataset is refused
+    FAILED_PRECONDITION (reason DATASET_LOCKED): UpdateDataset of any field
+    but `locked`, DeleteDataset, membership changes (AddDatasetInputs,
+    RemoveDatasetInputs, DeleteDatasetInputsByFilter, MergeDataset into it,
+    ImportDataset into it, CreateInputs/UploadInput naming it in
+    `dataset_ids`) and its versions (create, update, delete, cancel).
+    An UpdateDataset whose patch is only `locked` set to false unlocks it.
+    Reads and exports (which change nothing) are unaffected. Vi's
+    `is_locked`.
+    """
+    read_only: _builtins.bool
+    """Optional. While true, the dataset's membership cannot change:
+    AddDatasetInputs, RemoveDatasetInputs, DeleteDatasetInputsByFilter,
+    MergeDataset into it, ImportDataset into it and CreateInputs/UploadInput
+    naming it in `dataset_ids` are refused
+    FAILED_PRECONDITION (reason DATASET_READ_ONLY). Its settings can still be
+    updated (including clearing this flag), and versions and exports of its
+    frozen content can still be made. The inputs themselves belong to the app
+    and are not frozen. Vi's `access.is_read_only`.
+    """
+    hidden: _builtins.bool
+    """Optional. While true, ListDatasets leaves the dataset out unless the
+    request sets `include_hidden`; GetDataset and every other RPC naming it
+    by id are unaffected. Vi's `access.is_hidden`.
     """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
@@ -108,6 +143,16 @@ class Dataset(_message.Message):
         (ProjectService.AttachDataset), sorted.
         """
 
+    @_builtins.property
+    def last_accessed_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the dataset was last read (GetDataset,
+        ListDatasetInputs, GetDatasetInput); recorded at most once a minute per
+        dataset, so it may be up to a minute old; recorded on the primary also
+        when a read replica served the read; never by updates. A response shows
+        the dataset as read, before its own read is recorded. Unset when never
+        read. Vi's `last_accessed`.
+        """
+
     def __init__(
         self,
         *,
@@ -125,10 +170,15 @@ class Dataset(_message.Message):
         statistics: Global___DatasetStatistics | None = ...,
         etag: _builtins.str = ...,
         project_ids: _abc.Iterable[_builtins.str] | None = ...,
+        display_name: _builtins.str = ...,
+        locked: _builtins.bool = ...,
+        read_only: _builtins.bool = ...,
+        hidden: _builtins.bool = ...,
+        last_accessed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "default_filter", b"default_filter", "image", b"image", "metadata", b"metadata", "modified_at", b"modified_at", "statistics", b"statistics", "version", b"version", "visibility", b"visibility"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "default_filter", b"default_filter", "image", b"image", "last_accessed_at", b"last_accessed_at", "metadata", b"metadata", "modified_at", b"modified_at", "statistics", b"statistics", "version", b"version", "visibility", b"visibility"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "created_at", b"created_at", "default_filter", b"default_filter", "description", b"description", "etag", b"etag", "id", b"id", "image", b"image", "metadata", b"metadata", "modified_at", b"modified_at", "notes", b"notes", "project_ids", b"project_ids", "statistics", b"statistics", "version", b"version", "visibility", b"visibility"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "created_at", b"created_at", "default_filter", b"default_filter", "description", b"description", "display_name", b"display_name", "etag", b"etag", "hidden", b"hidden", "id", b"id", "image", b"image", "last_accessed_at", b"last_accessed_at", "locked", b"locked", "metadata", b"metadata", "modified_at", b"modified_at", "notes", b"notes", "project_ids", b"project_ids", "read_only", b"read_only", "statistics", b"statistics", "version", b"version", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -199,6 +199,7 @@ class ListDatasetsRequest(_message.Message):
     SORT_BY_FIELD_NUMBER: _builtins.int
     SORT_ORDER_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
+    INCLUDE_HIDDEN_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """Required. The app."""
     page_size: _builtins.int
@@ -217,8 +218,10 @@ class ListDatasetsRequest(_message.Message):
     """
     query: _builtins.str
     """Optional. Search text: case-insensitive substring match on id,
-    description and notes. At most 256 characters.
+    display_name, description and notes. At most 256 characters.
     """
+    include_hidden: _builtins.bool
+    """Optional. Also list datasets whose `hidden` flag is set."""
     def __init__(
         self,
         *,
@@ -228,10 +231,11 @@ class ListDatasetsRequest(_message.Message):
         sort_by: Global___DatasetSortField.ValueType = ...,
         sort_order: _common_pb2.SortOrder.ValueType = ...,
         query: _builtins.str = ...,
+        include_hidden: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "page_size", b"page_size", "page_token", b"page_token", "query", b"query", "sort_by", b"sort_by", "sort_order", b"sort_order"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "include_hidden", b"include_hidden", "page_size", b"page_size", "page_token", b"page_token", "query", b"query", "sort_by", b"sort_by", "sort_order", b"sort_order"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,7 +295,9 @@ class UpdateDatasetRequest(_message.Message):
     def dataset(self) -> _dataset_pb2.Dataset:
         """Required. `id` names the dataset; the other fields carry the patch.
         Patchable fields: description, notes, metadata, visibility, image,
-        default_filter; output-only fields are refused (INVALID_ARGUMENT).
+        default_filter, display_name, locked, read_only, hidden; output-only
+        fields are refused (INVALID_ARGUMENT). While the dataset is locked only
+        `locked` may be patched (FAILED_PRECONDITION, reason DATASET_LOCKED).
         """
 
     @_builtins.property

@@ -37,9 +37,22 @@ class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFo
     """COCO JSON (detection and segmentation) with images."""
     EXPORT_FORMAT_CLARIFAI_DATA_JSON: _ExportFormat.ValueType  # 3
     """Zip of InputBatch messages in the protobuf JSON mapping."""
+    EXPORT_FORMAT_VI_FULL: _ExportFormat.ValueType  # 100
+    """Datature Vi layout, annotations and media: `annotations/<split>.jsonl`
+    (one JSON object per input per line, as VI_JSONL) and the media files
+    under `assets/<split>/`. Always embeds the media (options.embed_media is
+    stored as true). Coordinates as options.pixel_coordinates asks.
+    """
+    EXPORT_FORMAT_VI_JSONL: _ExportFormat.ValueType  # 101
+    """Datature Vi layout, annotations only: `annotations/<split>.jsonl`, one
+    JSON object per input per line (layout in README "Export formats");
+    media are referenced by URL. options.embed_media is INVALID_ARGUMENT.
+    """
 
 class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
-    """Serialization format of an export."""
+    """Serialization format of an export. Values 1..99 are those of
+    `clarifai.api.DatasetVersionExportFormat`; from 100 on, datasetd's own.
+    """
 
 EXPORT_FORMAT_UNSPECIFIED: ExportFormat.ValueType  # 0
 """Not allowed in requests (INVALID_ARGUMENT)."""
@@ -49,6 +62,17 @@ EXPORT_FORMAT_COCO: ExportFormat.ValueType  # 2
 """COCO JSON (detection and segmentation) with images."""
 EXPORT_FORMAT_CLARIFAI_DATA_JSON: ExportFormat.ValueType  # 3
 """Zip of InputBatch messages in the protobuf JSON mapping."""
+EXPORT_FORMAT_VI_FULL: ExportFormat.ValueType  # 100
+"""Datature Vi layout, annotations and media: `annotations/<split>.jsonl`
+(one JSON object per input per line, as VI_JSONL) and the media files
+under `assets/<split>/`. Always embeds the media (options.embed_media is
+stored as true). Coordinates as options.pixel_coordinates asks.
+"""
+EXPORT_FORMAT_VI_JSONL: ExportFormat.ValueType  # 101
+"""Datature Vi layout, annotations only: `annotations/<split>.jsonl`, one
+JSON object per input per line (layout in README "Export formats");
+media are referenced by URL. options.embed_media is INVALID_ARGUMENT.
+"""
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 @_typing.final
@@ -90,6 +114,7 @@ class DatasetVersion(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     EXPORT_INFO_FIELD_NUMBER: _builtins.int
+    ONTOLOGY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Optional on create (generated when empty): 1..64 characters of
     [A-Za-z0-9_-], unique within the dataset. Names the version in
@@ -127,6 +152,16 @@ class DatasetVersion(_message.Message):
     def export_info(self) -> Global___DatasetVersionExportInfo:
         """Output only. Exports of the version, one per format."""
 
+    @_builtins.property
+    def ontology(self) -> Global___VersionOntology:
+        """Output only. The ontology that governed the dataset (through the projects
+        it is attached to) when the build completed, captured with the version:
+        its exports take COCO categories and concept names from the ontology as
+        it was then, whatever later revisions change. Unset until the version is
+        READY, and when no project with an ontology had the dataset attached.
+        datasetd's own field (no clarifai.api counterpart).
+        """
+
     def __init__(
         self,
         *,
@@ -140,14 +175,41 @@ class DatasetVersion(_message.Message):
         metadata: _struct_pb2.Struct | None = ...,
         metrics: _abc.Mapping[_builtins.str, Global___DatasetVersionMetrics] | None = ...,
         export_info: Global___DatasetVersionExportInfo | None = ...,
+        ontology: Global___VersionOntology | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "export_info", b"export_info", "metadata", b"metadata", "modified_at", b"modified_at", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "export_info", b"export_info", "metadata", b"metadata", "modified_at", b"modified_at", "ontology", b"ontology", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "created_at", b"created_at", "dataset_id", b"dataset_id", "description", b"description", "export_info", b"export_info", "id", b"id", "metadata", b"metadata", "metrics", b"metrics", "modified_at", b"modified_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "created_at", b"created_at", "dataset_id", b"dataset_id", "description", b"description", "export_info", b"export_info", "id", b"id", "metadata", b"metadata", "metrics", b"metrics", "modified_at", b"modified_at", "ontology", b"ontology", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DatasetVersion: _TypeAlias = DatasetVersion  # noqa: Y015
+
+@_typing.final
+class VersionOntology(_message.Message):
+    """The ontology a dataset version was built against."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ONTOLOGY_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    ontology_id: _builtins.str
+    """Output only. The ontology's id (it may since have been deleted)."""
+    revision: _builtins.int
+    """Output only. The ontology's revision the version captured."""
+    def __init__(
+        self,
+        *,
+        ontology_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ontology_id", b"ontology_id", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionOntology: _TypeAlias = VersionOntology  # noqa: Y015
 
 @_typing.final
 class DatasetVersionMetrics(_message.Message):
@@ -316,6 +378,8 @@ class DatasetVersionExportInfo(_message.Message):
     CLARIFAI_DATA_PROTOBUF_FIELD_NUMBER: _builtins.int
     COCO_FIELD_NUMBER: _builtins.int
     CLARIFAI_DATA_JSON_FIELD_NUMBER: _builtins.int
+    VI_FULL_FIELD_NUMBER: _builtins.int
+    VI_JSONL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def clarifai_data_protobuf(self) -> Global___DatasetVersionExport:
         """Output only. The Clarifai-Data-Protobuf export."""
@@ -328,16 +392,26 @@ class DatasetVersionExportInfo(_message.Message):
     def clarifai_data_json(self) -> Global___DatasetVersionExport:
         """Output only. The Clarifai-Data-JSON export."""
 
+    @_builtins.property
+    def vi_full(self) -> Global___DatasetVersionExport:
+        """Output only. The Vi full (media and JSONL) export."""
+
+    @_builtins.property
+    def vi_jsonl(self) -> Global___DatasetVersionExport:
+        """Output only. The Vi JSONL (annotations only) export."""
+
     def __init__(
         self,
         *,
         clarifai_data_protobuf: Global___DatasetVersionExport | None = ...,
         coco: Global___DatasetVersionExport | None = ...,
         clarifai_data_json: Global___DatasetVersionExport | None = ...,
+        vi_full: Global___DatasetVersionExport | None = ...,
+        vi_jsonl: Global___DatasetVersionExport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["clarifai_data_json", b"clarifai_data_json", "clarifai_data_protobuf", b"clarifai_data_protobuf", "coco", b"coco"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clarifai_data_json", b"clarifai_data_json", "clarifai_data_protobuf", b"clarifai_data_protobuf", "coco", b"coco", "vi_full", b"vi_full", "vi_jsonl", b"vi_jsonl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clarifai_data_json", b"clarifai_data_json", "clarifai_data_protobuf", b"clarifai_data_protobuf", "coco", b"coco"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clarifai_data_json", b"clarifai_data_json", "clarifai_data_protobuf", b"clarifai_data_protobuf", "coco", b"coco", "vi_full", b"vi_full", "vi_jsonl", b"vi_jsonl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

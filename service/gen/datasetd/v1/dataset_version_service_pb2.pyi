@@ -109,9 +109,17 @@ class ExportOptions(_message.Message):
 
     SPLIT_FIELD_NUMBER: _builtins.int
     EMBED_MEDIA_FIELD_NUMBER: _builtins.int
+    PIXEL_COORDINATES_FIELD_NUMBER: _builtins.int
     embed_media: _builtins.bool
     """Optional. Embed the media bytes in the archive instead of referencing
     them (protobuf/JSON: in `data.<medium>.base64`; COCO: image files).
+    VI_FULL always embeds (stored as true); VI_JSONL refuses it.
+    """
+    pixel_coordinates: _builtins.bool
+    """Optional. VI_FULL and VI_JSONL only (INVALID_ARGUMENT with another
+    format): write coordinates in pixels of the image (x times width, y times
+    height) instead of normalized to 0..1 (the default, Vi's
+    `normalized=True`). Part of the export's identity.
     """
     @_builtins.property
     def split(self) -> Global___SplitOptions:
@@ -122,10 +130,11 @@ class ExportOptions(_message.Message):
         *,
         split: Global___SplitOptions | None = ...,
         embed_media: _builtins.bool = ...,
+        pixel_coordinates: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["split", b"split"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embed_media", b"embed_media", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embed_media", b"embed_media", "pixel_coordinates", b"pixel_coordinates", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -250,7 +259,10 @@ class Export(_message.Message):
 
     @_builtins.property
     def split_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Output only. Inputs per split."""
+        """Output only. Inputs per split that the archive holds: inputs the format
+        cannot carry (e.g. COCO's non-images, counted in `fidelity`) are not
+        counted.
+        """
 
     @_builtins.property
     def fidelity(self) -> Global___FidelityReport:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x61tasetd/v1/ontology.proto\x12\x0b\x64\x61tasetd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x96\x02\n\x08Ontology\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x61pp_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12+\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x1a.datasetd.v1.OntologyClass\x12\x39\n\x15input_classifications\x18\x05 \x03(\x0b\x32\x1a.datasetd.v1.OntologyClass\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bmodified_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf3\x01\n\rOntologyClass\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\r\n\x05\x63olor\x18\x03 \x01(\t\x12\"\n\x06shapes\x18\x04 \x03(\x0e\x32\x12.datasetd.v1.Shape\x12\x16\n\x0ekeypoint_names\x18\x05 \x03(\t\x12\x32\n\nattributes\x18\x06 \x03(\x0b\x32\x1e.datasetd.v1.OntologyAttribute\x12/\n\x0bsub_classes\x18\x07 \x03(\x0b\x32\x1a.datasetd.v1.OntologyClass\x12\x10\n\x08\x61rchived\x18\x08 \x01(\x08\"\x86\x02\n\x11OntologyAttribute\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08required\x18\x03 \x01(\x08\x12/\n\tenum_type\x18\x04 \x01(\x0b\x32\x1a.datasetd.v1.EnumAttributeH\x00\x12\x30\n\x07\x62oolean\x18\x05 \x01(\x0b\x32\x1d.datasetd.v1.BooleanAttributeH\x00\x12.\n\x06number\x18\x06 \x01(\x0b\x32\x1c.datasetd.v1.NumberAttributeH\x00\x12*\n\x04text\x18\x07 \x01(\x0b\x32\x1a.datasetd.v1.TextAttributeH\x00\x42\x06\n\x04kind\" \n\rEnumAttribute\x12\x0f\n\x07options\x18\x01 \x03(\t\"\x12\n\x10\x42ooleanAttribute\"E\n\x0fNumberAttribute\x12\x10\n\x03min\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"\x0f\n\rTextAttribute*\xd4\x01\n\x05Shape\x12\x15\n\x11SHAPE_UNSPECIFIED\x10\x00\x12\x18\n\x14SHAPE_CLASSIFICATION\x10\x01\x12\x16\n\x12SHAPE_BOUNDING_BOX\x10\x02\x12\x11\n\rSHAPE_POLYGON\x10\x03\x12\x12\n\x0eSHAPE_POLYLINE\x10\x04\x12\x0f\n\x0bSHAPE_POINT\x10\x05\x12\x13\n\x0fSHAPE_KEYPOINTS\x10\x06\x12\x0e\n\nSHAPE_MASK\x10\x07\x12\x0e\n\nSHAPE_SPAN\x10\x08\x12\x15\n\x11SHAPE_VIDEO_TRACK\x10\tBN\n\x0eio.datasetd.v1P\x01Z:github.com/datasetd/datasetd/gen/go/datasetd/v1;datasetdv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x61tasetd/v1/ontology.proto\x12\x0b\x64\x61tasetd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x96\x02\n\x08Ontology\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x61pp_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12+\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x1a.datasetd.v1.OntologyClass\x12\x39\n\x15input_classifications\x18\x05 \x03(\x0b\x32\x1a.datasetd.v1.OntologyClass\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bmodified_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x88\x02\n\rOntologyClass\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\r\n\x05\x63olor\x18\x03 \x01(\t\x12\"\n\x06shapes\x18\x04 \x03(\x0e\x32\x12.datasetd.v1.Shape\x12\x16\n\x0ekeypoint_names\x18\x05 \x03(\t\x12\x32\n\nattributes\x18\x06 \x03(\x0b\x32\x1e.datasetd.v1.OntologyAttribute\x12/\n\x0bsub_classes\x18\x07 \x03(\x0b\x32\x1a.datasetd.v1.OntologyClass\x12\x10\n\x08\x61rchived\x18\x08 \x01(\x08\x12\x13\n\x0b\x63\x61tegory_id\x18\t \x01(\x05\"\x86\x02\n\x11OntologyAttribute\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08required\x18\x03 \x01(\x08\x12/\n\tenum_type\x18\x04 \x01(\x0b\x32\x1a.datasetd.v1.EnumAttributeH\x00\x12\x30\n\x07\x62oolean\x18\x05 \x01(\x0b\x32\x1d.datasetd.v1.BooleanAttributeH\x00\x12.\n\x06number\x18\x06 \x01(\x0b\x32\x1c.datasetd.v1.NumberAttributeH\x00\x12*\n\x04text\x18\x07 \x01(\x0b\x32\x1a.datasetd.v1.TextAttributeH\x00\x42\x06\n\x04kind\" \n\rEnumAttribute\x12\x0f\n\x07options\x18\x01 \x03(\t\"\x12\n\x10\x42ooleanAttribute\"E\n\x0fNumberAttribute\x12\x10\n\x03min\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"\x0f\n\rTextAttribute*\xd4\x01\n\x05Shape\x12\x15\n\x11SHAPE_UNSPECIFIED\x10\x00\x12\x18\n\x14SHAPE_CLASSIFICATION\x10\x01\x12\x16\n\x12SHAPE_BOUNDING_BOX\x10\x02\x12\x11\n\rSHAPE_POLYGON\x10\x03\x12\x12\n\x0eSHAPE_POLYLINE\x10\x04\x12\x0f\n\x0bSHAPE_POINT\x10\x05\x12\x13\n\x0fSHAPE_KEYPOINTS\x10\x06\x12\x0e\n\nSHAPE_MASK\x10\x07\x12\x0e\n\nSHAPE_SPAN\x10\x08\x12\x15\n\x11SHAPE_VIDEO_TRACK\x10\tBN\n\x0eio.datasetd.v1P\x01Z:github.com/datasetd/datasetd/gen/go/datasetd/v1;datasetdv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +33,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'datasetd.v1.ontology_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016io.datasetd.v1P\001Z:github.com/datasetd/datasetd/gen/go/datasetd/v1;datasetdv1'
-  _globals['_SHAPE']._serialized_start=1011
-  _globals['_SHAPE']._serialized_end=1223
+  _globals['_SHAPE']._serialized_start=1032
+  _globals['_SHAPE']._serialized_end=1244
   _globals['_ONTOLOGY']._serialized_start=77
   _globals['_ONTOLOGY']._serialized_end=355
   _globals['_ONTOLOGYCLASS']._serialized_start=358
-  _globals['_ONTOLOGYCLASS']._serialized_end=601
-  _globals['_ONTOLOGYATTRIBUTE']._serialized_start=604
-  _globals['_ONTOLOGYATTRIBUTE']._serialized_end=866
-  _globals['_ENUMATTRIBUTE']._serialized_start=868
-  _globals['_ENUMATTRIBUTE']._serialized_end=900
-  _globals['_BOOLEANATTRIBUTE']._serialized_start=902
-  _globals['_BOOLEANATTRIBUTE']._serialized_end=920
-  _globals['_NUMBERATTRIBUTE']._serialized_start=922
-  _globals['_NUMBERATTRIBUTE']._serialized_end=991
-  _globals['_TEXTATTRIBUTE']._serialized_start=993
-  _globals['_TEXTATTRIBUTE']._serialized_end=1008
+  _globals['_ONTOLOGYCLASS']._serialized_end=622
+  _globals['_ONTOLOGYATTRIBUTE']._serialized_start=625
+  _globals['_ONTOLOGYATTRIBUTE']._serialized_end=887
+  _globals['_ENUMATTRIBUTE']._serialized_start=889
+  _globals['_ENUMATTRIBUTE']._serialized_end=921
+  _globals['_BOOLEANATTRIBUTE']._serialized_start=923
+  _globals['_BOOLEANATTRIBUTE']._serialized_end=941
+  _globals['_NUMBERATTRIBUTE']._serialized_start=943
+  _globals['_NUMBERATTRIBUTE']._serialized_end=1012
+  _globals['_TEXTATTRIBUTE']._serialized_start=1014
+  _globals['_TEXTATTRIBUTE']._serialized_end=1029
 # @@protoc_insertion_point(module_scope)

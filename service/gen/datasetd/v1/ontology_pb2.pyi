@@ -169,6 +169,7 @@ class OntologyClass(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     SUB_CLASSES_FIELD_NUMBER: _builtins.int
     ARCHIVED_FIELD_NUMBER: _builtins.int
+    CATEGORY_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Required. The concept id: 1..256 characters, no NUL; unique in the whole
     ontology.
@@ -181,6 +182,15 @@ class OntologyClass(_message.Message):
     """Optional. An archived class stays known (existing annotations keep it)
     but is not offered for new labels. Archive a class instead of removing
     it when annotations use it.
+    """
+    category_id: _builtins.int
+    """Output only. The class's category number in exports (COCO category
+    `id`): given by the server when the class first appears in the ontology
+    (create or update), 1, 2, 3, ... in tree order (`classes` before
+    `input_classifications`, a class before its sub-classes), and kept by the
+    class (matched by id) in every later revision. A removed class's number
+    is never given to another class; a class removed and added again gets a
+    new one.
     """
     @_builtins.property
     def shapes(self) -> _containers.RepeatedScalarFieldContainer[Global___Shape.ValueType]:
@@ -213,10 +223,11 @@ class OntologyClass(_message.Message):
         attributes: _abc.Iterable[Global___OntologyAttribute] | None = ...,
         sub_classes: _abc.Iterable[Global___OntologyClass] | None = ...,
         archived: _builtins.bool = ...,
+        category_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "attributes", b"attributes", "color", b"color", "display_name", b"display_name", "id", b"id", "keypoint_names", b"keypoint_names", "shapes", b"shapes", "sub_classes", b"sub_classes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "attributes", b"attributes", "category_id", b"category_id", "color", b"color", "display_name", b"display_name", "id", b"id", "keypoint_names", b"keypoint_names", "shapes", b"shapes", "sub_classes", b"sub_classes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

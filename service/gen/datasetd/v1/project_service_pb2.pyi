@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,67 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _OntologyRule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OntologyRuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OntologyRule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ONTOLOGY_RULE_UNSPECIFIED: _OntologyRule.ValueType  # 0
+    """Not a rule. As a request filter: every rule."""
+    ONTOLOGY_RULE_UNKNOWN_CLASS: _OntologyRule.ValueType  # 1
+    """A concept id that is not a class of the ontology (e.g. a typo)."""
+    ONTOLOGY_RULE_ARCHIVED_CLASS: _OntologyRule.ValueType  # 2
+    """An archived class on a new label (never reported by ValidateDataset)."""
+    ONTOLOGY_RULE_SHAPE_NOT_ALLOWED: _OntologyRule.ValueType  # 3
+    """A class drawn as a shape it does not allow (a region's geometry, a
+    track_id without SHAPE_VIDEO_TRACK, a whole-input label without
+    SHAPE_CLASSIFICATION, an input-level classification on a region).
+    """
+    ONTOLOGY_RULE_MISSING_ATTRIBUTE: _OntologyRule.ValueType  # 4
+    """A required attribute of a class missing from `metadata.attributes` of
+    the Data that carries the class.
+    """
+    ONTOLOGY_RULE_INVALID_ATTRIBUTE: _OntologyRule.ValueType  # 5
+    """An attribute value of the wrong type, not an option, or out of range."""
+    ONTOLOGY_RULE_UNKNOWN_ATTRIBUTE: _OntologyRule.ValueType  # 6
+    """An attribute id that no class labelled there declares."""
+    ONTOLOGY_RULE_UNKNOWN_KEYPOINT: _OntologyRule.ValueType  # 7
+    """More keypoint_locations than the class names, or a name in
+    `metadata.keypoint_names` the class does not have.
+    """
+
+class OntologyRule(_OntologyRule, metaclass=_OntologyRuleEnumTypeWrapper):
+    """A rule of ValidateDataset (and of the checks of CreateAnnotations,
+    UpdateAnnotations, CreateInputs, UpdateInputs and ImportDataset on
+    datasets attached to a project).
+    """
+
+ONTOLOGY_RULE_UNSPECIFIED: OntologyRule.ValueType  # 0
+"""Not a rule. As a request filter: every rule."""
+ONTOLOGY_RULE_UNKNOWN_CLASS: OntologyRule.ValueType  # 1
+"""A concept id that is not a class of the ontology (e.g. a typo)."""
+ONTOLOGY_RULE_ARCHIVED_CLASS: OntologyRule.ValueType  # 2
+"""An archived class on a new label (never reported by ValidateDataset)."""
+ONTOLOGY_RULE_SHAPE_NOT_ALLOWED: OntologyRule.ValueType  # 3
+"""A class drawn as a shape it does not allow (a region's geometry, a
+track_id without SHAPE_VIDEO_TRACK, a whole-input label without
+SHAPE_CLASSIFICATION, an input-level classification on a region).
+"""
+ONTOLOGY_RULE_MISSING_ATTRIBUTE: OntologyRule.ValueType  # 4
+"""A required attribute of a class missing from `metadata.attributes` of
+the Data that carries the class.
+"""
+ONTOLOGY_RULE_INVALID_ATTRIBUTE: OntologyRule.ValueType  # 5
+"""An attribute value of the wrong type, not an option, or out of range."""
+ONTOLOGY_RULE_UNKNOWN_ATTRIBUTE: OntologyRule.ValueType  # 6
+"""An attribute id that no class labelled there declares."""
+ONTOLOGY_RULE_UNKNOWN_KEYPOINT: OntologyRule.ValueType  # 7
+"""More keypoint_locations than the class names, or a name in
+`metadata.keypoint_names` the class does not have.
+"""
+Global___OntologyRule: _TypeAlias = OntologyRule  # noqa: Y015
 
 @_typing.final
 class CreateProjectRequest(_message.Message):
@@ -422,3 +484,172 @@ class DetachDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DetachDatasetResponse: _TypeAlias = DetachDatasetResponse  # noqa: Y015
+
+@_typing.final
+class ValidateDatasetRequest(_message.Message):
+    """Request of ValidateDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_ID_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    app_id: _builtins.str
+    """Required. The app."""
+    dataset_id: _builtins.str
+    """Required. The id of a live dataset attached to a project."""
+    rule: Global___OntologyRule.ValueType
+    """Optional. Page through the findings of this rule only (then
+    `next_page_token` continues them). Unset: every rule with findings,
+    each with its first `page_size` findings.
+    """
+    page_size: _builtins.int
+    """Optional. Findings per rule in the page: 0 means 50; at most 1000."""
+    page_token: _builtins.str
+    """Optional. `next_page_token` of the previous page of the same request
+    (same dataset and rule).
+    """
+    def __init__(
+        self,
+        *,
+        app_id: _builtins.str = ...,
+        dataset_id: _builtins.str = ...,
+        rule: Global___OntologyRule.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "page_size", b"page_size", "page_token", b"page_token", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateDatasetRequest: _TypeAlias = ValidateDatasetRequest  # noqa: Y015
+
+@_typing.final
+class OntologyFinding(_message.Message):
+    """One problem of one label."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANNOTATION_ID_FIELD_NUMBER: _builtins.int
+    INPUT_ID_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    annotation_id: _builtins.str
+    """The annotation; empty for an input's own concepts (input-level labels)."""
+    input_id: _builtins.str
+    """The input the label is on."""
+    rule: Global___OntologyRule.ValueType
+    """The rule broken."""
+    field: _builtins.str
+    """Path of the offending field within the annotation, e.g.
+    `data.regions[0].data.concepts[0].id`.
+    """
+    message: _builtins.str
+    """What is wrong and what the ontology allows."""
+    def __init__(
+        self,
+        *,
+        annotation_id: _builtins.str = ...,
+        input_id: _builtins.str = ...,
+        rule: Global___OntologyRule.ValueType = ...,
+        field: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotation_id", b"annotation_id", "field", b"field", "input_id", b"input_id", "message", b"message", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OntologyFinding: _TypeAlias = OntologyFinding  # noqa: Y015
+
+@_typing.final
+class OntologyRuleReport(_message.Message):
+    """The findings of one rule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_COUNT_FIELD_NUMBER: _builtins.int
+    FINDINGS_COUNT_FIELD_NUMBER: _builtins.int
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    rule: Global___OntologyRule.ValueType
+    """The rule."""
+    annotations_count: _builtins.int
+    """Annotations (and inputs' own concepts) with at least one finding of the
+    rule, in the whole dataset.
+    """
+    findings_count: _builtins.int
+    """Findings of the rule in the whole dataset."""
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___OntologyFinding]:
+        """One page of the findings, in annotation creation order."""
+
+    def __init__(
+        self,
+        *,
+        rule: Global___OntologyRule.ValueType = ...,
+        annotations_count: _builtins.int = ...,
+        findings_count: _builtins.int = ...,
+        findings: _abc.Iterable[Global___OntologyFinding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations_count", b"annotations_count", "findings", b"findings", "findings_count", b"findings_count", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OntologyRuleReport: _TypeAlias = OntologyRuleReport  # noqa: Y015
+
+@_typing.final
+class ValidateDatasetResponse(_message.Message):
+    """Response of ValidateDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ONTOLOGY_ID_FIELD_NUMBER: _builtins.int
+    ONTOLOGY_REVISION_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_CHECKED_FIELD_NUMBER: _builtins.int
+    ANNOTATIONS_INVALID_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ontology_id: _builtins.str
+    """The ontology checked against."""
+    ontology_revision: _builtins.int
+    """Its revision."""
+    annotations_checked: _builtins.int
+    """Annotations checked (each input's own concepts count as one when set)."""
+    annotations_invalid: _builtins.int
+    """Of those, how many have at least one finding."""
+    next_page_token: _builtins.str
+    """With `rule` set: the token of the next page of its findings; empty on the
+    last page.
+    """
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___OntologyRuleReport]:
+        """One report per rule with findings (the requested rule only, when set),
+        in rule order. Empty when every label fits.
+        """
+
+    def __init__(
+        self,
+        *,
+        ontology_id: _builtins.str = ...,
+        ontology_revision: _builtins.int = ...,
+        annotations_checked: _builtins.int = ...,
+        annotations_invalid: _builtins.int = ...,
+        rules: _abc.Iterable[Global___OntologyRuleReport] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotations_checked", b"annotations_checked", "annotations_invalid", b"annotations_invalid", "next_page_token", b"next_page_token", "ontology_id", b"ontology_id", "ontology_revision", b"ontology_revision", "rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidateDatasetResponse: _TypeAlias = ValidateDatasetResponse  # noqa: Y015

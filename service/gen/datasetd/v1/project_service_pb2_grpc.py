@@ -75,6 +75,11 @@ class ProjectServiceStub:
                 request_serializer=datasetd_dot_v1_dot_project__service__pb2.DetachDatasetRequest.SerializeToString,
                 response_deserializer=datasetd_dot_v1_dot_project__service__pb2.DetachDatasetResponse.FromString,
                 _registered_method=True)
+        self.ValidateDataset = channel.unary_unary(
+                '/datasetd.v1.ProjectService/ValidateDataset',
+                request_serializer=datasetd_dot_v1_dot_project__service__pb2.ValidateDatasetRequest.SerializeToString,
+                response_deserializer=datasetd_dot_v1_dot_project__service__pb2.ValidateDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class ProjectServiceServicer:
@@ -126,6 +131,11 @@ class ProjectServiceServicer:
     def AttachDataset(self, request, context):
         """Attaches a live dataset of the same app to a project (NOT_FOUND naming
         `dataset_id` otherwise). Attaching an attached dataset changes nothing.
+        A dataset follows one ontology: FAILED_PRECONDITION (reason
+        DATASET_HAS_OTHER_ONTOLOGY) when it is attached to a project with another
+        ontology. From then on, labels on the dataset's inputs are checked
+        against the ontology (see ValidateDataset for the rules); labels made
+        before are kept and reported by ValidateDataset.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,6 +144,19 @@ class ProjectServiceServicer:
     def DetachDataset(self, request, context):
         """Detaches a dataset from a project. Detaching a dataset that is not
         attached changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ValidateDataset(self, request, context):
+        """Checks every annotation on the inputs of a dataset (and the inputs'
+        own concepts) against the ontology of the projects it is attached to,
+        and reports, per rule, how many annotations break it and a page of the
+        findings. Read only. FAILED_PRECONDITION (reason DATASET_NOT_IN_PROJECT)
+        when the dataset is attached to no project. Archived classes are not
+        findings here: archiving keeps existing labels. The whole dataset is read
+        on every call (about 50,000 annotations per second).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +199,11 @@ def add_ProjectServiceServicer_to_server(servicer, server):
                     servicer.DetachDataset,
                     request_deserializer=datasetd_dot_v1_dot_project__service__pb2.DetachDatasetRequest.FromString,
                     response_serializer=datasetd_dot_v1_dot_project__service__pb2.DetachDatasetResponse.SerializeToString,
+            ),
+            'ValidateDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.ValidateDataset,
+                    request_deserializer=datasetd_dot_v1_dot_project__service__pb2.ValidateDatasetRequest.FromString,
+                    response_serializer=datasetd_dot_v1_dot_project__service__pb2.ValidateDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -373,6 +401,33 @@ class ProjectService:
             '/datasetd.v1.ProjectService/DetachDataset',
             datasetd_dot_v1_dot_project__service__pb2.DetachDatasetRequest.SerializeToString,
             datasetd_dot_v1_dot_project__service__pb2.DetachDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ValidateDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/datasetd.v1.ProjectService/ValidateDataset',
+            datasetd_dot_v1_dot_project__service__pb2.ValidateDatasetRequest.SerializeToString,
+            datasetd_dot_v1_dot_project__service__pb2.ValidateDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

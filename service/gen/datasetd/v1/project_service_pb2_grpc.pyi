@@ -56,10 +56,24 @@ class ProjectServiceStub:
     AttachDataset: _grpc.UnaryUnaryMultiCallable[_project_service_pb2.AttachDatasetRequest, _project_service_pb2.AttachDatasetResponse]
     """Attaches a live dataset of the same app to a project (NOT_FOUND naming
     `dataset_id` otherwise). Attaching an attached dataset changes nothing.
+    A dataset follows one ontology: FAILED_PRECONDITION (reason
+    DATASET_HAS_OTHER_ONTOLOGY) when it is attached to a project with another
+    ontology. From then on, labels on the dataset's inputs are checked
+    against the ontology (see ValidateDataset for the rules); labels made
+    before are kept and reported by ValidateDataset.
     """
     DetachDataset: _grpc.UnaryUnaryMultiCallable[_project_service_pb2.DetachDatasetRequest, _project_service_pb2.DetachDatasetResponse]
     """Detaches a dataset from a project. Detaching a dataset that is not
     attached changes nothing.
+    """
+    ValidateDataset: _grpc.UnaryUnaryMultiCallable[_project_service_pb2.ValidateDatasetRequest, _project_service_pb2.ValidateDatasetResponse]
+    """Checks every annotation on the inputs of a dataset (and the inputs'
+    own concepts) against the ontology of the projects it is attached to,
+    and reports, per rule, how many annotations break it and a page of the
+    findings. Read only. FAILED_PRECONDITION (reason DATASET_NOT_IN_PROJECT)
+    when the dataset is attached to no project. Archived classes are not
+    findings here: archiving keeps existing labels. The whole dataset is read
+    on every call (about 50,000 annotations per second).
     """
 
 @_typing.type_check_only
@@ -90,10 +104,24 @@ class ProjectServiceAsyncStub(ProjectServiceStub):
     AttachDataset: _aio.UnaryUnaryMultiCallable[_project_service_pb2.AttachDatasetRequest, _project_service_pb2.AttachDatasetResponse]  # type: ignore[assignment]
     """Attaches a live dataset of the same app to a project (NOT_FOUND naming
     `dataset_id` otherwise). Attaching an attached dataset changes nothing.
+    A dataset follows one ontology: FAILED_PRECONDITION (reason
+    DATASET_HAS_OTHER_ONTOLOGY) when it is attached to a project with another
+    ontology. From then on, labels on the dataset's inputs are checked
+    against the ontology (see ValidateDataset for the rules); labels made
+    before are kept and reported by ValidateDataset.
     """
     DetachDataset: _aio.UnaryUnaryMultiCallable[_project_service_pb2.DetachDatasetRequest, _project_service_pb2.DetachDatasetResponse]  # type: ignore[assignment]
     """Detaches a dataset from a project. Detaching a dataset that is not
     attached changes nothing.
+    """
+    ValidateDataset: _aio.UnaryUnaryMultiCallable[_project_service_pb2.ValidateDatasetRequest, _project_service_pb2.ValidateDatasetResponse]  # type: ignore[assignment]
+    """Checks every annotation on the inputs of a dataset (and the inputs'
+    own concepts) against the ontology of the projects it is attached to,
+    and reports, per rule, how many annotations break it and a page of the
+    findings. Read only. FAILED_PRECONDITION (reason DATASET_NOT_IN_PROJECT)
+    when the dataset is attached to no project. Archived classes are not
+    findings here: archiving keeps existing labels. The whole dataset is read
+    on every call (about 50,000 annotations per second).
     """
 
 class ProjectServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -157,6 +185,11 @@ class ProjectServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_project_service_pb2.AttachDatasetResponse, _abc.Awaitable[_project_service_pb2.AttachDatasetResponse]]:
         """Attaches a live dataset of the same app to a project (NOT_FOUND naming
         `dataset_id` otherwise). Attaching an attached dataset changes nothing.
+        A dataset follows one ontology: FAILED_PRECONDITION (reason
+        DATASET_HAS_OTHER_ONTOLOGY) when it is attached to a project with another
+        ontology. From then on, labels on the dataset's inputs are checked
+        against the ontology (see ValidateDataset for the rules); labels made
+        before are kept and reported by ValidateDataset.
         """
 
     @_abc_1.abstractmethod
@@ -167,6 +200,21 @@ class ProjectServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_project_service_pb2.DetachDatasetResponse, _abc.Awaitable[_project_service_pb2.DetachDatasetResponse]]:
         """Detaches a dataset from a project. Detaching a dataset that is not
         attached changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ValidateDataset(
+        self,
+        request: _project_service_pb2.ValidateDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_project_service_pb2.ValidateDatasetResponse, _abc.Awaitable[_project_service_pb2.ValidateDatasetResponse]]:
+        """Checks every annotation on the inputs of a dataset (and the inputs'
+        own concepts) against the ontology of the projects it is attached to,
+        and reports, per rule, how many annotations break it and a page of the
+        findings. Read only. FAILED_PRECONDITION (reason DATASET_NOT_IN_PROJECT)
+        when the dataset is attached to no project. Archived classes are not
+        findings here: archiving keeps existing labels. The whole dataset is read
+        on every call (about 50,000 annotations per second).
         """
 
 def add_ProjectServiceServicer_to_server(servicer: ProjectServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,80 @@
+"""`Client`: the entry point, constructed like the Vi SDK's (a secret key, an organization,
+an endpoint), each falling back to the `datasetd` command's environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+
+from datasetd.client.datasets import ViDatasets
+from datasetd.client.types import DatasetDownloadResult
+from service.client import Client as NativeClient
+from service.client.dataset import Dataset as NativeDataset
+
+DEFAULT_ENDPOINT = "127.0.0.1:50051"
+DEFAULT_APP = "main"
+
+
+class Client:
+    """A connection to datasetd for one app with one API key.
+
+    * `secret_key`: the API key (`dsd_...`); default `DATASETD_API_KEY`.
+    * `organization_id`: the app (datasetd's tenant, Vi's organization); default
+      `DATASETD_APP`, else "main".
+    * `endpoint`: host:port of the gRPC server; default `DATASETD_ADDRESS`, else
+      127.0.0.1:50051. `tls`: default `DATASETD_TLS=1`.
+
+    `client.datasets` has the Vi SDK's dataset methods; `client.native` is the full
+    `service.client` library on the same connection (uploads, versions, inputs, ...).
+    Use as a context manager, or call `close()`.
+    """
+
+    def __init__(
+        self,
+        secret_key: str | None = None,
+        organization_id: str | None = None,
+        endpoint: str | None = None,
+        tls: bool | None = None,
+    ) -> None:
+        key = secret_key or os.environ.get("DATASETD_API_KEY")
+        if not key:
+            raise ValueError("no secret_key given and DATASETD_API_KEY is not set")
+        self.organization_id = organization_id or os.environ.get("DATASETD_APP") or DEFAULT_APP
+        self.endpoint = endpoint or os.environ.get("DATASETD_ADDRESS") or DEFAULT_ENDPOINT
+        secure = tls if tls is not None else os.environ.get("DATASETD_TLS") == "1"
+        self.native = NativeClient(self.endpoint, key, self.organization_id, tls=secure)
+        self.datasets = ViDatasets(self.native)
+
+    def dataset(self, dataset_id: str) -> NativeDataset:
+        """One dataset's content (uploads, inputs, versions): `service.client`'s Dataset."""
+        return self.native.dataset(dataset_id)
+
+    def get_dataset(
+        self,
+        dataset_id: str,
+        save_path: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
+        show_progress: bool = True,
+    ) -> DatasetDownloadResult:
+        """`datasets.download(dataset_id, save_dir=save_path)` with the default settings."""
+        return self.datasets.download(
+            dataset_id,
+            save_dir=Path(save_path) if save_path is not None else None,
+            overwrite=overwrite,
+            show_progress=show_progress,
+        )
+
+    def close(self) -> None:
+        self.native.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
