@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _client(args: argparse.Namespace) -> Client:
+def client_of(args: argparse.Namespace) -> Client:
     if not args.key:
         raise ValueError(
             "no API key: pass --key or set DATASETD_API_KEY "
@@ -204,13 +204,13 @@ def keys_revoke(args: argparse.Namespace, output: Output) -> int:
 _DATASET_COLUMNS = ("id", "description", "visibility", "created_at", "modified_at")
 
 
-def _fields(value: Any, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+def fields_of(value: Any, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
     """A result dataclass's fields as a row (nested values stay as they are)."""
     return {f.name: getattr(value, f.name) for f in fields(value) if f.name not in leave_out}
 
 
 def _dataset_row(dataset: DatasetInfo) -> dict[str, Any]:
-    return _fields(dataset, leave_out=("statistic",))
+    return fields_of(dataset, leave_out=("statistic",))
 
 
 def _dataset_record(dataset: DatasetInfo) -> dict[str, Any]:
@@ -224,7 +224,7 @@ def _dataset_record(dataset: DatasetInfo) -> dict[str, Any]:
 
 
 def datasets_list(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         rows = [
             _dataset_row(d)
             for d in client.datasets.all_items(page_size=args.page_size, query=args.query)
@@ -234,14 +234,14 @@ def datasets_list(args: argparse.Namespace, output: Output) -> int:
 
 
 def datasets_get(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         dataset = client.datasets.get(args.dataset)
     output.record(_dataset_record(dataset), f"dataset {dataset.id}")
     return 0
 
 
 def datasets_create(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         dataset = client.datasets.create(
             args.dataset, description=args.description, notes=args.notes, metadata=args.metadata
         )
@@ -250,7 +250,7 @@ def datasets_create(args: argparse.Namespace, output: Output) -> int:
 
 
 def datasets_patch(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         dataset = client.datasets.patch(
             args.dataset,
             action=args.action,
@@ -264,7 +264,7 @@ def datasets_patch(args: argparse.Namespace, output: Output) -> int:
 
 
 def datasets_delete(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         try:
             stat = client.datasets.get(args.dataset).statistic
             what = f"with {stat.asset_total} assets and {stat.annotation_total} annotations"
@@ -288,7 +288,7 @@ def datasets_delete(args: argparse.Namespace, output: Output) -> int:
 
 
 def datasets_undelete(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         dataset = client.datasets.undelete(args.dataset)
     output.record(_dataset_row(dataset), f"restored dataset {dataset.id}")
     return 0
@@ -315,7 +315,7 @@ def _upload_result(output: Output, result: Any) -> int:
 
 
 def upload_folder(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         result = client.dataset(args.dataset).upload_from_folder(
             Path(args.folder),
             input_type=args.input_type,
@@ -326,7 +326,7 @@ def upload_folder(args: argparse.Namespace, output: Output) -> int:
 
 
 def upload_csv(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         result = client.dataset(args.dataset).upload_from_csv(
             Path(args.csv),
             input_type=args.input_type,
@@ -338,7 +338,7 @@ def upload_csv(args: argparse.Namespace, output: Output) -> int:
 
 
 def upload_coco(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         result = client.dataset(args.dataset).upload_coco(
             Path(args.images), Path(args.annotations), **_upload_kwargs(args)
         )
@@ -351,7 +351,7 @@ def retry(args: argparse.Namespace, output: Output) -> int:
     options = _upload_kwargs(args)
     # Here --failure-log is where the rows that still fail go (default: the log itself).
     options["new_failure_log"] = options.pop("failure_log")
-    with _client(args) as client:
+    with client_of(args) as client:
         result = retry_log(
             client.rpc, Path(args.log), allow_duplicates=args.allow_duplicates, **options
         )
@@ -370,7 +370,7 @@ def _version_row(version: Any) -> dict[str, Any]:
 
 
 def versions_create(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         version = client.dataset(args.dataset).create_version(
             args.version_id,
             description=args.description,
@@ -382,21 +382,21 @@ def versions_create(args: argparse.Namespace, output: Output) -> int:
 
 
 def versions_list(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         rows = [_version_row(v) for v in client.dataset(args.dataset).list_versions()]
     output.table(rows, _VERSION_COLUMNS, f"versions of dataset {args.dataset}")
     return 0
 
 
 def versions_get(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         version = client.dataset(args.dataset).get_version(args.version)
     output.record(_version_row(version), f"version {version.id} of {args.dataset}")
     return 0
 
 
 def versions_delete(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         dataset = client.dataset(args.dataset)
         version = dataset.get_version(args.version)
         confirm(
@@ -426,7 +426,7 @@ def _export_settings(args: argparse.Namespace, embed_media: bool) -> Any:
 
 
 def export(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         settings = _export_settings(args, embed_media=not args.no_embed_media)
         created = client.datasets.create_export(args.dataset, settings, version_id=args.version)
         finished = client.datasets.wait_export(
@@ -442,7 +442,7 @@ def export(args: argparse.Namespace, output: Output) -> int:
 def download(args: argparse.Namespace, output: Output) -> int:
     from service.client.exports import ExportSettings
 
-    with _client(args) as client:
+    with client_of(args) as client:
         settings = _export_settings(args, embed_media=not args.annotations_only)
         export_id = None
         if args.format is None:
@@ -477,7 +477,7 @@ def download(args: argparse.Namespace, output: Output) -> int:
 
 
 def merge(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         merged = client.dataset(args.dataset).merge_dataset(args.source)
     output.outcome(
         {"destination": args.dataset, "source": args.source}
@@ -494,22 +494,22 @@ _INPUT_COLUMNS = ("id", "media_type", "concepts", "metadata", "created_at")
 
 
 def inputs_list(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         listed = client.dataset(args.dataset).list_inputs()
-        rows = [_fields(i) for i in itertools.islice(listed, args.limit)]
+        rows = [fields_of(i) for i in itertools.islice(listed, args.limit)]
     output.table(rows, _INPUT_COLUMNS, f"inputs of dataset {args.dataset}")
     return 0
 
 
 def inputs_get(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         item = client.dataset(args.dataset).get_input(args.input)
-    output.record(_fields(item), f"input {item.id}")
+    output.record(fields_of(item), f"input {item.id}")
     return 0
 
 
 def inputs_delete(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         dataset = client.dataset(args.dataset)
         shown = ", ".join(args.inputs[:10]) + (" ..." if len(args.inputs) > 10 else "")
         confirm(
@@ -527,11 +527,11 @@ def inputs_delete(args: argparse.Namespace, output: Output) -> int:
 
 
 def inputs_download(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         downloaded = client.dataset(args.dataset).download_inputs(
             Path(args.save_dir), **_progress(args)
         )
-    rows = [_fields(d) for d in downloaded]
+    rows = [fields_of(d) for d in downloaded]
     output.table(rows, ("input_id", "path", "size"), f"downloaded into {args.save_dir}")
     missing = [d.input_id for d in downloaded if d.path is None]
     if missing:
@@ -547,10 +547,10 @@ _REENCODE_COLUMNS = ("input_id", "outcome", "duration_seconds", "fps", "codec", 
 def inputs_reencode(args: argparse.Namespace, output: Output) -> int:
     from service.client.inputs import ReencodeFailedError
 
-    with _client(args) as client:
+    with client_of(args) as client:
         if args.dry_run:
             found = client.inputs.reencode_candidates(list(args.inputs))
-            rows = [_fields(c) for c in found]
+            rows = [fields_of(c) for c in found]
             output.table(
                 rows,
                 ("input_id", "video_format", "codec", "reason"),
@@ -566,14 +566,14 @@ def inputs_reencode(args: argparse.Namespace, output: Output) -> int:
     if args.no_wait:
         output.record({"job_id": job.id, "state": job.state}, f"re-encode job {job.id}")
         return 0
-    rows = [_fields(r) for r in job.results]
+    rows = [fields_of(r) for r in job.results]
     output.table(rows, _REENCODE_COLUMNS, f"re-encode job {job.id}: {job.state}")
     failed_count = sum(1 for r in job.results if r.outcome != "REENCODED")
     return 0 if job.state == "SUCCEEDED" and not failed_count else 1
 
 
 def inputs_rename(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         item = client.inputs.rename(args.input, args.title)
-    output.record(_fields(item), f"input {item.id}")
+    output.record(fields_of(item), f"input {item.id}")
     return 0

@@ -61,7 +61,7 @@ def _batch_size(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -132,7 +132,7 @@ def _upload_options(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=_batch_size, default=32, help="inputs per request, 1..128 (32)"
     )
     parser.add_argument(
-        "--concurrency", type=_positive, default=4, help="requests in flight at once (4)"
+        "--concurrency", type=positive_int, default=4, help="requests in flight at once (4)"
     )
     parser.add_argument(
         "--failure-log",
@@ -155,11 +155,11 @@ def _export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", default=None, help="version id (default: the latest READY)")
 
 
-def _confirm_option(parser: argparse.ArgumentParser) -> None:
+def add_confirm_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
-class _Tree:
+class CommandTree:
     """Adds sub-commands; each gets the global options and its handler."""
 
     def __init__(self, top: SubParsers) -> None:
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Client commands need a key: --key or DATASETD_API_KEY.",
     )
     _global_options(parser, defaults=True)
-    tree = _Tree(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    tree = CommandTree(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     _server_commands(tree)
     _dataset_commands(tree)
     _upload_commands(tree)
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _server_commands(tree: _Tree) -> None:
+def _server_commands(tree: CommandTree) -> None:
     from service.cli import commands as c
 
     tree.command(
@@ -224,16 +224,16 @@ def _server_commands(tree: _Tree) -> None:
     tree.command(keys, "list", c.keys_list, "list the keys of --app (never their secrets)")
     sub = tree.command(keys, "revoke", c.keys_revoke, "revoke a key of --app by its id")
     sub.add_argument("key_id", help="the key's id, from `datasetd keys list`")
-    _confirm_option(sub)
+    add_confirm_option(sub)
 
 
-def _dataset_commands(tree: _Tree) -> None:
+def _dataset_commands(tree: CommandTree) -> None:
     from service.cli import commands as c
 
     datasets = tree.section("datasets", "list, inspect, create, change and delete datasets")
     sub = tree.command(datasets, "list", c.datasets_list, "list the app's datasets")
     sub.add_argument("--query", default="", help="only datasets whose id or description match")
-    sub.add_argument("--page-size", type=_positive, default=100)
+    sub.add_argument("--page-size", type=positive_int, default=100)
     tree.command(datasets, "get", c.datasets_get, "show a dataset with its statistics", "dataset")
     sub = tree.command(datasets, "create", c.datasets_create, "create a dataset")
     sub.add_argument("dataset", nargs="?", default="", help="id (generated when left out)")
@@ -250,11 +250,11 @@ def _dataset_commands(tree: _Tree) -> None:
         datasets, "delete", c.datasets_delete, "delete a dataset (recoverable)", "dataset"
     )
     sub.add_argument("--force", action="store_true", help="purge now; cannot be undone")
-    _confirm_option(sub)
+    add_confirm_option(sub)
     tree.command(datasets, "undelete", c.datasets_undelete, "restore a deleted dataset", "dataset")
 
 
-def _upload_commands(tree: _Tree) -> None:
+def _upload_commands(tree: CommandTree) -> None:
     from service.cli import commands as c
 
     upload = tree.section("upload", "upload a folder, a CSV file or a COCO dataset into a dataset")
@@ -293,7 +293,7 @@ def _upload_commands(tree: _Tree) -> None:
     _upload_options(sub)
 
 
-def _version_commands(tree: _Tree) -> None:
+def _version_commands(tree: CommandTree) -> None:
     from service.cli import commands as c
 
     versions = tree.section("versions", "immutable snapshots of a dataset")
@@ -310,7 +310,7 @@ def _version_commands(tree: _Tree) -> None:
     sub = tree.command(
         versions, "delete", c.versions_delete, "delete a version", "dataset", "version"
     )
-    _confirm_option(sub)
+    add_confirm_option(sub)
 
     sub = tree.command(
         tree.top, "export", c.export, "export a version and wait for the archive", "dataset"
@@ -340,18 +340,18 @@ def _version_commands(tree: _Tree) -> None:
     sub.add_argument("source")
 
 
-def _input_commands(tree: _Tree) -> None:
+def _input_commands(tree: CommandTree) -> None:
     from service.cli import commands as c
 
     inputs = tree.section("inputs", "a dataset's inputs")
     sub = tree.command(inputs, "list", c.inputs_list, "list a dataset's inputs", "dataset")
-    sub.add_argument("--limit", type=_positive, default=None, help="show at most this many")
+    sub.add_argument("--limit", type=positive_int, default=None, help="show at most this many")
     tree.command(inputs, "get", c.inputs_get, "show an input", "dataset", "input")
     sub = tree.command(
         inputs, "delete", c.inputs_delete, "delete inputs (from every dataset)", "dataset"
     )
     sub.add_argument("inputs", nargs="+", metavar="INPUT")
-    _confirm_option(sub)
+    add_confirm_option(sub)
     sub = tree.command(
         inputs, "download", c.inputs_download, "download the original media", "dataset", "save_dir"
     )

@@ -9,13 +9,13 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.cli.commands import _client, _fields
+from service.cli.commands import client_of, fields_of
 from service.cli.output import Output, confirm
 from service.client.ontologies import OntologyInfo
 from service.client.projects import ProjectInfo, ValidationInfo
 
 if TYPE_CHECKING:
-    from service.cli.main import _Tree
+    from service.cli.main import CommandTree
 
 _ONTOLOGY_FILE_HELP = (
     "JSON file of a datasetd.v1.Ontology, e.g. "
@@ -24,8 +24,8 @@ _ONTOLOGY_FILE_HELP = (
 )
 
 
-def add_commands(tree: _Tree) -> None:
-    from service.cli.main import _confirm_option, _positive
+def add_commands(tree: CommandTree) -> None:
+    from service.cli.main import add_confirm_option, positive_int
 
     ontologies = tree.section("ontologies", "label schemas: classes, shapes and attributes")
     sub = tree.command(ontologies, "create", ontologies_create, "create an ontology from a file")
@@ -50,7 +50,7 @@ def add_commands(tree: _Tree) -> None:
     sub.add_argument("--file", required=True, help=_ONTOLOGY_FILE_HELP)
     sub.add_argument(
         "--expected-revision",
-        type=_positive,
+        type=positive_int,
         default=0,
         help="fail (ABORTED) if the ontology is no longer at this revision",
     )
@@ -65,7 +65,7 @@ def add_commands(tree: _Tree) -> None:
     sub = tree.command(
         ontologies, "delete", ontologies_delete, "delete an ontology no project uses", "ontology"
     )
-    _confirm_option(sub)
+    add_confirm_option(sub)
 
     projects = tree.section("projects", "projects: an ontology and the datasets labelled with it")
     sub = tree.command(projects, "create", projects_create, "create a project")
@@ -92,7 +92,7 @@ def add_commands(tree: _Tree) -> None:
         "delete a project (its datasets are detached and stay)",
         "project",
     )
-    _confirm_option(sub)
+    add_confirm_option(sub)
     tree.command(
         projects, "attach", projects_attach, "attach a dataset to a project", "project", "dataset"
     )
@@ -119,7 +119,7 @@ def add_commands(tree: _Tree) -> None:
     )
     sub.add_argument(
         "--page-size",
-        type=_positive,
+        type=positive_int,
         default=20,
         help="findings shown per rule without --rule (20; at most 1000)",
     )
@@ -199,14 +199,14 @@ def _show_ontology(output: Output, ontology: OntologyInfo, title: str) -> None:
 
 
 def ontologies_create(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         ontology = client.ontologies.create(Path(args.file), ontology_id=args.ontology)
     _show_ontology(output, ontology, f"created ontology {ontology.id}")
     return 0
 
 
 def ontologies_get(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         ontology = client.ontologies.get(args.ontology)
     if args.editable:
         output.document(ontology.content)
@@ -216,14 +216,14 @@ def ontologies_get(args: argparse.Namespace, output: Output) -> int:
 
 
 def ontologies_list(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         rows = [_ontology_row(o) for o in client.ontologies.list()]
     output.table(rows, _ONTOLOGY_COLUMNS, f"ontologies of app {args.app}")
     return 0
 
 
 def ontologies_update(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         ontology = client.ontologies.update(
             args.ontology, Path(args.file), expected_revision=args.expected_revision
         )
@@ -232,14 +232,14 @@ def ontologies_update(args: argparse.Namespace, output: Output) -> int:
 
 
 def ontologies_archive_class(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         ontology = client.ontologies.archive_class(args.ontology, args.class_id)
     _show_ontology(output, ontology, f"archived {args.class_id} in ontology {ontology.id}")
     return 0
 
 
 def ontologies_delete(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         ontology = client.ontologies.get(args.ontology)
         confirm(
             output,
@@ -261,11 +261,11 @@ _PROJECT_COLUMNS = ("id", "description", "ontology_id", "dataset_ids", "modified
 
 
 def _show_project(output: Output, project: ProjectInfo, title: str) -> None:
-    output.record(_fields(project), title)
+    output.record(fields_of(project), title)
 
 
 def projects_create(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         project = client.projects.create(
             args.project, ontology_id=args.ontology, description=args.description
         )
@@ -274,11 +274,11 @@ def projects_create(args: argparse.Namespace, output: Output) -> int:
 
 
 def projects_get(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         project = client.projects.get(args.project)
         ontology = client.ontologies.get(project.ontology_id)
     if output.as_json:
-        output.document(_fields(project) | {"ontology": ontology})
+        output.document(fields_of(project) | {"ontology": ontology})
         return 0
     _show_project(output, project, f"project {project.id}")
     output.table(
@@ -290,14 +290,14 @@ def projects_get(args: argparse.Namespace, output: Output) -> int:
 
 
 def projects_list(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
-        rows = [_fields(p) for p in client.projects.list()]
+    with client_of(args) as client:
+        rows = [fields_of(p) for p in client.projects.list()]
     output.table(rows, _PROJECT_COLUMNS, f"projects of app {args.app}")
     return 0
 
 
 def projects_update(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         project = client.projects.update(
             args.project, description=args.description, ontology_id=args.ontology
         )
@@ -306,7 +306,7 @@ def projects_update(args: argparse.Namespace, output: Output) -> int:
 
 
 def projects_delete(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         project = client.projects.get(args.project)
         attached = ", ".join(project.dataset_ids) or "none"
         confirm(
@@ -323,14 +323,14 @@ def projects_delete(args: argparse.Namespace, output: Output) -> int:
 
 
 def projects_attach(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         project = client.projects.attach_dataset(args.project, args.dataset)
     _show_project(output, project, f"attached {args.dataset} to project {project.id}")
     return 0
 
 
 def projects_detach(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         project = client.projects.detach_dataset(args.project, args.dataset)
     _show_project(output, project, f"detached {args.dataset} from project {project.id}")
     return 0
@@ -341,7 +341,7 @@ _FINDING_COLUMNS = ("rule", "input_id", "annotation_id", "field", "message")
 
 
 def projects_validate(args: argparse.Namespace, output: Output) -> int:
-    with _client(args) as client:
+    with client_of(args) as client:
         report = client.projects.validate_dataset(args.dataset, page_size=args.page_size)
         findings = (
             list(client.projects.dataset_findings(args.dataset, args.rule))
@@ -350,10 +350,10 @@ def projects_validate(args: argparse.Namespace, output: Output) -> int:
         )
     if output.as_json:
         output.document(
-            _fields(report, leave_out=("rules", "next_page_token"))
+            fields_of(report, leave_out=("rules", "next_page_token"))
             | {
                 "dataset_id": args.dataset,
-                "rules": [_fields(r, leave_out=("findings",)) for r in report.rules],
+                "rules": [fields_of(r, leave_out=("findings",)) for r in report.rules],
                 "findings": findings,
             }
         )
@@ -363,7 +363,7 @@ def projects_validate(args: argparse.Namespace, output: Output) -> int:
             shown = (
                 f"every finding of {args.rule.upper()}" if args.rule else "first findings per rule"
             )
-            output.table([_fields(f) for f in findings], _FINDING_COLUMNS, shown)
+            output.table([fields_of(f) for f in findings], _FINDING_COLUMNS, shown)
         elif not report.annotations_invalid:
             output.text("Every label on the dataset fits the ontology.")
     return 0 if report.annotations_invalid == 0 else 1
@@ -381,7 +381,7 @@ def _show_validation(output: Output, dataset_id: str, report: ValidationInfo) ->
     )
     if report.rules:
         output.table(
-            [_fields(r, leave_out=("findings",)) for r in report.rules],
+            [fields_of(r, leave_out=("findings",)) for r in report.rules],
             _RULE_COLUMNS,
             "rules broken",
         )
