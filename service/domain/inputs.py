@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -48,7 +48,7 @@ from service.domain.models import (
     Principal,
     StoredBlob,
 )
-from service.domain.ontology_check import OntologyGate, add_findings, check_all
+from service.domain.ontology_check import OntologyChecker, OntologyGate, add_findings, check_all
 from service.domain.paging import split_page
 from service.domain.patch import PatchAction, apply_json, merge_json
 from service.domain.ports import (
@@ -154,6 +154,18 @@ class InputService:
                     reason="INVALID_FIELD",
                     violations=missing,
                 )
+            # Before the bytes flow too: labels the datasets' ontology refuses.
+            gates = await self.gate.for_datasets(app_id, wanted)
+            labels = Violations()
+            add_findings(
+                labels,
+                check_all(
+                    _checkers(gates, draft.dataset_ids),
+                    f"{path}.data",
+                    labels_of(draft.concepts, draft.annotation),
+                ),
+            )
+            labels.raise_if_any()
 
     async def _create(
         self, app_id: str, drafts: Sequence[InputDraft], paths: Sequence[str], *, atomic: bool
@@ -371,8 +383,11 @@ class InputService:
             if missing:
                 outcomes[p.index] = InputOutcome(p.index, p.input.id, Outcome.INVALID, missing)
                 continue
-            checkers = [c for d in dict.fromkeys(p.input.dataset_ids) for c in gates.get(d, [])]
-            findings = check_all(checkers, f"{p.path}.data", labels_of(p.input, p.annotation))
+            findings = check_all(
+                _checkers(gates, p.input.dataset_ids),
+                f"{p.path}.data",
+                labels_of(p.input.concepts, p.annotation.data if p.annotation else {}),
+            )
             if findings:
                 outcomes[p.index] = InputOutcome(
                     p.index,
@@ -590,10 +605,17 @@ def _patch_concepts(
     return merged
 
 
-def labels_of(item: Input, annotation: Annotation | None) -> dict[str, Any]:
+def _checkers(
+    gates: Mapping[str, list[OntologyChecker]], dataset_ids: Sequence[str]
+) -> list[OntologyChecker]:
+    """The checkers of the ontologies of the datasets an input goes into."""
+    return [c for d in dict.fromkeys(dataset_ids) for c in gates.get(d, [])]
+
+
+def labels_of(concepts: Sequence[dict[str, Any]], regions: Mapping[str, Any]) -> dict[str, Any]:
     """The labels a new input carries, in the shape of annotation data: its concepts and
     the regions and frames sent with it."""
-    labels = dict(annotation.data) if annotation is not None else {}
-    if item.concepts:
-        labels["concepts"] = item.concepts
+    labels = dict(regions)
+    if concepts:
+        labels["concepts"] = list(concepts)
     return labels

@@ -14,6 +14,7 @@ from datasetd.v1 import (
     common_pb2,
     data_pb2,
     input_pb2,
+    input_service_pb2_grpc,
     ontology_pb2,
     ontology_service_pb2_grpc,
     project_pb2,
@@ -37,7 +38,9 @@ from tests.e2e.test_diff_import import (
     refused,
 )
 from tests.e2e.test_inputs import create, image_input, new_dataset
-from tests.helpers import call_error
+from tests.e2e.test_upload import chunk, header
+from tests.e2e.test_upload import refused as refused_upload
+from tests.helpers import call_error, png_bytes
 
 if TYPE_CHECKING:
     from datasetd.v1.annotation_service_pb2_grpc import AnnotationServiceAsyncStub as Annotations
@@ -477,3 +480,28 @@ async def test_validate_dataset_reports_labels_made_before_attaching(
     )
     clean = await validate(projects, caller, dataset_id="ds")
     assert (clean.annotations_checked, clean.annotations_invalid, list(clean.rules)) == (1, 0, [])
+
+
+async def test_a_streamed_upload_is_refused_by_its_header(
+    server: Running,
+    datasets: Datasets,
+    ontologies: Ontologies,
+    projects: Projects,
+    caller: Caller,
+) -> None:
+    await new_dataset(datasets, caller, "ds")
+    await new_ontology(ontologies, caller, "roads", ROADS)
+    await project_on(projects, caller, "p", "roads", "ds")
+    item = input_pb2.Input(
+        id="streamed",
+        data=data_pb2.Data(image=data_pb2.Image(), concepts=concepts("nigth")),
+        dataset_ids=["ds"],
+    )
+    image = png_bytes(64, 48)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = input_service_pb2_grpc.InputServiceStub(channel)
+        error = await refused_upload(stub, caller, [header(caller, item), chunk(image)])
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    (field,) = error.fields
+    assert field.endswith("data.concepts[0].id")
+    assert "'daytime'" in error.fields[field]
