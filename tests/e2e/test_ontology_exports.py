@@ -347,7 +347,7 @@ async def test_an_ontology_stored_before_the_numbers_gets_them_in_tree_order(
     ontologies: Ontologies, caller: Caller, db: Database
 ) -> None:
     def legacy(class_id: str, *sub_classes: dict[str, Any]) -> dict[str, Any]:
-        """A class as rows stored it before migration 0011: no category_id."""
+        """A class as rows stored it before migration 0010: no category_id."""
         return {
             "id": class_id,
             "display_name": "",
