@@ -20,6 +20,7 @@ from service.formats.clarifai.reader import protobuf_batches
 from service.formats.clarifai.writer import ClarifaiDataWriter
 from service.formats.coco.reader import coco_batches
 from service.formats.coco.writer import CocoWriter
+from service.formats.media_reads import READ_AHEAD, ReadAhead
 from service.formats.safezip import SafeZip
 from service.formats.vi.writer import ViWriter
 from service.observability import metrics
@@ -31,9 +32,10 @@ _READERS: dict[ImportFormat, Callable[[SafeZip], Iterator[list[ImportedInput]]]]
 
 
 class Archives:
-    def __init__(self, streams: MediaStreams) -> None:
-        # Where embedded media are read from.
+    def __init__(self, streams: MediaStreams, reads: ReadAhead = READ_AHEAD) -> None:
+        # Where embedded media are read from, and how far ahead of the archive.
         self._streams = streams
+        self._reads = reads
 
     def writer(
         self,
@@ -55,6 +57,7 @@ class Archives:
                 self._streams,
                 "datasetd export",
                 ontology,
+                self._reads,
             )
         elif export_format in (ExportFormat.VI_FULL, ExportFormat.VI_JSONL):
             writer = ViWriter(
@@ -65,10 +68,17 @@ class Archives:
                 modified,
                 self._streams,
                 ontology,
+                self._reads,
             )
         else:
             writer = ClarifaiDataWriter(
-                export_format, options.embed_media, counted, modified, self._streams, ontology
+                export_format,
+                options.embed_media,
+                counted,
+                modified,
+                self._streams,
+                ontology,
+                self._reads,
             )
         return _CountedWriter(writer, counted)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zipfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import IO, cast
@@ -25,6 +25,8 @@ from service.domain.ports import ByteSink, MediaStreams
 MEDIA_CHUNK_BYTES = 1024 * 1024
 # Small writes into an entry are gathered up to this size before they are compressed.
 WRITE_BUFFER_BYTES = 1024 * 1024
+# Stored (not deflated) entries up to this size are written without a worker thread.
+INLINE_STORED_BYTES = 64 * 1024
 # Regular file, rw-r--r--.
 _FILE_ATTRIBUTES = 0o100644 << 16
 
@@ -74,7 +76,11 @@ class ZipStream:
     async def add(self, name: str, data: bytes, *, compress: bool) -> None:
         """An entry whose bytes are all at hand."""
         info = self._info(name, len(data), compress)
-        await asyncio.to_thread(self._zip.writestr, info, data)
+        if compress or len(data) > INLINE_STORED_BYTES:
+            await asyncio.to_thread(self._zip.writestr, info, data)
+        else:
+            # A small stored entry is a CRC and a copy: cheaper than the trip to a thread.
+            self._zip.writestr(info, data)
         await self._drain()
 
     @asynccontextmanager
@@ -119,7 +125,7 @@ class ZipEntry:
             await self._drain()
 
 
-async def media_chunks(streams: MediaStreams, blob: StoredBlob) -> AsyncIterator[bytes]:
+async def media_chunks(streams: MediaStreams, blob: StoredBlob) -> AsyncGenerator[bytes, None]:
     """The stored original in chunks; fails if it does not have the recorded size, so that
     the length already written before it in the archive is never wrong unnoticed."""
     async with contextlib.aclosing(streams.stream(blob, MEDIA_CHUNK_BYTES)) as chunks:

@@ -1,58 +1,60 @@
-"""The Vi writer's read-ahead of media files, against an in-memory object store."""
+"""The VI_FULL writer's media entries, read ahead (service/formats/media_reads.py) from an
+in-memory object store: in archive order, small files read whole, large ones streamed."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncGenerator
+import io
+import json
+import zipfile
+from datetime import UTC, datetime
 
-from service.domain.models import StoredBlob
-from service.domain.ports import StagedUpload
-from service.formats.vi.writer import PREFETCH_FILES, PREFETCH_MAX_BYTES, _prefetched
+from datasetd.v1 import data_pb2, input_pb2
+
+from service.domain.models import ExportFormat, ExportOptions, StoredBlob, VersionMember
+from service.formats.archives import Archives
+from service.formats.media_reads import ReadAhead
+from tests.unit.test_media_reads import Streams, content
+
+LIMITS = ReadAhead(reads=3, whole_bytes=100, ahead_bytes=200)
 
 
-class Streams:
-    """Each object's bytes are its key repeated; records how many reads run at once."""
-
+class Sink:
     def __init__(self) -> None:
-        self.running = 0
-        self.most = 0
+        self.data = bytearray()
 
-    def stage(self, max_size: int) -> StagedUpload:
-        raise NotImplementedError
-
-    async def stream(self, blob: StoredBlob, chunk_size: int) -> AsyncGenerator[bytes, None]:
-        self.running += 1
-        self.most = max(self.most, self.running)
-        try:
-            await asyncio.sleep(0.001)
-            yield (blob.key.encode() * blob.size)[: blob.size]
-        finally:
-            self.running -= 1
+    async def write(self, chunk: bytes) -> None:
+        self.data += chunk
 
 
-def blob(key: str, size: int) -> StoredBlob:
-    return StoredBlob(key, "0" * 64, size, "image/png")
+def member(position: int, size: int) -> VersionMember:
+    message = input_pb2.Input(
+        id=f"in-{position}",
+        data=data_pb2.Data(
+            image=data_pb2.Image(image_info=data_pb2.ImageInfo(width=4, height=3, format="PNG"))
+        ),
+    )
+    blob = StoredBlob(f"k{position}", "0" * 64, size, "image/png")
+    return VersionMember(position, message.id, message.SerializeToString(), blob)
 
 
-async def test_files_come_in_order_small_ones_read_ahead_large_ones_left_to_stream() -> None:
+async def test_media_files_are_written_in_order_small_ones_read_ahead_large_ones_streamed() -> None:
     streams = Streams()
-    sizes = [10] * 20 + [PREFETCH_MAX_BYTES + 1] + [10] * 5
-    files = [(f"assets/all/{n}.png", blob(f"k{n}", size)) for n, size in enumerate(sizes)]
-    seen = [item async for item in _prefetched(streams, files)]
-    assert [(path, b) for path, b, _ in seen] == files
-    for (_, stored, content), size in zip(seen, sizes, strict=True):
-        if size > PREFETCH_MAX_BYTES:
-            assert content is None
-        else:
-            assert content == (stored.key.encode() * size)[:size]
-    assert 1 < streams.most <= PREFETCH_FILES + 1
-
-
-async def test_an_abandoned_read_ahead_leaves_no_read_running() -> None:
-    streams = Streams()
-    files = [(f"{n}.png", blob(f"k{n}", 10)) for n in range(50)]
-    reader = _prefetched(streams, files)
-    await anext(reader)
-    await reader.aclose()
-    await asyncio.sleep(0.01)
+    # A large file between small ones, and one over the chunk size the store streams in.
+    sizes = [10] * 20 + [LIMITS.whole_bytes + 1] + [10] * 5 + [3 * 1024 * 1024 + 5]
+    members = [member(n, size) for n, size in enumerate(sizes)]
+    sink = Sink()
+    writer = Archives(streams, LIMITS).writer(
+        ExportFormat.VI_FULL, ExportOptions(embed_media=True), ["all"], sink, datetime.now(UTC)
+    )
+    assert await writer.write("all", members) == len(members)
+    await writer.finish()
+    with zipfile.ZipFile(io.BytesIO(sink.data)) as archive:
+        assets = [name for name in archive.namelist() if name.startswith("assets/")]
+        assert assets == [f"assets/all/in-{n}.png" for n in range(len(sizes))]
+        for name, written in zip(assets, members, strict=True):
+            assert written.blob is not None
+            assert archive.read(name) == content(written.blob)
+        lines = archive.read("annotations/all.jsonl").decode().splitlines()
+        assert [json.loads(line)["file_name"] for line in lines] == assets
+    assert 1 < streams.most <= LIMITS.reads
     assert streams.running == 0

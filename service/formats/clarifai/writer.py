@@ -6,8 +6,9 @@ batches of several splits together hold MAX_PENDING_BYTES), nothing else.
 
 Without embedded media a protobuf batch is the members' stored bytes framed as repeated
 field 1 of InputBatch: the version's content is already laid out as the format's Input.
-With embed_media the media bytes are streamed from the object store into the entry,
-never held whole: an input is written as its stored bytes (without `url` and `hosted`)
+With embed_media the media bytes are copied from the object store into the entry (read
+ahead within a memory bound, large files streamed: media_reads), never a batch of them
+held whole: an input is written as its stored bytes (without `url` and `hosted`)
 followed by a second `data { <medium> { base64 } }` field, whose lengths are known from
 the stored size. Protobuf parsers merge repeated occurrences of a message field, so
 readers see one Input with its media in `data.<medium>.base64`. The JSON variant splices
@@ -16,14 +17,18 @@ the base64 text into the input's JSON the same way.
 When the version captured an ontology, a concept without a name (of the input, its
 regions, its frames and their regions) is written with the `display_name` of the class
 of its id as `name`; the stored bytes are then re-serialized (deterministically) instead
-of copied. Concepts that have a name, and those of no class, are written as stored.
+of copied. Concepts that have a name, and those of no class, are written as stored; an
+input is parsed only when its stored bytes hold an unnamed concept of a named class
+(_Unnamed), so the inputs with nothing to name cost no more than without an ontology.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import re
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,8 +48,9 @@ from service.domain.models import (
 from service.domain.ontologies import walk
 from service.domain.ports import ByteSink, MediaStreams
 from service.formats.clarifai import JSON_MIMETYPE, MIMETYPE_ENTRY, PROTOBUF_MIMETYPE
+from service.formats.media_reads import READ_AHEAD, ReadAhead, chunks_of, read_ahead
 from service.formats.snapshot import labels_of, parse
-from service.formats.zipstream import ZipStream, media_chunks
+from service.formats.zipstream import ZipStream
 from service.wire.inputs import Medium, medium_of
 
 MIMETYPES = {
@@ -58,6 +64,8 @@ MAX_PENDING_BYTES = 64 * 1024 * 1024
 _BATCH_INPUTS = input_pb2.InputBatch.DESCRIPTOR.fields_by_name["inputs"].number
 _INPUT_DATA = input_pb2.Input.DESCRIPTOR.fields_by_name["data"].number
 _DATA_FIELDS = data_pb2.Data.DESCRIPTOR.fields_by_name
+_CONCEPT_FIELDS = data_pb2.Concept.DESCRIPTOR.fields_by_name
+_CONCEPT_ID = _CONCEPT_FIELDS["id"].number
 # datasetd's own fields of Input (numbered from 100, unknown to the Clarifai model). Binary
 # readers skip unknown fields, JSON readers refuse them: the JSON variant leaves them out.
 _EXTENSIONS = tuple(f.name for f in input_pb2.Input.DESCRIPTOR.fields if f.number >= 100)
@@ -75,6 +83,10 @@ def _varint(value: int) -> bytes:
 def _length_delimited(number: int, length: int) -> bytes:
     """The tag and length of a length-delimited field (wire type 2)."""
     return _varint(number << 3 | 2) + _varint(length)
+
+
+# The tag of a Concept's `name`.
+_NAME_TAG = _varint(_CONCEPT_FIELDS["name"].number << 3 | 2)
 
 
 def _media_field(medium: Medium, size: int) -> bytes:
@@ -99,18 +111,63 @@ def display_names(ontology: VersionOntology | None) -> dict[str, str]:
     }
 
 
+class _Unnamed:
+    """Finds, in an input's stored bytes, a concept that may need a name: one whose `id`
+    is a class with a display name and whose `name` is not set.
+
+    A Concept's `id` is field 1 and its `name` field 2: stored inputs are serialized in
+    field order (upb), so a set name directly follows the id. The bytes of `id = <class>`
+    not followed by a non-empty `name` are a necessary sign of a concept to name; a false
+    alarm (the same bytes in another field) only costs the parse that finds nothing. The
+    ids are matched as a trie, so the search costs about the same for any number of
+    classes."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        encoded = [
+            _length_delimited(_CONCEPT_ID, len(raw)) + raw
+            for raw in (class_id.encode() for class_id in names)
+        ]
+        name_follows = re.escape(_NAME_TAG) + b"[^\\x00]"
+        self._pattern = re.compile(_trie(encoded) + b"(?!" + name_follows + b")")
+
+    def found(self, data: bytes) -> bool:
+        return self._pattern.search(data) is not None
+
+
+def _trie(words: list[bytes]) -> bytes:
+    """A regular expression matching any of `words`, none of which is a prefix of
+    another, branching on one byte at a time."""
+    root: dict[int, Any] = {}
+    for word in words:
+        node = root
+        for byte in word:
+            node = node.setdefault(byte, {})
+
+    def render(node: dict[int, Any]) -> bytes:
+        branches = [re.escape(bytes([byte])) + render(node[byte]) for byte in sorted(node)]
+        if len(branches) <= 1:
+            return b"".join(branches)
+        return b"(?:" + b"|".join(branches) + b")"
+
+    return render(root)
+
+
 def _name_concepts(data: data_pb2.Data, names: dict[str, str]) -> int:
-    """Gives each concept of `data` (its regions and frames included) without a name the
-    name of its class; returns how many it named."""
-    named = 0
-    for concept in data.concepts:
-        if not concept.name and concept.id in names:
-            concept.name = names[concept.id]
-            named += 1
-    for region in data.regions:
-        named += _name_concepts(region.data, names)
+    """Gives each concept of `data`, its regions, its frames and their regions without a
+    name the name of its class; returns how many it named. Only where concepts can be
+    (domain.annotation_rules refuses regions in a region's data and nested frames):
+    reading the empty repeated fields was most of what a walk down every Data cost."""
+    groups = [data.concepts]
+    groups += [region.data.concepts for region in data.regions]
     for frame in data.frames:
-        named += _name_concepts(frame.data, names)
+        groups.append(frame.data.concepts)
+        groups += [region.data.concepts for region in frame.data.regions]
+    named = 0
+    for concepts in groups:
+        for concept in concepts:
+            if not concept.name and concept.id in names:
+                concept.name = names[concept.id]
+                named += 1
     return named
 
 
@@ -170,13 +227,16 @@ class ClarifaiDataWriter:
         modified: datetime,
         streams: MediaStreams,
         ontology: VersionOntology | None = None,
+        reads: ReadAhead = READ_AHEAD,
     ) -> None:
         self._json = export_format is ExportFormat.CLARIFAI_DATA_JSON
         self._names = display_names(ontology)
+        self._unnamed = _Unnamed(self._names) if self._names else None
         self._mimetype = MIMETYPES[export_format]
         self._embed = embed_media
         self._zip = ZipStream(sink, modified)
         self._streams = streams
+        self._reads = reads
         self._started = False
         self._pending: dict[str, _Batch] = {}
         self._pending_memory = 0
@@ -231,9 +291,11 @@ class ClarifaiDataWriter:
         message: input_pb2.Input | None = None
         medium: Medium | None = None
         rewritten = self._embed
-        if self._json or self._embed or self._names:
+        unnamed = self._unnamed is not None and self._unnamed.found(member.data)
+        if self._json or self._embed or unnamed:
             message = parse(member.data)
-            rewritten = _name_concepts(message.data, self._names) > 0 or rewritten
+            if unnamed:
+                rewritten = _name_concepts(message.data, self._names) > 0 or rewritten
             if self._embed:
                 medium = self._detach_media(message, member.blob)
         if self._json:
@@ -304,17 +366,20 @@ class ClarifaiDataWriter:
         # Media are mostly compressed formats already: deflating them costs CPU for nothing.
         async with self._zip.open(name, size=framed, compress=False) as entry:
             await entry.write(self._open)
-            for index, item in enumerate(batch.items):
-                if index:
-                    await entry.write(self._separator)
-                await entry.write(item.before)
-                if item.media is not None:
-                    encoder = _Base64Chunks() if self._json else None
-                    async for chunk in media_chunks(self._streams, item.media):
-                        await entry.write(encoder.encode(chunk) if encoder else chunk)
-                    if encoder is not None:
-                        await entry.write(encoder.end())
-                await entry.write(item.after)
+            files = [(item, item.media) for item in batch.items if item.media is not None]
+            async with contextlib.aclosing(read_ahead(self._streams, files, self._reads)) as ready:
+                for index, item in enumerate(batch.items):
+                    if index:
+                        await entry.write(self._separator)
+                    await entry.write(item.before)
+                    if item.media is not None:
+                        _, blob, content = await anext(ready)
+                        encoder = _Base64Chunks() if self._json else None
+                        async for chunk in chunks_of(self._streams, blob, content):
+                            await entry.write(encoder.encode(chunk) if encoder else chunk)
+                        if encoder is not None:
+                            await entry.write(encoder.end())
+                    await entry.write(item.after)
             await entry.write(self._close)
 
     def _fidelity(self) -> FidelityReport:

@@ -55,8 +55,9 @@ from service.domain.models import (
 )
 from service.domain.ports import ByteSink, MediaStreams
 from service.formats.coco.rle import mask_rle
+from service.formats.media_reads import READ_AHEAD, ReadAhead, add_media_entries
 from service.formats.snapshot import labels_of, parse
-from service.formats.zipstream import MEDIA_CHUNK_BYTES, ZipStream, media_chunks
+from service.formats.zipstream import MEDIA_CHUNK_BYTES, ZipStream
 from service.wire.inputs import medium_of
 
 _EXTENSIONS = {"JPEG": ".jpg", "TIFF": ".tif"}
@@ -138,12 +139,14 @@ class CocoWriter:
         streams: MediaStreams,
         description: str,
         ontology: VersionOntology | None = None,
+        reads: ReadAhead = READ_AHEAD,
     ) -> None:
         self._embed = embed_media
         self._ontology = ontology
         self._splits = {name: _SplitFiles() for name in splits}
         self._zip = ZipStream(sink, modified)
         self._streams = streams
+        self._reads = reads
         self._info = {
             "description": description,
             "version": "1.0",
@@ -171,11 +174,8 @@ class CocoWriter:
         # Only images have a place in COCO: the split counts what was written.
         images_before = files.image_count
         embedded = await asyncio.to_thread(lambda: [self._convert(files, m) for m in members])
-        for file_name, blob in (item for item in embedded if item is not None):
-            path = f"images/{split}/{file_name}"
-            async with self._zip.open(path, size=blob.size, compress=False) as entry:
-                async for chunk in media_chunks(self._streams, blob):
-                    await entry.write(chunk)
+        images = [(f"images/{split}/{name}", blob) for name, blob in filter(None, embedded)]
+        await add_media_entries(self._zip, self._streams, images, self._reads)
         return files.image_count - images_before
 
     async def finish(self) -> FidelityReport:

@@ -2,8 +2,8 @@
 
 A split's lines are appended to a temporary file as pages are written, and copied into
 the archive at the end (media entries of every split come in between), so neither the
-lines nor the media are held in memory. VI_FULL reads small media files ahead of the
-archive, a few at a time (_prefetched), and streams large ones.
+lines nor the media are held in memory. VI_FULL reads the media ahead of the archive
+(service.formats.media_reads).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import contextlib
 import json
 import mimetypes
 import tempfile
-from collections import Counter, deque
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import IO, Any
 
@@ -24,15 +24,13 @@ from datasetd.v1 import data_pb2
 from service.domain.models import FidelityReport, StoredBlob, VersionMember, VersionOntology
 from service.domain.ports import ByteSink, MediaStreams
 from service.formats.clarifai.writer import display_names
+from service.formats.media_reads import READ_AHEAD, ReadAhead, add_media_entries
 from service.formats.snapshot import labels_of, parse
 from service.formats.vi import VI_FULL_NAME, VI_JSONL_NAME
-from service.formats.zipstream import MEDIA_CHUNK_BYTES, ZipStream, media_chunks
+from service.formats.zipstream import MEDIA_CHUNK_BYTES, ZipStream
 from service.wire.inputs import medium_of
 from service.wire.struct import message_to_json
 
-# Media files read ahead of the archive, and the size up to which a file is read whole.
-PREFETCH_FILES = 8
-PREFETCH_MAX_BYTES = 1024 * 1024
 _NORMALIZED_DECIMALS = 6
 _PIXEL_DECIMALS = 2
 _VISIBILITY = {
@@ -80,6 +78,7 @@ class ViWriter:
         modified: datetime,
         streams: MediaStreams,
         ontology: VersionOntology | None = None,
+        reads: ReadAhead = READ_AHEAD,
     ) -> None:
         self._full = full
         self._pixels = pixel_coordinates
@@ -91,6 +90,7 @@ class ViWriter:
         self._written = dict.fromkeys(splits, 0)
         self._zip = ZipStream(sink, modified)
         self._streams = streams
+        self._reads = reads
         self._names = display_names(ontology)
         self._assets = self._tags = self._annotations = 0
         self._dropped: Counter[str] = Counter()
@@ -105,14 +105,7 @@ class ViWriter:
         target = self._lines[split]
         media = await asyncio.to_thread(lambda: [self._line(target, split, m) for m in members])
         files = [item for item in media if item is not None]
-        async with contextlib.aclosing(_prefetched(self._streams, files)) as ready:
-            async for path, blob, content in ready:
-                if content is not None:
-                    await self._zip.add(path, content, compress=False)
-                    continue
-                async with self._zip.open(path, size=blob.size, compress=False) as entry:
-                    async for chunk in media_chunks(self._streams, blob):
-                        await entry.write(chunk)
+        await add_media_entries(self._zip, self._streams, files, self._reads)
         self._written[split] += len(members)
         # Every medium has a place in the format: each member is written.
         return len(members)
@@ -285,39 +278,6 @@ class ViWriter:
         if self._full:
             notes.append("media files are under assets/<split>/<input id><ext>")
         return notes
-
-
-async def _read(streams: MediaStreams, blob: StoredBlob) -> bytes:
-    return b"".join([chunk async for chunk in media_chunks(streams, blob)])
-
-
-async def _prefetched(
-    streams: MediaStreams, files: list[tuple[str, StoredBlob]]
-) -> AsyncGenerator[tuple[str, StoredBlob, bytes | None], None]:
-    """The files in order, each with its bytes read ahead (at most PREFETCH_FILES at a time),
-    or None for one over PREFETCH_MAX_BYTES, which the caller streams.
-
-    Small media are what a dataset mostly holds, and reading one object is a few round trips
-    to the object store: read one after the other, they bound the export at a few hundred
-    files a second. Reading ahead overlaps them, in at most PREFETCH_FILES *
-    PREFETCH_MAX_BYTES of memory."""
-    ahead: deque[tuple[str, StoredBlob, asyncio.Task[bytes] | None]] = deque()
-    try:
-        for path, blob in files:
-            small = blob.size <= PREFETCH_MAX_BYTES
-            ahead.append((path, blob, asyncio.create_task(_read(streams, blob)) if small else None))
-            while len(ahead) > PREFETCH_FILES or (ahead and ahead[0][2] is None):
-                path_, blob_, task = ahead.popleft()
-                yield path_, blob_, await task if task is not None else None
-        while ahead:
-            path_, blob_, task = ahead.popleft()
-            yield path_, blob_, await task if task is not None else None
-    finally:
-        # A failed or abandoned export leaves no read running.
-        for _, _, task in ahead:
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for _, _, t in ahead if t is not None), return_exceptions=True)
 
 
 def _json(value: Any) -> bytes:

@@ -16,6 +16,7 @@ import urllib3
 from minio import Minio
 from minio.commonconfig import ComposeSource
 from minio.error import S3Error, ServerError
+from urllib3 import BaseHTTPResponse
 
 from service.domain.errors import Unavailable
 from service.observability import metrics, tracing
@@ -25,6 +26,9 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
+# Threads and pooled connections: as many as an export's media read-ahead keeps in flight
+# (service.formats.media_reads.MAX_READS), since small objects cost a round trip each.
+MAX_CONCURRENT_CALLS = 32
 # S3 error codes that say the store, not the request, is at fault.
 _STORE_BUSY = frozenset(
     {"ServiceUnavailable", "SlowDown", "InternalError", "RequestTimeout", "RequestTimeTooSkewed"}
@@ -93,7 +97,7 @@ class ObjectStore:
         *,
         secure: bool = False,
         region: str | None = None,
-        max_workers: int = 16,
+        max_workers: int = MAX_CONCURRENT_CALLS,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         http = urllib3.PoolManager(
@@ -223,27 +227,65 @@ class ObjectStore:
 
     async def stream(self, key: str, chunk_size: int) -> AsyncGenerator[bytes, None]:
         """The object in chunks of at most `chunk_size` bytes. Each read is its own job on
-        the pool, so a slow consumer holds one connection but no thread."""
-        response = await self._run("get_stream", lambda: self._client.get_object(self.bucket, key))
+        the pool, so a slow consumer holds one connection but no thread. The first job
+        also reads the first chunk and, when that was all, releases the connection: an
+        object that fits in a chunk (most media) costs one job, not four."""
         # A read still running on a worker when the consumer goes away must finish
         # before the connection is closed under it.
         lock = threading.Lock()
 
-        def read() -> bytes:
-            with lock:
-                data: bytes = response.read(chunk_size)
-                return data
-
-        def close() -> None:
+        def close(response: BaseHTTPResponse) -> None:
             with lock:
                 response.close()
                 response.release_conn()
 
+        def first() -> tuple[BaseHTTPResponse | None, bytes]:
+            response = self._client.get_object(self.bucket, key)
+            try:
+                data: bytes = response.read(chunk_size)
+                if len(data) == chunk_size:
+                    return response, data
+                # Short: the end of the object, unless its body came in pieces.
+                more: bytes = response.read(chunk_size - len(data))
+                if more:
+                    return response, data + more
+            except BaseException:
+                close(response)
+                raise
+            close(response)
+            return None, data
+
+        def close_unread(opened: asyncio.Future[tuple[BaseHTTPResponse | None, bytes]]) -> None:
+            if not opened.cancelled() and opened.exception() is None:
+                response, _ = opened.result()
+                if response is not None:
+                    close(response)
+
+        opening = asyncio.ensure_future(self._run("get_stream", first))
         try:
-            while chunk := await self._run("read_chunk", read):
-                yield chunk
+            # Shielded: a consumer gone while a worker opens the object must not leave the
+            # connection it opened behind.
+            response, data = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(close_unread)
+            raise
+        if response is None:
+            if data:
+                yield data
+            return
+        opened = response
+
+        def read() -> bytes:
+            with lock:
+                chunk: bytes = opened.read(chunk_size)
+                return chunk
+
+        try:
+            while data:
+                yield data
+                data = await self._run("read_chunk", read)
         finally:
-            await self._run("close_stream", close)
+            await self._run("close_stream", lambda: close(opened))
 
     async def copy(self, source: str, destination: str, content_type: str) -> None:
         """Server-side copy: no bytes pass through this process. compose_object turns a
