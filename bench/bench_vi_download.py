@@ -11,6 +11,8 @@ apart), then measures:
    HTTP GET of the export's download URL (urllib, into one file): the ratio; and beside
    that GET plus `zipfile.extractall` of the archive, which writes the same files.
    Best of 3 rounds, each interleaved with its raw counterparts (the machine is shared).
+   Apart, the download's first half: the archive streamed over gRPC into one file with
+   its size and SHA-256 checked (`fetch_into`), beside the same raw GET.
 2. the loader over the download (`ViSamples.from_folder`): samples/s as raw bytes and
    decoded by Pillow, beside a raw `zipfile` walk of the same archive (every asset entry
    read; and read plus decoded by Pillow): the ratios.
@@ -42,6 +44,8 @@ from PIL import Image
 
 from bench.common import APP_ID, announce_serving, install_sigterm_handler, stack_and_server
 from service.client import UploadItem
+from service.client.exports import ExportInfo, fetch_into
+from service.client.progress import NO_PROGRESS
 
 T = TypeVar("T")
 INPUTS: Final = int(os.environ.get("DATASETD_BENCH_VI_INPUTS", "100000"))
@@ -72,6 +76,12 @@ def raw_get(url: str, path: Path) -> int:
         while chunk := response.read(READ_CHUNK):
             sink.write(chunk)
             size += len(chunk)
+    return size
+
+
+def grpc_fetch(client: Client, info: ExportInfo, path: Path) -> int:
+    with path.open("wb") as sink:
+        size, _ = fetch_into(client.native.rpc, info, sink, NO_PROGRESS)
     return size
 
 
@@ -117,7 +127,7 @@ def run(client: Client, work: Path) -> None:
 
     # The machine is shared and noisy: each measure is taken ROUNDS times, interleaved with
     # its raw counterpart, and the best of each is kept.
-    download_s, get_s, extract_s = [], [], []
+    download_s, get_s, extract_s, fetch_s = [], [], [], []
     archive = work / "raw.zip"
     size = 0
     for r in range(ROUNDS):
@@ -132,6 +142,7 @@ def run(client: Client, work: Path) -> None:
         extract_s.append(
             timed(lambda r=r: zipfile.ZipFile(archive).extractall(work / f"raw{r}"))[1]  # type: ignore[misc]
         )
+        fetch_s.append(timed(lambda: grpc_fetch(client, info, work / "grpc.zip"))[1])
     download_mbs = size / MB / min(download_s)
     raw_mbs = size / MB / min(get_s)
     both = size / MB / (min(get_s) + min(extract_s))
@@ -143,6 +154,11 @@ def run(client: Client, work: Path) -> None:
     print(
         f"  raw HTTP GET + zipfile extractall {both:.1f} MB/s "
         f"({rate(INPUTS, min(extract_s))} files); ratio {download_mbs / both:.2f}"
+    )
+    fetch_mbs = size / MB / min(fetch_s)
+    print(
+        f"  of which the gRPC fetch (checked, into one file) {fetch_mbs:.1f} MB/s; "
+        f"ratio to the raw HTTP GET {fetch_mbs / raw_mbs:.2f}"
     )
 
     for decode in (False, True):

@@ -26,17 +26,23 @@ patterns, never used as paths; file names are built from cleaned input ids.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Any
 
 from datasetd.v1 import data_pb2, input_pb2
 from google.protobuf import json_format
+
+from service.client.progress import NO_PROGRESS, Progress
 
 MIMETYPES = {
     "clarifai_data_protobuf": b"application/x.clarifai-data+protobuf",
@@ -53,6 +59,16 @@ MAX_ENTRIES = 1_000_000
 # than this unless the archive was crafted to exhaust memory or disk.
 MAX_RATIO = 200
 COPY_CHUNK = 1024 * 1024
+# Progress is told every this many entries: a display's update costs more than a file.
+PROGRESS_EVERY = 512
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
+_LOCAL_MAGIC = b"PK\x03\x04"
+_LOCAL_NAME_LENGTH, _LOCAL_EXTRA_LENGTH = 10, 11
+_UTF8_NAMES = 0x800
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+_NEW_FILE |= getattr(os, "O_CLOEXEC", 0)
+# What one write(2) takes at most on Linux; larger media are written in pieces.
+_MAX_WRITE = 1 << 30
 MEDIA_DIRS = {"image": "images", "video": "videos", "audio": "audio", "text": "texts"}
 _EXTENSIONS = {
     "JPEG": ".jpg",
@@ -129,6 +145,125 @@ def _check_entries(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
         if entry.file_size > MAX_RATIO * max(entry.compress_size, 1024 * 1024):
             raise ArchiveError(f"archive entry {entry.filename!r} has a suspicious ratio")
     return entries
+
+
+def write_file(path: str, data: bytes | memoryview) -> None:
+    """Creates (or truncates) the file `path` holding `data`: with the plain system calls,
+    as a file object per file would cost as much as the file itself."""
+    descriptor = os.open(path, _NEW_FILE, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view[:_MAX_WRITE]) :]
+    finally:
+        os.close(descriptor)
+
+
+class Archive:
+    """A ZIP archive file being unpacked: zipfile reads the central directory; the bytes
+    of STORED entries are slices of a memory map, checked like zipfile checks them (local
+    header, name, CRC-32), which spares the per-entry file object and copies that would
+    cost more than writing an archive of small files. Entries must not overlap: an
+    archive cannot make its STORED bytes be written more than once."""
+
+    def __init__(self, path: Path) -> None:
+        self.zip = zipfile.ZipFile(path)
+        self._map: mmap.mmap | None = None
+        try:
+            self.entries = _check_entries(self.zip)
+            self._ends = self._extents()
+            with path.open("rb") as file:
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self.close()
+            raise
+
+    def _extents(self) -> dict[int, int]:
+        """Where the bytes at each entry's header offset may end at most: the next
+        entry's header, or the central directory."""
+        offsets = sorted(entry.header_offset for entry in self.entries)
+        if len(set(offsets)) != len(offsets):
+            raise ArchiveError("two archive entries share their bytes")
+        return dict(zip(offsets, [*offsets[1:], self.zip.start_dir], strict=True))
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+        self.zip.close()
+
+    def _stored(self, entry: zipfile.ZipInfo) -> memoryview | None:
+        """The bytes of a STORED entry, checked; None for a compressed one."""
+        if entry.compress_type != zipfile.ZIP_STORED:
+            return None
+        assert self._map is not None
+        start, name = entry.header_offset, entry.filename
+        try:
+            header = _LOCAL_HEADER.unpack_from(self._map, start)
+        except struct.error:
+            raise ArchiveError(f"archive entry {name!r} has no local header") from None
+        begin = start + _LOCAL_HEADER.size
+        named = begin + header[_LOCAL_NAME_LENGTH]
+        data = named + header[_LOCAL_EXTRA_LENGTH]
+        end = data + entry.compress_size
+        if header[0] != _LOCAL_MAGIC or end > self._ends[start]:
+            raise ArchiveError(f"archive entry {name!r} has a bad local header or overlaps")
+        encoding = "utf-8" if entry.flag_bits & _UTF8_NAMES else "cp437"
+        if self._map[begin:named].decode(encoding, "replace") != entry.orig_filename:
+            raise ArchiveError(f"archive entry {name!r} has another name in its local header")
+        content = memoryview(self._map)[data:end]
+        if entry.file_size != entry.compress_size or zlib.crc32(content) != entry.CRC:
+            content.release()
+            raise ArchiveError(f"archive entry {name!r} is damaged (size or CRC-32)")
+        return content
+
+    def read(self, entry: zipfile.ZipInfo) -> bytes:
+        content = self._stored(entry)
+        if content is None:
+            return self.zip.read(entry)
+        # A copy: a view still held would keep the map from closing.
+        with content:
+            return content.tobytes()
+
+    def extract(self, entry: zipfile.ZipInfo, path: str) -> None:
+        """Writes the entry into the file `path`; compressed ones are streamed."""
+        content = self._stored(entry)
+        if content is not None:
+            with content:
+                write_file(path, content)
+            return
+        with self.zip.open(entry) as source, open(path, "wb") as sink:
+            shutil.copyfileobj(source, sink, COPY_CHUNK)
+
+
+class _Ticker:
+    """Counts unpacked entries into a Progress, a batch at a time."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self._progress = progress
+        self._pending = 0
+        progress.start("unpacking", total, "files")
+
+    def tick(self) -> None:
+        self._pending += 1
+        if self._pending >= PROGRESS_EVERY:
+            self._progress.advance(self._pending)
+            self._pending = 0
+
+    def finish(self) -> None:
+        if self._pending:
+            self._progress.advance(self._pending)
+        self._progress.finish()
 
 
 def _varint(stream: IO[bytes]) -> int | None:
@@ -255,25 +390,29 @@ def unpack_clarifai(
     export_format: str,
     normalized: bool | None,
     annotations_only: bool,
+    progress: Progress = NO_PROGRESS,
 ) -> UnpackStats:
     """Unpacks a Clarifai-Data-Protobuf or -JSON archive (see the module docstring)."""
     stats = UnpackStats()
     splits: dict[str, _Split] = {}
-    with zipfile.ZipFile(archive_path) as archive:
-        entries = _check_entries(archive)
+    with Archive(archive_path) as archive:
+        entries = archive.entries
         if not entries or entries[0].filename != "mimetype":
             raise ArchiveError("the archive does not start with a mimetype entry")
         if archive.read(entries[0]) != MIMETYPES[export_format]:
             raise ArchiveError(f"the archive is not a {export_format} archive")
+        ticker = _Ticker(progress, len(entries) - 1)
         try:
             for entry in entries[1:]:
+                ticker.tick()
                 match = _BATCH.match(entry.filename)
                 if match is None:
                     raise ArchiveError(f"unexpected archive entry {entry.filename!r}")
                 split = splits.get(match.group(1))
                 if split is None:
                     split = splits[match.group(1)] = _Split(target, match.group(1))
-                with archive.open(entry) as stream:
+                # Streamed: a batch may hold large media.
+                with archive.zip.open(entry) as stream:
                     reader = (
                         _protobuf_inputs(stream, entry.filename)
                         if export_format == "clarifai_data_protobuf"
@@ -282,6 +421,7 @@ def unpack_clarifai(
                     for message in reader:
                         _write_input(split, message, normalized, annotations_only, stats)
         finally:
+            ticker.finish()
             for split in splits.values():
                 split.close()
     stats.splits = {name: split.count for name, split in splits.items()}
@@ -317,7 +457,7 @@ def _write_input(
     elif not annotations_only:
         path, file = split.media_path(medium or "", message.id, extension)
         path.parent.mkdir(exist_ok=True)
-        path.write_bytes(content)
+        write_file(str(path), content)
         stats.media_files += 1
     if normalized is False:
         width, height = _dimensions(data, medium)
@@ -338,32 +478,42 @@ def _write_input(
 
 
 def unpack_coco(
-    archive_path: Path, target: Path, normalized: bool | None, annotations_only: bool
+    archive_path: Path,
+    target: Path,
+    normalized: bool | None,
+    annotations_only: bool,
+    progress: Progress = NO_PROGRESS,
 ) -> UnpackStats:
     """Unpacks a COCO archive (see the module docstring)."""
     stats = UnpackStats()
-    with zipfile.ZipFile(archive_path) as archive:
-        entries = {entry.filename: entry for entry in _check_entries(archive)}
-        for name, entry in entries.items():
-            match = _INSTANCES.match(name)
-            if match is not None:
-                _coco_split(
-                    archive,
-                    entries,
-                    entry,
-                    match.group(1),
-                    target,
-                    normalized,
-                    annotations_only,
-                    stats,
-                )
-            elif not name.startswith("images/"):
-                raise ArchiveError(f"unexpected archive entry {name!r}")
+    with Archive(archive_path) as archive:
+        entries = {entry.filename: entry for entry in archive.entries}
+        ticker = _Ticker(progress, len(entries))
+        try:
+            for name, entry in entries.items():
+                match = _INSTANCES.match(name)
+                if match is not None:
+                    ticker.tick()
+                    _coco_split(
+                        archive,
+                        entries,
+                        entry,
+                        match.group(1),
+                        target,
+                        normalized,
+                        annotations_only,
+                        stats,
+                        ticker,
+                    )
+                elif not name.startswith("images/"):
+                    raise ArchiveError(f"unexpected archive entry {name!r}")
+        finally:
+            ticker.finish()
     return stats
 
 
 def _coco_split(
-    archive: zipfile.ZipFile,
+    archive: Archive,
     entries: dict[str, zipfile.ZipInfo],
     instances: zipfile.ZipInfo,
     split_name: str,
@@ -371,12 +521,13 @@ def _coco_split(
     normalized: bool | None,
     annotations_only: bool,
     stats: UnpackStats,
+    ticker: _Ticker,
 ) -> None:
-    with archive.open(instances) as stream:
-        try:
-            document = json.load(stream)
-        except ValueError as error:
-            raise ArchiveError(f"{instances.filename!r} is not JSON: {error}") from None
+    content = archive.read(instances)
+    try:
+        document = json.loads(content)
+    except ValueError as error:
+        raise ArchiveError(f"{instances.filename!r} is not JSON: {error}") from None
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         raise ArchiveError(f"{instances.filename!r} is not a COCO instances file")
     split = _Split(target, split_name)
@@ -394,9 +545,9 @@ def _coco_split(
         if entry is None:
             stats.media_missing.append(input_id)
         elif not annotations_only:
+            ticker.tick()
             path.parent.mkdir(exist_ok=True)
-            with archive.open(entry) as source, path.open("wb") as sink:
-                shutil.copyfileobj(source, sink, COPY_CHUNK)
+            archive.extract(entry, str(path))
             stats.media_files += 1
         concepts = image.get("datasetd_concepts") or []
         stats.annotations_count += sum(1 for c in concepts if c.get("value", 0) > 0)
@@ -441,23 +592,26 @@ def vi_annotation_count(line: dict[str, Any]) -> int:
     )
 
 
-def _vi_lines(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, stats: UnpackStats) -> int:
-    """Counts the lines (inputs) of a Vi JSONL entry into `stats`; returns their number."""
+def _vi_lines(source: IO[bytes], sink: IO[bytes], name: str, stats: UnpackStats) -> int:
+    """Copies the lines (inputs) of a Vi JSONL entry into `sink`, counting them into
+    `stats`; returns their number."""
     count = 0
-    with archive.open(entry) as stream:
-        for raw in stream:
-            try:
-                line = json.loads(raw)
-            except ValueError as error:
-                raise ArchiveError(f"line {count + 1} of {entry.filename!r}: {error}") from None
-            count += 1
-            stats.annotations_count += vi_annotation_count(line)
-            if line.get("media_type") != "text" and not line.get("file_name"):
-                stats.media_missing.append(str(line.get("asset_id")))
+    for raw in source:
+        sink.write(raw)
+        try:
+            line = json.loads(raw)
+        except ValueError as error:
+            raise ArchiveError(f"line {count + 1} of {name!r}: {error}") from None
+        count += 1
+        stats.annotations_count += vi_annotation_count(line)
+        if line.get("media_type") != "text" and not line.get("file_name"):
+            stats.media_missing.append(str(line.get("asset_id")))
     return count
 
 
-def unpack_vi(archive_path: Path, target: Path, annotations_only: bool) -> UnpackStats:
+def unpack_vi(
+    archive_path: Path, target: Path, annotations_only: bool, progress: Progress = NO_PROGRESS
+) -> UnpackStats:
     """Unpacks a Vi archive into its own layout; entry names are checked against the
     layout's patterns before they name a file."""
     stats = UnpackStats()
@@ -465,26 +619,33 @@ def unpack_vi(archive_path: Path, target: Path, annotations_only: bool) -> Unpac
     # paths are joined as strings.
     made: set[str] = set()
     root = str(target)
-    with zipfile.ZipFile(archive_path) as archive:
-        for entry in _check_entries(archive):
-            name = entry.filename
-            lines = _VI_LINES.match(name)
-            if _VI_ASSET.match(name):
-                if annotations_only:
+    with Archive(archive_path) as archive:
+        ticker = _Ticker(progress, len(archive.entries))
+        try:
+            for entry in archive.entries:
+                ticker.tick()
+                name = entry.filename
+                lines = _VI_LINES.match(name)
+                if _VI_ASSET.match(name):
+                    if annotations_only:
+                        continue
+                    stats.media_files += 1
+                elif lines is None and name != "metadata.json":
+                    raise ArchiveError(f"unexpected archive entry {name!r}")
+                folder, _, _ = name.rpartition("/")
+                if folder not in made:
+                    os.makedirs(f"{root}/{folder}", exist_ok=True)
+                    made.add(folder)
+                path = f"{root}/{name}"
+                if lines is None:
+                    archive.extract(entry, path)
                     continue
-                stats.media_files += 1
-            elif lines is not None:
-                count = _vi_lines(archive, entry, stats)
+                with archive.zip.open(entry) as source, open(path, "wb") as sink:
+                    count = _vi_lines(source, sink, name, stats)
                 stats.splits[lines.group(1)] = count
                 stats.assets_count += count
-            elif name != "metadata.json":
-                raise ArchiveError(f"unexpected archive entry {name!r}")
-            folder, _, _ = name.rpartition("/")
-            if folder not in made:
-                os.makedirs(os.path.join(root, folder), exist_ok=True)
-                made.add(folder)
-            with archive.open(entry) as source, open(os.path.join(root, name), "wb") as sink:
-                shutil.copyfileobj(source, sink, COPY_CHUNK)
+        finally:
+            ticker.finish()
     return stats
 
 
@@ -494,13 +655,17 @@ def unpack(
     export_format: str,
     normalized: bool | None = None,
     annotations_only: bool = False,
+    progress: Progress = NO_PROGRESS,
 ) -> UnpackStats:
-    """Unpacks an export archive of `export_format` into the existing, empty `target`."""
+    """Unpacks an export archive of `export_format` into the existing, empty `target`;
+    `progress` counts the archive's entries."""
     if export_format == "coco":
-        return unpack_coco(archive_path, target, normalized, annotations_only)
+        return unpack_coco(archive_path, target, normalized, annotations_only, progress)
     if export_format in ("vi_full", "vi_jsonl"):
         # The server wrote the coordinates the export asked for (pixel_coordinates).
-        return unpack_vi(archive_path, target, annotations_only)
+        return unpack_vi(archive_path, target, annotations_only, progress)
     if export_format in MIMETYPES:
-        return unpack_clarifai(archive_path, target, export_format, normalized, annotations_only)
+        return unpack_clarifai(
+            archive_path, target, export_format, normalized, annotations_only, progress
+        )
     raise ValueError(f"unknown export format {export_format!r}")
