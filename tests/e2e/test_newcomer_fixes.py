@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from clarifai_grpc.grpc.api import resources_pb2
+from datasetd.client import Client as ViClient
 from datasetd.v1 import input_pb2
 from datasetd.v1 import input_service_pb2 as iapi
 from google.protobuf import json_format
@@ -136,6 +137,20 @@ async def test_one_variable_moves_the_server_and_the_cli(server: Running, caller
         "DATASETD_ADDRESS": f"127.0.0.1:{server.port}",
     }
     assert await Cli(both).json("datasets", "list") == []
+
+
+async def test_the_library_follows_the_same_variable(
+    server: Running, caller: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATASETD_ADDRESS", raising=False)
+    monkeypatch.setenv("DATASETD_LISTEN", f"0.0.0.0:{server.port}")
+
+    def listed() -> list[str]:
+        with ViClient(secret_key=caller.key, organization_id=caller.app_id) as client:
+            assert client.endpoint == f"127.0.0.1:{server.port}"
+            return [d.dataset_id for d in client.datasets.list().all_items()]
+
+    assert await asyncio.to_thread(listed) == []
 
 
 async def test_keys_create_prints_the_key_id_beside_the_secret(

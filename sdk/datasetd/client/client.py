@@ -10,9 +10,9 @@ from types import TracebackType
 from datasetd.client.datasets import ViDatasets
 from datasetd.client.types import DatasetDownloadResult
 from service.client import Client as NativeClient
+from service.client.address import default_address
 from service.client.dataset import Dataset as NativeDataset
 
-DEFAULT_ENDPOINT = "127.0.0.1:50051"
 DEFAULT_APP = "main"
 
 
@@ -22,8 +22,9 @@ class Client:
     * `secret_key`: the API key (`dsd_...`); default `DATASETD_API_KEY`.
     * `organization_id`: the app (datasetd's tenant, Vi's organization); default
       `DATASETD_APP`, else "main".
-    * `endpoint`: host:port of the gRPC server; default `DATASETD_ADDRESS`, else
-      127.0.0.1:50051. `tls`: default `DATASETD_TLS=1`.
+    * `endpoint`: host:port of the gRPC server; default `DATASETD_ADDRESS`, else the
+      address of `DATASETD_LISTEN` (as the `datasetd` command), else 127.0.0.1:50051.
+      `tls`: default `DATASETD_TLS=1`.
 
     `client.datasets` has the Vi SDK's dataset methods; `client.native` is the full
     `service.client` library on the same connection (uploads, versions, inputs, ...).
@@ -41,7 +42,7 @@ class Client:
         if not key:
             raise ValueError("no secret_key given and DATASETD_API_KEY is not set")
         self.organization_id = organization_id or os.environ.get("DATASETD_APP") or DEFAULT_APP
-        self.endpoint = endpoint or os.environ.get("DATASETD_ADDRESS") or DEFAULT_ENDPOINT
+        self.endpoint = endpoint or default_address(os.environ)
         secure = tls if tls is not None else os.environ.get("DATASETD_TLS") == "1"
         self.native = NativeClient(self.endpoint, key, self.organization_id, tls=secure)
         self.datasets = ViDatasets(self.native)
