@@ -7,8 +7,8 @@ import contextvars
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
@@ -91,6 +91,16 @@ async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 
 async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+@contextmanager
+def _ambient(conn: Connection) -> Iterator[None]:
+    """`conn` is the ambient transaction's connection for the block."""
+    token = _current.set(conn)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 if TYPE_CHECKING:
@@ -298,11 +308,8 @@ class Database:
                     self.acquire() as conn,
                     conn.transaction(),
                 ):
-                    token = _current.set(conn)
-                    try:
+                    with _ambient(conn):
                         yield
-                    finally:
-                        _current.reset(token)
         finally:
             _hooks.reset(hooks_token)
         # Reached only on commit (or a released savepoint): a rollback drops the hooks.
@@ -331,11 +338,8 @@ class Database:
                 self.acquire() as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
-                token = _current.set(conn)
-                try:
+                with _ambient(conn):
                     yield
-                finally:
-                    _current.reset(token)
             return
         # Repeatable read: the reads of the block see one point of the replay, not each
         # statement a later one.
@@ -344,11 +348,8 @@ class Database:
             tracing.db_transaction_span(False),
             standby.transaction(isolation="repeatable_read", readonly=True),
         ):
-            token = _current.set(standby)
-            try:
+            with _ambient(standby):
                 yield
-            finally:
-                _current.reset(token)
 
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Runs `hook` once the current transaction commits (at once outside one), so that
