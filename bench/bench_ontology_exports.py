@@ -18,8 +18,9 @@ import argparse
 import asyncio
 import statistics
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 from datasetd.v1 import data_pb2, input_pb2
 
@@ -48,10 +49,10 @@ class _NoMedia:
     """Nothing is embedded: the writers never read media."""
 
     def stage(self, max_size: int) -> StagedUpload:
-        raise NotImplementedError
+        raise AssertionError("the writers measured here never read media")
 
     def stream(self, blob: StoredBlob, chunk_size: int) -> AsyncGenerator[bytes, None]:
-        raise NotImplementedError
+        raise AssertionError("the writers measured here never read media")
 
 
 class _CountingSink:
@@ -125,16 +126,23 @@ async def bench(count: int, rounds: int) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_writer_bench(
+    description: str, measure: Callable[[int, int], Coroutine[Any, Any, None]]
+) -> None:
+    """The command line of the writer benchmarks: `measure(members, rounds)`."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="fewer members and rounds")
     parser.add_argument("--members", type=int, default=0, help="members per archive")
     args = parser.parse_args()
     count = args.members or (2000 if args.quick else 20000)
     rounds = 3 if args.quick else 7
     load_before = load_average()
-    asyncio.run(bench(count, rounds))
+    asyncio.run(measure(count, rounds))
     print("environment", environment(load_before))
+
+
+def main() -> None:
+    run_writer_bench(__doc__.split("\n\n")[0], bench)
 
 
 if __name__ == "__main__":

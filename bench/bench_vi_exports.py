@@ -15,8 +15,6 @@ in the same rounds for comparison. Rounds alternate the cases; the figures are m
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import statistics
 import time
@@ -25,8 +23,13 @@ from typing import Any
 
 from datasetd.v1 import input_pb2
 
-from bench.bench_ontology_exports import MODIFIED, _CountingSink, _NoMedia, members
-from bench.common import environment, load_average
+from bench.bench_ontology_exports import (
+    MODIFIED,
+    _CountingSink,
+    _NoMedia,
+    members,
+    run_writer_bench,
+)
 from service.domain.models import ExportFormat, ExportOptions, VersionMember
 from service.formats.archives import Archives
 
@@ -102,15 +105,7 @@ async def bench(count: int, rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer members and rounds")
-    parser.add_argument("--members", type=int, default=0, help="members per archive")
-    args = parser.parse_args()
-    count = args.members or (2000 if args.quick else 20000)
-    rounds = 3 if args.quick else 7
-    load_before = load_average()
-    asyncio.run(bench(count, rounds))
-    print("environment", environment(load_before))
+    run_writer_bench(__doc__.split("\n\n")[0], bench)
 
 
 if __name__ == "__main__":

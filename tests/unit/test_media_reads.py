@@ -28,7 +28,7 @@ class Streams:
         self.started: list[str] = []
 
     def stage(self, max_size: int) -> StagedUpload:
-        raise NotImplementedError
+        raise AssertionError("the read-ahead never stages uploads")
 
     async def stream(self, blob: StoredBlob, chunk_size: int) -> AsyncGenerator[bytes, None]:
         self.running += 1
