@@ -231,6 +231,24 @@ class Load:
             await call.write(request)
         return HeldUpload(name, media, requests, channel, call)
 
+    async def complete_held(self, held: HeldUpload) -> None:
+        """A held call to a replica that was not killed: the rest of its bytes, and its
+        answer is an acknowledged input like any other."""
+        try:
+            for request in held.requests[len(held.requests) // 2 :]:
+                await held.call.write(request)
+            await held.call.done_writing()
+            response = await held.call
+        except grpc.aio.AioRpcError as error:
+            self.codes[error.code().name] += 1
+            self.findings.append(f"held upload {held.name}: {error.code().name}")
+            self.ledger.attempted(self.app, sha(held.media))
+            return
+        finally:
+            await held.channel.close()
+        self.ledger.acknowledged(self.app, response.input.id, sha(held.media), ("d0",))
+        self.members["d0"].add(response.input.id)
+
     async def finish_held(self, held: HeldUpload) -> None:
         """The held call failed with the replica; the caller sends it again, whole and with
         the same request id, through the balanced channel."""
@@ -398,32 +416,57 @@ async def pick_victim(replicas: Replicas, db: Database, within: float) -> Replic
     return replicas[1]
 
 
+# A job can end between the sighting and the kill; the kill is tried again (each time
+# after the replica is back) until one cuts a job off.
+KILL_ATTEMPTS = 3
+
+
 async def kill_and_restart(
     replicas: Replicas, db: Database, plan: Plan, started: float, load: Load, log: list[str]
 ) -> None:
     for kill_at in plan.kills_at:
         await asyncio.sleep(max(0.0, started + kill_at - time.monotonic()))
-        victim = await pick_victim(replicas, db, within=6.0)
-        pid = victim.pid
-        held = await load.hold_upload(victim.address, f"kill-{kill_at}")
-        await replicas.kill(victim)
-        killed = time.monotonic()
-        retried = asyncio.create_task(load.finish_held(held))
-        # What the dead replica held stays recorded as its until the lease expires (a
-        # third of it at least after its last heartbeat): read at once, this is what the
-        # kill cut off.
-        rows = await db.fetch(
-            "SELECT id FROM jobs WHERE status = 'running' AND locked_by LIKE $1", f"%:{pid}:%"
-        )
-        load.cut_off.update({row["id"]: pid for row in rows})
-        log.append(
-            f"t={time.monotonic() - started:.1f}s killed replica {victim.index} (pid {pid}), "
-            f"cutting off jobs {[row['id'] for row in rows]}"
-        )
-        await retried
-        await asyncio.sleep(max(0.0, plan.down_seconds - (time.monotonic() - killed)))
-        await replicas.start(victim)
-        log.append(f"t={time.monotonic() - started:.1f}s replica {victim.index} serving again")
+        for attempt in range(KILL_ATTEMPTS):
+            if await kill_one(replicas, db, plan, started, load, log, f"{kill_at}-{attempt}"):
+                break
+
+
+async def kill_one(
+    replicas: Replicas,
+    db: Database,
+    plan: Plan,
+    started: float,
+    load: Load,
+    log: list[str],
+    name: str,
+) -> bool:
+    """One kill and restart; whether it cut a job off. An upload is held open on every
+    replica beforehand, so that the kill follows the sighting of a running job at once."""
+    held = {
+        replica.index: await load.hold_upload(replica.address, f"kill-{name}-{replica.index}")
+        for replica in replicas
+    }
+    victim = await pick_victim(replicas, db, within=6.0)
+    pid = victim.pid
+    await replicas.kill(victim)
+    killed = time.monotonic()
+    retried = asyncio.create_task(load.finish_held(held.pop(victim.index)))
+    # What the dead replica held stays recorded as its until the lease expires (a
+    # third of it at least after its last heartbeat): read at once, this is what the
+    # kill cut off.
+    rows = await db.fetch(
+        "SELECT id FROM jobs WHERE status = 'running' AND locked_by LIKE $1", f"%:{pid}:%"
+    )
+    load.cut_off.update({row["id"]: pid for row in rows})
+    log.append(
+        f"t={time.monotonic() - started:.1f}s killed replica {victim.index} (pid {pid}), "
+        f"cutting off jobs {[row['id'] for row in rows]}"
+    )
+    await asyncio.gather(retried, *(load.complete_held(other) for other in held.values()))
+    await asyncio.sleep(max(0.0, plan.down_seconds - (time.monotonic() - killed)))
+    await replicas.start(victim)
+    log.append(f"t={time.monotonic() - started:.1f}s replica {victim.index} serving again")
+    return bool(rows)
 
 
 async def run_replicas(stack: Stack, directory: Path, plan: Plan) -> None:
