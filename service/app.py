@@ -224,6 +224,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             versions=api.versions,
             ontologies=api.ontologies,
             projects=api.projects,
+            clarifai=api.clarifai,
             health_servicer=health_servicer,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_rpcs=config.max_concurrent_rpcs,

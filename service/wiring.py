@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from service.adapters.url_fetch import UrlFetcher
 from service.api.annotations import AnnotationRpcs
+from service.api.clarifai.datasets import ClarifaiDatasets
+from service.api.clarifai.paging import PageCursors
 from service.api.datasets import DatasetRpcs
 from service.api.diffs import DiffRpcs
 from service.api.exports import ExportRpcs
@@ -253,14 +255,17 @@ class Api:
     versions: tuple[object, ...]
     ontologies: tuple[object, ...]
     projects: tuple[object, ...]
+    # clarifai.api.V2: parts over the native parts above.
+    clarifai: tuple[object, ...]
 
     @classmethod
     async def build(cls, domain: Domain, db: Database) -> Api:
         once = domain.idempotency
         tokens = PageTokens(await server_secret(db, "page_tokens"))
+        datasets = DatasetRpcs(domain.datasets, once, tokens)
         return cls(
             datasets=(
-                DatasetRpcs(domain.datasets, once, tokens),
+                datasets,
                 MembershipRpcs(domain.members, once, tokens, domain.datasets),
                 ImportRpcs(domain.imports, once),
             ),
@@ -276,4 +281,5 @@ class Api:
             ),
             ontologies=(OntologyRpcs(domain.ontologies, once, tokens),),
             projects=(ProjectRpcs(domain.projects, once, tokens),),
+            clarifai=(ClarifaiDatasets(datasets, PageCursors()),),
         )

@@ -92,8 +92,12 @@ class _Call:
         authenticator: Authenticator,
         method: str,
         metadata: Sequence[tuple[str, str | bytes]],
+        in_band: Callable[[Exception], Message] | None = None,
     ) -> None:
         self._authenticator = authenticator
+        # Clarifai's V2: a failure is an OK response whose `status` tells (`answer`).
+        self._in_band = in_band
+        self.answer: Message | None = None
         self.method = method
         self._authorization = [str(v) for k, v in metadata if k == "authorization"]
         self._client_request_id = next((str(v) for k, v in metadata if k == _REQUEST_ID_HEADER), "")
@@ -133,6 +137,10 @@ class _Call:
 
     async def fail(self, context: Context, exc: Exception) -> None:
         request_id = REQUEST_ID.get()
+        if self._in_band is not None:
+            self._note(exc, request_id)
+            self.answer = self._in_band(exc)
+            return
         if isinstance(exc, DomainError):
             self.outcome = exc.kind.value
             status = to_rpc_status(exc, request_id)
@@ -159,13 +167,33 @@ class _Call:
         trailing = (*status.trailing_metadata, (_REQUEST_ID_HEADER, request_id))
         await context.abort(status.code, status.details, trailing)
 
+    def _note(self, exc: Exception, request_id: str) -> None:
+        """The outcome of an in-band failure, for the access log (and the server log when
+        it is ours)."""
+        if isinstance(exc, DomainError):
+            self.outcome = exc.kind.value
+            return
+        self.outcome = "INTERNAL"
+        log.error(
+            "unexpected error in %s", self.method, exc_info=exc, extra={"request_id": request_id}
+        )
+
     @contextlib.asynccontextmanager
-    async def running(self, context: Context) -> AsyncIterator[None]:
-        """Begins the call, turns its failure into a status and logs it when it ends."""
+    async def running(self, context: Context) -> AsyncIterator[bool]:
+        """Begins the call, turns its failure into a status and logs it when it ends;
+        yields whether the call began (the body runs only then)."""
         metrics.RPC_IN_FLIGHT.inc()
         try:
-            await self.begin(context)
-            yield
+            try:
+                await self.begin(context)
+            except Exception as exc:
+                if self._in_band is None:
+                    raise
+                # Answered in-band (`answer`): the body is skipped.
+                await self.fail(context, exc)
+                yield False
+                return
+            yield True
             await self.settle(context)
         except grpc.aio.AbortError:
             self.outcome = "ABORTED_BY_HANDLER"
@@ -197,8 +225,15 @@ class _Call:
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        in_band: Callable[[str], Callable[[Exception], Message] | None] = lambda path: None,
+    ) -> None:
+        """`in_band(path)` tells how the RPC at `path` answers a failure when it does so
+        in its response (Clarifai's V2) rather than with a gRPC status."""
         self._authenticator = authenticator
+        self._in_band = in_band
 
     async def intercept_service(
         self,
@@ -212,6 +247,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
         authenticator = self._authenticator
+        in_band = self._in_band(method)
         metadata = tuple(handler_call_details.invocation_metadata or ())
         kwargs: dict[str, Any] = {
             "request_deserializer": _tolerant(handler.request_deserializer),
@@ -222,10 +258,14 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         if inner is not None:
 
             async def unary_response(request: Any, context: Context) -> Any:
-                async with _Call(authenticator, method, metadata).running(context):
+                call = _Call(authenticator, method, metadata, in_band)
+                async with call.running(context) as began:
+                    if not began:
+                        return call.answer
                     if handler.stream_unary:
                         return await inner(_checked_stream(request), context)
                     return await inner(_checked(request), context)
+                return call.answer
 
             if handler.unary_unary:
                 return grpc.unary_unary_rpc_method_handler(unary_response, **kwargs)
@@ -234,10 +274,16 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         inner_stream: Any = handler.unary_stream or handler.stream_stream
 
         async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with _Call(authenticator, method, metadata).running(context):
-                request = _checked_stream(request) if handler.stream_stream else _checked(request)
-                async for item in inner_stream(request, context):
-                    yield item
+            call = _Call(authenticator, method, metadata, in_band)
+            async with call.running(context) as began:
+                if began:
+                    request = (
+                        _checked_stream(request) if handler.stream_stream else _checked(request)
+                    )
+                    async for item in inner_stream(request, context):
+                        yield item
+            if call.answer is not None:
+                yield call.answer
 
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(stream_response, **kwargs)

@@ -23,6 +23,8 @@ from datasetd.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.api.clarifai.service import SERVICE_NAME as CLARIFAI_V2
+from service.api.clarifai.service import V2Handlers, in_band_failure
 from service.api.interceptors import RequestInterceptor
 from service.api.reflection import enable_reflection
 from service.api.rpc import compose
@@ -52,12 +54,13 @@ def build_server(
     versions: Sequence[object],
     ontologies: Sequence[object],
     projects: Sequence[object],
+    clarifai: Sequence[object],
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
     max_concurrent_rpcs: int,
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
-        interceptors=[RequestInterceptor(authenticator)],
+        interceptors=[RequestInterceptor(authenticator, in_band_failure)],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -82,10 +85,13 @@ def build_server(
     project_service_pb2_grpc.add_ProjectServiceServicer_to_server(
         compose(PROJECTS, *projects), server
     )
+    # Clarifai's V2 on the same port, its parts mapped onto the native ones.
+    server.add_generic_rpc_handlers((V2Handlers(clarifai).generic_handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(
         (
             *SERVICE_NAMES,
+            CLARIFAI_V2,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
