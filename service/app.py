@@ -15,7 +15,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from service.api.http import HttpServer, build_application
+from service.api.http import HttpServer, build_application, http_address
+from service.api.links import DownloadLinks
 from service.api.server import LIVENESS_SERVICE, SERVICE_NAMES, build_server
 from service.config import Config
 from service.devstack import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
@@ -25,7 +26,7 @@ from service.domain.maintenance import Maintenance
 from service.jobs import JobRunner
 from service.observability import metrics, tracing
 from service.observability.metrics import InstanceMetrics, QueuedJobs
-from service.storage.db import Database, migrate
+from service.storage.db import Database, migrate, server_secret
 from service.storage.objectstore import ObjectStore
 from service.wiring import Api, Domain, Storage, job_runner
 
@@ -212,7 +213,13 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         bootstrap_secret = await _bootstrap_key(config, store)
         runner = job_runner(config, store)
         domain = Domain.build(config, store, runner)
-        api = await Api.build(domain, db)
+        links = DownloadLinks(
+            await server_secret(db, "download_links"),
+            config.download_url_ttl,
+            base_url=config.public_url,
+            public=bool(config.public_url),
+        )
+        api = await Api.build(domain, db, links)
         health_servicer = health.aio.HealthServicer()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
         await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -239,6 +246,8 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         await server.start()
         try:
             http = await _start_http(config, instance, health_servicer)
+            if http is not None and not links.public:
+                links.base_url = f"http://{http_address(config.http_listen, http.port)}"
         except BaseException:
             await server.stop(None)
             raise

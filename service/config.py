@@ -68,8 +68,11 @@ class _Env:
 @dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:50051"
-    # The HTTP port (metrics today); "off" starts none.
+    # The HTTP port (metrics, health, Clarifai REST, downloads); "off" starts none.
     http_listen: str = "127.0.0.1:8080"
+    # The base URL clients reach the HTTP port at ("https://datasets.example.com"); download
+    # links use it. Empty: the address the HTTP port listens on.
+    public_url: str = ""
     data_dir: Path = Path(".data")
     database_url: str = ""
     # A streaming replica for read-only RPCs; empty sends every query to database_url.
@@ -111,6 +114,7 @@ class Config:
         config = cls(
             listen=get.text("LISTEN", cls.listen),
             http_listen=get.text("HTTP_LISTEN", cls.http_listen),
+            public_url=get.text("PUBLIC_URL").rstrip("/"),
             data_dir=Path(get.text("DATA_DIR", str(cls.data_dir))),
             database_url=get.text("DATABASE_URL"),
             database_read_url=get.text("DATABASE_READ_URL"),

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from service.adapters.url_fetch import UrlFetcher
 from service.api.annotations import AnnotationRpcs
-from service.api.clarifai.datasets import ClarifaiDatasets
-from service.api.clarifai.paging import PageCursors
+from service.api.clarifai.parts import NativeParts, clarifai_parts
 from service.api.datasets import DatasetRpcs
 from service.api.diffs import DiffRpcs
 from service.api.exports import ExportRpcs
 from service.api.imports import ImportRpcs
 from service.api.inputs import InputRpcs
+from service.api.links import DownloadLinks
 from service.api.membership import MembershipRpcs
 from service.api.ontologies import OntologyRpcs
 from service.api.pagination import PageTokens
@@ -259,27 +259,22 @@ class Api:
     clarifai: tuple[object, ...]
 
     @classmethod
-    async def build(cls, domain: Domain, db: Database) -> Api:
+    async def build(cls, domain: Domain, db: Database, links: DownloadLinks) -> Api:
         once = domain.idempotency
         tokens = PageTokens(await server_secret(db, "page_tokens"))
         datasets = DatasetRpcs(domain.datasets, once, tokens)
+        membership = MembershipRpcs(domain.members, once, tokens, domain.datasets)
+        inputs = InputRpcs(domain.inputs, once, tokens, domain.transfers)
+        annotations = AnnotationRpcs(domain.annotations, once, tokens)
+        versions = VersionRpcs(domain.versions, domain.exports, once, tokens)
+        exports = ExportRpcs(domain.exports, once, tokens)
+        native = NativeParts(datasets, membership, inputs, annotations, versions, exports, links)
         return cls(
-            datasets=(
-                datasets,
-                MembershipRpcs(domain.members, once, tokens, domain.datasets),
-                ImportRpcs(domain.imports, once),
-            ),
-            inputs=(
-                InputRpcs(domain.inputs, once, tokens, domain.transfers),
-                ReencodeRpcs(domain.reencodes, once),
-            ),
-            annotations=(AnnotationRpcs(domain.annotations, once, tokens),),
-            versions=(
-                VersionRpcs(domain.versions, domain.exports, once, tokens),
-                ExportRpcs(domain.exports, once, tokens),
-                DiffRpcs(domain.diffs),
-            ),
+            datasets=(datasets, membership, ImportRpcs(domain.imports, once)),
+            inputs=(inputs, ReencodeRpcs(domain.reencodes, once)),
+            annotations=(annotations,),
+            versions=(versions, exports, DiffRpcs(domain.diffs)),
             ontologies=(OntologyRpcs(domain.ontologies, once, tokens),),
             projects=(ProjectRpcs(domain.projects, once, tokens),),
-            clarifai=(ClarifaiDatasets(datasets, PageCursors()),),
+            clarifai=clarifai_parts(native),
         )

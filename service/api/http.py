@@ -49,6 +49,15 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def http_address(listen: str, port: int) -> str:
+    """The "host:port" a client reaches a port bound per `listen` at (a wildcard bind is
+    reached on loopback)."""
+    host, _ = split_listen(listen)
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass
 class HttpServer:
     runner: web.AppRunner

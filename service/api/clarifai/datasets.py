@@ -3,7 +3,7 @@ on DatasetService's native part."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from clarifai_grpc.grpc.api import resources_pb2, service_pb2
@@ -13,6 +13,7 @@ from datasetd.v1 import common_pb2, dataset_pb2, dataset_service_pb2
 from service.api.clarifai import status
 from service.api.clarifai.convert import clarifai, native
 from service.api.clarifai.paging import PageCursors, page_request
+from service.api.clarifai.parts import NativeParts
 from service.api.clarifai.scope import app_of
 from service.api.datasets import DatasetRpcs
 from service.api.interceptors import Context, current_principal
@@ -52,8 +53,12 @@ def user_of(request: object) -> str:
 
 @dataclass
 class ClarifaiDatasets:
-    native: DatasetRpcs
-    cursors: PageCursors[dataset_pb2.Dataset]
+    parts: NativeParts
+    cursors: PageCursors[dataset_pb2.Dataset] = field(default_factory=PageCursors)
+
+    @property
+    def native(self) -> DatasetRpcs:
+        return self.parts.datasets
 
     async def PostDatasets(
         self, request: service_pb2.PostDatasetsRequest, context: Context | None

@@ -1,0 +1,12 @@
+"""V2 RPCs of this part (being written)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.api.clarifai.parts import NativeParts
+
+
+@dataclass
+class ClarifaiVersions:
+    parts: NativeParts
