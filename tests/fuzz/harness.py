@@ -87,6 +87,8 @@ class Outcome:
     code: grpc.StatusCode | None  # None: the client never got a status
     details: str
     seconds: float
+    # The answer of a unary call that succeeded (Clarifai's V2 answers its errors in it).
+    response: bytes | None = None
 
     @property
     def closed_while_writing(self) -> bool:
@@ -292,15 +294,17 @@ def generate(strategy: st.SearchStrategy[T], count: int, seed_value: int) -> lis
 async def call(channel: grpc.aio.Channel, case: Case) -> Outcome:
     started = time.perf_counter()
     try:
-        code, details = await asyncio.wait_for(
+        code, details, response = await asyncio.wait_for(
             _call(channel, case), CALL_TIMEOUT_SECONDS + HANG_GRACE_SECONDS
         )
     except TimeoutError:
         return Outcome(case, None, "the client got no status", time.perf_counter() - started)
-    return Outcome(case, code, details, time.perf_counter() - started)
+    return Outcome(case, code, details, time.perf_counter() - started, response)
 
 
-async def _call(channel: grpc.aio.Channel, case: Case) -> tuple[grpc.StatusCode, str]:
+async def _call(
+    channel: grpc.aio.Channel, case: Case
+) -> tuple[grpc.StatusCode, str, bytes | None]:
     rpc, timeout, metadata = case.rpc, CALL_TIMEOUT_SECONDS, case.metadata
     cancel_at = case.cancel_after
     cancelled = False
@@ -321,7 +325,7 @@ async def _call(channel: grpc.aio.Channel, case: Case) -> tuple[grpc.StatusCode,
                 with contextlib.suppress(asyncio.InvalidStateError):
                     await stream.done_writing()
             await stream
-            return await stream.code(), await stream.details()
+            return await stream.code(), await stream.details(), None
         if rpc.server_streaming:
             streamed: grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
             streamed = channel.unary_stream(rpc.path)
@@ -335,18 +339,18 @@ async def _call(channel: grpc.aio.Channel, case: Case) -> tuple[grpc.StatusCode,
                     if received == cancel_at:
                         cancelled = responses.cancel()
                         break
-            return await responses.code(), await responses.details()
+            return await responses.code(), await responses.details(), None
         single: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(rpc.path)
         unary = single(case.messages[0], timeout=timeout, metadata=metadata)
-        await unary
-        return await unary.code(), await unary.details()
+        answer = await unary
+        return await unary.code(), await unary.details(), answer
     except grpc.aio.AioRpcError as error:
-        return error.code(), error.details() or ""
+        return error.code(), error.details() or "", None
     except asyncio.CancelledError:
         # Awaiting a call the fuzzer cancelled raises this; any other cancellation propagates.
         if not cancelled:
             raise
-        return grpc.StatusCode.CANCELLED, "cancelled by the fuzzer"
+        return grpc.StatusCode.CANCELLED, "cancelled by the fuzzer", None
 
 
 async def run(

@@ -25,8 +25,8 @@ class NativeParts:
     links: DownloadLinks
 
 
-def clarifai_parts(native: NativeParts) -> tuple[object, ...]:
-    """Every V2 part, over `native`."""
+def part_classes() -> tuple[type, ...]:
+    """The V2 part classes (imported here: they import this module)."""
     from service.api.clarifai.annotations import ClarifaiAnnotations
     from service.api.clarifai.concepts import ClarifaiConcepts
     from service.api.clarifai.dataset_inputs import ClarifaiDatasetInputs
@@ -35,10 +35,26 @@ def clarifai_parts(native: NativeParts) -> tuple[object, ...]:
     from service.api.clarifai.versions import ClarifaiVersions
 
     return (
-        ClarifaiDatasets(native),
-        ClarifaiDatasetInputs(native),
-        ClarifaiVersions(native),
-        ClarifaiInputs(native),
-        ClarifaiAnnotations(native),
-        ClarifaiConcepts(native),
+        ClarifaiDatasets,
+        ClarifaiDatasetInputs,
+        ClarifaiVersions,
+        ClarifaiInputs,
+        ClarifaiAnnotations,
+        ClarifaiConcepts,
+    )
+
+
+def clarifai_parts(native: NativeParts) -> tuple[object, ...]:
+    """Every V2 part, over `native`."""
+    return tuple(part(native) for part in part_classes())
+
+
+def served_methods() -> frozenset[str]:
+    """The names of the V2 methods some part implements (the subset datasetd serves)."""
+    from service.api.clarifai.service import V2
+
+    return frozenset(
+        method.name
+        for method in V2.methods
+        if any(callable(getattr(part, method.name, None)) for part in part_classes())
     )
