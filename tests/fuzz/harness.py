@@ -302,9 +302,7 @@ async def call(channel: grpc.aio.Channel, case: Case) -> Outcome:
     return Outcome(case, code, details, time.perf_counter() - started, response)
 
 
-async def _call(
-    channel: grpc.aio.Channel, case: Case
-) -> tuple[grpc.StatusCode, str, bytes | None]:
+async def _call(channel: grpc.aio.Channel, case: Case) -> tuple[grpc.StatusCode, str, bytes | None]:
     rpc, timeout, metadata = case.rpc, CALL_TIMEOUT_SECONDS, case.metadata
     cancel_at = case.cancel_after
     cancelled = False
