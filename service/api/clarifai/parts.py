@@ -28,6 +28,7 @@ class NativeParts:
 def part_classes() -> tuple[type, ...]:
     """The V2 part classes (imported here: they import this module)."""
     from service.api.clarifai.annotations import ClarifaiAnnotations
+    from service.api.clarifai.apps import ClarifaiApps
     from service.api.clarifai.concepts import ClarifaiConcepts
     from service.api.clarifai.dataset_inputs import ClarifaiDatasetInputs
     from service.api.clarifai.datasets import ClarifaiDatasets
@@ -41,6 +42,7 @@ def part_classes() -> tuple[type, ...]:
         ClarifaiInputs,
         ClarifaiAnnotations,
         ClarifaiConcepts,
+        ClarifaiApps,
     )
 
 

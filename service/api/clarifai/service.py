@@ -44,11 +44,26 @@ def in_band_failure(path: str) -> Callable[[Exception], Message] | None:
     if method is None:
         return None
     response_type = message_class(method.output_type)
+    invalid = invalid_code(method.name)
 
     def respond(error: Exception) -> Message:
-        return status.with_status(response_type, status.of_error(error, REQUEST_ID.get()))
+        return status.with_status(
+            response_type, status.of_error(error, REQUEST_ID.get(), invalid=invalid)
+        )
 
     return respond
+
+
+def invalid_code(method: str) -> int:
+    """The code of a refused value in a request of `method`: Clarifai has one per resource
+    (a NaN in a box of PostAnnotations is ANNOTATION_INVALID_ARGUMENT), the generic
+    CONN_INVALID_REQUEST elsewhere."""
+    code: int = status.INVALID_REQUEST
+    if "Annotation" in method:
+        code = status.ANNOTATION_INVALID_ARGUMENT
+    elif method.endswith(("Input", "Inputs")) and "Dataset" not in method:
+        code = status.INPUT_INVALID_ARGUMENT
+    return code
 
 
 class V2Handlers:
