@@ -73,6 +73,7 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.bench_vi_download
 	$(PY) -m bench.bench_vi_exports
 	$(PY) -m bench.bench_export_media
+	$(PY) -m bench.bench_clarifai
 
 ## bench-scale: sizes and throughput at 1M inputs for deploy/SCALING.md (15-40 minutes)
 bench-scale: $(VENV)/.installed

@@ -51,7 +51,9 @@ class _NoMedia:
     def stage(self, max_size: int) -> StagedUpload:
         raise AssertionError("the writers measured here never read media")
 
-    def stream(self, blob: StoredBlob, chunk_size: int) -> AsyncGenerator[bytes, None]:
+    def stream(
+        self, blob: StoredBlob, chunk_size: int, offset: int = 0, length: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
         raise AssertionError("the writers measured here never read media")
 
 

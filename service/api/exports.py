@@ -9,6 +9,7 @@ from datasetd.v1 import dataset_version_service_pb2 as api
 
 from service.api.export_messages import FORMATS_BY_NUMBER, export_options, export_to_proto
 from service.api.interceptors import current_principal
+from service.api.links import DownloadLinks
 from service.api.pagination import PageTokens
 from service.api.rpc import Context, download, mutation
 from service.domain.exports import ExportService
@@ -21,6 +22,8 @@ class ExportRpcs:
     exports: ExportService
     idempotency: Idempotency
     tokens: PageTokens
+    # Export URLs are links of the HTTP port with DATASETD_PUBLIC_URL set.
+    links: DownloadLinks
 
     @mutation()
     async def ExportDatasetVersion(
@@ -34,7 +37,9 @@ class ExportRpcs:
             FORMATS_BY_NUMBER.get(request.format),
             export_options(request.options),
         )
-        return api.ExportDatasetVersionResponse(export=export_to_proto(view))
+        return api.ExportDatasetVersionResponse(
+            export=export_to_proto(self.links.export_view(view))
+        )
 
     async def GetExport(
         self, request: api.GetExportRequest, context: Context
@@ -46,7 +51,7 @@ class ExportRpcs:
             request.version_id,
             request.export_id,
         )
-        return api.GetExportResponse(export=export_to_proto(view))
+        return api.GetExportResponse(export=export_to_proto(self.links.export_view(view)))
 
     async def ListExports(
         self, request: api.ListExportsRequest, context: Context
@@ -64,7 +69,7 @@ class ExportRpcs:
             page.limit,
         )
         return api.ListExportsResponse(
-            exports=[export_to_proto(view) for view in views],
+            exports=[export_to_proto(self.links.export_view(view)) for view in views],
             next_page_token=page.next_token(last),
         )
 

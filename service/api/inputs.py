@@ -12,6 +12,7 @@ from datasetd.v1 import input_service_pb2
 
 from service.api.idempotency import idempotency_key, run_once
 from service.api.interceptors import current_principal
+from service.api.links import DownloadLinks
 from service.api.outcomes import OUTCOMES, count_outcomes, field_errors
 from service.api.pagination import PageTokens
 from service.api.rpc import Context, download, mutation, patch_request
@@ -28,7 +29,7 @@ from service.wire.inputs import input_draft, input_filter_query, input_to_proto
 from service.wire.struct import struct_to_dict
 
 
-def _result(outcome: InputOutcome) -> input_service_pb2.InputResult:
+def _result(outcome: InputOutcome, links: DownloadLinks) -> input_service_pb2.InputResult:
     result = input_service_pb2.InputResult(
         index=outcome.index,
         input_id=outcome.input_id,
@@ -36,7 +37,7 @@ def _result(outcome: InputOutcome) -> input_service_pb2.InputResult:
         errors=field_errors(outcome.violations),
     )
     if outcome.view is not None:
-        result.input.CopyFrom(input_to_proto(outcome.view))
+        result.input.CopyFrom(input_to_proto(links.input_view(outcome.view)))
     return result
 
 
@@ -73,6 +74,8 @@ class InputRpcs:
     idempotency: Idempotency
     tokens: PageTokens
     transfers: InputTransfers
+    # Media URLs are links of the HTTP port with DATASETD_PUBLIC_URL set.
+    links: DownloadLinks
 
     @mutation()
     async def CreateInputs(
@@ -84,7 +87,9 @@ class InputRpcs:
             [input_draft(i) for i in request.inputs],
             atomic=request.atomic,
         )
-        response = input_service_pb2.CreateInputsResponse(results=[_result(o) for o in outcomes])
+        response = input_service_pb2.CreateInputsResponse(
+            results=[_result(o, self.links) for o in outcomes]
+        )
         count_outcomes(response, outcomes)
         _count_ingest(outcomes)
         return response
@@ -93,7 +98,7 @@ class InputRpcs:
         self, request: input_service_pb2.GetInputRequest, context: Context
     ) -> input_service_pb2.GetInputResponse:
         view = await self.inputs.get(current_principal(), request.app_id, request.input_id)
-        return input_service_pb2.GetInputResponse(input=input_to_proto(view))
+        return input_service_pb2.GetInputResponse(input=input_to_proto(self.links.input_view(view)))
 
     async def ListInputs(
         self, request: input_service_pb2.ListInputsRequest, context: Context
@@ -117,7 +122,7 @@ class InputRpcs:
             current_principal(), query, page.after, page.limit
         )
         return input_service_pb2.ListInputsResponse(
-            inputs=[input_to_proto(v) for v in views],
+            inputs=[input_to_proto(self.links.input_view(v)) for v in views],
             next_page_token=page.next_token(last),
         )
 
@@ -127,7 +132,9 @@ class InputRpcs:
     ) -> input_service_pb2.UpdateInputsResponse:
         action, patches = patch_request(request.action, lambda v: _patches(request, v))
         views = await self.inputs.update(principal, request.app_id, action, patches)
-        return input_service_pb2.UpdateInputsResponse(inputs=[input_to_proto(v) for v in views])
+        return input_service_pb2.UpdateInputsResponse(
+            inputs=[input_to_proto(self.links.input_view(v)) for v in views]
+        )
 
     @mutation()
     async def DeleteInputs(
@@ -139,12 +146,14 @@ class InputRpcs:
     async def GetInputDownloadUrl(
         self, request: input_service_pb2.GetInputDownloadUrlRequest, context: Context
     ) -> input_service_pb2.GetInputDownloadUrlResponse:
-        _, blob = await self.inputs.stored_media(
+        found, blob = await self.inputs.stored_media(
             current_principal(), request.app_id, request.input_id
         )
-        response = input_service_pb2.GetInputDownloadUrlResponse(
-            url=await self.inputs.download_url(blob)
-        )
+        if self.links.public:
+            url = self.links.media_url(found.app_id, found.id)
+        else:
+            url = await self.inputs.download_url(blob)
+        response = input_service_pb2.GetInputDownloadUrlResponse(url=url)
         response.expire_time.FromDatetime(datetime.now(UTC) + self.inputs.download_url_ttl)
         return response
 
@@ -181,7 +190,9 @@ class InputRpcs:
         async def create() -> input_service_pb2.UploadInputResponse:
             view = await self.transfers.create(principal, header, media)
             metrics.ingested(1, media.blob.size)
-            return input_service_pb2.UploadInputResponse(input=input_to_proto(view))
+            return input_service_pb2.UploadInputResponse(
+                input=input_to_proto(self.links.input_view(view))
+            )
 
         return await run_once(
             self.idempotency,

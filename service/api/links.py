@@ -8,16 +8,30 @@ DATASETD_PUBLIC_URL, else the address the HTTP port listens on (known after it s
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
+
+from service.domain.models import ExportView, InputView
 
 DOWNLOADS_PREFIX = "/v2/downloads/apps"
 EXPORTS = "exports"
 INPUTS = "inputs"
+# Stored originals by their `hosted` suffix: `.../blobs` is the `hosted.prefix` export
+# archives carry, and Clarifai clients fetch prefix + "/orig/" + suffix with their key.
+BLOBS = "blobs"
+HOSTED_SIZE = "orig"
+
+
+class LinkProblem(enum.Enum):
+    # Authentic but past its expiry: the client should ask the API for a fresh URL.
+    EXPIRED = "expired"
+    # Not signed by this installation for this path and expiry (edited or made up).
+    TAMPERED = "tampered"
 
 
 @dataclass
@@ -49,12 +63,43 @@ class DownloadLinks:
     def media_url(self, app_id: str, input_id: str) -> str:
         return self.link(app_id, INPUTS, input_id)
 
+    def hosted_prefix(self, app_id: str) -> str | None:
+        """The domain's MediaLinks: the `hosted.prefix` of the app's stored originals,
+        under the HTTP port's address; None until that address is known."""
+        if not self.base_url:
+            return None
+        return f"{self.base_url}{DOWNLOADS_PREFIX}/{urllib.parse.quote(app_id, safe='')}/{BLOBS}"
+
     def valid(self, path: str, expires: str, signature: str) -> bool:
         """Whether `signature` signs `path` until `expires`, and that is still ahead."""
+        return self.problem(path, expires, signature) is None
+
+    def problem(self, path: str, expires: str, signature: str) -> LinkProblem | None:
+        """What is wrong with a link, None when it is valid. The signature is checked
+        before the time, so a link whose expiry was edited is TAMPERED, not EXPIRED."""
         try:
             until = int(expires)
         except ValueError:
-            return False
+            return LinkProblem.TAMPERED
+        # As bytes: compare_digest refuses str with non-ASCII characters (a query may hold any).
+        if not hmac.compare_digest(self.signature(path, until).encode(), signature.encode()):
+            return LinkProblem.TAMPERED
         if until < time.time():
-            return False
-        return hmac.compare_digest(self.signature(path, until), signature)
+            return LinkProblem.EXPIRED
+        return None
+
+    def export_view(self, view: ExportView) -> ExportView:
+        """`view` with its URL a link of this port under DATASETD_PUBLIC_URL when that is
+        set (the object store may be private or on loopback); as it is otherwise."""
+        export = view.export
+        if not self.public or export.blob is None:
+            return view
+        return replace(view, url=self.export_url(export.app_id, export.id))
+
+    def input_view(self, view: InputView) -> InputView:
+        """`view` with the URL of its stored original a link of this port under
+        DATASETD_PUBLIC_URL when that is set; inputs that reference a URL keep it."""
+        stored = view.input
+        if not self.public or stored.blob is None:
+            return view
+        return replace(view, download_url=self.media_url(stored.app_id, stored.id))

@@ -10,6 +10,7 @@ from datasetd.v1 import dataset_version_service_pb2 as api
 
 from service.api.export_messages import export_info
 from service.api.interceptors import current_principal
+from service.api.links import DownloadLinks
 from service.api.pagination import PageTokens
 from service.api.rpc import Context, decoded, mutation
 from service.domain.errors import Violations
@@ -91,6 +92,8 @@ class VersionRpcs:
     exports: ExportService
     idempotency: Idempotency
     tokens: PageTokens
+    # Export URLs are links of the HTTP port with DATASETD_PUBLIC_URL set.
+    links: DownloadLinks
 
     @mutation()
     async def CreateDatasetVersion(
@@ -112,7 +115,8 @@ class VersionRpcs:
         principal = current_principal()
         at = (principal, request.app_id, request.dataset_id, request.version_id)
         message = version_to_proto(await self.versions.get(*at))
-        message.export_info.CopyFrom(export_info(await self.exports.latest_by_format(*at)))
+        latest = await self.exports.latest_by_format(*at)
+        message.export_info.CopyFrom(export_info([self.links.export_view(v) for v in latest]))
         return api.GetDatasetVersionResponse(version=message)
 
     async def ListDatasetVersions(

@@ -48,6 +48,7 @@ from service.domain.ports import (
     ByteSink,
     Clock,
     ExportRepository,
+    MediaLinks,
     MediaStreams,
     TransactionManager,
     VersionRepository,
@@ -256,10 +257,18 @@ class ExportService:
         )
 
     async def download(
-        self, principal: Principal, app_id: str, dataset_id: str, version_id: str, export_id: str
+        self,
+        principal: Principal,
+        app_id: str,
+        dataset_id: str,
+        version_id: str,
+        export_id: str,
+        offset: int = 0,
+        length: int | None = None,
     ) -> tuple[StoredBlob, AsyncGenerator[bytes, None]]:
-        """The archive and its bytes in chunks of at most DOWNLOAD_CHUNK_BYTES.
-        FAILED_PRECONDITION until the export succeeded."""
+        """The archive and its bytes from `offset` (`length` of them, all when None) in
+        chunks of at most DOWNLOAD_CHUNK_BYTES. FAILED_PRECONDITION until the export
+        succeeded."""
         authorize(principal, app_id, Permission.READ)
         export = await self._require(principal, app_id, dataset_id, version_id, export_id)
         if export.status is not ExportStatus.SUCCEEDED or export.blob is None:
@@ -269,7 +278,27 @@ class ExportService:
                 reason="EXPORT_NOT_READY",
                 metadata={"status": export.status.value},
             )
-        return export.blob, self.streams.stream(export.blob, DOWNLOAD_CHUNK_BYTES)
+        return export.blob, self.streams.stream(export.blob, DOWNLOAD_CHUNK_BYTES, offset, length)
+
+    async def download_by_id(
+        self,
+        principal: Principal,
+        app_id: str,
+        export_id: str,
+        offset: int = 0,
+        length: int | None = None,
+    ) -> tuple[Export, StoredBlob, AsyncGenerator[bytes, None]]:
+        """`download` of the export with this id in the app, for links that name only the
+        app and the export; the export too, for its version and format."""
+        authorize(principal, app_id, Permission.READ)
+        require_ids(("export_id", export_id))
+        export = await self.exports.find(app_id, export_id)
+        if export is None:
+            raise NotFound.within("export", export_id, "app", app_id)
+        blob, stream = await self.download(
+            principal, app_id, export.dataset_id, export.version_id, export_id, offset, length
+        )
+        return export, blob, stream
 
     async def _require(
         self, principal: Principal, app_id: str, dataset_id: str, version_id: str, export_id: str
@@ -349,6 +378,9 @@ class ExportBuilder:
     tx: TransactionManager
     _: KW_ONLY
     page_size: int = EXPORT_PAGE_SIZE
+    # Where clients fetch the stored originals an archive references; without it (or an
+    # address yet) archives carry `hosted` as the version recorded it.
+    links: MediaLinks | None = None
 
     async def run(self, job: Job, progress: Progress) -> None:
         target = _Target.of(job)
@@ -403,7 +435,10 @@ class ExportBuilder:
     ) -> tuple[dict[str, int], FidelityReport]:
         """Writes the archive: the counting passes first when needed, then the members."""
         names = _split_names(export.options)
-        writer = self.formats.writer(export.format, export.options, names, sink, modified, ontology)
+        prefix = self.links.hosted_prefix(export.app_id) if self.links is not None else None
+        writer = self.formats.writer(
+            export.format, export.options, names, sink, modified, ontology, prefix
+        )
         split = export.options.split
         splitter = StratifiedSplit(split.ratios, split.seed) if split is not None else None
         census = splitter is not None or writer.needs_census

@@ -418,6 +418,30 @@ class InputService:
             )
         return found, found.blob
 
+    async def held_blob(self, principal: Principal, app_id: str, suffix: str) -> StoredBlob:
+        """The stored original a `hosted` suffix names, when the app holds it: an input
+        of the app, live or kept by one of its versions, has it. NOT_FOUND otherwise, and
+        for a key of another app too: whether a blob exists anywhere is never told (a URL
+        in an archive may reach anyone)."""
+        key = self.blobs.hosted_key(suffix)
+        if key is None:
+            raise InvalidArgument.field(
+                "suffix",
+                f"{suffix[:80]!r} is not a hosted suffix; stored originals are named "
+                "sha256/<2 hex>/<2 hex>/<64 lowercase hex> (the `hosted.suffix` of an input)",
+                reason="BAD_HOSTED_SUFFIX",
+            )
+        missing = NotFound(
+            f"app {app_id!r} has no stored original {suffix!r}", reason="MEDIA_NOT_FOUND"
+        )
+        if principal.app_id != app_id:
+            raise missing
+        authorize(principal, app_id, Permission.READ)
+        blob = await self.inputs.held_blob(app_id, key)
+        if blob is None:
+            raise missing
+        return blob
+
     async def download_url(self, blob: StoredBlob) -> str:
         return await self.blobs.download_url(blob, self.settings.download_url_ttl)
 

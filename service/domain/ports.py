@@ -102,6 +102,11 @@ class BlobStore(Protocol):
         """(prefix, suffix) such that prefix + "/orig/" + suffix locates the object."""
         ...
 
+    def hosted_key(self, suffix: str) -> str | None:
+        """The key of the object a `hosted` suffix names (the inverse of hosted()); None
+        when `suffix` is not of the shape this store gives its objects."""
+        ...
+
     async def read(self, blob: StoredBlob) -> bytes: ...
 
     async def collect_orphans(self, older_than: timedelta, limit: int) -> int:
@@ -141,8 +146,21 @@ class MediaStreams(Protocol):
         """A new upload of at most `max_size` bytes."""
         ...
 
-    def stream(self, blob: StoredBlob, chunk_size: int) -> AsyncGenerator[bytes, None]:
-        """The stored bytes in chunks of at most `chunk_size`; fails if they end early."""
+    def stream(
+        self, blob: StoredBlob, chunk_size: int, offset: int = 0, length: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """The stored bytes from `offset` on (negative: that many from the end), `length`
+        of them (the rest when None), clamped to the object, in chunks of at most
+        `chunk_size`; the bytes before `offset` are never read. Fails if they end early."""
+        ...
+
+
+class MediaLinks(Protocol):
+    """Where clients outside fetch stored originals (implemented by the HTTP port)."""
+
+    def hosted_prefix(self, app_id: str) -> str | None:
+        """The `hosted.prefix` under which an app's stored originals are fetched over
+        HTTP (prefix + "/orig/" + suffix); None while no such address is known."""
         ...
 
 
@@ -197,6 +215,11 @@ class InputRepository(Protocol):
     async def count_matching(self, query: InputQuery) -> int: ...
 
     async def delete_matching(self, query: InputQuery) -> int: ...
+
+    async def held_blob(self, app_id: str, key: str) -> StoredBlob | None:
+        """The blob under `key` when an input of the app (live, or kept by one of its
+        versions) has it as its stored original; None otherwise."""
+        ...
 
 
 class MembershipRepository(Protocol):
@@ -347,6 +370,10 @@ class ExportRepository(Protocol):
         self, app_id: str, dataset_id: str, version_id: str, export_id: str, *, lock: bool = False
     ) -> Export | None: ...
 
+    async def find(self, app_id: str, export_id: str) -> Export | None:
+        """The export with this id in the app, whichever version it is of."""
+        ...
+
     async def page(
         self, app_id: str, dataset_id: str, version_id: str, after_seq: int | None, limit: int
     ) -> list[tuple[int, Export]]:
@@ -410,10 +437,13 @@ class ArchiveFormats(Protocol):
         sink: ByteSink,
         modified: datetime,
         ontology: VersionOntology | None = None,
+        hosted_prefix: str | None = None,
     ) -> ArchiveWriter:
         """A writer of an archive whose members go into `splits`; `modified` is the time
         stamped on its entries (the version's creation, so that archives are repeatable);
-        `ontology` the version's, which names categories and concepts."""
+        `ontology` the version's, which names categories and concepts; `hosted_prefix`,
+        when given, the `hosted.prefix` written for stored originals instead of the one
+        the version recorded (formats that carry `hosted`)."""
         ...
 
 

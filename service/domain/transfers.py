@@ -230,12 +230,31 @@ class InputTransfers:
     # --- download --------------------------------------------------------------------------
 
     async def download(
-        self, principal: Principal, app_id: str, input_id: str
+        self,
+        principal: Principal,
+        app_id: str,
+        input_id: str,
+        offset: int = 0,
+        length: int | None = None,
     ) -> tuple[StoredBlob, AsyncGenerator[bytes, None]]:
-        """The stored original and its bytes in chunks of at most DOWNLOAD_CHUNK_BYTES.
-        FAILED_PRECONDITION for inputs whose media are only referenced by URL."""
+        """The stored original and its bytes from `offset` (`length` of them, all when
+        None) in chunks of at most DOWNLOAD_CHUNK_BYTES. FAILED_PRECONDITION for inputs
+        whose media are only referenced by URL."""
         _, blob = await self.inputs.stored_media(principal, app_id, input_id)
-        return blob, self.streams.stream(blob, DOWNLOAD_CHUNK_BYTES)
+        return blob, self.streams.stream(blob, DOWNLOAD_CHUNK_BYTES, offset, length)
+
+    async def download_hosted(
+        self,
+        principal: Principal,
+        app_id: str,
+        suffix: str,
+        offset: int = 0,
+        length: int | None = None,
+    ) -> tuple[StoredBlob, AsyncGenerator[bytes, None]]:
+        """`download` of the stored original a `hosted` suffix names (what export archives
+        reference), when the app holds it."""
+        blob = await self.inputs.held_blob(principal, app_id, suffix)
+        return blob, self.streams.stream(blob, DOWNLOAD_CHUNK_BYTES, offset, length)
 
 
 def _length_mismatch(expected: int, what: str) -> InvalidArgument:

@@ -45,6 +45,7 @@ class Archives:
         sink: ByteSink,
         modified: datetime,
         ontology: VersionOntology | None = None,
+        hosted_prefix: str | None = None,
     ) -> ArchiveWriter:
         counted = _CountingSink(sink)
         writer: ArchiveWriter
@@ -79,7 +80,10 @@ class Archives:
                 self._streams,
                 ontology,
                 self._reads,
+                hosted_prefix,
             )
+        # COCO and Vi archives carry no `hosted`: their media are embedded or named by
+        # file name, so the prefix is not theirs to use.
         return _CountedWriter(writer, counted)
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import uuid
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,11 @@ HOSTED_SIZE = "orig"
 
 def content_suffix(sha256_hex: str) -> str:
     return f"sha256/{sha256_hex[:2]}/{sha256_hex[2:4]}/{sha256_hex}"
+
+
+_CONTENT_SUFFIX = re.compile(
+    r"sha256/(?P<a>[0-9a-f]{2})/(?P<b>[0-9a-f]{2})/(?P<digest>[0-9a-f]{64})", re.ASCII
+)
 
 
 def content_key(sha256_hex: str) -> str:
@@ -162,16 +168,26 @@ class ContentAddressedBlobStore:
         )
         return StagedObject(self._db, self._objects, writer)
 
-    async def stream(self, blob: StoredBlob, chunk_size: int) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, blob: StoredBlob, chunk_size: int, offset: int = 0, length: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        # A negative offset counts from the end (an HTTP suffix range); the window is
+        # clamped to the object, and an empty one reads nothing.
+        start = max(blob.size + offset, 0) if offset < 0 else min(offset, blob.size)
+        rest = blob.size - start
+        expected = rest if length is None else max(min(length, rest), 0)
+        if expected == 0:
+            return
         sent = 0
-        async with contextlib.aclosing(self._objects.stream(blob.key, chunk_size)) as chunks:
+        objects = self._objects.stream(blob.key, chunk_size, start, expected)
+        async with contextlib.aclosing(objects) as chunks:
             async for chunk in chunks:
                 sent += len(chunk)
                 yield chunk
-        if sent != blob.size:
+        if sent != expected:
             # The consumer has already had some bytes: failing is the only honest end.
             raise RuntimeError(
-                f"object {blob.key} has {sent} bytes; its blobs row says {blob.size}"
+                f"object {blob.key} has {start + sent} bytes; its blobs row says {blob.size}"
             )
 
     async def download_url(self, blob: StoredBlob, ttl: timedelta) -> str:
@@ -183,6 +199,14 @@ class ContentAddressedBlobStore:
     def hosted(self, blob: StoredBlob) -> tuple[str, str]:
         prefix = f"s3://{self._objects.bucket}/{HOSTED_PREFIX}"
         return prefix, blob.key.removeprefix(f"{HOSTED_PREFIX}/{HOSTED_SIZE}/")
+
+    def hosted_key(self, suffix: str) -> str | None:
+        # Exactly content_suffix()'s shape: nothing else (no `..`, no other prefix) maps
+        # to a key.
+        match = _CONTENT_SUFFIX.fullmatch(suffix)
+        if match is None or match["digest"][:4] != match["a"] + match["b"]:
+            return None
+        return content_key(match["digest"])
 
     async def collect_orphans(self, older_than: timedelta, limit: int) -> int:
         async with self._db.connection() as conn:

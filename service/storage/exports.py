@@ -33,6 +33,9 @@ LEFT JOIN jobs j ON j.id = e.job_id
 """
 GET = _SELECT.format(source="exports") + f"WHERE {_KEY} AND e.id = $4"
 LOCK = GET + " FOR UPDATE OF e"
+# Export ids hash the app, dataset, version, format and options: one per app (the primary
+# key's app_id prefix bounds the scan to the app's exports).
+FIND = _SELECT.format(source="exports") + "WHERE e.app_id = $1 AND e.id = $2 LIMIT 1"
 PAGE = (
     _SELECT.format(source="exports")
     + f"WHERE {_KEY} AND ($4::bigint IS NULL OR e.seq > $4::bigint) ORDER BY e.seq LIMIT $5"
@@ -121,6 +124,9 @@ class PgExportRepository(Repository):
     ) -> Export | None:
         sql = LOCK if lock else GET
         return await self._one(_row_to_export, sql, app_id, dataset_id, version_id, export_id)
+
+    async def find(self, app_id: str, export_id: str) -> Export | None:
+        return await self._one(_row_to_export, FIND, app_id, export_id)
 
     async def page(
         self, app_id: str, dataset_id: str, version_id: str, after_seq: int | None, limit: int

@@ -64,6 +64,13 @@ SELECT $1, * FROM unnest($2::text[], $3::text[])
 ON CONFLICT DO NOTHING
 """
 EXISTING_IDS = "SELECT id FROM inputs WHERE app_id = $1 AND id = ANY($2::text[])"
+# Each EXISTS is served by the blob_key index of its table (few rows share a blob).
+HELD_BLOB = """
+SELECT b.key, b.sha256, b.size, b.content_type FROM blobs b
+WHERE b.key = $2
+  AND (EXISTS (SELECT 1 FROM inputs WHERE blob_key = b.key AND app_id = $1)
+       OR EXISTS (SELECT 1 FROM version_inputs WHERE blob_key = b.key AND app_id = $1))
+"""
 GET_MANY = f"""
 SELECT {_INPUT_COLUMNS} FROM inputs i {_INPUT_JOINS}
 WHERE i.app_id = $1 AND i.id = ANY($2::text[]) ORDER BY i.seq
@@ -253,6 +260,12 @@ class PgInputRepository(Repository):
 
     async def existing_ids(self, app_id: str, ids: list[str]) -> set[str]:
         return {r["id"] for r in await self._db.fetch(EXISTING_IDS, app_id, ids)}
+
+    async def held_blob(self, app_id: str, key: str) -> StoredBlob | None:
+        row = await self._db.fetchrow(HELD_BLOB, app_id, key)
+        if row is None:
+            return None
+        return StoredBlob(row["key"], row["sha256"], row["size"], row["content_type"])
 
     async def get_many(self, app_id: str, ids: list[str], *, lock: bool = False) -> list[Input]:
         async with self._db.connection() as conn:

@@ -15,6 +15,7 @@ import re
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from datasetd.v1 import input_service_pb2 as iapi
 from google.protobuf import json_format
 from pycocotools.coco import COCO
 
+from service.api.links import DownloadLinks
 from service.app import Running
 from service.domain.clock import SystemClock
 from service.domain.exports import ExportBuilder, ExportService, ExportSettings
@@ -259,6 +261,22 @@ async def every_kind_version(
     return Version(caller, mask, parsed(await content(db, caller, "ds", "v1")))
 
 
+def rehosted(snapshot: dict[str, RefInput], server: Running, app_id: str) -> dict[str, RefInput]:
+    """The version's content as the Clarifai archives carry it: the `hosted.prefix` of
+    stored originals is the HTTP port's (service.api.links.DownloadLinks.hosted_prefix)."""
+    prefix = f"http://127.0.0.1:{server.http_port}/v2/downloads/apps/{app_id}/blobs"
+    expected = {}
+    for input_id, item in snapshot.items():
+        copy = resources_pb2.Input()
+        copy.CopyFrom(item)
+        for medium in ("image", "video", "audio", "text"):
+            media = getattr(copy.data, medium)
+            if copy.data.HasField(medium) and media.HasField("hosted"):
+                media.hosted.prefix = prefix
+        expected[input_id] = copy
+    return expected
+
+
 def check_every_kind(inputs: dict[str, RefInput], mask: data_pb2.Mask) -> None:
     """What was uploaded, read back with the reference classes."""
     assert list(inputs) == ["img", "txt", "vid", "plain"]
@@ -294,7 +312,7 @@ def check_every_kind(inputs: dict[str, RefInput], mask: data_pb2.Mask) -> None:
 
 
 async def test_protobuf_archive_follows_every_rule_and_downloads_both_ways(
-    versions: Versions, every_kind: Version
+    versions: Versions, every_kind: Version, server: Running
 ) -> None:
     caller = every_kind.caller
     export, archive = await exported(versions, caller, "ds", "v1", PROTOBUF)
@@ -314,10 +332,12 @@ async def test_protobuf_archive_follows_every_rule_and_downloads_both_ways(
     assert list(splits) == ["all"]
     inputs = by_id(splits["all"])
     check_every_kind(inputs, every_kind.mask)
-    # Exactly the version's content: nothing added, nothing lost.
-    assert inputs == every_kind.snapshot
+    # Exactly the version's content: nothing added, nothing lost; `hosted` under the HTTP
+    # port, where Clarifai's reader fetches prefix + "/orig/" + suffix.
+    assert inputs == rehosted(every_kind.snapshot, server, caller.app_id)
     image = inputs["img"].data.image
-    assert image.url == f"{image.hosted.prefix}/orig/{image.hosted.suffix}"
+    assert image.url.endswith(f"/orig/{image.hosted.suffix}")
+    assert image.hosted.prefix.startswith(f"http://127.0.0.1:{server.http_port}/v2/downloads/")
     assert list(image.hosted.sizes) == ["orig"] and not image.base64
 
     version = (
@@ -332,14 +352,14 @@ async def test_protobuf_archive_follows_every_rule_and_downloads_both_ways(
 
 
 async def test_json_archive_parses_into_the_reference_model(
-    versions: Versions, every_kind: Version
+    versions: Versions, every_kind: Version, server: Running
 ) -> None:
     export, archive = await exported(versions, every_kind.caller, "ds", "v1", JSON)
     assert dict(export.split_counts) == {"all": 4}
     splits = batches(archive, JSON)
     inputs = by_id(splits["all"])
     check_every_kind(inputs, every_kind.mask)
-    assert inputs == every_kind.snapshot
+    assert inputs == rehosted(every_kind.snapshot, server, every_kind.caller.app_id)
     with zipfile.ZipFile(io.BytesIO(archive)) as opened:
         document = json.loads(opened.read(opened.namelist()[1]))
     # The protobuf JSON mapping with the proto field names.
@@ -543,8 +563,10 @@ async def test_pages_do_not_change_the_archive(
     async def progress(percent: int) -> None:
         reported.append(percent)
 
+    # The runner's builder names media under the HTTP port: so does this one.
+    links = DownloadLinks(b"", timedelta(hours=1), f"http://127.0.0.1:{server.http_port}")
     builder = ExportBuilder(
-        records, PgVersionRepository(db), Archives(blobs), blobs, db, page_size=3
+        records, PgVersionRepository(db), Archives(blobs), blobs, db, page_size=3, links=links
     )
     await builder.run(Job(export.job_id, JobKind.EXPORT_VERSION, caller.app_id, payload), progress)
     # Three passes of five pages.

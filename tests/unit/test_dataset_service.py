@@ -96,6 +96,9 @@ class FakeBlobs:
     def hosted(self, blob: StoredBlob) -> tuple[str, str]:
         return "mem://blobs", blob.key
 
+    def hosted_key(self, suffix: str) -> str | None:
+        return suffix
+
     async def read(self, blob: StoredBlob) -> bytes:
         return self.stored[int(blob.key[1:]) - 1]
 

@@ -49,7 +49,9 @@ class Media:
     def stage(self, max_size: int) -> StagedUpload:
         raise NotImplementedError
 
-    async def stream(self, blob: StoredBlob, chunk_size: int) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, blob: StoredBlob, chunk_size: int, offset: int = 0, length: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
         data = self.originals[blob.key]
         step = min(chunk_size, 7777)
         for start in range(0, len(data), step):

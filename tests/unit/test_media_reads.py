@@ -30,7 +30,9 @@ class Streams:
     def stage(self, max_size: int) -> StagedUpload:
         raise AssertionError("the read-ahead never stages uploads")
 
-    async def stream(self, blob: StoredBlob, chunk_size: int) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, blob: StoredBlob, chunk_size: int, offset: int = 0, length: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
         self.running += 1
         self.most = max(self.most, self.running)
         self.started.append(blob.key)

@@ -20,6 +20,12 @@ of its id as `name`; the stored bytes are then re-serialized (deterministically)
 of copied. Concepts that have a name, and those of no class, are written as stored; an
 input is parsed only when its stored bytes hold an unnamed concept of a named class
 (_Unnamed), so the inputs with nothing to name cost no more than without an ontology.
+
+Given a hosted prefix (the HTTP address of the app's stored originals), the `hosted.prefix`
+of every stored original is that prefix instead of the object-store one the version
+recorded, so that Clarifai's reader can fetch prefix + "/orig/" + suffix. Copied stored
+bytes get it as an appended `data { <medium> { hosted { prefix } } }` (merged by readers,
+last value wins: _hosted_overrides), parsed inputs by setting the field.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import re
 import secrets
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -51,7 +58,7 @@ from service.formats.clarifai import JSON_MIMETYPE, MIMETYPE_ENTRY, PROTOBUF_MIM
 from service.formats.media_reads import READ_AHEAD, ReadAhead, chunks_of, read_ahead
 from service.formats.snapshot import labels_of, parse
 from service.formats.zipstream import ZipStream
-from service.wire.inputs import Medium, medium_of
+from service.wire.inputs import MEDIA, Medium, medium_of
 
 MIMETYPES = {
     ExportFormat.CLARIFAI_DATA_PROTOBUF: PROTOBUF_MIMETYPE,
@@ -83,6 +90,99 @@ def _varint(value: int) -> bytes:
 def _length_delimited(number: int, length: int) -> bytes:
     """The tag and length of a length-delimited field (wire type 2)."""
     return _varint(number << 3 | 2) + _varint(length)
+
+
+def _hosted_number(medium: Medium) -> int:
+    media_message = _DATA_FIELDS[medium].message_type
+    assert media_message is not None
+    return int(media_message.fields_by_name["hosted"].number)
+
+
+# Data's media fields, each with the number of its `hosted` (the way down to a stored
+# original's HostedURL), and HostedURL's `prefix`.
+_HOSTED_OF_MEDIUM = {_DATA_FIELDS[medium].number: _hosted_number(medium) for medium in MEDIA}
+_HOSTED_PREFIX = data_pb2.HostedURL.DESCRIPTOR.fields_by_name["prefix"].number
+
+
+def _varint_from(buf: bytes, at: int, value: int) -> tuple[int, int]:
+    """The rest of a varint whose first byte, `value`, had its high bit set; and its end."""
+    value &= 0x7F
+    shift = 7
+    while True:
+        byte = buf[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _find(
+    buf: bytes, at: int, end: int, wanted: Container[int]
+) -> tuple[int, int, int, int] | None:
+    """The first length-delimited field of the message in buf[at:end] whose number is in
+    `wanted`: (number, start of its tag, start of its value, end), the other fields only
+    stepped over. Straight-line on purpose: this runs once per level per member."""
+    while at < end:
+        start = at
+        tag = buf[at]
+        at += 1
+        if tag >= 0x80:
+            tag, at = _varint_from(buf, at, tag)
+        wire = tag & 7
+        if wire == 2:
+            size = buf[at]
+            at += 1
+            if size >= 0x80:
+                size, at = _varint_from(buf, at, size)
+            if tag >> 3 in wanted:
+                return tag >> 3, start, at, at + size
+            at += size
+        elif wire == 0:
+            while buf[at] >= 0x80:
+                at += 1
+            at += 1
+        elif wire == 1:
+            at += 8
+        elif wire == 5:
+            at += 4
+        else:  # groups: not in proto3 messages
+            raise ValueError(f"unexpected wire type {wire}")
+    return None
+
+
+_INPUT_DATA_ONLY = frozenset({_INPUT_DATA})
+
+
+def _medium_number(stored: bytes) -> int | None:
+    """The field number of a stored input's medium in Data (None without one). Images and
+    videos, fields 1 and 2 of Data, are its first field in stored (field-order) bytes:
+    one byte tells them; audio and text are looked for."""
+    data = _find(stored, 0, len(stored), _INPUT_DATA_ONLY)
+    if data is None:
+        return None
+    _, _, data_at, data_end = data
+    if data_at < data_end and (first := stored[data_at] >> 3) in _HOSTED_OF_MEDIUM:
+        return first
+    medium = _find(stored, data_at, data_end, _HOSTED_OF_MEDIUM)
+    return None if medium is None else medium[0]
+
+
+def _hosted_overrides(prefix: str) -> dict[int, bytes]:
+    """By medium field number, the bytes of `data { <medium> { hosted { prefix } } }`.
+
+    Appended to a stored input they set its `hosted.prefix`: protobuf parsers merge the
+    repeated occurrences of a message field and keep the last value of a string (the
+    rule the embedded media rely on too), so suffix and sizes stay as stored. The same
+    bytes for every input of a medium: the stored bytes are still copied, not parsed."""
+    raw = prefix.encode()
+    prefix_field = _length_delimited(_HOSTED_PREFIX, len(raw)) + raw
+    overrides = {}
+    for number, hosted_number in _HOSTED_OF_MEDIUM.items():
+        hosted = _length_delimited(hosted_number, len(prefix_field)) + prefix_field
+        medium = _length_delimited(number, len(hosted)) + hosted
+        overrides[number] = _length_delimited(_INPUT_DATA, len(medium)) + medium
+    return overrides
 
 
 # The tag of a Concept's `name`.
@@ -228,8 +328,13 @@ class ClarifaiDataWriter:
         streams: MediaStreams,
         ontology: VersionOntology | None = None,
         reads: ReadAhead = READ_AHEAD,
+        hosted_prefix: str | None = None,
     ) -> None:
         self._json = export_format is ExportFormat.CLARIFAI_DATA_JSON
+        # Replaces the object-store prefix the version recorded in `hosted`, which no
+        # client outside can fetch.
+        self._hosted_prefix = hosted_prefix
+        self._overrides = _hosted_overrides(self._hosted_prefix or "")
         self._names = display_names(ontology)
         self._unnamed = _Unnamed(self._names) if self._names else None
         self._mimetype = MIMETYPES[export_format]
@@ -298,15 +403,22 @@ class ClarifaiDataWriter:
                 rewritten = _name_concepts(message.data, self._names) > 0 or rewritten
             if self._embed:
                 medium = self._detach_media(message, member.blob)
+            if self._hosted_prefix is not None and member.blob is not None:
+                # Media not embedded (texts without raw content) keep their `hosted`.
+                rewritten = self._rehost_message(message) or rewritten
         if self._json:
             assert message is not None
             return self._encode_json(message, medium, member.blob)
         # Unchanged, the stored bytes are copied as they are.
-        head = (
-            message.SerializeToString(deterministic=True)
-            if message is not None and rewritten
-            else member.data
-        )
+        if message is not None and rewritten:
+            head = message.SerializeToString(deterministic=True)
+        elif message is None and self._hosted_prefix is not None and member.blob is not None:
+            medium_number = _medium_number(member.data)
+            head = member.data
+            if medium_number is not None:
+                head += self._overrides[medium_number]
+        else:
+            head = member.data
         if medium is None or member.blob is None:
             return _Item(_length_delimited(_BATCH_INPUTS, len(head)) + head)
         size = member.blob.size
@@ -333,6 +445,17 @@ class ClarifaiDataWriter:
         at = text.index(self._token)
         before, after = text[: at + 1], text[at + len(self._token) - 1 :]
         return _Item(before, after, blob, _base64_size(blob.size))
+
+    def _rehost_message(self, message: input_pb2.Input) -> bool:
+        """Sets the `hosted.prefix` of a parsed input's medium; whether it had `hosted`."""
+        medium = medium_of(message.data)
+        if medium is None or self._hosted_prefix is None:
+            return False
+        media = getattr(message.data, medium)
+        if not media.HasField("hosted"):
+            return False
+        media.hosted.prefix = self._hosted_prefix
+        return True
 
     def _detach_media(self, message: input_pb2.Input, blob: StoredBlob | None) -> Medium | None:
         """Clears the media reference of an input whose bytes are embedded; returns the
@@ -393,6 +516,12 @@ class ClarifaiDataWriter:
                     "inputs whose media are only referenced by a URL keep that URL instead "
                     "of embedded bytes"
                 )
+        elif self._hosted_prefix is not None:
+            notes.append(
+                "media are referenced, not embedded: hosted (size orig) names the stored "
+                "original under this deployment's HTTP port (fetched with a key of the app), "
+                "url its place in the bucket (s3://...); inputs created from a URL keep it"
+            )
         else:
             notes.append(
                 "media are referenced, not embedded: url and hosted (size orig) name the "

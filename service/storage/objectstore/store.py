@@ -225,8 +225,12 @@ class ObjectStore:
             remove=lambda: self.delete(key),
         )
 
-    async def stream(self, key: str, chunk_size: int) -> AsyncGenerator[bytes, None]:
-        """The object in chunks of at most `chunk_size` bytes. Each read is its own job on
+    async def stream(
+        self, key: str, chunk_size: int, offset: int = 0, length: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """The object from `offset` on (`length` bytes of it, the rest when None) in
+        chunks of at most `chunk_size` bytes: a ranged GET, so the bytes before `offset`
+        are never sent. Each read is its own job on
         the pool, so a slow consumer holds one connection but no thread. The first job
         also reads the first chunk and, when that was all, releases the connection: an
         object that fits in a chunk (most media) costs one job, not four."""
@@ -240,7 +244,8 @@ class ObjectStore:
                 response.release_conn()
 
         def first() -> tuple[BaseHTTPResponse | None, bytes]:
-            response = self._client.get_object(self.bucket, key)
+            # minio reads length 0 as "to the end".
+            response = self._client.get_object(self.bucket, key, offset=offset, length=length or 0)
             try:
                 data: bytes = response.read(chunk_size)
                 if len(data) == chunk_size:
