@@ -15,12 +15,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from service.api.clarifai.rest import add_rest_routes
+from service.api.clarifai.service import V2Handlers
+from service.api.downloads import Downloads, add_download_routes
 from service.api.http import HttpServer, build_application, http_address
 from service.api.links import DownloadLinks
 from service.api.server import LIVENESS_SERVICE, SERVICE_NAMES, build_server
 from service.config import Config
 from service.devstack import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
-from service.domain.auth import ensure_bootstrap_key
+from service.domain.auth import Authenticator, ensure_bootstrap_key
 from service.domain.jobs import JobKind
 from service.domain.maintenance import Maintenance
 from service.jobs import JobRunner
@@ -211,18 +214,21 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         await resources.objects.ensure_bucket()
         store = Storage.build(db, resources.objects)
         bootstrap_secret = await _bootstrap_key(config, store)
-        runner = job_runner(config, store)
-        domain = Domain.build(config, store, runner)
+        # Before the domain: export archives name the stored originals under its address.
         links = DownloadLinks(
             await server_secret(db, "download_links"),
             config.download_url_ttl,
             base_url=config.public_url,
             public=bool(config.public_url),
         )
+        runner = job_runner(config, store, links)
+        domain = Domain.build(config, store, runner)
         api = await Api.build(domain, db, links)
         health_servicer = health.aio.HealthServicer()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
         await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        # The V2 methods, shared by the gRPC port and the REST gateway of the HTTP port.
+        v2 = V2Handlers(api.clarifai)
         server = build_server(
             authenticator=domain.authenticator,
             datasets=api.datasets,
@@ -231,7 +237,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             versions=api.versions,
             ontologies=api.ontologies,
             projects=api.projects,
-            clarifai=api.clarifai,
+            clarifai=v2,
             health_servicer=health_servicer,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -245,7 +251,9 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             instance.watch_pool("read", db.replica.pool)
         await server.start()
         try:
-            http = await _start_http(config, instance, health_servicer)
+            http = await _start_http(
+                config, instance, health_servicer, api.downloads, v2, domain.authenticator
+            )
             if http is not None and not links.public:
                 links.base_url = f"http://{http_address(config.http_listen, http.port)}"
         except BaseException:
@@ -279,9 +287,15 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
 
 
 async def _start_http(
-    config: Config, instance: InstanceMetrics, servicer: health.aio.HealthServicer
+    config: Config,
+    instance: InstanceMetrics,
+    servicer: health.aio.HealthServicer,
+    downloads: Downloads,
+    v2: V2Handlers,
+    authenticator: Authenticator,
 ) -> HttpServer | None:
-    """The HTTP port: /metrics and /healthz (None when DATASETD_HTTP_LISTEN is off)."""
+    """The HTTP port: /metrics, /healthz, the download links and Clarifai's REST API
+    (None when DATASETD_HTTP_LISTEN is off)."""
     if config.http_listen == "off":
         return None
 
@@ -292,6 +306,8 @@ async def _start_http(
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
     app = build_application(lambda: metrics.exposition(instance), serving)
+    add_download_routes(app, downloads)
+    add_rest_routes(app, v2, authenticator, config.max_message_bytes)
     return await HttpServer.start(app, config.http_listen)
 
 

@@ -12,6 +12,7 @@ from service.api.annotations import AnnotationRpcs
 from service.api.clarifai.parts import NativeParts, clarifai_parts
 from service.api.datasets import DatasetRpcs
 from service.api.diffs import DiffRpcs
+from service.api.downloads import Downloads
 from service.api.exports import ExportRpcs
 from service.api.imports import ImportRpcs
 from service.api.inputs import InputRpcs
@@ -107,8 +108,9 @@ class Storage:
         )
 
 
-def job_runner(config: Config, store: Storage) -> JobRunner:
-    """The runner, with a handler for every kind of job the domain queues."""
+def job_runner(config: Config, store: Storage, links: DownloadLinks | None = None) -> JobRunner:
+    """The runner, with a handler for every kind of job the domain queues; `links` gives
+    export archives the HTTP address of the stored originals they reference."""
     db, blobs = store.db, store.blobs
     handlers: dict[JobKind, JobHandler] = {
         JobKind.BUILD_VERSION: VersionBuilder(
@@ -121,7 +123,7 @@ def job_runner(config: Config, store: Storage) -> JobRunner:
             db,
         ),
         JobKind.EXPORT_VERSION: ExportBuilder(
-            store.exports, store.versions, Archives(blobs), blobs, db
+            store.exports, store.versions, Archives(blobs), blobs, db, links=links
         ),
         JobKind.REENCODE_VIDEOS: Reencoder(
             store.inputs,
@@ -257,17 +259,19 @@ class Api:
     projects: tuple[object, ...]
     # clarifai.api.V2: parts over the native parts above.
     clarifai: tuple[object, ...]
+    # The download routes of the HTTP port (the links' targets).
+    downloads: Downloads
 
     @classmethod
     async def build(cls, domain: Domain, db: Database, links: DownloadLinks) -> Api:
         once = domain.idempotency
         tokens = PageTokens(await server_secret(db, "page_tokens"))
         datasets = DatasetRpcs(domain.datasets, once, tokens)
-        membership = MembershipRpcs(domain.members, once, tokens, domain.datasets)
-        inputs = InputRpcs(domain.inputs, once, tokens, domain.transfers)
+        membership = MembershipRpcs(domain.members, once, tokens, domain.datasets, links)
+        inputs = InputRpcs(domain.inputs, once, tokens, domain.transfers, links)
         annotations = AnnotationRpcs(domain.annotations, once, tokens)
-        versions = VersionRpcs(domain.versions, domain.exports, once, tokens)
-        exports = ExportRpcs(domain.exports, once, tokens)
+        versions = VersionRpcs(domain.versions, domain.exports, once, tokens, links)
+        exports = ExportRpcs(domain.exports, once, tokens, links)
         native = NativeParts(datasets, membership, inputs, annotations, versions, exports, links)
         return cls(
             datasets=(datasets, membership, ImportRpcs(domain.imports, once)),
@@ -277,4 +281,5 @@ class Api:
             ontologies=(OntologyRpcs(domain.ontologies, once, tokens),),
             projects=(ProjectRpcs(domain.projects, once, tokens),),
             clarifai=clarifai_parts(native),
+            downloads=Downloads(domain.exports, domain.transfers, domain.authenticator, links),
         )

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -36,6 +36,22 @@ _REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class Transport(Protocol):
+    """What a call needs of the way it came: a gRPC servicer context, or the REST
+    gateway's stand-in (whose calls always answer in-band, so never abort)."""
+
+    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, str]]) -> None: ...
+
+    def code(self) -> grpc.StatusCode | None: ...
+
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str = "",
+        trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
+    ) -> NoReturn: ...
 
 
 def current_principal() -> Principal:
@@ -84,8 +100,9 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _checked(request)
 
 
-class _Call:
-    """The per-call part: request id, authentication, error mapping, access log."""
+class Call:
+    """The per-call part: request id, authentication, error mapping, access log (of the
+    gRPC calls and of the REST gateway's)."""
 
     def __init__(
         self,
@@ -93,8 +110,11 @@ class _Call:
         method: str,
         metadata: Sequence[tuple[str, str | bytes]],
         in_band: Callable[[Exception], Message] | None = None,
+        parse: Callable[[list[str]], str] = parse_authorization,
     ) -> None:
         self._authenticator = authenticator
+        # The secret from the `authorization` values (the REST gateway takes only `Key`).
+        self._parse = parse
         # Clarifai's V2: a failure is an OK response whose `status` tells (`answer`).
         self._in_band = in_band
         self.answer: Message | None = None
@@ -111,7 +131,7 @@ class _Call:
         self._span: tuple[Any, object] | None = None
         self._metadata = metadata
 
-    async def begin(self, context: Context) -> None:
+    async def begin(self, context: Transport) -> None:
         request_id = (
             self._client_request_id
             if _CLIENT_REQUEST_ID.match(self._client_request_id)
@@ -121,12 +141,12 @@ class _Call:
         if tracing.ENABLED:
             self._span = tracing.start_rpc(self.method, request_id, self._metadata)
         context.set_trailing_metadata(((_REQUEST_ID_HEADER, request_id),))
-        secret = parse_authorization(self._authorization)
+        secret = self._parse(self._authorization)
         PRINCIPAL.set(await self._authenticator.authenticate(secret))
         # After authentication, which always reads the primary.
         self._route = route_call(self.method, current_principal(), self._min_lsn)
 
-    async def settle(self, context: Context) -> None:
+    async def settle(self, context: Transport) -> None:
         """After a call that may have written: its WAL position, so that the caller's
         next reads wait for a replica that has it (read-your-writes)."""
         lsn = None if self._route is None else await self._route.settle()
@@ -135,7 +155,7 @@ class _Call:
                 ((_REQUEST_ID_HEADER, REQUEST_ID.get()), (LSN_HEADER, format_lsn(lsn)))
             )
 
-    async def fail(self, context: Context, exc: Exception) -> None:
+    async def fail(self, context: Transport, exc: Exception) -> None:
         request_id = REQUEST_ID.get()
         if self._in_band is not None:
             self._note(exc, request_id)
@@ -179,7 +199,7 @@ class _Call:
         )
 
     @contextlib.asynccontextmanager
-    async def running(self, context: Context) -> AsyncIterator[bool]:
+    async def running(self, context: Transport) -> AsyncIterator[bool]:
         """Begins the call, turns its failure into a status and logs it when it ends;
         yields whether the call began (the body runs only then)."""
         metrics.RPC_IN_FLIGHT.inc()
@@ -258,7 +278,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         if inner is not None:
 
             async def unary_response(request: Any, context: Context) -> Any:
-                call = _Call(authenticator, method, metadata, in_band)
+                call = Call(authenticator, method, metadata, in_band)
                 async with call.running(context) as began:
                     if not began:
                         return call.answer
@@ -274,7 +294,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         inner_stream: Any = handler.unary_stream or handler.stream_stream
 
         async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = _Call(authenticator, method, metadata, in_band)
+            call = Call(authenticator, method, metadata, in_band)
             async with call.running(context) as began:
                 if began:
                     request = (

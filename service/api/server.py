@@ -54,7 +54,7 @@ def build_server(
     versions: Sequence[object],
     ontologies: Sequence[object],
     projects: Sequence[object],
-    clarifai: Sequence[object],
+    clarifai: V2Handlers,
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
     max_concurrent_rpcs: int,
@@ -86,7 +86,7 @@ def build_server(
         compose(PROJECTS, *projects), server
     )
     # Clarifai's V2 on the same port, its parts mapped onto the native ones.
-    server.add_generic_rpc_handlers((V2Handlers(clarifai).generic_handler(),))
+    server.add_generic_rpc_handlers((clarifai.generic_handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(
         (
