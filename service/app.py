@@ -222,7 +222,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             public=bool(config.public_url),
         )
         runner = job_runner(config, store, links)
-        domain = Domain.build(config, store, runner)
+        domain = Domain.build(config, store, runner, links)
         api = await Api.build(domain, db, links)
         health_servicer = health.aio.HealthServicer()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -166,7 +166,10 @@ class Domain:
     authenticator: Authenticator
 
     @classmethod
-    def build(cls, config: Config, store: Storage, runner: JobRunner) -> Domain:
+    def build(
+        cls, config: Config, store: Storage, runner: JobRunner, links: DownloadLinks | None = None
+    ) -> Domain:
+        """`links`: the HTTP port's links for stored originals (None: presigned URLs)."""
         db, blobs, clock, probes = store.db, store.blobs, SystemClock(), MediaProbes()
         # A job queued by a use case wakes the runner once its transaction commits.
         jobs = JobScheduler(store.jobs, db, runner.notify)
@@ -186,6 +189,7 @@ class Domain:
             store.annotations,
             gate,
             fetcher=_fetcher(config),
+            links=links,
         )
         annotations = AnnotationService(store.annotations, store.members, db, gate)
         versions = VersionService(store.versions, store.members, jobs, db)
@@ -267,7 +271,7 @@ class Api:
         once = domain.idempotency
         tokens = PageTokens(await server_secret(db, "page_tokens"))
         datasets = DatasetRpcs(domain.datasets, once, tokens)
-        membership = MembershipRpcs(domain.members, once, tokens, domain.datasets, links)
+        membership = MembershipRpcs(domain.members, once, tokens, domain.datasets)
         inputs = InputRpcs(domain.inputs, once, tokens, domain.transfers, links)
         annotations = AnnotationRpcs(domain.annotations, once, tokens)
         versions = VersionRpcs(domain.versions, domain.exports, once, tokens, links)

@@ -29,7 +29,7 @@ from service.wire.inputs import input_draft, input_filter_query, input_to_proto
 from service.wire.struct import struct_to_dict
 
 
-def _result(outcome: InputOutcome, links: DownloadLinks) -> input_service_pb2.InputResult:
+def _result(outcome: InputOutcome) -> input_service_pb2.InputResult:
     result = input_service_pb2.InputResult(
         index=outcome.index,
         input_id=outcome.input_id,
@@ -37,7 +37,7 @@ def _result(outcome: InputOutcome, links: DownloadLinks) -> input_service_pb2.In
         errors=field_errors(outcome.violations),
     )
     if outcome.view is not None:
-        result.input.CopyFrom(input_to_proto(links.input_view(outcome.view)))
+        result.input.CopyFrom(input_to_proto(outcome.view))
     return result
 
 
@@ -74,7 +74,7 @@ class InputRpcs:
     idempotency: Idempotency
     tokens: PageTokens
     transfers: InputTransfers
-    # Media URLs are links of the HTTP port with DATASETD_PUBLIC_URL set.
+    # GetInputDownloadUrl answers a link of the HTTP port with DATASETD_PUBLIC_URL set.
     links: DownloadLinks
 
     @mutation()
@@ -87,9 +87,7 @@ class InputRpcs:
             [input_draft(i) for i in request.inputs],
             atomic=request.atomic,
         )
-        response = input_service_pb2.CreateInputsResponse(
-            results=[_result(o, self.links) for o in outcomes]
-        )
+        response = input_service_pb2.CreateInputsResponse(results=[_result(o) for o in outcomes])
         count_outcomes(response, outcomes)
         _count_ingest(outcomes)
         return response
@@ -98,7 +96,7 @@ class InputRpcs:
         self, request: input_service_pb2.GetInputRequest, context: Context
     ) -> input_service_pb2.GetInputResponse:
         view = await self.inputs.get(current_principal(), request.app_id, request.input_id)
-        return input_service_pb2.GetInputResponse(input=input_to_proto(self.links.input_view(view)))
+        return input_service_pb2.GetInputResponse(input=input_to_proto(view))
 
     async def ListInputs(
         self, request: input_service_pb2.ListInputsRequest, context: Context
@@ -122,7 +120,7 @@ class InputRpcs:
             current_principal(), query, page.after, page.limit
         )
         return input_service_pb2.ListInputsResponse(
-            inputs=[input_to_proto(self.links.input_view(v)) for v in views],
+            inputs=[input_to_proto(v) for v in views],
             next_page_token=page.next_token(last),
         )
 
@@ -132,9 +130,7 @@ class InputRpcs:
     ) -> input_service_pb2.UpdateInputsResponse:
         action, patches = patch_request(request.action, lambda v: _patches(request, v))
         views = await self.inputs.update(principal, request.app_id, action, patches)
-        return input_service_pb2.UpdateInputsResponse(
-            inputs=[input_to_proto(self.links.input_view(v)) for v in views]
-        )
+        return input_service_pb2.UpdateInputsResponse(inputs=[input_to_proto(v) for v in views])
 
     @mutation()
     async def DeleteInputs(
@@ -190,9 +186,7 @@ class InputRpcs:
         async def create() -> input_service_pb2.UploadInputResponse:
             view = await self.transfers.create(principal, header, media)
             metrics.ingested(1, media.blob.size)
-            return input_service_pb2.UploadInputResponse(
-                input=input_to_proto(self.links.input_view(view))
-            )
+            return input_service_pb2.UploadInputResponse(input=input_to_proto(view))
 
         return await run_once(
             self.idempotency,

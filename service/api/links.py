@@ -8,15 +8,19 @@ DATASETD_PUBLIC_URL, else the address the HTTP port listens on (known after it s
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import hashlib
 import hmac
+import re
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
-from service.domain.models import ExportView, InputView
+from service.domain.models import ExportView
 
 DOWNLOADS_PREFIX = "/v2/downloads/apps"
 EXPORTS = "exports"
@@ -25,6 +29,17 @@ INPUTS = "inputs"
 # archives carry, and Clarifai clients fetch prefix + "/orig/" + suffix with their key.
 BLOBS = "blobs"
 HOSTED_SIZE = "orig"
+
+
+LINKS_WANTED: contextvars.ContextVar[bool] = contextvars.ContextVar("links_wanted", default=False)
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def _segment(value: str) -> str:
+    """`value` as one path segment; ids are nearly always plain, and quote is slow."""
+    if _PLAIN.fullmatch(value):
+        return value
+    return urllib.parse.quote(value, safe="")
 
 
 class LinkProblem(enum.Enum):
@@ -43,19 +58,17 @@ class DownloadLinks:
     public: bool = field(default=False)
 
     def path(self, app_id: str, kind: str, resource_id: str) -> str:
-        quote = urllib.parse.quote
-        return f"{DOWNLOADS_PREFIX}/{quote(app_id, safe='')}/{kind}/{quote(resource_id, safe='')}"
+        return f"{DOWNLOADS_PREFIX}/{_segment(app_id)}/{kind}/{_segment(resource_id)}"
 
     def signature(self, path: str, expires: int) -> str:
         return hmac.new(self.secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
     def link(self, app_id: str, kind: str, resource_id: str) -> str:
+        # A link per listed input: built by hand (the query is digits and hex), as
+        # urlencode's quoting cost more than the signature.
         path = self.path(app_id, kind, resource_id)
         expires = int(time.time() + self.ttl.total_seconds())
-        query = urllib.parse.urlencode(
-            {"expires": expires, "signature": self.signature(path, expires)}
-        )
-        return f"{self.base_url}{path}?{query}"
+        return f"{self.base_url}{path}?expires={expires}&signature={self.signature(path, expires)}"
 
     def export_url(self, app_id: str, export_id: str) -> str:
         return self.link(app_id, EXPORTS, export_id)
@@ -96,10 +109,21 @@ class DownloadLinks:
             return view
         return replace(view, url=self.export_url(export.app_id, export.id))
 
-    def input_view(self, view: InputView) -> InputView:
-        """`view` with the URL of its stored original a link of this port under
-        DATASETD_PUBLIC_URL when that is set; inputs that reference a URL keep it."""
-        stored = view.input
-        if not self.public or stored.blob is None:
-            return view
-        return replace(view, download_url=self.media_url(stored.app_id, stored.id))
+    def input_link(self, app_id: str, input_id: str) -> str | None:
+        """The domain's MediaLinks: the URL of an input's stored original when clients get
+        links of this port (DATASETD_PUBLIC_URL is set, or the call is a Clarifai one);
+        None: the domain presigns an object-store URL."""
+        if not (self.public or LINKS_WANTED.get()):
+            return None
+        return self.media_url(app_id, input_id)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def wanted() -> Iterator[None]:
+        """Within: stored originals are named by links of this port (the Clarifai API's
+        calls: its clients download with their key, and presigning would be wasted)."""
+        token = LINKS_WANTED.set(True)
+        try:
+            yield
+        finally:
+            LINKS_WANTED.reset(token)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datasetd.v1 import dataset_service_pb2 as api
 
 from service.api.interceptors import current_principal
-from service.api.links import DownloadLinks
 from service.api.pagination import PageTokens
 from service.api.rpc import Context, mutation
 from service.domain.datasets import DatasetService
@@ -26,8 +25,6 @@ class MembershipRpcs:
     tokens: PageTokens
     # Records the reads of a dataset's inputs as reads of the dataset (last_accessed_at).
     datasets: DatasetService
-    # Media URLs are links of the HTTP port with DATASETD_PUBLIC_URL set.
-    links: DownloadLinks
 
     @mutation()
     async def AddDatasetInputs(
@@ -51,7 +48,7 @@ class MembershipRpcs:
         for member, view in members:
             item = response.dataset_inputs.add()
             item.created_at.FromDatetime(member.added_at)
-            item.input.CopyFrom(input_to_proto(self.links.input_view(view)))
+            item.input.CopyFrom(input_to_proto(view))
         await self.datasets.touch(request.app_id, request.dataset_id)
         return response
 
@@ -63,7 +60,7 @@ class MembershipRpcs:
         )
         response = api.GetDatasetInputResponse()
         response.dataset_input.created_at.FromDatetime(member.added_at)
-        response.dataset_input.input.CopyFrom(input_to_proto(self.links.input_view(view)))
+        response.dataset_input.input.CopyFrom(input_to_proto(view))
         await self.datasets.touch(request.app_id, request.dataset_id)
         return response
 

@@ -55,6 +55,7 @@ from service.domain.ports import (
     AnnotationRepository,
     BlobStore,
     InputRepository,
+    MediaLinks,
     MediaProber,
     MembershipRepository,
     TransactionManager,
@@ -98,6 +99,8 @@ class InputService:
     # The ontologies the concepts, regions and frames of an input must fit.
     gate: OntologyGate
     fetcher: MediaFetcher | None = None
+    # Links of the HTTP port for stored originals, when clients are to get those.
+    links: MediaLinks | None = None
 
     # --- create ----------------------------------------------------------------------------
 
@@ -479,12 +482,18 @@ class InputService:
         violations.raise_if_any()
 
     async def views(self, inputs: list[Input]) -> list[InputView]:
-        blobs = [i.blob for i in inputs if i.blob is not None]
+        """The inputs with the URL of their media: a link of the HTTP port where the links
+        say so, else a presigned object-store URL (one signing pass for the rest)."""
+        links = [
+            self.links.input_link(i.app_id, i.id) if self.links and i.blob else None for i in inputs
+        ]
+        blobs = [i.blob for i, link in zip(inputs, links, strict=True) if i.blob and not link]
         urls = iter(await self.blobs.download_urls(blobs, self.settings.download_url_ttl))
         views = []
-        for item in inputs:
+        for item, link in zip(inputs, links, strict=True):
             if item.blob is not None:
-                views.append(InputView(item, next(urls), self.blobs.hosted(item.blob)))
+                url = link or next(urls)
+                views.append(InputView(item, url, self.blobs.hosted(item.blob)))
             else:
                 views.append(InputView(item, item.source_url))
         return views

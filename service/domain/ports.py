@@ -163,6 +163,11 @@ class MediaLinks(Protocol):
         HTTP (prefix + "/orig/" + suffix); None while no such address is known."""
         ...
 
+    def input_link(self, app_id: str, input_id: str) -> str | None:
+        """The URL clients get for an input's stored original, when it is a link of the
+        HTTP port; None: a presigned object-store URL is theirs."""
+        ...
+
 
 class ApiKeyRepository(Protocol):
     async def insert(self, key: ApiKey) -> None: ...

@@ -449,12 +449,15 @@ def _upload_stream(env: Env, first: Message) -> list[Message]:
     data = first.header.input.data  # type: ignore[attr-defined]
     medium = next((m for m in ("video", "audio", "text") if data.HasField(m)), "image")
     chunk = {"video": mp4(), "audio": wav(0.1), "text": TEXT.encode()}.get(medium, PNG)
-    chunk_message = message_class(first.DESCRIPTOR)(chunk=chunk)
+    chunk_message = message_class(first.DESCRIPTOR)()
+    chunk_message.chunk = chunk  # type: ignore[attr-defined]
     return [first, chunk_message]
 
 
 def _import_stream(env: Env, first: Message) -> list[Message]:
-    return [first, message_class(first.DESCRIPTOR)(chunk=env.archive)]
+    chunk_message = message_class(first.DESCRIPTOR)()
+    chunk_message.chunk = env.archive  # type: ignore[attr-defined]
+    return [first, chunk_message]
 
 
 async def _fresh_dataset(env: Env, deleted: bool = False) -> str:
@@ -522,10 +525,10 @@ async def _import_dataset(env: Env) -> Prepared:
     dataset = env.request("DatasetService.CreateDataset", dataset={"id": "target"})
     dataset.app_id = caller.app_id  # type: ignore[attr-defined]
     await env.call("DatasetService.CreateDataset", dataset, caller)
-    header = {"app_id": caller.app_id, "dataset_id": "target", "format": 1}
-    return Prepared(
-        message_class(RPCS["DatasetService.ImportDataset"].input_type)(header=header), caller
-    )
+    request = message_class(RPCS["DatasetService.ImportDataset"].input_type)()
+    header = request.header  # type: ignore[attr-defined]
+    header.app_id, header.dataset_id, header.format = caller.app_id, "target", 1
+    return Prepared(request, caller)
 
 
 async def _delete_inputs(env: Env) -> Prepared:

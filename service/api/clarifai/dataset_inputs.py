@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 
 from service.api.clarifai import status
 from service.api.clarifai.convert import clarifai
+from service.api.clarifai.inputs import input_out
 from service.api.clarifai.paging import PageCursors, page_request
 from service.api.clarifai.parts import NativeParts
 from service.api.clarifai.scope import app_of
@@ -29,7 +30,9 @@ MERGE_SEARCH = "search.query.filters[0].input.dataset_ids"
 
 
 def dataset_input_out(member: dataset_pb2.DatasetInput) -> resources_pb2.DatasetInput:
-    return clarifai(member, resources_pb2.DatasetInput)
+    converted = clarifai(member, resources_pb2.DatasetInput)
+    converted.input.CopyFrom(input_out(member.input))
+    return converted
 
 
 def _only(message: Message, allowed: str, path: str) -> None:

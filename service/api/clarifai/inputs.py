@@ -120,6 +120,18 @@ def refusal(problems: Iterable[tuple[str, str]]) -> InvalidArgument:
     return InvalidArgument(summary, reason="INVALID_FIELD", violations=items)
 
 
+def input_out(stored_input: input_pb2.Input) -> resources_pb2.Input:
+    """A stored input as Clarifai clients read it: url of the stored original on the
+    HTTP port, no object-store location, no bytes."""
+    converted = clarifai(stored_input, resources_pb2.Input)
+    name_concepts(converted.data)
+    medium = medium_of(converted.data)
+    if medium is not None:
+        # The url is already the link (V2 calls run under DownloadLinks.wanted()).
+        getattr(converted.data, medium).ClearField("hosted")
+    return converted
+
+
 @dataclass
 class _Job:
     """What was posted under one inputs-add job id."""
@@ -158,19 +170,6 @@ class ClarifaiInputs:
     @property
     def native(self) -> InputRpcs:
         return self.parts.inputs
-
-    def input_out(self, stored_input: input_pb2.Input, app_id: str) -> resources_pb2.Input:
-        """A stored input as Clarifai clients read it: url of the stored original on the
-        HTTP port, no object-store location, no bytes."""
-        converted = clarifai(stored_input, resources_pb2.Input)
-        name_concepts(converted.data)
-        medium = medium_of(converted.data)
-        if medium is not None:
-            media = getattr(converted.data, medium)
-            if media.hosted.prefix:
-                media.url = self.parts.links.media_url(app_id, converted.id)
-            media.ClearField("hosted")
-        return converted
 
     # --- PostInputs and its jobs ------------------------------------------------------
 
@@ -232,7 +231,7 @@ class ClarifaiInputs:
         self, result: input_service_pb2.InputResult, index: int, app_id: str
     ) -> resources_pb2.Input:
         if result.outcome == errors_pb2.ITEM_OUTCOME_CREATED:
-            return self.input_out(result.input, app_id)
+            return input_out(result.input)
         answer = resources_pb2.Input(id=result.input_id)
         if result.outcome == errors_pb2.ITEM_OUTCOME_DUPLICATE_ID:
             answer.status.CopyFrom(
@@ -322,7 +321,7 @@ class ClarifaiInputs:
             cast(Context, context),
         )
         return service_pb2.SingleInputResponse(
-            status=status.ok(REQUEST_ID.get()), input=self.input_out(response.input, app_id)
+            status=status.ok(REQUEST_ID.get()), input=input_out(response.input)
         )
 
     async def _native_page(
@@ -356,7 +355,7 @@ class ClarifaiInputs:
         key = f"ListInputs|{current_principal().key_id}|{app_id}|{digest}"
         items = await self.cursors.page(key, page, fetch)
         return service_pb2.MultiInputResponse(
-            status=status.ok(REQUEST_ID.get()), inputs=[self.input_out(i, app_id) for i in items]
+            status=status.ok(REQUEST_ID.get()), inputs=[input_out(i) for i in items]
         )
 
     @refusing(service_pb2.MultiInputResponse, status.INPUT_INVALID_ARGUMENT)
@@ -397,7 +396,7 @@ class ClarifaiInputs:
             more = bool(token)
         return service_pb2.MultiInputResponse(
             status=status.ok(REQUEST_ID.get()),
-            inputs=[self.input_out(i, app_id) for i in rest[:per_page]],
+            inputs=[input_out(i) for i in rest[:per_page]],
         )
 
     @refusing(service_pb2.SingleInputCountResponse, status.INPUT_INVALID_ARGUMENT)
@@ -456,7 +455,7 @@ class ClarifaiInputs:
         response = await self.native.UpdateInputs(native_request, cast(Context, context))
         return service_pb2.MultiInputResponse(
             status=status.ok(REQUEST_ID.get()),
-            inputs=[self.input_out(i, app_id) for i in response.inputs],
+            inputs=[input_out(i) for i in response.inputs],
         )
 
     @refusing(status_pb2.BaseResponse, status.INPUT_INVALID_ARGUMENT)

@@ -5,6 +5,7 @@ worker thread."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -16,6 +17,7 @@ from google.protobuf.message import Message
 
 from service.api.clarifai import status
 from service.api.interceptors import Context
+from service.api.links import DownloadLinks
 from service.observability import REQUEST_ID
 
 V2 = service_pb2.DESCRIPTOR.services_by_name["V2"]
@@ -66,6 +68,18 @@ def invalid_code(method: str) -> int:
     return code
 
 
+def _with_links(handler: Handler) -> Handler:
+    """Clarifai clients get media as links of the HTTP port (fetched with their key), so
+    the native parts beneath do not presign object-store URLs for them."""
+
+    @functools.wraps(handler)
+    async def linked(request: Any, context: Context | None) -> Message:
+        with DownloadLinks.wanted():
+            return await handler(request, context)
+
+    return linked
+
+
 class V2Handlers:
     """The V2 methods of the parts (each method owned by exactly one part)."""
 
@@ -76,7 +90,7 @@ class V2Handlers:
             if len(owners) > 1:
                 raise RuntimeError(f"{method.full_name} is implemented by {len(owners)} parts")
             if owners:
-                self.handlers[method.name] = getattr(owners[0], method.name)
+                self.handlers[method.name] = _with_links(getattr(owners[0], method.name))
 
     def handler(self, method: MethodDescriptor) -> Handler:
         own = self.handlers.get(method.name)
