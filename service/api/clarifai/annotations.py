@@ -21,7 +21,7 @@ from service.api.annotations import AnnotationRpcs
 from service.api.clarifai import status
 from service.api.clarifai.convert import clarifai, native
 from service.api.clarifai.datasets import patch_action
-from service.api.clarifai.inputs import item_status, name_concepts, refusal, refusing
+from service.api.clarifai.inputs import item_status, name_concepts, refusal
 from service.api.clarifai.paging import PageCursors, page_request
 from service.api.clarifai.parts import NativeParts
 from service.api.clarifai.scope import app_of
@@ -78,7 +78,6 @@ class ClarifaiAnnotations:
     def native(self) -> AnnotationRpcs:
         return self.parts.annotations
 
-    @refusing(service_pb2.MultiAnnotationResponse, status.ANNOTATION_INVALID_ARGUMENT)
     async def PostAnnotations(
         self, request: service_pb2.PostAnnotationsRequest, context: Context | None
     ) -> service_pb2.MultiAnnotationResponse:
@@ -142,7 +141,6 @@ class ClarifaiAnnotations:
         answer.status.CopyFrom(item_status(refusal(problems), status.ANNOTATION_INVALID_ARGUMENT))
         return answer
 
-    @refusing(service_pb2.SingleAnnotationResponse, status.ANNOTATION_INVALID_ARGUMENT)
     async def GetAnnotation(
         self, request: service_pb2.GetAnnotationRequest, context: Context | None
     ) -> service_pb2.SingleAnnotationResponse:
@@ -171,7 +169,6 @@ class ClarifaiAnnotations:
             return None
         return response.annotation
 
-    @refusing(service_pb2.MultiAnnotationResponse, status.ANNOTATION_INVALID_ARGUMENT)
     async def ListAnnotations(
         self, request: service_pb2.ListAnnotationsRequest, context: Context | None
     ) -> service_pb2.MultiAnnotationResponse:
@@ -221,7 +218,6 @@ class ClarifaiAnnotations:
             status=status.ok(REQUEST_ID.get()), annotations=[annotation_out(a) for a in items]
         )
 
-    @refusing(service_pb2.MultiAnnotationResponse, status.ANNOTATION_INVALID_ARGUMENT)
     async def PatchAnnotations(
         self, request: service_pb2.PatchAnnotationsRequest, context: Context | None
     ) -> service_pb2.MultiAnnotationResponse:
@@ -251,7 +247,6 @@ class ClarifaiAnnotations:
             annotations=[annotation_out(a) for a in response.annotations],
         )
 
-    @refusing(status_pb2.BaseResponse, status.ANNOTATION_INVALID_ARGUMENT)
     async def DeleteAnnotation(
         self, request: service_pb2.DeleteAnnotationRequest, context: Context | None
     ) -> status_pb2.BaseResponse:
@@ -264,7 +259,6 @@ class ClarifaiAnnotations:
         )
         return status_pb2.BaseResponse(status=status.ok(REQUEST_ID.get()))
 
-    @refusing(status_pb2.BaseResponse, status.ANNOTATION_INVALID_ARGUMENT)
     async def DeleteAnnotations(
         self, request: service_pb2.DeleteAnnotationsRequest, context: Context | None
     ) -> status_pb2.BaseResponse:

@@ -17,12 +17,11 @@ posted) still answers SUCCESS with nothing pending, and with zero counts."""
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from clarifai_grpc.grpc.api import resources_pb2, service_pb2
 from clarifai_grpc.grpc.api.status import status_code_pb2, status_pb2
@@ -39,7 +38,6 @@ from service.api.inputs import InputRpcs
 from service.api.interceptors import Context, current_principal
 from service.domain.errors import (
     DomainError,
-    ErrorKind,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -62,32 +60,6 @@ _WALK_PAGE = 1000
 _STREAM_PER_PAGE = 20
 _REMEMBERED_JOBS = 4096
 _INPUT_SUCCESS = status_code_pb2.INPUT_DOWNLOAD_SUCCESS
-
-R = TypeVar("R", bound=Message)
-Method = Callable[[Any, Any, Context | None], Awaitable[R]]
-
-
-def refusing(response_type: type[R], invalid: int) -> Callable[[Method[R]], Method[R]]:
-    """A refused value answers `invalid` (INPUT_INVALID_ARGUMENT, ...) instead of the
-    interceptor's generic CONN_INVALID_REQUEST; other errors go on to the interceptor."""
-
-    def decorate(method: Method[R]) -> Method[R]:
-        @functools.wraps(method)
-        async def guarded(self: Any, request: Any, context: Context | None) -> R:
-            try:
-                return await method(self, request, context)
-            except DomainError as error:
-                if error.kind is not ErrorKind.INVALID_ARGUMENT:
-                    raise
-                answer = response_type()
-                answer.status.CopyFrom(  # type: ignore[attr-defined]
-                    status.of_error(error, REQUEST_ID.get(), invalid=invalid)
-                )
-                return answer
-
-        return guarded
-
-    return decorate
 
 
 def clear_output_only(message: Message) -> None:
@@ -173,7 +145,6 @@ class ClarifaiInputs:
 
     # --- PostInputs and its jobs ------------------------------------------------------
 
-    @refusing(service_pb2.MultiInputResponse, status.INPUT_INVALID_ARGUMENT)
     async def PostInputs(
         self, request: service_pb2.PostInputsRequest, context: Context | None
     ) -> service_pb2.MultiInputResponse:
@@ -275,7 +246,6 @@ class ClarifaiInputs:
         now = datetime.now(UTC)
         return _Job(request.id, now, now)
 
-    @refusing(service_pb2.SingleInputsAddJobResponse, status.INPUT_INVALID_ARGUMENT)
     async def GetInputsAddJob(
         self, request: service_pb2.GetInputsAddJobRequest, context: Context | None
     ) -> service_pb2.SingleInputsAddJobResponse:
@@ -283,7 +253,6 @@ class ClarifaiInputs:
             status=status.ok(REQUEST_ID.get()), inputs_add_job=_job_message(self._job(request))
         )
 
-    @refusing(service_pb2.SingleInputsAddJobResponse, status.INPUT_INVALID_ARGUMENT)
     async def CancelInputsAddJob(
         self, request: service_pb2.CancelInputsAddJobRequest, context: Context | None
     ) -> service_pb2.SingleInputsAddJobResponse:
@@ -296,7 +265,6 @@ class ClarifaiInputs:
             status=answer, inputs_add_job=_job_message(self._job(request))
         )
 
-    @refusing(service_pb2.MultiInputsAddJobResponse, status.INPUT_INVALID_ARGUMENT)
     async def ListInputsAddJobs(
         self, request: service_pb2.ListInputsAddJobsRequest, context: Context | None
     ) -> service_pb2.MultiInputsAddJobResponse:
@@ -311,7 +279,6 @@ class ClarifaiInputs:
 
     # --- reads ------------------------------------------------------------------------
 
-    @refusing(service_pb2.SingleInputResponse, status.INPUT_INVALID_ARGUMENT)
     async def GetInput(
         self, request: service_pb2.GetInputRequest, context: Context | None
     ) -> service_pb2.SingleInputResponse:
@@ -335,7 +302,6 @@ class ClarifaiInputs:
         )
         return list(listed.inputs), listed.next_page_token
 
-    @refusing(service_pb2.MultiInputResponse, status.INPUT_INVALID_ARGUMENT)
     async def ListInputs(
         self, request: service_pb2.ListInputsRequest, context: Context | None
     ) -> service_pb2.MultiInputResponse:
@@ -358,7 +324,6 @@ class ClarifaiInputs:
             status=status.ok(REQUEST_ID.get()), inputs=[input_out(i) for i in items]
         )
 
-    @refusing(service_pb2.MultiInputResponse, status.INPUT_INVALID_ARGUMENT)
     async def StreamInputs(
         self, request: service_pb2.StreamInputsRequest, context: Context | None
     ) -> service_pb2.MultiInputResponse:
@@ -399,7 +364,6 @@ class ClarifaiInputs:
             inputs=[input_out(i) for i in rest[:per_page]],
         )
 
-    @refusing(service_pb2.SingleInputCountResponse, status.INPUT_INVALID_ARGUMENT)
     async def GetInputCount(
         self, request: service_pb2.GetInputCountRequest, context: Context | None
     ) -> service_pb2.SingleInputCountResponse:
@@ -417,7 +381,6 @@ class ClarifaiInputs:
 
     # --- writes -----------------------------------------------------------------------
 
-    @refusing(service_pb2.MultiInputResponse, status.INPUT_INVALID_ARGUMENT)
     async def PatchInputs(
         self, request: service_pb2.PatchInputsRequest, context: Context | None
     ) -> service_pb2.MultiInputResponse:
@@ -458,7 +421,6 @@ class ClarifaiInputs:
             inputs=[input_out(i) for i in response.inputs],
         )
 
-    @refusing(status_pb2.BaseResponse, status.INPUT_INVALID_ARGUMENT)
     async def DeleteInput(
         self, request: service_pb2.DeleteInputRequest, context: Context | None
     ) -> status_pb2.BaseResponse:
@@ -473,7 +435,6 @@ class ClarifaiInputs:
             raise NotFound.in_app("input", app_id, request.input_id)
         return status_pb2.BaseResponse(status=status.ok(REQUEST_ID.get()))
 
-    @refusing(status_pb2.BaseResponse, status.INPUT_INVALID_ARGUMENT)
     async def DeleteInputs(
         self, request: service_pb2.DeleteInputsRequest, context: Context | None
     ) -> status_pb2.BaseResponse:

@@ -29,7 +29,13 @@ from google.protobuf.message import Message
 
 from service.api.boundary import check_request
 from service.api.clarifai import status
-from service.api.clarifai.service import SERVICE_NAME, V2, V2Handlers, message_class
+from service.api.clarifai.service import (
+    SERVICE_NAME,
+    V2,
+    V2Handlers,
+    in_band_failure,
+    message_class,
+)
 from service.api.interceptors import Call
 from service.domain.auth import Authenticator, parse_authorization
 from service.domain.errors import FieldViolation, InvalidArgument, Unauthenticated
@@ -293,15 +299,21 @@ class _Headers:
         raise RuntimeError("a REST call cannot be aborted")
 
 
-def _in_band(response_type: type[Message]) -> Callable[[Exception], Message]:
-    def respond(error: Exception) -> Message:
-        unreadable = isinstance(error, InvalidArgument) and error.reason == MALFORMED
-        code = status.BAD_REQUEST_FORMAT if unreadable else status.INVALID_REQUEST
-        return status.with_status(
-            response_type, status.of_error(error, REQUEST_ID.get(), invalid=code)
-        )
+def _in_band(method: MethodDescriptor) -> Callable[[Exception], Message]:
+    """As the gRPC path answers a failure of `method`, but an unreadable body or query is
+    CONN_BAD_REQUEST_FORMAT."""
+    path = f"/{SERVICE_NAME}/{method.name}"
+    respond = in_band_failure(path)
+    assert respond is not None
+    response_type = message_class(method.output_type)
 
-    return respond
+    def answer(error: Exception) -> Message:
+        if isinstance(error, InvalidArgument) and error.reason == MALFORMED:
+            unreadable = status.of_error(error, REQUEST_ID.get(), invalid=status.BAD_REQUEST_FORMAT)
+            return status.with_status(response_type, unreadable)
+        return respond(error)
+
+    return answer
 
 
 def as_json(message: Message) -> dict[str, Any]:
@@ -367,7 +379,7 @@ class RestGateway:
             self.authenticator,
             f"/{SERVICE_NAME}/{method.name}",
             metadata,
-            _in_band(message_class(method.output_type)),
+            _in_band(method),
             parse=key_only,
         )
         answer: Message | None = None

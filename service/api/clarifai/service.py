@@ -63,7 +63,7 @@ def invalid_code(method: str) -> int:
     code: int = status.INVALID_REQUEST
     if "Annotation" in method:
         code = status.ANNOTATION_INVALID_ARGUMENT
-    elif method.endswith(("Input", "Inputs")) and "Dataset" not in method:
+    elif "Input" in method and "Dataset" not in method:
         code = status.INPUT_INVALID_ARGUMENT
     return code
 

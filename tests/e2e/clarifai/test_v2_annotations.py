@@ -4,19 +4,16 @@ natively."""
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import grpc
 import pytest
-from clarifai_grpc.channel.clarifai_channel import ClarifaiChannel
 from clarifai_grpc.grpc.api import resources_pb2, service_pb2, service_pb2_grpc
 from clarifai_grpc.grpc.api.status import status_code_pb2, status_pb2
 from datasetd.v1 import annotation_service_pb2 as api
 
-from service.app import Running
 from tests.conftest import Caller
 from tests.e2e.clarifai.test_v2_inputs import sdk_rebuilt
+from tests.e2e.clarifai.v2 import scope
 from tests.helpers import png_bytes
 from tests.unit.test_media import mp4
 
@@ -27,18 +24,6 @@ SUCCESS = status_code_pb2.SUCCESS
 STORED = status_code_pb2.ANNOTATION_SUCCESS
 INVALID = status_code_pb2.ANNOTATION_INVALID_ARGUMENT
 MISSING = status_code_pb2.CONN_DOES_NOT_EXIST
-
-
-@pytest.fixture(scope="module")
-async def v2(server: Running) -> AsyncIterator[service_pb2_grpc.V2Stub]:
-    # clarifai-grpc's stub needs one of its channels made first (a module global).
-    ClarifaiChannel.get_insecure_grpc_channel(base="127.0.0.1", port=server.port).close()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield service_pb2_grpc.V2Stub(channel)
-
-
-def scope(caller: Caller) -> resources_pb2.UserAppIDSet:
-    return resources_pb2.UserAppIDSet(user_id="me", app_id=caller.app_id)
 
 
 def labels(*ids: str) -> list[resources_pb2.Concept]:

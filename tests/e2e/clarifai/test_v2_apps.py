@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import grpc
 import pytest
-from clarifai_grpc.channel.clarifai_channel import ClarifaiChannel
 from clarifai_grpc.grpc.api import resources_pb2, service_pb2, service_pb2_grpc
 from clarifai_grpc.grpc.api.status import status_code_pb2
 
@@ -17,14 +14,6 @@ from tests.conftest import Caller, new_caller
 
 SUCCESS = status_code_pb2.SUCCESS
 INVALID = status_code_pb2.CONN_INVALID_REQUEST
-
-
-@pytest.fixture(scope="module")
-async def v2(server: Running) -> AsyncIterator[service_pb2_grpc.V2Stub]:
-    # clarifai-grpc's stub needs one of its channels made first (see test_v2_datasets).
-    ClarifaiChannel.get_insecure_grpc_channel(base="127.0.0.1", port=server.port).close()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield service_pb2_grpc.V2Stub(channel)
 
 
 async def test_get_app_is_the_keys_app(

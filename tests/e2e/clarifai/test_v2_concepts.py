@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import grpc
-import pytest
-from clarifai_grpc.channel.clarifai_channel import ClarifaiChannel
 from clarifai_grpc.grpc.api import resources_pb2, service_pb2, service_pb2_grpc
 from clarifai_grpc.grpc.api.status import status_code_pb2
 from datasetd.v1 import input_service_pb2 as iapi
 
-from service.app import Running
 from tests.conftest import Caller
+from tests.e2e.clarifai.v2 import scope
 from tests.helpers import png_bytes
 from tests.unit.test_media import mp4
 
@@ -21,18 +17,6 @@ if TYPE_CHECKING:
     from datasetd.v1.input_service_pb2_grpc import InputServiceAsyncStub as Inputs
 
 SUCCESS = status_code_pb2.SUCCESS
-
-
-@pytest.fixture(scope="module")
-async def v2(server: Running) -> AsyncIterator[service_pb2_grpc.V2Stub]:
-    # clarifai-grpc's stub needs one of its channels made first (a module global).
-    ClarifaiChannel.get_insecure_grpc_channel(base="127.0.0.1", port=server.port).close()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield service_pb2_grpc.V2Stub(channel)
-
-
-def scope(caller: Caller) -> resources_pb2.UserAppIDSet:
-    return resources_pb2.UserAppIDSet(user_id="me", app_id=caller.app_id)
 
 
 def concept(concept_id: str, name: str = "") -> resources_pb2.Concept:

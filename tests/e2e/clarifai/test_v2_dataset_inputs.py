@@ -4,12 +4,9 @@ and the SDK's merge_dataset; membership is read back through the native API."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import grpc
 import pytest
-from clarifai_grpc.channel.clarifai_channel import ClarifaiChannel
 from clarifai_grpc.grpc.api import resources_pb2, service_pb2, service_pb2_grpc
 from clarifai_grpc.grpc.api.status import status_code_pb2
 from datasetd.v1 import dataset_service_pb2 as dapi
@@ -17,6 +14,7 @@ from datasetd.v1 import input_service_pb2 as iapi
 
 from service.app import Running
 from tests.conftest import Caller
+from tests.e2e.clarifai.v2 import scope
 from tests.e2e.test_inputs import create, image_input, new_dataset, text_input
 
 if TYPE_CHECKING:
@@ -27,18 +25,6 @@ SUCCESS = status_code_pb2.SUCCESS
 ADDED = status_code_pb2.DATASET_INPUT_SUCCESS
 MISSING = status_code_pb2.CONN_DOES_NOT_EXIST
 INVALID = status_code_pb2.CONN_INVALID_REQUEST
-
-
-@pytest.fixture(scope="module")
-async def v2(server: Running) -> AsyncIterator[service_pb2_grpc.V2Stub]:
-    # clarifai-grpc's stub needs one of its channels made first (see test_v2_datasets).
-    ClarifaiChannel.get_insecure_grpc_channel(base="127.0.0.1", port=server.port).close()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield service_pb2_grpc.V2Stub(channel)
-
-
-def scope(caller: Caller) -> resources_pb2.UserAppIDSet:
-    return resources_pb2.UserAppIDSet(user_id="me", app_id=caller.app_id)
 
 
 def by_id(*ids: str) -> list[resources_pb2.DatasetInput]:

@@ -8,13 +8,10 @@ import re
 import types
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpc
-import pytest
 from clarifai.client.base import BaseClient
-from clarifai_grpc.channel.clarifai_channel import ClarifaiChannel
 from clarifai_grpc.grpc.api import resources_pb2, service_pb2, service_pb2_grpc
 from clarifai_grpc.grpc.api.status import status_code_pb2, status_pb2
 from datasetd.v1 import input_service_pb2 as iapi
@@ -23,6 +20,7 @@ from google.protobuf.message import Message
 
 from service.app import Running
 from tests.conftest import Caller
+from tests.e2e.clarifai.v2 import scope
 from tests.helpers import call_error, png_bytes
 
 if TYPE_CHECKING:
@@ -33,18 +31,6 @@ SUCCESS = status_code_pb2.SUCCESS
 STORED = status_code_pb2.INPUT_DOWNLOAD_SUCCESS
 INVALID = status_code_pb2.INPUT_INVALID_ARGUMENT
 MISSING = status_code_pb2.CONN_DOES_NOT_EXIST
-
-
-@pytest.fixture(scope="module")
-async def v2(server: Running) -> AsyncIterator[service_pb2_grpc.V2Stub]:
-    # clarifai-grpc's stub needs one of its channels made first (a module global).
-    ClarifaiChannel.get_insecure_grpc_channel(base="127.0.0.1", port=server.port).close()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield service_pb2_grpc.V2Stub(channel)
-
-
-def scope(caller: Caller) -> resources_pb2.UserAppIDSet:
-    return resources_pb2.UserAppIDSet(user_id="me", app_id=caller.app_id)
 
 
 def image(

@@ -7,16 +7,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import urllib.parse
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import pytest
 import requests
 from clarifai.datasets.export.inputs_annotations import DatasetExportReader
 from clarifai.datasets.upload.utils import DisplayUploadStatus
-from clarifai_grpc.channel.clarifai_channel import ClarifaiChannel
 from clarifai_grpc.grpc.api import resources_pb2, service_pb2, service_pb2_grpc
 from clarifai_grpc.grpc.api.status import status_code_pb2
 from datasetd.v1 import data_pb2, input_pb2
@@ -29,6 +26,7 @@ from service.domain.auth import new_key
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.db import Database
 from tests.conftest import Caller
+from tests.e2e.clarifai.v2 import scope
 from tests.e2e.test_annotations import add, annotation, box, concepts, points, region
 from tests.e2e.test_inputs import create, image_input, new_dataset
 from tests.e2e.test_versions import get_version, table_locked
@@ -54,18 +52,6 @@ EXPORT_WAITING = (
 )
 PROTOBUF = resources_pb2.CLARIFAI_DATA_PROTOBUF
 TIMEOUT_SECONDS = 30.0
-
-
-@pytest.fixture(scope="module")
-async def v2(server: Running) -> AsyncIterator[service_pb2_grpc.V2Stub]:
-    # clarifai-grpc's stub needs one of its channels made first (see test_v2_datasets).
-    ClarifaiChannel.get_insecure_grpc_channel(base="127.0.0.1", port=server.port).close()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield service_pb2_grpc.V2Stub(channel)
-
-
-def scope(caller: Caller) -> resources_pb2.UserAppIDSet:
-    return resources_pb2.UserAppIDSet(user_id="me", app_id=caller.app_id)
 
 
 async def content(
