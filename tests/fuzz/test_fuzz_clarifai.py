@@ -24,10 +24,12 @@ from tests.fuzz.test_fuzz import _assert_serving
 
 SERVED = sorted(served_methods())
 # Outside the subset: they must answer NOT_IMPLEMENTED in-band whatever they are sent.
-UNSERVED = ["ListModels", "PostWorkflows", "PostModelOutputs", "ListWorkflows", "StreamAnnotations"]
+UNSERVED = ["ListModels", "GetModel", "ListApps", "ListWorkflows", "StreamAnnotations"]
 RPCS = [Rpc(V2.methods_by_name[name]) for name in (*SERVED, *UNSERVED)]
 EXAMPLES_PER_RPC = 120
-BATCH = 120
+# Outside the subset a method answers before it reads the request: a few cases show that
+# (generating a request of the model and workflow messages costs more than sending it).
+EXAMPLES_PER_UNSERVED_RPC = 20
 # Clarifai's codes for a failure of the server itself.
 SERVER_FAILURES = frozenset(
     value.number
@@ -76,7 +78,19 @@ def in_band_problem(outcome: Outcome) -> str:
 def test_the_subset_is_served() -> None:
     """The methods the clients of issue 14 call are in the subset (a part lost in the
     wiring would turn them into NOT_IMPLEMENTED without anything else failing)."""
-    assert {"PostDatasets", "GetDataset", "ListDatasets", "PatchDatasets"} <= set(SERVED)
+    documented = {
+        *("PostDatasets", "GetDataset", "ListDatasets", "PatchDatasets", "DeleteDatasets"),
+        *("PostDatasetInputs", "ListDatasetInputs", "GetDatasetInput", "DeleteDatasetInputs"),
+        *("PostInputs", "GetInput", "ListInputs", "PatchInputs", "DeleteInput", "DeleteInputs"),
+        *("StreamInputs", "GetInputCount", "GetInputsAddJob", "ListInputsAddJobs"),
+        *("CancelInputsAddJob", "PostAnnotations", "GetAnnotation", "ListAnnotations"),
+        *("PatchAnnotations", "DeleteAnnotation", "DeleteAnnotations", "ListConcepts"),
+        *("GetConcept", "PostConcepts", "PatchConcepts", "PostDatasetVersions"),
+        *("GetDatasetVersion", "ListDatasetVersions", "PatchDatasetVersions"),
+        *("DeleteDatasetVersions", "ListDatasetVersionMetricsGroups"),
+        *("PutDatasetVersionExports", "GetApp", "PostApps", "GetUser"),
+    }
+    assert set(SERVED) == documented
 
 
 @pytest.mark.parametrize("rpc", RPCS, ids=lambda rpc: rpc.method.name)
@@ -91,13 +105,13 @@ async def test_v2_rpc_keeps_the_contract(rpc: Rpc, resources: Resources) -> None
         ),
     )
     seed = zlib.crc32(rpc.method.full_name.encode())
-    for batch_number in range(EXAMPLES_PER_RPC // BATCH):
-        outcomes = await run(resources.channel, generate(strategy, BATCH, seed + batch_number))
-        problem = verdict(outcomes)
-        if problem:
-            pytest.fail(f"{rpc.method.name}: {problem}", pytrace=False)
-        in_band = [p for p in (in_band_problem(o) for o in outcomes) if p]
-        if in_band:
-            shown = "\n".join(in_band[:8])
-            pytest.fail(f"{len(in_band)} in-band failures:\n{shown}", pytrace=False)
+    count = EXAMPLES_PER_UNSERVED_RPC if rpc.method.name in UNSERVED else EXAMPLES_PER_RPC
+    outcomes = await run(resources.channel, generate(strategy, count, seed))
+    problem = verdict(outcomes)
+    if problem:
+        pytest.fail(f"{rpc.method.name}: {problem}", pytrace=False)
+    in_band = [p for p in (in_band_problem(o) for o in outcomes) if p]
+    if in_band:
+        shown = "\n".join(in_band[:8])
+        pytest.fail(f"{len(in_band)} in-band failures:\n{shown}", pytrace=False)
     await _assert_serving(resources.channel)
