@@ -395,6 +395,10 @@ def banner(config: Config, running: Running) -> str:
     if running.http is not None:
         http_host = config.http_listen.rsplit(":", 1)[0] or "0.0.0.0"
         lines.append(f"metrics on http://{http_host}:{running.http_port}/metrics")
+        lines.append(
+            f"Clarifai REST and downloads on http://{http_host}:{running.http_port}/v2 "
+            "(clarifai.api.V2 also on the gRPC port)"
+        )
     if key:
         lines.append(f"bootstrap API key for app {config.bootstrap_app!r}: {key}")
         if not config.bootstrap_key:

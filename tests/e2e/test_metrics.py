@@ -209,9 +209,9 @@ async def test_healthz_answers_200_while_serving(server: Running) -> None:
     ):
         assert response.status == 200
         assert await response.text() == "SERVING\n"
-    assert f"metrics on http://127.0.0.1:{server.http_port}/metrics" in banner(
-        server.config, server
-    )
+    shown = banner(server.config, server)
+    assert f"metrics on http://127.0.0.1:{server.http_port}/metrics" in shown
+    assert f"Clarifai REST and downloads on http://127.0.0.1:{server.http_port}/v2" in shown
 
 
 async def test_healthz_answers_503_once_shutting_down_and_off_starts_no_port(
@@ -241,7 +241,7 @@ async def test_healthz_answers_503_once_shutting_down_and_off_starts_no_port(
     running = await start(off, resources)
     try:
         assert running.http is None and running.http_port == 0
-        assert "metrics on" not in banner(off, running)
+        assert "http://" not in banner(off, running)
     finally:
         await running.stop()
 
