@@ -48,6 +48,7 @@ from tests.faults.replicas import (
     SERVING,
     Replica,
     Replicas,
+    Run,
     archive_input_ids,
     health_of,
     job_runs,
@@ -558,6 +559,22 @@ FROM version_inputs WHERE app_id = $1 GROUP BY dataset_id, version_id
 """
 
 
+# A job's end is recorded by its runner right after the job's own writes commit, so the
+# last export can be seen as done a moment before its run is.
+RUNS_SETTLE_SECONDS = 15.0
+
+
+async def settled_runs(db: Database) -> list[Run]:
+    """The job runs, once none is still open (or after RUNS_SETTLE_SECONDS, as they are)."""
+    deadline = time.monotonic() + RUNS_SETTLE_SECONDS
+    while True:
+        runs = await job_runs(db)
+        last = {run.job_id: run for run in runs}  # ordered by job, then start
+        if all(run.outcome is not None for run in last.values()) or time.monotonic() > deadline:
+            return runs
+        await asyncio.sleep(0.2)
+
+
 async def check_data(db: Database, objects: ObjectStore, load: Load) -> None:
     report = await check_ledger(db, objects, load.ledger)
     print(f"ledger: {report}")
@@ -583,7 +600,7 @@ async def check_data(db: Database, objects: ObjectStore, load: Load) -> None:
             )
     if set(load.expected) != {(e.dataset_id, e.version_id) for e in load.exported}:
         problems.append("not every version was exported and downloaded")
-    runs = await job_runs(db)
+    runs = await settled_runs(db)
     problems += run_problems(runs)
     expired = [run for run in runs if run.outcome == "expired"]
     # Each job a kill cut off: its run by the dead replica expired, and a run of another
