@@ -80,8 +80,12 @@ class Data(_message.Message):
 
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
-        """Refused in every request (INVALID_ARGUMENT): kept for wire compatibility
-        with clarifai.api; datasetd stores no embeddings.
+        """Optional in an input of CreateInputs, UpdateInputs and the UploadInput
+        header: vectors of caller-named embedding models (at most 8, one per
+        model), searchable with SearchService. GetInput and ListInputs return
+        them; vectors datasetd computes itself are read with
+        SearchService.GetInputEmbeddings. Refused in annotations, regions and
+        frames (INVALID_ARGUMENT).
         """
 
     @_builtins.property
@@ -583,12 +587,20 @@ class Embedding(_message.Message):
 
     VECTOR_FIELD_NUMBER: _builtins.int
     NUM_DIMENSIONS_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
     num_dimensions: _builtins.int
-    """Output only. Number of dimensions."""
+    """Optional on input (when set, it must equal the number of components);
+    always set on output. Number of dimensions.
+    """
+    model_id: _builtins.str
+    """Required on input. The embedding model the vector belongs to: 1..64
+    characters of [A-Za-z0-9_.-]; not a built-in model's id. An input has at
+    most one vector per model: a new one replaces it.
+    """
     @_builtins.property
     def vector(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """The vector components. Refused with the whole embedding: datasetd stores
-        no embeddings.
+        """Required. The components: finite numbers, 1..1536 of them, as many as
+        the model's dimension (set by the model's first vector).
         """
 
     def __init__(
@@ -596,10 +608,11 @@ class Embedding(_message.Message):
         *,
         vector: _abc.Iterable[_builtins.float] | None = ...,
         num_dimensions: _builtins.int = ...,
+        model_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_dimensions", b"num_dimensions", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "num_dimensions", b"num_dimensions", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from datasetd.v1 import common_pb2 as _common_pb2
 from datasetd.v1 import dataset_pb2 as _dataset_pb2
+from datasetd.v1 import search_pb2 as _search_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
@@ -479,15 +480,29 @@ class AddDatasetInputsRequest(_message.Message):
     DATASET_ID_FIELD_NUMBER: _builtins.int
     INPUT_IDS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SEARCH_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """Required. The app."""
     dataset_id: _builtins.str
     """Required. The dataset."""
     request_id: _builtins.str
     """Optional. Idempotency key."""
+    dry_run: _builtins.bool
+    """Optional, with `search` only. Count the matches without adding anything."""
     @_builtins.property
     def input_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Required. 1..1000 input ids of the app."""
+        """1..1000 input ids of the app. Exactly one of `input_ids` and `search`
+        is required.
+        """
+
+    @_builtins.property
+    def search(self) -> _search_pb2.SearchQuery:
+        """Every input that matches this query joins the dataset (the rank, if
+        any, only counts through its `min_score`). Up to 10,000 matches are
+        added in the call; more run as a durable background job whose id is
+        returned in `job_id` (follow it with SearchService.GetSearchJob).
+        """
 
     def __init__(
         self,
@@ -496,10 +511,12 @@ class AddDatasetInputsRequest(_message.Message):
         dataset_id: _builtins.str = ...,
         input_ids: _abc.Iterable[_builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        search: _search_pb2.SearchQuery | None = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["search", b"search"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "input_ids", b"input_ids", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "dry_run", b"dry_run", "input_ids", b"input_ids", "request_id", b"request_id", "search", b"search"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,10 +531,18 @@ class AddDatasetInputsResponse(_message.Message):
     ADDED_COUNT_FIELD_NUMBER: _builtins.int
     ALREADY_PRESENT_COUNT_FIELD_NUMBER: _builtins.int
     UNKNOWN_INPUT_IDS_FIELD_NUMBER: _builtins.int
+    MATCHED_COUNT_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
     added_count: _builtins.int
     """Inputs newly added."""
     already_present_count: _builtins.int
     """Inputs that were already members."""
+    matched_count: _builtins.int
+    """With `search`: inputs that matched the query."""
+    job_id: _builtins.str
+    """With `search`, when the matches are added in the background: the job
+    (the counts above are then 0 until GetSearchJob reports them).
+    """
     @_builtins.property
     def unknown_input_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Requested ids with no input in the app; nothing was done for them."""
@@ -528,10 +553,12 @@ class AddDatasetInputsResponse(_message.Message):
         added_count: _builtins.int = ...,
         already_present_count: _builtins.int = ...,
         unknown_input_ids: _abc.Iterable[_builtins.str] | None = ...,
+        matched_count: _builtins.int = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_count", b"added_count", "already_present_count", b"already_present_count", "unknown_input_ids", b"unknown_input_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_count", b"added_count", "already_present_count", b"already_present_count", "job_id", b"job_id", "matched_count", b"matched_count", "unknown_input_ids", b"unknown_input_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -722,6 +749,7 @@ class DeleteDatasetInputsByFilterRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SEARCH_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
     """Required. The app."""
     dataset_id: _builtins.str
@@ -732,8 +760,15 @@ class DeleteDatasetInputsByFilterRequest(_message.Message):
     """Optional. Idempotency key."""
     @_builtins.property
     def filter(self) -> _common_pb2.InputFilter:
-        """Required. Which of the dataset's inputs to delete; an empty filter
-        matches every input of the dataset.
+        """Which of the dataset's inputs to delete; an empty filter matches every
+        input of the dataset. At most one of `filter` and `search`.
+        """
+
+    @_builtins.property
+    def search(self) -> _search_pb2.SearchQuery:
+        """Optional. Which of the dataset's inputs to delete, as a search query;
+        its scope must be empty or this dataset (no version), and a rank only
+        counts through its `min_score`.
         """
 
     def __init__(
@@ -744,10 +779,11 @@ class DeleteDatasetInputsByFilterRequest(_message.Message):
         filter: _common_pb2.InputFilter | None = ...,
         dry_run: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        search: _search_pb2.SearchQuery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "search", b"search"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "dry_run", b"dry_run", "filter", b"filter", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_id", b"app_id", "dataset_id", b"dataset_id", "dry_run", b"dry_run", "filter", b"filter", "request_id", b"request_id", "search", b"search"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,7 +50,7 @@ class Input(_message.Message):
         Regions and frames are annotations: CreateInputs stores those given here
         as an annotation of the new input (read back with ListAnnotations);
         UpdateInputs and the UploadInput header refuse them (INVALID_ARGUMENT:
-        send them with CreateAnnotations). Embeddings are refused everywhere.
+        send them with CreateAnnotations).
         """
 
     @_builtins.property
