@@ -8,7 +8,7 @@ the real API ignores too, or output-only fields the SDK echoes back)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any, TypeVar
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -65,6 +65,20 @@ def native(
             "is not supported by datasetd (remove it; see the README: Clarifai compatibility)",
         )
     return native_type.FromString(copy.SerializeToString())
+
+
+def native_all(
+    messages: Iterable[Message],
+    native_type: type[N],
+    path: str,
+    violations: Violations,
+    ignored: Collection[str] = (),
+) -> list[N]:
+    """`native` for each message of a repeated field `path`."""
+    return [
+        native(message, native_type, f"{path}[{i}]", violations, ignored)
+        for i, message in enumerate(messages)
+    ]
 
 
 def native_one(

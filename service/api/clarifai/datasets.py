@@ -11,7 +11,7 @@ from clarifai_grpc.grpc.api.status import status_pb2
 from datasetd.v1 import common_pb2, dataset_pb2, dataset_service_pb2
 
 from service.api.clarifai import status
-from service.api.clarifai.convert import clarifai, native
+from service.api.clarifai.convert import clarifai, native_all
 from service.api.clarifai.paging import PageCursors, page_request
 from service.api.clarifai.parts import NativeParts
 from service.api.clarifai.scope import app_of
@@ -65,10 +65,9 @@ class ClarifaiDatasets:
     ) -> service_pb2.MultiDatasetResponse:
         app_id = app_of(request)
         violations = Violations()
-        datasets = [
-            native(d, dataset_pb2.Dataset, f"datasets[{i}]", violations, _IGNORED_DATASET_FIELDS)
-            for i, d in enumerate(request.datasets)
-        ]
+        datasets = native_all(
+            request.datasets, dataset_pb2.Dataset, "datasets", violations, _IGNORED_DATASET_FIELDS
+        )
         if not datasets:
             violations.add("datasets", "must name at least one dataset")
         violations.raise_if_any()
@@ -155,10 +154,9 @@ class ClarifaiDatasets:
         app_id = app_of(request)
         action = patch_action(request.action)
         violations = Violations()
-        datasets = [
-            native(d, dataset_pb2.Dataset, f"datasets[{i}]", violations, _IGNORED_DATASET_FIELDS)
-            for i, d in enumerate(request.datasets)
-        ]
+        datasets = native_all(
+            request.datasets, dataset_pb2.Dataset, "datasets", violations, _IGNORED_DATASET_FIELDS
+        )
         for index, dataset in enumerate(datasets):
             if not dataset.id:
                 violations.add(f"datasets[{index}].id", "is required to patch a dataset")

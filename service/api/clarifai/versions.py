@@ -21,7 +21,7 @@ from datasetd.v1 import status_pb2 as native_status
 from google.protobuf import field_mask_pb2, struct_pb2
 
 from service.api.clarifai import status
-from service.api.clarifai.convert import clarifai, native
+from service.api.clarifai.convert import clarifai, native_all
 from service.api.clarifai.datasets import user_of
 from service.api.clarifai.paging import PageCursors, page_request
 from service.api.clarifai.parts import NativeParts
@@ -227,16 +227,13 @@ class ClarifaiVersions:
     ) -> service_pb2.MultiDatasetVersionResponse:
         app_id = app_of(request)
         violations = Violations()
-        versions = [
-            native(
-                v,
-                dataset_version_pb2.DatasetVersion,
-                f"dataset_versions[{i}]",
-                violations,
-                _IGNORED_VERSION_FIELDS,
-            )
-            for i, v in enumerate(request.dataset_versions)
-        ]
+        versions = native_all(
+            request.dataset_versions,
+            dataset_version_pb2.DatasetVersion,
+            "dataset_versions",
+            violations,
+            _IGNORED_VERSION_FIELDS,
+        )
         if not versions:
             # The SDK's create_version always sends one; an empty list still makes one.
             versions = [dataset_version_pb2.DatasetVersion()]
@@ -380,16 +377,13 @@ class ClarifaiVersions:
                 f"got {request.action!r}",
             )
         violations = Violations()
-        versions = [
-            native(
-                v,
-                dataset_version_pb2.DatasetVersion,
-                f"dataset_versions[{i}]",
-                violations,
-                _IGNORED_VERSION_FIELDS,
-            )
-            for i, v in enumerate(request.dataset_versions)
-        ]
+        versions = native_all(
+            request.dataset_versions,
+            dataset_version_pb2.DatasetVersion,
+            "dataset_versions",
+            violations,
+            _IGNORED_VERSION_FIELDS,
+        )
         if not versions:
             violations.add("dataset_versions", "must name at least one version")
         for index, version in enumerate(versions):
