@@ -21,11 +21,12 @@ from service.api.downloads import Downloads, add_download_routes
 from service.api.http import HttpServer, build_application, http_address
 from service.api.links import DownloadLinks
 from service.api.server import LIVENESS_SERVICE, SERVICE_NAMES, build_server
-from service.config import Config
+from service.config import Config, ConfigError
 from service.devstack import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
 from service.domain.auth import Authenticator, ensure_bootstrap_key
 from service.domain.jobs import JobKind
 from service.domain.maintenance import Maintenance
+from service.embedders import installation_embedders
 from service.jobs import JobRunner
 from service.observability import metrics, tracing
 from service.observability.metrics import InstanceMetrics, QueuedJobs
@@ -206,11 +207,14 @@ def _where(task: asyncio.Task[Any]) -> str:
 
 async def start(config: Config, resources: Resources | None = None) -> Running:
     """Starts the server; with `resources` given (tests), uses them instead of opening new ones."""
+    # Before anything is opened: a bad ONNX model stops the start with its ConfigError.
+    embedders = await asyncio.to_thread(installation_embedders, config)
     resources = resources or await open_resources(config)
     db = resources.db
     try:
         async with db.connection() as conn:
             await migrate(conn)
+        await db.reload_types()
         await resources.objects.ensure_bucket()
         store = Storage.build(db, resources.objects)
         bootstrap_secret = await _bootstrap_key(config, store)
@@ -221,8 +225,10 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             base_url=config.public_url,
             public=bool(config.public_url),
         )
-        runner = job_runner(config, store, links)
-        domain = Domain.build(config, store, runner, links)
+        runner = job_runner(config, store, links, embedders)
+        domain = Domain.build(config, store, runner, links, embedders)
+        # Registers the models (a changed fingerprint re-embeds) and queues the backfill.
+        await domain.embedding_startup.run()
         api = await Api.build(domain, db, links)
         health_servicer = health.aio.HealthServicer()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -237,6 +243,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             versions=api.versions,
             ontologies=api.ontologies,
             projects=api.projects,
+            search=api.search,
             clarifai=v2,
             health_servicer=health_servicer,
             max_message_bytes=config.max_message_bytes,
@@ -422,7 +429,10 @@ def banner(config: Config, running: Running) -> str:
 async def serve(config: Config) -> None:
     # Process-wide (tests start servers in-process and configure tracing themselves).
     tracing.configure_from_env()
-    running = await start(config)
+    try:
+        running = await start(config)
+    except ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
     print(banner(config, running), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,6 +14,8 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 # host:port, IPv6 hosts in brackets; the host may be empty (all interfaces).
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):(\d{1,5})$")
 MAX_S3_OBJECT_BYTES = 5 * 1024**4
+# Originals of one embedding batch are held in memory together.
+MAX_EMBED_BATCH = 1024
 
 
 class ConfigError(ValueError):
@@ -107,6 +109,14 @@ class Config:
     max_import_bytes: int = 2 * 1024**3
     job_lease: timedelta = timedelta(seconds=30)
     job_concurrency: int = 1
+    # The built-in embedding models (datasetd-image-v1, datasetd-text-v1); off: none.
+    builtin_embedders: bool = True
+    # An ONNX image model (path) and its preprocessing settings (JSON; default: the
+    # model's path with .json).
+    embedder_onnx: str = ""
+    embedder_onnx_settings: str = ""
+    # Inputs the embedding job embeds per batch (one transaction each).
+    embed_batch: int = 64
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -145,6 +155,12 @@ class Config:
             max_import_bytes=get.integer("MAX_IMPORT_BYTES", cls.max_import_bytes, 1),
             job_lease=get.duration("JOB_LEASE", "30s"),
             job_concurrency=get.integer("JOB_CONCURRENCY", 1, 1),
+            builtin_embedders=_bool(
+                "DATASETD_BUILTIN_EMBEDDERS", get.text("BUILTIN_EMBEDDERS", "on")
+            ),
+            embedder_onnx=get.text("EMBEDDER_ONNX"),
+            embedder_onnx_settings=get.text("EMBEDDER_ONNX_SETTINGS"),
+            embed_batch=get.integer("EMBED_BATCH", cls.embed_batch, 1),
             log_level=get.text("LOG_LEVEL", "INFO"),
             log_format=get.text("LOG_FORMAT", "text"),
         )
@@ -183,5 +199,12 @@ class Config:
         if self.job_lease < timedelta(seconds=1):
             # Renewed every third of it: shorter would turn heartbeats into a busy loop.
             raise ConfigError("DATASETD_JOB_LEASE must be at least 1s")
+        if self.embedder_onnx_settings and not self.embedder_onnx:
+            raise ConfigError(
+                "DATASETD_EMBEDDER_ONNX_SETTINGS is set: DATASETD_EMBEDDER_ONNX (the model) is "
+                "required too"
+            )
+        if not 1 <= self.embed_batch <= MAX_EMBED_BATCH:
+            raise ConfigError(f"DATASETD_EMBED_BATCH must be 1..{MAX_EMBED_BATCH}")
         if self.bootstrap_key and len(self.bootstrap_key) < 16:
             raise ConfigError("DATASETD_BOOTSTRAP_KEY must be at least 16 characters")

@@ -5,6 +5,7 @@ this module builds."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.adapters.url_fetch import UrlFetcher
@@ -22,6 +23,8 @@ from service.api.ontologies import OntologyRpcs
 from service.api.pagination import PageTokens
 from service.api.projects import ProjectRpcs
 from service.api.reencode import ReencodeRpcs
+from service.api.search import SearchRpcs
+from service.api.search_jobs import SearchJobRpcs
 from service.api.versions import VersionRpcs
 from service.config import Config
 from service.domain.annotations import AnnotationService
@@ -29,6 +32,8 @@ from service.domain.auth import Authenticator
 from service.domain.clock import SystemClock
 from service.domain.datasets import DatasetService, DatasetSettings
 from service.domain.diffs import DiffService
+from service.domain.embedding_job import EmbeddingIndexer, EmbeddingScheduler, EmbeddingStartup
+from service.domain.embeddings import Embedder
 from service.domain.exports import ExportBuilder, ExportService, ExportSettings
 from service.domain.idempotency import Idempotency
 from service.domain.imported import ImportSettings
@@ -42,6 +47,8 @@ from service.domain.ontologies import OntologyService
 from service.domain.ontology_check import OntologyGate
 from service.domain.projects import ProjectService
 from service.domain.reencode import Reencoder, ReencodeService
+from service.domain.search import SearchService
+from service.domain.search_jobs import AddBySearch, SearchJobService
 from service.domain.transfers import InputTransfers, TransferSettings
 from service.domain.versions import VersionBuilder, VersionService
 from service.formats.archives import Archives, ZipArchiveReader
@@ -56,6 +63,7 @@ from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.datasets import PgDatasetRepository
 from service.storage.db import Database, server_secret
 from service.storage.diffs import PgVersionPairs
+from service.storage.embeddings import PgEmbeddingRepository
 from service.storage.exports import PgExportRepository
 from service.storage.idempotency import PgIdempotencyRepository
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
@@ -64,6 +72,8 @@ from service.storage.objectstore import ObjectStore
 from service.storage.ontologies import PgOntologyRepository
 from service.storage.projects import PgProjectRepository
 from service.storage.reencode import PgReencodeRepository
+from service.storage.search import PgSearchRepository
+from service.storage.search_jobs import PgSearchJobRepository
 from service.storage.versions import PgVersionRepository
 
 
@@ -86,6 +96,9 @@ class Storage:
     ontologies: PgOntologyRepository
     projects: PgProjectRepository
     reencodes: PgReencodeRepository
+    embeddings: PgEmbeddingRepository
+    search: PgSearchRepository
+    search_jobs: PgSearchJobRepository
 
     @classmethod
     def build(cls, db: Database, objects: ObjectStore) -> Storage:
@@ -105,12 +118,21 @@ class Storage:
             ontologies=PgOntologyRepository(db),
             projects=PgProjectRepository(db),
             reencodes=PgReencodeRepository(db),
+            embeddings=PgEmbeddingRepository(db),
+            search=PgSearchRepository(db),
+            search_jobs=PgSearchJobRepository(db),
         )
 
 
-def job_runner(config: Config, store: Storage, links: DownloadLinks | None = None) -> JobRunner:
+def job_runner(
+    config: Config,
+    store: Storage,
+    links: DownloadLinks | None = None,
+    embedders: Sequence[Embedder] = (),
+) -> JobRunner:
     """The runner, with a handler for every kind of job the domain queues; `links` gives
-    export archives the HTTP address of the stored originals they reference."""
+    export archives the HTTP address of the stored originals they reference, `embedders`
+    are the installation's models (service.embedders.installation_embedders)."""
     db, blobs = store.db, store.blobs
     handlers: dict[JobKind, JobHandler] = {
         JobKind.BUILD_VERSION: VersionBuilder(
@@ -134,6 +156,17 @@ def job_runner(config: Config, store: Storage, links: DownloadLinks | None = Non
             FfmpegTranscoder(),
             db,
             max_output_bytes=config.max_upload_bytes,
+        ),
+        JobKind.EMBED_INPUTS: EmbeddingIndexer(
+            store.embeddings,
+            tuple(embedders),
+            blobs,
+            db,
+            fetcher=_fetcher(config),
+            batch=config.embed_batch,
+        ),
+        JobKind.ADD_BY_SEARCH: AddBySearch(
+            store.search, store.embeddings, store.inputs, store.members, store.search_jobs, db
         ),
     }
     return JobRunner(
@@ -164,15 +197,29 @@ class Domain:
     idempotency: Idempotency
     maintenance: Maintenance
     authenticator: Authenticator
+    search: SearchService
+    search_jobs: SearchJobService
+    # Run once at startup: registers the embedding models, queues the backfill.
+    embedding_startup: EmbeddingStartup
+    # The installation's embedding models (built in, ONNX).
+    embedders: tuple[Embedder, ...]
 
     @classmethod
     def build(
-        cls, config: Config, store: Storage, runner: JobRunner, links: DownloadLinks | None = None
+        cls,
+        config: Config,
+        store: Storage,
+        runner: JobRunner,
+        links: DownloadLinks | None = None,
+        embedders: Sequence[Embedder] = (),
     ) -> Domain:
         """`links`: the HTTP port's links for stored originals (None: presigned URLs)."""
         db, blobs, clock, probes = store.db, store.blobs, SystemClock(), MediaProbes()
         # A job queued by a use case wakes the runner once its transaction commits.
         jobs = JobScheduler(store.jobs, db, runner.notify)
+        embedding_jobs = EmbeddingScheduler(
+            jobs, frozenset(t for e in embedders for t in e.spec.media_types)
+        )
         urls = config.download_url_ttl
         datasets = DatasetService(
             store.datasets, blobs, db, clock, DatasetSettings(config.delete_retention, urls), probes
@@ -190,9 +237,21 @@ class Domain:
             gate,
             fetcher=_fetcher(config),
             links=links,
+            embedding_jobs=embedding_jobs,
+            embeddings=store.embeddings,
         )
         annotations = AnnotationService(store.annotations, store.members, db, gate)
         versions = VersionService(store.versions, store.members, jobs, db)
+        search = SearchService(
+            store.embeddings,
+            store.search,
+            store.inputs,
+            store.members,
+            store.versions,
+            db,
+            inputs,
+            {e.spec.id: e for e in embedders},
+        )
         return cls(
             datasets=datasets,
             inputs=inputs,
@@ -238,8 +297,25 @@ class Domain:
                 store.idempotency,
                 orphan_grace=config.orphan_grace,
                 request_id_ttl=config.request_id_ttl,
+                embeddings=store.embeddings,
+                captures=store.versions,
             ),
             authenticator=Authenticator(store.keys, clock, config.auth_cache_seconds),
+            search=search,
+            search_jobs=SearchJobService(
+                search,
+                store.search,
+                store.embeddings,
+                store.inputs,
+                store.members,
+                store.search_jobs,
+                jobs,
+                db,
+            ),
+            embedding_startup=EmbeddingStartup(
+                store.embeddings, tuple(embedders), embedding_jobs, db
+            ),
+            embedders=tuple(embedders),
         )
 
 
@@ -261,6 +337,8 @@ class Api:
     versions: tuple[object, ...]
     ontologies: tuple[object, ...]
     projects: tuple[object, ...]
+    # SearchService: the search RPCs, and the search jobs' part.
+    search: tuple[object, ...]
     # clarifai.api.V2: parts over the native parts above.
     clarifai: tuple[object, ...]
     # The download routes of the HTTP port (the links' targets).
@@ -271,7 +349,9 @@ class Api:
         once = domain.idempotency
         tokens = PageTokens(await server_secret(db, "page_tokens"))
         datasets = DatasetRpcs(domain.datasets, once, tokens)
-        membership = MembershipRpcs(domain.members, once, tokens, domain.datasets)
+        membership = MembershipRpcs(
+            domain.members, once, tokens, domain.datasets, domain.search_jobs
+        )
         inputs = InputRpcs(domain.inputs, once, tokens, domain.transfers, links)
         annotations = AnnotationRpcs(domain.annotations, once, tokens)
         versions = VersionRpcs(domain.versions, domain.exports, once, tokens, links)
@@ -284,6 +364,7 @@ class Api:
             versions=(versions, exports, DiffRpcs(domain.diffs)),
             ontologies=(OntologyRpcs(domain.ontologies, once, tokens),),
             projects=(ProjectRpcs(domain.projects, once, tokens),),
+            search=(SearchRpcs(domain.search, tokens), SearchJobRpcs(domain.search_jobs)),
             clarifai=clarifai_parts(native),
             downloads=Downloads(domain.exports, domain.transfers, domain.authenticator, links),
         )

@@ -22,6 +22,7 @@ from datasetd.v1 import (
     dataset_service_pb2_grpc,
     dataset_version_service_pb2_grpc,
     input_service_pb2_grpc,
+    search_service_pb2_grpc,
 )
 
 from service.app import Resources, Running, start
@@ -129,6 +130,11 @@ def datasets(channel: grpc.aio.Channel) -> dataset_service_pb2_grpc.DatasetServi
 @pytest.fixture(scope="session")
 def inputs(channel: grpc.aio.Channel) -> input_service_pb2_grpc.InputServiceAsyncStub:
     return input_service_pb2_grpc.InputServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def search(channel: grpc.aio.Channel) -> search_service_pb2_grpc.SearchServiceAsyncStub:
+    return search_service_pb2_grpc.SearchServiceStub(channel)
 
 
 # Named by the decorator: `annotations` is taken by `from __future__ import annotations`.

@@ -14,7 +14,8 @@ silently dropped. This module is the whole list of refusals, in three parts:
   annotation of the new input), and regions or frames do not nest.
 * `_PER_REQUEST`: fields one request does not take though another does (an update
   cannot change media, memberships or the annotated input; an upload's media come as
-  chunks). Wire-compatibility fields nothing uses (`Data.embeddings`) are refused too.
+  chunks). `Data.embeddings` is taken in an input's data only (CreateInputs,
+  UpdateInputs, the UploadInput header), never in an annotation's, region's or frame's.
 
 Everything else is accepted, request parameters (ids, page sizes, flags, masks,
 `request_id`) included: the servicers consume them. `outside_mask` adds the one rule
@@ -87,7 +88,6 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
                 "created_at": _TIMES,
                 "app_id": "output only: a concept belongs to the request's app",
             },
-            "Embedding": {"num_dimensions": "output only: the length of `vector`"},
             "Dataset": {
                 "created_at": _TIMES,
                 "modified_at": _TIMES,
@@ -105,6 +105,39 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
                 _STATISTICS,
             ),
             "DatasetInput": {"created_at": _TIMES, "input": OUTPUT},
+            # ListEmbeddingModels' and GetInputEmbeddings' answers.
+            "EmbeddingModel": dict.fromkeys(
+                (
+                    "id",
+                    "dimension",
+                    "media_types",
+                    "accepts_text_queries",
+                    "source",
+                    "description",
+                    "embedded_count",
+                ),
+                OUTPUT,
+            ),
+            "InputEmbedding": dict.fromkeys(
+                ("model_id", "state", "error", "vector", "updated_at"), OUTPUT
+            ),
+            # FindDuplicates' and GetSearchJob's answers.
+            "DuplicateGroup": dict.fromkeys(("input_ids", "exact", "min_similarity"), OUTPUT),
+            "SearchJob": dict.fromkeys(
+                (
+                    "id",
+                    "dataset_id",
+                    "state",
+                    "percent",
+                    "matched_count",
+                    "added_count",
+                    "already_present_count",
+                    "error",
+                    "created_at",
+                    "finished_at",
+                ),
+                OUTPUT,
+            ),
             "Ontology": {
                 "app_id": "output only: the ontology belongs to the request's app_id",
                 "revision": "output only: the server counts the changes; pass it as "
@@ -203,8 +236,8 @@ _ARE_ANNOTATIONS = (
     "CreateAnnotations (input_id = this input)"
 )
 _EMBEDDINGS = (
-    "embeddings are not stored by datasetd (the field exists for wire compatibility "
-    "with clarifai.api only)"
+    "embeddings belong to the input: send them in its data.embeddings with CreateInputs, "
+    "UpdateInputs or the UploadInput header"
 )
 _MEDIA_OF_INPUT = (
     "media belong to the input, not an annotation: send them with CreateInputs or UploadInput"
@@ -228,9 +261,9 @@ _INPUT_DATA: Final[Mapping[tuple[str, tuple[str, ...]], bool]] = {
 
 def _refused_data_field(request_type: str, data_path: tuple[str, ...], name: str) -> str | None:
     """Why field `name` of the Data at `data_path` is refused in `request_type`."""
-    if name == "embeddings":
-        return _EMBEDDINGS
     takes_annotations = _INPUT_DATA.get((request_type, data_path))
+    if name == "embeddings":
+        return None if takes_annotations is not None else _EMBEDDINGS
     if takes_annotations is not None:
         if takes_annotations:
             return None
@@ -309,6 +342,7 @@ UPDATE_MASKS: Final[Mapping[str, tuple[str, Mapping[str, tuple[str, ...]]]]] = {
             "concepts": ("data", "concepts"),
             "geo": ("data", "geo"),
             "title": ("title",),
+            "embeddings": ("data", "embeddings"),
         },
     ),
     "datasetd.v1.UpdateAnnotationsRequest": (

@@ -64,6 +64,8 @@ def _patches(
             given["geo"] = draft.geo
         if mask.given("title", bool(message.title)):
             given["title"] = message.title
+        if mask.given("embeddings", bool(draft.embeddings)):
+            given["embeddings"] = draft.embeddings
         patches.append((message.id, given))
     return patches
 

@@ -11,11 +11,13 @@ from service.api.interceptors import current_principal
 from service.api.pagination import PageTokens
 from service.api.rpc import Context, mutation
 from service.domain.datasets import DatasetService
-from service.domain.errors import InvalidArgument
+from service.domain.errors import InvalidArgument, Violations
 from service.domain.idempotency import Idempotency
 from service.domain.membership import MembershipService
 from service.domain.models import Principal
+from service.domain.search_jobs import SearchJobService
 from service.wire.inputs import input_filter_query, input_to_proto
+from service.wire.search import search_spec_from_proto
 
 
 @dataclass(frozen=True)
@@ -25,11 +27,32 @@ class MembershipRpcs:
     tokens: PageTokens
     # Records the reads of a dataset's inputs as reads of the dataset (last_accessed_at).
     datasets: DatasetService
+    # AddDatasetInputs and DeleteDatasetInputsByFilter by search.
+    searches: SearchJobService
 
     @mutation()
     async def AddDatasetInputs(
         self, request: api.AddDatasetInputsRequest, principal: Principal
     ) -> api.AddDatasetInputsResponse:
+        by_search = request.HasField("search")
+        violations = Violations()
+        if by_search == bool(request.input_ids):
+            for field in ("input_ids", "search"):
+                violations.add(field, "set exactly one of input_ids and search")
+        if request.dry_run and not by_search:
+            violations.add("dry_run", "only with search: it counts the matches of the query")
+        violations.raise_if_any()
+        if by_search:
+            spec = search_spec_from_proto(request.app_id, request.search, "search")
+            outcome = await self.searches.add(
+                principal, request.app_id, request.dataset_id, spec, dry_run=request.dry_run
+            )
+            return api.AddDatasetInputsResponse(
+                added_count=outcome.added,
+                already_present_count=outcome.present,
+                matched_count=outcome.matched,
+                job_id="" if outcome.job_id is None else str(outcome.job_id),
+            )
         added, present, unknown = await self.members.add_to_dataset(
             principal, request.app_id, request.dataset_id, list(request.input_ids)
         )
@@ -79,6 +102,19 @@ class MembershipRpcs:
     ) -> api.DeleteDatasetInputsByFilterResponse:
         if not request.dataset_id:
             raise InvalidArgument.field("dataset_id", "is required")
+        if request.HasField("search"):
+            if request.HasField("filter"):
+                violations = Violations()
+                for field in ("filter", "search"):
+                    violations.add(field, "set at most one of filter and search")
+                violations.raise_if_any()
+            spec = search_spec_from_proto(request.app_id, request.search, "search")
+            matched, deleted = await self.searches.delete(
+                principal, request.app_id, request.dataset_id, spec, dry_run=request.dry_run
+            )
+            return api.DeleteDatasetInputsByFilterResponse(
+                matched_count=matched, deleted_count=deleted
+            )
         query = input_filter_query(request.app_id, request.filter, dataset_id=request.dataset_id)
         matched, deleted = await self.members.delete_by_filter(
             principal, query, dry_run=request.dry_run

@@ -49,6 +49,12 @@ READ_ONLY: Final = frozenset(
         "/datasetd.v1.ProjectService/GetProject",
         "/datasetd.v1.ProjectService/ListProjects",
         "/datasetd.v1.ProjectService/ValidateDataset",
+        "/datasetd.v1.SearchService/FindDuplicates",
+        "/datasetd.v1.SearchService/GetSearchJob",
+        # The query's image or text is embedded in the process; nothing is written.
+        "/datasetd.v1.SearchService/SearchInputs",
+        "/datasetd.v1.SearchService/ListEmbeddingModels",
+        "/datasetd.v1.SearchService/GetInputEmbeddings",
     }
 )
 

@@ -19,6 +19,8 @@ from datasetd.v1 import (
     ontology_service_pb2_grpc,
     project_service_pb2,
     project_service_pb2_grpc,
+    search_service_pb2,
+    search_service_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -36,8 +38,10 @@ ANNOTATIONS = annotation_service_pb2.DESCRIPTOR.services_by_name["AnnotationServ
 VERSIONS = dataset_version_service_pb2.DESCRIPTOR.services_by_name["DatasetVersionService"]
 ONTOLOGIES = ontology_service_pb2.DESCRIPTOR.services_by_name["OntologyService"]
 PROJECTS = project_service_pb2.DESCRIPTOR.services_by_name["ProjectService"]
+SEARCH = search_service_pb2.DESCRIPTOR.services_by_name["SearchService"]
 SERVICE_NAMES: Sequence[str] = tuple(
-    service.full_name for service in (DATASETS, INPUTS, ANNOTATIONS, VERSIONS, ONTOLOGIES, PROJECTS)
+    service.full_name
+    for service in (DATASETS, INPUTS, ANNOTATIONS, VERSIONS, ONTOLOGIES, PROJECTS, SEARCH)
 )
 # A health service name that is SERVING as long as the process serves, whatever PostgreSQL
 # and the object store do: for liveness probes, which must not restart every replica
@@ -54,6 +58,7 @@ def build_server(
     versions: Sequence[object],
     ontologies: Sequence[object],
     projects: Sequence[object],
+    search: Sequence[object],
     clarifai: V2Handlers,
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
@@ -85,6 +90,7 @@ def build_server(
     project_service_pb2_grpc.add_ProjectServiceServicer_to_server(
         compose(PROJECTS, *projects), server
     )
+    search_service_pb2_grpc.add_SearchServiceServicer_to_server(compose(SEARCH, *search), server)
     # Clarifai's V2 on the same port, its parts mapped onto the native ones.
     server.add_generic_rpc_handlers((clarifai.generic_handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+# ClientVector lives beside InputView, which carries an input's client vectors.
+from service.domain.models import ClientVector as ClientVector  # noqa: PLC0414 (re-exported)
 from service.domain.models import Input, MediaType
 
 # Largest dimension of a vector: a row of the embeddings table must fit in a page with
@@ -80,14 +82,6 @@ class InputEmbedding:
     error: str = ""
     vector: tuple[float, ...] = ()
     updated_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class ClientVector:
-    """A vector a caller gave in data.embeddings."""
-
-    model_id: str
-    vector: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -175,8 +169,10 @@ class EmbeddingRepository(Protocol):
     """Models, vectors and states (storage/embeddings.py)."""
 
     async def sync_installation_models(self, specs: Sequence[ModelSpec]) -> list[EmbeddingModel]:
-        """Registers the installation's models; a model whose fingerprint changed has its
-        current vectors and failures cleared, so that the job embeds every input again."""
+        """Registers the installation's models, which are exactly `specs`: others are
+        retired (not listed, searched nor pending; their vectors stay) until configured
+        again. A model whose fingerprint changed has its current vectors and failures
+        cleared, so that the job embeds every input again."""
         ...
 
     async def models(self, app_id: str) -> list[EmbeddingModel]:
@@ -194,7 +190,9 @@ class EmbeddingRepository(Protocol):
         """Inputs of the app with a current vector, by model number."""
         ...
 
-    async def put(self, app_id: str, input_id: str, model: EmbeddingModel, vector: Sequence[float]) -> None:
+    async def put(
+        self, app_id: str, input_id: str, model: EmbeddingModel, vector: Sequence[float]
+    ) -> None:
         """Makes `vector` the input's current vector of the model (the previous one is
         marked replaced) and clears a recorded failure."""
         ...
@@ -211,12 +209,18 @@ class EmbeddingRepository(Protocol):
         """(app_id, input_id, error) of inputs the model could not embed."""
         ...
 
-    async def client_vectors(self, app_id: str, input_ids: Sequence[str]) -> dict[str, list[ClientVector]]:
+    async def client_vectors(
+        self, app_id: str, input_ids: Sequence[str]
+    ) -> dict[str, list[ClientVector]]:
         """The current client-model vectors of these inputs (what GetInput returns)."""
         ...
 
     async def vector_of(
-        self, app_id: str, input_id: str, model: EmbeddingModel, version: tuple[str, str] | None = None
+        self,
+        app_id: str,
+        input_id: str,
+        model: EmbeddingModel,
+        version: tuple[str, str] | None = None,
     ) -> tuple[float, ...] | None:
         """The input's current vector of the model, or the one a version (dataset id,
         version id) captured."""

@@ -7,13 +7,17 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
+from service.domain.embeddings import MAX_DIMENSION, MAX_EMBEDDINGS_PER_INPUT
 from service.domain.errors import FieldViolation, Violations
-from service.domain.models import GeoPoint, InputView, MediaType, StoredBlob
+from service.domain.models import ClientVector, GeoPoint, InputView, MediaType, StoredBlob
 
+EMBEDDING_MODEL_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_BATCH_INPUTS = 128
 MAX_BATCH_BYTES = 128 * 1024 * 1024
 MAX_IDS_PER_CALL = 1000
@@ -39,6 +43,15 @@ class StoredMedia:
 
 
 @dataclass(frozen=True)
+class DraftEmbedding:
+    """A vector of data.embeddings as the caller sent it; `num_dimensions` 0 is unset."""
+
+    model_id: str
+    vector: tuple[float, ...]
+    num_dimensions: int = 0
+
+
+@dataclass(frozen=True)
 class InputDraft:
     """An input as a caller gave it. `media` lists every medium set, so that two
     media in one input can be reported instead of silently picking one. With `stored`,
@@ -58,6 +71,8 @@ class InputDraft:
     # Regions and frames sent with the input (CreateInputs), in the JSON form of Data:
     # stored as one annotation of the input, in the transaction that creates it.
     annotation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Vectors of client embedding models (data.embeddings), stored with the input.
+    embeddings: tuple[DraftEmbedding, ...] = ()
 
     def payload_size(self) -> int:
         return len(self.data) + len((self.text or "").encode())
@@ -125,3 +140,46 @@ def media_source(
         violations.add(media_field, f"is empty: set {media_type.value}.{inline_name} or .url")
     violations.raise_if_any()
     return inline, draft.url, f"{media_field}.{inline_name}"
+
+
+def check_embeddings(
+    violations: Violations, field: str, embeddings: Sequence[DraftEmbedding]
+) -> list[ClientVector]:
+    """The rules of data.embeddings that need no stored model (`field` names the list);
+    the vectors, one per model."""
+    if len(embeddings) > MAX_EMBEDDINGS_PER_INPUT:
+        violations.add(
+            field,
+            f"at most {MAX_EMBEDDINGS_PER_INPUT} embeddings per input (one per model), "
+            f"got {len(embeddings)}",
+        )
+    seen: set[str] = set()
+    vectors = []
+    for index, given in enumerate(embeddings):
+        at = f"{field}[{index}]"
+        if not EMBEDDING_MODEL_ID.match(given.model_id):
+            violations.add(
+                f"{at}.model_id",
+                "is required: the embedding model the vector belongs to, 1..64 characters "
+                f"of [A-Za-z0-9_.-], got {given.model_id[:80]!r}",
+            )
+        elif given.model_id in seen:
+            violations.add(
+                f"{at}.model_id", f"{given.model_id!r} repeats: an input has one vector per model"
+            )
+        seen.add(given.model_id)
+        size = len(given.vector)
+        if not 1 <= size <= MAX_DIMENSION:
+            violations.add(f"{at}.vector", f"must have 1..{MAX_DIMENSION} values, got {size}")
+        bad = next((i for i, v in enumerate(given.vector) if not math.isfinite(v)), None)
+        if bad is not None:
+            violations.add(f"{at}.vector", f"must be finite numbers; vector[{bad}] is not")
+        elif size and not any(given.vector):
+            violations.add(f"{at}.vector", "must not be all zeros (it has no direction)")
+        if given.num_dimensions and given.num_dimensions != size:
+            violations.add(
+                f"{at}.num_dimensions",
+                f"must be 0 or the number of values ({size}), got {given.num_dimensions}",
+            )
+        vectors.append(ClientVector(given.model_id, given.vector))
+    return vectors

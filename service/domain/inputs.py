@@ -14,6 +14,8 @@ from service.domain.annotation_rules import check_annotation_data
 from service.domain.annotations import input_annotation
 from service.domain.auth import Permission, authorize
 from service.domain.datasets import DatasetChange, check_changeable
+from service.domain.embedding_job import EmbeddingScheduler
+from service.domain.embeddings import EmbeddingRepository, EmbeddingSource
 from service.domain.errors import (
     Aborted,
     AlreadyExists,
@@ -29,11 +31,13 @@ from service.domain.input_drafts import (
     MAX_BATCH_INPUTS,
     MAX_IDS_PER_CALL,
     TITLE_MAX_CHARS,
+    DraftEmbedding,
     InputDraft,
     InputOutcome,
     InputSettings,
     MediaFetcher,
     Outcome,
+    check_embeddings,
     check_geo,
     media_source,
     medium_field,
@@ -41,6 +45,7 @@ from service.domain.input_drafts import (
 from service.domain.models import (
     AnnotatedMedia,
     Annotation,
+    ClientVector,
     Input,
     InputQuery,
     InputView,
@@ -80,10 +85,12 @@ class _Prepared:
     content_type: str
     # The regions and frames sent with the input, checked, as its annotation.
     annotation: Annotation | None = None
+    # Its vectors of client embedding models (data.embeddings), checked.
+    vectors: tuple[ClientVector, ...] = ()
 
 
 # What UpdateInputs may change; media are content-addressed and never change.
-PATCHABLE_FIELDS = ("metadata", "concepts", "geo", "title")
+PATCHABLE_FIELDS = ("metadata", "concepts", "geo", "title", "embeddings")
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,10 @@ class InputService:
     fetcher: MediaFetcher | None = None
     # Links of the HTTP port for stored originals, when clients are to get those.
     links: MediaLinks | None = None
+    # Where the vectors of data.embeddings are kept (None: refused).
+    embeddings: EmbeddingRepository | None = None
+    # Queues the embedding job for new inputs (None: nothing embeds them).
+    embedding_jobs: EmbeddingScheduler | None = None
 
     # --- create ----------------------------------------------------------------------------
 
@@ -140,6 +151,9 @@ class InputService:
         self._check_fields(path, draft)
         if not check_state:
             return
+        if draft.embeddings:
+            given = [ClientVector(e.model_id, e.vector) for e in draft.embeddings]
+            await self._check_models(app_id, path, given, {})
         if draft.id and await self.inputs.existing_ids(app_id, [draft.id]):
             raise AlreadyExists(
                 f"input {draft.id!r} already exists in app {app_id!r}",
@@ -211,6 +225,7 @@ class InputService:
         outcomes: dict[int, InputOutcome] = {}
         prepared: list[_Prepared] = []
         seen: set[str] = set()
+        dimensions: dict[str, int | None] = {}
         for index, draft in enumerate(drafts):
             input_id = draft.id or uuid.uuid4().hex
             path = paths[index]
@@ -224,10 +239,51 @@ class InputService:
                 continue
             seen.add(input_id)
             try:
-                prepared.append(await self._prepare(app_id, index, path, input_id, draft))
+                ready = await self._prepare(app_id, index, path, input_id, draft)
+                if ready.vectors:
+                    await self._check_models(app_id, path, ready.vectors, dimensions)
+                prepared.append(ready)
             except InvalidArgument as invalid:
                 outcomes[index] = InputOutcome(index, input_id, Outcome.INVALID, invalid.violations)
         return outcomes, prepared
+
+    async def _check_models(
+        self,
+        app_id: str,
+        path: str,
+        vectors: Sequence[ClientVector],
+        dimensions: dict[str, int | None],
+    ) -> None:
+        """Refuses vectors of an installation model, and of a client model of another
+        dimension. `dimensions` (model id -> dimension; None: an installation model) is
+        what the request has learnt so far: a model's first vector in it sets a new
+        model's dimension for the ones after."""
+        assert self.embeddings is not None
+        violations = Violations()
+        for index, given in enumerate(vectors):
+            at = f"{path}.data.embeddings[{index}]"
+            if given.model_id not in dimensions:
+                model = await self.embeddings.model(app_id, given.model_id)
+                if model is None:
+                    dimensions[given.model_id] = len(given.vector)
+                    continue
+                dimensions[given.model_id] = (
+                    model.dimension if model.source is EmbeddingSource.CLIENT else None
+                )
+            dimension = dimensions[given.model_id]
+            if dimension is None:
+                violations.add(
+                    f"{at}.model_id",
+                    f"{given.model_id!r} is a model datasetd computes itself; name a model "
+                    "of your own (ListEmbeddingModels lists the taken ids)",
+                )
+            elif dimension != len(given.vector):
+                violations.add(
+                    f"{at}.vector",
+                    f"model {given.model_id!r} has {dimension} dimensions, got "
+                    f"{len(given.vector)} values",
+                )
+        violations.raise_if_any()
 
     async def _insert(
         self, app_id: str, prepared: list[_Prepared], rows: list[Input], *, atomic: bool
@@ -248,11 +304,23 @@ class InputService:
             for dataset_id, guard in guards.items():
                 check_changeable(dataset_id, guard, DatasetChange.MEMBERSHIP)
             inserted = await self.inputs.insert_many(rows)
+            if inserted and self.embedding_jobs is not None:
+                await self.embedding_jobs.inputs_added(
+                    app_id, {r.media_type for r in rows if r.id in inserted}
+                )
             # In the same transaction: an input is never seen without the regions it
             # was sent with. Their ids are fresh, and a new input has no annotation but
             # its input-level one, so the per-input limit cannot be reached.
             await self.annotations.insert_many(
                 [p.annotation for p in prepared if p.annotation and p.input.id in inserted]
+            )
+            await self._put_vectors(
+                app_id,
+                [
+                    (p.path, p.input.id, p.vectors)
+                    for p in prepared
+                    if p.vectors and p.input.id in inserted
+                ],
             )
             if atomic and len(inserted) < len(rows):
                 duplicates = [r.id for r in rows if r.id not in inserted]
@@ -266,6 +334,37 @@ class InputService:
                     ],
                 )
         return inserted
+
+    async def _put_vectors(
+        self, app_id: str, items: Sequence[tuple[str, str, Sequence[ClientVector]]]
+    ) -> None:
+        """Stores (path, input id, vectors), in the caller's transaction: an input is
+        never seen without the vectors it was given. A model another request created
+        meanwhile with another dimension fails it all."""
+        if not items:
+            return
+        assert self.embeddings is not None
+        by_model: dict[str, list[tuple[str, str, int, ClientVector]]] = {}
+        for path, input_id, vectors in items:
+            for index, given in enumerate(vectors):
+                by_model.setdefault(given.model_id, []).append((path, input_id, index, given))
+        for model_id, given_vectors in by_model.items():
+            dimension = len(given_vectors[0][3].vector)
+            model = await self.embeddings.client_model(app_id, model_id, dimension)
+            wrong = [g for g in given_vectors if len(g[3].vector) != model.dimension]
+            if model.source is not EmbeddingSource.CLIENT or wrong:
+                raise InvalidArgument(
+                    f"embedding model {model_id!r} changed while the inputs were stored "
+                    f"(it has {model.dimension} dimensions); nothing was stored",
+                    reason="INVALID_INPUT",
+                    violations=[
+                        FieldViolation(f"{path}.data.embeddings[{index}]", "wrong dimension")
+                        for path, _, index, _ in wrong or given_vectors
+                    ],
+                )
+            await self.embeddings.put_many(
+                model, [(app_id, input_id, g.vector) for _, input_id, _, g in given_vectors]
+            )
 
     @staticmethod
     def _check_batch(drafts: Sequence[InputDraft]) -> None:
@@ -297,8 +396,7 @@ class InputService:
             violations=violations,
         )
 
-    @staticmethod
-    def _check_fields(path: str, draft: InputDraft) -> MediaType:
+    def _check_fields(self, path: str, draft: InputDraft) -> MediaType:
         """Everything about a draft that does not need its media bytes; returns its medium."""
         violations = Violations()
         check_id(violations, f"{path}.id", draft.id, required=False)
@@ -308,6 +406,9 @@ class InputService:
         check_geo(violations, f"{path}.data.geo.geo_point", draft.geo)
         for position, dataset_id in enumerate(draft.dataset_ids):
             check_id(violations, f"{path}.dataset_ids[{position}]", dataset_id)
+        if draft.embeddings and self.embeddings is None:
+            violations.add(f"{path}.data.embeddings", "are not stored by this installation")
+        check_embeddings(violations, f"{path}.data.embeddings", draft.embeddings)
         if not draft.media:
             violations.add(
                 f"{path}.data", "needs one medium: image, video, audio (bytes or url) or text"
@@ -370,7 +471,8 @@ class InputService:
             # Checked against the media just probed, as CreateAnnotations would.
             media = AnnotatedMedia(media_type, info)
             annotation = input_annotation(app_id, input_id, path, draft.annotation, media)
-        return _Prepared(index, path, stored, payload, content_type, annotation)
+        vectors = tuple(ClientVector(e.model_id, e.vector) for e in draft.embeddings)
+        return _Prepared(index, path, stored, payload, content_type, annotation, vectors)
 
     async def _check_datasets(
         self, app_id: str, prepared: list[_Prepared], outcomes: dict[int, InputOutcome]
@@ -481,21 +583,28 @@ class InputService:
             check_concept_ids(violations, "filter.negative_concept_ids", negative)
         violations.raise_if_any()
 
-    async def views(self, inputs: list[Input]) -> list[InputView]:
+    async def views(self, inputs: list[Input], *, embeddings: bool = True) -> list[InputView]:
         """The inputs with the URL of their media: a link of the HTTP port where the links
-        say so, else a presigned object-store URL (one signing pass for the rest)."""
+        say so, else a presigned object-store URL (one signing pass for the rest); with
+        `embeddings`, their current client vectors too (one query for all)."""
         links = [
             self.links.input_link(i.app_id, i.id) if self.links and i.blob else None for i in inputs
         ]
         blobs = [i.blob for i, link in zip(inputs, links, strict=True) if i.blob and not link]
         urls = iter(await self.blobs.download_urls(blobs, self.settings.download_url_ttl))
+        vectors: dict[str, list[ClientVector]] = {}
+        if embeddings and self.embeddings is not None:
+            for app_id in dict.fromkeys(i.app_id for i in inputs):
+                ids = [i.id for i in inputs if i.app_id == app_id]
+                vectors.update(await self.embeddings.client_vectors(app_id, ids))
         views = []
         for item, link in zip(inputs, links, strict=True):
+            given = tuple(vectors.get(item.id, ()))
             if item.blob is not None:
                 url = link or next(urls)
-                views.append(InputView(item, url, self.blobs.hosted(item.blob)))
+                views.append(InputView(item, url, self.blobs.hosted(item.blob), given))
             else:
-                views.append(InputView(item, item.source_url))
+                views.append(InputView(item, item.source_url, embeddings=given))
         return views
 
     async def _require(self, app_id: str, input_id: str) -> Input:
@@ -512,7 +621,9 @@ class InputService:
         patches: Sequence[tuple[str, dict[str, Any]]],
     ) -> list[InputView]:
         """Patches (input id, {field: value}) pairs, all-or-nothing. Fields: metadata,
-        concepts, geo (a GeoPoint or None), title."""
+        concepts, geo (a GeoPoint or None), title, embeddings (DraftEmbeddings: each
+        replaces the input's vector of its model, whatever the action but REMOVE, which
+        is refused; vectors of other models stay)."""
         authorize(principal, app_id, Permission.WRITE)
         violations = Violations()
         if not patches or len(patches) > MAX_BATCH_INPUTS:
@@ -524,7 +635,19 @@ class InputService:
                 violations.add(f"inputs[{index}]", "nothing to update")
             if ids.count(input_id) > 1:
                 violations.add(f"inputs[{index}].id", f"{input_id!r} repeats within the request")
+            if "embeddings" in fields:
+                self._check_patched_embeddings(
+                    violations, f"inputs[{index}]", action, fields["embeddings"]
+                )
         violations.raise_if_any()
+        vectors = [
+            (f"inputs[{index}]", input_id, [ClientVector(e.model_id, e.vector) for e in given])
+            for index, (input_id, fields) in enumerate(patches)
+            if (given := fields.get("embeddings"))
+        ]
+        dimensions: dict[str, int | None] = {}
+        for path, _, given_vectors in vectors:
+            await self._check_models(app_id, path, given_vectors, dimensions)
         async with self.tx.transaction():
             current = {i.id: i for i in await self.inputs.get_many(app_id, ids, lock=True)}
             missing = [i for i in ids if i not in current]
@@ -562,6 +685,7 @@ class InputService:
             labels.raise_if_any()
             for patched in updated:
                 await self.inputs.update(patched)
+            await self._put_vectors(app_id, vectors)
             fresh = {i.id: i for i in await self.inputs.get_many(app_id, ids)}
         return await self.views([fresh[i] for i in ids])
 
@@ -590,12 +714,35 @@ class InputService:
             elif name == "title":
                 check_text(violations, f"{path}.title", value, TITLE_MAX_CHARS)
                 changes["title"] = "" if remove else value
+            elif name == "embeddings":
+                # Checked by update() and stored apart from the row.
+                pass
             else:
                 violations.add(
-                    f"{path}.{name}", "is not patchable (metadata, concepts, geo, title)"
+                    f"{path}.{name}",
+                    "is not patchable (metadata, concepts, geo, title, embeddings)",
                 )
         violations.raise_if_any()
         return dataclasses.replace(current, **changes)
+
+    def _check_patched_embeddings(
+        self,
+        violations: Violations,
+        path: str,
+        action: PatchAction,
+        given: Sequence[DraftEmbedding],
+    ) -> None:
+        field = f"{path}.data.embeddings"
+        if self.embeddings is None:
+            violations.add(field, "are not stored by this installation")
+        elif action is PatchAction.REMOVE:
+            violations.add(
+                field,
+                "cannot be removed: send a new vector of the model with PATCH_ACTION_MERGE "
+                "or PATCH_ACTION_OVERWRITE to replace it",
+            )
+        else:
+            check_embeddings(violations, field, given)
 
     async def delete(
         self, principal: Principal, app_id: str, ids: Sequence[str]

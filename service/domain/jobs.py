@@ -12,6 +12,8 @@ class JobKind(enum.Enum):
     BUILD_VERSION = "build_version"
     EXPORT_VERSION = "export_version"
     REENCODE_VIDEOS = "reencode_videos"
+    EMBED_INPUTS = "embed_inputs"
+    ADD_BY_SEARCH = "add_by_search"
 
 
 class JobStatus(enum.Enum):

@@ -1,21 +1,42 @@
-"""Periodic clean-up: purge expired deletions, collect orphan blobs, forget old request ids."""
+"""Periodic clean-up: purge expired deletions, collect orphan blobs, forget old request ids;
+for search, collect replaced vectors, build missing vector indexes and fill the search
+columns of versions built before they existed."""
 
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass
 from datetime import timedelta
+from typing import Protocol
 
 from service.domain.datasets import DatasetService
+from service.domain.embeddings import EmbeddingRepository
 from service.domain.ports import BlobStore, IdempotencyRepository
+
+# Rows each round handles at most, so that a round stays short whatever the backlog.
+COLLECT_BATCH = 1000
+BACKFILL_BATCH = 500
+# Batches of the backfill per round: 10,000 members a minute at the default interval.
+BACKFILL_BATCHES = 20
+
+
+class CaptureBackfill(Protocol):
+    """storage/versions.py"""
+
+    async def backfill_capture(self, limit: int) -> int:
+        """Fills the search columns of up to `limit` members of versions built before
+        they existed; how many it filled (0 once done)."""
+        ...
 
 
 @dataclass(frozen=True)
 class MaintenanceReport:
-    """What one maintenance round removed (logged when it removed anything)."""
+    """What one maintenance round removed or filled (logged when it did anything)."""
 
     datasets_purged: int
     blobs_collected: int
     request_ids_expired: int
+    vectors_collected: int = 0
+    version_members_backfilled: int = 0
 
 
 @dataclass(frozen=True)
@@ -26,6 +47,8 @@ class Maintenance:
     _: KW_ONLY
     orphan_grace: timedelta
     request_id_ttl: timedelta
+    embeddings: EmbeddingRepository | None = None
+    captures: CaptureBackfill | None = None
 
     async def run_once(self) -> MaintenanceReport:
         # Purge first: a purged dataset's cover becomes an orphan, collected once
@@ -33,4 +56,17 @@ class Maintenance:
         purged = await self.datasets.purge_expired()
         collected = await self.blobs.collect_orphans(self.orphan_grace, limit=1000)
         expired = await self.idempotency.expire(self.request_id_ttl)
-        return MaintenanceReport(purged, collected, expired)
+        vectors = 0
+        if self.embeddings is not None:
+            # Vectors a deleted version referred to become collectable; the indexes a
+            # crash left invalid are rebuilt (a no-op when every model has one).
+            vectors = await self.embeddings.collect_replaced(COLLECT_BATCH)
+            await self.embeddings.ensure_indexes()
+        backfilled = 0
+        if self.captures is not None:
+            for _ in range(BACKFILL_BATCHES):
+                filled = await self.captures.backfill_capture(BACKFILL_BATCH)
+                backfilled += filled
+                if filled < BACKFILL_BATCH:
+                    break
+        return MaintenanceReport(purged, collected, expired, vectors, backfilled)

@@ -175,11 +175,21 @@ class Input:
 
 
 @dataclass(frozen=True)
+class ClientVector:
+    """A vector a caller gave in data.embeddings (see service/domain/embeddings.py)."""
+
+    model_id: str
+    vector: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class InputView:
     input: Input
     download_url: str = ""
     # (prefix, suffix) of the HostedURL of the stored original.
     hosted: tuple[str, str] | None = None
+    # Its current client vectors (data.embeddings), by model id.
+    embeddings: tuple[ClientVector, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -328,6 +338,15 @@ class VersionContent:
     # input had when the build read it (a re-encode may have replaced the one it had when
     # the version was created).
     blob_key: str | None = None
+    # What search filters a version's members by, as the build read them (the same
+    # rules as live inputs: concepts are the positive ones of the input and of its
+    # annotations' regions and frames; annotated: any annotation at all).
+    media_type: MediaType | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    concepts: tuple[str, ...] = ()
+    annotated: bool = False
+    geo: GeoPoint | None = None
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from collections import defaultdict
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
+from service.domain.annotation_rules import summarize
 from service.domain.auth import Permission, authorize
 from service.domain.datasets import DatasetChange, require_changeable
 from service.domain.errors import (
@@ -318,6 +319,28 @@ def _inputs_deleted(total: int, shown: list[str]) -> JobFailed:
     )
 
 
+def _content(
+    position: int, item: Input, annotations: list[Annotation], data: bytes
+) -> VersionContent:
+    """A member's content and what search filters it by, both from what the build read
+    (`annotations` without the input-level one, whose concepts are the input's)."""
+    concepts = set(summarize({"concepts": item.concepts}).positive_concepts)
+    for annotation in annotations:
+        concepts |= summarize(annotation.data).positive_concepts
+    return VersionContent(
+        position,
+        data,
+        hashlib.sha256(data).digest(),
+        item.blob.key if item.blob is not None else None,
+        media_type=item.media_type,
+        metadata=item.metadata,
+        concepts=tuple(sorted(concepts)),
+        annotated=bool(item.concepts or annotations),
+        geo=item.geo,
+        created_at=item.created_at,
+    )
+
+
 @dataclass(frozen=True)
 class VersionBuilder:
     """The BUILD_VERSION job handler.
@@ -433,12 +456,7 @@ class VersionBuilder:
         # CPU-bound: in a thread, so that the event loop keeps serving calls meanwhile.
         encoded = await asyncio.to_thread(lambda: [self.encoder.encode(s) for s in snapshots])
         content = [
-            VersionContent(
-                position,
-                item.data,
-                hashlib.sha256(item.data).digest(),
-                blob.key if (blob := found[input_id].blob) is not None else None,
-            )
+            _content(position, found[input_id], annotations.get(input_id, []), item.data)
             for (position, input_id), item in zip(members, encoded, strict=True)
         ]
         return content, sum((item.metrics for item in encoded), VersionMetrics())

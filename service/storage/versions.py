@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from google.protobuf.message import DecodeError
 
 from service.domain.models import (
     DatasetVersion,
@@ -15,9 +20,12 @@ from service.domain.models import (
     VersionOntology,
     VersionStatus,
 )
+from service.formats import snapshot
 from service.storage.db import Repository
 from service.storage.ontologies import class_json, stored_trees
 from service.storage.rows import record
+from service.wire.inputs import medium_of
+from service.wire.struct import struct_to_dict
 
 _COLUMNS = (
     "app_id, dataset_id, id, seq, status, percent, details, description, metadata, metrics,"
@@ -73,11 +81,40 @@ WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3
   AND NOT EXISTS (SELECT 1 FROM inputs i WHERE i.app_id = v.app_id AND i.id = v.input_id)
 ORDER BY v.position LIMIT $4
 """
+# The content and the columns search filters a version's members by. input_seq (creation
+# order, which never changes) is read here: NULL only if the input was deleted since the
+# build read it. Concepts travel as JSON text: asyncpg cannot send ragged 2-D arrays.
 STORE_CONTENT = """
-UPDATE version_inputs v SET data = t.data, content_hash = t.content_hash, blob_key = t.blob_key
-FROM unnest($4::integer[], $5::bytea[], $6::bytea[], $7::text[])
-     AS t(position, data, content_hash, blob_key)
+UPDATE version_inputs v
+SET data = t.data, content_hash = t.content_hash, blob_key = t.blob_key,
+    input_seq = (SELECT i.seq FROM inputs i WHERE i.app_id = v.app_id AND i.id = v.input_id),
+    media_type = t.media_type, metadata = t.metadata,
+    concepts = ARRAY(SELECT jsonb_array_elements_text(t.concepts::jsonb)),
+    annotated = t.annotated, longitude = t.longitude, latitude = t.latitude,
+    created_at = t.created_at
+FROM unnest($4::integer[], $5::bytea[], $6::bytea[], $7::text[], $8::text[], $9::jsonb[],
+            $10::text[], $11::boolean[], $12::float8[], $13::float8[], $14::timestamptz[])
+     AS t(position, data, content_hash, blob_key, media_type, metadata, concepts, annotated,
+          longitude, latitude, created_at)
 WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3 AND v.position = t.position
+"""
+# The vectors a page captures: its inputs' current ones. A rebuilt page (a rerun after a
+# crash) captures them afresh, like its content.
+DROP_CAPTURED_VECTORS = """
+DELETE FROM version_embeddings ve USING version_inputs v
+WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3
+  AND v.position = ANY($4::integer[])
+  AND ve.app_id = v.app_id AND ve.dataset_id = v.dataset_id AND ve.version_id = v.version_id
+  AND ve.input_id = v.input_id
+"""
+CAPTURE_VECTORS = """
+INSERT INTO version_embeddings (app_id, dataset_id, version_id, input_id, embedding_id)
+SELECT v.app_id, v.dataset_id, v.version_id, v.input_id, e.id
+FROM version_inputs v
+JOIN embeddings e ON e.app_id = v.app_id AND e.input_id = v.input_id AND e.replaced_at IS NULL
+WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3
+  AND v.position = ANY($4::integer[])
+ON CONFLICT DO NOTHING
 """
 UNBUILT_COUNT = f"SELECT count(*) FROM version_inputs WHERE {_MEMBER_KEY} AND data IS NULL"
 STORE_ONTOLOGY = f"""
@@ -88,6 +125,71 @@ ONTOLOGY = f"""
 SELECT ontology_id, ontology_revision, ontology_classes FROM dataset_versions
 WHERE {_VERSION_KEY} AND ontology_id IS NOT NULL
 """
+
+# Members of versions built before migration 0012 (content, no search columns); the
+# partial index version_inputs_uncaptured holds them only until the backfill is done.
+UNCAPTURED = """
+SELECT app_id, dataset_id, version_id, position, data FROM version_inputs
+WHERE data IS NOT NULL AND media_type IS NULL
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+BACKFILL = """
+WITH filled AS (
+    UPDATE version_inputs v
+    SET input_seq = (SELECT i.seq FROM inputs i WHERE i.app_id = v.app_id AND i.id = v.input_id),
+        media_type = t.media_type, metadata = t.metadata,
+        concepts = ARRAY(SELECT jsonb_array_elements_text(t.concepts::jsonb)),
+        annotated = t.annotated, longitude = t.longitude, latitude = t.latitude,
+        created_at = t.created_at
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::jsonb[],
+                $7::text[], $8::boolean[], $9::float8[], $10::float8[], $11::timestamptz[])
+         AS t(app_id, dataset_id, version_id, position, media_type, metadata, concepts,
+              annotated, longitude, latitude, created_at)
+    WHERE v.app_id = t.app_id AND v.dataset_id = t.dataset_id AND v.version_id = t.version_id
+      AND v.position = t.position
+    RETURNING v.app_id, v.dataset_id, v.version_id, v.input_id)
+INSERT INTO version_embeddings (app_id, dataset_id, version_id, input_id, embedding_id)
+SELECT f.app_id, f.dataset_id, f.version_id, f.input_id, e.id
+FROM filled f
+JOIN embeddings e ON e.app_id = f.app_id AND e.input_id = f.input_id AND e.replaced_at IS NULL
+ON CONFLICT DO NOTHING
+"""
+
+
+@dataclass(frozen=True)
+class _Captured:
+    media_type: str
+    metadata: dict[str, Any]
+    concepts: list[str]
+    annotated: bool
+    longitude: float | None
+    latitude: float | None
+    created_at: datetime | None
+
+
+def _capture_of(data: bytes) -> _Captured:
+    """The search columns of a serialized member (formats/snapshot.py), read the way the
+    export writers read it. Content that does not parse gets media type '' (no media
+    filter matches it) rather than stopping the backfill at it forever."""
+    try:
+        message = snapshot.parse(data)
+    except DecodeError:
+        return _Captured("", {}, [], False, None, None, None)
+    content = message.data
+    geo = content.geo.geo_point if content.HasField("geo") else None
+    return _Captured(
+        media_type=medium_of(content) or "",
+        metadata=struct_to_dict(content.metadata) if content.HasField("metadata") else {},
+        concepts=sorted(snapshot.positive_concepts(message)),
+        annotated=bool(content.concepts or content.regions or content.frames),
+        longitude=None if geo is None else geo.longitude,
+        latitude=None if geo is None else geo.latitude,
+        created_at=message.created_at.ToDatetime(tzinfo=UTC)
+        if message.HasField("created_at")
+        else None,
+    )
+
 
 _METRIC_NAMES = frozenset(f.name for f in dataclasses.fields(VersionMetrics))
 
@@ -199,16 +301,55 @@ class PgVersionRepository(Repository):
     ) -> None:
         if not content:
             return
-        await self._db.execute(
-            STORE_CONTENT,
-            app_id,
-            dataset_id,
-            version_id,
-            [c.position for c in content],
-            [c.data for c in content],
-            [c.content_hash for c in content],
-            [c.blob_key for c in content],
-        )
+        positions = [c.position for c in content]
+        async with self._db.transaction(), self._db.connection() as conn:
+            await conn.execute(
+                STORE_CONTENT,
+                app_id,
+                dataset_id,
+                version_id,
+                positions,
+                [c.data for c in content],
+                [c.content_hash for c in content],
+                [c.blob_key for c in content],
+                [None if c.media_type is None else c.media_type.value for c in content],
+                [c.metadata for c in content],
+                [json.dumps(list(c.concepts)) for c in content],
+                [c.annotated for c in content],
+                [None if c.geo is None else c.geo.longitude for c in content],
+                [None if c.geo is None else c.geo.latitude for c in content],
+                [c.created_at for c in content],
+            )
+            await conn.execute(DROP_CAPTURED_VECTORS, app_id, dataset_id, version_id, positions)
+            await conn.execute(CAPTURE_VECTORS, app_id, dataset_id, version_id, positions)
+
+    async def backfill_capture(self, limit: int) -> int:
+        """Fills the search columns of members of versions built before they existed
+        (migration 0012) from their serialized content, `limit` at a time; idempotent.
+        Such a version captures the vectors its inputs have at backfill time: it had none
+        before, and its inputs' content is what it captured, so the vectors computed from
+        that content are the ones to search it by (an input edited or deleted since
+        captures its current vector, or none)."""
+        async with self._db.transaction(), self._db.connection() as conn:
+            rows = await conn.fetch(UNCAPTURED, limit)
+            if not rows:
+                return 0
+            captured = await asyncio.to_thread(lambda: [_capture_of(r["data"]) for r in rows])
+            await conn.execute(
+                BACKFILL,
+                [r["app_id"] for r in rows],
+                [r["dataset_id"] for r in rows],
+                [r["version_id"] for r in rows],
+                [r["position"] for r in rows],
+                [c.media_type for c in captured],
+                [c.metadata for c in captured],
+                [json.dumps(c.concepts) for c in captured],
+                [c.annotated for c in captured],
+                [c.longitude for c in captured],
+                [c.latitude for c in captured],
+                [c.created_at for c in captured],
+            )
+        return len(rows)
 
     async def unbuilt_count(self, app_id: str, dataset_id: str, version_id: str) -> int:
         count: int = await self._db.fetchval(UNBUILT_COUNT, app_id, dataset_id, version_id)

@@ -19,8 +19,11 @@ _ADAPTERS = (
     "service.devstack",
     "service.adapters",
     "service.jobs",
+    "service.embedders",
 )
 _DRIVERS = ("grpc", "asyncpg", "minio", "PIL")
+# Numeric libraries the embedders run on; the domain stays pure Python.
+_NUMERIC = ("numpy", "onnxruntime", "onnx")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Rule:
 RULES = (
     Rule(
         "service.domain",
-        (*_DRIVERS, "datasetd", "service.api", "service.storage", *_ADAPTERS),
+        (*_DRIVERS, *_NUMERIC, "datasetd", "service.api", "service.storage", *_ADAPTERS),
         "the domain is use cases and rules; adapters implement its ports",
     ),
     Rule(
@@ -53,6 +56,22 @@ RULES = (
         "service.media",
         ("grpc", "asyncpg", "minio", "service.api", "service.storage"),
         "probes are pure",
+    ),
+    Rule(
+        "service.embedders",
+        (
+            "grpc",
+            "asyncpg",
+            "minio",
+            "datasetd",
+            "service.api",
+            "service.storage",
+            "service.wire",
+            "service.formats",
+            "service.jobs",
+        ),
+        "embedders compute vectors from bytes and texts (numpy, Pillow, onnxruntime); the "
+        "embedding job in the domain reads and stores them",
     ),
     Rule(
         "service.client",

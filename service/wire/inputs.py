@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from datasetd.v1 import common_pb2, data_pb2, input_pb2, status_pb2
 
-from service.domain.input_drafts import InputDraft
+from service.domain.input_drafts import DraftEmbedding, InputDraft
 from service.domain.models import GeoPoint, InputQuery, InputView, MediaType
 from service.wire.struct import message_to_json, parse_stored, struct_to_dict
 from service.wire.timestamps import set_times
@@ -63,6 +63,9 @@ def input_draft(message: input_pb2.Input) -> InputDraft:
         title=message.title,
         dataset_ids=list(message.dataset_ids),
         annotation=annotation,
+        embeddings=tuple(
+            DraftEmbedding(e.model_id, tuple(e.vector), e.num_dimensions) for e in data.embeddings
+        ),
     )
 
 
@@ -88,6 +91,10 @@ def input_to_proto(view: InputView) -> input_pb2.Input:
     if stored.geo is not None:
         data.geo.geo_point.longitude = stored.geo.longitude
         data.geo.geo_point.latitude = stored.geo.latitude
+    for given in view.embeddings:
+        data.embeddings.add(
+            model_id=given.model_id, vector=given.vector, num_dimensions=len(given.vector)
+        )
     return message
 
 

@@ -40,6 +40,7 @@ from datasetd.v1 import (
     dataset_version_pb2,
     ontology_pb2,
     project_service_pb2,
+    search_pb2,
     status_pb2,
 )
 from datasetd.v1 import dataset_version_service_pb2 as vapi
@@ -59,6 +60,10 @@ from tests.helpers import details_of, download, png_bytes
 from tests.unit.test_media import mp4, wav
 
 PNG = png_bytes(8, 6)
+# A client embedding model of the shared app: its "img" input has a vector of it. An
+# input's vectors come back by model id, and the generated ids ("v12") sort before it:
+# the vector of a new model an update adds to "img" is the first one read back.
+CLIENT_MODEL = "zz-shared"
 TEXT = "The quick brown fox"
 READY = status_pb2.STATUS_CODE_DATASET_VERSION_READY
 EXPORTED = status_pb2.STATUS_CODE_DATASET_VERSION_EXPORT_SUCCESS
@@ -221,6 +226,12 @@ def _template(full_name: str) -> Message:
         "Text": lambda: data_pb2.Text(raw=TEXT),
         "Geo": lambda: data_pb2.Geo(geo_point=data_pb2.GeoPoint(longitude=0.25, latitude=0.25)),
         "Concept": lambda: data_pb2.Concept(id="c-template", value=1.0),
+        # The shared app's client model (one dimension; see shared_app).
+        "Embedding": lambda: data_pb2.Embedding(model_id=CLIENT_MODEL, vector=[0.25]),
+        "GeoRadius": lambda: search_pb2.GeoRadius(latitude=0, longitude=0, radius_km=1),
+        "GeoBox": lambda: search_pb2.GeoBox(
+            min_latitude=-1, max_latitude=1, min_longitude=-1, max_longitude=1
+        ),
         "SplitOptions": _split_options,
         # A class id of its own each time: class ids are unique in the whole ontology.
         "OntologyClass": lambda: ontology_pb2.OntologyClass(
@@ -442,6 +453,18 @@ def _on_fitting_input(env: Env, request: Message) -> None:
 def _on_fitting_annotation(env: Env, request: Message) -> None:
     for annotation in request.annotations:  # type: ignore[attr-defined]
         annotation.id = env.ids["a-" + _annotation_target(annotation)]
+
+
+def _ranked_in_the_shared_model(env: Env, request: Any) -> None:
+    """A rank needs a target, and a vector or an input's vector a model: the shared
+    client model, whose dimension the generated vector has."""
+    if not request.query.HasField("rank"):
+        return
+    rank = request.query.rank
+    if rank.WhichOneof("target") is None:
+        rank.vector.values.append(0.5)
+    if rank.WhichOneof("target") in ("vector", "input_id") and not rank.model_id:
+        rank.model_id = CLIENT_MODEL
 
 
 def _upload_stream(env: Env, first: Message) -> list[Message]:
@@ -748,6 +771,31 @@ CASES: Mapping[str, Case] = {
         fixed("InputService.ReencodeInputs", input_ids=["@vid"], dry_run=True)
     ),
     "InputService.GetReencodeJob": Case(_reencode_job("InputService.GetReencodeJob")),
+    # No add-by-search job exists in the shared app (its matches are added in the call).
+    "SearchService.GetSearchJob": Case(
+        fixed("SearchService.GetSearchJob", job_id="1"),
+        ends=frozenset({grpc.StatusCode.NOT_FOUND}),
+    ),
+    "SearchService.SearchInputs": Case(
+        fixed("SearchService.SearchInputs"),
+        values={
+            ("query", "scope", "dataset_id"): constant("@main"),
+            ("query", "rank", "input_id"): constant("@img"),
+            ("query", "rank", "model_id"): constant(CLIENT_MODEL),
+            ("page_token",): page_token("SearchService.SearchInputs"),
+        },
+        adjust=_ranked_in_the_shared_model,
+        # A version of `main` built by another case: none may exist yet.
+        ends=frozenset({grpc.StatusCode.NOT_FOUND}),
+    ),
+    "SearchService.ListEmbeddingModels": Case(fixed("SearchService.ListEmbeddingModels")),
+    "SearchService.GetInputEmbeddings": Case(
+        fixed("SearchService.GetInputEmbeddings", input_id="@img")
+    ),
+    "SearchService.FindDuplicates": Case(
+        fixed("SearchService.FindDuplicates", scope={"dataset_id": "@main"}, exact_only=True),
+        values={("scope", "version_id"): constant("v1")},
+    ),
     "InputService.CancelReencodeJob": Case(
         _reencode_job("InputService.CancelReencodeJob"),
         # The job may have ended before the cancel comes.
@@ -1129,7 +1177,10 @@ async def shared_app(channel: grpc.aio.Channel, db: Database) -> Env:
         env.ids[name] = name
         await env.send("DatasetService.CreateDataset", dataset={"id": name})
     media = {
-        "img": {"image": {"base64": PNG}},
+        "img": {
+            "image": {"base64": PNG},
+            "embeddings": [{"model_id": CLIENT_MODEL, "vector": [0.5]}],
+        },
         "txt": {"text": {"raw": TEXT}},
         "vid": {"video": {"base64": mp4()}},
     }
@@ -1271,8 +1322,11 @@ async def test_every_request_field_is_stored_or_refused(
     assert "CreateAnnotations" in patched_regions[0].detail, patched_regions[0]
     image_info = create_inputs["inputs[0].data.image.image_info.width"]
     assert image_info.verdict == "refused" and "output only" in image_info.detail, image_info
+    # Vectors of client models are the input's (issue 11), never an annotation's.
     embeddings = create_inputs["inputs[0].data.embeddings[0].vector"]
-    assert embeddings.verdict == "refused", embeddings
+    assert embeddings.verdict == "stored", embeddings
+    in_region = create_inputs["inputs[0].data.regions[0].data.embeddings[0].vector"]
+    assert in_region.verdict == "refused", in_region
     assert create_inputs["inputs[0].data.metadata"].verdict == "stored"
     create_annotations = {o.path: o for o in by_rpc["AnnotationService.CreateAnnotations"]}
     assert create_annotations["annotations[0].data.regions[0].id"].verdict == "stored"

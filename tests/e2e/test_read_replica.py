@@ -16,6 +16,7 @@ import pytest
 from datasetd.v1 import annotation_service_pb2 as aapi
 from datasetd.v1 import (
     annotation_service_pb2_grpc,
+    data_pb2,
     dataset_pb2,
     dataset_service_pb2_grpc,
     dataset_version_pb2,
@@ -24,6 +25,8 @@ from datasetd.v1 import (
     ontology_service_pb2_grpc,
     project_pb2,
     project_service_pb2_grpc,
+    search_pb2,
+    search_service_pb2_grpc,
     status_pb2,
 )
 from datasetd.v1 import dataset_service_pb2 as dapi
@@ -31,6 +34,7 @@ from datasetd.v1 import dataset_version_service_pb2 as vapi
 from datasetd.v1 import input_service_pb2 as iapi
 from datasetd.v1 import ontology_service_pb2 as oapi
 from datasetd.v1 import project_service_pb2 as papi
+from datasetd.v1 import search_service_pb2 as sapi
 
 from service.api.read_routing import LSN_HEADER, MIN_LSN_HEADER, READ_ONLY
 from service.app import Running, open_resources, start
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
     from datasetd.v1.input_service_pb2_grpc import InputServiceAsyncStub
     from datasetd.v1.ontology_service_pb2_grpc import OntologyServiceAsyncStub
     from datasetd.v1.project_service_pb2_grpc import ProjectServiceAsyncStub
+    from datasetd.v1.search_service_pb2_grpc import SearchServiceAsyncStub
 
 CATCH_UP_TIMEOUT = 30.0
 EXPORT_FORMAT = dataset_version_pb2.EXPORT_FORMAT_CLARIFAI_DATA_PROTOBUF
@@ -69,6 +74,7 @@ class Stubs:
     versions: DatasetVersionServiceAsyncStub
     ontologies: OntologyServiceAsyncStub
     projects: ProjectServiceAsyncStub
+    search: SearchServiceAsyncStub
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +131,7 @@ async def replica_server(stack: Stack, replica: EmbeddedReplica) -> AsyncIterato
                 dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel),
                 ontology_service_pb2_grpc.OntologyServiceStub(channel),
                 project_service_pb2_grpc.ProjectServiceStub(channel),
+                search_service_pb2_grpc.SearchServiceStub(channel),
             )
             yield ReplicaServer(running, replica, stubs)
     finally:
@@ -223,7 +230,10 @@ async def _content(stubs: Stubs, writer: Caller) -> None:
     """A dataset with two inputs, an annotation, two READY versions and an export; an
     ontology."""
     await new_dataset(stubs.datasets, writer, "ds")
-    created = await create(stubs.inputs, writer, [image_input("img1"), image_input("img2")])
+    vector = data_pb2.Embedding(model_id="replica-model", vector=[1.0, 0.0])
+    created = await create(
+        stubs.inputs, writer, [image_input("img1", embeddings=[vector]), image_input("img2")]
+    )
     assert len(created.results) == 2
     await stubs.datasets.AddDatasetInputs(
         dapi.AddDatasetInputsRequest(app_id=writer.app_id, dataset_id="ds", input_ids=["img1"]),
@@ -255,7 +265,9 @@ async def _content(stubs: Stubs, writer: Caller) -> None:
     )
 
 
-def _reads(stubs: Stubs, app_id: str, export_id: str) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+def _reads(
+    stubs: Stubs, app_id: str, export_id: str, search_job_id: str = ""
+) -> dict[str, Callable[[Any], Awaitable[Any]]]:
     """One valid call of every read-only RPC, by method path, given the call metadata."""
     at: dict[str, Any] = {"app_id": app_id, "dataset_id": "ds"}
     version: dict[str, Any] = {**at, "version_id": "v1"}
@@ -338,6 +350,26 @@ def _reads(stubs: Stubs, app_id: str, export_id: str) -> dict[str, Callable[[Any
         "/datasetd.v1.ProjectService/ValidateDataset": lambda m: p.ValidateDataset(
             papi.ValidateDatasetRequest(**at), metadata=m
         ),
+        "/datasetd.v1.SearchService/SearchInputs": lambda m: stubs.search.SearchInputs(
+            sapi.SearchInputsRequest(app_id=app_id), metadata=m
+        ),
+        "/datasetd.v1.SearchService/ListEmbeddingModels": lambda m: (
+            stubs.search.ListEmbeddingModels(
+                sapi.ListEmbeddingModelsRequest(app_id=app_id), metadata=m
+            )
+        ),
+        "/datasetd.v1.SearchService/GetInputEmbeddings": lambda m: stubs.search.GetInputEmbeddings(
+            sapi.GetInputEmbeddingsRequest(app_id=app_id, input_id="img1"), metadata=m
+        ),
+        "/datasetd.v1.SearchService/FindDuplicates": lambda m: stubs.search.FindDuplicates(
+            sapi.FindDuplicatesRequest(
+                app_id=app_id, scope=search_pb2.SearchScope(dataset_id="ds"), exact_only=True
+            ),
+            metadata=m,
+        ),
+        "/datasetd.v1.SearchService/GetSearchJob": lambda m: stubs.search.GetSearchJob(
+            sapi.GetSearchJobRequest(app_id=app_id, job_id=search_job_id), metadata=m
+        ),
     }
 
 
@@ -353,6 +385,13 @@ _SHOWS: dict[str, Callable[[Any], bool]] = {
     "GetDataset": lambda r: list(r.dataset.project_ids) == ["proj1"],
     "ListProjects": lambda r: any(p.id == "proj1" for p in r.projects),
     "ValidateDataset": lambda r: r.ontology_id == "onto1" and r.annotations_checked > 0,
+    "SearchInputs": lambda r: any(h.input.id == "img1" for h in r.hits),
+    "GetInputEmbeddings": lambda r: len(r.embeddings) > 0,
+    "FindDuplicates": lambda r: r.scanned_count == 2,
+    "GetSearchJob": lambda r: r.job.dataset_id == "ds",
+    "ListEmbeddingModels": lambda r: any(
+        m.id == "replica-model" and m.embedded_count == 1 for m in r.models
+    ),
 }
 
 
@@ -378,7 +417,16 @@ async def test_every_read_only_rpc_is_served_by_the_replica(
         vapi.ListExportsRequest(app_id=writer.app_id, dataset_id="ds", version_id="v1"),
         metadata=writer.metadata,
     )
-    reads = _reads(stubs, writer.app_id, exports.exports[0].id)
+    # An add-by-search job no runner claims (a real one needs 10,000 matches).
+    search_job = await server.db.fetchval(
+        "INSERT INTO jobs (kind, app_id) VALUES ('held-by-test', $1) RETURNING id", writer.app_id
+    )
+    await server.db.execute(
+        "INSERT INTO search_jobs (job_id, app_id, dataset_id, query) VALUES ($1, $2, 'ds', '{}')",
+        search_job,
+        writer.app_id,
+    )
+    reads = _reads(stubs, writer.app_id, exports.exports[0].id, str(search_job))
     assert set(reads) == READ_ONLY, "drive every read-only RPC"
     await _caught_up(server)
     stats = server.reads.stats
@@ -416,6 +464,8 @@ async def test_every_read_only_rpc_is_served_by_the_replica(
             oapi.DeleteOntologyRequest(app_id=writer.app_id, ontology_id="onto1"),
             metadata=writer.metadata,
         )
+        # No RPC deletes a job: its rows go (search_jobs with it, ON DELETE CASCADE).
+        await server.db.execute("DELETE FROM jobs WHERE id = $1", search_job)
         stale = [m for m, read in reads.items() if await _shown(m, read, reader.metadata)]
         assert sorted(stale) == sorted(reads), "answered by the primary"
         assert stats.failed_over == failed_over

@@ -158,7 +158,11 @@ def test_data_fields_depend_on_where_the_data_is() -> None:
     assert refusal(create_annotations, in_frame, regions) is None
     embeddings = _field(data_pb2.Data, "embeddings")
     assert refusal(create_annotations, ("annotations", "data", "embeddings"), embeddings)
-    assert refusal(create_inputs, ("inputs", "data", "embeddings"), embeddings)
+    assert refusal(create_inputs, ("inputs", "data", "embeddings"), embeddings) is None
+    update_inputs = "datasetd.v1.UpdateInputsRequest"
+    assert refusal(update_inputs, ("inputs", "data", "embeddings"), embeddings) is None
+    in_input_region = ("inputs", "data", "regions", "data", "embeddings")
+    assert refusal(create_inputs, in_input_region, embeddings)
 
 
 def test_output_only_fields_are_refused_everywhere() -> None:

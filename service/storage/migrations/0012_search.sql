@@ -18,6 +18,10 @@ CREATE TABLE embedding_models (
     description  text NOT NULL DEFAULT '',
     -- Installation models: changes when their vectors would (weights, preprocessing).
     fingerprint  text NOT NULL DEFAULT '',
+    -- Installation models: false while no process of the installation is configured with
+    -- it (ONNX model removed, built-ins switched off). Its vectors stay for the versions
+    -- that captured them; it is neither listed, searched nor pending.
+    active       boolean NOT NULL DEFAULT true,
     created_at   timestamptz NOT NULL DEFAULT now(),
     UNIQUE (app_id, id)
 );
@@ -39,6 +43,9 @@ ALTER TABLE embeddings ALTER COLUMN vector SET STORAGE PLAIN;
 CREATE UNIQUE INDEX embeddings_current ON embeddings (app_id, input_id, model_number)
     WHERE replaced_at IS NULL;
 CREATE INDEX embeddings_replaced ON embeddings (replaced_at) WHERE replaced_at IS NOT NULL;
+-- The embedding job's look for inputs without a vector, from a seq on, across apps
+-- (storage/embeddings.py: pending).
+CREATE INDEX inputs_seq ON inputs (seq);
 
 -- Inputs an installation model could not embed (undecodable media, ...): not retried
 -- until the model changes or the input's media does.
@@ -75,6 +82,10 @@ ALTER TABLE version_inputs
     ADD COLUMN longitude  double precision,
     ADD COLUMN latitude   double precision,
     ADD COLUMN created_at timestamptz;
+-- Members of versions built before this migration, until the maintenance loop's backfill
+-- has filled their columns (a build fills them with the content): empty afterwards.
+CREATE INDEX version_inputs_uncaptured ON version_inputs (app_id)
+    WHERE data IS NOT NULL AND media_type IS NULL;
 
 -- The vectors a version captured: references, not copies.
 CREATE TABLE version_embeddings (
@@ -99,6 +110,8 @@ CREATE TABLE search_jobs (
     matched_count bigint NOT NULL DEFAULT 0,
     added_count   bigint NOT NULL DEFAULT 0,
     present_count bigint NOT NULL DEFAULT 0,
+    -- The seq of the last match the job added (it resumes after it, counts exact).
+    last_seq      bigint,
     created_at    timestamptz NOT NULL DEFAULT now(),
     finished_at   timestamptz
 );

@@ -85,7 +85,11 @@ class Data(_message.Message):
         model), searchable with SearchService. GetInput and ListInputs return
         them; vectors datasetd computes itself are read with
         SearchService.GetInputEmbeddings. Refused in annotations, regions and
-        frames (INVALID_ARGUMENT).
+        frames (INVALID_ARGUMENT). In UpdateInputs (update_mask name
+        "embeddings") each vector given replaces the input's vector of its model
+        with PATCH_ACTION_MERGE and PATCH_ACTION_OVERWRITE alike, and vectors of
+        models not given stay; PATCH_ACTION_REMOVE is refused (a vector is
+        replaced, never removed).
         """
 
     @_builtins.property

@@ -90,7 +90,15 @@ Global___SearchInputsResponse: _TypeAlias = SearchInputsResponse  # noqa: Y015
 
 @_typing.final
 class FindDuplicatesRequest(_message.Message):
-    """Request of FindDuplicates."""
+    """Request of FindDuplicates. Exact groups are found in a scope of any size;
+    near duplicates in a scope of at most 100,000 inputs (FAILED_PRECONDITION
+    above: set `exact_only`, or look in a smaller dataset). Each input of the
+    scope is compared with its 10 nearest neighbours; the near groups are the
+    connected sets of inputs joined by such pairs, so that a group may hold
+    inputs less similar than the threshold through a chain of similar pairs.
+    An input is in at most one group: those of an exact group are left out of
+    the near groups.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
