@@ -7,7 +7,7 @@ PY := $(BIN)/python
 PROTOS := $(wildcard protos/datasetd/v1/*.proto)
 GEN_DIR := service/gen
 
-.PHONY: run test test-slow test-torch lint proto proto-check bench bench-scale clean setup prometheus
+.PHONY: run test test-slow test-torch lint proto proto-check bench bench-search bench-scale clean setup prometheus
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,8 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy service sdk tests bench
 
 ## bench: benchmarks, printing figures beside raw limits measured in the same run
+# Inputs of bench_search in `make bench` (its own target runs 100,000).
+BENCH_SEARCH_N ?= 20000
 bench: $(VENV)/.installed
 	$(PY) -m bench.bench_datasets
 	$(PY) -m bench.bench_ingest
@@ -74,6 +76,12 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.bench_vi_exports
 	$(PY) -m bench.bench_export_media
 	$(PY) -m bench.bench_clarifai
+	$(PY) -m bench.bench_embedder
+	BENCH_SEARCH_N=$(BENCH_SEARCH_N) $(PY) -m bench.bench_search
+
+## bench-search: search at the issue's size, 100,000 vectors of 512 dimensions (10-20 minutes)
+bench-search: $(VENV)/.installed
+	BENCH_SEARCH_N=100000 $(PY) -m bench.bench_search
 
 ## bench-scale: sizes and throughput at 1M inputs for deploy/SCALING.md (15-40 minutes)
 bench-scale: $(VENV)/.installed

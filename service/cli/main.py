@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     from service.cli.ontologies import add_commands as ontology_and_project_commands
 
     ontology_and_project_commands(tree)
+    from service.cli.search import add_commands as search_commands
+
+    search_commands(tree)
     return parser
 
 
@@ -236,6 +239,9 @@ def _dataset_commands(tree: CommandTree) -> None:
     sub.add_argument("--force", action="store_true", help="purge now; cannot be undone")
     add_confirm_option(sub)
     tree.command(datasets, "undelete", c.datasets_undelete, "restore a deleted dataset", "dataset")
+    from service.cli.search import add_dataset_commands as search_dataset_commands
+
+    search_dataset_commands(tree, datasets)
 
 
 def _upload_commands(tree: CommandTree) -> None:

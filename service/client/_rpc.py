@@ -13,6 +13,7 @@ from datasetd.v1 import (
     dataset_service_pb2_grpc,
     dataset_version_service_pb2_grpc,
     input_service_pb2_grpc,
+    search_service_pb2_grpc,
 )
 from google.protobuf.message import Message
 
@@ -49,6 +50,7 @@ class Rpc:
         self.inputs = input_service_pb2_grpc.InputServiceStub(channel)
         self.annotations = annotation_service_pb2_grpc.AnnotationServiceStub(channel)
         self.versions = dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel)
+        self.search = search_service_pb2_grpc.SearchServiceStub(channel)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

@@ -12,10 +12,12 @@ from service.client.datasets import Datasets
 from service.client.inputs import Inputs
 from service.client.ontologies import Ontologies
 from service.client.projects import Projects
+from service.client.search import Searches
 
 
-class Client:
-    """Connection to a datasetd server for one app and API key.
+class Client(Searches):
+    """Connection to a datasetd server for one app and API key; app-wide search
+    (`search`, `embedding_models`, `input_embeddings`) comes from `Searches`.
 
     Use as a context manager (or call `close()`) so the channel is released.
     """

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 from datasetd.v1 import dataset_service_pb2, input_pb2, input_service_pb2
 from google.protobuf import json_format
@@ -15,9 +15,13 @@ from google.protobuf import json_format
 from service.client import uploads as _uploads
 from service.client._rpc import time_of
 from service.client.media import DownloadedInput, download_inputs
-from service.client.progress import Progress
+from service.client.progress import Progress, reporter
 from service.client.unpack import medium_of
 from service.client.versions import Versions
+
+if TYPE_CHECKING:
+    # service.client.search builds on this module's InputInfo: imported where used.
+    from service.client.search import AddFromSearchResult, DuplicatesResult, HitPage, QueryArgs
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,61 @@ class Dataset(Versions):
         """Downloads the original media of every input as `save_dir/<input id><ext>`."""
         ids = [item.id for item in self.list_inputs(page_size=1000)]
         return download_inputs(self.rpc, ids, save_dir, concurrency, show_progress, progress)
+
+    # --- search (service/client/search.py) -----------------------------------
+
+    def search(
+        self,
+        version: str | None = None,
+        limit: int | None = None,
+        page_size: int = 100,
+        **query: Unpack[QueryArgs],
+    ) -> Iterator[HitPage]:
+        """Pages of the dataset's inputs (or those of its READY `version`, as captured)
+        matching `query` (see search.QueryArgs); fetched lazily, at most `limit` hits."""
+        from service.client.search import Search, search_query
+
+        return Search(self.rpc).pages(search_query(self.id, version, **query), limit, page_size)
+
+    def add_from_search(
+        self,
+        from_dataset: str | None = None,
+        from_version: str | None = None,
+        dry_run: bool = False,
+        wait: bool = True,
+        timeout: float = 3600,
+        show_progress: bool = False,
+        progress: Progress | None = None,
+        request_id: str | None = None,
+        **query: Unpack[QueryArgs],
+    ) -> AddFromSearchResult:
+        """Adds every input of the app (or of `from_dataset`, or its `from_version`) that
+        matches `query` to this dataset; `dry_run` only counts them. Many matches run as a
+        server job, which this waits for with `wait` (SearchJobFailedError if it fails)."""
+        from service.client.search import Search, search_query
+
+        return Search(self.rpc).add(
+            self.id,
+            search_query(from_dataset, from_version, **query),
+            dry_run,
+            wait,
+            timeout,
+            reporter(show_progress, progress),
+            request_id,
+        )
+
+    def duplicates(
+        self,
+        threshold: float | None = None,
+        exact_only: bool = False,
+        model_id: str = "",
+        version: str | None = None,
+    ) -> DuplicatesResult:
+        """Groups of exact duplicates (same content) and near duplicates (cosine similarity
+        at least `threshold`, 0.5..1, default 0.95) among the dataset's (or version's) inputs."""
+        from service.client.search import Search
+
+        return Search(self.rpc).duplicates(self.id, version, threshold, exact_only, model_id)
 
     # --- uploads (service/client/uploads.py) ---------------------------------
     # Options: batch_size, concurrency, show_progress, progress, failure_log (UploadOptions).

@@ -68,6 +68,8 @@ class UploadItem:
     geo: tuple[float, float] | None = None  # (longitude, latitude)
     title: str = ""
     source: str = ""
+    # Vectors by embedding model id (data.embeddings): what search ranks the input by.
+    embeddings: dict[str, tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in MEDIA_KINDS:
@@ -94,6 +96,10 @@ class UploadItem:
         fields["geo"] = (float(geo[0]), float(geo[1])) if geo else None
         data = fields.get("data")
         fields["data"] = bytes.fromhex(data) if data is not None else None
+        embeddings = fields.get("embeddings")
+        fields["embeddings"] = (
+            {model: tuple(vector) for model, vector in embeddings.items()} if embeddings else None
+        )
         return cls(**fields)
 
 

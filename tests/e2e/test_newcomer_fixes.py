@@ -70,7 +70,7 @@ async def bash(script: str, cwd: Path) -> tuple[int, str]:
 async def test_the_readme_grpcurl_examples_can_be_run_again(
     server: Running, caller: Caller, tmp_path: Path
 ) -> None:
-    example = fenced_block("sh", "DatasetService/CreateDataset")
+    example = fenced_block("sh", '"request_id": "create-cats-')
     script = for_server(example, server, caller).replace(".venv/bin/grpcurl", grpcurl_path())
     script = "\n".join(
         f"KEY={caller.key}" if line.startswith("KEY=") else line for line in script.splitlines()

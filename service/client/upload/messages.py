@@ -95,6 +95,8 @@ def input_message(item: InputLike, dataset_id: str, with_media: bool = True) -> 
     if item.geo is not None:
         message.data.geo.geo_point.longitude = item.geo[0]
         message.data.geo.geo_point.latitude = item.geo[1]
+    for model_id, vector in (item.embeddings or {}).items():
+        message.data.embeddings.append(data_pb2.Embedding(model_id=model_id, vector=vector))
     return message
 
 
