@@ -175,6 +175,7 @@ def job_runner(
         worker_id=new_worker_id(),
         lease=config.job_lease,
         concurrency=config.job_concurrency,
+        background=frozenset({JobKind.EMBED_INPUTS}),
     )
 
 

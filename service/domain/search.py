@@ -101,11 +101,12 @@ class SearchService:
         if spec.rank is not None:
             check_rank(violations, f"{field}.rank", spec.rank)
         violations.raise_if_any()
-        async with self.tx.read_transaction():
-            await self._check_scope(app_id, query, field)
-            if spec.rank is None:
-                return query, None
-            model, target = await self._resolve(app_id, query, spec.rank, f"{field}.rank")
+        # Independent reads, each one statement: no snapshot needed to hold them together
+        # (a dataset deleted meanwhile gives an empty page, as it would a moment later).
+        await self._check_scope(app_id, query, field)
+        if spec.rank is None:
+            return query, None
+        model, target = await self._resolve(app_id, query, spec.rank, f"{field}.rank")
         rank = spec.rank
         if isinstance(target, tuple):
             vector = target
@@ -287,8 +288,7 @@ class SearchService:
         limit: int,
     ) -> SearchPage:
         query, ranking = await self.prepare(principal, app_id, spec)
-        async with self.tx.read_transaction():
-            hits = await self.repository.search(query, ranking, after, limit + 1)
+        hits = await self.repository.search(query, ranking, after, limit + 1)
         more = len(hits) > limit
         hits = hits[:limit]
         # A version's hits show what it captured: no current client vectors with them.

@@ -228,8 +228,9 @@ def duplicate_groups(
     order: dict[str, int] | None = None,
 ) -> list[DuplicateGroup]:
     """Exact groups first, then near groups: the connected components of the pairs (each
-    pair similar at least the threshold) among inputs in no exact group, so that an input
-    is in at most one group. A near group's min_similarity is its lowest pair's. Ids
+    pair similar at least the threshold), where an exact group stands for its first input
+    (the one to keep): its copies are in no near group, and it is in the near group of
+    what any of them is near to. A near group's min_similarity is its lowest pair's. Ids
     oldest first (`order`: creation seq by id); groups by their first input's seq."""
     rank = order or {}
 
@@ -241,7 +242,7 @@ def duplicate_groups(
         for g in exact
         if len(set(g.input_ids)) > 1
     ]
-    grouped = {i for g in exact_groups for i in g.input_ids}
+    kept_copy = {i: g.input_ids[0] for g in exact_groups for i in g.input_ids}
     parent: dict[str, str] = {}
 
     def find(item: str) -> str:
@@ -252,7 +253,11 @@ def duplicate_groups(
             parent[item], item = root, parent[item]
         return root
 
-    kept = [(a, b, s) for a, b, s in pairs if a != b and a not in grouped and b not in grouped]
+    kept = [
+        (a, b, s)
+        for a, b, s in ((kept_copy.get(a, a), kept_copy.get(b, b), s) for a, b, s in pairs)
+        if a != b
+    ]
     for a, b, _ in kept:
         parent.setdefault(a, a)
         parent.setdefault(b, b)

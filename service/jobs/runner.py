@@ -132,7 +132,9 @@ class JobRunner:
     `handlers` is read at every claim, not copied: the composition root may fill
     it after building the runner. `concurrency` jobs run at once; `max_attempts`
     bounds the runs of a job that keeps failing with unexpected errors or
-    keeps killing its process.
+    keeps killing its process. Jobs of the `background` kinds (work no caller waits
+    for, such as embedding every upload) run in a lane of their own, one at a time
+    besides those: a stream of them never holds up a version build or an export.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class JobRunner:
         poll_interval: float = 1.0,
         concurrency: int = 1,
         max_attempts: int = 3,
+        background: frozenset[JobKind] = frozenset(),
     ) -> None:
         if lease <= timedelta(0) or poll_interval <= 0:
             raise ValueError("lease and poll_interval must be positive")
@@ -156,6 +159,7 @@ class JobRunner:
         self._lease = lease
         self._poll_interval = poll_interval
         self._concurrency = concurrency
+        self._background = background
         self._max_attempts = max_attempts
         self._outages: dict[int, int] = {}
         # How each run settled, for the duration metric (see run_once).
@@ -171,23 +175,33 @@ class JobRunner:
         """Runs jobs until cancelled; a job in progress is then handed back to the queue."""
         async with asyncio.TaskGroup() as group:
             for slot in range(self._concurrency):
-                group.create_task(self._poll(), name=f"job-runner-{slot}")
+                group.create_task(self._poll(background=False), name=f"job-runner-{slot}")
+            if self._background:
+                group.create_task(self._poll(background=True), name="job-runner-background")
 
-    async def _poll(self) -> None:
+    async def _poll(self, *, background: bool) -> None:
         while True:
             # Cleared before the claim, so a notify() during the claim is not lost.
             self._wake.clear()
             try:
-                if await self.run_once():
+                if await self.run_once(background=background):
                     continue
             except Exception as exc:
                 log.warning("job runner: cannot claim jobs (retrying): %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval)
 
-    async def run_once(self) -> bool:
-        """Claims and runs at most one job; whether there was one."""
-        job = await self._queue.claim(list(self._handlers), self.worker_id, self._lease)
+    async def run_once(self, *, background: bool | None = None) -> bool:
+        """Claims and runs at most one job (of the background kinds, of the others, or of
+        any kind when `background` is None); whether there was one."""
+        kinds = [
+            kind
+            for kind in self._handlers
+            if background is None or (kind in self._background) == background
+        ]
+        if not kinds:
+            return False
+        job = await self._queue.claim(kinds, self.worker_id, self._lease)
         if job is None:
             return False
         started = time.monotonic()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -37,7 +39,7 @@ from service.domain.embeddings import (
 )
 from service.domain.models import GeoPoint, Input, MediaType
 from service.formats import snapshot
-from service.storage.db import Connection, Repository
+from service.storage.db import HNSW_EF_SEARCH, Connection, Database, Repository
 from service.storage.embeddings import index_predicate, vector_expression
 from service.storage.inputs import _INPUT_COLUMNS, _INPUT_JOINS, row_to_input
 from service.storage.rows import stored_blob
@@ -56,8 +58,13 @@ EXACT_PAIRS_LIMIT = 1_000
 # A ranked search whose candidates the planner estimates above this many takes the index
 # without counting them (see PgSearchRepository._few).
 LARGE_ESTIMATE = 4 * EXACT_SCAN_LIMIT
-# pgvector's bounds of hnsw.ef_search.
-_MIN_EF_SEARCH, _MAX_EF_SEARCH = 40, 1000
+# pgvector's bounds of hnsw.ef_search; every connection starts at HNSW_EF_SEARCH.
+_MIN_EF_SEARCH, _MAX_EF_SEARCH = HNSW_EF_SEARCH, 1000
+# How long `_few`'s answer for one query is reused: counting the candidates costs several
+# index searches, and a scope's size moves slowly. A stale answer costs speed, not recall:
+# the index path falls back to the exact page when its scan runs out.
+FEW_CACHE_SECONDS = 10.0
+FEW_CACHE_SIZE = 4096
 
 
 class _Args:
@@ -390,12 +397,12 @@ def _ranked_where(s: _Statement, ranking: Ranking, after: SearchCursor | None) -
 
 
 def nearest_settings(fetch: int) -> list[str]:
-    """Strict order: the scan goes on past ef_search candidates (up to
-    hnsw.max_scan_tuples) until the filters let `fetch` rows through, by distance."""
-    return [
-        f"SET LOCAL hnsw.ef_search = {_ef_search(fetch)}",
-        "SET LOCAL hnsw.iterative_scan = strict_order",
-    ]
+    """What a scan for `fetch` rows sets beyond the connection's settings (HNSW_SESSION_
+    SETTINGS: strict order, so the scan goes on past ef_search candidates, up to
+    hnsw.max_scan_tuples, until the filters let `fetch` rows through, by distance), in a
+    transaction: a larger ef_search for larger pages."""
+    ef_search = _ef_search(fetch)
+    return [] if ef_search <= HNSW_EF_SEARCH else [f"SET LOCAL hnsw.ef_search = {ef_search}"]
 
 
 def nearest_statement(
@@ -414,6 +421,11 @@ def nearest_statement(
 
 
 class PgSearchRepository(Repository):
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        # `_few`'s answers: (query, model number) → (few, when it expires).
+        self._few_answers: OrderedDict[str, tuple[bool, float]] = OrderedDict()
+
     async def search(
         self,
         query: SearchFilter,
@@ -423,7 +435,9 @@ class PgSearchRepository(Repository):
     ) -> list[SearchHit]:
         if limit < 1:
             return []
-        async with self._db.read_transaction(), self._db.connection() as conn:
+        # Each path is one statement but for a large page's SET LOCAL: a transaction only
+        # then (the statements of `_few` need no common snapshot).
+        async with self._db.connection() as conn:
             if ranking is None:
                 return await self._by_seq(conn, query, after, limit)
             if query.version_id is None and not await self._few(conn, query, ranking):
@@ -431,6 +445,21 @@ class PgSearchRepository(Repository):
             return await self._exact(conn, query, ranking, after, limit)
 
     async def _few(self, conn: Connection, query: SearchFilter, ranking: Ranking) -> bool:
+        """`_count_few`, remembered for FEW_CACHE_SECONDS per query and model."""
+        key = f"{ranking.model.number}:{query!r}"
+        now = time.monotonic()
+        cached = self._few_answers.get(key)
+        if cached is not None and cached[1] > now:
+            self._few_answers.move_to_end(key)
+            return cached[0]
+        few = await self._count_few(conn, query, ranking)
+        self._few_answers[key] = (few, now + FEW_CACHE_SECONDS)
+        self._few_answers.move_to_end(key)
+        while len(self._few_answers) > FEW_CACHE_SIZE:
+            self._few_answers.popitem(last=False)
+        return few
+
+    async def _count_few(self, conn: Connection, query: SearchFilter, ranking: Ranking) -> bool:
         """Whether the ranked candidates (the filter's inputs with a vector of the model)
         are at most EXACT_SCAN_LIMIT; counts no further than one past it. Counting
         EXACT_SCAN_LIMIT rows costs ~3x an index search, so a planner estimate far above
@@ -511,10 +540,13 @@ class PgSearchRepository(Repository):
         after: SearchCursor | None,
         fetch: int,
     ) -> list[asyncpg.Record]:
-        for setting in nearest_settings(fetch):
-            await conn.execute(setting)
         sql, args = nearest_statement(query, ranking, after, fetch)
-        return list(await conn.fetch(sql, *args))
+        settings = nearest_settings(fetch)
+        if not settings:
+            return list(await conn.fetch(sql, *args))
+        async with conn.transaction(readonly=True):
+            await conn.execute("; ".join(settings))
+            return list(await conn.fetch(sql, *args))
 
     async def count(self, query: SearchFilter, ranking: Ranking | None) -> int:
         s = _statement(query, ranking, scored=_filters_by_score(ranking))

@@ -31,6 +31,7 @@ from datasetd.v1 import dataset_service_pb2 as dapi
 from datasetd.v1 import input_service_pb2 as api
 
 from service.app import MAINTENANCE_LOCK_ID, Running
+from service.domain.jobs import JobKind
 from service.storage.blobs import ContentAddressedBlobStore, content_key
 from service.storage.db import Database
 from service.storage.objectstore import ObjectStore
@@ -74,6 +75,22 @@ async def maintenance_held(db: Database) -> AsyncIterator[None]:
                 return
         # A round is running: it ends soon.
         await asyncio.sleep(0.05)
+
+
+async def embedding_idle(db: Database) -> None:
+    """Waits until no embedding job is queued or running: one runs after every upload
+    (the seed's too) and reads inputs, so its statement would wait on the locked table and
+    be taken for one the cancelled call left behind. A cancelled call queues none."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while await db.fetchval(EMBEDDING_JOBS):
+        assert asyncio.get_running_loop().time() < deadline, "embedding jobs never ended"
+        await asyncio.sleep(0.05)
+
+
+EMBEDDING_JOBS = (
+    f"SELECT count(*) FROM jobs WHERE kind = '{JobKind.EMBED_INPUTS.value}'"
+    " AND status IN ('pending', 'running')"
+)
 
 
 async def waiting(db: Database, holder: int) -> list[str]:
@@ -249,6 +266,7 @@ async def test_a_call_past_its_deadline_leaves_no_query_behind(
         api.CreateInputsRequest(app_id=caller.app_id, inputs=[image_input("seed")]),
         metadata=caller.metadata,
     )
+    await embedding_idle(db)
     async with maintenance_held(db), table_locked(db, case.table) as holder:
         started = asyncio.get_running_loop().time()
         call = asyncio.ensure_future(case.call(Run.on(channel, caller, tag, DEADLINE_SECONDS)))

@@ -215,3 +215,20 @@ async def test_the_run_check_reads_an_overlap_from_the_table(runs_db: Database) 
     assert "w-second) started at" in problems[0]
     assert "has no end and was not taken over" in problems[1]
     await queue.finish(job_id, "w-first", JobStatus.SUCCEEDED)
+
+
+async def test_background_jobs_have_a_lane_of_their_own(runs_db: Database) -> None:
+    """An older embedding job neither holds up a build (the build's lane skips it) nor
+    waits for one (its lane takes it)."""
+    queue = PgJobQueue(runs_db)
+    background = JobKind.EMBED_INPUTS
+    handlers = {KIND: Handler(), background: Handler()}
+    runner = JobRunner(queue, handlers, worker_id="w-lanes", background=frozenset({background}))
+    embed = await queue.enqueue(background, "app-lanes", {})
+    build = await queue.enqueue(KIND, "app-lanes", {})
+    assert await runner.run_once(background=False)
+    assert [r.outcome for r in await runs_of(runs_db, build)] == ["succeeded"]
+    assert await runs_of(runs_db, embed) == []
+    assert not await runner.run_once(background=False)
+    assert await runner.run_once(background=True)
+    assert [r.outcome for r in await runs_of(runs_db, embed)] == ["succeeded"]

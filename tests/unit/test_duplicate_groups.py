@@ -42,16 +42,19 @@ def test_pairs_chain_into_one_group_with_its_lowest_similarity() -> None:
     ]
 
 
-def test_exact_groups_come_first_and_their_inputs_join_no_near_group() -> None:
+def test_exact_groups_come_first_and_stand_for_their_kept_copy_in_near_groups() -> None:
     order = {name: seq for seq, name in enumerate("abcdefgh")}
     exact = [DuplicateGroup(("h", "g"), True, 1.0), DuplicateGroup(("d", "c"), True, 1.0)]
-    pairs = [("a", "c", 0.99), ("a", "b", 0.98), ("g", "f", 0.97), ("e", "f", 0.96)]
+    # "d" is a copy of "c" (kept): its pair with "a" joins "c" to a's group; "h" is a copy
+    # of "g" and its pair with "g" itself is no near pair.
+    pairs = [("a", "d", 0.99), ("a", "b", 0.98), ("h", "f", 0.97), ("e", "f", 0.96)]
+    pairs.append(("g", "h", 0.999))
     groups = duplicate_groups(exact, pairs, order)
     assert groups == [
         DuplicateGroup(("c", "d"), True, 1.0),
         DuplicateGroup(("g", "h"), True, 1.0),
-        DuplicateGroup(("a", "b"), False, 0.98),
-        DuplicateGroup(("e", "f"), False, 0.96),
+        DuplicateGroup(("a", "b", "c"), False, 0.98),
+        DuplicateGroup(("e", "f", "g"), False, 0.96),
     ]
 
 

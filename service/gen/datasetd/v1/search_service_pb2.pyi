@@ -96,8 +96,10 @@ class FindDuplicatesRequest(_message.Message):
     scope is compared with its 10 nearest neighbours; the near groups are the
     connected sets of inputs joined by such pairs, so that a group may hold
     inputs less similar than the threshold through a chain of similar pairs.
-    An input is in at most one group: those of an exact group are left out of
-    the near groups.
+    An exact group counts as its first input (the one to keep) among the near
+    groups: its other inputs are in no near group, and the first one joins the
+    near group of whatever any of them is near to. Every other input is in at
+    most one group.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
