@@ -68,6 +68,7 @@ from bench.common import (
     stack_and_server,
 )
 from service.domain.embeddings import EXACT_SCAN_LIMIT
+from service.storage.db import HNSW_SESSION_SETTINGS
 
 DIMENSION: Final = 512
 MODEL: Final = "bench-clip"
@@ -239,6 +240,10 @@ def count_statement(number: int, filtered: bool) -> str:
     )
 
 
+async def _hnsw_settings(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    await conn.execute(HNSW_SESSION_SETTINGS)
+
+
 class Knn:
     def __init__(
         self, channel: grpc.aio.Channel, metadata: Any, pool: asyncpg.Pool[asyncpg.Record]
@@ -278,13 +283,9 @@ class Knn:
             args.append(f'{{"bucket": {FILTER_BUCKET}}}')
         began = time.perf_counter()
         async with self.pool.acquire() as conn:
-            if filtered:
-                # As the server's index path does: go on scanning until K rows pass.
-                async with conn.transaction():
-                    await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-                    rows = await conn.fetch(statement, *args)
-            else:
-                rows = await conn.fetch(statement, *args)
+            # Strict-order iterative scan (the pool's settings): as the server's index
+            # path, it goes on scanning until K rows pass a filter.
+            rows = await conn.fetch(statement, *args)
         seconds = time.perf_counter() - began
         return seconds, {number_of(row["input_id"]) for row in rows}
 
@@ -423,8 +424,10 @@ async def run(count: int, query_count: int) -> dict[str, Any]:
             print(f"loading {count:,} inputs through CreateInputs ...", flush=True)
             figures["load_per_second"] = await load(channel, metadata, vectors)
             print(f"  {figures['load_per_second']:,.0f} inputs/s", flush=True)
+            # The raw queries run with the server's HNSW settings (ef_search, strict
+            # order): the same recall, so that the ratio compares the same work.
             pool: asyncpg.Pool[asyncpg.Record] = await asyncpg.create_pool(
-                running.info.dsn, min_size=1, max_size=2
+                running.info.dsn, min_size=1, max_size=2, init=_hnsw_settings
             )
             try:
                 conn = await asyncpg.connect(running.info.dsn)

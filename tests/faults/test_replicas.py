@@ -400,6 +400,12 @@ class Load:
         )
 
 
+# The jobs a kill must cut off and another replica take to the end: the builds and exports
+# the load waits for. The background embedding job runs as long as uploads go on (each
+# queues more), so it is only ever handed back at the final stop.
+FOLLOWED_KINDS = "kind IN ('build_version', 'export_version')"
+
+
 async def pick_victim(replicas: Replicas, db: Database, within: float) -> Replica:
     """The replica running a job right now, if one does within `within` seconds (its run
     is then cut off, and the job must be taken over only once its lease expired); the
@@ -408,6 +414,7 @@ async def pick_victim(replicas: Replicas, db: Database, within: float) -> Replic
     while time.monotonic() < deadline:
         rows = await db.fetch(
             "SELECT locked_by FROM jobs WHERE status = 'running' AND locked_until > now()"
+            f" AND {FOLLOWED_KINDS}"
         )
         for row in rows:
             replica = replicas.replica_of_worker(row["locked_by"])
@@ -456,7 +463,8 @@ async def kill_one(
     # third of it at least after its last heartbeat): read at once, this is what the
     # kill cut off.
     rows = await db.fetch(
-        "SELECT id FROM jobs WHERE status = 'running' AND locked_by LIKE $1", f"%:{pid}:%"
+        f"SELECT id FROM jobs WHERE status = 'running' AND locked_by LIKE $1 AND {FOLLOWED_KINDS}",
+        f"%:{pid}:%",
     )
     load.cut_off.update({row["id"]: pid for row in rows})
     log.append(
