@@ -18,17 +18,14 @@ import dataclasses
 import io
 import itertools
 import re
-import secrets
 import signal
 import time
-import urllib.parse
 import zipfile
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 
-import asyncpg
 import grpc
 import psutil
 from datasetd.v1 import input_pb2
@@ -53,21 +50,6 @@ START_MARK = b"=== replica start "
 
 
 # --- a database of its own --------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def scratch_database(dsn: str, prefix: str) -> AsyncIterator[str]:
-    """A new database on the server of `dsn`, dropped at the end: the replicas' job
-    runners then see only the jobs of this run, and the session server's runner none of
-    theirs."""
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield urllib.parse.urlunsplit(urllib.parse.urlsplit(dsn)._replace(path=f"/{name}"))
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 # --- the replicas -----------------------------------------------------------------------

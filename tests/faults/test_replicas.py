@@ -54,8 +54,8 @@ from tests.faults.replicas import (
     job_runs,
     run_problems,
     running_replicas,
-    scratch_database,
 )
+from tests.scratch import scratch_database
 
 T = TypeVar("T")
 R = TypeVar("R")

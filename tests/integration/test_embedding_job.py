@@ -12,13 +12,11 @@ import asyncio
 import dataclasses
 import io
 import secrets
-import urllib.parse
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import asyncpg
 import numpy as np
 import pytest
 from datasetd.v1 import data_pb2, input_pb2
@@ -43,12 +41,13 @@ from service.embedders.builtin import (
 )
 from service.embedders.onnx import OnnxImageEmbedder
 from service.storage.blobs import ContentAddressedBlobStore
-from service.storage.db import Database, migrate
+from service.storage.db import Database
 from service.storage.embeddings import PgEmbeddingRepository
 from service.storage.inputs import PgInputRepository
 from service.storage.jobs import PgJobQueue
 from service.storage.objectstore import ObjectStore
 from tests.conftest import Caller, Stack, object_store
+from tests.scratch import migrated_database
 from tests.unit.test_embedders import build_conv_model, write_settings
 
 if TYPE_CHECKING:
@@ -59,25 +58,8 @@ EMBEDDERS = (BuiltinImageEmbedder(), BuiltinTextEmbedder())
 
 @pytest.fixture(scope="module")
 async def own_db(stack: Stack) -> AsyncIterator[Database]:
-    name = "embed_" + secrets.token_hex(4)
-    admin = await asyncpg.connect(stack.dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        dsn = urllib.parse.urlunsplit(urllib.parse.urlsplit(stack.dsn)._replace(path=f"/{name}"))
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-        # After the migration: pool connections register pgvector's codec if it exists.
-        database = await Database.connect(dsn)
-        try:
-            yield database
-        finally:
-            await database.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with migrated_database(stack.dsn, "embed") as database:
+        yield database
 
 
 @dataclasses.dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import urllib.parse
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -39,7 +38,7 @@ from service.media.probe import MediaProbes
 from service.storage.annotations import PgAnnotationRepository
 from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.datasets import PgDatasetRepository
-from service.storage.db import Database, migrate
+from service.storage.db import Database
 from service.storage.embeddings import (
     PgEmbeddingRepository,
     index_name,
@@ -52,28 +51,13 @@ from service.storage.jobs import PgJobQueue
 from service.storage.ontologies import PgOntologyRepository
 from service.storage.versions import PgVersionRepository
 from tests.conftest import Stack, object_store
+from tests.scratch import migrated_database
 
 
 @pytest.fixture(scope="module")
 async def db(stack: Stack) -> AsyncIterator[Database]:
-    name = "emb_" + secrets.token_hex(4)
-    admin = await asyncpg.connect(stack.dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        dsn = urllib.parse.urlunsplit(urllib.parse.urlsplit(stack.dsn)._replace(path=f"/{name}"))
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-        database = await Database.connect(dsn)
-        try:
-            yield database
-        finally:
-            await database.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with migrated_database(stack.dsn, "emb") as database:
+        yield database
 
 
 @pytest.fixture

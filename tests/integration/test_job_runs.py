@@ -18,7 +18,8 @@ from service.jobs import JobRunner
 from service.storage.db import Database, migrate
 from service.storage.jobs import PgJobQueue
 from tests.conftest import Stack
-from tests.faults.replicas import Run, job_runs, run_problems, scratch_database
+from tests.faults.replicas import Run, job_runs, run_problems
+from tests.scratch import scratch_database
 
 KIND = JobKind.BUILD_VERSION
 SHORT = timedelta(milliseconds=600)
