@@ -22,6 +22,13 @@ from tests.helpers import download, png_bytes
 from tests.processes import clean_env, create_key, run_server, start_serve, stub_for
 
 
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.NoSuchProcess:
+        return []
+
+
 async def test_embedded_stack_starts_persists_and_stops_cleanly(tmp_path: Path) -> None:
     env = clean_env(DATASETD_DATA_DIR=str(tmp_path), DATASETD_SHUTDOWN_GRACE="5s")
     cover = png_bytes(12, 9)
@@ -35,12 +42,21 @@ async def test_embedded_stack_starts_persists_and_stops_cleanly(tmp_path: Path) 
         )
         assert f"grpcurl -plaintext -H 'authorization: Key {key}'" in server.banner
         children = server.descendants()
-        names = " ".join(" ".join(p.cmdline()) for p in children)
+        # PostgreSQL forks short-lived backends and workers, so a child listed
+        # a moment ago may be gone by the time it is read.
+        names = " ".join(" ".join(_cmdline(p)) for p in children)
         assert "weed" in names and "postgres" in names
         for child in children:
-            for conn in child.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    assert conn.laddr.ip == "127.0.0.1", (child.cmdline(), conn)
+            try:
+                listening = [
+                    c
+                    for c in child.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN
+                ]
+            except psutil.NoSuchProcess:
+                continue
+            for conn in listening:
+                assert conn.laddr.ip == "127.0.0.1", (_cmdline(child), conn)
         metadata = (("authorization", f"Key {key}"),)
         async with stub_for(server.address) as stub:
             await stub.CreateDataset(
