@@ -49,9 +49,7 @@ async def test_embedded_stack_starts_persists_and_stops_cleanly(tmp_path: Path) 
         for child in children:
             try:
                 listening = [
-                    c
-                    for c in child.net_connections(kind="inet")
-                    if c.status == psutil.CONN_LISTEN
+                    c for c in child.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
                 ]
             except psutil.NoSuchProcess:
                 continue
