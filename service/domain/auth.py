@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from service.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from service.domain.models import ApiKey, Principal
+from service.domain.models import ApiKey, KeyKind, Principal
 from service.domain.ports import ApiKeyRepository, Clock
 from service.domain.validation import require_ids
 
@@ -111,7 +111,9 @@ class Authenticator:
 
 
 def authorize(principal: Principal, app_id: str, permission: Permission) -> None:
-    """Every use case calls this first. Dataset-scoped keys and roles extend it."""
+    """Every use case calls this first: the app, and a scoped key's own rights. What the
+    call may touch (datasets, roles) was checked by the API layer against the RPC's rule
+    (`service.domain.access`)."""
     require_ids(("app_id", app_id))
     if principal.app_id != app_id:
         raise PermissionDenied(
@@ -119,7 +121,7 @@ def authorize(principal: Principal, app_id: str, permission: Permission) -> None
             reason="WRONG_APP",
             metadata={"app_id": app_id},
         )
-    if permission.value not in principal.scopes:
+    if principal.kind is KeyKind.SCOPED and permission.value not in principal.scopes:
         raise PermissionDenied(
             f"this API key lacks the {permission.value!r} scope",
             reason="MISSING_SCOPE",

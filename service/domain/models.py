@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -113,6 +114,22 @@ class DatasetListQuery:
     include_hidden: bool = False
 
 
+class AppRole(enum.Enum):
+    OWNER = "owner"
+    ADMIN = "admin"
+    MEMBER = "member"
+
+
+class DatasetRole(enum.Enum):
+    VIEWER = "viewer"
+    ADMIN = "admin"
+
+
+class KeyKind(enum.Enum):
+    PERSONAL = "personal"
+    SCOPED = "scoped"
+
+
 @dataclass(frozen=True)
 class ApiKey:
     id: str
@@ -120,19 +137,78 @@ class ApiKey:
     lookup: str
     secret_hash: bytes
     description: str
+    # The key's own rights: ("read",) or ("read", "write"). A personal key has both and
+    # is limited by its user's roles instead.
     scopes: tuple[str, ...] = ("read", "write")
     created_at: datetime | None = None
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
+    kind: KeyKind = KeyKind.SCOPED
+    # Personal keys: the user the key acts as.
+    user_id: str | None = None
+    # Scoped keys: the datasets the key is bound to; empty means the whole app.
+    dataset_ids: tuple[str, ...] = ()
+    # The user who made the key; "" when made from the command line (bootstrap path).
+    created_by: str = ""
+    last_used_at: datetime | None = None
 
 
 @dataclass(frozen=True)
 class Principal:
-    """The authenticated caller."""
+    """The authenticated caller: a key and, for personal keys, the user it acts as with
+    the user's roles at authentication time."""
 
     key_id: str
     app_id: str
+    # The key's rights ("read", "write"); see `service.domain.access` for how they
+    # combine with roles.
     scopes: frozenset[str]
+    # Personal keys: the user; scoped keys: their creator ("" when made from the CLI).
+    user_id: str = ""
+    kind: KeyKind = KeyKind.SCOPED
+    # Personal keys: the user's app role.
+    app_role: AppRole | None = None
+    # Scoped keys bound to datasets: those datasets; None means the whole app.
+    datasets: frozenset[str] | None = None
+    # Personal keys: the user's role per dataset.
+    dataset_roles: Mapping[str, DatasetRole] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class User:
+    app_id: str
+    id: str
+    display_name: str = ""
+    role: AppRole = AppRole.MEMBER
+    created_at: datetime | None = None
+    modified_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Collaborator:
+    app_id: str
+    dataset_id: str
+    user_id: str
+    role: DatasetRole = DatasetRole.VIEWER
+    added_by: str = ""
+    created_at: datetime | None = None
+    modified_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audited call (a mutation, or a refused read)."""
+
+    app_id: str
+    rpc: str
+    outcome: str
+    user_id: str = ""
+    key_id: str = ""
+    dataset_ids: tuple[str, ...] = ()
+    resource_ids: tuple[str, ...] = ()
+    request_id: str = ""
+    id: int | None = None
+    at: datetime | None = None
 
 
 @dataclass(frozen=True)

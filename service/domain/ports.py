@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -12,10 +13,13 @@ from service.domain.models import (
     Annotation,
     AnnotationQuery,
     ApiKey,
+    AuditEvent,
+    Collaborator,
     Dataset,
     DatasetGuard,
     DatasetListQuery,
     DatasetMember,
+    DatasetRole,
     DatasetStatistics,
     DatasetVersion,
     EncodedInput,
@@ -34,6 +38,7 @@ from service.domain.models import (
     ProjectLink,
     Shape,
     StoredBlob,
+    User,
     VersionContent,
     VersionMember,
     VersionOntology,
@@ -175,6 +180,106 @@ class ApiKeyRepository(Protocol):
     async def find_by_lookup(self, lookup: str) -> list[ApiKey]: ...
 
     async def find_by_description(self, app_id: str, description: str) -> ApiKey | None: ...
+
+    async def get(self, app_id: str, key_id: str) -> ApiKey | None: ...
+
+    async def list_page(
+        self,
+        app_id: str,
+        *,
+        dataset_id: str | None,
+        owned_by: str | None,
+        include_revoked: bool,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[ApiKey]:
+        """Newest first (created_at, id descending), after the keyset `after`. `dataset_id`:
+        only keys bound to it; `owned_by`: only keys of that user or created by them."""
+        ...
+
+    async def revoke_key(self, app_id: str, key_id: str) -> ApiKey | None:
+        """Sets revoked_at unless set already; the key as it is afterwards (None: unknown)."""
+        ...
+
+    async def revoke_for_user(self, app_id: str, user_id: str) -> int:
+        """Revokes every active key the user owns or created; how many."""
+        ...
+
+    async def touch(self, key_id: str, at: datetime) -> None:
+        """Records a use of the key (last_used_at)."""
+        ...
+
+
+class UserRepository(Protocol):
+    async def insert(self, user: User) -> User:
+        """Raises AlreadyExists (naming `user.id`) when the id is taken."""
+        ...
+
+    async def get(self, app_id: str, user_id: str, *, for_update: bool = False) -> User | None: ...
+
+    async def list_page(self, app_id: str, after: str | None, limit: int) -> list[User]: ...
+
+    async def update(self, user: User) -> User: ...
+
+    async def delete(self, app_id: str, user_id: str) -> bool:
+        """Deletes the user and their collaborations."""
+        ...
+
+    async def owner_ids(self, app_id: str, *, for_update: bool = False) -> list[str]: ...
+
+    async def exists_any(self, app_id: str) -> bool: ...
+
+
+class CollaboratorRepository(Protocol):
+    async def insert(self, collaborator: Collaborator) -> Collaborator:
+        """Raises AlreadyExists (naming `collaborator.user_id`) when already one."""
+        ...
+
+    async def get(
+        self, app_id: str, dataset_id: str, user_id: str, *, for_update: bool = False
+    ) -> Collaborator | None: ...
+
+    async def list_page(
+        self, app_id: str, dataset_id: str, after: str | None, limit: int
+    ) -> list[Collaborator]: ...
+
+    async def set_role(self, collaborator: Collaborator) -> Collaborator: ...
+
+    async def delete(self, app_id: str, dataset_id: str, user_id: str) -> bool: ...
+
+    async def roles_of(self, app_id: str, user_id: str) -> dict[str, DatasetRole]:
+        """The user's role per live (not deleted) dataset."""
+        ...
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    app_id: str
+    dataset_id: str | None = None
+    user_id: str | None = None
+    key_id: str | None = None
+    # A full method name, or a bare method name matched against its last part.
+    rpc: str | None = None
+    outcome: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    # Keyset: events with a smaller id (newest first).
+    before_id: int | None = None
+    limit: int = 50
+
+
+class AuditRepository(Protocol):
+    async def insert(self, event: AuditEvent) -> int:
+        """Stores the event (in the current transaction, if one is open); its id."""
+        ...
+
+    async def set_outcome(self, event_id: int, outcome: str) -> None: ...
+
+    async def list_page(self, query: AuditQuery) -> list[AuditEvent]: ...
+
+    async def purge_before(self, cutoff: datetime, batch: int = 10_000) -> int:
+        """Deletes events older than `cutoff`, in batches; how many."""
+        ...
 
 
 class IdempotencyRepository(Protocol):
