@@ -7,7 +7,7 @@ PY := $(BIN)/python
 PROTOS := $(wildcard protos/datasetd/v1/*.proto)
 GEN_DIR := service/gen
 
-.PHONY: run test test-slow test-torch lint proto proto-check bench bench-search bench-scale clean setup prometheus
+.PHONY: run test test-slow test-torch lint proto proto-check bench bench-search bench-auth bench-scale clean setup prometheus
 
 setup: $(VENV)/.installed
 
@@ -78,10 +78,15 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.bench_clarifai
 	$(PY) -m bench.bench_embedder
 	BENCH_SEARCH_N=$(BENCH_SEARCH_N) $(PY) -m bench.bench_search
+	$(PY) -m bench.bench_auth
 
 ## bench-search: search at the issue's size, 100,000 vectors of 512 dimensions (10-20 minutes)
 bench-search: $(VENV)/.installed
 	BENCH_SEARCH_N=100000 $(PY) -m bench.bench_search
+
+## bench-auth: the authorization cost per GetDataset call, ListAuditEvents over 1M events (~2-3 minutes)
+bench-auth: $(VENV)/.installed
+	$(PY) -m bench.bench_auth
 
 ## bench-scale: sizes and throughput at 1M inputs for deploy/SCALING.md (15-40 minutes)
 bench-scale: $(VENV)/.installed

@@ -21,11 +21,13 @@ from service.api.downloads import Downloads, add_download_routes
 from service.api.http import HttpServer, build_application, http_address
 from service.api.links import DownloadLinks
 from service.api.server import LIVENESS_SERVICE, SERVICE_NAMES, build_server
+from service.api.tls import ServerTls, load_server_tls
 from service.config import Config, ConfigError
 from service.devstack import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
 from service.domain.auth import Authenticator, ensure_bootstrap_key
 from service.domain.jobs import JobKind
 from service.domain.maintenance import Maintenance
+from service.domain.ports import AuditRepository
 from service.embedders import installation_embedders
 from service.jobs import JobRunner
 from service.observability import metrics, tracing
@@ -209,6 +211,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
     """Starts the server; with `resources` given (tests), uses them instead of opening new ones."""
     # Before anything is opened: a bad ONNX model stops the start with its ConfigError.
     embedders = await asyncio.to_thread(installation_embedders, config)
+    tls = load_server_tls(config)
     resources = resources or await open_resources(config)
     db = resources.db
     try:
@@ -244,12 +247,18 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             ontologies=api.ontologies,
             projects=api.projects,
             search=api.search,
+            access=api.access,
             clarifai=v2,
             health_servicer=health_servicer,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_rpcs=config.max_concurrent_rpcs,
+            audit=store.audit,
         )
-        port = server.add_insecure_port(config.listen)
+        port = (
+            server.add_secure_port(config.listen, tls.grpc_credentials())
+            if tls is not None
+            else server.add_insecure_port(config.listen)
+        )
         if port == 0:
             raise RuntimeError(f"cannot listen on {config.listen}")
         instance = InstanceMetrics(kind.value for kind in JobKind)
@@ -259,10 +268,18 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         await server.start()
         try:
             http = await _start_http(
-                config, instance, health_servicer, api.downloads, v2, domain.authenticator
+                config,
+                instance,
+                health_servicer,
+                api.downloads,
+                v2,
+                domain.authenticator,
+                tls,
+                audit=store.audit,
             )
             if http is not None and not links.public:
-                links.base_url = f"http://{http_address(config.http_listen, http.port)}"
+                scheme = "https" if tls is not None else "http"
+                links.base_url = f"{scheme}://{http_address(config.http_listen, http.port)}"
         except BaseException:
             await server.stop(None)
             raise
@@ -300,9 +317,11 @@ async def _start_http(
     downloads: Downloads,
     v2: V2Handlers,
     authenticator: Authenticator,
+    tls: ServerTls | None = None,
+    audit: AuditRepository | None = None,
 ) -> HttpServer | None:
     """The HTTP port: /metrics, /healthz, the download links and Clarifai's REST API
-    (None when DATASETD_HTTP_LISTEN is off)."""
+    (None when DATASETD_HTTP_LISTEN is off), over TLS when `tls` is given."""
     if config.http_listen == "off":
         return None
 
@@ -314,8 +333,10 @@ async def _start_http(
 
     app = build_application(lambda: metrics.exposition(instance), serving)
     add_download_routes(app, downloads)
-    add_rest_routes(app, v2, authenticator, config.max_message_bytes)
-    return await HttpServer.start(app, config.http_listen)
+    add_rest_routes(app, v2, authenticator, config.max_message_bytes, audit)
+    return await HttpServer.start(
+        app, config.http_listen, tls.ssl_context() if tls is not None else None
+    )
 
 
 async def _sample_jobs(db: Database, instance: InstanceMetrics, interval: float) -> None:
@@ -338,7 +359,7 @@ async def _bootstrap_key(config: Config, store: Storage) -> str | None:
     async with store.db.transaction(), store.db.connection() as conn:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK_ID)
         return await ensure_bootstrap_key(
-            store.keys, config.bootstrap_app, config.bootstrap_key or None
+            store.keys, store.users, config.bootstrap_app, config.bootstrap_key or None
         )
 
 
@@ -399,11 +420,16 @@ def banner(config: Config, running: Running) -> str:
     address = f"{host}:{running.port}"
     key = running.bootstrap_secret
     lines = [f"datasetd is serving on {address} (app {config.bootstrap_app!r})"]
+    tls = bool(config.tls_cert)
+    if tls:
+        mutual = " (client certificates required)" if config.tls_client_ca else ""
+        lines.append(f"TLS on the gRPC and HTTP ports{mutual}")
     if running.http is not None:
         http_host = config.http_listen.rsplit(":", 1)[0] or "0.0.0.0"
-        lines.append(f"metrics on http://{http_host}:{running.http_port}/metrics")
+        scheme = "https" if tls else "http"
+        lines.append(f"metrics on {scheme}://{http_host}:{running.http_port}/metrics")
         lines.append(
-            f"Clarifai REST and downloads on http://{http_host}:{running.http_port}/v2 "
+            f"Clarifai REST and downloads on {scheme}://{http_host}:{running.http_port}/v2 "
             "(clarifai.api.V2 also on the gRPC port)"
         )
     if key:
@@ -413,17 +439,37 @@ def banner(config: Config, running: Running) -> str:
     else:
         key = "<your key>"
         lines.append(
-            "bootstrap API key: shown on first start only; create another with "
-            f"`.venv/bin/python -m service keys create --app {config.bootstrap_app}`"
+            "bootstrap API key: shown on first start only; lost it? set DATASETD_BOOTSTRAP_KEY "
+            "(16 characters or more) and restart: it becomes a key of user owner too"
         )
     lines += [
         "try it:",
-        f"  .venv/bin/grpcurl -plaintext -H 'authorization: Key {key}' "
+        f"  .venv/bin/grpcurl {_grpcurl_transport(config)} -H 'authorization: Key {key}' "
         f'-d \'{{"app_id": "{config.bootstrap_app}"}}\' {address} '
         "datasetd.v1.DatasetService/ListDatasets",
-        "stop with Ctrl-C",
     ]
+    if tls:
+        lines.append(
+            "  (-cacert: the CA that signed DATASETD_TLS_CERT; the certificate itself when "
+            "it is self-signed)"
+        )
+    if config.tls_client_ca:
+        lines.append(
+            "  (-cert, -key: a client certificate signed by a CA of DATASETD_TLS_CLIENT_CA, "
+            "and its key)"
+        )
+    lines.append("stop with Ctrl-C")
     return "\n".join(lines)
+
+
+def _grpcurl_transport(config: Config) -> str:
+    """grpcurl's options for the gRPC port's transport."""
+    if not config.tls_cert:
+        return "-plaintext"
+    options = f"-cacert {config.tls_cert}"
+    if config.tls_client_ca:
+        options += " -cert client.pem -key client-key.pem"
+    return options
 
 
 async def serve(config: Config) -> None:

@@ -93,6 +93,8 @@ class Config:
     delete_retention: timedelta = timedelta(days=7)
     orphan_grace: timedelta = timedelta(hours=1)
     request_id_ttl: timedelta = timedelta(hours=24)
+    # How long audit events are kept before the maintenance loop purges them.
+    audit_retention: timedelta = timedelta(days=90)
     maintenance_interval: timedelta = timedelta(minutes=1)
     download_url_ttl: timedelta = timedelta(hours=1)
     max_message_bytes: int = 136 * 1024 * 1024
@@ -117,6 +119,11 @@ class Config:
     embedder_onnx_settings: str = ""
     # Inputs the embedding job embeds per batch (one transaction each).
     embed_batch: int = 64
+    # TLS on the gRPC and HTTP ports: PEM certificate chain and private key paths; with
+    # tls_client_ca (PEM CA certificates), clients must present a certificate it signed.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -141,6 +148,7 @@ class Config:
             delete_retention=get.duration("DELETE_RETENTION", "7d"),
             orphan_grace=get.duration("ORPHAN_GRACE", "1h"),
             request_id_ttl=get.duration("REQUEST_ID_TTL", "24h"),
+            audit_retention=get.duration("AUDIT_RETENTION", "90d"),
             maintenance_interval=get.duration("MAINTENANCE_INTERVAL", "60s"),
             download_url_ttl=get.duration("DOWNLOAD_URL_TTL", "1h"),
             max_message_bytes=get.integer("MAX_MESSAGE_BYTES", cls.max_message_bytes, 1024 * 1024),
@@ -161,6 +169,9 @@ class Config:
             embedder_onnx=get.text("EMBEDDER_ONNX"),
             embedder_onnx_settings=get.text("EMBEDDER_ONNX_SETTINGS"),
             embed_batch=get.integer("EMBED_BATCH", cls.embed_batch, 1),
+            tls_cert=get.text("TLS_CERT"),
+            tls_key=get.text("TLS_KEY"),
+            tls_client_ca=get.text("TLS_CLIENT_CA"),
             log_level=get.text("LOG_LEVEL", "INFO"),
             log_format=get.text("LOG_FORMAT", "text"),
         )
@@ -194,6 +205,8 @@ class Config:
             raise ConfigError(
                 "DATASETD_MAX_UPLOAD_BYTES must be at most 5 TiB (the largest S3 object)"
             )
+        if self.audit_retention <= timedelta(0):
+            raise ConfigError("DATASETD_AUDIT_RETENTION must be positive (such as 90d)")
         if self.s3_timeout <= timedelta(0):
             raise ConfigError("DATASETD_S3_TIMEOUT must be positive")
         if self.job_lease < timedelta(seconds=1):
@@ -206,5 +219,21 @@ class Config:
             )
         if not 1 <= self.embed_batch <= MAX_EMBED_BATCH:
             raise ConfigError(f"DATASETD_EMBED_BATCH must be 1..{MAX_EMBED_BATCH}")
+        self.check_tls()
         if self.bootstrap_key and len(self.bootstrap_key) < 16:
             raise ConfigError("DATASETD_BOOTSTRAP_KEY must be at least 16 characters")
+
+    def check_tls(self) -> None:
+        """The TLS variables that only make sense together (the files are read at start)."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = (
+                ("TLS_CERT", "TLS_KEY (its private key)")
+                if self.tls_cert
+                else ("TLS_KEY", "TLS_CERT (its certificate)")
+            )
+            raise ConfigError(f"DATASETD_{given} is set: DATASETD_{missing} is required too")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError(
+                "DATASETD_TLS_CLIENT_CA is set: client certificates need TLS, "
+                "DATASETD_TLS_CERT and DATASETD_TLS_KEY are required too"
+            )

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.adapters.url_fetch import UrlFetcher
+from service.api.access import AccessRpcs
 from service.api.annotations import AnnotationRpcs
 from service.api.clarifai.parts import NativeParts, clarifai_parts
 from service.api.datasets import DatasetRpcs
@@ -27,6 +28,7 @@ from service.api.search import SearchRpcs
 from service.api.search_jobs import SearchJobRpcs
 from service.api.versions import VersionRpcs
 from service.config import Config
+from service.domain.access_admin import AccessAdmin
 from service.domain.annotations import AnnotationService
 from service.domain.auth import Authenticator
 from service.domain.clock import SystemClock
@@ -56,9 +58,11 @@ from service.formats.snapshot import ProtobufContentConcepts, ProtobufSnapshotEn
 from service.jobs import JobRunner, new_worker_id
 from service.media.probe import MediaProbes
 from service.media.transcode import FfmpegTranscoder
+from service.storage.access import PgCollaboratorRepository, PgUserRepository
 from service.storage.annotations import PgAnnotationRepository
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.archives import TempFileArchives
+from service.storage.audit import PgAuditRepository
 from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.datasets import PgDatasetRepository
 from service.storage.db import Database, server_secret
@@ -99,6 +103,9 @@ class Storage:
     embeddings: PgEmbeddingRepository
     search: PgSearchRepository
     search_jobs: PgSearchJobRepository
+    users: PgUserRepository
+    collaborators: PgCollaboratorRepository
+    audit: PgAuditRepository
 
     @classmethod
     def build(cls, db: Database, objects: ObjectStore) -> Storage:
@@ -121,6 +128,9 @@ class Storage:
             embeddings=PgEmbeddingRepository(db),
             search=PgSearchRepository(db),
             search_jobs=PgSearchJobRepository(db),
+            users=PgUserRepository(db),
+            collaborators=PgCollaboratorRepository(db),
+            audit=PgAuditRepository(db),
         )
 
 
@@ -200,6 +210,8 @@ class Domain:
     authenticator: Authenticator
     search: SearchService
     search_jobs: SearchJobService
+    # Users, collaborators, API keys and the audit log (AccessService).
+    access: AccessAdmin
     # Run once at startup: registers the embedding models, queues the backfill.
     embedding_startup: EmbeddingStartup
     # The installation's embedding models (built in, ONNX).
@@ -222,8 +234,22 @@ class Domain:
             jobs, frozenset(t for e in embedders for t in e.spec.media_types)
         )
         urls = config.download_url_ttl
+        authenticator = Authenticator(
+            store.keys,
+            clock,
+            config.auth_cache_seconds,
+            users=store.users,
+            collaborators=store.collaborators,
+        )
         datasets = DatasetService(
-            store.datasets, blobs, db, clock, DatasetSettings(config.delete_retention, urls), probes
+            store.datasets,
+            blobs,
+            db,
+            clock,
+            DatasetSettings(config.delete_retention, urls),
+            probes,
+            collaborators=store.collaborators,
+            roles_changed=authenticator.invalidate,
         )
         # The ontologies that labels on inputs of datasets attached to projects must fit.
         gate = OntologyGate(store.projects, store.ontologies)
@@ -300,8 +326,10 @@ class Domain:
                 request_id_ttl=config.request_id_ttl,
                 embeddings=store.embeddings,
                 captures=store.versions,
+                audit=store.audit,
+                audit_retention=config.audit_retention,
             ),
-            authenticator=Authenticator(store.keys, clock, config.auth_cache_seconds),
+            authenticator=authenticator,
             search=search,
             search_jobs=SearchJobService(
                 search,
@@ -312,6 +340,17 @@ class Domain:
                 store.search_jobs,
                 jobs,
                 db,
+            ),
+            access=AccessAdmin(
+                db,
+                store.users,
+                store.collaborators,
+                store.keys,
+                store.audit,
+                store.datasets,
+                clock,
+                # This server's cache forgets at once; the others within its time.
+                changed=authenticator.invalidate,
             ),
             embedding_startup=EmbeddingStartup(
                 store.embeddings, tuple(embedders), embedding_jobs, db
@@ -340,6 +379,7 @@ class Api:
     projects: tuple[object, ...]
     # SearchService: the search RPCs, and the search jobs' part.
     search: tuple[object, ...]
+    access: tuple[object, ...]
     # clarifai.api.V2: parts over the native parts above.
     clarifai: tuple[object, ...]
     # The download routes of the HTTP port (the links' targets).
@@ -366,6 +406,7 @@ class Api:
             ontologies=(OntologyRpcs(domain.ontologies, once, tokens),),
             projects=(ProjectRpcs(domain.projects, once, tokens),),
             search=(SearchRpcs(domain.search, tokens), SearchJobRpcs(domain.search_jobs)),
+            access=(AccessRpcs(domain.access, once, tokens),),
             clarifai=clarifai_parts(native),
             downloads=Downloads(domain.exports, domain.transfers, domain.authenticator, links),
         )

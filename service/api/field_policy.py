@@ -38,6 +38,7 @@ from google.protobuf.message import Message
 from service.domain.errors import FieldViolation
 from service.domain.ontologies import UPDATABLE_FIELDS as UPDATABLE_ONTOLOGY_FIELDS
 from service.domain.projects import UPDATABLE_FIELDS as UPDATABLE_PROJECT_FIELDS
+from service.wire.access import UPDATABLE_USER_FIELDS
 from service.wire.datasets import PATCHABLE_DATASET_FIELDS
 
 _PACKAGE = "datasetd.v1."
@@ -207,6 +208,36 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
                 ),
                 _STATUS,
             ),
+            # AccessService: the server keeps who, when and what.
+            "User": {"created_at": _TIMES, "modified_at": _TIMES},
+            "Collaborator": {
+                "dataset_id": "output only: the collaborator belongs to the request's dataset_id",
+                "added_by": "output only: the server records who added the collaborator",
+                "created_at": _TIMES,
+                "modified_at": _TIMES,
+            },
+            "ApiKey": {
+                "id": "output only: the server names the key (use it to revoke the key)",
+                "created_by": "output only: the server records who made the key",
+                "created_at": _TIMES,
+                "last_used_at": "output only: the server records when the key was last used",
+                "revoked_at": "output only: revoke keys with RevokeApiKey",
+            },
+            "AuditEvent": dict.fromkeys(
+                (
+                    "id",
+                    "time",
+                    "user_id",
+                    "key_id",
+                    "rpc",
+                    "app_id",
+                    "dataset_ids",
+                    "resource_ids",
+                    "request_id",
+                    "outcome",
+                ),
+                "output only: the server records audit events",
+            ),
             "Export": dict.fromkeys(
                 (
                     "id",
@@ -361,6 +392,7 @@ UPDATE_MASKS: Final[Mapping[str, tuple[str, Mapping[str, tuple[str, ...]]]]] = {
         "project",
         {name: (name,) for name in UPDATABLE_PROJECT_FIELDS},
     ),
+    "datasetd.v1.UpdateUserRequest": ("user", {name: (name,) for name in UPDATABLE_USER_FIELDS}),
 }
 
 

@@ -7,6 +7,7 @@ added to it before it starts."""
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -64,14 +65,17 @@ class HttpServer:
     port: int
 
     @classmethod
-    async def start(cls, app: web.Application, listen: str) -> HttpServer:
-        """Serves `app` on `listen` ("host:port"; port 0 picks a free one)."""
+    async def start(
+        cls, app: web.Application, listen: str, ssl_context: ssl.SSLContext | None = None
+    ) -> HttpServer:
+        """Serves `app` on `listen` ("host:port"; port 0 picks a free one), over TLS with
+        `ssl_context`."""
         host, port = split_listen(listen)
         # No access log: a Prometheus scrape every few seconds would flood it.
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port)
+            site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()

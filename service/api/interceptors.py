@@ -1,4 +1,5 @@
-"""Every call passes through here: request id, authentication, error mapping, access log."""
+"""Every call passes through here: request id, authentication, the RPC's access rule, its
+audit event, error mapping, access log."""
 
 from __future__ import annotations
 
@@ -10,19 +11,31 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn, Protocol
 
 import grpc
+from clarifai_grpc.grpc.api.status import status_code_pb2
 from google.protobuf.message import DecodeError, Message
 
+from service.api.access_policy import POLICY, Policy, Rule, resource_ids
 from service.api.boundary import check_request
 from service.api.errors import internal_status, to_rpc_status
 from service.api.read_routing import LSN_HEADER, MIN_LSN_HEADER, route_call
+from service.domain.access import Action, Resource, require, require_app
 from service.domain.auth import Authenticator, parse_authorization
-from service.domain.errors import DomainError, ErrorKind, InvalidArgument
-from service.domain.models import Principal
+from service.domain.errors import (
+    DomainError,
+    ErrorKind,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
+from service.domain.models import AuditEvent, Principal
+from service.domain.ports import AuditRepository
+from service.domain.validation import ID_PATTERN
 from service.observability import REQUEST_ID, metrics, tracing
+from service.storage.audit import PENDING_AUDIT, PendingAudit
 from service.storage.replica import CallRoute, format_lsn
 
 log = logging.getLogger("datasetd.access")
@@ -34,6 +47,24 @@ PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+# Clarifai's in-band codes of a response that failed without an exception.
+_V2_SUCCESS = status_code_pb2.SUCCESS
+_V2_OUTCOMES = {
+    status_code_pb2.MIXED_STATUS: "MIXED_STATUS",
+    status_code_pb2.NOT_IMPLEMENTED: "UNIMPLEMENTED",
+    status_code_pb2.CONN_DOES_NOT_EXIST: "NOT_FOUND",
+    status_code_pb2.CONN_KEY_INVALID: "UNAUTHENTICATED",
+    status_code_pb2.CONN_INSUFFICIENT_SCOPES: "PERMISSION_DENIED",
+    status_code_pb2.CONN_INVALID_REQUEST: "INVALID_ARGUMENT",
+    status_code_pb2.CONN_BAD_REQUEST_FORMAT: "INVALID_ARGUMENT",
+    status_code_pb2.INPUT_INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    status_code_pb2.ANNOTATION_INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    status_code_pb2.INPUT_DUPLICATE: "ALREADY_EXISTS",
+    status_code_pb2.INTERNAL_SERVER_ISSUE: "INTERNAL",
+    status_code_pb2.RPC_SERVER_UNAVAILABLE: "UNAVAILABLE",
+}
+# Outcomes of a refused call (a refused read is audited, an allowed one is not).
+_REFUSED = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -95,14 +126,32 @@ def _checked(request: Any) -> Any:
     return request
 
 
-async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _checked_stream(requests: AsyncIterator[Any], call: Call) -> AsyncIterator[Any]:
     async for request in requests:
-        yield _checked(request)
+        yield _checked(call.admit(request))
+
+
+def _resource_ids(request: Message) -> tuple[str, ...]:
+    """The ids an audit event keeps; a request they cannot be read from keeps none (the
+    audit log never fails a call)."""
+    try:
+        return resource_ids(request)
+    except Exception:
+        log.warning("cannot read the resource ids of a %s", type(request).__name__, exc_info=True)
+        return ()
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is None:
+        return
+    yield first
+    async for item in rest:
+        yield item
 
 
 class Call:
-    """The per-call part: request id, authentication, error mapping, access log (of the
-    gRPC calls and of the REST gateway's)."""
+    """The per-call part: request id, authentication, access rule, audit event, error
+    mapping, access log (of the gRPC calls and of the REST gateway's)."""
 
     def __init__(
         self,
@@ -111,8 +160,20 @@ class Call:
         metadata: Sequence[tuple[str, str | bytes]],
         in_band: Callable[[Exception], Message] | None = None,
         parse: Callable[[list[str]], str] = parse_authorization,
+        *,
+        policy: Policy = POLICY,
+        audit: AuditRepository | None = None,
     ) -> None:
         self._authenticator = authenticator
+        self._rule: Rule | None = policy.rule(method)
+        self._audit = audit
+        # Makes the call's audit event, once a request message named its app.
+        self._event: Callable[[], AuditEvent] | None = None
+        self._pending: PendingAudit | None = None
+        # The request of a unary call, seen before authentication (to record a refused
+        # call against the app it names).
+        self._request: Any = None
+        self._recorded = False
         # The secret from the `authorization` values (the REST gateway takes only `Key`).
         self._parse = parse
         # Clarifai's V2: a failure is an OK response whose `status` tells (`answer`).
@@ -143,8 +204,122 @@ class Call:
         context.set_trailing_metadata(((_REQUEST_ID_HEADER, request_id),))
         secret = self._parse(self._authorization)
         PRINCIPAL.set(await self._authenticator.authenticate(secret))
+        if self._rule is None:
+            # Every RPC declares its rule (access_policy.py); one that does not is refused.
+            raise PermissionDenied(f"no access rule for {self.method}", reason="NO_ACCESS_RULE")
         # After authentication, which always reads the primary.
         self._route = route_call(self.method, current_principal(), self._min_lsn)
+
+    def note_request(self, request: Any) -> None:
+        """The request of a unary call, known before authentication."""
+        self._request = request
+
+    def admit(self, request: Any) -> Any:
+        """Checks a request message (each message of a client stream) against the RPC's
+        rule; the first one that names the app starts the call's audit event, which a
+        mutation's first committed transaction writes (storage's PENDING_AUDIT)."""
+        rule = self._rule
+        if rule is None or not isinstance(request, Message):
+            if rule is not None and (rule.domain or isinstance(request, _Undecodable)):
+                # Undecodable: INVALID_ARGUMENT next; raw bytes: test handlers only.
+                return request
+            raise PermissionDenied(f"no access rule for {self.method}", reason="NO_ACCESS_RULE")
+        subject = rule.subject(request)
+        if subject is None:
+            return request
+        principal = current_principal()
+        # Clarifai's user_app_id: empty means the key's app (as scope.app_of reads it).
+        app_id = rule.app_id(subject) or ("" if rule.app_field else principal.app_id)
+        resource, datasets = rule.target(subject)
+        if self._event is None:
+            # Made when needed: an allowed read (most calls) records nothing.
+            self._event = lambda: AuditEvent(
+                app_id=app_id,
+                rpc=self.method,
+                outcome="OK",
+                user_id=principal.user_id,
+                key_id=principal.key_id,
+                dataset_ids=rule.audited_datasets(subject, datasets),
+                resource_ids=_resource_ids(request),
+                request_id=REQUEST_ID.get(),
+            )
+            if rule.mutates and self._audit is not None:
+                self._pending = PendingAudit(self._event())
+                PENDING_AUDIT.set(self._pending)
+        if not rule.app_field and app_id != principal.app_id:
+            raise Unauthenticated(
+                f"user_app_id.app_id {app_id!r}: the key does not belong to this app",
+                reason="KEY_APP_MISMATCH",
+            )
+        if rule.domain:
+            require_app(principal, app_id)
+            return request
+        require(principal, app_id, rule.action, resource, datasets)
+        reads = rule.reads(subject)
+        if reads:
+            require(principal, app_id, Action.READ, Resource.DATASETS, reads)
+        return request
+
+    def answered(self, response: Any) -> Any:
+        """Notes the outcome of a response that tells it in-band (Clarifai's `status`)."""
+        if self._in_band is not None and self.outcome == "OK":
+            code = getattr(getattr(response, "status", None), "code", _V2_SUCCESS)
+            if code not in (_V2_SUCCESS, 0):
+                self.outcome = _V2_OUTCOMES.get(code, "FAILED_PRECONDITION")
+        return response
+
+    def _outcome(self) -> str:
+        if self._in_band is not None:
+            return self.outcome
+        return self.code.name
+
+    async def record(self) -> None:
+        """Writes or completes the call's audit event once it has ended: a mutation's
+        (whatever its outcome), a refused read's, a call refused before authentication
+        (against the app its request names). An audit failure never changes the call's
+        outcome: it is logged."""
+        if self._audit is None or self._recorded:
+            return
+        self._recorded = True
+        outcome = self._outcome()
+        pending = self._pending
+        try:
+            if pending is not None:
+                pending.closed = True
+                if pending.event_id is None:
+                    await self._audit.insert(replace(pending.event, outcome=outcome))
+                elif outcome != "OK":
+                    await self._audit.set_outcome(pending.event_id, outcome)
+            elif outcome in _REFUSED:
+                event = self._event() if self._event else self._unauthenticated_event()
+                if event is not None:
+                    await self._audit.insert(replace(event, outcome=outcome))
+        except Exception:
+            log.warning(
+                "could not record the audit event of %s",
+                self.method,
+                exc_info=True,
+                extra={"request_id": REQUEST_ID.get()},
+            )
+
+    def _unauthenticated_event(self) -> AuditEvent | None:
+        """The event of a call refused before its caller was known."""
+        rule, request = self._rule, self._request
+        if rule is None or PRINCIPAL.get() is not None or not isinstance(request, Message):
+            return None
+        subject = rule.subject(request)
+        app_id = "" if subject is None else rule.app_id(subject)
+        if not ID_PATTERN.match(app_id):
+            return None
+        _, datasets = rule.target(subject)
+        return AuditEvent(
+            app_id=app_id,
+            rpc=self.method,
+            outcome="UNAUTHENTICATED",
+            dataset_ids=rule.audited_datasets(subject, datasets),
+            resource_ids=_resource_ids(request),
+            request_id=REQUEST_ID.get(),
+        )
 
     async def settle(self, context: Transport) -> None:
         """After a call that may have written: its WAL position, so that the caller's
@@ -185,6 +360,8 @@ class Call:
             status = internal_status(request_id)
         self.code = status.code
         trailing = (*status.trailing_metadata, (_REQUEST_ID_HEADER, request_id))
+        # Before the status leaves: once it has, the caller may already look for the event.
+        await asyncio.shield(self.record())
         await context.abort(status.code, status.details, trailing)
 
     def _note(self, exc: Exception, request_id: str) -> None:
@@ -226,6 +403,8 @@ class Call:
         except Exception as exc:
             await self.fail(context, exc)
         finally:
+            # Shielded: a cancelled call still completes its audit event.
+            await asyncio.shield(self.record())
             self.done()
 
     def done(self) -> None:
@@ -249,11 +428,16 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         self,
         authenticator: Authenticator,
         in_band: Callable[[str], Callable[[Exception], Message] | None] = lambda path: None,
+        *,
+        policy: Policy = POLICY,
+        audit: AuditRepository | None = None,
     ) -> None:
         """`in_band(path)` tells how the RPC at `path` answers a failure when it does so
         in its response (Clarifai's V2) rather than with a gRPC status."""
         self._authenticator = authenticator
         self._in_band = in_band
+        self._policy = policy
+        self._audit = audit
 
     async def intercept_service(
         self,
@@ -268,6 +452,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             return handler
         authenticator = self._authenticator
         in_band = self._in_band(method)
+        policy, audit = self._policy, self._audit
         metadata = tuple(handler_call_details.invocation_metadata or ())
         kwargs: dict[str, Any] = {
             "request_deserializer": _tolerant(handler.request_deserializer),
@@ -278,13 +463,21 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         if inner is not None:
 
             async def unary_response(request: Any, context: Context) -> Any:
-                call = Call(authenticator, method, metadata, in_band)
+                call = Call(authenticator, method, metadata, in_band, policy=policy, audit=audit)
+                if handler.stream_unary:
+                    # The first message (the header) names the app, to record a call
+                    # refused before authentication.
+                    first = await anext(aiter(request), None)
+                    call.note_request(first)
+                    request = _prepend(first, request)
+                else:
+                    call.note_request(request)
                 async with call.running(context) as began:
                     if not began:
                         return call.answer
                     if handler.stream_unary:
-                        return await inner(_checked_stream(request), context)
-                    return await inner(_checked(request), context)
+                        return call.answered(await inner(_checked_stream(request, call), context))
+                    return call.answered(await inner(_checked(call.admit(request)), context))
                 return call.answer
 
             if handler.unary_unary:
@@ -294,11 +487,15 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         inner_stream: Any = handler.unary_stream or handler.stream_stream
 
         async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = Call(authenticator, method, metadata, in_band)
+            call = Call(authenticator, method, metadata, in_band, policy=policy, audit=audit)
+            if not handler.stream_stream:
+                call.note_request(request)
             async with call.running(context) as began:
                 if began:
                     request = (
-                        _checked_stream(request) if handler.stream_stream else _checked(request)
+                        _checked_stream(request, call)
+                        if handler.stream_stream
+                        else _checked(call.admit(request))
                     )
                     async for item in inner_stream(request, context):
                         yield item

@@ -55,6 +55,12 @@ READ_ONLY: Final = frozenset(
         "/datasetd.v1.SearchService/SearchInputs",
         "/datasetd.v1.SearchService/ListEmbeddingModels",
         "/datasetd.v1.SearchService/GetInputEmbeddings",
+        # Who is in the app and in a dataset, and what happened: what a caller may see is
+        # decided before, from the principal the primary authenticated; the listing itself
+        # only reads.
+        "/datasetd.v1.AccessService/ListUsers",
+        "/datasetd.v1.AccessService/ListCollaborators",
+        "/datasetd.v1.AccessService/ListAuditEvents",
     }
 )
 
@@ -97,6 +103,18 @@ PRIMARY: Final = frozenset(
         "/datasetd.v1.ProjectService/DeleteProject",
         "/datasetd.v1.ProjectService/AttachDataset",
         "/datasetd.v1.ProjectService/DetachDataset",
+        "/datasetd.v1.AccessService/CreateUser",
+        "/datasetd.v1.AccessService/UpdateUser",
+        "/datasetd.v1.AccessService/DeleteUser",
+        "/datasetd.v1.AccessService/AddCollaborator",
+        "/datasetd.v1.AccessService/UpdateCollaborator",
+        "/datasetd.v1.AccessService/RemoveCollaborator",
+        "/datasetd.v1.AccessService/CreateApiKey",
+        "/datasetd.v1.AccessService/RevokeApiKey",
+        # The keys are what authentication reads, on the primary: their revocations and
+        # last uses (written by the authenticator, outside any caller's write, so a
+        # caller's read-your-writes position does not cover them) are shown as they are.
+        "/datasetd.v1.AccessService/ListApiKeys",
     }
 )
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import grpc
 from datasetd.v1 import (
+    access_service_pb2,
+    access_service_pb2_grpc,
     annotation_service_pb2,
     annotation_service_pb2_grpc,
     dataset_service_pb2,
@@ -25,12 +27,14 @@ from datasetd.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.api.access_policy import check_v2_rules
 from service.api.clarifai.service import SERVICE_NAME as CLARIFAI_V2
 from service.api.clarifai.service import V2Handlers, in_band_failure
 from service.api.interceptors import RequestInterceptor
 from service.api.reflection import enable_reflection
 from service.api.rpc import compose
 from service.domain.auth import Authenticator
+from service.domain.ports import AuditRepository
 
 DATASETS = dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"]
 INPUTS = input_service_pb2.DESCRIPTOR.services_by_name["InputService"]
@@ -39,9 +43,10 @@ VERSIONS = dataset_version_service_pb2.DESCRIPTOR.services_by_name["DatasetVersi
 ONTOLOGIES = ontology_service_pb2.DESCRIPTOR.services_by_name["OntologyService"]
 PROJECTS = project_service_pb2.DESCRIPTOR.services_by_name["ProjectService"]
 SEARCH = search_service_pb2.DESCRIPTOR.services_by_name["SearchService"]
+ACCESS = access_service_pb2.DESCRIPTOR.services_by_name["AccessService"]
 SERVICE_NAMES: Sequence[str] = tuple(
     service.full_name
-    for service in (DATASETS, INPUTS, ANNOTATIONS, VERSIONS, ONTOLOGIES, PROJECTS, SEARCH)
+    for service in (DATASETS, INPUTS, ANNOTATIONS, VERSIONS, ONTOLOGIES, PROJECTS, SEARCH, ACCESS)
 )
 # A health service name that is SERVING as long as the process serves, whatever PostgreSQL
 # and the object store do: for liveness probes, which must not restart every replica
@@ -59,13 +64,16 @@ def build_server(
     ontologies: Sequence[object],
     projects: Sequence[object],
     search: Sequence[object],
+    access: Sequence[object],
     clarifai: V2Handlers,
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
     max_concurrent_rpcs: int,
+    audit: AuditRepository | None = None,
 ) -> grpc.aio.Server:
+    check_v2_rules(clarifai.handlers)
     server = grpc.aio.server(
-        interceptors=[RequestInterceptor(authenticator, in_band_failure)],
+        interceptors=[RequestInterceptor(authenticator, in_band_failure, audit=audit)],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -91,6 +99,7 @@ def build_server(
         compose(PROJECTS, *projects), server
     )
     search_service_pb2_grpc.add_SearchServiceServicer_to_server(compose(SEARCH, *search), server)
+    access_service_pb2_grpc.add_AccessServiceServicer_to_server(compose(ACCESS, *access), server)
     # Clarifai's V2 on the same port, its parts mapped onto the native ones.
     server.add_generic_rpc_handlers((clarifai.generic_handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -5,21 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import sys
-from collections.abc import Awaitable, Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
-from service.cli.output import Output, confirm, download_summary
+from service.cli.output import Output, confirm, confirm_typed, download_summary
 from service.cli.progress import RichProgress
 from service.client import Client, DatasetInfo, NotFoundError
 from service.config import Config, ConfigError
-
-if TYPE_CHECKING:
-    from service.storage.api_keys import PgApiKeyRepository
-
-T = TypeVar("T")
 
 
 def client_of(args: argparse.Namespace) -> Client:
@@ -28,7 +21,15 @@ def client_of(args: argparse.Namespace) -> Client:
             "no API key: pass --key or set DATASETD_API_KEY "
             "(`make run` prints the bootstrap key of app 'main')"
         )
-    return Client(args.address, args.key, args.app, tls=args.tls)
+    return Client(
+        args.address,
+        args.key,
+        args.app,
+        tls=args.tls,
+        ca_file=args.ca_file,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+    )
 
 
 def _progress(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,98 +108,6 @@ def _config(output: Output) -> Config | None:
         return None
 
 
-async def _with_keys(config: Config, use: Callable[[PgApiKeyRepository], Awaitable[T]]) -> T:
-    """Runs `use` on the key table of the configured (or embedded) database."""
-    from service.app import open_database
-    from service.storage.api_keys import PgApiKeyRepository
-    from service.storage.db import migrate
-
-    async with open_database(config) as db:
-        async with db.connection() as conn:
-            await migrate(conn)
-        return await use(PgApiKeyRepository(db))
-
-
-def _keys_app(args: argparse.Namespace, output: Output) -> Config | None:
-    from service.domain.errors import InvalidArgument, Violations
-    from service.domain.validation import check_id
-
-    violations = Violations()
-    check_id(violations, "--app", args.app)
-    try:
-        violations.raise_if_any()
-    except InvalidArgument as error:
-        output.errors.print(f"error: {error}", highlight=False, markup=False)
-        return None
-    return _config(output)
-
-
-def keys_create(args: argparse.Namespace, output: Output) -> int:
-    from service.domain.auth import new_key
-
-    config = _keys_app(args, output)
-    if config is None:
-        return 2
-    secret, key = new_key(args.app, args.description)
-    asyncio.run(_with_keys(config, lambda keys: keys.insert(key)))
-    if output.as_json:
-        output.document(
-            {"id": key.id, "app_id": args.app, "key": secret, "description": args.description}
-        )
-    else:
-        # The secret alone on stdout, so that KEY=$(datasetd keys create ...) keeps working;
-        # the id (what `keys list` shows and `keys revoke` takes) beside it on stderr.
-        print(secret)
-        print(
-            f"key id {key.id} (app {args.app}): the secret above is shown only once; "
-            f"revoke it with `datasetd keys revoke --app {args.app} {key.id}`",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def keys_list(args: argparse.Namespace, output: Output) -> int:
-    config = _keys_app(args, output)
-    if config is None:
-        return 2
-    keys = asyncio.run(_with_keys(config, lambda repo: repo.list_for_app(args.app)))
-    rows = [
-        {
-            "id": key.id,
-            "description": key.description,
-            "scopes": ",".join(key.scopes),
-            "created_at": key.created_at,
-            "expires_at": key.expires_at,
-            "revoked_at": key.revoked_at,
-        }
-        for key in keys
-    ]
-    output.table(
-        rows, ("id", "description", "scopes", "created_at", "revoked_at"), f"keys of {args.app}"
-    )
-    return 0
-
-
-def keys_revoke(args: argparse.Namespace, output: Output) -> int:
-    config = _keys_app(args, output)
-    if config is None:
-        return 2
-    confirm(output, f"Key {args.key_id} of app {args.app} will stop working.", args.yes)
-    revoked = asyncio.run(_with_keys(config, lambda repo: repo.revoke(args.app, args.key_id)))
-    if not revoked:
-        output.errors.print(
-            f"error: app {args.app} has no active key {args.key_id} (see `datasetd keys list`)",
-            highlight=False,
-            markup=False,
-        )
-        return 1
-    output.outcome(
-        {"id": args.key_id, "app_id": args.app, "revoked": True},
-        f"Key {args.key_id} of app {args.app} is revoked.",
-    )
-    return 0
-
-
 # --- datasets ----------------------------------------------------------------
 
 _DATASET_COLUMNS = ("id", "description", "visibility", "created_at", "modified_at")
@@ -274,7 +183,9 @@ def datasets_delete(args: argparse.Namespace, output: Output) -> int:
                 raise
             what = "(already deleted, recoverable until purged)"
         how = "permanently (--force: it cannot be undone)" if args.force else "recoverably"
-        confirm(output, f"Dataset {args.dataset} {what} will be deleted {how}.", args.yes)
+        confirm_typed(
+            output, f"Dataset {args.dataset} {what} will be deleted {how}.", args.dataset, args.yes
+        )
         deleted = client.datasets.delete(args.dataset, force=args.force)
     until = deleted.purge_time.isoformat(timespec="seconds") if deleted.purge_time else "-"
     output.outcome(

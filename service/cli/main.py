@@ -104,6 +104,29 @@ def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
         help="connect with TLS (env DATASETD_TLS=1)" if defaults else argparse.SUPPRESS,
     )
     group.add_argument(
+        "--ca-file",
+        default=default(os.environ.get("DATASETD_CA_FILE") or None),
+        help="PEM CA certificates to verify the server with instead of the system's; "
+        "implies --tls (env DATASETD_CA_FILE)"
+        if defaults
+        else argparse.SUPPRESS,
+    )
+    group.add_argument(
+        "--client-cert",
+        default=default(os.environ.get("DATASETD_CLIENT_CERT") or None),
+        help="PEM client certificate for a server that requires one; implies --tls "
+        "(env DATASETD_CLIENT_CERT)"
+        if defaults
+        else argparse.SUPPRESS,
+    )
+    group.add_argument(
+        "--client-key",
+        default=default(os.environ.get("DATASETD_CLIENT_KEY") or None),
+        help="PEM private key of --client-cert (env DATASETD_CLIENT_KEY)"
+        if defaults
+        else argparse.SUPPRESS,
+    )
+    group.add_argument(
         "--json",
         action="store_true",
         default=default(False),
@@ -187,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     from service.cli.search import add_commands as search_commands
 
     search_commands(tree)
+    from service.cli.access import add_commands as access_commands
+
+    access_commands(tree)
     return parser
 
 
@@ -202,16 +228,6 @@ def _server_commands(tree: CommandTree) -> None:
         c.migrate,
         "apply pending database migrations to DATASETD_DATABASE_URL and exit",
     )
-
-    keys = tree.section("keys", "manage API keys directly in the database (no server needed)")
-    sub = tree.command(
-        keys, "create", c.keys_create, "create an API key for --app and print it once"
-    )
-    sub.add_argument("--description", default="", help="what the key is for")
-    tree.command(keys, "list", c.keys_list, "list the keys of --app (never their secrets)")
-    sub = tree.command(keys, "revoke", c.keys_revoke, "revoke a key of --app by its id")
-    sub.add_argument("key_id", help="the key's id, from `datasetd keys list`")
-    add_confirm_option(sub)
 
 
 def _dataset_commands(tree: CommandTree) -> None:

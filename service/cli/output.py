@@ -132,6 +132,22 @@ def confirm(output: Output, what: str, assume_yes: bool) -> None:
         raise ConfirmationRefused("cancelled; nothing was changed")
 
 
+def confirm_typed(output: Output, what: str, expected: str, assume_yes: bool) -> None:
+    """Asks the user to type `expected` (a dataset id) before an irreversible or wide change:
+    a reflexive "y" is not enough there. Without a terminal only `--yes` proceeds."""
+    output.text(what)
+    if assume_yes:
+        return
+    if not sys.stdin.isatty():
+        raise ConfirmationRefused(
+            "refusing to continue without confirmation: no terminal to type "
+            f"{expected!r} on; pass --yes"
+        )
+    answer = input(f"Type {expected} to confirm: ").strip()
+    if answer != expected:
+        raise ConfirmationRefused(f"cancelled: {answer!r} is not {expected!r}; nothing was changed")
+
+
 def download_summary(result: DownloadResult) -> str:
     """What `download` wrote, as a table 100 columns wide at most."""
     table = Table(title=result.summary_title(), show_header=False)

@@ -45,6 +45,14 @@ __all__ = [
     "UploadResult",
     "from_rpc_error",
 ]
+from service.client.access import (
+    ApiKeyInfo,
+    AuditEventInfo,
+    AuditPage,
+    CollaboratorInfo,
+    NewApiKey,
+    UserInfo,
+)
 from service.client.bulk_delete import BulkDeleteResult
 from service.client.exports import (
     ArchiveIntegrityError,
@@ -84,8 +92,12 @@ from service.client.versions import VersionFailedError, VersionInfo
 
 __all__ += [
     "AddFromSearchResult",
+    "ApiKeyInfo",
     "ArchiveIntegrityError",
+    "AuditEventInfo",
+    "AuditPage",
     "BulkDeleteResult",
+    "CollaboratorInfo",
     "DownloadResult",
     "DuplicateGroupInfo",
     "DuplicatesResult",
@@ -98,6 +110,7 @@ __all__ += [
     "HitPage",
     "InputEmbeddingInfo",
     "Inputs",
+    "NewApiKey",
     "Ontologies",
     "OntologyInfo",
     "ProjectInfo",
@@ -110,6 +123,7 @@ __all__ += [
     "RuleReportInfo",
     "SearchJobFailedError",
     "SearchJobInfo",
+    "UserInfo",
     "ValidationInfo",
     "VersionFailedError",
     "VersionInfo",

@@ -86,6 +86,9 @@ def allows(
     if resource is Resource.CATALOG and action is Action.READ:
         return personal or action.value in principal.scopes
     if resource is Resource.NEW_DATASET:
+        # Creating is a write; reading or managing a dataset not yet made means nothing.
+        if action is not Action.WRITE:
+            return False
         if personal:
             return True
         return principal.datasets is None and _key_allows(principal, Action.WRITE)

@@ -21,11 +21,12 @@ import dataclasses
 import enum
 import unicodedata
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from service.domain.access import is_app_admin, readable_datasets
 from service.domain.auth import Permission, authorize
 from service.domain.errors import (
     Aborted,
@@ -34,11 +35,14 @@ from service.domain.errors import (
     Violations,
 )
 from service.domain.models import (
+    Collaborator,
     CoverImage,
     Dataset,
     DatasetGuard,
     DatasetListQuery,
+    DatasetRole,
     DatasetView,
+    KeyKind,
     MediaType,
     Principal,
     SortField,
@@ -49,6 +53,7 @@ from service.domain.patch import PatchAction, apply_json, merge_json
 from service.domain.ports import (
     BlobStore,
     Clock,
+    CollaboratorRepository,
     DatasetRepository,
     MediaProber,
     MembershipRepository,
@@ -237,6 +242,12 @@ class DatasetService:
     clock: Clock
     settings: DatasetSettings
     prober: MediaProber
+    # A member who creates a dataset becomes its Admin collaborator (app owners and
+    # admins need no role). None only where no caller is a member (tests of storage).
+    collaborators: CollaboratorRepository | None = None
+    # Called once a dataset's creator got their role, so that this server's
+    # authentication cache learns it at once (the Authenticator's invalidate).
+    roles_changed: Callable[[], None] = lambda: None
     # When this process last recorded a read of each dataset (app id, dataset id): most
     # reads then cost no statement at all on the primary.
     _touched: dict[tuple[str, str], datetime] = field(default_factory=dict, compare=False)
@@ -265,8 +276,25 @@ class DatasetService:
             read_only=bool(fields.read_only),
             hidden=bool(fields.hidden),
         )
-        created = await self.datasets.insert(draft)
+        async with self.tx.transaction():
+            created = await self.datasets.insert(draft)
+            if principal.kind is KeyKind.PERSONAL and not is_app_admin(principal):
+                await self._add_creator(principal, created)
         return await self._view(created, with_statistics=True)
+
+    async def _add_creator(self, principal: Principal, dataset: Dataset) -> None:
+        if self.collaborators is None:
+            raise RuntimeError("DatasetService needs a CollaboratorRepository for members")
+        await self.collaborators.insert(
+            Collaborator(
+                app_id=dataset.app_id,
+                dataset_id=dataset.id,
+                user_id=principal.user_id,
+                role=DatasetRole.ADMIN,
+                added_by=principal.user_id,
+            )
+        )
+        self.tx.after_commit(self.roles_changed)
 
     async def get(self, principal: Principal, app_id: str, dataset_id: str) -> DatasetView:
         authorize(principal, app_id, Permission.READ)
@@ -313,8 +341,13 @@ class DatasetService:
         violations = Violations()
         check_text(violations, "query", text, QUERY_MAX_CHARS)
         violations.raise_if_any()
+        readable = readable_datasets(principal)
+        if readable is not None and not readable:
+            return [], False
         rows = await self.datasets.list(
-            DatasetListQuery(app_id, sort_field, descending, text, limit + 1, after, include_hidden)
+            DatasetListQuery(
+                app_id, sort_field, descending, text, limit + 1, after, include_hidden, readable
+            )
         )
         page = rows[:limit]
         # One signing round for the page's covers instead of one per dataset.

@@ -1,17 +1,19 @@
-"""Periodic clean-up: purge expired deletions, collect orphan blobs, forget old request ids;
-for search, collect replaced vectors, build missing vector indexes and fill the search
-columns of versions built before they existed."""
+"""Periodic clean-up: purge expired deletions, collect orphan blobs, forget old request ids,
+purge audit events past their retention; for search, collect replaced vectors, build missing
+vector indexes and fill the search columns of versions built before they existed."""
 
 from __future__ import annotations
 
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
+from service.domain.clock import SystemClock
 from service.domain.datasets import DatasetService
 from service.domain.embeddings import EmbeddingRepository
-from service.domain.ports import BlobStore, IdempotencyRepository
+from service.domain.ports import AuditRepository, BlobStore, Clock, IdempotencyRepository
 
+DEFAULT_AUDIT_RETENTION = timedelta(days=90)
 # Rows each round handles at most, so that a round stays short whatever the backlog.
 COLLECT_BATCH = 1000
 BACKFILL_BATCH = 500
@@ -37,6 +39,7 @@ class MaintenanceReport:
     request_ids_expired: int
     vectors_collected: int = 0
     version_members_backfilled: int = 0
+    audit_purged: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Maintenance:
     request_id_ttl: timedelta
     embeddings: EmbeddingRepository | None = None
     captures: CaptureBackfill | None = None
+    audit: AuditRepository | None = None
+    audit_retention: timedelta = DEFAULT_AUDIT_RETENTION
+    clock: Clock = field(default_factory=SystemClock)
 
     async def run_once(self) -> MaintenanceReport:
         # Purge first: a purged dataset's cover becomes an orphan, collected once
@@ -69,4 +75,7 @@ class Maintenance:
                 backfilled += filled
                 if filled < BACKFILL_BATCH:
                     break
-        return MaintenanceReport(purged, collected, expired, vectors, backfilled)
+        audit_purged = 0
+        if self.audit is not None:
+            audit_purged = await self.audit.purge_before(self.clock.now() - self.audit_retention)
+        return MaintenanceReport(purged, collected, expired, vectors, backfilled, audit_purged)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.domain.access import Action, Resource, require
 from service.domain.auth import Permission, authorize
 from service.domain.datasets import DatasetChange, require_changeable
 from service.domain.errors import NotFound
@@ -106,6 +107,9 @@ class MembershipService:
         if source_id == destination_id:
             violations.add("destination_dataset_id", "must differ from source_dataset_id")
         violations.raise_if_any()
+        # The request names two datasets: the source is only read (its inputs join the
+        # destination, which the RPC's rule checked for WRITE).
+        require(principal, app_id, Action.READ, Resource.DATASETS, [source_id])
         async with self.tx.transaction():
             live = await self.members.live_datasets(app_id, sorted({source_id, destination_id}))
             for dataset_id in (source_id, destination_id):

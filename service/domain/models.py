@@ -112,6 +112,8 @@ class DatasetListQuery:
     # Sort value and id of the last row of the previous page (keyset pagination).
     after: tuple[Any, str] | None = None
     include_hidden: bool = False
+    # Only these datasets (what the caller may read); None: every dataset of the app.
+    only: frozenset[str] | None = None
 
 
 class AppRole(enum.Enum):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
 
+from service.domain.access import Action, Resource, require
 from service.domain.auth import Permission, authorize
 from service.domain.datasets import DatasetChange, require_changeable
 from service.domain.embeddings import (
@@ -280,6 +281,15 @@ def duplicate_groups(
     return exact_groups + near
 
 
+def _require_search_read(principal: Principal, app_id: str, scope: str | None) -> None:
+    """A search that adds to (or deletes from) one dataset reads another: its scope, or
+    the whole app without one. The RPC's rule checked only the dataset it changes."""
+    if scope:
+        require(principal, app_id, Action.READ, Resource.DATASETS, [scope])
+    else:
+        require(principal, app_id, Action.READ, Resource.APP)
+
+
 def parse_job_id(value: str) -> int:
     if not value:
         raise InvalidArgument.field("job_id", "is required: the job_id AddDatasetInputs returned")
@@ -320,6 +330,7 @@ class SearchJobService:
         checked_ids(("dataset_id", dataset_id)).raise_if_any()
         # The caller's app, whatever app the spec was decoded for.
         spec = replace(spec, filter=replace(spec.filter, app_id=app_id))
+        _require_search_read(principal, app_id, spec.filter.dataset_id)
         query, ranking = await self.preparer.prepare(principal, app_id, spec, field="search")
         async with self.tx.transaction():
             if dry_run:
@@ -372,6 +383,7 @@ class SearchJobService:
         spec = replace(
             spec, filter=replace(scope, app_id=app_id, dataset_id=dataset_id, version_id=None)
         )
+        _require_search_read(principal, app_id, dataset_id)
         query, ranking = await self.preparer.prepare(principal, app_id, spec, field=field)
         async with self.tx.transaction():
             if dry_run:
@@ -397,6 +409,8 @@ class SearchJobService:
             job = await self.jobs.get(app_id, number)
         if job is None:
             raise NotFound.in_app("search_job", app_id, job_id)
+        # The job is named by its own id: its dataset decides who may see it.
+        require(principal, app_id, Action.READ, Resource.DATASETS, [job.dataset_id])
         return job
 
     async def duplicates(

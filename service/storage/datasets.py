@@ -104,27 +104,32 @@ _TEXT_FILTER = (
 )
 
 
-def _list_sql(column: str, descending: bool, with_cursor: bool, with_hidden: bool) -> str:
+def _list_sql(
+    column: str, descending: bool, with_cursor: bool, with_hidden: bool, with_only: bool
+) -> str:
     direction, compare = ("DESC", "<") if descending else ("ASC", ">")
     cursor = f" AND (d.{column}, d.id) {compare} ($4, $5)" if with_cursor else ""
     limit = "$6" if with_cursor else "$4"
     hidden = "" if with_hidden else " AND NOT d.hidden"
+    # The datasets the caller may read, after the limit's parameter.
+    only = (" AND d.id = ANY($7)" if with_cursor else " AND d.id = ANY($5)") if with_only else ""
     return (
         f"SELECT {_COLUMNS} FROM {_FROM} WHERE d.app_id = $1 AND d.deleted_at IS NULL{hidden}"
-        f" AND {_TEXT_FILTER}{cursor} ORDER BY d.{column} {direction}, d.id {direction}"
+        f"{only} AND {_TEXT_FILTER}{cursor} ORDER BY d.{column} {direction}, d.id {direction}"
         f" LIMIT {limit}"
     )
 
 
 # Every statement the list call can run, built once from whitelisted names.
 LIST_SQL = {
-    (field, descending, with_cursor, with_hidden): _list_sql(
-        field.value, descending, with_cursor, with_hidden
+    (field, descending, with_cursor, with_hidden, with_only): _list_sql(
+        field.value, descending, with_cursor, with_hidden, with_only
     )
     for field in SortField
     for descending in (False, True)
     for with_cursor in (False, True)
     for with_hidden in (False, True)
+    for with_only in (False, True)
 }
 
 
@@ -218,13 +223,22 @@ class PgDatasetRepository(Repository):
         return None if row is None else _row_to_dataset(row)
 
     async def list(self, query: DatasetListQuery) -> list[Dataset]:
+        with_only = query.only is not None
         sql = LIST_SQL[
-            (query.sort_field, query.descending, query.after is not None, query.include_hidden)
+            (
+                query.sort_field,
+                query.descending,
+                query.after is not None,
+                query.include_hidden,
+                with_only,
+            )
         ]
         args: list[Any] = [query.app_id, query.text, _like_pattern(query.text)]
         if query.after is not None:
             args.extend(query.after)
         args.append(query.limit)
+        if query.only is not None:
+            args.append(sorted(query.only))
         return await self._all(_row_to_dataset, sql, *args)
 
     async def update(self, dataset: Dataset) -> Dataset:

@@ -18,6 +18,7 @@ from pgvector.asyncpg import register_vector
 
 from service.domain.errors import Unavailable
 from service.observability import tracing
+from service.storage.audit import PENDING_AUDIT, PendingAudit, write_pending
 from service.storage.replica import FALLBACK, ReadReplica, ReplicaConnection, connect_kwargs
 
 log = logging.getLogger(__name__)
@@ -328,13 +329,24 @@ class Database:
                 async with tracing.db_transaction_span(True), current.transaction():
                     yield
             else:
-                async with (
-                    tracing.db_transaction_span(False),
-                    self.acquire() as conn,
-                    conn.transaction(),
-                ):
-                    with _ambient(conn):
-                        yield
+                written: PendingAudit | None = None
+                try:
+                    async with (
+                        tracing.db_transaction_span(False),
+                        self.acquire() as conn,
+                        conn.transaction(),
+                    ):
+                        with _ambient(conn):
+                            yield
+                            # The audit event of the call's mutation commits with it.
+                            if PENDING_AUDIT.get() is not None:
+                                written = await write_pending(conn)
+                except BaseException:
+                    if written is not None:
+                        # COMMIT failed: the event was never stored; a later transaction
+                        # of the call (or the call's own record) writes it.
+                        written.event_id = None
+                    raise
         finally:
             _hooks.reset(hooks_token)
         # Reached only on commit (or a released savepoint): a rollback drops the hooks.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from service.app import Running
-from tests.conftest import Caller, Stack, stack_env
+from tests.conftest import Caller
 from tests.helpers import png_bytes
 from tests.processes import ROOT, clean_env
 
@@ -344,36 +343,6 @@ async def test_killed_upload_resumes_without_duplicates(cli: Cli, tmp_path: Path
     assert resumed["failed"] == 0 and resumed["created"] == total
     ids = [i["id"] for i in await dataset_inputs(cli, "many")]
     assert len(ids) == total and len(set(ids)) == total
-
-
-async def test_keys_create_list_and_revoke(server: Running, stack: Stack) -> None:
-    app = "keys-" + secrets.token_hex(4)
-    admin = Cli(
-        clean_env(
-            COLUMNS="200",
-            DATASETD_APP=app,
-            DATASETD_ADDRESS=f"127.0.0.1:{server.port}",
-            **{k: v for k, v in stack_env(stack).items() if k.startswith("DATASETD_")},
-        )
-    )
-    created = await admin.json("keys", "create", "--description", "ingest job")
-    assert created["app_id"] == app and created["key"].startswith("dsd_")
-    listed = await admin.json("keys", "list")
-    assert [(k["id"], k["description"], k["revoked_at"]) for k in listed] == [
-        (created["id"], "ingest job", None)
-    ]
-    assert created["key"] not in json.dumps(listed)
-
-    user = Cli({**admin.env, "DATASETD_API_KEY": created["key"]})
-    assert await user.json("datasets", "list") == []
-
-    refused = await admin("keys", "revoke", created["id"])
-    assert refused.code == 2 and "--yes" in refused.stderr
-    assert (await admin.json("keys", "revoke", created["id"], "--yes"))["revoked"] is True
-    rejected = await user("datasets", "list")
-    assert rejected.code == 1 and "UNAUTHENTICATED" in rejected.stderr
-    again = await admin("keys", "revoke", created["id"], "--yes")
-    assert again.code == 1 and "no active key" in again.stderr
 
 
 async def test_upload_coco_and_download_original_inputs(cli: Cli, tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ import datasetd.v1
 import grpc
 import pytest
 from datasetd.v1 import (
+    access_pb2,
     common_pb2,
     data_pb2,
     dataset_version_pb2,
@@ -50,10 +51,14 @@ from google.protobuf import (
     json_format,
     message_factory,
     struct_pb2,
+    timestamp_pb2,
 )
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 
+from service.domain.auth import ensure_bootstrap_key
+from service.storage.access import PgUserRepository
+from service.storage.api_keys import PgApiKeyRepository
 from service.storage.db import Database
 from tests.conftest import Caller, new_caller
 from tests.helpers import details_of, download, png_bytes
@@ -162,6 +167,9 @@ class Env:
     ids: dict[str, str] = dataclasses.field(default_factory=dict)
     archive: bytes = b""
     counter: Iterator[int] = dataclasses.field(default_factory=itertools.count)
+    # The app owner's personal key: AccessService manages nothing for `caller`, a scoped
+    # key.
+    owner: Caller | None = None
 
     def unique(self, prefix: str = "v") -> str:
         return f"{prefix}{next(self.counter)}"
@@ -287,7 +295,18 @@ VALUES: Mapping[tuple[str, str], Callable[[Env], Any]] = {
     ("datasetd.v1.Input", "dataset_ids"): lambda env: [env.ids["other"]],
     ("datasetd.v1.OntologyClass", "color"): lambda env: "#12AB9f",
     ("datasetd.v1.Project", "ontology_id"): lambda env: env.ids["onto2"],
+    ("datasetd.v1.ApiKey", "dataset_ids"): lambda env: [env.ids["main"]],
+    # Whole seconds: the time is stored to the microsecond.
+    ("datasetd.v1.ApiKey", "expires_at"): lambda env: _whole_seconds(days=30),
+    ("datasetd.v1.ListAuditEventsRequest", "key_id"): lambda env: "0123456789abcdef",
+    ("datasetd.v1.ListAuditEventsRequest", "outcome"): lambda env: "OK",
 }
+
+
+def _whole_seconds(days: int) -> Message:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return timestamp_pb2.Timestamp(seconds=stamp.seconds + days * 86_400)
 
 
 def default_value(env: Env, field: Any) -> Any:
@@ -944,6 +963,189 @@ CASES: Mapping[str, Case] = {
 }
 
 
+# --- AccessService: called as the app owner -------------------------------------------------
+
+
+def _owner(env: Env) -> Caller:
+    assert env.owner is not None
+    return env.owner
+
+
+def as_owner(rpc: str, **fields: Any) -> Callable[[Env], Awaitable[Prepared]]:
+    """A base request sent with the owner's personal key."""
+
+    async def base(env: Env) -> Prepared:
+        return Prepared(env.request(rpc, **_resolve(env, fields)), _owner(env))
+
+    return base
+
+
+def owner_page_token(rpc: str) -> Callable[[Env, Message], Awaitable[Any]]:
+    """`page_token`, as the owner sees the pages."""
+
+    async def value(env: Env, request: Message) -> Any:
+        first = copy.deepcopy(request)
+        first.page_size = 1  # type: ignore[attr-defined]
+        response = await env.call(rpc, first, _owner(env))
+        assert response.next_page_token, f"{rpc}: the shared content must fill two pages"
+        return response.next_page_token
+
+    return value
+
+
+async def _fresh_user(env: Env) -> str:
+    user_id = env.unique("user-")
+    await env.call(
+        "AccessService.CreateUser",
+        env.request("AccessService.CreateUser", user={"id": user_id}),
+        _owner(env),
+    )
+    return user_id
+
+
+async def _fresh_collaborator(env: Env) -> str:
+    user_id = await _fresh_user(env)
+    await env.call(
+        "AccessService.AddCollaborator",
+        env.request(
+            "AccessService.AddCollaborator",
+            dataset_id=env.ids["main"],
+            collaborator={"user_id": user_id},
+        ),
+        _owner(env),
+    )
+    return user_id
+
+
+async def _fresh_key(env: Env) -> str:
+    made = await env.call(
+        "AccessService.CreateApiKey",
+        env.request(
+            "AccessService.CreateApiKey",
+            api_key={"kind": access_pb2.KEY_KIND_SCOPED, "access": access_pb2.KEY_ACCESS_READ},
+        ),
+        _owner(env),
+    )
+    key_id: str = made.api_key.id
+    return key_id
+
+
+async def _users_named(env: Env, request: Any, response: Any) -> list[Message]:
+    listed = await env.call(
+        "AccessService.ListUsers",
+        env.request("AccessService.ListUsers", page_size=1000),
+        _owner(env),
+    )
+    return [u for u in listed.users if u.id == request.user.id]
+
+
+async def _collaborators_named(env: Env, request: Any, response: Any) -> list[Message]:
+    listed = await env.call(
+        "AccessService.ListCollaborators",
+        env.request(
+            "AccessService.ListCollaborators", dataset_id=request.dataset_id, page_size=1000
+        ),
+        _owner(env),
+    )
+    return [c for c in listed.collaborators if c.user_id == request.collaborator.user_id]
+
+
+async def _key_made(env: Env, request: Any, response: Any) -> list[Message]:
+    listed = await env.call(
+        "AccessService.ListApiKeys",
+        env.request("AccessService.ListApiKeys", page_size=1000),
+        _owner(env),
+    )
+    return [k for k in listed.api_keys if k.id == response.api_key.id]
+
+
+def _user_request(rpc: str) -> Callable[[Env], Awaitable[Prepared]]:
+    """A request naming a user of its own (deleting it must not hurt the next field)."""
+
+    async def base(env: Env) -> Prepared:
+        return Prepared(env.request(rpc, user_id=await _fresh_user(env)), _owner(env))
+
+    return base
+
+
+def _collaborator_request(rpc: str, **fields: Any) -> Callable[[Env], Awaitable[Prepared]]:
+    async def base(env: Env) -> Prepared:
+        user_id = await _fresh_collaborator(env)
+        request = env.request(rpc, dataset_id=env.ids["main"], user_id=user_id, **fields)
+        return Prepared(request, _owner(env))
+
+    return base
+
+
+async def _new_user(env: Env) -> Prepared:
+    request = env.request("AccessService.CreateUser", user={"id": env.unique("new-")})
+    return Prepared(request, _owner(env))
+
+
+async def _add_collaborator(env: Env) -> Prepared:
+    request = env.request(
+        "AccessService.AddCollaborator",
+        dataset_id=env.ids["main"],
+        collaborator={"user_id": await _fresh_user(env)},
+    )
+    return Prepared(request, _owner(env))
+
+
+async def _revoke_key(env: Env) -> Prepared:
+    request = env.request("AccessService.RevokeApiKey", key_id=await _fresh_key(env))
+    return Prepared(request, _owner(env))
+
+
+ACCESS_CASES: Mapping[str, Case] = {
+    "AccessService.CreateUser": Case(_new_user, stored=("user",), read_back=_users_named),
+    "AccessService.ListUsers": Case(
+        as_owner("AccessService.ListUsers"),
+        values={("page_token",): owner_page_token("AccessService.ListUsers")},
+    ),
+    "AccessService.UpdateUser": Case(
+        as_owner("AccessService.UpdateUser", user={"id": "@member", "display_name": "base"}),
+        stored=("user",),
+        read_back=_users_named,
+        values={("update_mask",): mask("display_name")},
+    ),
+    "AccessService.DeleteUser": Case(_user_request("AccessService.DeleteUser")),
+    "AccessService.AddCollaborator": Case(
+        _add_collaborator, stored=("collaborator",), read_back=_collaborators_named
+    ),
+    "AccessService.ListCollaborators": Case(
+        as_owner("AccessService.ListCollaborators", dataset_id="@main"),
+        values={("page_token",): owner_page_token("AccessService.ListCollaborators")},
+    ),
+    "AccessService.UpdateCollaborator": Case(
+        _collaborator_request(
+            "AccessService.UpdateCollaborator", role=access_pb2.DATASET_ROLE_ADMIN
+        )
+    ),
+    "AccessService.RemoveCollaborator": Case(
+        _collaborator_request("AccessService.RemoveCollaborator")
+    ),
+    "AccessService.CreateApiKey": Case(
+        as_owner(
+            "AccessService.CreateApiKey",
+            api_key={"kind": access_pb2.KEY_KIND_SCOPED, "access": access_pb2.KEY_ACCESS_READ},
+        ),
+        stored=("api_key",),
+        read_back=_key_made,
+    ),
+    "AccessService.ListApiKeys": Case(
+        as_owner("AccessService.ListApiKeys"),
+        values={("page_token",): owner_page_token("AccessService.ListApiKeys")},
+    ),
+    "AccessService.RevokeApiKey": Case(_revoke_key),
+    "AccessService.ListAuditEvents": Case(
+        as_owner("AccessService.ListAuditEvents"),
+        values={("page_token",): owner_page_token("AccessService.ListAuditEvents")},
+    ),
+}
+# Beside the others: their helpers need the owner, whom shared_app makes last.
+CASES = {**CASES, **ACCESS_CASES}
+
+
 async def _one(found: Awaitable[Message]) -> list[Message]:
     return [await found]
 
@@ -1173,6 +1375,12 @@ async def check_rpc(env: Env, rpc: str) -> list[Outcome]:
 async def shared_app(channel: grpc.aio.Channel, db: Database) -> Env:
     env = Env(await new_caller(db), channel, db)
     env.ids["app"] = env.caller.app_id
+    async with db.transaction():
+        secret = await ensure_bootstrap_key(
+            PgApiKeyRepository(db), PgUserRepository(db), env.caller.app_id, None
+        )
+    assert secret is not None
+    env.owner = Caller(env.caller.app_id, secret)
     for name in ("main", "other", "empty", "patched"):
         env.ids[name] = name
         await env.send("DatasetService.CreateDataset", dataset={"id": name})
@@ -1258,6 +1466,11 @@ async def shared_app(channel: grpc.aio.Channel, db: Database) -> Env:
         env.ids[name] = response.export.id
         exports[name] = await _until(functools.partial(_get_export, env, env.ids[name]), EXPORTED)
     env.archive = await asyncio.to_thread(download, exports["x1"].url)
+    # Users, collaborators and keys filling two pages each.
+    env.ids["member"] = await _fresh_user(env)
+    for _ in range(2):
+        await _fresh_collaborator(env)
+    await _fresh_key(env)
     return env
 
 

@@ -167,7 +167,11 @@ async def test_keys_create_prints_the_key_id_beside_the_secret(
     # stdout stays the secret alone (KEY=$(datasetd keys create ...)).
     secret = created.stdout.strip()
     assert secret.startswith("dsd_") and "\n" not in secret
-    listed = await admin.json("keys", "list")
+    # Listing is an API call, with the key just made (the owner's: the app had no users).
+    owner = Cli(
+        {**admin.env, "DATASETD_API_KEY": secret, "DATASETD_ADDRESS": f"127.0.0.1:{server.port}"}
+    )
+    listed = await owner.json("keys", "list")
     (key,) = [k for k in listed if k["description"] == "printed"]
     assert f"key id {key['id']}" in created.stderr
     assert f"datasetd keys revoke --app keys-id-app {key['id']}" in created.stderr

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import grpc
 import pytest
-from datasetd.v1 import annotation_service_pb2 as aapi
 from datasetd.v1 import (
+    access_pb2,
+    access_service_pb2_grpc,
     annotation_service_pb2_grpc,
     data_pb2,
     dataset_pb2,
@@ -29,6 +30,8 @@ from datasetd.v1 import (
     search_service_pb2_grpc,
     status_pb2,
 )
+from datasetd.v1 import access_service_pb2 as acapi
+from datasetd.v1 import annotation_service_pb2 as aapi
 from datasetd.v1 import dataset_service_pb2 as dapi
 from datasetd.v1 import dataset_version_service_pb2 as vapi
 from datasetd.v1 import input_service_pb2 as iapi
@@ -41,7 +44,8 @@ from service.app import Running, open_resources, start
 from service.client import Client, NotFoundError
 from service.config import Config
 from service.devstack import EmbeddedReplica
-from service.domain.auth import new_key
+from service.domain.auth import ensure_bootstrap_key, new_key
+from service.storage.access import PgUserRepository
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.db import Database
 from service.storage.replica import ReadReplica, parse_lsn
@@ -54,6 +58,7 @@ from tests.e2e.test_versions import build
 from tests.helpers import call_error
 
 if TYPE_CHECKING:
+    from datasetd.v1.access_service_pb2_grpc import AccessServiceAsyncStub
     from datasetd.v1.annotation_service_pb2_grpc import AnnotationServiceAsyncStub
     from datasetd.v1.dataset_service_pb2_grpc import DatasetServiceAsyncStub
     from datasetd.v1.dataset_version_service_pb2_grpc import DatasetVersionServiceAsyncStub
@@ -75,6 +80,7 @@ class Stubs:
     ontologies: OntologyServiceAsyncStub
     projects: ProjectServiceAsyncStub
     search: SearchServiceAsyncStub
+    access: AccessServiceAsyncStub
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +138,7 @@ async def replica_server(stack: Stack, replica: EmbeddedReplica) -> AsyncIterato
                 ontology_service_pb2_grpc.OntologyServiceStub(channel),
                 project_service_pb2_grpc.ProjectServiceStub(channel),
                 search_service_pb2_grpc.SearchServiceStub(channel),
+                access_service_pb2_grpc.AccessServiceStub(channel),
             )
             yield ReplicaServer(running, replica, stubs)
     finally:
@@ -142,6 +149,16 @@ async def _same_app_caller(db: Database, app_id: str) -> Caller:
     """Another API key (another principal) of the app."""
     secret, key = new_key(app_id, "other")
     await PgApiKeyRepository(db).insert(dataclasses.replace(key, scopes=("read", "write")))
+    return Caller(app_id, secret)
+
+
+async def _app_owner(db: Database, app_id: str) -> Caller:
+    """The app owner's personal key: AccessService's reads need a user."""
+    async with db.transaction():
+        secret = await ensure_bootstrap_key(
+            PgApiKeyRepository(db), PgUserRepository(db), app_id, None
+        )
+    assert secret is not None
     return Caller(app_id, secret)
 
 
@@ -275,15 +292,26 @@ def _reads(
     async def streamed(stream: Any) -> list[Any]:
         return [message async for message in stream]
 
-    d, i, a, v, o, p = (
+    d, i, a, v, o, p, ac = (
         stubs.datasets,
         stubs.inputs,
         stubs.annotations,
         stubs.versions,
         stubs.ontologies,
         stubs.projects,
+        stubs.access,
     )
     return {
+        "/datasetd.v1.AccessService/ListUsers": lambda m: ac.ListUsers(
+            acapi.ListUsersRequest(app_id=app_id), metadata=m
+        ),
+        "/datasetd.v1.AccessService/ListCollaborators": lambda m: ac.ListCollaborators(
+            acapi.ListCollaboratorsRequest(**at), metadata=m
+        ),
+        # The writer's CreateDataset: no read below is audited under that name.
+        "/datasetd.v1.AccessService/ListAuditEvents": lambda m: ac.ListAuditEvents(
+            acapi.ListAuditEventsRequest(app_id=app_id, rpc="CreateDataset"), metadata=m
+        ),
         "/datasetd.v1.DatasetService/GetDataset": lambda m: d.GetDataset(
             dapi.GetDatasetRequest(**at), metadata=m
         ),
@@ -378,6 +406,9 @@ _SHOWS: dict[str, Callable[[Any], bool]] = {
     "ListDatasets": lambda r: any(d.id == "ds" for d in r.datasets),
     "ListDatasetInputs": lambda r: any(m.input.id == "img1" for m in r.dataset_inputs),
     "ListInputs": lambda r: any(i.id == "img1" for i in r.inputs),
+    "ListUsers": lambda r: any(u.id == "seen" for u in r.users),
+    "ListCollaborators": lambda r: any(c.user_id == "seen" for c in r.collaborators),
+    "ListAuditEvents": lambda r: len(r.events) > 0,
     "ListAnnotations": lambda r: any(a.id == "ann1" for a in r.annotations),
     "ListDatasetVersions": lambda r: any(v.id == "v1" for v in r.versions),
     "ListExports": lambda r: len(r.exports) == 1,
@@ -411,8 +442,21 @@ async def test_every_read_only_rpc_is_served_by_the_replica(
 ) -> None:
     server, stubs = replica_server, replica_server.stubs
     writer = await new_caller(server.db)
-    reader = await _same_app_caller(server.db, writer.app_id)
+    # A personal key of the app's owner: it reads everything, AccessService's lists too.
+    reader = await _app_owner(server.db, writer.app_id)
     await _content(stubs, writer)
+    await stubs.access.CreateUser(
+        acapi.CreateUserRequest(app_id=writer.app_id, user=access_pb2.User(id="seen")),
+        metadata=reader.metadata,
+    )
+    await stubs.access.AddCollaborator(
+        acapi.AddCollaboratorRequest(
+            app_id=writer.app_id,
+            dataset_id="ds",
+            collaborator=access_pb2.Collaborator(user_id="seen"),
+        ),
+        metadata=reader.metadata,
+    )
     exports = await stubs.versions.ListExports(
         vapi.ListExportsRequest(app_id=writer.app_id, dataset_id="ds", version_id="v1"),
         metadata=writer.metadata,
@@ -466,6 +510,12 @@ async def test_every_read_only_rpc_is_served_by_the_replica(
         )
         # No RPC deletes a job: its rows go (search_jobs with it, ON DELETE CASCADE).
         await server.db.execute("DELETE FROM jobs WHERE id = $1", search_job)
+        # Nor audit events; and the user goes without a write of the reader's, which
+        # would send its reads to the primary (its collaborations go with it).
+        await server.db.execute("DELETE FROM audit_events WHERE app_id = $1", writer.app_id)
+        await server.db.execute(
+            "DELETE FROM users WHERE app_id = $1 AND id = 'seen'", writer.app_id
+        )
         stale = [m for m, read in reads.items() if await _shown(m, read, reader.metadata)]
         assert sorted(stale) == sorted(reads), "answered by the primary"
         assert stats.failed_over == failed_over

@@ -10,6 +10,9 @@ import zipfile
 
 import grpc
 from datasetd.v1 import (
+    access_pb2,
+    access_service_pb2,
+    access_service_pb2_grpc,
     annotation_pb2,
     annotation_service_pb2,
     annotation_service_pb2_grpc,
@@ -34,7 +37,9 @@ from datasetd.v1 import (
 from google.protobuf import descriptor, struct_pb2
 
 from service.api.field_policy import OUTPUT_ONLY
-from service.domain.auth import new_key
+from service.domain.auth import ensure_bootstrap_key, new_key
+from service.domain.models import AppRole, KeyKind, User
+from service.storage.access import PgUserRepository
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.db import Database
 from tests.conftest import Caller, new_caller
@@ -49,6 +54,8 @@ VERSION_IDS = ("fuzz-v1",)
 ONTOLOGY_IDS = ("fuzz-onto-1", "fuzz-onto-2")
 PROJECT_IDS = ("fuzz-proj-1", "fuzz-proj-2")
 CONCEPT_IDS = ("cat", "dog")
+# "owner" is the app owner the AccessService RPCs are fuzzed as (`Resources.manager`).
+USER_IDS = ("owner", "fuzz-user-1", "fuzz-user-2")
 READY = status_pb2.STATUS_CODE_DATASET_VERSION_READY
 FAILURE = status_pb2.STATUS_CODE_DATASET_VERSION_FAILURE
 EXPORT_DONE = (
@@ -74,10 +81,20 @@ class Resources:
     caller: Caller
     reader: Caller  # scopes ("read",) in the same app
     stranger: Caller  # another app
+    # The app owner's personal key: AccessService manages nothing for the scoped keys
+    # above, so its RPCs are fuzzed as the owner (restored by `ensure` when a batch
+    # demoted or deleted the owner).
+    manager: Caller
+    db: Database
+    key_ids: list[str] = dataclasses.field(default_factory=list)
     export_ids: list[str] = dataclasses.field(default_factory=list)
     reencode_job_ids: list[str] = dataclasses.field(default_factory=list)
     page_tokens: list[str] = dataclasses.field(default_factory=list)
     archive: bytes = b""
+
+    @property
+    def access(self) -> access_service_pb2_grpc.AccessServiceAsyncStub:
+        return access_service_pb2_grpc.AccessServiceStub(self.channel)
 
     @property
     def datasets(self) -> dataset_service_pb2_grpc.DatasetServiceAsyncStub:
@@ -116,6 +133,8 @@ class Resources:
                 "concept": CONCEPT_IDS,
                 "ontology": ONTOLOGY_IDS,
                 "project": PROJECT_IDS,
+                "user": USER_IDS,
+                "key": tuple(self.key_ids),
             },
             page_tokens=tuple(self.page_tokens),
             field_paths=field_paths,
@@ -245,6 +264,64 @@ async def ensure(res: Resources) -> None:
         )
     for version_id in VERSION_IDS:
         await _ensure_version(res, version_id)
+    await _ensure_access(res)
+
+
+async def _ensure_access(res: Resources) -> None:
+    """The owner with a working personal key, the fuzzing users, a collaborator and a key
+    bound to a dataset."""
+    app = res.caller.app_id
+    users = PgUserRepository(res.db)
+    owner = await users.get(app, USER_IDS[0])
+    if owner is None:
+        await users.insert(User(app_id=app, id=USER_IDS[0], role=AppRole.OWNER))
+    elif owner.role is not AppRole.OWNER:
+        await users.update(dataclasses.replace(owner, role=AppRole.OWNER))
+    try:
+        await res.access.ListUsers(
+            access_service_pb2.ListUsersRequest(app_id=app, page_size=1),
+            metadata=res.manager.metadata,
+        )
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+            raise
+        # Revoked, or gone with its user: a new personal key of the owner.
+        secret, key = new_key(app, "fuzz-owner")
+        await PgApiKeyRepository(res.db).insert(
+            dataclasses.replace(key, kind=KeyKind.PERSONAL, user_id=USER_IDS[0])
+        )
+        res.manager = Caller(app, secret)
+    md = res.manager.metadata
+    for user_id in USER_IDS[1:]:
+        await _tolerating(
+            res.access.CreateUser(
+                access_service_pb2.CreateUserRequest(app_id=app, user=access_pb2.User(id=user_id)),
+                metadata=md,
+            )
+        )
+    await _tolerating(
+        res.access.AddCollaborator(
+            access_service_pb2.AddCollaboratorRequest(
+                app_id=app,
+                dataset_id=DATASET_IDS[0],
+                collaborator=access_pb2.Collaborator(user_id=USER_IDS[1]),
+            ),
+            metadata=md,
+        )
+    )
+    if not res.key_ids:
+        made = await res.access.CreateApiKey(
+            access_service_pb2.CreateApiKeyRequest(
+                app_id=app,
+                api_key=access_pb2.ApiKey(
+                    kind=access_pb2.KEY_KIND_SCOPED,
+                    access=access_pb2.KEY_ACCESS_READ,
+                    dataset_ids=[DATASET_IDS[0]],
+                ),
+            ),
+            metadata=md,
+        )
+        res.key_ids.append(made.api_key.id)
 
 
 def _ontology(ontology_id: str) -> ontology_pb2.Ontology:
@@ -422,11 +499,18 @@ async def _page_tokens(res: Resources) -> list[str]:
 
 async def open_resources(db: Database, channel: grpc.aio.Channel) -> Resources:
     caller = await new_caller(db)
+    async with db.transaction():
+        owner = await ensure_bootstrap_key(
+            PgApiKeyRepository(db), PgUserRepository(db), caller.app_id, None
+        )
+    assert owner is not None
     res = Resources(
         channel=channel,
         caller=caller,
         reader=await _same_app_reader(db, caller),
         stranger=await new_caller(db),
+        manager=Caller(caller.app_id, owner),
+        db=db,
     )
     await ensure(res)
     res.page_tokens = await _page_tokens(res)

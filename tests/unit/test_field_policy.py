@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from datasetd.v1 import (
+    access_service_pb2,
     annotation_pb2,
     annotation_service_pb2,
     data_pb2,
@@ -24,6 +25,7 @@ from service.api import field_policy
 from service.api.field_policy import OUTPUT_ONLY, UPDATE_MASKS, outside_mask, refusal
 from service.domain import annotations as annotation_domain
 from service.domain import inputs, ontologies, projects, versions
+from service.wire.access import UPDATABLE_USER_FIELDS
 from service.wire.datasets import PATCHABLE_DATASET_FIELDS
 
 PROTOS = Path(__file__).resolve().parents[2] / "protos" / "datasetd" / "v1"
@@ -84,6 +86,7 @@ def _request_paths() -> set[tuple[str, tuple[str, ...]]]:
                 walk(request, nested, (*path, field.name), depth + 1)
 
     for module in (
+        access_service_pb2,
         dataset_service_pb2,
         input_service_pb2,
         annotation_service_pb2,
@@ -122,6 +125,7 @@ def test_update_masks_are_the_domains() -> None:
         tuple(UPDATE_MASKS["datasetd.v1.UpdateOntologyRequest"][1]) == ontologies.UPDATABLE_FIELDS
     )
     assert tuple(UPDATE_MASKS["datasetd.v1.UpdateProjectRequest"][1]) == projects.UPDATABLE_FIELDS
+    assert tuple(UPDATE_MASKS["datasetd.v1.UpdateUserRequest"][1]) == UPDATABLE_USER_FIELDS
     paths = _request_paths()
     for request, (holder, names) in UPDATE_MASKS.items():
         for path in names.values():

@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
 import grpc
 import pytest
 from datasetd.v1 import input_pb2
 
+from service.api.access_policy import Policy, Rule
 from service.api.interceptors import RequestInterceptor, current_principal
+from service.domain.access import Action, Resource
 from service.domain.auth import Authenticator, new_key
 from service.domain.errors import NotFound
-from service.domain.models import ApiKey
+from service.domain.models import ApiKey, DatasetRole
+from service.domain.ports import ApiKeyRepository, CollaboratorRepository, UserRepository
 from tests.helpers import details_of
 from tests.unit.test_auth import FakeKeys, FixedClock
 
 METHOD = "/test.Echo/Call"
+# The test methods' rules: any authenticated caller (their handlers decide nothing; no
+# app field: the key's app, as in Clarifai's V2).
+POLICY = Policy(
+    {
+        METHOD: Rule(Action.READ, Resource.APP, domain=True, app_field=""),
+        "/test.Typed/Call": Rule(Action.READ, Resource.APP, domain=True, app_field=""),
+    }
+)
 
 
 def _identity(data: bytes) -> bytes:
@@ -32,12 +44,41 @@ async def _behaviour(request: bytes, context: grpc.aio.ServicerContext[Any, Any]
     return current_principal().app_id.encode()
 
 
+class _Keys(FakeKeys):
+    async def touch(self, key_id: str, at: datetime) -> None:
+        pass
+
+
+class _NoUsers:
+    async def get(self, app_id: str, user_id: str) -> None:
+        return None
+
+
+class _NoCollaborators:
+    async def roles_of(self, app_id: str, user_id: str) -> dict[str, DatasetRole]:
+        return {}
+
+
+def _authenticator() -> tuple[Authenticator, str]:
+    """An Authenticator knowing one app-wide key of "app" (scoped keys need no users)."""
+    keys = _Keys()
+    secret, key = new_key("app", "k")
+    keys.keys.append(key)
+    return (
+        Authenticator(
+            cast(ApiKeyRepository, keys),
+            FixedClock(),
+            users=cast(UserRepository, _NoUsers()),
+            collaborators=cast(CollaboratorRepository, _NoCollaborators()),
+        ),
+        secret,
+    )
+
+
 @pytest.fixture
 async def echo() -> AsyncIterator[tuple[grpc.aio.Channel, str]]:
-    keys = FakeKeys()
-    secret, key = new_key("app", "k")
-    await keys.insert(key)
-    server = grpc.aio.server(interceptors=[RequestInterceptor(Authenticator(keys, FixedClock()))])
+    authenticator, secret = _authenticator()
+    server = grpc.aio.server(interceptors=[RequestInterceptor(authenticator, policy=POLICY)])
     handler = grpc.method_handlers_generic_handler(
         "test.Echo",
         {"Call": grpc.unary_unary_rpc_method_handler(_behaviour, _identity, _identity)},
@@ -105,10 +146,8 @@ def test_fake_keys_hold_hashes_only() -> None:
 async def test_undecodable_request_is_invalid_argument() -> None:
     """A string field with invalid UTF-8 fails protobuf parsing; the caller must
     hear INVALID_ARGUMENT, not gRPC's INTERNAL "Exception deserializing request"."""
-    keys = FakeKeys()
-    secret, key = new_key("app", "k")
-    await keys.insert(key)
-    server = grpc.aio.server(interceptors=[RequestInterceptor(Authenticator(keys, FixedClock()))])
+    authenticator, secret = _authenticator()
+    server = grpc.aio.server(interceptors=[RequestInterceptor(authenticator, policy=POLICY)])
 
     async def echo_title(
         request: input_pb2.Input, context: grpc.aio.ServicerContext[Any, Any]
@@ -143,3 +182,31 @@ async def test_undecodable_request_is_invalid_argument() -> None:
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.reason == "MALFORMED_REQUEST"
     assert "UTF-8" in error.message
+
+
+async def test_method_without_an_access_rule_is_refused() -> None:
+    """A method the policy has no rule for never reaches its handler, even for a valid key."""
+    authenticator, secret = _authenticator()
+    reached: list[bytes] = []
+
+    async def record(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        reached.append(request)
+        return request
+
+    server = grpc.aio.server(interceptors=[RequestInterceptor(authenticator)])
+    handler = grpc.method_handlers_generic_handler(
+        "test.Echo", {"Call": grpc.unary_unary_rpc_method_handler(record, _identity, _identity)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _call(channel, b"hi", secret)
+    finally:
+        await server.stop(None)
+    error = details_of(raised.value)
+    assert error.code == grpc.StatusCode.PERMISSION_DENIED
+    assert error.reason == "NO_ACCESS_RULE"
+    assert reached == []

@@ -16,6 +16,7 @@ import datasetd.v1
 import grpc
 import pytest
 
+from service.api.access import AccessRpcs
 from service.api.annotations import AnnotationRpcs
 from service.api.datasets import DatasetRpcs
 from service.api.diffs import DiffRpcs
@@ -43,6 +44,7 @@ from service.storage.replica import ROUTE, CallRoute, ReadReplica, format_lsn, p
 
 PRINCIPAL = Principal(key_id="key-1", app_id="app", scopes=frozenset({"read", "write"}))
 PARTS = (
+    AccessRpcs,
     AnnotationRpcs,
     DatasetRpcs,
     DiffRpcs,

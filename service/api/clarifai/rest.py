@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import re
 import uuid
@@ -38,7 +39,8 @@ from service.api.clarifai.service import (
 )
 from service.api.interceptors import Call
 from service.domain.auth import Authenticator, parse_authorization
-from service.domain.errors import FieldViolation, InvalidArgument, Unauthenticated
+from service.domain.errors import DomainError, FieldViolation, InvalidArgument, Unauthenticated
+from service.domain.ports import AuditRepository
 from service.observability import REQUEST_ID
 
 PREFIX = "/v2"
@@ -330,11 +332,16 @@ def _json(message: Message, http_status: int, headers: Mapping[str, str]) -> web
 
 class RestGateway:
     def __init__(
-        self, handlers: V2Handlers, authenticator: Authenticator, max_body_bytes: int
+        self,
+        handlers: V2Handlers,
+        authenticator: Authenticator,
+        max_body_bytes: int,
+        audit: AuditRepository | None = None,
     ) -> None:
         self.handlers = handlers
         self.authenticator = authenticator
         self.max_body_bytes = max_body_bytes
+        self.audit = audit
         self.routes = Routes(handlers.handlers)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -381,15 +388,19 @@ class RestGateway:
             metadata,
             _in_band(method),
             parse=key_only,
+            audit=self.audit,
         )
+        with contextlib.suppress(DomainError, ValueError, TypeError):
+            # The app the path names, to record a call refused before authentication.
+            call.note_request(build_request(route, params, b"", {}))
         answer: Message | None = None
         async with call.running(transport) as began:
             if began:
                 body = await self._body(request)
                 query = {k: request.rel_url.query.getall(k) for k in request.rel_url.query}
-                message = build_request(route, params, body, query)
+                message = call.admit(build_request(route, params, body, query))
                 check_request(message)
-                answer = await self.handlers.handler(method)(message, None)
+                answer = call.answered(await self.handlers.handler(method)(message, None))
         if answer is None:
             answer = call.answer
         assert answer is not None  # `running` sets it on every failure
@@ -416,8 +427,9 @@ def add_rest_routes(
     handlers: V2Handlers,
     authenticator: Authenticator,
     max_body_bytes: int,
+    audit: AuditRepository | None = None,
 ) -> None:
     """Serves Clarifai's REST paths (under /v2) on `app`."""
-    gateway = RestGateway(handlers, authenticator, max_body_bytes)
+    gateway = RestGateway(handlers, authenticator, max_body_bytes, audit)
     app.router.add_route("*", PREFIX, gateway.handle)
     app.router.add_route("*", PREFIX + "/{tail:.*}", gateway.handle)

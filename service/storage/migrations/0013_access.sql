@@ -65,4 +65,8 @@ CREATE INDEX audit_events_app ON audit_events (app_id, id DESC);
 CREATE INDEX audit_events_datasets ON audit_events USING gin (dataset_ids);
 CREATE INDEX audit_events_user ON audit_events (app_id, user_id, id DESC);
 CREATE INDEX audit_events_key ON audit_events (app_id, key_id, id DESC);
+CREATE INDEX audit_events_outcome ON audit_events (app_id, outcome, id DESC);
+-- The method's name (after the last '/'): ListAuditEvents' rpc filter, by full or bare name.
+CREATE INDEX audit_events_method
+    ON audit_events (app_id, regexp_replace(rpc, '^.*/', ''), id DESC);
 CREATE INDEX audit_events_at ON audit_events (at);

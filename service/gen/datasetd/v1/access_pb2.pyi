@@ -272,8 +272,10 @@ class ApiKey(_message.Message):
     kind: Global___KeyKind.ValueType
     """Required on create."""
     user_id: _builtins.str
-    """Output only for personal keys: the user the key acts as (the caller).
-    Empty for scoped keys.
+    """Personal keys: optional on create, the user the key acts as; the caller
+    when empty. Only app owners and admins make keys for another user (only
+    owners for an owner), so that a new user can get a first key. Must be empty
+    for scoped keys.
     """
     access: Global___KeyAccess.ValueType
     """Scoped keys: required, READ or READ_WRITE. Personal keys: unset."""
