@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from service.api.access_policy import InputDatasets
 from service.api.clarifai.rest import add_rest_routes
 from service.api.clarifai.service import V2Handlers
 from service.api.downloads import Downloads, add_download_routes
@@ -253,6 +254,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             max_message_bytes=config.max_message_bytes,
             max_concurrent_rpcs=config.max_concurrent_rpcs,
             audit=store.audit,
+            input_datasets=store.members,
         )
         port = (
             server.add_secure_port(config.listen, tls.grpc_credentials())
@@ -276,6 +278,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
                 domain.authenticator,
                 tls,
                 audit=store.audit,
+                inputs=store.members,
             )
             if http is not None and not links.public:
                 scheme = "https" if tls is not None else "http"
@@ -319,6 +322,7 @@ async def _start_http(
     authenticator: Authenticator,
     tls: ServerTls | None = None,
     audit: AuditRepository | None = None,
+    inputs: InputDatasets | None = None,
 ) -> HttpServer | None:
     """The HTTP port: /metrics, /healthz, the download links and Clarifai's REST API
     (None when DATASETD_HTTP_LISTEN is off), over TLS when `tls` is given."""
@@ -333,7 +337,7 @@ async def _start_http(
 
     app = build_application(lambda: metrics.exposition(instance), serving)
     add_download_routes(app, downloads)
-    add_rest_routes(app, v2, authenticator, config.max_message_bytes, audit)
+    add_rest_routes(app, v2, authenticator, config.max_message_bytes, audit, inputs)
     return await HttpServer.start(
         app, config.http_listen, tls.ssl_context() if tls is not None else None
     )

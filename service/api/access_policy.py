@@ -4,12 +4,22 @@ where its request names the datasets it touches.
 `Call` (interceptors.py) looks the rule up once per call, right after authentication, and
 checks each request message (every message of a client stream) against it with
 `service.domain.access.require`; a method without a rule is refused. The rules are a dict
-of full method names: the check costs a lookup and a few field reads, never a database
-round trip (the Principal carries its roles).
+of full method names: the check costs a lookup and a few field reads, and no database
+round trip (the Principal carries its roles) but for inputs named by callers bound to
+datasets (below).
 
 Objects that live in a dataset are reached through the request's dataset field (versions,
-exports, dataset inputs). Inputs, annotations and their jobs belong to the app (an input
-may be in several datasets or none), so they are APP unless the request names datasets.
+exports, dataset inputs). Inputs and annotations belong to the app (an input may be in
+several datasets or none): a request that names them by id (`inputs=`) is allowed to app
+owners and admins and whole-app keys at once, and to other callers when every named input
+(an annotation: its input) is in a dataset where they have the action; deleting an input
+(`every=True`) removes it from every dataset, so it needs the action on each of them
+(datasets in the trash included: undeleting one would bring it back without the input).
+That takes one query (`InputDatasets`), made by `Call.admitted` after the cheap checks.
+An id that does not exist is PERMISSION_DENIED to such callers, like an input of a
+dataset they cannot reach (NOT_FOUND would tell the two apart, and so whether an input of
+another dataset exists); app-wide callers still get the use case's NOT_FOUND. Lists and
+jobs over the app (ListInputs without a dataset, re-encode jobs) stay APP.
 Where the rule depends on what the request asks of the domain (keys, the audit log,
 search jobs), the rule only requires an authenticated caller of the app (`domain=True`)
 and the use case decides with `service.domain.access.require`.
@@ -17,9 +27,9 @@ and the use case decides with `service.domain.access.require`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from clarifai_grpc.grpc.api import service_pb2 as v2_service_pb2
 from datasetd.v1 import (
@@ -34,7 +44,9 @@ from datasetd.v1 import (
 )
 from google.protobuf.message import Message
 
-from service.domain.access import Action, Resource
+from service.domain.access import Action, Resource, dataset_allows, denial
+from service.domain.errors import PermissionDenied
+from service.domain.models import KeyKind, Principal
 
 R, W, M = Action.READ, Action.WRITE, Action.MANAGE
 
@@ -109,6 +121,134 @@ def _none(request: Any) -> tuple[str, ...] | None:
 
 
 @dataclass(frozen=True)
+class Named:
+    """The inputs and annotations a request names by id."""
+
+    inputs: tuple[str, ...] = ()
+    annotations: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.inputs or self.annotations)
+
+
+# Reads the inputs and annotations a request names; empty when it names none (then the
+# rule is the app's).
+NamedIds = Callable[[Any], Named]
+
+
+def _values(message: Any, path: tuple[str, ...]) -> tuple[str, ...]:
+    value = _get(message, path)
+    values = (value,) if isinstance(value, str) else tuple(value)
+    # An empty id names nothing (the use case refuses it).
+    return tuple(v for v in values if v)
+
+
+def _reader(spec: str) -> Callable[[Any], tuple[str, ...]]:
+    """`field`, `a.b` or `items[].field`: the ids at that path."""
+    items, _, rest = spec.rpartition("[].")
+    parts = tuple(rest.split("."))
+    if not items:
+        return lambda request: _values(request, parts)
+    holder = tuple(items.split("."))
+
+    def read(request: Any) -> tuple[str, ...]:
+        found: list[str] = []
+        for entry in _get(request, holder):
+            found.extend(_values(entry, parts))
+        return tuple(found)
+
+    return read
+
+
+def named(inputs: Sequence[str] = (), annotations: Sequence[str] = ()) -> NamedIds:
+    """Where the request names inputs and annotations (paths as `_reader` reads them)."""
+    input_readers = tuple(_reader(spec) for spec in inputs)
+    annotation_readers = tuple(_reader(spec) for spec in annotations)
+
+    def read(request: Any) -> Named:
+        return Named(
+            tuple(dict.fromkeys(i for r in input_readers for i in r(request))),
+            tuple(dict.fromkeys(a for r in annotation_readers for a in r(request))),
+        )
+
+    return read
+
+
+class InputDatasets(Protocol):
+    """The port `Call` resolves named inputs through (storage's PgMembershipRepository)."""
+
+    async def datasets_of_inputs(
+        self,
+        app_id: str,
+        input_ids: Sequence[str],
+        annotation_ids: Sequence[str],
+        *,
+        trashed: bool = False,
+    ) -> tuple[Mapping[str, frozenset[str]], Mapping[str, frozenset[str]]]:
+        """In one query: the datasets holding each existing input, and holding the input
+        of each existing annotation (live datasets; with `trashed`, deleted ones too).
+        An id that does not exist is absent from its mapping."""
+        ...
+
+
+def reaches_named(principal: Principal, action: Action) -> bool:
+    """Whether any dataset could give a caller who is not app-wide the action on a named
+    input (when none can, no query is worth making)."""
+    if principal.kind is KeyKind.PERSONAL:
+        candidates: Iterable[str] = principal.dataset_roles
+    else:
+        if action is Action.MANAGE or action.value not in principal.scopes:
+            return False
+        candidates = principal.datasets or ()
+    return any(dataset_allows(principal, action, d) for d in candidates)
+
+
+def placed_allows(
+    principal: Principal, action: Action, datasets: frozenset[str] | None, every: bool
+) -> bool:
+    """Whether an input in `datasets` (None: it does not exist) allows the action: one of
+    them giving it is enough, or with `every` each of them must (an input in no dataset
+    is the app's alone)."""
+    if not datasets:
+        return False
+    if every:
+        return all(dataset_allows(principal, action, d) for d in datasets)
+    return any(dataset_allows(principal, action, d) for d in datasets)
+
+
+def check_named(
+    principal: Principal,
+    rule: Rule,
+    ids: Named,
+    placement: tuple[Mapping[str, frozenset[str]], Mapping[str, frozenset[str]]] | None,
+) -> None:
+    """Raises PermissionDenied naming the first input or annotation the caller may not
+    act on; without a placement (no port wired) only app-wide callers pass."""
+    action = rule.action
+    if placement is None:
+        raise denial(principal, action, Resource.APP)
+    inputs, annotations = placement
+    for kind, wanted, found in (
+        ("input", ids.inputs, inputs),
+        ("annotation", ids.annotations, annotations),
+    ):
+        for item in wanted:
+            if placed_allows(principal, action, found.get(item), rule.every):
+                continue
+            where = (
+                "each dataset holding it (deleting an input removes it from all of them)"
+                if rule.every
+                else "a dataset holding it"
+            )
+            raise PermissionDenied(
+                f"the caller may not {action.value} {kind} {item!r}: it needs "
+                f"{action.value} access to {where}",
+                reason="INPUT_ACCESS_DENIED",
+                metadata={f"{kind}_id": item, "action": action.value},
+            )
+
+
+@dataclass(frozen=True)
 class Rule:
     action: Action
     resource: Resource
@@ -131,6 +271,12 @@ class Rule:
     header: str = ""
     # The app field of the request ("" for Clarifai's `user_app_id`).
     app_field: str = "app_id"
+    # For APP rules over inputs and annotations named by id: where the request names
+    # them (callers who are not app-wide pass through the datasets holding them; an
+    # unknown id is PERMISSION_DENIED to them, see the module's docstring).
+    inputs: NamedIds | None = None
+    # With `inputs`: the action is needed on every dataset holding each input (deletes).
+    every: bool = False
 
     @property
     def mutates(self) -> bool:
@@ -174,6 +320,10 @@ def _dataset(action: Action, path: str = "dataset_id", **kwargs: Any) -> Rule:
 
 def _dataset_or_app(action: Action, datasets: DatasetIds, **kwargs: Any) -> Rule:
     return Rule(action, Resource.DATASETS, datasets, fallback=Resource.APP, **kwargs)
+
+
+def _named(action: Action, *inputs: str, annotations: Sequence[str] = (), **kwargs: Any) -> Rule:
+    return Rule(action, Resource.APP, inputs=named(inputs, annotations), **kwargs)
 
 
 CATALOG_READ = Rule(R, Resource.CATALOG)
@@ -238,13 +388,13 @@ _DATASETD: dict[str, Rule] = {
         {
             "CreateInputs": _dataset_or_app(W, each("inputs", "dataset_ids")),
             "UploadInput": _dataset_or_app(W, many("input.dataset_ids"), header="header"),
-            "GetInput": APP_READ,
+            "GetInput": _named(R, "input_id"),
             "ListInputs": _dataset_or_app(R, one("dataset_id")),
-            "UpdateInputs": APP_WRITE,
-            "DeleteInputs": APP_WRITE,
-            "DownloadInput": APP_READ,
-            "GetInputDownloadUrl": APP_READ,
-            "ReencodeInputs": APP_WRITE,
+            "UpdateInputs": _named(W, "inputs[].id"),
+            "DeleteInputs": _named(W, "ids", every=True),
+            "DownloadInput": _named(R, "input_id"),
+            "GetInputDownloadUrl": _named(R, "input_id"),
+            "ReencodeInputs": _named(W, "input_ids"),
             "GetReencodeJob": APP_READ,
             "CancelReencodeJob": APP_WRITE,
         },
@@ -253,11 +403,14 @@ _DATASETD: dict[str, Rule] = {
         annotation_service_pb2,
         "AnnotationService",
         {
-            "CreateAnnotations": APP_WRITE,
-            "GetAnnotation": APP_READ,
-            "ListAnnotations": _dataset_or_app(R, one("dataset_id")),
-            "UpdateAnnotations": APP_WRITE,
-            "DeleteAnnotations": APP_WRITE,
+            "CreateAnnotations": _named(W, "annotations[].input_id"),
+            "GetAnnotation": _named(R, annotations=("annotation_id",)),
+            # A dataset's annotations, else those of the inputs named, else the app's.
+            "ListAnnotations": _dataset_or_app(R, one("dataset_id"), inputs=named(("input_ids",))),
+            "UpdateAnnotations": _named(
+                W, "annotations[].input_id", annotations=("annotations[].id",)
+            ),
+            "DeleteAnnotations": _named(W, "input_ids", annotations=("ids",)),
         },
     ),
     **_service(
@@ -292,7 +445,7 @@ _DATASETD: dict[str, Rule] = {
             "SearchInputs": _dataset_or_app(R, one("query.scope.dataset_id")),
             "FindDuplicates": _dataset_or_app(R, one("scope.dataset_id")),
             "ListEmbeddingModels": CATALOG_READ,
-            "GetInputEmbeddings": APP_READ,
+            "GetInputEmbeddings": _named(R, "input_id"),
             # A job is named by its own id: SearchJobService checks its dataset.
             "GetSearchJob": _domain(R),
         },
@@ -324,6 +477,10 @@ def _v2(action: Action, resource: Resource, **kwargs: Any) -> Rule:
     return Rule(action, resource, app_field="", **kwargs)
 
 
+def _v2_named(action: Action, *inputs: str, annotations: Sequence[str] = (), **kwargs: Any) -> Rule:
+    return _v2(action, Resource.APP, inputs=named(inputs, annotations), **kwargs)
+
+
 def _v2_dataset(action: Action, datasets: DatasetIds | None = None) -> Rule:
     return _v2(action, Resource.DATASETS, datasets=datasets or one("dataset_id"))
 
@@ -334,12 +491,14 @@ _CLARIFAI: dict[str, Rule] = _service(
     v2_service_pb2,
     "V2",
     {
-        "PostAnnotations": _v2(W, Resource.APP),
-        "GetAnnotation": _v2(R, Resource.APP),
-        "ListAnnotations": _v2(R, Resource.APP),
-        "PatchAnnotations": _v2(W, Resource.APP),
-        "DeleteAnnotation": _v2(W, Resource.APP),
-        "DeleteAnnotations": _v2(W, Resource.APP),
+        "PostAnnotations": _v2_named(W, "annotations[].input_id"),
+        "GetAnnotation": _v2_named(R, "input_id", annotations=("annotation_id",)),
+        "ListAnnotations": _v2_named(R, "input_ids", annotations=("ids",)),
+        "PatchAnnotations": _v2_named(
+            W, "annotations[].input_id", annotations=("annotations[].id",)
+        ),
+        "DeleteAnnotation": _v2_named(W, "input_id", annotations=("annotation_id",)),
+        "DeleteAnnotations": _v2_named(W, "input_ids", annotations=("ids",)),
         # The key's own app and the user the client names: nothing of a dataset.
         "GetApp": _v2(R, Resource.CATALOG),
         "GetUser": _v2(R, Resource.CATALOG),
@@ -363,13 +522,13 @@ _CLARIFAI: dict[str, Rule] = _service(
         "GetInputsAddJob": _v2(R, Resource.APP),
         "CancelInputsAddJob": _v2(W, Resource.APP),
         "ListInputsAddJobs": _v2(R, Resource.APP),
-        "GetInput": _v2(R, Resource.APP),
+        "GetInput": _v2_named(R, "input_id"),
         "ListInputs": _v2(R, Resource.APP),
         "StreamInputs": _v2(R, Resource.APP),
         "GetInputCount": _v2(R, Resource.APP),
-        "PatchInputs": _v2(W, Resource.APP),
-        "DeleteInput": _v2(W, Resource.APP),
-        "DeleteInputs": _v2(W, Resource.APP),
+        "PatchInputs": _v2_named(W, "inputs[].id"),
+        "DeleteInput": _v2_named(W, "input_id", every=True),
+        "DeleteInputs": _v2_named(W, "ids", every=True),
         "PostDatasetVersions": _v2_dataset(W),
         "ListDatasetVersions": _v2_dataset(R),
         "GetDatasetVersion": _v2_dataset(R),

@@ -18,11 +18,20 @@ import grpc
 from clarifai_grpc.grpc.api.status import status_code_pb2
 from google.protobuf.message import DecodeError, Message
 
-from service.api.access_policy import POLICY, Policy, Rule, resource_ids
+from service.api.access_policy import (
+    POLICY,
+    InputDatasets,
+    Named,
+    Policy,
+    Rule,
+    check_named,
+    reaches_named,
+    resource_ids,
+)
 from service.api.boundary import check_request
 from service.api.errors import internal_status, to_rpc_status
 from service.api.read_routing import LSN_HEADER, MIN_LSN_HEADER, route_call
-from service.domain.access import Action, Resource, require, require_app
+from service.domain.access import Action, Resource, allows, denial, require, require_app
 from service.domain.auth import Authenticator, parse_authorization
 from service.domain.errors import (
     DomainError,
@@ -128,7 +137,7 @@ def _checked(request: Any) -> Any:
 
 async def _checked_stream(requests: AsyncIterator[Any], call: Call) -> AsyncIterator[Any]:
     async for request in requests:
-        yield _checked(call.admit(request))
+        yield _checked(await call.admitted(request))
 
 
 def _resource_ids(request: Message) -> tuple[str, ...]:
@@ -163,10 +172,16 @@ class Call:
         *,
         policy: Policy = POLICY,
         audit: AuditRepository | None = None,
+        inputs: InputDatasets | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._rule: Rule | None = policy.rule(method)
         self._audit = audit
+        # Where named inputs are (for callers who are not app-wide): `admit` leaves the
+        # lookup of a message to `admitted` (only when `_deferring`; else it refuses).
+        self._inputs = inputs
+        self._lookup: tuple[str, Rule, Named] | None = None
+        self._deferring = False
         # Makes the call's audit event, once a request message named its app.
         self._event: Callable[[], AuditEvent] | None = None
         self._pending: PendingAudit | None = None
@@ -217,7 +232,11 @@ class Call:
     def admit(self, request: Any) -> Any:
         """Checks a request message (each message of a client stream) against the RPC's
         rule; the first one that names the app starts the call's audit event, which a
-        mutation's first committed transaction writes (storage's PENDING_AUDIT)."""
+        mutation's first committed transaction writes (storage's PENDING_AUDIT).
+
+        Inputs named by id, for a caller who is not app-wide, need a query: called by
+        `admitted`, this leaves it to that one; called alone, it refuses them."""
+        self._lookup = None
         rule = self._rule
         if rule is None or not isinstance(request, Message):
             if rule is not None and (rule.domain or isinstance(request, _Undecodable)):
@@ -254,10 +273,46 @@ class Call:
         if rule.domain:
             require_app(principal, app_id)
             return request
+        if resource is Resource.APP and rule.inputs is not None:
+            ids = rule.inputs(subject)
+            # App owners and admins and whole-app keys: no query (the common case).
+            if ids and not allows(principal, rule.action, Resource.APP):
+                require_app(principal, app_id)
+                if not self._deferring or not reaches_named(principal, rule.action):
+                    raise denial(principal, rule.action, Resource.APP)
+                self._lookup = (app_id, rule, ids)
+                return request
         require(principal, app_id, rule.action, resource, datasets)
         reads = rule.reads(subject)
         if reads:
             require(principal, app_id, Action.READ, Resource.DATASETS, reads)
+        return request
+
+    async def admitted(self, request: Any) -> Any:
+        """`admit`, then the datasets of the inputs the message names when the caller is
+        not app-wide (one query through the InputDatasets port)."""
+        self._deferring = True
+        try:
+            request = self.admit(request)
+        finally:
+            self._deferring = False
+        lookup, self._lookup = self._lookup, None
+        if lookup is not None:
+            app_id, rule, ids = lookup
+            placement = None
+            if self._inputs is not None:
+                # Ids no input can have are unknown without asking (and one with a NUL
+                # would fail the query as INTERNAL before the use case refused it).
+                inputs = [i for i in ids.inputs if ID_PATTERN.match(i)]
+                annotations = [a for a in ids.annotations if ID_PATTERN.match(a)]
+                placement = (
+                    await self._inputs.datasets_of_inputs(
+                        app_id, inputs, annotations, trashed=rule.every
+                    )
+                    if inputs or annotations
+                    else ({}, {})
+                )
+            check_named(current_principal(), rule, ids, placement)
         return request
 
     def answered(self, response: Any) -> Any:
@@ -431,13 +486,16 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         *,
         policy: Policy = POLICY,
         audit: AuditRepository | None = None,
+        inputs: InputDatasets | None = None,
     ) -> None:
         """`in_band(path)` tells how the RPC at `path` answers a failure when it does so
-        in its response (Clarifai's V2) rather than with a gRPC status."""
+        in its response (Clarifai's V2) rather than with a gRPC status; `inputs` finds
+        the datasets of inputs named by id (without it, only app-wide callers reach them)."""
         self._authenticator = authenticator
         self._in_band = in_band
         self._policy = policy
         self._audit = audit
+        self._inputs = inputs
 
     async def intercept_service(
         self,
@@ -452,7 +510,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             return handler
         authenticator = self._authenticator
         in_band = self._in_band(method)
-        policy, audit = self._policy, self._audit
+        policy, audit, inputs = self._policy, self._audit, self._inputs
         metadata = tuple(handler_call_details.invocation_metadata or ())
         kwargs: dict[str, Any] = {
             "request_deserializer": _tolerant(handler.request_deserializer),
@@ -463,7 +521,15 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         if inner is not None:
 
             async def unary_response(request: Any, context: Context) -> Any:
-                call = Call(authenticator, method, metadata, in_band, policy=policy, audit=audit)
+                call = Call(
+                    authenticator,
+                    method,
+                    metadata,
+                    in_band,
+                    policy=policy,
+                    audit=audit,
+                    inputs=inputs,
+                )
                 if handler.stream_unary:
                     # The first message (the header) names the app, to record a call
                     # refused before authentication.
@@ -477,7 +543,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                         return call.answer
                     if handler.stream_unary:
                         return call.answered(await inner(_checked_stream(request, call), context))
-                    return call.answered(await inner(_checked(call.admit(request)), context))
+                    admitted = _checked(await call.admitted(request))
+                    return call.answered(await inner(admitted, context))
                 return call.answer
 
             if handler.unary_unary:
@@ -487,7 +554,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         inner_stream: Any = handler.unary_stream or handler.stream_stream
 
         async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = Call(authenticator, method, metadata, in_band, policy=policy, audit=audit)
+            call = Call(
+                authenticator, method, metadata, in_band, policy=policy, audit=audit, inputs=inputs
+            )
             if not handler.stream_stream:
                 call.note_request(request)
             async with call.running(context) as began:
@@ -495,7 +564,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                     request = (
                         _checked_stream(request, call)
                         if handler.stream_stream
-                        else _checked(call.admit(request))
+                        else _checked(await call.admitted(request))
                     )
                     async for item in inner_stream(request, context):
                         yield item

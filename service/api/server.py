@@ -27,7 +27,7 @@ from datasetd.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.api.access_policy import check_v2_rules
+from service.api.access_policy import InputDatasets, check_v2_rules
 from service.api.clarifai.service import SERVICE_NAME as CLARIFAI_V2
 from service.api.clarifai.service import V2Handlers, in_band_failure
 from service.api.interceptors import RequestInterceptor
@@ -70,10 +70,13 @@ def build_server(
     max_message_bytes: int,
     max_concurrent_rpcs: int,
     audit: AuditRepository | None = None,
+    input_datasets: InputDatasets | None = None,
 ) -> grpc.aio.Server:
     check_v2_rules(clarifai.handlers)
     server = grpc.aio.server(
-        interceptors=[RequestInterceptor(authenticator, in_band_failure, audit=audit)],
+        interceptors=[
+            RequestInterceptor(authenticator, in_band_failure, audit=audit, inputs=input_datasets)
+        ],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

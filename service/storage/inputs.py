@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -319,6 +320,27 @@ class PgInputRepository(Repository):
         return await self._db.affected(DELETE_MATCHING, *_query_args(query))
 
 
+# The datasets of named inputs and of the inputs of named annotations, for the access
+# rule of a caller bound to datasets: live ones, or with $4 deleted ones too. An id that
+# does not exist has no row.
+NAMED_INPUT_DATASETS = """
+WITH named (kind, id, input_id) AS (
+    SELECT 'input', i.id, i.id FROM inputs i WHERE i.app_id = $1 AND i.id = ANY($2::text[])
+    UNION ALL
+    SELECT 'annotation', a.id, a.input_id FROM annotations a
+    WHERE a.app_id = $1 AND a.id = ANY($3::text[])
+)
+SELECT n.kind, n.id,
+       coalesce(array_agg(m.dataset_id) FILTER (WHERE m.dataset_id IS NOT NULL), '{}')
+           AS dataset_ids
+FROM named n
+LEFT JOIN (dataset_inputs m
+           JOIN datasets d ON d.app_id = m.app_id AND d.id = m.dataset_id)
+       ON m.app_id = $1 AND m.input_id = n.input_id AND (d.deleted_at IS NULL OR $4::boolean)
+GROUP BY n.kind, n.id
+"""
+
+
 def _row_to_member(row: asyncpg.Record) -> DatasetMember:
     return DatasetMember(row_to_input(row), row["added_at"], row["member_seq"])
 
@@ -331,6 +353,25 @@ class PgMembershipRepository(Repository):
             return set()
         sql = LOCK_LIVE_DATASETS if lock else LIVE_DATASETS
         return {r["id"] for r in await self._db.fetch(sql, app_id, dataset_ids)}
+
+    async def datasets_of_inputs(
+        self,
+        app_id: str,
+        input_ids: Sequence[str],
+        annotation_ids: Sequence[str],
+        *,
+        trashed: bool = False,
+    ) -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]]:
+        """The datasets holding each named input and the input of each named annotation
+        (in one statement); ids that do not exist are absent."""
+        found: dict[str, dict[str, frozenset[str]]] = {"input": {}, "annotation": {}}
+        if input_ids or annotation_ids:
+            rows = await self._db.fetch(
+                NAMED_INPUT_DATASETS, app_id, list(input_ids), list(annotation_ids), trashed
+            )
+            for row in rows:
+                found[row["kind"]][row["id"]] = frozenset(row["dataset_ids"])
+        return found["input"], found["annotation"]
 
     async def guarded_datasets(
         self, app_id: str, dataset_ids: list[str]

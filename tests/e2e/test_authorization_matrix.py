@@ -32,6 +32,7 @@ from clarifai_grpc.grpc.api.status import status_code_pb2
 from datasetd.v1 import (
     access_service_pb2,
     annotation_service_pb2,
+    annotation_service_pb2_grpc,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
     dataset_version_pb2,
@@ -91,6 +92,11 @@ ALLOWED: dict[str, frozenset[str]] = {
     "new_dataset": frozenset({"owner", "member", "viewer", "admin"}),
     "app_read": frozenset({"owner"}),
     "app_write": frozenset({"owner"}),
+    # Inputs and annotations named by id: through the datasets holding the input (in1 is
+    # in ds only, so a key bound to `other` is refused; unknown ids are refused to all
+    # but app-wide callers, as the app_* rows with "nope" show).
+    "input_read": frozenset({"owner", "viewer", "admin", "read_key", "write_key"}),
+    "input_write": frozenset({"owner", "admin", "write_key"}),
     "users_read": frozenset({"owner", "member", "viewer", "admin"}),
     "users_write": frozenset({"owner"}),
     # MergeDataset other → ds: writes ds, reads other.
@@ -109,6 +115,8 @@ MUTATES = {
     "new_dataset": True,
     "app_read": False,
     "app_write": True,
+    "input_read": False,
+    "input_write": True,
     "users_read": False,
     "users_write": True,
     "merge": True,
@@ -123,6 +131,7 @@ class World:
     ds: str
     other: str
     input_id: str
+    annotation_id: str
     version_id: str
     export_id: str
     secret_words: tuple[bytes, ...]
@@ -354,13 +363,13 @@ ROWS: dict[str, Row] = {
         ),
     ),
     "InputService/GetInput": Row(
-        "app_read", msg(ins.GetInputRequest, app_id=A, input_id="$input_id")
+        "input_read", msg(ins.GetInputRequest, app_id=A, input_id="$input_id")
     ),
     "InputService/ListInputs": Row(
         "dataset_read", msg(ins.ListInputsRequest, app_id=A, dataset_id=D)
     ),
     "InputService/UpdateInputs": Row(
-        "app_write",
+        "input_write",
         msg(
             ins.UpdateInputsRequest,
             app_id=A,
@@ -369,16 +378,16 @@ ROWS: dict[str, Row] = {
         ),
     ),
     "InputService/DeleteInputs": Row(
-        "app_write", msg(ins.DeleteInputsRequest, app_id=A, ids=["$input_id"], request_id=BAD)
+        "input_write", msg(ins.DeleteInputsRequest, app_id=A, ids=["$input_id"], request_id=BAD)
     ),
     "InputService/DownloadInput": Row(
-        "app_read", msg(ins.DownloadInputRequest, app_id=A, input_id="$input_id")
+        "input_read", msg(ins.DownloadInputRequest, app_id=A, input_id="$input_id")
     ),
     "InputService/GetInputDownloadUrl": Row(
-        "app_read", msg(ins.GetInputDownloadUrlRequest, app_id=A, input_id="$input_id")
+        "input_read", msg(ins.GetInputDownloadUrlRequest, app_id=A, input_id="$input_id")
     ),
     "InputService/ReencodeInputs": Row(
-        "app_write",
+        "input_write",
         msg(
             ins.ReencodeInputsRequest,
             app_id=A,
@@ -395,7 +404,7 @@ ROWS: dict[str, Row] = {
     ),
     # AnnotationService
     "AnnotationService/CreateAnnotations": Row(
-        "app_write",
+        "input_write",
         msg(
             an.CreateAnnotationsRequest,
             app_id=A,
@@ -404,22 +413,24 @@ ROWS: dict[str, Row] = {
         ),
     ),
     "AnnotationService/GetAnnotation": Row(
-        "app_read", msg(an.GetAnnotationRequest, app_id=A, annotation_id="nope")
+        "input_read", msg(an.GetAnnotationRequest, app_id=A, annotation_id="$annotation_id")
     ),
+    # By dataset it is a dataset read (as ListDatasetInputs); by input, through its datasets.
     "AnnotationService/ListAnnotations": Row(
-        "dataset_read", msg(an.ListAnnotationsRequest, app_id=A, dataset_id=D)
+        "input_read", msg(an.ListAnnotationsRequest, app_id=A, input_ids=["$input_id"])
     ),
     "AnnotationService/UpdateAnnotations": Row(
-        "app_write",
+        "input_write",
         msg(
             an.UpdateAnnotationsRequest,
             app_id=A,
-            annotations=[{"id": "nope", "input_id": "$input_id"}],
+            annotations=[{"id": "$annotation_id", "input_id": "$input_id"}],
             request_id=BAD,
         ),
     ),
     "AnnotationService/DeleteAnnotations": Row(
-        "app_write", msg(an.DeleteAnnotationsRequest, app_id=A, ids=["nope"], request_id=BAD)
+        "input_write",
+        msg(an.DeleteAnnotationsRequest, app_id=A, ids=["$annotation_id"], request_id=BAD),
     ),
     # OntologyService
     "OntologyService/CreateOntology": Row(
@@ -485,7 +496,7 @@ ROWS: dict[str, Row] = {
         "catalog_read", msg(se.ListEmbeddingModelsRequest, app_id=A)
     ),
     "SearchService/GetInputEmbeddings": Row(
-        "app_read", msg(se.GetInputEmbeddingsRequest, app_id=A, input_id="$input_id")
+        "input_read", msg(se.GetInputEmbeddingsRequest, app_id=A, input_id="$input_id")
     ),
     "SearchService/GetSearchJob": Row(
         "any", msg(se.GetSearchJobRequest, app_id=A, job_id="987654")
@@ -561,14 +572,23 @@ ROWS: dict[str, Row] = {
     ),
 }
 V2_ROWS: dict[str, Row] = {
-    "PostAnnotations": Row("app_write", v2("PostAnnotations", annotations=[{"input_id": "nope"}])),
-    "GetAnnotation": Row(
-        "app_read", v2("GetAnnotation", annotation_id="nope", input_id="$input_id")
+    # An invalid id: refused per annotation after the rule, nothing stored.
+    "PostAnnotations": Row(
+        "input_write",
+        v2("PostAnnotations", annotations=[{"id": "bad id!", "input_id": "$input_id"}]),
     ),
-    "ListAnnotations": Row("app_read", v2("ListAnnotations")),
+    "GetAnnotation": Row(
+        "input_read",
+        v2("GetAnnotation", annotation_id="$annotation_id", input_id="$input_id"),
+    ),
+    "ListAnnotations": Row("input_read", v2("ListAnnotations", input_ids=["$input_id"])),
     "PatchAnnotations": Row(
-        "app_write",
-        v2("PatchAnnotations", annotations=[{"id": "nope", "input_id": "nope"}], action="merge"),
+        "input_write",
+        v2(
+            "PatchAnnotations",
+            annotations=[{"id": "$annotation_id", "input_id": "$input_id"}],
+            action="bogus",
+        ),
     ),
     "DeleteAnnotation": Row(
         "app_write", v2("DeleteAnnotation", input_id="nope", annotation_id="nope")
@@ -610,11 +630,13 @@ V2_ROWS: dict[str, Row] = {
     "GetInputsAddJob": Row("app_read", v2("GetInputsAddJob", id="nope")),
     "CancelInputsAddJob": Row("app_write", v2("CancelInputsAddJob", id="nope")),
     "ListInputsAddJobs": Row("app_read", v2("ListInputsAddJobs")),
-    "GetInput": Row("app_read", v2("GetInput", input_id="$input_id")),
+    "GetInput": Row("input_read", v2("GetInput", input_id="$input_id")),
     "ListInputs": Row("app_read", v2("ListInputs")),
     "StreamInputs": Row("app_read", v2("StreamInputs")),
     "GetInputCount": Row("app_read", v2("GetInputCount")),
-    "PatchInputs": Row("app_write", v2("PatchInputs", inputs=[{"id": "nope"}], action="merge")),
+    "PatchInputs": Row(
+        "input_write", v2("PatchInputs", inputs=[{"id": "$input_id"}], action="bogus")
+    ),
     "DeleteInput": Row("app_write", v2("DeleteInput", input_id="nope")),
     "DeleteInputs": Row("app_write", v2("DeleteInputs", ids=["nope"])),
     "PostDatasetVersions": Row(
@@ -731,6 +753,23 @@ async def world(server: Running, channel: grpc.aio.Channel) -> World:
         ),
         metadata=owner,
     )
+    made = await annotation_service_pb2_grpc.AnnotationServiceStub(channel).CreateAnnotations(
+        json_format.ParseDict(
+            {
+                "app_id": app_id,
+                "annotations": [
+                    {
+                        "id": "an1",
+                        "input_id": "in1",
+                        "data": {"concepts": [{"id": "c", "value": 1}]},
+                    }
+                ],
+            },
+            annotation_service_pb2.CreateAnnotationsRequest(),
+        ),
+        metadata=owner,
+    )
+    assert made.created_count == 1, made
     versions = dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel)
     await versions.CreateDatasetVersion(
         dataset_version_service_pb2.CreateDatasetVersionRequest(
@@ -795,6 +834,7 @@ async def world(server: Running, channel: grpc.aio.Channel) -> World:
         ds="ds",
         other="other",
         input_id="in1",
+        annotation_id="an1",
         version_id="v1",
         export_id=export_id,
         secret_words=(description.encode(), text.encode()),

@@ -3,8 +3,11 @@ app-wide, and the ids an audit event keeps."""
 
 from __future__ import annotations
 
+import pytest
+from clarifai_grpc.grpc.api import service_pb2 as v2_service_pb2
 from datasetd.v1 import (
     access_service_pb2,
+    annotation_service_pb2,
     dataset_service_pb2,
     dataset_version_service_pb2,
     input_pb2,
@@ -12,11 +15,24 @@ from datasetd.v1 import (
     search_service_pb2,
 )
 
-from service.api.access_policy import MAX_RESOURCE_IDS, POLICY, UNSUPPORTED_V2, resource_ids
+from service.api.access_policy import (
+    MAX_RESOURCE_IDS,
+    POLICY,
+    UNSUPPORTED_V2,
+    Named,
+    Rule,
+    check_named,
+    reaches_named,
+    resource_ids,
+)
 from service.domain.access import Action, Resource
+from service.domain.errors import PermissionDenied
+from service.domain.models import AppRole, DatasetRole, KeyKind, Principal
 
 DS = "/datasetd.v1.DatasetService/"
 INPUTS = "/datasetd.v1.InputService/"
+ANNOTATIONS = "/datasetd.v1.AnnotationService/"
+V2 = "/clarifai.api.V2/"
 
 
 def test_inputs_in_datasets_need_those_datasets_and_app_wide_ones_the_app() -> None:
@@ -108,3 +124,141 @@ def test_a_request_naming_no_dataset_acts_on_the_app() -> None:
     rule = POLICY.rule(DS + "GetDataset")
     assert rule is not None
     assert rule.target(dataset_service_pb2.GetDatasetRequest(app_id="app")) == (Resource.APP, ())
+
+
+# --- inputs and annotations named by id -----------------------------------------------------
+
+
+def _rule(method: str) -> Rule:
+    rule = POLICY.rule(method)
+    assert rule is not None and rule.inputs is not None, method
+    return rule
+
+
+def test_rules_read_the_inputs_and_annotations_a_request_names() -> None:
+    update = _rule(ANNOTATIONS + "UpdateAnnotations")
+    request = annotation_service_pb2.UpdateAnnotationsRequest(app_id="app")
+    request.annotations.add(id="a1", input_id="i1")
+    request.annotations.add(id="a2")
+    request.annotations.add(id="a1", input_id="i1")
+    assert update.target(request) == (Resource.APP, ())
+    assert update.inputs is not None
+    assert update.inputs(request) == Named(("i1",), ("a1", "a2"))
+    create = _rule(ANNOTATIONS + "CreateAnnotations")
+    assert create.inputs is not None
+    made = annotation_service_pb2.CreateAnnotationsRequest(app_id="app")
+    # An annotation without its input names nothing (the use case refuses it).
+    made.annotations.add(input_id="")
+    assert not create.inputs(made)
+    made.annotations.add(input_id="i2")
+    assert create.inputs(made) == Named(("i2",))
+    v2_get = _rule(V2 + "GetAnnotation")
+    assert v2_get.inputs is not None
+    got = v2_get.inputs(v2_service_pb2.GetAnnotationRequest(input_id="i", annotation_id="a"))
+    assert got == Named(("i",), ("a",))
+
+
+def test_only_deleting_inputs_needs_every_dataset_holding_them() -> None:
+    every = {name for name, rule in POLICY.rules.items() if rule.inputs is not None and rule.every}
+    assert every == {
+        INPUTS + "DeleteInputs",
+        V2 + "DeleteInput",
+        V2 + "DeleteInputs",
+    }
+    get = _rule(INPUTS + "GetInput")
+    assert get.action is Action.READ and not get.mutates
+
+
+def test_annotations_listed_by_dataset_by_input_or_over_the_app() -> None:
+    rule = _rule(ANNOTATIONS + "ListAnnotations")
+    assert rule.inputs is not None
+    request = annotation_service_pb2.ListAnnotationsRequest(app_id="app")
+    assert rule.target(request) == (Resource.APP, ()) and not rule.inputs(request)
+    request.input_ids.append("i1")
+    assert rule.target(request) == (Resource.APP, ())
+    assert rule.inputs(request) == Named(("i1",))
+    request.dataset_id = "d"
+    assert rule.target(request) == (Resource.DATASETS, ("d",))
+
+
+@pytest.mark.parametrize("method", [INPUTS + "ListInputs", INPUTS + "GetReencodeJob"])
+def test_lists_and_jobs_over_the_app_stay_app(method: str) -> None:
+    rule = POLICY.rule(method)
+    assert rule is not None and rule.inputs is None
+
+
+def _personal(roles: dict[str, DatasetRole], app_role: AppRole = AppRole.MEMBER) -> Principal:
+    return Principal(
+        key_id="k",
+        app_id="app",
+        scopes=frozenset({"read", "write"}),
+        user_id="u",
+        kind=KeyKind.PERSONAL,
+        app_role=app_role,
+        dataset_roles=roles,
+    )
+
+
+def _bound(datasets: set[str], scopes: tuple[str, ...] = ("read", "write")) -> Principal:
+    return Principal(
+        key_id="k", app_id="app", scopes=frozenset(scopes), datasets=frozenset(datasets)
+    )
+
+
+ADMIN_OF_D1 = _personal({"d1": DatasetRole.ADMIN})
+VIEWER_OF_D1 = _personal({"d1": DatasetRole.VIEWER})
+PLACED = (
+    {"in-d1": frozenset({"d1"}), "in-both": frozenset({"d1", "d2"}), "in-d2": frozenset({"d2"})}
+    | {"in-none": frozenset()},
+    {"ann-d1": frozenset({"d1"}), "ann-d2": frozenset({"d2"})},
+)
+
+
+def _refusal(principal: Principal, method: str, ids: Named) -> str | None:
+    try:
+        check_named(principal, _rule(method), ids, PLACED)
+    except PermissionDenied as error:
+        assert error.reason == "INPUT_ACCESS_DENIED"
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize("principal", [ADMIN_OF_D1, _bound({"d1"})])
+def test_a_dataset_writer_changes_inputs_held_by_its_dataset_only(principal: Principal) -> None:
+    update = INPUTS + "UpdateInputs"
+    assert _refusal(principal, update, Named(("in-d1", "in-both"))) is None
+    assert _refusal(principal, ANNOTATIONS + "DeleteAnnotations", Named((), ("ann-d1",))) is None
+    assert _refusal(principal, update, Named(("in-d1", "in-d2"))) is not None
+    assert _refusal(principal, update, Named(("in-none",))) is not None
+    assert _refusal(principal, ANNOTATIONS + "GetAnnotation", Named((), ("ann-d2",))) is not None
+    # Deleting removes the input from every dataset: each must allow it.
+    delete = INPUTS + "DeleteInputs"
+    assert _refusal(principal, delete, Named(("in-d1",))) is None
+    assert _refusal(principal, delete, Named(("in-both",))) is not None
+
+
+def test_an_unknown_id_is_refused_like_an_input_of_another_dataset() -> None:
+    get = INPUTS + "GetInput"
+    unknown = _refusal(VIEWER_OF_D1, get, Named(("nope",)))
+    foreign = _refusal(VIEWER_OF_D1, get, Named(("in-d2",)))
+    assert unknown is not None and foreign is not None
+    assert unknown.replace("nope", "X") == foreign.replace("in-d2", "X")
+
+
+def test_a_viewer_reads_but_does_not_change_inputs_of_its_dataset() -> None:
+    assert _refusal(VIEWER_OF_D1, INPUTS + "GetInput", Named(("in-both",))) is None
+    assert _refusal(VIEWER_OF_D1, V2 + "PatchInputs", Named(("in-d1",))) is not None
+
+
+def test_without_the_port_only_app_wide_callers_pass() -> None:
+    with pytest.raises(PermissionDenied):
+        check_named(ADMIN_OF_D1, _rule(INPUTS + "GetInput"), Named(("in-d1",)), None)
+
+
+def test_callers_no_dataset_can_help_need_no_query() -> None:
+    assert reaches_named(ADMIN_OF_D1, Action.WRITE)
+    assert reaches_named(VIEWER_OF_D1, Action.READ)
+    assert not reaches_named(VIEWER_OF_D1, Action.WRITE)
+    assert not reaches_named(_personal({}), Action.READ)
+    assert not reaches_named(_bound({"d1"}, ("read",)), Action.WRITE)
+    assert reaches_named(_bound({"d1"}, ("read",)), Action.READ)

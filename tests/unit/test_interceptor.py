@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
 import grpc
 import pytest
-from datasetd.v1 import input_pb2
+from datasetd.v1 import input_pb2, input_service_pb2
 
 from service.api.access_policy import Policy, Rule
-from service.api.interceptors import RequestInterceptor, current_principal
+from service.api.interceptors import PRINCIPAL, Call, RequestInterceptor, current_principal
 from service.domain.access import Action, Resource
 from service.domain.auth import Authenticator, new_key
-from service.domain.errors import NotFound
-from service.domain.models import ApiKey, DatasetRole
+from service.domain.errors import NotFound, PermissionDenied
+from service.domain.models import ApiKey, DatasetRole, Principal
 from service.domain.ports import ApiKeyRepository, CollaboratorRepository, UserRepository
 from tests.helpers import details_of
 from tests.unit.test_auth import FakeKeys, FixedClock
@@ -210,3 +210,80 @@ async def test_method_without_an_access_rule_is_refused() -> None:
     assert error.code == grpc.StatusCode.PERMISSION_DENIED
     assert error.reason == "NO_ACCESS_RULE"
     assert reached == []
+
+
+class _Placement:
+    """InputDatasets over a dict, counting its queries."""
+
+    def __init__(self) -> None:
+        self.queries: list[tuple[tuple[str, ...], tuple[str, ...], bool]] = []
+
+    async def datasets_of_inputs(
+        self,
+        app_id: str,
+        input_ids: Sequence[str],
+        annotation_ids: Sequence[str],
+        *,
+        trashed: bool = False,
+    ) -> tuple[Mapping[str, frozenset[str]], Mapping[str, frozenset[str]]]:
+        self.queries.append((tuple(input_ids), tuple(annotation_ids), trashed))
+        return {"in-ds": frozenset({"ds"}), "in-other": frozenset({"other"})}, {}
+
+
+async def _admit_as(principal: Principal, method: str, request: Any, placement: _Placement) -> str:
+    authenticator, _ = _authenticator()
+    token = PRINCIPAL.set(principal)
+    try:
+        call = Call(authenticator, "/datasetd.v1.InputService/" + method, (), inputs=placement)
+        await call.admitted(request)
+    except PermissionDenied as error:
+        return error.reason
+    finally:
+        PRINCIPAL.reset(token)
+    return "OK"
+
+
+async def test_inputs_named_by_id_cost_a_query_only_to_callers_bound_to_datasets() -> None:
+    placement = _Placement()
+    whole_app = Principal(key_id="k", app_id="app", scopes=frozenset({"read", "write"}))
+    bound = Principal(
+        key_id="k", app_id="app", scopes=frozenset({"read", "write"}), datasets=frozenset({"ds"})
+    )
+    read_only = Principal(
+        key_id="k", app_id="app", scopes=frozenset({"read"}), datasets=frozenset({"ds"})
+    )
+    get = input_service_pb2.GetInputRequest(app_id="app", input_id="in-ds")
+    assert await _admit_as(whole_app, "GetInput", get, placement) == "OK"
+    assert placement.queries == []
+    # The key's own scope refuses before any query.
+    update = input_service_pb2.UpdateInputsRequest(app_id="app", inputs=[input_pb2.Input(id="x")])
+    assert await _admit_as(read_only, "UpdateInputs", update, placement) == "MISSING_SCOPE"
+    assert placement.queries == []
+    assert await _admit_as(bound, "GetInput", get, placement) == "OK"
+    other = input_service_pb2.GetInputRequest(app_id="app", input_id="in-other")
+    assert await _admit_as(bound, "GetInput", other, placement) == "INPUT_ACCESS_DENIED"
+    delete = input_service_pb2.DeleteInputsRequest(app_id="app", ids=["in-ds", "in-ds"])
+    assert await _admit_as(bound, "DeleteInputs", delete, placement) == "OK"
+    # No input has such an id: refused without a query (PostgreSQL refuses NUL).
+    nul = input_service_pb2.GetInputRequest(app_id="app", input_id="in\x00ds")
+    assert await _admit_as(bound, "GetInput", nul, placement) == "INPUT_ACCESS_DENIED"
+    assert placement.queries == [
+        (("in-ds",), (), False),
+        (("in-other",), (), False),
+        (("in-ds",), (), True),
+    ]
+
+
+async def test_admit_alone_refuses_what_needs_a_query() -> None:
+    """Only `admitted` looks inputs up: the synchronous check never lets them through."""
+    authenticator, _ = _authenticator()
+    bound = Principal(
+        key_id="k", app_id="app", scopes=frozenset({"read"}), datasets=frozenset({"ds"})
+    )
+    token = PRINCIPAL.set(bound)
+    try:
+        call = Call(authenticator, "/datasetd.v1.InputService/GetInput", (), inputs=_Placement())
+        with pytest.raises(PermissionDenied):
+            call.admit(input_service_pb2.GetInputRequest(app_id="app", input_id="in-ds"))
+    finally:
+        PRINCIPAL.reset(token)

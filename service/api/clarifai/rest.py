@@ -28,6 +28,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 
+from service.api.access_policy import InputDatasets
 from service.api.boundary import check_request
 from service.api.clarifai import status
 from service.api.clarifai.service import (
@@ -337,11 +338,13 @@ class RestGateway:
         authenticator: Authenticator,
         max_body_bytes: int,
         audit: AuditRepository | None = None,
+        inputs: InputDatasets | None = None,
     ) -> None:
         self.handlers = handlers
         self.authenticator = authenticator
         self.max_body_bytes = max_body_bytes
         self.audit = audit
+        self.inputs = inputs
         self.routes = Routes(handlers.handlers)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -389,6 +392,7 @@ class RestGateway:
             _in_band(method),
             parse=key_only,
             audit=self.audit,
+            inputs=self.inputs,
         )
         with contextlib.suppress(DomainError, ValueError, TypeError):
             # The app the path names, to record a call refused before authentication.
@@ -398,7 +402,7 @@ class RestGateway:
             if began:
                 body = await self._body(request)
                 query = {k: request.rel_url.query.getall(k) for k in request.rel_url.query}
-                message = call.admit(build_request(route, params, body, query))
+                message = await call.admitted(build_request(route, params, body, query))
                 check_request(message)
                 answer = call.answered(await self.handlers.handler(method)(message, None))
         if answer is None:
@@ -428,8 +432,9 @@ def add_rest_routes(
     authenticator: Authenticator,
     max_body_bytes: int,
     audit: AuditRepository | None = None,
+    inputs: InputDatasets | None = None,
 ) -> None:
     """Serves Clarifai's REST paths (under /v2) on `app`."""
-    gateway = RestGateway(handlers, authenticator, max_body_bytes, audit)
+    gateway = RestGateway(handlers, authenticator, max_body_bytes, audit, inputs)
     app.router.add_route("*", PREFIX, gateway.handle)
     app.router.add_route("*", PREFIX + "/{tail:.*}", gateway.handle)
