@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
+from typing import Protocol
 
 from service.domain.auth import Permission, authorize
 from service.domain.embeddings import (
@@ -25,10 +28,12 @@ from service.domain.embeddings import (
     RankSpec,
     SearchCursor,
     SearchFilter,
+    SearchHit,
     SearchRepository,
     SearchSpec,
 )
 from service.domain.errors import (
+    DomainError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -36,7 +41,7 @@ from service.domain.errors import (
     Violations,
 )
 from service.domain.inputs import InputService
-from service.domain.models import InputView, MediaType, Principal, VersionStatus
+from service.domain.models import ClientVector, InputView, MediaType, Principal, VersionStatus
 from service.domain.ports import (
     InputRepository,
     MembershipRepository,
@@ -51,6 +56,11 @@ MAX_TEXT_QUERY_CHARS = 4096
 MAX_IMAGE_QUERY_BYTES = 20 * 1024 * 1024
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MODEL_ID_RULE = "must be 1..64 characters of [A-Za-z0-9_.-]"
+# How long an app's embedding models are reused by searches: a model's row never changes
+# but for an installation model reconfigured at a replica's start; a model named by a
+# query and missing from them is looked up again at once (a client model just made).
+MODELS_CACHE_SECONDS = 5.0
+MODELS_CACHE_APPS = 10_000
 _STATE_WORDS = {
     EmbeddingState.PENDING: "is still being embedded (state PENDING); retry once it is READY",
     EmbeddingState.FAILED: "could not be embedded (state FAILED)",
@@ -67,6 +77,31 @@ class SearchPage:
 
 
 @dataclass(frozen=True)
+class FoundHit:
+    """A hit with its input's current client vectors (data.embeddings), read with it."""
+
+    hit: SearchHit
+    vectors: tuple[ClientVector, ...] = ()
+
+
+class SearchPages(SearchRepository, Protocol):
+    async def page(
+        self,
+        query: SearchFilter,
+        ranking: Ranking | None,
+        after: SearchCursor | None,
+        limit: int,
+        *,
+        vectors: bool,
+        guarded: bool,
+    ) -> list[FoundHit]:
+        """`search` in one statement, each hit with its input's client vectors when
+        `vectors`; `guarded`: no hits unless the scope's dataset is live and its version
+        READY (the caller tells why a page is empty)."""
+        ...
+
+
+@dataclass(frozen=True)
 class ModelCount:
     model: EmbeddingModel
     embedded_count: int
@@ -75,7 +110,7 @@ class ModelCount:
 @dataclass(frozen=True)
 class SearchService:
     embeddings: EmbeddingRepository
-    repository: SearchRepository
+    repository: SearchPages
     inputs: InputRepository
     members: MembershipRepository
     versions: VersionRepository
@@ -85,6 +120,10 @@ class SearchService:
     # The installation's embedders (built in, ONNX), by model id: image and text ranks
     # are embedded with them on the request path.
     embedders: Mapping[str, Embedder]
+    # app id -> (when read, its models): see MODELS_CACHE_SECONDS.
+    _models: dict[str, tuple[float, list[EmbeddingModel]]] = dataclass_field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     # --- the query -------------------------------------------------------------------------
 
@@ -94,30 +133,48 @@ class SearchService:
         """The query checked against the app: its dataset and version exist (the version
         READY), its rank resolved into a vector of a known model. `field` is the path of
         the query in the request, for the errors. Reads only."""
-        authorize(principal, app_id, Permission.READ)
-        query = spec.filter
-        violations = Violations()
-        check_filter(violations, field, query)
-        if spec.rank is not None:
-            check_rank(violations, f"{field}.rank", spec.rank)
-        violations.raise_if_any()
+        query = _checked(principal, app_id, spec, field)
         # Independent reads, each one statement: no snapshot needed to hold them together
         # (a dataset deleted meanwhile gives an empty page, as it would a moment later).
         await self._check_scope(app_id, query, field)
-        if spec.rank is None:
-            return query, None
-        model, target = await self._resolve(app_id, query, spec.rank, f"{field}.rank")
-        rank = spec.rank
+        return query, await self._ranking(app_id, query, spec.rank, field)
+
+    async def _ranking(
+        self, app_id: str, query: SearchFilter, rank: RankSpec | None, field: str
+    ) -> Ranking | None:
+        if rank is None:
+            return None
+        model, target = await self._resolve(app_id, query, rank, f"{field}.rank")
         if isinstance(target, tuple):
             vector = target
         else:
             vector = await self._embed(model, rank, f"{field}.rank")
-        return query, Ranking(
+        return Ranking(
             model=model,
             vector=vector,
             min_score=rank.min_score,
             exclude_input_id=rank.input_id,
         )
+
+    async def _app_models(self, app_id: str, *, fresh: bool = False) -> list[EmbeddingModel]:
+        now = time.monotonic()
+        cached = self._models.get(app_id)
+        if cached is not None and not fresh and now - cached[0] < MODELS_CACHE_SECONDS:
+            return cached[1]
+        models = await self.embeddings.models(app_id)
+        if len(self._models) >= MODELS_CACHE_APPS:
+            self._models.clear()
+        self._models[app_id] = (now, models)
+        return models
+
+    async def _named(
+        self, models: Sequence[EmbeddingModel], model_id: str, app_id: str, field: str
+    ) -> EmbeddingModel:
+        """The model `model_id`, read again if the app's models at hand lack it."""
+        for model in models:
+            if model.id == model_id:
+                return model
+        return _named(await self._app_models(app_id, fresh=True), model_id, app_id, field)
 
     async def _check_scope(self, app_id: str, query: SearchFilter, field: str) -> None:
         if query.dataset_id is None:
@@ -157,16 +214,16 @@ class SearchService:
     ) -> tuple[EmbeddingModel, tuple[float, ...] | None]:
         """The model of the rank, and its vector when it needs no embedding (a given
         vector, an input's)."""
-        models = await self.embeddings.models(app_id)
+        models = await self._app_models(app_id)
         if rank.input_id is not None:
             return await self._input_target(app_id, query, rank, models, field)
         if rank.vector is not None:
-            model = _named(models, rank.model_id, app_id, f"{field}.model_id")
+            model = await self._named(models, rank.model_id, app_id, f"{field}.model_id")
             _check_vector(rank.vector, model, f"{field}.vector.values")
             return model, rank.vector
         if rank.text is not None:
             model = (
-                _named(models, rank.model_id, app_id, f"{field}.model_id")
+                await self._named(models, rank.model_id, app_id, f"{field}.model_id")
                 if rank.model_id
                 else _default(models, MediaType.TEXT, field, text=True)
             )
@@ -179,7 +236,7 @@ class SearchService:
                 )
             return model, None
         model = (
-            _named(models, rank.model_id, app_id, f"{field}.model_id")
+            await self._named(models, rank.model_id, app_id, f"{field}.model_id")
             if rank.model_id
             else _default(models, MediaType.IMAGE, field, text=False)
         )
@@ -213,7 +270,7 @@ class SearchService:
             else None
         )
         if rank.model_id:
-            model = _named(models, rank.model_id, app_id, f"{field}.model_id")
+            model = await self._named(models, rank.model_id, app_id, f"{field}.model_id")
         elif found:
             model = _default(models, found[0].media_type, field, text=False)
         else:
@@ -287,19 +344,34 @@ class SearchService:
         after: SearchCursor | None,
         limit: int,
     ) -> SearchPage:
-        query, ranking = await self.prepare(principal, app_id, spec)
-        hits = await self.repository.search(query, ranking, after, limit + 1)
-        more = len(hits) > limit
-        hits = hits[:limit]
+        """`prepare`'s checks, with the scope checked by the page's statement itself: only
+        an empty page (or a query refused) costs the reads that tell why."""
+        query = _checked(principal, app_id, spec, "query")
+        try:
+            ranking = await self._ranking(app_id, query, spec.rank, "query")
+        except DomainError:
+            # A missing dataset or version is the error to report, as `prepare` does.
+            await self._check_scope(app_id, query, "query")
+            raise
         # A version's hits show what it captured: no current client vectors with them.
-        views = await self.views.views([h.input for h in hits], embeddings=query.version_id is None)
-        last = hits[-1] if more and hits else None
+        vectors = query.version_id is None and self.views.embeddings is not None
+        found = await self.repository.page(
+            query, ranking, after, limit + 1, vectors=vectors, guarded=True
+        )
+        if not found:
+            await self._check_scope(app_id, query, "query")
+        more = len(found) > limit
+        found = found[:limit]
+        views = await self.views.views([f.hit.input for f in found], embeddings=False)
+        if vectors:
+            views = [replace(v, embeddings=f.vectors) for v, f in zip(views, found, strict=True)]
+        last = found[-1].hit if more and found else None
         cursor = (
             None
             if last is None
             else SearchCursor(seq=last.seq, score=last.score if ranking is not None else None)
         )
-        return SearchPage([(v, h.score) for v, h in zip(views, hits, strict=True)], cursor)
+        return SearchPage([(v, f.hit.score) for v, f in zip(views, found, strict=True)], cursor)
 
     async def models(self, principal: Principal, app_id: str) -> list[ModelCount]:
         authorize(principal, app_id, Permission.READ)
@@ -320,6 +392,18 @@ class SearchService:
 
 
 # --- the rules (pure) ------------------------------------------------------------------------
+
+
+def _checked(principal: Principal, app_id: str, spec: SearchSpec, field: str) -> SearchFilter:
+    """The query's filter, once the caller may read the app and every rule that needs no
+    database holds."""
+    authorize(principal, app_id, Permission.READ)
+    violations = Violations()
+    check_filter(violations, field, spec.filter)
+    if spec.rank is not None:
+        check_rank(violations, f"{field}.rank", spec.rank)
+    violations.raise_if_any()
+    return spec.filter
 
 
 def check_filter(violations: Violations, field: str, query: SearchFilter) -> None:

@@ -261,6 +261,21 @@ async def test_ranked_by_a_vector_with_min_score_and_pages(
     for h in ranked:
         degrees = int(h.input.id.removeprefix("deg"))
         assert math.isclose(h.score, math.cos(math.radians(degrees)), abs_tol=1e-4)
+    # Each hit is the input as GetInput shows it, its client vector included (read with
+    # the page, not by GetInput's own query); unranked pages show them too.
+    unranked = await hits(search, caller, search_pb2.SearchQuery())
+    for h in [*ranked, *unranked]:
+        got = await inputs.GetInput(
+            api.GetInputRequest(app_id=caller.app_id, input_id=h.input.id),
+            metadata=caller.metadata,
+        )
+        shown, expected = h.input, got.input
+        assert [len(e.vector) for e in shown.data.embeddings] == (
+            [] if h.input.id == "no-vector" else [2]
+        )
+        assert shown.data.image.url and expected.data.image.url
+        shown.data.image.url = expected.data.image.url = ""
+        assert shown == expected, h.input.id
     # A query between two of them: 25 degrees is as close to 20 as to 30.
     middle = [h.input.id for h in await hits(search, caller, query_vector(35))]
     assert middle[:2] in (["deg30", "deg40"], ["deg40", "deg30"])

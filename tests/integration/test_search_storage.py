@@ -29,6 +29,7 @@ from service.domain.embeddings import (
     SearchHit,
 )
 from service.domain.models import MediaType
+from service.domain.search import FoundHit
 from service.storage import search as search_module
 from service.storage.db import Database, migrate
 from service.storage.embeddings import PgEmbeddingRepository
@@ -945,7 +946,7 @@ async def test_an_index_scan_that_runs_out_gives_way_to_the_exact_page(
     exact_pages = 0
     exact = PgSearchRepository._exact
 
-    async def counted(self: PgSearchRepository, *args: Any) -> list[SearchHit]:
+    async def counted(self: PgSearchRepository, *args: Any) -> list[FoundHit]:
         nonlocal exact_pages
         exact_pages += 1
         return await exact(self, *args)
@@ -986,3 +987,74 @@ async def test_a_version_hit_shows_its_snapshot(db: Database) -> None:
     assert hit.input.concepts == [{"id": "c9", "value": 1.0}]
 
     assert hit.input.blob is None and hit.input.media_type is relabelled.media
+
+
+async def check_vectors(db: Database, app_id: str, found: list[FoundHit]) -> None:
+    """Each hit carries its input's current client vectors, as GetInput reads them."""
+    ids = [f.hit.input.id for f in found]
+    expected = await PgEmbeddingRepository(db).client_vectors(app_id, ids)
+    for f in found:
+        assert f.vectors == tuple(expected.get(f.hit.input.id, ())), f.hit.input.id
+        for given in f.vectors:
+            assert all(isinstance(x, float) for x in given.vector)
+
+
+async def test_a_page_carries_its_hits_client_vectors(db: Database, world: World) -> None:
+    repo = PgSearchRepository(db)
+    anchor = next(r for r in world.rows if r.vector is not None)
+    assert anchor.vector is not None
+    ranking = Ranking(world.model, tuple(float(x) for x in anchor.vector))
+    for f in (SearchFilter(world.app_id), SearchFilter(world.app_id, dataset_id=world.dataset_id)):
+        for rank in (None, ranking):
+            found = await repo.page(f, rank, None, 25, vectors=True, guarded=True)
+            assert [x.hit for x in found] == await repo.search(f, rank, None, 25)
+            await check_vectors(db, world.app_id, found)
+            # Unranked, some hits have vectors and some none; ranked, all have one.
+            assert {bool(x.vectors) for x in found} == ({True, False} if rank is None else {True})
+            without = await repo.page(f, rank, None, 25, vectors=False, guarded=True)
+            assert [x.hit for x in without] == [x.hit for x in found]
+            assert all(x.vectors == () for x in without)
+
+
+async def test_a_page_through_the_index_carries_client_vectors(db: Database, big: Big) -> None:
+    repo = PgSearchRepository(db)
+    query = tuple(float(x) for x in big.vectors[7])
+    found = await repo.page(
+        SearchFilter(big.app_id), Ranking(big.model, query), None, 10, vectors=True, guarded=True
+    )
+    assert [f.hit.input.id for f in found] == exact_top(big, big.vectors[7], 10)
+    await check_vectors(db, big.app_id, found)
+    assert all(len(f.vectors) == 1 and f.vectors[0].model_id == big.model.id for f in found)
+
+
+async def test_a_guarded_page_needs_a_live_dataset_and_a_ready_version(db: Database) -> None:
+    world = await build_world(db, random.Random(41), count=30)
+    app, ds = world.app_id, world.dataset_id
+    await capture_version(db, world, "v1")
+    repo = PgSearchRepository(db)
+    anchor = next(r for r in world.rows if r.vector is not None)
+    assert anchor.vector is not None
+    ranking = Ranking(world.model, tuple(float(x) for x in anchor.vector))
+    scopes = [SearchFilter(app, dataset_id=ds), SearchFilter(app, dataset_id=ds, version_id="v1")]
+
+    async def pages(guarded: bool) -> list[int]:
+        return [
+            len(await repo.page(f, rank, None, 50, vectors=False, guarded=guarded))
+            for f in scopes
+            for rank in (None, ranking)
+        ]
+
+    assert all(await pages(True))
+    await db.execute(
+        "UPDATE dataset_versions SET status = 'in_progress'"
+        " WHERE app_id = $1 AND dataset_id = $2 AND id = 'v1'",
+        app,
+        ds,
+    )
+    assert await pages(True) == [*(await pages(False))[:2], 0, 0]
+    await db.execute(
+        "UPDATE datasets SET deleted_at = now() WHERE app_id = $1 AND id = $2", app, ds
+    )
+    assert await pages(True) == [0, 0, 0, 0]
+    # Unguarded (the search jobs' pages, checked beforehand): the rows regardless.
+    assert all(await pages(False))

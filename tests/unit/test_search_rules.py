@@ -12,6 +12,7 @@ from typing import Any, cast
 import pytest
 from datasetd.v1 import common_pb2, search_pb2
 
+from service.domain import search as search_module
 from service.domain.embeddings import (
     EmbeddingModel,
     EmbeddingSource,
@@ -226,9 +227,13 @@ class FakeEmbeddings:
         # What the version "ready" captured.
         self.captured: dict[tuple[str, str], tuple[float, ...]] = {}
         self.states_of: dict[str, list[InputEmbedding]] = {}
+        # Models made after the first read (a client's first vectors of a new model).
+        self.added: list[EmbeddingModel] = []
+        self.reads = 0
 
     async def models(self, app_id: str) -> list[EmbeddingModel]:
-        return [IMAGES, TEXTS, CLIENT]
+        self.reads += 1
+        return [IMAGES, TEXTS, CLIENT, *self.added]
 
     async def vector_of(
         self,
@@ -403,3 +408,31 @@ async def test_a_version_ranks_by_the_vector_it_captured(service: SearchService)
     assert ranking is not None and (ranking.model, ranking.vector) == (TEXTS, (0.0, 0.0, 1.0))
     with pytest.raises(NotFound):
         await service.prepare(READER, APP, spec(RankSpec(input_id="gone")))
+
+
+async def test_models_are_reused_and_a_new_one_is_found_at_once(
+    service: SearchService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    embeddings = cast(FakeEmbeddings, service.embeddings)
+    by_vector = spec(RankSpec(vector=(1.0, 2.0), model_id="mine"))
+    for _ in range(3):
+        await service.prepare(READER, APP, by_vector)
+    assert embeddings.reads == 1
+    # A model the app gained since: read again, found.
+    fresh = EmbeddingModel(APP, "fresh", 4, 2, frozenset(), False, EmbeddingSource.CLIENT)
+    embeddings.added.append(fresh)
+    _, ranking = await service.prepare(
+        READER, APP, spec(RankSpec(vector=(1.0, 2.0), model_id="fresh"))
+    )
+    assert ranking is not None and ranking.model == fresh
+    assert embeddings.reads == 2
+    # A model the app does not have: read again too, then refused.
+    with pytest.raises(NotFound) as refused:
+        await service.prepare(READER, APP, spec(RankSpec(vector=(1.0, 2.0), model_id="nope")))
+    assert fields(refused.value) == {"query.rank.model_id"}
+    assert embeddings.reads == 3
+    # Once they are older than the cache's time, every search reads them.
+    monkeypatch.setattr(search_module, "MODELS_CACHE_SECONDS", 0.0)
+    await service.prepare(READER, APP, by_vector)
+    await service.prepare(READER, APP, by_vector)
+    assert embeddings.reads == 5
