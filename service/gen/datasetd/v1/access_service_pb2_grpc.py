@@ -34,7 +34,7 @@ class AccessServiceStub:
     admins; every user may make personal keys for themselves. Scoped keys manage
     nothing. PERMISSION_DENIED otherwise, naming what is missing. Changes to roles
     and keys take effect on every server within the authentication cache time
-    (DATASETD_AUTH_CACHE_SECONDS, default 5 s; at once on the server that made
+    (DATASETD_AUTH_CACHE, default 5s; at once on the server that made
     the change).
 
     Authentication, errors and `request_id` as in DatasetService. Bad input is
@@ -119,7 +119,7 @@ class AccessServiceServicer:
     admins; every user may make personal keys for themselves. Scoped keys manage
     nothing. PERMISSION_DENIED otherwise, naming what is missing. Changes to roles
     and keys take effect on every server within the authentication cache time
-    (DATASETD_AUTH_CACHE_SECONDS, default 5 s; at once on the server that made
+    (DATASETD_AUTH_CACHE, default 5s; at once on the server that made
     the change).
 
     Authentication, errors and `request_id` as in DatasetService. Bad input is
@@ -300,7 +300,7 @@ class AccessService:
     admins; every user may make personal keys for themselves. Scoped keys manage
     nothing. PERMISSION_DENIED otherwise, naming what is missing. Changes to roles
     and keys take effect on every server within the authentication cache time
-    (DATASETD_AUTH_CACHE_SECONDS, default 5 s; at once on the server that made
+    (DATASETD_AUTH_CACHE, default 5s; at once on the server that made
     the change).
 
     Authentication, errors and `request_id` as in DatasetService. Bad input is

@@ -35,7 +35,7 @@ class AccessServiceStub:
     admins; every user may make personal keys for themselves. Scoped keys manage
     nothing. PERMISSION_DENIED otherwise, naming what is missing. Changes to roles
     and keys take effect on every server within the authentication cache time
-    (DATASETD_AUTH_CACHE_SECONDS, default 5 s; at once on the server that made
+    (DATASETD_AUTH_CACHE, default 5s; at once on the server that made
     the change).
 
     Authentication, errors and `request_id` as in DatasetService. Bad input is
@@ -97,7 +97,7 @@ class AccessServiceAsyncStub(AccessServiceStub):
     admins; every user may make personal keys for themselves. Scoped keys manage
     nothing. PERMISSION_DENIED otherwise, naming what is missing. Changes to roles
     and keys take effect on every server within the authentication cache time
-    (DATASETD_AUTH_CACHE_SECONDS, default 5 s; at once on the server that made
+    (DATASETD_AUTH_CACHE, default 5s; at once on the server that made
     the change).
 
     Authentication, errors and `request_id` as in DatasetService. Bad input is
@@ -155,7 +155,7 @@ class AccessServiceServicer(metaclass=_abc_1.ABCMeta):
     admins; every user may make personal keys for themselves. Scoped keys manage
     nothing. PERMISSION_DENIED otherwise, naming what is missing. Changes to roles
     and keys take effect on every server within the authentication cache time
-    (DATASETD_AUTH_CACHE_SECONDS, default 5 s; at once on the server that made
+    (DATASETD_AUTH_CACHE, default 5s; at once on the server that made
     the change).
 
     Authentication, errors and `request_id` as in DatasetService. Bad input is
