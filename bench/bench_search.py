@@ -56,6 +56,7 @@ from datasetd.v1 import (
     search_service_pb2_grpc,
 )
 from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import (
     APP_ID,
@@ -236,8 +237,16 @@ class Knn:
         self, channel: grpc.aio.Channel, metadata: Any, pool: asyncpg.Pool[asyncpg.Record]
     ):
         self.stub: Any = search_service_pb2_grpc.SearchServiceStub(channel)
+        self.health: Any = health_pb2_grpc.HealthStub(channel)
         self.metadata = metadata
         self.pool = pool
+
+    async def empty(self) -> float:
+        """The floor of any call on this channel and server: the health check (no key, no
+        database, an empty answer)."""
+        began = time.perf_counter()
+        await self.health.Check(health_pb2.HealthCheckRequest(), timeout=60)
+        return time.perf_counter() - began
 
     async def served(self, query: np.ndarray[Any, Any], filtered: bool) -> tuple[float, set[int]]:
         search = search_pb2.SearchQuery(
@@ -294,12 +303,20 @@ async def knn(
     served_times: list[float] = []
     raw_times: list[float] = []
     unranked_times: list[float] = []
+    empty_times: list[float] = []
     served_recall: list[float] = []
     raw_recall: list[float] = []
     for index, query in enumerate(queries[WARM_UP:]):
         truth = exact_top(vectors, query, allowed)
-        order = ("served", "raw", "unranked") if index % 2 == 0 else ("raw", "unranked", "served")
+        order = (
+            ("served", "raw", "unranked", "empty")
+            if index % 2 == 0
+            else ("empty", "raw", "unranked", "served")
+        )
         for which in order:
+            if which == "empty":
+                empty_times.append(await knn_.empty())
+                continue
             if which == "unranked":
                 unranked_times.append(await knn_.unranked(filtered))
                 continue
@@ -314,7 +331,9 @@ async def knn(
     served_times.sort()
     raw_times.sort()
     unranked_times.sort()
+    empty_times.sort()
     return {
+        "empty_p50_ms": percentile(empty_times, 0.5) * 1000,
         "unranked_p50_ms": percentile(unranked_times, 0.5) * 1000,
         "served_p50_ms": percentile(served_times, 0.5) * 1000,
         "served_p99_ms": percentile(served_times, 0.99) * 1000,
@@ -474,6 +493,12 @@ def report(count: int, query_count: int, figures: dict[str, Any]) -> None:
     print(
         f"  (the same SearchInputs without a rank, the RPC's fixed cost, p50: {fixed[0]:.2f}ms "
         f"whole app, {fixed[1]:.2f}ms filtered)"
+    )
+    empty = figures["plain"]["empty_p50_ms"]
+    floor = (empty + figures["plain"]["raw_p50_ms"]) / figures["plain"]["raw_p50_ms"]
+    print(
+        f"  (an empty call, the health check on the same channel, p50: {empty:.2f}ms; that "
+        f"plus the raw query is {floor:.2f}x the raw query: the floor of any served search)"
     )
     raw_add = statistics.fmean((figures["raw_before"], figures["raw_after"]))
     print(

@@ -8,6 +8,7 @@ import urllib.parse
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -99,6 +100,29 @@ async def test_object_store_round_trip(objects: ObjectStore) -> None:
     assert "X-Amz-Signature" in url
     await objects.delete(key)
     assert not await objects.exists(key)
+
+
+async def test_signed_urls_are_reused_for_a_quarter_of_their_validity(
+    objects: ObjectStore,
+) -> None:
+    keys = [f"test/{secrets.token_hex(4)}" for _ in range(2)]
+    for index, key in enumerate(keys):
+        await objects.put(key, f"body {index}".encode(), "text/plain")
+    ttl = timedelta(seconds=8)
+    first = await objects.presign_many([keys[0], keys[1], keys[0]], ttl)
+    assert first[0] == first[2] and first[0] != first[1]
+    assert await objects.presign_many(keys, ttl) == first[:2]
+    # Another validity is signed on its own.
+    assert await objects.presign_many(keys[:1], timedelta(minutes=5)) != first[:1]
+    await asyncio.sleep(8 * 0.25 + 1.1)  # past the reuse window; a new X-Amz-Date
+    again = await objects.presign_many(keys, ttl)
+    assert again[0] != first[0] and again[1] != first[1]
+    async with aiohttp.ClientSession() as session:
+        for url, index in ((first[1], 1), (again[0], 0)):
+            async with session.get(url) as response:
+                assert response.status == 200 and await response.read() == f"body {index}".encode()
+    for key in keys:
+        await objects.delete(key)
 
 
 async def test_wrong_credentials_are_refused(stack: Stack) -> None:
