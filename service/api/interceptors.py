@@ -328,6 +328,12 @@ class Call:
             return self.outcome
         return self.code.name
 
+    def records(self) -> bool:
+        """Whether `record` has something to write."""
+        if self._audit is None or self._recorded:
+            return False
+        return self._pending is not None or self._outcome() in _REFUSED
+
     async def record(self) -> None:
         """Writes or completes the call's audit event once it has ended: a mutation's
         (whatever its outcome), a refused read's, a call refused before authentication
@@ -416,7 +422,8 @@ class Call:
         self.code = status.code
         trailing = (*status.trailing_metadata, (_REQUEST_ID_HEADER, request_id))
         # Before the status leaves: once it has, the caller may already look for the event.
-        await asyncio.shield(self.record())
+        if self.records():
+            await asyncio.shield(self.record())
         await context.abort(status.code, status.details, trailing)
 
     def _note(self, exc: Exception, request_id: str) -> None:
@@ -458,8 +465,12 @@ class Call:
         except Exception as exc:
             await self.fail(context, exc)
         finally:
-            # Shielded: a cancelled call still completes its audit event.
-            await asyncio.shield(self.record())
+            if self.records():
+                # Shielded: a cancelled call still completes its audit event.
+                await asyncio.shield(self.record())
+            # Without an await before it when there is nothing to record (most reads): a
+            # handler's abort has sent the status already, and the call's span and
+            # metrics must be complete before the caller can look at them.
             self.done()
 
     def done(self) -> None:
