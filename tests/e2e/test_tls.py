@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from datasetd.client import Client as ViClient
 from datasetd.v1 import dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
 
 from service.api.tls import load_server_tls
@@ -352,6 +353,20 @@ async def test_client_library_over_tls_and_mutual_tls(
     assert await asyncio.to_thread(listed, mtls_server.port, ca_file=ca, **client_files) == ["lib"]
     with pytest.raises(ValueError, match="client-key"):
         Client("127.0.0.1:1", caller.key, caller.app_id, client_cert=client_files["client_cert"])
+
+    def vi_listed() -> list[str]:
+        # The Vi-shaped client takes the same files.
+        with ViClient(
+            caller.key,
+            caller.app_id,
+            f"127.0.0.1:{mtls_server.port}",
+            ca_file=ca,
+            client_cert=client_files["client_cert"],
+            client_key=client_files["client_key"],
+        ) as client:
+            return [d.dataset_id for d in client.datasets.list().all_items()]
+
+    assert await asyncio.to_thread(vi_listed) == ["lib"]
 
 
 @dataclass(frozen=True)

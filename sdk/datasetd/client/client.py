@@ -24,7 +24,10 @@ class Client:
       `DATASETD_APP`, else "main".
     * `endpoint`: host:port of the gRPC server; default `DATASETD_ADDRESS`, else the
       address of `DATASETD_LISTEN` (as the `datasetd` command), else 127.0.0.1:50051.
-      `tls`: default `DATASETD_TLS=1`.
+      `tls`: default `DATASETD_TLS=1`; `ca_file` (PEM, the server's CA; implies TLS), and
+      `client_cert` with `client_key` (PEM) for a server that asks for client
+      certificates: default `DATASETD_CA_FILE`, `DATASETD_CLIENT_CERT`,
+      `DATASETD_CLIENT_KEY`, as the `datasetd` command reads them.
 
     `client.datasets` has the Vi SDK's dataset methods; `client.native` is the full
     `service.client` library on the same connection (uploads, versions, inputs, ...).
@@ -37,6 +40,9 @@ class Client:
         organization_id: str | None = None,
         endpoint: str | None = None,
         tls: bool | None = None,
+        ca_file: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
     ) -> None:
         key = secret_key or os.environ.get("DATASETD_API_KEY")
         if not key:
@@ -44,7 +50,15 @@ class Client:
         self.organization_id = organization_id or os.environ.get("DATASETD_APP") or DEFAULT_APP
         self.endpoint = endpoint or default_address(os.environ)
         secure = tls if tls is not None else os.environ.get("DATASETD_TLS") == "1"
-        self.native = NativeClient(self.endpoint, key, self.organization_id, tls=secure)
+        self.native = NativeClient(
+            self.endpoint,
+            key,
+            self.organization_id,
+            tls=secure,
+            ca_file=ca_file or os.environ.get("DATASETD_CA_FILE") or None,
+            client_cert=client_cert or os.environ.get("DATASETD_CLIENT_CERT") or None,
+            client_key=client_key or os.environ.get("DATASETD_CLIENT_KEY") or None,
+        )
         self.datasets = ViDatasets(self.native)
 
     def dataset(self, dataset_id: str) -> NativeDataset:
