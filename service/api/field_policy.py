@@ -48,6 +48,13 @@ _STATUS = "output only: the server reports the processing status"
 _HOSTED = "output only: the server says where the stored media can be downloaded"
 _PROBED = "output only: the server reads it from the stored media itself"
 _STATISTICS = "output only: the server counts it"
+# Issue 10, point 5: the size of a URL image the server never reads is the caller's to
+# give (CreateInputs, `_DECLARED_SIZE`), so that its regions export in pixels; anywhere
+# else (uploaded bytes, a dataset's cover, a mask) the server reads it from the image.
+_SIZED = (
+    "output only here: the server reads it from the image; give the width and height of "
+    "a URL image in CreateInputs' inputs[].data.image.image_info"
+)
 
 # (message full name, field name) -> why a caller may not set it. Applies wherever the
 # message appears in a request.
@@ -63,12 +70,15 @@ OUTPUT_ONLY: Final[Mapping[tuple[str, str], str]] = {
                 "input_level": "output only: input-level concepts are set with the input's "
                 "data.concepts (CreateInputs, UpdateInputs)",
             },
-            "Image": {"hosted": _HOSTED, "image_info": _PROBED},
+            "Image": {"hosted": _HOSTED, "image_info": _SIZED},
             "Video": {"hosted": _HOSTED, "video_info": _PROBED},
             "Audio": {"hosted": _HOSTED, "audio_info": _PROBED},
             "Text": {"hosted": _HOSTED, "text_info": _PROBED},
             "HostedURL": dict.fromkeys(("prefix", "suffix", "sizes"), _HOSTED),
-            "ImageInfo": dict.fromkeys(("width", "height", "format", "color_mode"), _PROBED),
+            "ImageInfo": {
+                **dict.fromkeys(("width", "height"), _SIZED),
+                **dict.fromkeys(("format", "color_mode"), _PROBED),
+            },
             "VideoInfo": dict.fromkeys(
                 (
                     "width",
@@ -335,6 +345,13 @@ _PER_REQUEST: Final[Mapping[str, Mapping[tuple[str, ...], str]]] = {
 }
 
 
+# Output-only fields one request takes: (request type, path) of each.
+_DECLARED_SIZE: Final[frozenset[tuple[str, tuple[str, ...]]]] = frozenset(
+    ("datasetd.v1.CreateInputsRequest", ("inputs", "data", "image", *tail))
+    for tail in (("image_info",), ("image_info", "width"), ("image_info", "height"))
+)
+
+
 def refusal(request_type: str, path: tuple[str, ...], field: FieldDescriptor) -> str | None:
     """Why a set field of a request is refused, or None when it is accepted.
 
@@ -345,6 +362,8 @@ def refusal(request_type: str, path: tuple[str, ...], field: FieldDescriptor) ->
     field: the descriptor of the field itself."""
     # Every field of a message has its containing type; only extensions might not.
     owner = field.containing_type.full_name if field.containing_type is not None else ""
+    if (request_type, path) in _DECLARED_SIZE:
+        return None
     reason = OUTPUT_ONLY.get((owner, field.name))
     if reason is not None:
         return reason

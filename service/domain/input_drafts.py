@@ -23,6 +23,9 @@ MAX_BATCH_BYTES = 128 * 1024 * 1024
 MAX_IDS_PER_CALL = 1000
 TITLE_MAX_CHARS = 512
 URL_MAX_CHARS = 2048
+# The most pixels an image may have, uploaded (read from its header) or declared by the
+# caller for a URL image (data.image.image_info).
+MAX_IMAGE_PIXELS = 85_000_000
 
 
 class Outcome(enum.Enum):
@@ -73,6 +76,9 @@ class InputDraft:
     annotation: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Vectors of client embedding models (data.embeddings), stored with the input.
     embeddings: tuple[DraftEmbedding, ...] = ()
+    # (width, height) of data.image.image_info as given (0: unset): the size of a URL
+    # image the server does not read, so that its regions can be exported in pixels.
+    image_size: tuple[int, int] | None = None
 
     def payload_size(self) -> int:
         return len(self.data) + len((self.text or "").encode())
@@ -110,6 +116,30 @@ def check_geo(violations: Violations, field: str, geo: GeoPoint | None) -> None:
         violations.add(f"{field}.longitude", f"must be -180..180 degrees, got {geo.longitude}")
     if not (math.isfinite(geo.latitude) and -90 <= geo.latitude <= 90):
         violations.add(f"{field}.latitude", f"must be -90..90 degrees, got {geo.latitude}")
+
+
+def check_image_size(
+    violations: Violations, field: str, size: tuple[int, int] | None, *, uploaded: bool
+) -> None:
+    """A caller's image_info: for URL images only, both sides positive, at most
+    MAX_IMAGE_PIXELS."""
+    if size is None:
+        return
+    if uploaded:
+        violations.add(field, "is refused for uploaded bytes: the server reads the size from them")
+        return
+    width, height = size
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0:
+            violations.add(
+                f"{field}.{name}",
+                f"must be positive, got {value}" if value else "must be given with the other side",
+            )
+    if width > 0 and height > 0 and width * height > MAX_IMAGE_PIXELS:
+        violations.add(
+            field,
+            f"image is {width}x{height}; at most {MAX_IMAGE_PIXELS:,} pixels are allowed",
+        )
 
 
 def check_url(violations: Violations, field: str, url: str) -> None:

@@ -39,6 +39,7 @@ from service.domain.input_drafts import (
     Outcome,
     check_embeddings,
     check_geo,
+    check_image_size,
     media_source,
     medium_field,
 )
@@ -420,6 +421,13 @@ class InputService:
                 + ", ".join(m.value for m in draft.media)
                 + "); one input carries exactly one",
             )
+        elif draft.image_size is not None and draft.media[0] is MediaType.IMAGE:
+            check_image_size(
+                violations,
+                f"{path}.data.image.image_info",
+                draft.image_size,
+                uploaded=bool(draft.data) or draft.stored is not None,
+            )
         violations.raise_if_any()
         media_type = draft.media[0]
         if draft.concepts:
@@ -450,6 +458,8 @@ class InputService:
             content_type, info = (
                 self.prober.probe(media_type, payload, data_field) if payload else ("", {})
             )
+            if draft.image_size is not None:
+                info = _declared_size(path, draft.image_size, info)
             # Texts are stored inline (for search and export) and as a blob (for download).
             text = payload.decode() if media_type is MediaType.TEXT and payload else None
         stored = Input(
@@ -758,6 +768,22 @@ class InputService:
         async with self.tx.transaction():
             deleted = set(await self.inputs.delete(app_id, unique))
         return len(deleted), [i for i in unique if i not in deleted]
+
+
+def _declared_size(path: str, size: tuple[int, int], probed: dict[str, Any]) -> dict[str, Any]:
+    """The media info of a URL image with the size its caller declared (checked already).
+    A fetched image was read: a declared size it contradicts is refused, never kept."""
+    width, height = size
+    if not probed:
+        return {"width": width, "height": height}
+    if (probed.get("width"), probed.get("height")) != (width, height):
+        raise InvalidArgument.field(
+            f"{path}.data.image.image_info",
+            f"says {width}x{height}, but the image at the URL is "
+            f"{probed.get('width')}x{probed.get('height')}",
+            reason="INVALID_INPUT",
+        )
+    return probed
 
 
 def _missing_datasets(

@@ -12,12 +12,13 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from service.domain import input_drafts
 from service.domain.errors import InvalidArgument
 from service.media.binary import Corrupt, Short, sint, uint
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-
-MAX_IMAGE_PIXELS = 85_000_000
+# One limit for uploaded images and for the sizes callers declare for URL images.
+MAX_IMAGE_PIXELS = input_drafts.MAX_IMAGE_PIXELS
 _CONTENT_TYPES = {
     "JPEG": "image/jpeg",
     "PNG": "image/png",

@@ -48,6 +48,9 @@ def input_draft(message: input_pb2.Input) -> InputDraft:
     geo = None
     if data.HasField("geo") and data.geo.HasField("geo_point"):
         geo = GeoPoint(data.geo.geo_point.longitude, data.geo.geo_point.latitude)
+    # The size a caller declares for a URL image (an empty image_info declares nothing).
+    info = data.image.image_info
+    image_size = (info.width, info.height) if info.width or info.height else None
     annotation: dict[str, Any] = {}
     if data.regions or data.frames:
         annotation = message_to_json(data_pb2.Data(regions=data.regions, frames=data.frames))
@@ -66,6 +69,7 @@ def input_draft(message: input_pb2.Input) -> InputDraft:
         embeddings=tuple(
             DraftEmbedding(e.model_id, tuple(e.vector), e.num_dimensions) for e in data.embeddings
         ),
+        image_size=image_size,
     )
 
 

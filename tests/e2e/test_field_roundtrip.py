@@ -1533,8 +1533,9 @@ async def test_every_request_field_is_stored_or_refused(
     ]
     assert patched_regions[0].verdict == "refused", patched_regions[0]
     assert "CreateAnnotations" in patched_regions[0].detail, patched_regions[0]
+    # A size is the caller's to give for URL images only (issue 10): these are bytes.
     image_info = create_inputs["inputs[0].data.image.image_info.width"]
-    assert image_info.verdict == "refused" and "output only" in image_info.detail, image_info
+    assert image_info.verdict == "refused" and "uploaded bytes" in image_info.detail, image_info
     # Vectors of client models are the input's (issue 11), never an annotation's.
     embeddings = create_inputs["inputs[0].data.embeddings[0].vector"]
     assert embeddings.verdict == "stored", embeddings

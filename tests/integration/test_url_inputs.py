@@ -105,3 +105,29 @@ async def test_fetched_url_is_stored_and_private_targets_refused(
         "inputs[1].data.image.url",
         "inputs[2].data.image.url",
     }
+
+
+async def test_a_declared_size_must_match_the_fetched_image(
+    db: Database, stack: Stack, image_server: str
+) -> None:
+    app = "fetch-" + secrets.token_hex(4)
+    principal = Principal("k", app, frozenset({"read", "write"}))
+    fetcher = UrlFetcher(
+        max_bytes=1 << 20,
+        timeout_seconds=5,
+        allowed_networks=[ipaddress.ip_network("127.0.0.1/32")],
+    )
+    outcomes = await service(db, stack, fetcher).create_batch(
+        principal,
+        app,
+        [
+            InputDraft(id="right", media=(MediaType.IMAGE,), url=image_server, image_size=(9, 7)),
+            InputDraft(id="wrong", media=(MediaType.IMAGE,), url=image_server, image_size=(90, 7)),
+        ],
+        atomic=False,
+    )
+    assert [o.outcome for o in outcomes] == [Outcome.CREATED, Outcome.INVALID]
+    right = outcomes[0].view
+    assert right is not None and right.input.media_info["format"] == "PNG"
+    assert [v.field for v in outcomes[1].violations] == ["inputs[1].data.image.image_info"]
+    assert "9x7" in outcomes[1].violations[0].description

@@ -84,7 +84,10 @@ def _imported_input(path: str, message: input_pb2.Input) -> ImportedInput:
     # URL it was made from. Memberships of the source deployment mean nothing here.
     # Regions and frames become the annotations below, not the one CreateInputs makes.
     url = "" if draft.data or draft.text else draft.url
-    draft = dataclasses.replace(draft, url=url, dataset_ids=[], annotation={})
+    # The size an export wrote is read again from embedded bytes; a URL image keeps it,
+    # so that its regions still export in pixels.
+    size = None if draft.data else draft.image_size
+    draft = dataclasses.replace(draft, url=url, dataset_ids=[], annotation={}, image_size=size)
     data = message.data
     # One annotation per region, as annotation tools make them, and one for all video
     # frames (a track); a version folds them back into the same `data`.

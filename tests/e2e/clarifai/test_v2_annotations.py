@@ -352,3 +352,38 @@ async def test_delete(
     assert (await delete([], ["i1", "i3"])).status.code == SUCCESS
     assert await native_list(annotations, caller, "i1", "i3") == []
     assert await native_list(annotations, caller, "i2") == [("a2y", "i2")]
+
+
+async def test_post_inputs_stores_regions_as_the_inputs_annotation(
+    v2: service_pb2_grpc.V2Stub, annotations: Annotations, caller: Caller
+) -> None:
+    boxed = resources_pb2.Input(
+        id="boxed",
+        data=resources_pb2.Data(
+            image=resources_pb2.Image(base64=png_bytes(16, 12, (1, 2, 3))),
+            regions=[box("b1", "dog")],
+        ),
+    )
+    inverted = resources_pb2.Input(
+        id="inverted",
+        data=resources_pb2.Data(
+            image=resources_pb2.Image(base64=png_bytes(16, 12, (3, 2, 1))),
+            regions=[box("b2", "dog", top=0.6, bottom=0.2)],
+        ),
+    )
+    posted = await v2.PostInputs(
+        service_pb2.PostInputsRequest(user_app_id=scope(caller), inputs=[boxed, inverted]),
+        metadata=caller.metadata,
+    )
+    assert [i.status.code for i in posted.inputs] == [
+        status_code_pb2.INPUT_DOWNLOAD_SUCCESS,
+        status_code_pb2.INPUT_INVALID_ARGUMENT,
+    ]
+    assert "inputs[1].data.regions[0].region_info.bounding_box" in posted.inputs[1].status.details
+    listed = await annotations.ListAnnotations(
+        api.ListAnnotationsRequest(app_id=caller.app_id, page_size=1000),
+        metadata=caller.metadata,
+    )
+    assert [(a.input_id, [r.id for r in a.data.regions]) for a in listed.annotations] == [
+        ("boxed", ["b1"])
+    ]

@@ -175,7 +175,11 @@ class Image(_message.Message):
 
     @_builtins.property
     def image_info(self) -> Global___ImageInfo:
-        """Output only. Width, height and format read from the image header."""
+        """Output only. Width, height and format read from the image header. Except:
+        CreateInputs takes `width` and `height` of a URL image (both positive, at
+        most 85 megapixels; refused with bytes), so that exports can put its
+        regions in pixels.
+        """
 
     def __init__(
         self,
@@ -364,9 +368,9 @@ class ImageInfo(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     COLOR_MODE_FIELD_NUMBER: _builtins.int
     width: _builtins.int
-    """Output only. Width in pixels."""
+    """Output only. Width in pixels (given for a URL image in CreateInputs)."""
     height: _builtins.int
-    """Output only. Height in pixels."""
+    """Output only. Height in pixels (given for a URL image in CreateInputs)."""
     format: _builtins.str
     """Output only. Format, e.g. "JPEG", "PNG"."""
     color_mode: _builtins.str
