@@ -465,13 +465,16 @@ class Call:
         except Exception as exc:
             await self.fail(context, exc)
         finally:
-            if self.records():
-                # Shielded: a cancelled call still completes its audit event.
-                await asyncio.shield(self.record())
-            # Without an await before it when there is nothing to record (most reads): a
-            # handler's abort has sent the status already, and the call's span and
-            # metrics must be complete before the caller can look at them.
-            self.done()
+            try:
+                if self.records():
+                    # Shielded: a cancelled call still completes its audit event.
+                    await asyncio.shield(self.record())
+            finally:
+                # Even when the call is cancelled while its event is written. Without an
+                # await before it when there is nothing to record (most reads): a
+                # handler's abort has sent the status already, and the call's span and
+                # metrics must be complete before the caller can look at them.
+                self.done()
 
     def done(self) -> None:
         elapsed = time.perf_counter() - self._started

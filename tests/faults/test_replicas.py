@@ -569,7 +569,7 @@ FROM version_inputs WHERE app_id = $1 GROUP BY dataset_id, version_id
 
 # A job's end is recorded by its runner right after the job's own writes commit, so the
 # last export can be seen as done a moment before its run is.
-RUNS_SETTLE_SECONDS = 60.0
+RUNS_SETTLE_SECONDS = 180.0
 
 
 async def settled_runs(db: Database) -> list[Run]:
