@@ -5,9 +5,11 @@ this module builds."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.adapters.image_headers import UrlImageHeaders
 from service.adapters.url_fetch import UrlFetcher
 from service.api.access import AccessRpcs
 from service.api.annotations import AnnotationRpcs
@@ -32,6 +34,7 @@ from service.domain.access_admin import AccessAdmin
 from service.domain.annotations import AnnotationService
 from service.domain.auth import Authenticator
 from service.domain.clock import SystemClock
+from service.domain.contents import ContentKeeper
 from service.domain.datasets import DatasetService, DatasetSettings
 from service.domain.diffs import DiffService
 from service.domain.embedding_job import EmbeddingIndexer, EmbeddingScheduler, EmbeddingStartup
@@ -52,7 +55,7 @@ from service.domain.reencode import Reencoder, ReencodeService
 from service.domain.search import SearchService
 from service.domain.search_jobs import AddBySearch, SearchJobService
 from service.domain.transfers import InputTransfers, TransferSettings
-from service.domain.versions import VersionBuilder, VersionService
+from service.domain.versions import RetiredBuild, VersionService
 from service.formats.archives import Archives, ZipArchiveReader
 from service.formats.snapshot import ProtobufContentConcepts, ProtobufSnapshotEncoder
 from service.jobs import JobRunner, new_worker_id
@@ -64,6 +67,7 @@ from service.storage.api_keys import PgApiKeyRepository
 from service.storage.archives import TempFileArchives
 from service.storage.audit import PgAuditRepository
 from service.storage.blobs import ContentAddressedBlobStore
+from service.storage.contents import PgContentRepository
 from service.storage.datasets import PgDatasetRepository
 from service.storage.db import Database, server_secret
 from service.storage.diffs import PgVersionPairs
@@ -106,17 +110,26 @@ class Storage:
     users: PgUserRepository
     collaborators: PgCollaboratorRepository
     audit: PgAuditRepository
+    contents: PgContentRepository
+    # Keeps each input's content up to date (the transaction hook it installs on `db`).
+    keeper: ContentKeeper
 
     @classmethod
     def build(cls, db: Database, objects: ObjectStore) -> Storage:
+        blobs = ContentAddressedBlobStore(db, objects)
+        inputs, annotations = PgInputRepository(db), PgAnnotationRepository(db)
+        contents = PgContentRepository(db)
+        keeper = ContentKeeper(contents, inputs, annotations, blobs, ProtobufSnapshotEncoder(), db)
+        # Every transaction that changes inputs or annotations commits their content.
+        db.content_refresh = keeper.refresh_own
         return cls(
             db=db,
-            blobs=ContentAddressedBlobStore(db, objects),
+            blobs=blobs,
             keys=PgApiKeyRepository(db),
             datasets=PgDatasetRepository(db),
-            inputs=PgInputRepository(db),
+            inputs=inputs,
             members=PgMembershipRepository(db),
-            annotations=PgAnnotationRepository(db),
+            annotations=annotations,
             versions=PgVersionRepository(db),
             version_pairs=PgVersionPairs(db),
             exports=PgExportRepository(db),
@@ -131,6 +144,8 @@ class Storage:
             users=PgUserRepository(db),
             collaborators=PgCollaboratorRepository(db),
             audit=PgAuditRepository(db),
+            contents=contents,
+            keeper=keeper,
         )
 
 
@@ -145,15 +160,7 @@ def job_runner(
     are the installation's models (service.embedders.installation_embedders)."""
     db, blobs = store.db, store.blobs
     handlers: dict[JobKind, JobHandler] = {
-        JobKind.BUILD_VERSION: VersionBuilder(
-            store.versions,
-            store.inputs,
-            store.annotations,
-            store.ontologies,
-            blobs,
-            ProtobufSnapshotEncoder(),
-            db,
-        ),
+        JobKind.BUILD_VERSION: RetiredBuild(store.versions, db),
         JobKind.EXPORT_VERSION: ExportBuilder(
             store.exports, store.versions, Archives(blobs), blobs, db, links=links
         ),
@@ -263,12 +270,21 @@ class Domain:
             store.annotations,
             gate,
             fetcher=_fetcher(config),
+            image_headers=_image_headers(config),
             links=links,
             embedding_jobs=embedding_jobs,
             embeddings=store.embeddings,
         )
         annotations = AnnotationService(store.annotations, store.members, db, gate)
-        versions = VersionService(store.versions, store.members, jobs, db)
+        versions = VersionService(
+            store.versions,
+            store.members,
+            jobs,
+            db,
+            store.keeper,
+            store.contents,
+            store.ontologies,
+        )
         search = SearchService(
             store.embeddings,
             store.search,
@@ -328,6 +344,7 @@ class Domain:
                 captures=store.versions,
                 audit=store.audit,
                 audit_retention=config.audit_retention,
+                keeper=store.keeper,
             ),
             authenticator=authenticator,
             search=search,
@@ -362,8 +379,21 @@ class Domain:
 def _fetcher(config: Config) -> UrlFetcher | None:
     if not config.fetch_urls:
         return None
+    return _url_fetcher(config)
+
+
+def _image_headers(config: Config) -> UrlImageHeaders | None:
+    if not config.fetch_url_headers:
+        return None
+    return UrlImageHeaders(_url_fetcher(config))
+
+
+def _url_fetcher(config: Config) -> UrlFetcher:
     return UrlFetcher(
-        max_bytes=config.fetch_max_bytes, timeout_seconds=config.fetch_timeout.total_seconds()
+        max_bytes=config.fetch_max_bytes,
+        timeout_seconds=config.fetch_timeout.total_seconds(),
+        allowed_networks=[ipaddress.ip_network(n) for n in config.fetch_allowed_networks],
+        concurrency=config.fetch_concurrency,
     )
 
 

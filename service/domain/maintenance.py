@@ -1,5 +1,6 @@
-"""Periodic clean-up: purge expired deletions, collect orphan blobs, forget old request ids,
-purge audit events past their retention; for search, collect replaced vectors, build missing
+"""Periodic clean-up: purge expired deletions, collect orphan blobs and input content no
+input or version refers to, refresh input content any path left stale, forget old request
+ids, purge audit events past their retention; for search, collect replaced vectors, build missing
 vector indexes and fill the search columns of versions built before they existed."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from datetime import timedelta
 from typing import Protocol
 
 from service.domain.clock import SystemClock
+from service.domain.contents import ContentKeeper
 from service.domain.datasets import DatasetService
 from service.domain.embeddings import EmbeddingRepository
 from service.domain.ports import AuditRepository, BlobStore, Clock, IdempotencyRepository
@@ -40,6 +42,8 @@ class MaintenanceReport:
     vectors_collected: int = 0
     version_members_backfilled: int = 0
     audit_purged: int = 0
+    contents_refreshed: int = 0
+    contents_collected: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Maintenance:
     captures: CaptureBackfill | None = None
     audit: AuditRepository | None = None
     audit_retention: timedelta = DEFAULT_AUDIT_RETENTION
+    keeper: ContentKeeper | None = None
     clock: Clock = field(default_factory=SystemClock)
 
     async def run_once(self) -> MaintenanceReport:
@@ -78,4 +83,21 @@ class Maintenance:
         audit_purged = 0
         if self.audit is not None:
             audit_purged = await self.audit.purge_before(self.clock.now() - self.audit_retention)
-        return MaintenanceReport(purged, collected, expired, vectors, backfilled, audit_purged)
+        refreshed = contents_collected = 0
+        if self.keeper is not None:
+            for _ in range(BACKFILL_BATCHES):
+                done = await self.keeper.refresh_any()
+                refreshed += done
+                if not done:
+                    break
+            contents_collected = await self.keeper.collect(COLLECT_BATCH)
+        return MaintenanceReport(
+            purged,
+            collected,
+            expired,
+            vectors,
+            backfilled,
+            audit_purged,
+            refreshed,
+            contents_collected,
+        )

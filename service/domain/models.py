@@ -406,25 +406,34 @@ class EncodedInput:
 
 
 @dataclass(frozen=True)
-class VersionContent:
-    """The built content of one member of a version."""
+class InputContent:
+    """An input's content as it is now: its serialized snapshot (stored once per distinct
+    content, which versions refer to by hash), the metrics of exactly what was serialized,
+    and what search filters a version's members by, from the same reads."""
 
-    position: int
+    app_id: str
+    input_id: str
     data: bytes
     content_hash: bytes
-    # The stored original the content refers to, kept alive by the version: the one the
-    # input had when the build read it (a re-encode may have replaced the one it had when
-    # the version was created).
-    blob_key: str | None = None
-    # What search filters a version's members by, as the build read them (the same
-    # rules as live inputs: concepts are the positive ones of the input and of its
-    # annotations' regions and frames; annotated: any annotation at all).
-    media_type: MediaType | None = None
+    metrics: VersionMetrics
+    media_type: MediaType
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The positive concepts of the input and of its annotations' regions and frames.
     concepts: tuple[str, ...] = ()
+    # Any annotation at all (input-level concepts included).
     annotated: bool = False
     geo: GeoPoint | None = None
     created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class FixedVersion:
+    """What CreateDatasetVersion recorded: the members' number, the sums of their
+    content's metrics, and how many members had no content (stale: the creation retries)."""
+
+    input_count: int
+    metrics: VersionMetrics
+    stale: int
 
 
 @dataclass(frozen=True)

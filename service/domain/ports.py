@@ -39,7 +39,8 @@ from service.domain.models import (
     Shape,
     StoredBlob,
     User,
-    VersionContent,
+    FixedVersion,
+    InputContent,
     VersionMember,
     VersionOntology,
 )
@@ -404,9 +405,10 @@ class VersionRepository(Protocol):
         """None when the dataset already has a version with this id."""
         ...
 
-    async def fix_members(self, app_id: str, dataset_id: str, version_id: str) -> int:
-        """Records the dataset's current members as the version's, in membership
-        order, and their number as its input_count; returns that number."""
+    async def fix_members(self, app_id: str, dataset_id: str, version_id: str) -> FixedVersion:
+        """Records the dataset's current members as the version's, in membership order,
+        each with a reference to its input's current content and stored original, and
+        captures their current vectors; their number becomes the input_count."""
         ...
 
     async def get(
@@ -426,28 +428,6 @@ class VersionRepository(Protocol):
 
     async def delete(self, app_id: str, dataset_id: str, version_id: str) -> bool: ...
 
-    async def members(
-        self, app_id: str, dataset_id: str, version_id: str, after_position: int | None, limit: int
-    ) -> list[tuple[int, str]]:
-        """(position, input id) of the members after `after_position`, in order."""
-        ...
-
-    async def missing_inputs(
-        self, app_id: str, dataset_id: str, version_id: str, limit: int
-    ) -> tuple[int, list[str]]:
-        """How many members' inputs no longer exist, and the first `limit` of their ids."""
-        ...
-
-    async def store_content(
-        self, app_id: str, dataset_id: str, version_id: str, content: list[VersionContent]
-    ) -> None:
-        """Writes the built content of members (again, on a rerun)."""
-        ...
-
-    async def unbuilt_count(self, app_id: str, dataset_id: str, version_id: str) -> int:
-        """Members without content yet."""
-        ...
-
     async def store_ontology(
         self, app_id: str, dataset_id: str, version_id: str, ontology: VersionOntology | None
     ) -> None:
@@ -459,6 +439,36 @@ class VersionRepository(Protocol):
         self, app_id: str, dataset_id: str, version_id: str
     ) -> VersionOntology | None:
         """The ontology recorded with the version, classes included (for its exports)."""
+        ...
+
+
+class ContentRepository(Protocol):
+    """Input contents (storage/contents.py): stored once per distinct content; an input
+    refers to its current one, or to none while it is stale (changed since)."""
+
+    async def own_stale(self) -> list[tuple[str, str]]:
+        """(app id, input id) of the inputs the current transaction made stale."""
+        ...
+
+    async def dataset_stale(self, app_id: str, dataset_id: str, limit: int) -> list[str]:
+        """Up to `limit` stale members of the dataset, locked for the transaction."""
+        ...
+
+    async def any_stale(self, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` stale inputs of any app that no other transaction holds, locked."""
+        ...
+
+    async def share_lock(self) -> None:
+        """Held by the transaction until it ends: no content is collected meanwhile, so
+        that references it takes stay valid."""
+        ...
+
+    async def store(self, contents: list[InputContent]) -> None:
+        """Stores each content (once per hash) and makes it its input's current one."""
+        ...
+
+    async def collect(self, limit: int) -> int:
+        """Deletes content nothing refers to any more (up to `limit`); how many."""
         ...
 
 
@@ -567,6 +577,17 @@ class MediaProber(Protocol):
         its headers only. For video and audio, `data` may be the first bytes of media
         `total_size` long. Raises InvalidArgument naming `field` when `data` is not valid
         media of `media_type`."""
+        ...
+
+
+class ImageHeaders(Protocol):
+    """Reads the size of an image at a URL from the first bytes of its file, which are not
+    kept (DATASETD_FETCH_URLS=header); implemented in service.adapters."""
+
+    async def image_info(self, url: str, field: str) -> dict[str, Any]:
+        """The media info (width, height, format, color_mode) of the image at `url`.
+        Raises InvalidArgument naming `field` when the URL is refused or unreachable, or
+        does not start with a readable image header within the bytes read."""
         ...
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -133,10 +134,29 @@ class TracedConnection(_Connection):
     repository runs them; while tracing is off, a call and a branch more per statement."""
 
 
+# Statements that write inputs or annotations, the rows an input's content is made of.
+_CONTENT_WRITE = re.compile(
+    r"\b(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(?:inputs|annotations)\b", re.I
+)
+# Whether the outermost open transaction wrote such rows: it then refreshes the content of
+# the inputs it made stale before it commits (Database.content_refresh).
+_content_written: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+    "datasetd_db_content_written", default=None
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _writes_content(query: str) -> bool:
+    return _CONTENT_WRITE.search(query) is not None
+
+
 def _traced(name: str) -> None:
     method = getattr(asyncpg.Connection, name)
 
     async def call(self: TracedConnection, query: str, *args: Any, **kwargs: Any) -> Any:
+        written = _content_written.get()
+        if written is not None and not written[0] and _writes_content(query):
+            written[0] = True
         with tracing.connection_span(query):
             return await method(self, query, *args, **kwargs)
 
@@ -179,6 +199,9 @@ class Database:
         self.unreachable = asyncio.Event()
         # The streaming replica read-only calls read from (service/storage/replica.py).
         self.replica: ReadReplica | None = None
+        # Refreshes the content of the inputs the transaction made stale, in it, just
+        # before it commits (ContentKeeper.refresh_own, set by the composition root).
+        self.content_refresh: Callable[[], Awaitable[None]] | None = None
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> Database:
@@ -330,6 +353,7 @@ class Database:
                     yield
             else:
                 written: PendingAudit | None = None
+                content_token = _content_written.set([False])
                 try:
                     async with (
                         tracing.db_transaction_span(False),
@@ -338,6 +362,12 @@ class Database:
                     ):
                         with _ambient(conn):
                             yield
+                            if self.content_refresh is not None and _content_written.get() == [
+                                True
+                            ]:
+                                # Inputs this transaction changed (or whose annotations it
+                                # changed) commit with their content up to date.
+                                await self.content_refresh()
                             # The audit event of the call's mutation commits with it.
                             if PENDING_AUDIT.get() is not None:
                                 written = await write_pending(conn)
@@ -347,6 +377,8 @@ class Database:
                         # of the call (or the call's own record) writes it.
                         written.event_id = None
                     raise
+                finally:
+                    _content_written.reset(content_token)
         finally:
             _hooks.reset(hooks_token)
         # Reached only on commit (or a released savepoint): a rollback drops the hooks.

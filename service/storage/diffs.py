@@ -20,15 +20,16 @@ WHERE app_id = $1 AND dataset_id = $2 AND id = ANY($3::text[])
 # cursor (an index range scan of version_inputs_by_input); the first `limit` ids of their
 # union are then complete, because any of them has at most `limit` predecessors on
 # either side. The older side's bytes are only sent where the newer side's cannot stand
-# in for them: an unchanged input is read once.
+# in for them: an unchanged input is read once. Content is shared (input_contents): the
+# hashes compare versions without reading it.
 PAGE = """
 WITH f AS (
-    SELECT input_id, data, content_hash FROM version_inputs
+    SELECT input_id, content_hash FROM version_inputs
     WHERE app_id = $1 AND dataset_id = $2 AND version_id = $3
       AND ($5::text IS NULL OR input_id COLLATE "C" > $5::text)
     ORDER BY input_id COLLATE "C" LIMIT $6),
 t AS (
-    SELECT input_id, data, content_hash FROM version_inputs
+    SELECT input_id, content_hash FROM version_inputs
     WHERE app_id = $1 AND dataset_id = $2 AND version_id = $4
       AND ($5::text IS NULL OR input_id COLLATE "C" > $5::text)
     ORDER BY input_id COLLATE "C" LIMIT $6)
@@ -37,8 +38,9 @@ SELECT coalesce(f.input_id, t.input_id) AS input_id,
        t.input_id IS NOT NULL AS in_to,
        f.content_hash IS NOT DISTINCT FROM t.content_hash AS same,
        CASE WHEN t.input_id IS NULL OR f.content_hash IS DISTINCT FROM t.content_hash
-            THEN f.data END AS from_data,
-       t.data AS to_data
+            THEN (SELECT c.data FROM input_contents c WHERE c.hash = f.content_hash)
+       END AS from_data,
+       (SELECT c.data FROM input_contents c WHERE c.hash = t.content_hash) AS to_data
 FROM f FULL JOIN t ON f.input_id = t.input_id
 ORDER BY coalesce(f.input_id, t.input_id) COLLATE "C" LIMIT $6
 """

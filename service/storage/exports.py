@@ -61,8 +61,10 @@ WITH updated AS (
     RETURNING *)
 """ + _SELECT.format(source="updated")
 MEMBERS = """
-SELECT v.position, v.input_id, v.data, b.key, b.sha256, b.size, b.content_type
-FROM version_inputs v LEFT JOIN blobs b ON b.key = v.blob_key
+SELECT v.position, v.input_id, c.data, b.key, b.sha256, b.size, b.content_type
+FROM version_inputs v
+JOIN input_contents c ON c.hash = v.content_hash
+LEFT JOIN blobs b ON b.key = v.blob_key
 WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3
   AND ($4::integer IS NULL OR v.position > $4::integer)
 ORDER BY v.position LIMIT $5

@@ -16,7 +16,8 @@ far above the bound; the answer is reused for FEW_CACHE_SECONDS): at most
 EXACT_SCAN_LIMIT are all scored exactly (recall 1, whatever the filter keeps); more walk
 the index with pgvector's iterative scan, the filters applied as it goes, and a scan
 that runs out before the page is full gives way to the exact page. A version is always
-searched exactly, over what it captured (version_inputs, version_embeddings).
+searched exactly, over what it captured (version_inputs, the input_contents they refer to,
+version_embeddings).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _scope(query: SearchFilter, args: _Args, *, guarded: bool = False) -> _Scope
         # A deleted input stays in its version: every searched column is the captured one.
         return _Scope(
             version=True,
-            source="version_inputs v",
+            source="version_inputs v JOIN input_contents vc ON vc.hash = v.content_hash",
             where=(
                 f"v.app_id = {app}",
                 f"v.dataset_id = {dataset}",
@@ -139,11 +140,11 @@ def _scope(query: SearchFilter, args: _Args, *, guarded: bool = False) -> _Scope
             app="v.app_id",
             id="v.input_id",
             seq="coalesce(v.input_seq, v.position::bigint)",
-            media_type="v.media_type",
-            metadata="v.metadata",
-            longitude="v.longitude",
-            latitude="v.latitude",
-            created_at="v.created_at",
+            media_type="vc.media_type",
+            metadata="vc.metadata",
+            longitude="vc.longitude",
+            latitude="vc.latitude",
+            created_at="vc.created_at",
         )
     where = [f"i.app_id = {app}"]
     source = "inputs i"
@@ -215,7 +216,7 @@ def _conditions(query: SearchFilter, scope: _Scope, args: _Args) -> list[str]:
     """The filter's conditions on the scope's rows (the scope's own ones included)."""
     where = list(scope.where)
     if scope.version:
-        concepts = "coalesce(v.concepts, '{}'::text[])"
+        concepts = "coalesce(vc.concepts, '{}'::text[])"
         if query.concept_ids:
             where.append(f"{concepts} @> {args.add(list(query.concept_ids), 'text[]')}")
         if query.negative_concept_ids:
@@ -223,7 +224,7 @@ def _conditions(query: SearchFilter, scope: _Scope, args: _Args) -> list[str]:
                 f"NOT ({concepts} && {args.add(list(query.negative_concept_ids), 'text[]')})"
             )
         if query.annotated is not None:
-            where.append(f"coalesce(v.annotated, false) = {args.add(query.annotated, 'boolean')}")
+            where.append(f"coalesce(vc.annotated, false) = {args.add(query.annotated, 'boolean')}")
     else:
         # Input-level concepts and those of regions alike: every annotation's positives.
         if query.concept_ids:
@@ -349,9 +350,9 @@ def _captured_columns(scope: _Scope) -> str:
     if not scope.version:
         return ""
     return (
-        ", v.input_seq AS v_input_seq, v.media_type AS v_media_type, v.metadata AS v_metadata,"
-        " v.longitude AS v_longitude, v.latitude AS v_latitude, v.created_at AS v_created_at,"
-        " v.blob_key AS v_blob_key, v.data AS v_data"
+        ", v.input_seq AS v_input_seq, vc.media_type AS v_media_type, vc.metadata AS v_metadata,"
+        " vc.longitude AS v_longitude, vc.latitude AS v_latitude, vc.created_at AS v_created_at,"
+        " v.blob_key AS v_blob_key, vc.data AS v_data"
     )
 
 

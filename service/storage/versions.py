@@ -14,13 +14,14 @@ from google.protobuf.message import DecodeError
 
 from service.domain.models import (
     DatasetVersion,
+    FixedVersion,
     OntologyRef,
-    VersionContent,
     VersionMetrics,
     VersionOntology,
     VersionStatus,
 )
 from service.formats import snapshot
+from service.storage.contents import METRIC_FIELDS, metrics_sums
 from service.storage.db import Repository
 from service.storage.ontologies import class_json, stored_trees
 from service.storage.rows import record
@@ -41,18 +42,31 @@ VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (app_id, dataset_id, id) DO NOTHING
 RETURNING {_COLUMNS}
 """
-# One statement: the members in membership order, and their number on the version.
-FIX_MEMBERS = """
+# One statement: the members in membership order, each with its input's current content
+# and stored original, and the sums of their content's metrics. `stale` counts members
+# whose input had no current content (the caller refreshed them first; see
+# VersionService.create).
+FIX_MEMBERS = f"""
 WITH fixed AS (
-    INSERT INTO version_inputs (app_id, dataset_id, version_id, position, input_id, blob_key)
+    INSERT INTO version_inputs (app_id, dataset_id, version_id, position, input_id, blob_key,
+                                content_hash, input_seq)
     SELECT m.app_id, m.dataset_id, $3, (row_number() OVER (ORDER BY m.seq) - 1)::integer,
-           m.input_id, i.blob_key
+           m.input_id, i.blob_key, i.content_hash, i.seq
     FROM dataset_inputs m JOIN inputs i ON i.app_id = m.app_id AND i.id = m.input_id
     WHERE m.app_id = $1 AND m.dataset_id = $2
-    RETURNING 1)
-UPDATE dataset_versions SET input_count = (SELECT count(*) FROM fixed)
-WHERE app_id = $1 AND dataset_id = $2 AND id = $3
-RETURNING input_count
+    RETURNING content_hash)
+SELECT count(*)::integer AS members, count(*) FILTER (WHERE f.content_hash IS NULL) AS stale,
+       {metrics_sums("c")}
+FROM fixed f LEFT JOIN input_contents c ON c.hash = f.content_hash
+"""
+# The vectors the members have when the version is created: references, not copies.
+CAPTURE_VECTORS = """
+INSERT INTO version_embeddings (app_id, dataset_id, version_id, input_id, embedding_id)
+SELECT v.app_id, v.dataset_id, v.version_id, v.input_id, e.id
+FROM version_inputs v
+JOIN embeddings e ON e.app_id = v.app_id AND e.input_id = v.input_id AND e.replaced_at IS NULL
+WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3
+ON CONFLICT DO NOTHING
 """
 GET = f"SELECT {_COLUMNS} FROM dataset_versions WHERE {_VERSION_KEY}"
 LOCK = GET + " FOR UPDATE"
@@ -69,54 +83,6 @@ WHERE {_VERSION_KEY}
 RETURNING {_COLUMNS}
 """
 DELETE = f"DELETE FROM dataset_versions WHERE {_VERSION_KEY}"
-MEMBERS = f"""
-SELECT position, input_id FROM version_inputs
-WHERE {_MEMBER_KEY} AND ($4::integer IS NULL OR position > $4::integer)
-ORDER BY position LIMIT $5
-"""
-# The window counts every missing member before LIMIT keeps the first few.
-MISSING_INPUTS = """
-SELECT v.input_id, count(*) OVER () AS total FROM version_inputs v
-WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3
-  AND NOT EXISTS (SELECT 1 FROM inputs i WHERE i.app_id = v.app_id AND i.id = v.input_id)
-ORDER BY v.position LIMIT $4
-"""
-# The content and the columns search filters a version's members by. input_seq (creation
-# order, which never changes) is read here: NULL only if the input was deleted since the
-# build read it. Concepts travel as JSON text: asyncpg cannot send ragged 2-D arrays.
-STORE_CONTENT = """
-UPDATE version_inputs v
-SET data = t.data, content_hash = t.content_hash, blob_key = t.blob_key,
-    input_seq = (SELECT i.seq FROM inputs i WHERE i.app_id = v.app_id AND i.id = v.input_id),
-    media_type = t.media_type, metadata = t.metadata,
-    concepts = ARRAY(SELECT jsonb_array_elements_text(t.concepts::jsonb)),
-    annotated = t.annotated, longitude = t.longitude, latitude = t.latitude,
-    created_at = t.created_at
-FROM unnest($4::integer[], $5::bytea[], $6::bytea[], $7::text[], $8::text[], $9::jsonb[],
-            $10::text[], $11::boolean[], $12::float8[], $13::float8[], $14::timestamptz[])
-     AS t(position, data, content_hash, blob_key, media_type, metadata, concepts, annotated,
-          longitude, latitude, created_at)
-WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3 AND v.position = t.position
-"""
-# The vectors a page captures: its inputs' current ones. A rebuilt page (a rerun after a
-# crash) captures them afresh, like its content.
-DROP_CAPTURED_VECTORS = """
-DELETE FROM version_embeddings ve USING version_inputs v
-WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3
-  AND v.position = ANY($4::integer[])
-  AND ve.app_id = v.app_id AND ve.dataset_id = v.dataset_id AND ve.version_id = v.version_id
-  AND ve.input_id = v.input_id
-"""
-CAPTURE_VECTORS = """
-INSERT INTO version_embeddings (app_id, dataset_id, version_id, input_id, embedding_id)
-SELECT v.app_id, v.dataset_id, v.version_id, v.input_id, e.id
-FROM version_inputs v
-JOIN embeddings e ON e.app_id = v.app_id AND e.input_id = v.input_id AND e.replaced_at IS NULL
-WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3
-  AND v.position = ANY($4::integer[])
-ON CONFLICT DO NOTHING
-"""
-UNBUILT_COUNT = f"SELECT count(*) FROM version_inputs WHERE {_MEMBER_KEY} AND data IS NULL"
 STORE_ONTOLOGY = f"""
 UPDATE dataset_versions SET ontology_id = $4, ontology_revision = $5, ontology_classes = $6
 WHERE {_VERSION_KEY}
@@ -126,33 +92,32 @@ SELECT ontology_id, ontology_revision, ontology_classes FROM dataset_versions
 WHERE {_VERSION_KEY} AND ontology_id IS NOT NULL
 """
 
-# Members of versions built before migration 0012 (content, no search columns); the
-# partial index version_inputs_uncaptured holds them only until the backfill is done.
+# Content moved from versions built before migration 0012 (content, no search columns);
+# the partial index input_contents_uncaptured holds it only until the backfill is done.
 UNCAPTURED = """
-SELECT app_id, dataset_id, version_id, position, data FROM version_inputs
-WHERE data IS NOT NULL AND media_type IS NULL
+SELECT hash, data FROM input_contents
+WHERE media_type IS NULL
 LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
+# Such a version captures the vectors its inputs have at backfill time: it had none before.
 BACKFILL = """
 WITH filled AS (
-    UPDATE version_inputs v
-    SET input_seq = (SELECT i.seq FROM inputs i WHERE i.app_id = v.app_id AND i.id = v.input_id),
-        media_type = t.media_type, metadata = t.metadata,
+    UPDATE input_contents c
+    SET media_type = t.media_type, metadata = t.metadata,
         concepts = ARRAY(SELECT jsonb_array_elements_text(t.concepts::jsonb)),
         annotated = t.annotated, longitude = t.longitude, latitude = t.latitude,
         created_at = t.created_at
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::jsonb[],
-                $7::text[], $8::boolean[], $9::float8[], $10::float8[], $11::timestamptz[])
-         AS t(app_id, dataset_id, version_id, position, media_type, metadata, concepts,
-              annotated, longitude, latitude, created_at)
-    WHERE v.app_id = t.app_id AND v.dataset_id = t.dataset_id AND v.version_id = t.version_id
-      AND v.position = t.position
-    RETURNING v.app_id, v.dataset_id, v.version_id, v.input_id)
+    FROM unnest($1::bytea[], $2::text[], $3::jsonb[], $4::text[], $5::boolean[], $6::float8[],
+                $7::float8[], $8::timestamptz[])
+         AS t(hash, media_type, metadata, concepts, annotated, longitude, latitude, created_at)
+    WHERE c.hash = t.hash
+    RETURNING c.hash)
 INSERT INTO version_embeddings (app_id, dataset_id, version_id, input_id, embedding_id)
-SELECT f.app_id, f.dataset_id, f.version_id, f.input_id, e.id
+SELECT v.app_id, v.dataset_id, v.version_id, v.input_id, e.id
 FROM filled f
-JOIN embeddings e ON e.app_id = f.app_id AND e.input_id = f.input_id AND e.replaced_at IS NULL
+JOIN version_inputs v ON v.content_hash = f.hash
+JOIN embeddings e ON e.app_id = v.app_id AND e.input_id = v.input_id AND e.replaced_at IS NULL
 ON CONFLICT DO NOTHING
 """
 
@@ -246,9 +211,16 @@ class PgVersionRepository(Repository):
             version.job_id,
         )
 
-    async def fix_members(self, app_id: str, dataset_id: str, version_id: str) -> int:
-        count: int = await self._db.fetchval(FIX_MEMBERS, app_id, dataset_id, version_id)
-        return count
+    async def fix_members(self, app_id: str, dataset_id: str, version_id: str) -> FixedVersion:
+        async with self._db.transaction(), self._db.connection() as conn:
+            row = await conn.fetchrow(FIX_MEMBERS, app_id, dataset_id, version_id)
+            assert row is not None
+            await conn.execute(CAPTURE_VECTORS, app_id, dataset_id, version_id)
+        return FixedVersion(
+            input_count=row["members"],
+            metrics=VersionMetrics(**{name: row[name] for name in METRIC_FIELDS}),
+            stale=row["stale"],
+        )
 
     async def get(
         self, app_id: str, dataset_id: str, version_id: str, *, lock: bool = False
@@ -284,48 +256,9 @@ class PgVersionRepository(Repository):
     async def delete(self, app_id: str, dataset_id: str, version_id: str) -> bool:
         return await self._db.affected(DELETE, app_id, dataset_id, version_id) > 0
 
-    async def members(
-        self, app_id: str, dataset_id: str, version_id: str, after_position: int | None, limit: int
-    ) -> list[tuple[int, str]]:
-        rows = await self._db.fetch(MEMBERS, app_id, dataset_id, version_id, after_position, limit)
-        return [(r["position"], r["input_id"]) for r in rows]
-
-    async def missing_inputs(
-        self, app_id: str, dataset_id: str, version_id: str, limit: int
-    ) -> tuple[int, list[str]]:
-        rows = await self._db.fetch(MISSING_INPUTS, app_id, dataset_id, version_id, limit)
-        return (rows[0]["total"] if rows else 0), [r["input_id"] for r in rows]
-
-    async def store_content(
-        self, app_id: str, dataset_id: str, version_id: str, content: list[VersionContent]
-    ) -> None:
-        if not content:
-            return
-        positions = [c.position for c in content]
-        async with self._db.transaction(), self._db.connection() as conn:
-            await conn.execute(
-                STORE_CONTENT,
-                app_id,
-                dataset_id,
-                version_id,
-                positions,
-                [c.data for c in content],
-                [c.content_hash for c in content],
-                [c.blob_key for c in content],
-                [None if c.media_type is None else c.media_type.value for c in content],
-                [c.metadata for c in content],
-                [json.dumps(list(c.concepts)) for c in content],
-                [c.annotated for c in content],
-                [None if c.geo is None else c.geo.longitude for c in content],
-                [None if c.geo is None else c.geo.latitude for c in content],
-                [c.created_at for c in content],
-            )
-            await conn.execute(DROP_CAPTURED_VECTORS, app_id, dataset_id, version_id, positions)
-            await conn.execute(CAPTURE_VECTORS, app_id, dataset_id, version_id, positions)
-
     async def backfill_capture(self, limit: int) -> int:
-        """Fills the search columns of members of versions built before they existed
-        (migration 0012) from their serialized content, `limit` at a time; idempotent.
+        """Fills the search columns of content moved from versions built before they
+        existed (migration 0012) from the content itself, `limit` at a time; idempotent.
         Such a version captures the vectors its inputs have at backfill time: it had none
         before, and its inputs' content is what it captured, so the vectors computed from
         that content are the ones to search it by (an input edited or deleted since
@@ -337,10 +270,7 @@ class PgVersionRepository(Repository):
             captured = await asyncio.to_thread(lambda: [_capture_of(r["data"]) for r in rows])
             await conn.execute(
                 BACKFILL,
-                [r["app_id"] for r in rows],
-                [r["dataset_id"] for r in rows],
-                [r["version_id"] for r in rows],
-                [r["position"] for r in rows],
+                [r["hash"] for r in rows],
                 [c.media_type for c in captured],
                 [c.metadata for c in captured],
                 [json.dumps(c.concepts) for c in captured],
@@ -350,10 +280,6 @@ class PgVersionRepository(Repository):
                 [c.created_at for c in captured],
             )
         return len(rows)
-
-    async def unbuilt_count(self, app_id: str, dataset_id: str, version_id: str) -> int:
-        count: int = await self._db.fetchval(UNBUILT_COUNT, app_id, dataset_id, version_id)
-        return count
 
     async def store_ontology(
         self, app_id: str, dataset_id: str, version_id: str, ontology: VersionOntology | None

@@ -1,7 +1,9 @@
-"""DatasetVersionService as a caller sees it, with the real job runner building versions.
+"""DatasetVersionService as a caller sees it: a version is a snapshot by reference,
+READY when CreateDatasetVersion returns (service/domain/contents.py, versions.py).
 
-The last tests drive VersionBuilder directly, for what a caller cannot time: an input
-deleted between a version's creation and its build, and a rerun after a crash.
+The last tests check the snapshot semantics: an edit right after the creation never
+shows in the version, a deleted input stays in the versions holding it, content shared
+between versions is stored once and collected when its last reference goes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import pytest
 from clarifai_grpc.grpc.api import resources_pb2
 from datasetd.v1 import annotation_service_pb2 as aapi
 from datasetd.v1 import common_pb2, data_pb2, dataset_version_pb2, input_pb2, status_pb2
@@ -23,17 +24,8 @@ from datasetd.v1 import input_service_pb2 as iapi
 from google.protobuf import field_mask_pb2
 
 from service.app import Running
-from service.domain.jobs import Job, JobFailed, JobKind
-from service.domain.models import Principal
-from service.domain.versions import VersionBuilder, VersionFields, VersionService
-from service.formats.snapshot import ProtobufSnapshotEncoder
-from service.storage.annotations import PgAnnotationRepository
-from service.storage.blobs import ContentAddressedBlobStore
+from service.storage.contents import PgContentRepository
 from service.storage.db import Database
-from service.storage.inputs import PgInputRepository, PgMembershipRepository
-from service.storage.jobs import PgJobQueue
-from service.storage.ontologies import PgOntologyRepository
-from service.storage.versions import PgVersionRepository
 from tests.conftest import Caller, new_caller
 from tests.e2e.test_annotations import (
     TEXT,
@@ -121,10 +113,20 @@ async def build(
     stub: Versions, caller: Caller, dataset_id: str, version_id: str
 ) -> dataset_version_pb2.DatasetVersion:
     created = await create_version(stub, caller, dataset_id, version_id)
-    assert created.status.code == PENDING
-    version = await wait_for(stub, caller, dataset_id, version_id)
-    assert version.status.code == READY, version.status
+    assert created.status.code == READY, created.status
+    version = await get_version(stub, caller, dataset_id, version_id)
+    assert without_exports(version) == without_exports(created)
     return version
+
+
+def without_exports(
+    version: dataset_version_pb2.DatasetVersion,
+) -> dataset_version_pb2.DatasetVersion:
+    """The version but its export_info, which GetDatasetVersion fills and Create does not."""
+    copy = dataset_version_pb2.DatasetVersion()
+    copy.CopyFrom(version)
+    copy.ClearField("export_info")
+    return copy
 
 
 async def list_ids(stub: Versions, caller: Caller, dataset_id: str, page_size: int) -> list[str]:
@@ -155,8 +157,10 @@ async def content(db: Database, caller: Caller, dataset_id: str, version_id: str
     """(input id, serialized input, content hash) of each member, in order."""
     async with db.connection() as conn:
         rows = await conn.fetch(
-            "SELECT input_id, data, content_hash FROM version_inputs"
-            " WHERE app_id = $1 AND dataset_id = $2 AND version_id = $3 ORDER BY position",
+            "SELECT v.input_id, c.data, v.content_hash FROM version_inputs v"
+            " LEFT JOIN input_contents c ON c.hash = v.content_hash"
+            " WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3"
+            " ORDER BY v.position",
             caller.app_id,
             dataset_id,
             version_id,
@@ -274,11 +278,11 @@ async def test_build_captures_inputs_annotations_and_metrics(
         versions, caller, "ds", "v1", description="first", metadata={"by": "test"}
     )
     assert (created.id, created.dataset_id, created.app_id) == ("v1", "ds", caller.app_id)
-    assert created.status.code == PENDING
+    # READY when the call returns, with its metrics: a snapshot by reference.
+    assert created.status.code == READY, created.status
     assert created.description == "first" and created.metadata["by"] == "test"
-    assert not created.metrics
-    version = await wait_for(versions, caller, "ds", "v1")
-    assert version.status.code == READY, version.status
+    version = await get_version(versions, caller, "ds", "v1")
+    assert without_exports(version) == without_exports(created)
     assert version.status.percent_completed == 100
     assert version.modified_at.ToDatetime() >= version.created_at.ToDatetime()
     assert metrics_of(version) == {
@@ -484,33 +488,14 @@ async def test_list_newest_first_in_pages_update_and_delete(
     assert await list_ids(versions, caller, "ds", page_size=2) == ["v2", "v3", "v1"]
 
 
-async def test_cancel_a_running_build(
-    versions: Versions, inputs: Inputs, datasets: Datasets, caller: Caller, db: Database
+async def test_there_is_no_build_to_cancel(
+    versions: Versions, inputs: Inputs, datasets: Datasets, caller: Caller
 ) -> None:
     await new_dataset(datasets, caller, "ds")
     item = image_input("a")
     item.dataset_ids.append("ds")
     await create(inputs, caller, [item])
-    async with table_locked(db, "annotations"):
-        await create_version(versions, caller, "ds", "v1")
-        running = await wait_for(versions, caller, "ds", "v1", IN_PROGRESS)
-        assert running.status.percent_completed == 0
-        response = await versions.CancelDatasetVersionBuild(
-            api.CancelDatasetVersionBuildRequest(
-                app_id=caller.app_id, dataset_id="ds", version_id="v1"
-            ),
-            metadata=caller.metadata,
-        )
-        assert response.version.status.code == FAILURE
-        assert response.version.status.details == "cancelled"
-    job_id = await job_of(db, caller, "v1")
-    assert await job_settled(db, job_id) == "cancelled"
-    # The build stopped at its next step: it wrote nothing, and the version stays cancelled.
-    assert [data for _, data, _ in await content(db, caller, "ds", "v1")] == [None]
-    version = await get_version(versions, caller, "ds", "v1")
-    assert (version.status.code, version.status.details) == (FAILURE, "cancelled")
-    assert not version.metrics
-
+    await build(versions, caller, "ds", "v1")
     ended = await call_error(
         versions.CancelDatasetVersionBuild(
             api.CancelDatasetVersionBuildRequest(
@@ -523,37 +508,7 @@ async def test_cancel_a_running_build(
         grpc.StatusCode.FAILED_PRECONDITION,
         "VERSION_BUILD_ENDED",
     )
-    await build(versions, caller, "ds", "v2")
-    ready = await call_error(
-        versions.CancelDatasetVersionBuild(
-            api.CancelDatasetVersionBuildRequest(
-                app_id=caller.app_id, dataset_id="ds", version_id="v2"
-            ),
-            metadata=caller.metadata,
-        )
-    )
-    assert ready.code == grpc.StatusCode.FAILED_PRECONDITION
-
-
-async def test_deleting_a_building_version_cancels_its_build(
-    versions: Versions, inputs: Inputs, datasets: Datasets, caller: Caller, db: Database
-) -> None:
-    await new_dataset(datasets, caller, "ds")
-    item = image_input("a")
-    item.dataset_ids.append("ds")
-    await create(inputs, caller, [item])
-    async with table_locked(db, "annotations"):
-        await create_version(versions, caller, "ds", "v1")
-        await wait_for(versions, caller, "ds", "v1", IN_PROGRESS)
-        job_id = await job_of(db, caller, "v1")
-        await versions.DeleteDatasetVersion(
-            api.DeleteDatasetVersionRequest(app_id=caller.app_id, dataset_id="ds", version_id="v1"),
-            metadata=caller.metadata,
-        )
-    assert await job_settled(db, job_id) == "cancelled"
-    assert await content(db, caller, "ds", "v1") == []
-    gone = await call_error(get_version(versions, caller, "ds", "v1"))
-    assert gone.code == grpc.StatusCode.NOT_FOUND
+    assert (await get_version(versions, caller, "ds", "v1")).status.code == READY
 
 
 async def test_bad_requests_name_the_field(
@@ -698,77 +653,10 @@ async def test_request_id_replays_the_first_response(
     assert await list_ids(versions, caller, "ds", page_size=10) == []
 
 
-# --- the builder driven directly --------------------------------------------------------------
+# --- snapshots by reference -------------------------------------------------------------------
 
 
-class HeldJobs(PgJobQueue):
-    """Queues build jobs under a kind no runner claims, so that the test runs them."""
-
-    async def enqueue(self, kind: JobKind, app_id: str, payload: dict[str, Any]) -> int:
-        async with self._db.connection() as conn:
-            job_id: int = await conn.fetchval(
-                "INSERT INTO jobs (kind, app_id, payload) VALUES ('held-by-test', $1, $2)"
-                " RETURNING id",
-                app_id,
-                payload,
-            )
-        return job_id
-
-
-def builder(server: Running, page_size: int) -> VersionBuilder:
-    db = server.resources.db
-    return VersionBuilder(
-        PgVersionRepository(db),
-        PgInputRepository(db),
-        PgAnnotationRepository(db),
-        PgOntologyRepository(db),
-        ContentAddressedBlobStore(db, server.resources.objects),
-        ProtobufSnapshotEncoder(),
-        db,
-        page_size=page_size,
-    )
-
-
-async def held_version(server: Running, caller: Caller, version_id: str) -> Job:
-    """A version of dataset "ds" whose build job is the test's to run."""
-    db = server.resources.db
-    service = VersionService(PgVersionRepository(db), PgMembershipRepository(db), HeldJobs(db), db)
-    principal = Principal("test", caller.app_id, frozenset({"read", "write"}))
-    version = await service.create(principal, caller.app_id, "ds", version_id, VersionFields())
-    assert version.job_id is not None
-    payload = {"dataset_id": "ds", "version_id": version_id}
-    return Job(version.job_id, JobKind.BUILD_VERSION, caller.app_id, payload)
-
-
-async def no_progress(percent: int) -> None:
-    assert 0 <= percent < 100
-
-
-async def test_inputs_deleted_before_the_build_fail_it_by_name(
-    server: Running, versions: Versions, inputs: Inputs, datasets: Datasets, caller: Caller
-) -> None:
-    await new_dataset(datasets, caller, "ds")
-    items = [image_input(f"in-{n}", color=(n, n, n)) for n in range(3)]
-    for item in items:
-        item.dataset_ids.append("ds")
-    await create(inputs, caller, items)
-    job = await held_version(server, caller, "v1")
-    await inputs.DeleteInputs(
-        iapi.DeleteInputsRequest(app_id=caller.app_id, ids=["in-0", "in-2"]),
-        metadata=caller.metadata,
-    )
-    with pytest.raises(JobFailed) as failure:
-        await builder(server, page_size=2).run(job, no_progress)
-    assert "2 input(s)" in str(failure.value) and "in-0, in-2" in str(failure.value)
-    # What the runner does with a JobFailed:
-    await builder(server, page_size=2).failed(job, str(failure.value))
-    version = await get_version(versions, caller, "ds", "v1")
-    assert version.status.code == FAILURE
-    assert "in-0, in-2" in version.status.details and not version.metrics
-
-
-async def test_a_rerun_after_a_crash_rebuilds_the_same_content(
-    server: Running,
+async def test_an_edit_right_after_the_creation_never_shows(
     versions: Versions,
     annotations: Annotations,
     inputs: Inputs,
@@ -777,46 +665,146 @@ async def test_a_rerun_after_a_crash_rebuilds_the_same_content(
     db: Database,
 ) -> None:
     await new_dataset(datasets, caller, "ds")
-    items = [image_input(f"in-{n}", color=(n, 0, 0), concepts=concepts("x")) for n in range(5)]
-    for item in items:
-        item.dataset_ids.append("ds")
-    await create(inputs, caller, items)
+    item = image_input("a", metadata=metadata({"v": 1}))
+    item.dataset_ids.append("ds")
+    await create(inputs, caller, [item])
+    # The creation and the edits race: whichever order they commit in, the version holds
+    # the input either wholly before or wholly after them, never half of them.
+    edits = asyncio.gather(
+        inputs.UpdateInputs(
+            iapi.UpdateInputsRequest(
+                app_id=caller.app_id,
+                inputs=[input_pb2.Input(id="a", data=data_pb2.Data(metadata=metadata({"v": 2})))],
+                action=common_pb2.PATCH_ACTION_MERGE,
+            ),
+            metadata=caller.metadata,
+        ),
+    )
+    created = await create_version(versions, caller, "ds", "v1")
+    await edits
     await add(
         annotations,
         caller,
-        [annotation("in-3", regions=[box("r", "y", top=0.1, left=0.1, bottom=0.2, right=0.2)])],
+        [
+            annotation(
+                "a", "late", regions=[box("r", "x", top=0.1, left=0.1, bottom=0.3, right=0.3)]
+            )
+        ],
     )
-    job = await held_version(server, caller, "v1")
-    reports: list[int] = []
+    version = await get_version(versions, caller, "ds", "v1")
+    assert without_exports(version) == without_exports(created)
+    assert version.status.code == READY
+    assert metrics_of(version).get("regions_count", 0) == 0
+    exported = await content_of_version(db, caller, "ds", "v1")
+    assert not exported["a"].data.regions
+    assert exported["a"].data.metadata["v"] in (1, 2)
+    # The edits are in the input now, and in a version made after them.
+    await build(versions, caller, "ds", "v2")
+    later = await content_of_version(db, caller, "ds", "v2")
+    assert later["a"].data.metadata["v"] == 2 and len(later["a"].data.regions) == 1
 
-    async def crash_after_two_pages(percent: int) -> None:
-        reports.append(percent)
-        if len(reports) == 2:
-            raise RuntimeError("the process died")
 
-    with pytest.raises(RuntimeError):
-        await builder(server, page_size=2).run(job, crash_after_two_pages)
-    assert reports == [40, 80]
-    halfway = await get_version(versions, caller, "ds", "v1")
-    assert (halfway.status.code, halfway.status.percent_completed) == (IN_PROGRESS, 80)
-    assert [data is None for _, data, _ in await content(db, caller, "ds", "v1")] == [
-        False,
-        False,
-        False,
-        False,
-        True,
-    ]
+async def content_of_version(
+    db: Database, caller: Caller, dataset_id: str, version_id: str
+) -> dict[str, input_pb2.Input]:
+    """The version's members as its content holds them, by input id."""
+    return {
+        input_id: input_pb2.Input.FromString(data)
+        for input_id, data, _ in await content(db, caller, dataset_id, version_id)
+        if data is not None
+    }
 
-    await builder(server, page_size=2).run(job, no_progress)
-    ready = await get_version(versions, caller, "ds", "v1")
-    assert ready.status.code == READY
-    # Counted once, although two runs went over the first pages.
-    assert metrics_of(ready)["inputs_count"] == 5
-    assert metrics_of(ready)["positive_input_tags_count"] == 5
-    assert metrics_of(ready)["regions_count"] == 1
-    rows = await content(db, caller, "ds", "v1")
-    assert list(parsed(rows)) == [f"in-{n}" for n in range(5)]
-    # A run of a READY version (its runner died before marking the job done) changes nothing.
-    await builder(server, page_size=2).run(job, no_progress)
-    assert await content(db, caller, "ds", "v1") == rows
-    assert await get_version(versions, caller, "ds", "v1") == ready
+
+async def test_versions_share_content_and_the_last_reference_frees_it(
+    server: Running,
+    versions: Versions,
+    inputs: Inputs,
+    datasets: Datasets,
+    caller: Caller,
+    db: Database,
+) -> None:
+    await new_dataset(datasets, caller, "ds")
+    items = [image_input(f"s-{n}", color=(n, 9, 9)) for n in range(3)]
+    for item in items:
+        item.dataset_ids.append("ds")
+    await create(inputs, caller, items)
+    for version_id in ("v1", "v2", "v3"):
+        await build(versions, caller, "ds", version_id)
+    hashes = {
+        version_id: [h for _, _, h in await content(db, caller, "ds", version_id)]
+        for version_id in ("v1", "v2", "v3")
+    }
+    # Three versions, one stored content per input.
+    assert hashes["v1"] == hashes["v2"] == hashes["v3"]
+    async with db.connection() as conn:
+        stored = await conn.fetchval(
+            "SELECT count(*) FROM input_contents WHERE hash = ANY($1::bytea[])", hashes["v1"]
+        )
+    assert stored == 3
+    # s-0 changes: its old content is still held by the versions, then by nothing.
+    await inputs.UpdateInputs(
+        iapi.UpdateInputsRequest(
+            app_id=caller.app_id,
+            inputs=[input_pb2.Input(id="s-0", data=data_pb2.Data(metadata=metadata({"n": 1})))],
+            action=common_pb2.PATCH_ACTION_MERGE,
+        ),
+        metadata=caller.metadata,
+    )
+    old = hashes["v1"][0]
+    assert old is not None and hashes["v1"][1] is not None and hashes["v1"][2] is not None
+    collector = PgContentRepository(db)
+    await collector.collect(10_000)
+    assert await content_exists(db, old)
+    for version_id in ("v1", "v2"):
+        await versions.DeleteDatasetVersion(
+            api.DeleteDatasetVersionRequest(
+                app_id=caller.app_id, dataset_id="ds", version_id=version_id
+            ),
+            metadata=caller.metadata,
+        )
+        await collector.collect(10_000)
+        assert await content_exists(db, old)
+    # A deleted input keeps its content while a version holds it.
+    await inputs.DeleteInputs(
+        iapi.DeleteInputsRequest(app_id=caller.app_id, ids=["s-1"]), metadata=caller.metadata
+    )
+    await collector.collect(10_000)
+    assert await content_exists(db, hashes["v1"][1])
+    await versions.DeleteDatasetVersion(
+        api.DeleteDatasetVersionRequest(app_id=caller.app_id, dataset_id="ds", version_id="v3"),
+        metadata=caller.metadata,
+    )
+    await collector.collect(10_000)
+    assert not await content_exists(db, old)
+    assert not await content_exists(db, hashes["v1"][1])
+    # s-2 is unchanged and still refers to its content.
+    assert await content_exists(db, hashes["v1"][2])
+
+
+async def content_exists(db: Database, digest: bytes) -> bool:
+    async with db.connection() as conn:
+        found: bool = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM input_contents WHERE hash = $1)", digest
+        )
+    return found
+
+
+async def test_a_write_outside_a_transaction_is_refreshed_at_creation(
+    versions: Versions, inputs: Inputs, datasets: Datasets, caller: Caller, db: Database
+) -> None:
+    await new_dataset(datasets, caller, "ds")
+    item = image_input("w", metadata=metadata({"v": 1}))
+    item.dataset_ids.append("ds")
+    await create(inputs, caller, [item])
+    # A path that writes with no transaction (here: SQL by hand) leaves the content stale.
+    async with db.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE inputs SET title = 'by hand' WHERE app_id = $1 AND id = 'w'", caller.app_id
+        )
+        assert await conn.fetchval(
+            "SELECT content_hash IS NULL FROM inputs WHERE app_id = $1 AND id = 'w'",
+            caller.app_id,
+        )
+    await build(versions, caller, "ds", "v1")
+    members = await content_of_version(db, caller, "ds", "v1")
+    assert members["w"].title == "by hand"
