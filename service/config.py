@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -16,10 +17,28 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):(\d{1,5})$")
 MAX_S3_OBJECT_BYTES = 5 * 1024**4
 # Originals of one embedding batch are held in memory together.
 MAX_EMBED_BATCH = 1024
+# Server processes sharing the ports (DATASETD_WORKERS): each holds its own pool.
+MAX_WORKERS = 64
 
 
 class ConfigError(ValueError):
     pass
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a container limited to 2 CPUs on a 64-core host gets 2, not os.cpu_count()'s 64)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(cores, MAX_WORKERS))
 
 
 def parse_duration(name: str, value: str) -> timedelta:
@@ -46,6 +65,27 @@ def _int(name: str, value: str, minimum: int) -> int:
     if number < minimum:
         raise ConfigError(f"{name}={value!r}: must be at least {minimum}")
     return number
+
+
+def _fetch_mode(name: str, value: str) -> str:
+    """The mode of DATASETD_FETCH_URLS: store (fetch URL media and store them), header
+    (read only the headers of URL images) or off; true and false keep their meaning."""
+    if value.strip().lower() == "header":
+        return "header"
+    try:
+        return "store" if _bool(name, value) else "off"
+    except ConfigError:
+        raise ConfigError(f"{name}={value!r}: expected true, false or header") from None
+
+
+def _networks(name: str, value: str) -> tuple[str, ...]:
+    networks = tuple(part.strip() for part in value.split(",") if part.strip())
+    for network in networks:
+        try:
+            ipaddress.ip_network(network)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {network!r} is not a network ({exc})") from None
+    return networks
 
 
 @dataclass(frozen=True)
@@ -105,8 +145,15 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"
     fetch_urls: bool = False
+    # DATASETD_FETCH_URLS=header: URL images keep their URL; only the first bytes of
+    # their file are read, for their size (a ranged GET).
+    fetch_url_headers: bool = False
     fetch_max_bytes: int = 64 * 1024 * 1024
     fetch_timeout: timedelta = timedelta(seconds=30)
+    # URL reads open at once per server process (fetches and header reads).
+    fetch_concurrency: int = 32
+    # Networks URL fetches may reach although they are not public (CIDR, comma-separated).
+    fetch_allowed_networks: tuple[str, ...] = ()
     max_upload_bytes: int = 2 * 1024**3
     max_import_bytes: int = 2 * 1024**3
     job_lease: timedelta = timedelta(seconds=30)
@@ -124,10 +171,14 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # Server processes sharing the gRPC and HTTP ports under one supervisor (service.supervisor);
+    # 1 runs today's single process. from_env defaults to the available cores.
+    workers: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         get = _Env(os.environ if env is None else env)
+        fetch_mode = _fetch_mode("DATASETD_FETCH_URLS", get.text("FETCH_URLS"))
         config = cls(
             listen=get.text("LISTEN", cls.listen),
             http_listen=get.text("HTTP_LISTEN", cls.http_listen),
@@ -156,9 +207,14 @@ class Config:
             db_pool_size=get.integer("DB_POOL_SIZE", 10, 2),
             shutdown_grace=get.duration("SHUTDOWN_GRACE", "10s"),
             auth_cache_seconds=get.duration("AUTH_CACHE", "5s").total_seconds(),
-            fetch_urls=get.flag("FETCH_URLS"),
+            fetch_urls=fetch_mode == "store",
+            fetch_url_headers=fetch_mode == "header",
             fetch_max_bytes=get.integer("FETCH_MAX_BYTES", cls.fetch_max_bytes, 1),
             fetch_timeout=get.duration("FETCH_TIMEOUT", "30s"),
+            fetch_concurrency=get.integer("FETCH_CONCURRENCY", cls.fetch_concurrency, 1),
+            fetch_allowed_networks=_networks(
+                "DATASETD_FETCH_ALLOWED_NETWORKS", get.text("FETCH_ALLOWED_NETWORKS")
+            ),
             max_upload_bytes=get.integer("MAX_UPLOAD_BYTES", cls.max_upload_bytes, 1),
             max_import_bytes=get.integer("MAX_IMPORT_BYTES", cls.max_import_bytes, 1),
             job_lease=get.duration("JOB_LEASE", "30s"),
@@ -172,6 +228,7 @@ class Config:
             tls_cert=get.text("TLS_CERT"),
             tls_key=get.text("TLS_KEY"),
             tls_client_ca=get.text("TLS_CLIENT_CA"),
+            workers=get.integer("WORKERS", available_cores(), 1),
             log_level=get.text("LOG_LEVEL", "INFO"),
             log_format=get.text("LOG_FORMAT", "text"),
         )
@@ -219,6 +276,8 @@ class Config:
             )
         if not 1 <= self.embed_batch <= MAX_EMBED_BATCH:
             raise ConfigError(f"DATASETD_EMBED_BATCH must be 1..{MAX_EMBED_BATCH}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"DATASETD_WORKERS={self.workers}: must be 1..{MAX_WORKERS}")
         self.check_tls()
         if self.bootstrap_key and len(self.bootstrap_key) < 16:
             raise ConfigError("DATASETD_BOOTSTRAP_KEY must be at least 16 characters")

@@ -19,10 +19,12 @@ import contextlib
 import http.client
 import io
 import ipaddress
+import re
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
 from service.domain.errors import InvalidArgument
@@ -31,7 +33,7 @@ from service.domain.errors import InvalidArgument
 # re-exported here for callers of this module.
 from service.domain.input_drafts import FetchedMedia
 
-__all__ = ["FetchedMedia", "UrlFetcher"]
+__all__ = ["FetchedHead", "FetchedMedia", "UrlFetcher"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -51,6 +53,8 @@ _READ_SIZE = 64 * 1024
 _TARGET_SAFE = "/?[]@!$&'()*+,;=-._~:%"
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _HOST_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+_CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,23 @@ class _Response:
     headers: http.client.HTTPMessage
 
 
+@dataclass(frozen=True)
+class FetchedHead:
+    """The first bytes of a body; `complete` when they are all of it."""
+
+    data: bytes
+    complete: bool
+    final_url: str
+
+
+# Reads the body of a successful answer: (reader, response, target of the last hop).
+_BodyReader = Callable[[asyncio.StreamReader, _Response, _Target], Awaitable[_T]]
+
+
 class UrlFetcher:
     """Downloads a URL's body under size, time and redirect limits, refusing any hop whose
-    host resolves to a non-public address unless it lies in `allowed_networks`."""
+    host resolves to a non-public address unless it lies in `allowed_networks`. At most
+    `concurrency` requests are open at once; the others wait (outside their time limit)."""
 
     def __init__(
         self,
@@ -82,25 +100,59 @@ class UrlFetcher:
         max_redirects: int = 5,
         allowed_networks: Sequence[IPNetwork] = (),
         ssl_context: ssl.SSLContext | None = None,
+        concurrency: int = 32,
     ) -> None:
-        if max_bytes <= 0 or timeout_seconds <= 0 or max_redirects < 0:
-            raise ValueError("max_bytes and timeout_seconds must be positive, max_redirects >= 0")
+        if max_bytes <= 0 or timeout_seconds <= 0 or max_redirects < 0 or concurrency <= 0:
+            raise ValueError(
+                "max_bytes, timeout_seconds and concurrency must be positive, max_redirects >= 0"
+            )
         self._max_bytes = max_bytes
         self._timeout = timeout_seconds
         self._max_redirects = max_redirects
         self._allowed = tuple(allowed_networks)
         self._ssl = ssl_context or ssl.create_default_context()
+        self._slots = asyncio.Semaphore(concurrency)
 
     async def fetch(self, url: str, field: str) -> FetchedMedia:
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await self._fetch(url, field)
-        except TimeoutError:
-            raise _failed(
-                field, f"fetching {url} timed out after {self._timeout:g} seconds"
-            ) from None
+        async def read(
+            reader: asyncio.StreamReader, response: _Response, target: _Target
+        ) -> FetchedMedia:
+            data = await self._read_body(reader, response.headers, target, field)
+            content_type = (response.headers.get("Content-Type") or "").strip()
+            return FetchedMedia(data, content_type or "application/octet-stream", target.url)
 
-    async def _fetch(self, url: str, field: str) -> FetchedMedia:
+        return await self._limited(url, field, None, read)
+
+    async def fetch_head(self, url: str, field: str, size: int) -> FetchedHead:
+        """The first `size` bytes of the body (all of it when shorter), asked for with
+        `Range: bytes=0-(size-1)`. A server that ignores Range answers 200 with the whole
+        body, of which only the first `size` bytes are read before the connection is
+        dropped. Every hop is checked exactly as for `fetch`."""
+        if size <= 0:
+            raise ValueError("size must be positive")
+
+        async def read(
+            reader: asyncio.StreamReader, response: _Response, target: _Target
+        ) -> FetchedHead:
+            return await self._read_head(reader, response, target, field, size)
+
+        return await self._limited(url, field, size, read)
+
+    async def _limited(
+        self, url: str, field: str, first_bytes: int | None, read: _BodyReader[_T]
+    ) -> _T:
+        async with self._slots:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return await self._request(url, field, first_bytes, read)
+            except TimeoutError:
+                raise _failed(
+                    field, f"fetching {url} timed out after {self._timeout:g} seconds"
+                ) from None
+
+    async def _request(
+        self, url: str, field: str, first_bytes: int | None, read: _BodyReader[_T]
+    ) -> _T:
         current = url
         redirects = 0
         while True:
@@ -108,7 +160,7 @@ class UrlFetcher:
             addresses = await self._resolve(target, field)
             reader, writer = await self._connect(target, addresses, field)
             try:
-                response = await _send_request(reader, writer, target, field)
+                response = await _send_request(reader, writer, target, field, first_bytes)
                 location = response.headers.get("Location")
                 if response.status in _REDIRECT_STATUSES and location:
                     if redirects == self._max_redirects:
@@ -119,20 +171,21 @@ class UrlFetcher:
                     redirects += 1
                     current = urljoin(current, location.strip())
                     continue
-                if not 200 <= response.status < 300:
+                # 416 to a range from byte 0: the body is empty (_read_head says so).
+                ranged_empty = first_bytes is not None and response.status == 416
+                if not 200 <= response.status < 300 and not ranged_empty:
                     raise _failed(
                         field,
                         f"{current} answered HTTP {response.status} {response.reason}".rstrip(),
                     )
-                data = await self._read_body(reader, response.headers, target, field)
+                return await read(reader, response, target)
             finally:
-                # Abort rather than close: nothing more is wanted from the peer, and a TLS
-                # close handshake with a misbehaving server could eat into the deadline.
+                # Abort rather than close: nothing more is wanted from the peer (a ranged
+                # read may leave most of a body unread), and a TLS close handshake with a
+                # misbehaving server could eat into the deadline.
                 writer.transport.abort()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
-            content_type = (response.headers.get("Content-Type") or "").strip()
-            return FetchedMedia(data, content_type or "application/octet-stream", current)
 
     async def _resolve(self, target: _Target, field: str) -> list[IPAddress]:
         literal = _ip_literal(target.host)
@@ -222,6 +275,40 @@ class UrlFetcher:
         except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
             raise _failed(field, f"reading {target.url} failed: {exc}") from None
 
+    async def _read_head(
+        self,
+        reader: asyncio.StreamReader,
+        response: _Response,
+        target: _Target,
+        field: str,
+        size: int,
+    ) -> FetchedHead:
+        if response.status == 416:
+            return FetchedHead(b"", True, target.url)
+        total: int | None = None
+        if response.status == 206:
+            span = _content_range(response.headers.get("Content-Range"))
+            if span is None or span[0] != 0:
+                raise _failed(
+                    field, f"{target.url} answered the range request with an invalid Content-Range"
+                )
+            total = span[1]
+        try:
+            data, ended = await _read_prefix(reader, response.headers, target, field, size)
+        except asyncio.IncompleteReadError as exc:
+            raise _failed(
+                field,
+                f"{target.url} closed the connection after {len(exc.partial)} of "
+                f"{exc.expected} expected bytes",
+            ) from None
+        except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
+            raise _failed(field, f"reading {target.url} failed: {exc}") from None
+        if response.status == 206:
+            # A server may send less than asked; only the total tells where the body ends
+            # (an unknown total: a short part must be the end).
+            ended = len(data) >= total if total is not None else len(data) < size
+        return FetchedHead(data, ended, target.url)
+
     async def _read_to_end(
         self, reader: asyncio.StreamReader, target: _Target, field: str
     ) -> bytes:
@@ -261,6 +348,62 @@ class UrlFetcher:
             f"{target.url} is larger than the {self._max_bytes} bytes allowed ({size})",
             reason="URL_TOO_LARGE",
         )
+
+
+async def _read_prefix(
+    reader: asyncio.StreamReader,
+    headers: http.client.HTTPMessage,
+    target: _Target,
+    field: str,
+    size: int,
+) -> tuple[bytes, bool]:
+    """At most the first `size` bytes of a body, and whether the body ended within them."""
+    if "chunked" in (headers.get("Transfer-Encoding") or "").lower():
+        return await _read_chunked_prefix(reader, target, field, size)
+    lengths = {value.strip() for value in headers.get_all("Content-Length") or []}
+    if lengths:
+        length = _content_length(lengths)
+        if length is None:
+            raise _failed(field, f"{target.url} sent an invalid Content-Length")
+        return await reader.readexactly(min(length, size)), length <= size
+    body = bytearray()
+    while len(body) < size:
+        chunk = await reader.read(size - len(body))
+        if not chunk:
+            return bytes(body), True
+        body += chunk
+    return bytes(body), False
+
+
+async def _read_chunked_prefix(
+    reader: asyncio.StreamReader, target: _Target, field: str, size: int
+) -> tuple[bytes, bool]:
+    body = bytearray()
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        size_text = line.split(b";", 1)[0].strip()
+        if not 0 < len(size_text) <= 16 or not _HEX_DIGITS.issuperset(size_text):
+            raise _failed(field, f"{target.url} sent an invalid chunked body")
+        chunk_size = int(size_text, 16)
+        if chunk_size == 0:
+            return bytes(body), True
+        wanted = min(chunk_size, size - len(body))
+        body += await reader.readexactly(wanted)
+        if len(body) >= size:
+            return bytes(body), False
+        if await reader.readexactly(2) != b"\r\n":
+            raise _failed(field, f"{target.url} sent an invalid chunked body")
+
+
+def _content_range(value: str | None) -> tuple[int, int | None] | None:
+    """(first byte, complete length or None when unknown) of `bytes first-last/length`."""
+    match = _CONTENT_RANGE.match((value or "").strip())
+    if match is None or int(match.group(2)) < int(match.group(1)):
+        return None
+    total = None if match.group(3) == "*" else int(match.group(3))
+    if total is not None and int(match.group(2)) >= total:
+        return None
+    return int(match.group(1)), total
 
 
 def _parse_target(url: str, field: str) -> _Target:
@@ -313,15 +456,22 @@ def _parse_target(url: str, field: str) -> _Target:
 
 
 async def _send_request(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: _Target, field: str
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    target: _Target,
+    field: str,
+    first_bytes: int | None = None,
 ) -> _Response:
+    wanted = "" if first_bytes is None else f"Range: bytes=0-{first_bytes - 1}\r\n"
     request = (
         f"GET {target.request_target} HTTP/1.1\r\n"
         f"Host: {target.host_header}\r\n"
         "User-Agent: datasetd\r\n"
         "Accept: */*\r\n"
-        # Compressed bodies would need decoding and would defeat the size cap.
+        # Compressed bodies would need decoding and would defeat the size cap (and a
+        # range of a compressed body is not the start of the image).
         "Accept-Encoding: identity\r\n"
+        f"{wanted}"
         "Connection: close\r\n\r\n"
     )
     try:

@@ -59,6 +59,7 @@ SELECT count(*)::integer AS members, count(*) FILTER (WHERE f.content_hash IS NU
        {metrics_sums("c")}
 FROM fixed f LEFT JOIN input_contents c ON c.hash = f.content_hash
 """
+SORT_MEMORY = "SET LOCAL work_mem = '64MB'"
 # The vectors the members have when the version is created: references, not copies.
 CAPTURE_VECTORS = """
 INSERT INTO version_embeddings (app_id, dataset_id, version_id, input_id, embedding_id)
@@ -213,6 +214,8 @@ class PgVersionRepository(Repository):
 
     async def fix_members(self, app_id: str, dataset_id: str, version_id: str) -> FixedVersion:
         async with self._db.transaction(), self._db.connection() as conn:
+            # The members are sorted by membership order: in memory up to ~1M members.
+            await conn.execute(SORT_MEMORY)
             row = await conn.fetchrow(FIX_MEMBERS, app_id, dataset_id, version_id)
             assert row is not None
             await conn.execute(CAPTURE_VECTORS, app_id, dataset_id, version_id)
