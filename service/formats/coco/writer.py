@@ -56,7 +56,7 @@ from service.domain.models import (
 from service.domain.ports import ByteSink, MediaStreams
 from service.formats.coco.rle import mask_rle
 from service.formats.media_reads import READ_AHEAD, ReadAhead, add_media_entries
-from service.formats.snapshot import labels_of, parse
+from service.formats.snapshot import labels_of, parse, positive_concepts
 from service.formats.zipstream import MEDIA_CHUNK_BYTES, ZipStream
 from service.wire.inputs import medium_of
 
@@ -66,30 +66,44 @@ _DECIMALS = 2
 
 @dataclass
 class _SplitFiles:
-    """A split's images and annotations so far, as comma-separated JSON objects."""
+    """A split's images and annotations so far, as comma-separated JSON objects; a page's
+    records are encoded together when it is flushed (one encoder call per page, not per
+    record: a third of the conversion's time)."""
 
     images: IO[bytes] = field(default_factory=tempfile.TemporaryFile)
     annotations: IO[bytes] = field(default_factory=tempfile.TemporaryFile)
     image_count: int = 0
     annotation_count: int = 0
+    _images: list[dict[str, Any]] = field(default_factory=list)
+    _annotations: list[dict[str, Any]] = field(default_factory=list)
 
     def add_image(self, record: dict[str, Any]) -> None:
-        _append(self.images, self.image_count, record)
+        self._images.append(record)
         self.image_count += 1
 
     def add_annotation(self, record: dict[str, Any]) -> None:
-        _append(self.annotations, self.annotation_count, record)
+        self._annotations.append(record)
         self.annotation_count += 1
+
+    def flush(self) -> None:
+        _append(self.images, self.image_count - len(self._images), self._images)
+        _append(self.annotations, self.annotation_count - len(self._annotations), self._annotations)
+        self._images.clear()
+        self._annotations.clear()
 
     def close(self) -> None:
         self.images.close()
         self.annotations.close()
 
 
-def _append(target: IO[bytes], count: int, record: dict[str, Any]) -> None:
-    if count:
+def _append(target: IO[bytes], before: int, records: list[dict[str, Any]]) -> None:
+    """Appends `records` after the `before` ones already in `target`."""
+    if not records:
+        return
+    if before:
         target.write(b",")
-    target.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode())
+    encoded = json.dumps(records, ensure_ascii=False, separators=(",", ":"))
+    target.write(encoded[1:-1].encode())
 
 
 def _pixels(value: float) -> float:
@@ -161,8 +175,7 @@ class CocoWriter:
         self._dropped: Counter[str] = Counter()
 
     async def observe(self, members: list[VersionMember]) -> list[frozenset[str]]:
-        await asyncio.to_thread(self._observe, [m.data for m in members])
-        return await self.labels(members)
+        return await asyncio.to_thread(self._observe, [m.data for m in members])
 
     async def labels(self, members: list[VersionMember]) -> list[frozenset[str]]:
         return await asyncio.to_thread(labels_of, [m.data for m in members])
@@ -173,7 +186,7 @@ class CocoWriter:
         files = self._splits[split]
         # Only images have a place in COCO: the split counts what was written.
         images_before = files.image_count
-        embedded = await asyncio.to_thread(lambda: [self._convert(files, m) for m in members])
+        embedded = await asyncio.to_thread(self._convert_page, files, members)
         images = [(f"images/{split}/{name}", blob) for name, blob in filter(None, embedded)]
         await add_media_entries(self._zip, self._streams, images, self._reads)
         return files.image_count - images_before
@@ -202,12 +215,25 @@ class CocoWriter:
         self._category_records = records
         self._categories = {record["name"]: record["id"] for record in records}
 
-    def _observe(self, members_data: list[bytes]) -> None:
+    def _observe(self, members_data: list[bytes]) -> list[frozenset[str]]:
+        """Notes the concepts of the members' images; the labels of every member (one
+        parse serves both)."""
+        found = []
         for data in members_data:
-            content = parse(data).data
+            message = parse(data)
+            content = message.data
             if medium_of(content) == "image":
                 self._concepts.update(c.id for c in content.concepts)
                 self._concepts.update(c.id for r in content.regions for c in r.data.concepts)
+            found.append(positive_concepts(message))
+        return found
+
+    def _convert_page(
+        self, files: _SplitFiles, members: list[VersionMember]
+    ) -> list[tuple[str, StoredBlob] | None]:
+        embedded = [self._convert(files, member) for member in members]
+        files.flush()
+        return embedded
 
     def _convert(self, files: _SplitFiles, member: VersionMember) -> tuple[str, StoredBlob] | None:
         """Appends the member's image and annotations to its split; returns the file name
