@@ -7,7 +7,7 @@ PY := $(BIN)/python
 PROTOS := $(wildcard protos/datasetd/v1/*.proto)
 GEN_DIR := service/gen
 
-.PHONY: run test test-slow test-torch lint proto proto-check bench bench-search bench-auth bench-scale clean setup prometheus
+.PHONY: run test test-slow test-torch lint proto proto-check bench bench-search bench-auth bench-scale bench-peers clean setup prometheus
 
 setup: $(VENV)/.installed
 
@@ -65,11 +65,12 @@ BENCH_SEARCH_N ?= 20000
 bench: $(VENV)/.installed
 	$(PY) -m bench.bench_datasets
 	$(PY) -m bench.bench_ingest
-	$(PY) -m bench.bench_versions
+	$(PY) -m bench.bench_versions --large
 	$(PY) -m bench.bench_cli_upload
 	$(PY) -m bench.bench_faults
 	$(PY) -m bench.bench_boundary
 	$(PY) -m bench.bench_replicas
+	$(PY) -m bench.bench_workers
 	$(PY) -m bench.bench_ontology
 	$(PY) -m bench.bench_ontology_exports
 	$(PY) -m bench.bench_vi_download
@@ -91,6 +92,11 @@ bench-auth: $(VENV)/.installed
 ## bench-scale: sizes and throughput at 1M inputs for deploy/SCALING.md (15-40 minutes)
 bench-scale: $(VENV)/.installed
 	$(PY) -m bench.bench_scale
+
+## bench-peers: datasetd beside FiftyOne and Label Studio (installed into .bench/ on first use),
+## 10k and 50k items, two interleaved rounds; BENCH_PEERS_SIZES=1000,5000 for a quick run
+bench-peers: $(VENV)/.installed
+	$(PY) -m bench.bench_peers
 
 clean:
 	rm -rf $(VENV) .data build *.egg-info

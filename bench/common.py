@@ -104,6 +104,8 @@ class ServerProcess:
             "DATASETD_S3_BUCKET": stack.s3_bucket,
             "DATASETD_BOOTSTRAP_KEY": key,
             "DATASETD_BOOTSTRAP_APP": APP_ID,
+            # One process per replica (bench_workers measures several workers).
+            "DATASETD_WORKERS": "1",
             # Access logs would cost server CPU on every call.
             "DATASETD_LOG_LEVEL": "WARNING",
         }

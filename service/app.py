@@ -1,19 +1,30 @@
 """The process: opens PostgreSQL and S3 (embedded where not configured), starts the server
-that `service.wiring` builds, watches its health, and stops it all in order."""
+that `service.wiring` builds, watches its health, and stops it all in order.
+
+With DATASETD_WORKERS above 1 this is one worker process of several (`serve_worker`, started
+by service.supervisor, which runs the embedded stack): every worker serves both ports
+(SO_REUSEPORT); worker 0 alone runs the job runner and the maintenance loop, so that they run
+once per installation as with one process (jobs queued through another worker wake it by a
+PostgreSQL NOTIFY when they commit: storage/jobs.py listen_for_jobs)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.api.access_policy import InputDatasets
 from service.api.clarifai.rest import add_rest_routes
@@ -23,6 +34,7 @@ from service.api.http import HttpServer, build_application, http_address
 from service.api.links import DownloadLinks
 from service.api.server import LIVENESS_SERVICE, SERVICE_NAMES, build_server
 from service.api.tls import ServerTls, load_server_tls
+from service.banner import banner_text
 from service.config import Config, ConfigError
 from service.devstack import EmbeddedPostgres, EmbeddedS3, EmbeddedServerError
 from service.domain.auth import Authenticator, ensure_bootstrap_key
@@ -34,10 +46,17 @@ from service.jobs import JobRunner
 from service.observability import metrics, tracing
 from service.observability.metrics import InstanceMetrics, QueuedJobs
 from service.storage.db import Database, migrate, server_secret
+from service.storage.jobs import listen_for_jobs
 from service.storage.objectstore import ObjectStore
 from service.wiring import Api, Domain, Storage, job_runner
 
 log = logging.getLogger("datasetd")
+
+# The HTTP header naming the process (pid) that answered, under a supervisor.
+WORKER_HEADER = "X-Datasetd-Worker-Pid"
+# Where the workers' prometheus_client values live (prometheus_client's own variable: it
+# switches the library to shared-memory values at import).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 BOOTSTRAP_LOCK_ID = 0x64617461_0002
 MAINTENANCE_LOCK_ID = 0x64617461_0003
@@ -208,8 +227,14 @@ def _where(task: asyncio.Task[Any]) -> str:
     return "\n".join(lines)
 
 
-async def start(config: Config, resources: Resources | None = None) -> Running:
-    """Starts the server; with `resources` given (tests), uses them instead of opening new ones."""
+async def start(
+    config: Config, resources: Resources | None = None, *, worker: int | None = None
+) -> Running:
+    """Starts the server; with `resources` given (tests), uses them instead of opening new ones.
+    `worker`: this process's index among DATASETD_WORKERS processes sharing the ports (None:
+    the only one); only worker 0 runs the job runner, the maintenance loop and the start-up
+    embedding work."""
+    leader = worker is None or worker == 0
     # Before anything is opened: a bad ONNX model stops the start with its ConfigError.
     embedders = await asyncio.to_thread(installation_embedders, config)
     tls = load_server_tls(config)
@@ -231,8 +256,9 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         )
         runner = job_runner(config, store, links, embedders)
         domain = Domain.build(config, store, runner, links, embedders)
-        # Registers the models (a changed fingerprint re-embeds) and queues the backfill.
-        await domain.embedding_startup.run()
+        if leader:
+            # Registers the models (a changed fingerprint re-embeds) and queues the backfill.
+            await domain.embedding_startup.run()
         api = await Api.build(domain, db, links)
         health_servicer = health.aio.HealthServicer()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -255,6 +281,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
             max_concurrent_rpcs=config.max_concurrent_rpcs,
             audit=store.audit,
             input_datasets=store.members,
+            reuse_port=worker is not None,
         )
         port = (
             server.add_secure_port(config.listen, tls.grpc_credentials())
@@ -263,6 +290,10 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         )
         if port == 0:
             raise RuntimeError(f"cannot listen on {config.listen}")
+        if worker is not None:
+            # It joins ports the other workers serve: no NOT_SERVING answer from it until
+            # its first check (a lone server may say so while it starts).
+            await _check_health(health_servicer, resources)
         instance = InstanceMetrics(kind.value for kind in JobKind)
         instance.watch_pool("primary", db.pool)
         if db.replica is not None:
@@ -279,6 +310,7 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
                 tls,
                 audit=store.audit,
                 inputs=store.members,
+                worker=worker,
             )
             if http is not None and not links.public:
                 scheme = "https" if tls is not None else "http"
@@ -291,13 +323,18 @@ async def start(config: Config, resources: Resources | None = None) -> Running:
         raise
     tasks = [
         asyncio.create_task(_watch_health(health_servicer, resources), name="health"),
-        asyncio.create_task(
-            _maintain(domain.maintenance, db, config.maintenance_interval.total_seconds()),
-            name="maintenance",
-        ),
-        asyncio.create_task(runner.run_forever(), name="jobs"),
         asyncio.create_task(_sample_jobs(db, instance, JOB_SAMPLE_SECONDS), name="job-metrics"),
     ]
+    if leader:
+        tasks += [
+            asyncio.create_task(
+                _maintain(domain.maintenance, db, config.maintenance_interval.total_seconds()),
+                name="maintenance",
+            ),
+            asyncio.create_task(runner.run_forever(), name="jobs"),
+            # Jobs queued by other workers and replicas wake the runner when they commit.
+            asyncio.create_task(listen_for_jobs(db, runner.notify), name="job-notifications"),
+        ]
     return Running(
         server,
         port,
@@ -323,9 +360,11 @@ async def _start_http(
     tls: ServerTls | None = None,
     audit: AuditRepository | None = None,
     inputs: InputDatasets | None = None,
+    worker: int | None = None,
 ) -> HttpServer | None:
     """The HTTP port: /metrics, /healthz, the download links and Clarifai's REST API
-    (None when DATASETD_HTTP_LISTEN is off), over TLS when `tls` is given."""
+    (None when DATASETD_HTTP_LISTEN is off), over TLS when `tls` is given; shared with the
+    other workers when `worker` is given."""
     if config.http_listen == "off":
         return None
 
@@ -335,12 +374,35 @@ async def _start_http(
         response = await servicer.Check(health_pb2.HealthCheckRequest(service=""), None)
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
-    app = build_application(lambda: metrics.exposition(instance), serving)
+    app = build_application(_exposition(instance, worker), serving)
     add_download_routes(app, downloads)
     add_rest_routes(app, v2, authenticator, config.max_message_bytes, audit, inputs)
+    if worker is not None:
+        app.on_response_prepare.append(_worker_header)
     return await HttpServer.start(
-        app, config.http_listen, tls.ssl_context() if tls is not None else None
+        app,
+        config.http_listen,
+        tls.ssl_context() if tls is not None else None,
+        reuse_port=worker is not None,
     )
+
+
+async def _worker_header(request: web.Request, response: web.StreamResponse) -> None:
+    # Which of the processes sharing the port answered: for the operator and the tests.
+    response.headers[WORKER_HEADER] = str(os.getpid())
+
+
+def _exposition(instance: InstanceMetrics, worker: int | None) -> Callable[[], bytes]:
+    """The /metrics text. Under a supervisor (PROMETHEUS_MULTIPROC_DIR set by it), the
+    counters and histograms of every worker, past ones included, summed from the shared
+    directory: a scrape reaches one worker, and must not see only its share. The gauges of
+    `instance` (connection pools) stay this worker's; the job queue is the installation's."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if worker is None or not directory:
+        return lambda: metrics.exposition(instance)
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry, directory)  # type: ignore[no-untyped-call]
+    return lambda: generate_latest(registry) + generate_latest(instance.registry)
 
 
 async def _sample_jobs(db: Database, instance: InstanceMetrics, interval: float) -> None:
@@ -380,19 +442,25 @@ async def _watch_health(servicer: health.aio.HealthServicer, resources: Resource
     while True:
         for event in outage:
             event.clear()
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(resources.db.ping(), resources.objects.ping()),
-                HEALTH_INTERVAL_SECONDS,
-            )
-            status = health_pb2.HealthCheckResponse.SERVING
-        except Exception as exc:
-            log.warning("health check failed: %s", exc)
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
-        await _set_health(servicer, status)
+        status = await _check_health(servicer, resources)
         await asyncio.sleep(HEALTH_RETRY_SECONDS)
         if status == health_pb2.HealthCheckResponse.SERVING:
             await _first_of(outage, HEALTH_INTERVAL_SECONDS - HEALTH_RETRY_SECONDS)
+
+
+async def _check_health(servicer: health.aio.HealthServicer, resources: Resources) -> int:
+    """One check of PostgreSQL and the bucket, its outcome set as the status."""
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(resources.db.ping(), resources.objects.ping()),
+            HEALTH_INTERVAL_SECONDS,
+        )
+        status: int = health_pb2.HealthCheckResponse.SERVING
+    except Exception as exc:
+        log.warning("health check failed: %s", exc)
+        status = health_pb2.HealthCheckResponse.NOT_SERVING
+    await _set_health(servicer, status)
+    return status
 
 
 async def _first_of(events: tuple[asyncio.Event, ...], seconds: float) -> None:
@@ -420,60 +488,12 @@ async def _maintain(maintenance: Maintenance, db: Database, interval: float) -> 
 
 
 def banner(config: Config, running: Running) -> str:
-    host = config.listen.rsplit(":", 1)[0]
-    address = f"{host}:{running.port}"
-    key = running.bootstrap_secret
-    lines = [f"datasetd is serving on {address} (app {config.bootstrap_app!r})"]
-    tls = bool(config.tls_cert)
-    if tls:
-        mutual = " (client certificates required)" if config.tls_client_ca else ""
-        lines.append(f"TLS on the gRPC and HTTP ports{mutual}")
-    if running.http is not None:
-        http_host = config.http_listen.rsplit(":", 1)[0] or "0.0.0.0"
-        scheme = "https" if tls else "http"
-        lines.append(f"metrics on {scheme}://{http_host}:{running.http_port}/metrics")
-        lines.append(
-            f"Clarifai REST and downloads on {scheme}://{http_host}:{running.http_port}/v2 "
-            "(clarifai.api.V2 also on the gRPC port)"
-        )
-    if key:
-        lines.append(f"bootstrap API key for app {config.bootstrap_app!r}: {key}")
-        if not config.bootstrap_key:
-            lines.append("  (created now and shown only once: store it somewhere safe)")
-    else:
-        key = "<your key>"
-        lines.append(
-            "bootstrap API key: shown on first start only; lost it? set DATASETD_BOOTSTRAP_KEY "
-            "(16 characters or more) and restart: it becomes a key of user owner too"
-        )
-    lines += [
-        "try it:",
-        f"  .venv/bin/grpcurl {_grpcurl_transport(config)} -H 'authorization: Key {key}' "
-        f'-d \'{{"app_id": "{config.bootstrap_app}"}}\' {address} '
-        "datasetd.v1.DatasetService/ListDatasets",
-    ]
-    if tls:
-        lines.append(
-            "  (-cacert: the CA that signed DATASETD_TLS_CERT; the certificate itself when "
-            "it is self-signed)"
-        )
-    if config.tls_client_ca:
-        lines.append(
-            "  (-cert, -key: a client certificate signed by a CA of DATASETD_TLS_CLIENT_CA, "
-            "and its key)"
-        )
-    lines.append("stop with Ctrl-C")
-    return "\n".join(lines)
-
-
-def _grpcurl_transport(config: Config) -> str:
-    """grpcurl's options for the gRPC port's transport."""
-    if not config.tls_cert:
-        return "-plaintext"
-    options = f"-cacert {config.tls_cert}"
-    if config.tls_client_ca:
-        options += " -cert client.pem -key client-key.pem"
-    return options
+    return banner_text(
+        config,
+        running.port,
+        running.http_port if running.http is not None else None,
+        running.bootstrap_secret,
+    )
 
 
 async def serve(config: Config) -> None:
@@ -494,3 +514,41 @@ async def serve(config: Config) -> None:
     # Flushes the spans still batched.
     await asyncio.to_thread(tracing.shutdown)
     print("datasetd stopped", file=sys.stderr, flush=True)
+
+
+async def serve_worker(config: Config, index: int, ready_fd: int) -> None:
+    """One worker process under service.supervisor: serves until SIGTERM/SIGINT, or until
+    its standard input (a pipe only the supervisor holds) ends: the supervisor is gone, and
+    with it the embedded stack. Writes one JSON line to `ready_fd` once it serves."""
+    tracing.configure_from_env()
+    try:
+        running = await start(config, worker=index)
+    except ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+    ready = {
+        "pid": os.getpid(),
+        "port": running.port,
+        "http_port": running.http_port if running.http is not None else None,
+        "bootstrap_secret": running.bootstrap_secret,
+    }
+    os.write(ready_fd, json.dumps(ready).encode() + b"\n")
+    os.close(ready_fd)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def lifeline() -> None:
+        try:
+            alive = bool(os.read(sys.stdin.fileno(), 4096))
+        except OSError:
+            alive = False
+        if not alive:
+            loop.remove_reader(sys.stdin.fileno())
+            log.error("the supervisor is gone; stopping")
+            stop.set()
+
+    loop.add_reader(sys.stdin.fileno(), lifeline)
+    await stop.wait()
+    await running.stop()
+    await asyncio.to_thread(tracing.shutdown)

@@ -51,7 +51,10 @@ class ServerProcess:
 async def start_serve(
     env: dict[str, str], *, stderr: int | IO[bytes]
 ) -> asyncio.subprocess.Process:
-    """`python -m service serve`, as `make run` starts it, with its stdout piped."""
+    """`python -m service serve`, as `make run` starts it, with its stdout piped; one
+    server process unless `env` sets DATASETD_WORKERS (the default, one per core, would
+    multiply the suite's processes)."""
+    env = {"DATASETD_WORKERS": "1", **env}
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -66,16 +66,23 @@ class HttpServer:
 
     @classmethod
     async def start(
-        cls, app: web.Application, listen: str, ssl_context: ssl.SSLContext | None = None
+        cls,
+        app: web.Application,
+        listen: str,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        reuse_port: bool = False,
     ) -> HttpServer:
         """Serves `app` on `listen` ("host:port"; port 0 picks a free one), over TLS with
-        `ssl_context`."""
+        `ssl_context`; `reuse_port` shares the port with the other worker processes."""
         host, port = split_listen(listen)
         # No access log: a Prometheus scrape every few seconds would flood it.
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+            site = web.TCPSite(
+                runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None
+            )
             await site.start()
         except BaseException:
             await runner.cleanup()

@@ -71,7 +71,10 @@ def build_server(
     max_concurrent_rpcs: int,
     audit: AuditRepository | None = None,
     input_datasets: InputDatasets | None = None,
+    reuse_port: bool = False,
 ) -> grpc.aio.Server:
+    """`reuse_port`: the port is shared with the other worker processes of the
+    installation (DATASETD_WORKERS); off, a second server on the port fails to start."""
     check_v2_rules(clarifai.handlers)
     server = grpc.aio.server(
         interceptors=[
@@ -80,7 +83,7 @@ def build_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )

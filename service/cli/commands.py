@@ -42,8 +42,11 @@ def _progress(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def serve(args: argparse.Namespace, output: Output) -> int:
-    from service.app import serve as run_server
     from service.observability import setup_logging
+
+    # Not service.app: with DATASETD_WORKERS above 1 this process only supervises the
+    # workers, and stays small without the server's imports.
+    from service.supervisor import serve as run_server
 
     config = _config(output)
     if config is None:

@@ -78,6 +78,8 @@ RPC_IN_FLIGHT = Gauge(
     "datasetd_rpc_in_flight",
     "RPCs being served now.",
     registry=REGISTRY,
+    # Several worker processes (DATASETD_WORKERS): the sum over those alive.
+    multiprocess_mode="livesum",
 )
 JOB_DURATION = Histogram(
     "datasetd_job_duration_seconds",

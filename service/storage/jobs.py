@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -10,10 +12,20 @@ from typing import Any
 import asyncpg
 
 from service.domain.jobs import Job, JobKind, JobStatus
-from service.storage.db import Repository
+from service.storage.db import Database, Repository
 from service.storage.rows import record
 
-ENQUEUE = "INSERT INTO jobs (kind, app_id, payload) VALUES ($1, $2, $3) RETURNING id"
+# NOTIFY is delivered when the enqueuing transaction commits: the runner of another
+# process (worker 0 of DATASETD_WORKERS, another replica) claims the job at once instead
+# of at its next poll (listen_for_jobs).
+JOBS_CHANNEL = "datasetd_jobs"
+ENQUEUE = f"""
+WITH queued AS (
+    INSERT INTO jobs (kind, app_id, payload) VALUES ($1, $2, $3) RETURNING id)
+SELECT id, pg_notify('{JOBS_CHANNEL}', '') FROM queued
+"""
+# How often the listening connection is checked, and retried once lost.
+LISTEN_CHECK_SECONDS = 5.0
 
 CANCEL = """
 UPDATE jobs SET status = 'cancelled', updated_at = now()
@@ -200,3 +212,34 @@ class PgJobQueue(Repository):
         Returns PENDING, CANCELLED when cancel() came first, or None when this
         worker no longer holds it."""
         return _status(await self._db.fetchval(RELEASE, job_id, worker_id, counted))
+
+
+log = logging.getLogger(__name__)
+
+
+async def listen_for_jobs(db: Database, wake: Callable[[], None]) -> None:
+    """Calls `wake` whenever any process queues a job (runs until cancelled, as a task). Holds one
+    connection of the pool; a lost one (PostgreSQL restarting) is replaced, and `wake` is
+    called then too, since a notification may have been missed meanwhile (the runner's
+    poll would find the job anyway, a second later)."""
+
+    def notified(*_: object) -> None:
+        wake()
+
+    while True:
+        try:
+            async with db.acquire() as conn:
+                await conn.add_listener(JOBS_CHANNEL, notified)
+                wake()
+                try:
+                    while not conn.is_closed():
+                        await asyncio.sleep(LISTEN_CHECK_SECONDS)
+                        await conn.execute("SELECT 1")
+                finally:
+                    if not conn.is_closed():
+                        await conn.remove_listener(JOBS_CHANNEL, notified)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("job notifications lost (%s); listening again", exc)
+        await asyncio.sleep(1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +17,7 @@ from service.domain.jobs import Job, JobCancelled, JobFailed, JobKind, JobStatus
 from service.jobs import JobRunner
 from service.jobs import runner as runner_module
 from service.storage.db import Database, migrate
-from service.storage.jobs import PgJobQueue
+from service.storage.jobs import PgJobQueue, listen_for_jobs
 from tests.conftest import Stack
 
 KIND = JobKind.BUILD_VERSION
@@ -115,6 +116,33 @@ async def test_enqueue_belongs_to_the_callers_transaction(
     async with jobs_db.transaction():
         committed = await queue.enqueue(KIND, "app-a", {"n": 2})
     assert await queue.status(committed) is JobStatus.PENDING
+
+
+async def test_a_job_queued_elsewhere_wakes_the_listener_when_it_commits(
+    jobs_db: Database, queue: PgJobQueue
+) -> None:
+    woken = asyncio.Event()
+    listener = asyncio.create_task(listen_for_jobs(jobs_db, woken.set))
+    try:
+        # The listener wakes once when it starts listening (a job may have been missed).
+        await asyncio.wait_for(woken.wait(), 10)
+        woken.clear()
+        async with jobs_db.transaction():
+            await queue.enqueue(KIND, "app-a", {"n": 3})
+            await asyncio.sleep(0.3)
+            assert not woken.is_set(), "woken before the job was committed"
+        await asyncio.wait_for(woken.wait(), 5)
+        woken.clear()
+        with pytest.raises(Rollback):
+            async with jobs_db.transaction():
+                await queue.enqueue(KIND, "app-a", {"n": 4})
+                raise Rollback
+        await asyncio.sleep(0.3)
+        assert not woken.is_set(), "a rolled back job woke the runner"
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
 
 
 async def test_job_runs_once_and_succeeds_with_progress(
