@@ -8,7 +8,11 @@ Starts the embedded stack (PostgreSQL + SeaweedFS) and the real server as a subp
 2. CreateInputs of 10 KB and of 100 KB images (distinct random-noise PNGs made with
    Pillow, so that the content-addressed store really stores each), 128 per call,
    several calls in flight: inputs/s and MB/s.
-3. UploadInput of one 200 MB video (an MP4 header followed by random bytes) in 1 MiB
+3. CreateInputs of URL images with two boxes each (data.regions: each stored as an
+   annotation of its own, in the same transaction) and the same metadata, 128 per call:
+   inputs/s, beside a raw COPY of the same rows into tables made `LIKE inputs` and
+   `LIKE annotations` (128 inputs + 256 annotations per COPY pair). Target: >= 10,000/s.
+4. UploadInput of one 200 MB video (an MP4 header followed by random bytes) in 1 MiB
    chunks, once or twice: MB/s. Skipped, with a note, where the server does not offer
    UploadInput (UNIMPLEMENTED, or UNAVAILABLE "not available yet").
 
@@ -24,6 +28,7 @@ that the figures are those of a database in use (see seed_steady_state and --fre
     .venv/bin/python -m bench.bench_ingest            # ~3-4 minutes
     .venv/bin/python -m bench.bench_ingest --quick    # ~35 s smoke run
     .venv/bin/python -m bench.bench_ingest --only url,stream
+    .venv/bin/python -m bench.bench_ingest --only boxes --quick
     .venv/bin/python -m bench.bench_ingest --json results.json
     .venv/bin/python -m bench.bench_ingest --quick --profile-server /tmp/server.prof
 """
@@ -51,6 +56,7 @@ import asyncpg
 import grpc
 import urllib3
 from datasetd.v1 import data_pb2, input_pb2, input_service_pb2, input_service_pb2_grpc
+from google.protobuf import json_format
 from minio import Minio
 from minio.helpers import get_part_info
 from PIL import Image
@@ -88,6 +94,19 @@ RAW_TABLE: Final = "bench_raw_inputs"
 # Same columns, defaults, identity, checks and indexes (PK, seq, GIN on metadata, blob
 # key) as `inputs`; no foreign key, as `LIKE` copies none.
 RAW_TABLE_DDL: Final = f"CREATE TABLE IF NOT EXISTS {RAW_TABLE} (LIKE inputs INCLUDING ALL)"
+RAW_ANNOTATIONS: Final = "bench_raw_annotations"
+RAW_ANNOTATIONS_DDL: Final = (
+    f"CREATE TABLE IF NOT EXISTS {RAW_ANNOTATIONS} (LIKE annotations INCLUDING ALL)"
+)
+RAW_ANNOTATION_COLUMNS: Final = (
+    "app_id",
+    "id",
+    "input_id",
+    "data",
+    "positive_concepts",
+    "region_counts",
+)
+BOXES_PER_INPUT: Final = 2
 RAW_COPY_COLUMNS: Final = (
     "app_id",
     "id",
@@ -98,7 +117,7 @@ RAW_COPY_COLUMNS: Final = (
     "metadata",
     "title",
 )
-GROUP_KEYS: Final = ("url", "png10", "png100", "stream")
+GROUP_KEYS: Final = ("url", "boxes", "png10", "png100", "stream")
 CALL_TIMEOUT: Final = 120.0
 UPLOAD_TIMEOUT: Final = 600.0
 CHANNEL_OPTIONS: Final = [
@@ -108,8 +127,29 @@ CHANNEL_OPTIONS: Final = [
 
 
 def metadata_of(n: int) -> dict[str, Any]:
-    """The small metadata every input gets (and every raw row, as JSON)."""
+    """The small metadata every input gets (and every raw row, as JSON): three keys."""
     return {"source": "bench", "n": n, "tags": ["a", "b"]}
+
+
+def box_of(n: int, b: int) -> dict[str, Any]:
+    """Box `b` of input `n` as an annotation's data (the JSON form of Data)."""
+    edge = 0.1 * (b + 1)
+    return {
+        "regions": [
+            {
+                "id": f"box-{n}-{b}",
+                "region_info": {
+                    "bounding_box": {
+                        "top_row": edge,
+                        "left_col": edge,
+                        "bottom_row": edge + 0.3,
+                        "right_col": edge + 0.4,
+                    }
+                },
+                "data": {"concepts": [{"id": f"thing-{b}", "name": f"thing-{b}", "value": 1.0}]},
+            }
+        ]
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -126,7 +166,7 @@ class Settings:
     in_flight: int  # CreateInputs calls in flight
     copy_concurrency: int  # concurrent COPYs of 128 rows
     put_threads: int  # threads doing raw S3 PUTs
-    url_batches: int  # CreateInputs calls per measurement, URL inputs
+    url_batches: int  # CreateInputs calls per measurement, URL inputs (with boxes too)
     small_batches: int  # ... 10 KB images
     large_batches: int  # ... 100 KB images
     small_kb: int
@@ -437,6 +477,8 @@ class ServiceCalls:
         self._metadata = (("authorization", f"Key {key}"),)
         self._settings = settings
         self._next_n = 0  # numbers the inputs: URLs and metadata
+        # Region ids name annotations, which are app-wide: unique to this run.
+        self._run = uuid.uuid4().hex[:8]
 
     def _input(self) -> input_pb2.Input:
         n = self._next_n
@@ -455,6 +497,18 @@ class ServiceCalls:
                 message.data.image.url = f"https://example.com/i/{self._next_n - 1}.jpg"
                 request.inputs.append(message)
             requests.append(request)
+        return requests
+
+    def boxed_requests(self, batches: int) -> list[input_service_pb2.CreateInputsRequest]:
+        """URL inputs with BOXES_PER_INPUT boxes each, as regions of their data."""
+        requests = self.url_requests(batches)
+        for request in requests:
+            for message in request.inputs:
+                n = int(message.data.metadata.fields["n"].number_value)
+                for b in range(BOXES_PER_INPUT):
+                    region = message.data.regions.add()
+                    json_format.ParseDict(box_of(n, b)["regions"][0], region)
+                    region.id = f"{region.id}-{self._run}"
         return requests
 
     def image_requests(self, images: list[bytes]) -> list[input_service_pb2.CreateInputsRequest]:
@@ -553,6 +607,7 @@ class RawCalls:
     async def setup(self) -> None:
         async with self._pool.acquire() as conn:
             await conn.execute(RAW_TABLE_DDL)
+            await conn.execute(RAW_ANNOTATIONS_DDL)
 
     async def seed_steady_state(self) -> None:
         """Rows of another app in `inputs` and `blobs`, then ANALYZE, so that the server
@@ -607,6 +662,49 @@ class RawCalls:
             async with self._pool.acquire() as conn:
                 await conn.copy_records_to_table(
                     RAW_TABLE, records=records, columns=RAW_COPY_COLUMNS
+                )
+
+        return copy
+
+    def copy_boxes_op(self) -> Op:
+        """One COPY of 128 input rows and one of their 256 annotation rows, as CreateInputs
+        writes them for URL inputs with two boxes each, in one transaction."""
+
+        async def copy(_: int) -> None:
+            first = self._next_row
+            self._next_row += BATCH
+            inputs, annotations = [], []
+            for n in range(first, first + BATCH):
+                input_id = f"raw-{self._run_id}-{n}"
+                inputs.append(
+                    (
+                        APP_ID,
+                        input_id,
+                        "image",
+                        None,
+                        f"https://example.com/i/{n}.jpg",
+                        "{}",
+                        json.dumps(metadata_of(n)),
+                        "",
+                    )
+                )
+                for b in range(BOXES_PER_INPUT):
+                    annotations.append(
+                        (
+                            APP_ID,
+                            f"raw-{self._run_id}-{n}-{b}",
+                            input_id,
+                            json.dumps(box_of(n, b)),
+                            [f"thing-{b}"],
+                            json.dumps({"bounding_box": 1}),
+                        )
+                    )
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.copy_records_to_table(
+                    RAW_TABLE, records=inputs, columns=RAW_COPY_COLUMNS
+                )
+                await conn.copy_records_to_table(
+                    RAW_ANNOTATIONS, records=annotations, columns=RAW_ANNOTATION_COLUMNS
                 )
 
         return copy
@@ -673,6 +771,22 @@ def build_groups(
             min_seconds=raw_seconds,
         )
 
+    async def boxes_service(_: int) -> Measurement:
+        requests = service.boxed_requests(settings.url_batches)
+        return Measurement(
+            service.batches_op(requests), len(requests), settings.in_flight, BATCH, 0
+        )
+
+    async def boxes_raw(_: int) -> Measurement:
+        return Measurement(
+            raw.copy_boxes_op(),
+            settings.url_batches,
+            settings.copy_concurrency,
+            BATCH,
+            0,
+            min_seconds=raw_seconds,
+        )
+
     groups = [
         Group(
             "url",
@@ -682,7 +796,22 @@ def build_groups(
             "rows",
             Case("CreateInputs", "service", "url", url_service),
             Case(f"raw COPY, {settings.copy_concurrency} x {BATCH} rows", "raw", "url", url_raw),
-        )
+        ),
+        Group(
+            "boxes",
+            f"URL inputs with {BOXES_PER_INPUT} boxes each: {BATCH} per CreateInputs, "
+            f"{settings.in_flight} in flight (item = input with its boxes)",
+            "inputs",
+            "inputs",
+            Case("CreateInputs", "service", "boxes", boxes_service),
+            Case(
+                f"raw COPY, {settings.copy_concurrency} x ({BATCH} + "
+                f"{BATCH * BOXES_PER_INPUT} rows)",
+                "raw",
+                "boxes",
+                boxes_raw,
+            ),
+        ),
     ]
     for factory, batches in zip(
         pngs, (settings.small_batches, settings.large_batches), strict=True
@@ -742,6 +871,7 @@ async def warm_up(
 ) -> None:
     """A call of every kind, so that connections, pools and caches exist."""
     await service.create(service.url_requests(1)[0])
+    await service.create(service.boxed_requests(1)[0])
     warm = pngs.make(BATCH)
     await service.create(service.image_requests(warm)[0])
     await drive(raw.copy_op(), 16, settings.copy_concurrency, 5.0)

@@ -274,6 +274,7 @@ class Domain:
             links=links,
             embedding_jobs=embedding_jobs,
             embeddings=store.embeddings,
+            keeper=store.keeper,
         )
         annotations = AnnotationService(store.annotations, store.members, db, gate)
         versions = VersionService(

@@ -290,7 +290,7 @@ _GEO_OF_INPUT = (
 
 # Where a Data message is the data of an input (as opposed to an annotation), by request
 # type and the path of the Input message, and whether its regions and frames are taken:
-# CreateInputs stores them as an annotation of the new input; a patch does not change
+# CreateInputs stores each as an annotation of the new input; a patch does not change
 # annotations, and an upload's header is checked before its media (which the regions'
 # coordinates are checked against) arrive.
 _INPUT_DATA: Final[Mapping[tuple[str, tuple[str, ...]], bool]] = {

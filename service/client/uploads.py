@@ -12,6 +12,14 @@ would report "created" for inputs that were deleted since. Inputs and
 annotations also get deterministic ids, so a run with other request ids (or
 other batches) finds what is already there as duplicates ("already exists").
 
+Boxes of new inputs (a COCO upload, `upload_inputs(..., annotations=...)`, a retried log)
+ride in the inputs' CreateInputs as regions, one call per batch and no CreateAnnotations:
+the server stores each region as its own annotation, named by the id the box would have
+had through CreateAnnotations (`upload.messages.Boxed`), in the transaction that creates
+the input. An input refused for its boxes alone is sent again without them, and its
+boxes through CreateAnnotations, so only the bad box fails, as it always did; boxes of an
+input that exists already, or of a streamed file, go through CreateAnnotations too.
+
 The parts live in `service.client.upload`; this module runs a job through them.
 """
 
@@ -50,7 +58,7 @@ from service.client.upload.calls import (
     run_inputs,
     run_stream,
 )
-from service.client.upload.engine import Engine, Outcome
+from service.client.upload.engine import REGIONS_REFUSED, Engine, Outcome
 from service.client.upload.failures import (
     annotation_failure,
     check_log_folder,
@@ -62,6 +70,7 @@ from service.client.upload.failures import (
 from service.client.upload.messages import (
     AnnotationItems,
     AnnotationLike,
+    Boxed,
     InputItems,
     InputLike,
     annotation_source,
@@ -71,6 +80,7 @@ from service.client.upload.plan import (
     MAX_BATCH,
     STREAM_BYTES,
     Batch,
+    fold_boxes,
     plan_annotations,
     plan_inputs,
 )
@@ -231,24 +241,47 @@ def _execute(rpc: Rpc, dataset_id: str, job: _Job, settings: _Settings) -> Uploa
 
 
 def _run_job(engine: Engine, run: _Run, batch_size: int) -> None:
-    """Inputs first, then the annotations whose input did not fail; counts into the result."""
+    """Inputs first (with their boxes), then the annotations still to create on inputs
+    that did not fail; counts into the result."""
     job, result = run.job, run.result
+    inputs, _ = fold_boxes(job.inputs, job.annotations, STREAM_BYTES)
+    boxed = {index: item for index, item in inputs if isinstance(item, Boxed)}
+    # Annotations stored with their input need no call of their own.
+    stored: set[int] = set()
     lost: dict[str, str] = {}
-    if job.inputs:
-        units = plan_inputs(job.inputs, batch_size, STREAM_BYTES)
-        for index, failure in engine.run("inputs", units, len(job.inputs)):
-            run.done_inputs.add(index)
-            if failure is None:
-                result.created += 1
-                continue
-            result.failed += 1
-            result.already_exists += failure.code == DUPLICATE
-            result.failures.append(failure)
-            if failure.code != DUPLICATE:
-                lost[failure.input_id] = failure.reason
+
+    def counted(index: int, failure: Failure | None, *, with_boxes: bool) -> None:
+        run.done_inputs.add(index)
+        if failure is None:
+            result.created += 1
+            if with_boxes and index in boxed:
+                stored.update(i for i, _ in boxed[index].boxes)
+            return
+        result.failed += 1
+        result.already_exists += failure.code == DUPLICATE
+        result.failures.append(failure)
+        if failure.code != DUPLICATE:
+            lost[failure.input_id] = failure.reason
+
+    unboxed: list[tuple[int, InputLike]] = []
+    if inputs:
+        units = plan_inputs(inputs, batch_size, STREAM_BYTES)
+        for index, failure in engine.run("inputs", units, len(inputs)):
+            if failure is not None and failure.code == REGIONS_REFUSED:
+                unboxed.append((index, boxed[index].item))
+            else:
+                counted(index, failure, with_boxes=True)
+    if unboxed:
+        units = plan_inputs(unboxed, batch_size, STREAM_BYTES)
+        for index, failure in engine.run("inputs without their boxes", units, len(unboxed)):
+            counted(index, failure, with_boxes=False)
+    run.done_annotations.update(stored)
+    result.annotations_created += len(stored)
     if job.annotations:
         ready: list[tuple[int, AnnotationLike]] = []
         for index, item in job.annotations:
+            if index in stored:
+                continue
             if item.input_id not in lost:
                 ready.append((index, item))
                 continue
@@ -257,14 +290,15 @@ def _run_job(engine: Engine, run: _Run, batch_size: int) -> None:
             reason = f"input not uploaded: {lost[item.input_id]}"
             source = annotation_source(item)
             result.failures.append(annotation_failure(index, item, reason, source, NOT_ATTEMPTED))
-        units = plan_annotations(ready, batch_size)
-        for index, failure in engine.run("annotations", units, len(ready)):
-            run.done_annotations.add(index)
-            if failure is None:
-                result.annotations_created += 1
-            else:
-                result.annotations_failed += 1
-                result.failures.append(failure)
+        if ready:
+            units = plan_annotations(ready, batch_size)
+            for index, failure in engine.run("annotations", units, len(ready)):
+                run.done_annotations.add(index)
+                if failure is None:
+                    result.annotations_created += 1
+                else:
+                    result.annotations_failed += 1
+                    result.failures.append(failure)
 
 
 def _add_not_attempted(run: _Run, error: BaseException) -> None:
@@ -307,14 +341,22 @@ def _finish(run: _Run, log_path: Path, started: float, progress: Progress) -> No
 
 
 def upload_inputs(
-    rpc: Rpc, dataset_id: str, inputs: InputItems, **options: Unpack[UploadOptions]
+    rpc: Rpc,
+    dataset_id: str,
+    inputs: InputItems,
+    annotations: AnnotationItems = (),
+    **options: Unpack[UploadOptions],
 ) -> UploadResult:
-    """Uploads `UploadItem`s (or ready-made `Input` messages) into the dataset.
+    """Uploads `UploadItem`s (or ready-made `Input` messages) into the dataset, and
+    `annotations` on them (boxes of new inputs in the same call, see the module).
 
-    Failure indexes are 1-based positions in `inputs`.
+    Failure indexes are 1-based positions in `inputs` (and in `annotations`).
     """
     settings = _Settings(**options)
-    job = _Job(inputs=list(enumerate(inputs, start=1)))
+    job = _Job(
+        inputs=list(enumerate(inputs, start=1)),
+        annotations=list(enumerate(annotations, start=1)),
+    )
     return _execute(rpc, dataset_id, job, settings)
 
 
@@ -352,7 +394,8 @@ def upload_coco(
     labels: bool = True,
     **options: Unpack[UploadOptions],
 ) -> UploadResult:
-    """Images, then one box annotation per COCO annotation (`labels=False`: images only)."""
+    """Images with one box annotation per COCO annotation, in the images' CreateInputs
+    (`labels=False`: images only)."""
     settings = _Settings(**options)
     scan = read_coco(images_dir, annotations_json, dataset_id, labels)
     return _execute_scan(rpc, dataset_id, scan, settings)

@@ -138,20 +138,6 @@ def with_generated_ids(data: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def input_annotation(
-    app_id: str, input_id: str, path: str, data: dict[str, Any], media: AnnotatedMedia
-) -> Annotation:
-    """The annotation that the regions and frames sent with a new input (CreateInputs)
-    become, checked by the rules of CreateAnnotations against that input's media; raises
-    InvalidArgument naming the fields under `path` (the input's path in the request)."""
-    violations = Violations()
-    check_annotation_data(violations, f"{path}.data", data, media_context(media))
-    violations.raise_if_any()
-    return Annotation(
-        app_id=app_id, id=uuid.uuid4().hex, input_id=input_id, data=with_generated_ids(data)
-    )
-
-
 def _check_input_level(violations: Violations, path: str, data: dict[str, Any]) -> None:
     # The input's concepts are this row's concepts, and UpdateInputs rewrites the row's
     # data as {"concepts": ...}: anything else stored here would be lost silently.

@@ -61,6 +61,16 @@ class ContentKeeper:
         changed."""
         await self._refresh(await self.contents.own_stale())
 
+    async def store_new(self, items: list[tuple[Input, list[Annotation]]]) -> None:
+        """In the caller's transaction: the content of inputs it has just created, from
+        the rows it wrote (each with its creation time as stored, and its annotations but
+        the input-level one, in creation order), instead of reading them back."""
+        await self.contents.store(
+            await self._encode_all(
+                [(item, own, InputSnapshot(self._stable_view(item), own)) for item, own in items]
+            )
+        )
+
     async def refresh_dataset(self, app_id: str, dataset_id: str) -> int:
         """In the caller's transaction: the content of the dataset's stale members; how
         many there were."""
@@ -96,14 +106,17 @@ class ContentKeeper:
             for item in found:
                 own = annotations.get(item.id, [])
                 snapshots.append((item, own, InputSnapshot(self._stable_view(item), own)))
+        await self.contents.store(await self._encode_all(snapshots))
+
+    async def _encode_all(
+        self, snapshots: list[tuple[Input, list[Annotation], InputSnapshot]]
+    ) -> list[InputContent]:
         if len(snapshots) <= INLINE_ENCODE:
-            contents = [_content(*entry, self.encoder) for entry in snapshots]
-        else:
-            # CPU-bound: in a thread, so that the event loop keeps serving calls meanwhile.
-            contents = await asyncio.to_thread(
-                lambda: [_content(*entry, self.encoder) for entry in snapshots]
-            )
-        await self.contents.store(contents)
+            return [_content(*entry, self.encoder) for entry in snapshots]
+        # CPU-bound: in a thread, so that the event loop keeps serving calls meanwhile.
+        return await asyncio.to_thread(
+            lambda: [_content(*entry, self.encoder) for entry in snapshots]
+        )
 
     def _stable_view(self, item: Input) -> InputView:
         """The input with a media reference that stays valid as long as a version refers

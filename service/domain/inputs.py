@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from service.domain.annotation_fields import MediaContext
 from service.domain.annotation_rules import check_annotation_data
-from service.domain.annotations import input_annotation
 from service.domain.auth import Permission, authorize
+from service.domain.contents import ContentKeeper
 from service.domain.datasets import DatasetChange, check_changeable
 from service.domain.embedding_job import EmbeddingScheduler
 from service.domain.embeddings import EmbeddingRepository, EmbeddingSource
@@ -32,6 +33,7 @@ from service.domain.input_drafts import (
     MAX_IDS_PER_CALL,
     TITLE_MAX_CHARS,
     DraftEmbedding,
+    FetchedMedia,
     InputDraft,
     InputOutcome,
     InputSettings,
@@ -43,6 +45,7 @@ from service.domain.input_drafts import (
     media_source,
     medium_field,
 )
+from service.domain.input_regions import annotation_fields, region_annotations, repeated_ids
 from service.domain.models import (
     AnnotatedMedia,
     Annotation,
@@ -60,6 +63,7 @@ from service.domain.patch import PatchAction, apply_json, merge_json
 from service.domain.ports import (
     AnnotationRepository,
     BlobStore,
+    ImageHeaders,
     InputRepository,
     MediaLinks,
     MediaProber,
@@ -84,8 +88,9 @@ class _Prepared:
     input: Input
     payload: bytes
     content_type: str
-    # The regions and frames sent with the input, checked, as its annotation.
-    annotation: Annotation | None = None
+    # The regions and frames sent with the input, checked: one annotation each
+    # (service.domain.input_regions).
+    annotations: tuple[Annotation, ...] = ()
     # Its vectors of client embedding models (data.embeddings), checked.
     vectors: tuple[ClientVector, ...] = ()
 
@@ -113,6 +118,11 @@ class InputService:
     embeddings: EmbeddingRepository | None = None
     # Queues the embedding job for new inputs (None: nothing embeds them).
     embedding_jobs: EmbeddingScheduler | None = None
+    # Computes the content of new inputs (their snapshot, which versions refer to).
+    keeper: ContentKeeper | None = None
+    # Reads the size of URL images without a declared one from their headers, when the
+    # media are not fetched (DATASETD_FETCH_URLS=header; None: their size stays unknown).
+    image_headers: ImageHeaders | None = None
 
     # --- create ----------------------------------------------------------------------------
 
@@ -202,10 +212,12 @@ class InputService:
             dataclasses.replace(p.input, blob=next(blob_of)) if p.payload else p.input
             for p in prepared
         ]
-        inserted = await self._insert(app_id, prepared, rows, atomic=atomic)
+        inserted = await self._insert(app_id, prepared, rows, outcomes, atomic=atomic)
         views = await self.views([r for r in rows if r.id in inserted])
         view_of = {view.input.id: view for view in views}
         for p in prepared:
+            if p.index in outcomes:
+                continue  # refused while writing (an annotation id taken)
             if p.input.id in inserted:
                 outcomes[p.index] = InputOutcome(
                     p.index, p.input.id, Outcome.CREATED, view=view_of[p.input.id]
@@ -223,9 +235,24 @@ class InputService:
         self, app_id: str, drafts: Sequence[InputDraft], paths: Sequence[str]
     ) -> tuple[dict[int, InputOutcome], list[_Prepared]]:
         """The checked inputs, and the outcome of each one that failed its checks."""
+        url_reads = self._start_url_reads(drafts, paths)
+        try:
+            return await self._prepare_each(app_id, drafts, paths, url_reads)
+        finally:
+            _settle(url_reads.values())
+
+    async def _prepare_each(
+        self,
+        app_id: str,
+        drafts: Sequence[InputDraft],
+        paths: Sequence[str],
+        url_reads: Mapping[int, Awaitable[FetchedMedia | dict[str, Any]]],
+    ) -> tuple[dict[int, InputOutcome], list[_Prepared]]:
         outcomes: dict[int, InputOutcome] = {}
         prepared: list[_Prepared] = []
         seen: set[str] = set()
+        # Annotation id -> the region or frame that names it, across the request.
+        named: dict[str, str] = {}
         dimensions: dict[str, int | None] = {}
         for index, draft in enumerate(drafts):
             input_id = draft.id or uuid.uuid4().hex
@@ -240,9 +267,15 @@ class InputService:
                 continue
             seen.add(input_id)
             try:
-                ready = await self._prepare(app_id, index, path, input_id, draft)
+                ready = await self._prepare(
+                    app_id, index, path, input_id, draft, url_reads.get(index)
+                )
                 if ready.vectors:
                     await self._check_models(app_id, path, ready.vectors, dimensions)
+                repeated = repeated_ids(path, ready.annotations, named)
+                if repeated:
+                    outcomes[index] = InputOutcome(index, input_id, Outcome.INVALID, repeated)
+                    continue
                 prepared.append(ready)
             except InvalidArgument as invalid:
                 outcomes[index] = InputOutcome(index, input_id, Outcome.INVALID, invalid.violations)
@@ -287,10 +320,17 @@ class InputService:
         violations.raise_if_any()
 
     async def _insert(
-        self, app_id: str, prepared: list[_Prepared], rows: list[Input], *, atomic: bool
-    ) -> set[str]:
-        """The ids of the rows written (an id taken meanwhile is skipped, or fails an
-        atomic batch)."""
+        self,
+        app_id: str,
+        prepared: list[_Prepared],
+        rows: list[Input],
+        outcomes: dict[int, InputOutcome],
+        *,
+        atomic: bool,
+    ) -> dict[str, datetime]:
+        """The ids of the rows written, with their creation times (an id taken meanwhile
+        is skipped, or fails an atomic batch). An input whose regions name annotation ids
+        that are taken is not written: its outcome goes into `outcomes`."""
         wanted = sorted({d for r in rows for d in r.dataset_ids})
         async with self.tx.transaction():
             # Locks the datasets against deletion until the rows are written.
@@ -304,17 +344,26 @@ class InputService:
                 )
             for dataset_id, guard in guards.items():
                 check_changeable(dataset_id, guard, DatasetChange.MEMBERSHIP)
+            refused = await self._taken_annotation_ids(app_id, prepared, outcomes, atomic=atomic)
+            if refused:
+                rows = [r for r in rows if r.id not in refused]
             inserted = await self.inputs.insert_many(rows)
             if inserted and self.embedding_jobs is not None:
                 await self.embedding_jobs.inputs_added(
                     app_id, {r.media_type for r in rows if r.id in inserted}
                 )
             # In the same transaction: an input is never seen without the regions it
-            # was sent with. Their ids are fresh, and a new input has no annotation but
-            # its input-level one, so the per-input limit cannot be reached.
-            await self.annotations.insert_many(
-                [p.annotation for p in prepared if p.annotation and p.input.id in inserted]
-            )
+            # was sent with. A new input has no annotation but its input-level one, and
+            # region_annotations keeps within the per-input limit.
+            annotations = [a for p in prepared if p.input.id in inserted for a in p.annotations]
+            written = await self.annotations.insert_many(annotations)
+            if len(written) != len(annotations):
+                # Ids checked free above were taken by a concurrent writer.
+                raise Aborted(
+                    "annotation ids of the inputs' regions were taken meanwhile; nothing was "
+                    "written, retry the request",
+                    reason="ANNOTATION_IDS_TAKEN_CONCURRENTLY",
+                )
             await self._put_vectors(
                 app_id,
                 [
@@ -323,6 +372,17 @@ class InputService:
                     if p.vectors and p.input.id in inserted
                 ],
             )
+            if self.keeper is not None and not (atomic and len(inserted) < len(rows)):
+                # Their content from what was just written, rather than read back by the
+                # refresh before COMMIT (which then finds them fresh).
+                regions = {p.input.id: list(p.annotations) for p in prepared}
+                await self.keeper.store_new(
+                    [
+                        (dataclasses.replace(r, created_at=inserted[r.id]), regions[r.id])
+                        for r in rows
+                        if r.id in inserted
+                    ]
+                )
             if atomic and len(inserted) < len(rows):
                 duplicates = [r.id for r in rows if r.id not in inserted]
                 raise AlreadyExists(
@@ -335,6 +395,50 @@ class InputService:
                     ],
                 )
         return inserted
+
+    async def _taken_annotation_ids(
+        self,
+        app_id: str,
+        prepared: list[_Prepared],
+        outcomes: dict[int, InputOutcome],
+        *,
+        atomic: bool,
+    ) -> set[str]:
+        """The inputs refused because an annotation id their regions or frames name
+        exists already (in the caller's transaction); with `atomic`, raises instead. An
+        input whose id exists is left to the insert, which reports the id (a re-run)."""
+        ids = [a.id for p in prepared for a in p.annotations]
+        if not ids:
+            return set()
+        boxed = [p.input.id for p in prepared if p.annotations]
+        existing, taken = await self.annotations.lock_inputs(app_id, boxed, ids)
+        if not taken:
+            return set()
+        refused: set[str] = set()
+        for p in prepared:
+            if p.input.id in existing:
+                continue
+            fields = [
+                FieldViolation(field, f"{annotation_id!r} already names an annotation")
+                for annotation_id, field in annotation_fields(p.path, p.annotations)
+                if annotation_id in taken
+            ]
+            if fields:
+                refused.add(p.input.id)
+                outcomes[p.index] = InputOutcome(
+                    p.index, p.input.id, Outcome.DUPLICATE_ID, tuple(fields)
+                )
+        if atomic:
+            violations = [
+                v for p in prepared if p.input.id in refused for v in outcomes[p.index].violations
+            ]
+            raise AlreadyExists(
+                "annotation ids of the inputs' regions already exist; nothing was stored: "
+                + "; ".join(f"{v.field}: {v.description}" for v in violations[:10]),
+                reason="ANNOTATION_EXISTS",
+                violations=violations,
+            )
+        return refused
 
     async def _put_vectors(
         self, app_id: str, items: Sequence[tuple[str, str, Sequence[ClientVector]]]
@@ -440,8 +544,38 @@ class InputService:
             violations.raise_if_any()
         return media_type
 
+    def _start_url_reads(
+        self, drafts: Sequence[InputDraft], paths: Sequence[str]
+    ) -> dict[int, asyncio.Task[FetchedMedia | dict[str, Any]]]:
+        """Starts every URL read of a batch at once, so that a batch costs about its
+        slowest read rather than their sum; the reader bounds how many are open. Their
+        results are taken in request order, after each input's own checks."""
+        reads: dict[int, asyncio.Task[FetchedMedia | dict[str, Any]]] = {}
+        for index, draft in enumerate(drafts):
+            # Only inputs whose one medium is the URL (the others fail their checks).
+            inline = bool(draft.data or draft.text) or draft.stored is not None
+            if not draft.url or len(draft.media) != 1 or inline:
+                continue
+            media_type = draft.media[0]
+            field = f"{medium_field(paths[index], media_type)}.url"
+            if self.fetcher is not None:
+                reads[index] = asyncio.create_task(_fetched(self.fetcher, draft.url, field))
+            elif (
+                self.image_headers is not None
+                and media_type is MediaType.IMAGE
+                and draft.image_size is None
+            ):
+                reads[index] = asyncio.create_task(_header(self.image_headers, draft.url, field))
+        return reads
+
     async def _prepare(
-        self, app_id: str, index: int, path: str, input_id: str, draft: InputDraft
+        self,
+        app_id: str,
+        index: int,
+        path: str,
+        input_id: str,
+        draft: InputDraft,
+        url_read: Awaitable[FetchedMedia | dict[str, Any]] | None = None,
     ) -> _Prepared:
         media_type = self._check_fields(path, draft)
         blob: StoredBlob | None = None
@@ -452,12 +586,15 @@ class InputService:
         else:
             media_field = medium_field(path, media_type)
             payload, source_url, data_field = media_source(draft, media_type, media_field)
-            if source_url and self.fetcher is not None:
-                fetched = await self.fetcher.fetch(source_url, f"{media_field}.url")
-                payload, data_field = fetched.data, f"{media_field}.url"
+            # The media fetched from the URL, or an image's info read from its header.
+            read = await url_read if source_url and url_read is not None else None
+            if isinstance(read, FetchedMedia):
+                payload, data_field = read.data, f"{media_field}.url"
             content_type, info = (
                 self.prober.probe(media_type, payload, data_field) if payload else ("", {})
             )
+            if isinstance(read, dict):
+                info = read
             if draft.image_size is not None:
                 info = _declared_size(path, draft.image_size, info)
             # Texts are stored inline (for search and export) and as a blob (for download).
@@ -476,13 +613,13 @@ class InputService:
             concepts=draft.concepts,
             dataset_ids=list(dict.fromkeys(draft.dataset_ids)),
         )
-        annotation = None
+        annotations: tuple[Annotation, ...] = ()
         if draft.annotation:
             # Checked against the media just probed, as CreateAnnotations would.
             media = AnnotatedMedia(media_type, info)
-            annotation = input_annotation(app_id, input_id, path, draft.annotation, media)
+            annotations = tuple(region_annotations(app_id, input_id, path, draft.annotation, media))
         vectors = tuple(ClientVector(e.model_id, e.vector) for e in draft.embeddings)
-        return _Prepared(index, path, stored, payload, content_type, annotation, vectors)
+        return _Prepared(index, path, stored, payload, content_type, annotations, vectors)
 
     async def _check_datasets(
         self, app_id: str, prepared: list[_Prepared], outcomes: dict[int, InputOutcome]
@@ -501,7 +638,7 @@ class InputService:
             findings = check_all(
                 _checkers(gates, p.input.dataset_ids),
                 f"{p.path}.data",
-                labels_of(p.input.concepts, p.annotation.data if p.annotation else {}),
+                labels_of(p.input.concepts, _regions_of(p.annotations)),
             )
             if findings:
                 outcomes[p.index] = InputOutcome(
@@ -770,6 +907,24 @@ class InputService:
         return len(deleted), [i for i in unique if i not in deleted]
 
 
+async def _fetched(fetcher: MediaFetcher, url: str, field: str) -> FetchedMedia | dict[str, Any]:
+    return await fetcher.fetch(url, field)
+
+
+async def _header(headers: ImageHeaders, url: str, field: str) -> FetchedMedia | dict[str, Any]:
+    return await headers.image_info(url, field)
+
+
+def _settle(reads: Iterable[asyncio.Task[Any]]) -> None:
+    """Stops the URL reads of inputs that failed before their read was wanted, and takes
+    the errors of the finished ones (asyncio logs an error nobody took)."""
+    for read in reads:
+        if not read.done():
+            read.cancel()
+        elif not read.cancelled():
+            read.exception()
+
+
 def _declared_size(path: str, size: tuple[int, int], probed: dict[str, Any]) -> dict[str, Any]:
     """The media info of a URL image with the size its caller declared (checked already).
     A fetched image was read: a declared size it contradicts is refused, never kept."""
@@ -816,6 +971,16 @@ def _checkers(
 ) -> list[OntologyChecker]:
     """The checkers of the ontologies of the datasets an input goes into."""
     return [c for d in dict.fromkeys(dataset_ids) for c in gates.get(d, [])]
+
+
+def _regions_of(annotations: Sequence[Annotation]) -> dict[str, Any]:
+    """The regions and frames of an input's annotations as one Data, in request order
+    (so that the ontology's findings name the fields of the request)."""
+    merged: dict[str, list[Any]] = {}
+    for annotation in annotations:
+        for kind, items in annotation.data.items():
+            merged.setdefault(kind, []).extend(items)
+    return merged
 
 
 def labels_of(concepts: Sequence[dict[str, Any]], regions: Mapping[str, Any]) -> dict[str, Any]:

@@ -302,9 +302,9 @@ class Clock(Protocol):
 
 
 class InputRepository(Protocol):
-    async def insert_many(self, inputs: list[Input]) -> set[str]:
+    async def insert_many(self, inputs: list[Input]) -> dict[str, datetime]:
         """Inserts the inputs that do not exist yet, with their input-level concepts
-        and dataset memberships; returns the ids inserted."""
+        and dataset memberships; returns the ids inserted with their creation times."""
         ...
 
     async def existing_ids(self, app_id: str, ids: list[str]) -> set[str]: ...

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from service.domain.annotation_rules import summarize
+from service.domain.annotation_fields import json_number
 from service.domain.models import (
     DatasetGuard,
     DatasetMember,
@@ -42,7 +43,7 @@ INSERT INTO inputs (app_id, id, media_type, blob_key, source_url, text_raw, medi
 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::jsonb[], $8::jsonb[], $9::float8[], $10::float8[], $11::text[])
 ON CONFLICT (app_id, id) DO NOTHING
-RETURNING id
+RETURNING id, created_at
 """
 INSERT_INPUT_LEVEL = """
 INSERT INTO annotations (app_id, id, input_id, input_level, data, positive_concepts)
@@ -194,7 +195,15 @@ def _query_args(query: InputQuery) -> list[Any]:
 
 
 def _positive(concepts: list[dict[str, Any]]) -> list[str]:
-    return sorted(summarize({"concepts": concepts}).positive_concepts)
+    """summarize()'s positive concepts of an input-level annotation, which holds concepts
+    only: without its walk over regions and frames (it showed in the ingest profile)."""
+    positive = set()
+    for concept in concepts:
+        concept_id = concept.get("id")
+        value = json_number(concept.get("value", 0))
+        if isinstance(concept_id, str) and value is not None and value > 0:
+            positive.add(concept_id)
+    return sorted(positive)
 
 
 # Row counts after which this process re-analyzes the ingest tables (see below).
@@ -218,13 +227,13 @@ class PgInputRepository(Repository):
             async with self._db.acquire() as conn:
                 await conn.execute(ANALYZE_INGEST_TABLES)
 
-    async def insert_many(self, inputs: list[Input]) -> set[str]:
+    async def insert_many(self, inputs: list[Input]) -> dict[str, datetime]:
         if not inputs:
-            return set()
+            return {}
         app_id = inputs[0].app_id
         async with self._db.connection() as conn:
             inserted = {
-                r["id"]
+                r["id"]: r["created_at"]
                 for r in await conn.fetch(
                     INSERT_INPUTS,
                     app_id,

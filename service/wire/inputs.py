@@ -10,13 +10,15 @@ from datasetd.v1 import common_pb2, data_pb2, input_pb2, status_pb2
 
 from service.domain.input_drafts import DraftEmbedding, InputDraft
 from service.domain.models import GeoPoint, InputQuery, InputView, MediaType
-from service.wire.struct import message_to_json, parse_stored, struct_to_dict
+from service.wire.fast_json import message_json, struct_json
+from service.wire.struct import parse_stored
 from service.wire.timestamps import set_times
 
 Medium = Literal["image", "video", "audio", "text"]
 # The media fields of Data, named as MediaType values are.
 MEDIA: tuple[Medium, ...] = ("image", "video", "audio", "text")
 _CONCEPT_FIELDS = ("id", "name", "value")
+_CONCEPT_KEYS = frozenset(_CONCEPT_FIELDS)
 # The status of every input shown: only stored inputs are ever mapped to messages.
 _STORED = status_pb2.Status(code=status_pb2.STATUS_CODE_INPUT_SUCCESS, description="Input stored")
 
@@ -29,7 +31,7 @@ def concepts_to_json(concepts: Iterable[data_pb2.Concept]) -> list[dict[str, Any
     """Caller-settable concept fields in the JSON form the domain keeps."""
     result = []
     for concept in concepts:
-        as_dict = message_to_json(concept)
+        as_dict = message_json(concept)
         result.append({k: v for k, v in as_dict.items() if k in _CONCEPT_FIELDS})
     return result
 
@@ -51,16 +53,19 @@ def input_draft(message: input_pb2.Input) -> InputDraft:
     # The size a caller declares for a URL image (an empty image_info declares nothing).
     info = data.image.image_info
     image_size = (info.width, info.height) if info.width or info.height else None
+    # The JSON form of Data(regions=..., frames=...), without copying them into one.
     annotation: dict[str, Any] = {}
-    if data.regions or data.frames:
-        annotation = message_to_json(data_pb2.Data(regions=data.regions, frames=data.frames))
+    if data.regions:
+        annotation["regions"] = [message_json(r) for r in data.regions]
+    if data.frames:
+        annotation["frames"] = [message_json(f) for f in data.frames]
     return InputDraft(
         id=message.id,
         media=media,
         data=payload,
         url=url,
         text=text,
-        metadata=struct_to_dict(data.metadata) if data.HasField("metadata") else None,
+        metadata=struct_json(data.metadata) if data.HasField("metadata") else None,
         concepts=concepts_to_json(data.concepts),
         geo=geo,
         title=message.title,
@@ -89,7 +94,7 @@ def input_to_proto(view: InputView) -> input_pb2.Input:
     if stored.media_info:
         _set_media_info(data, stored.media_type, stored.media_info)
     for concept in stored.concepts:
-        parse_stored(concept, data.concepts.add())
+        _add_concept(data, concept)
     if stored.metadata:
         data.metadata.update(stored.metadata)
     if stored.geo is not None:
@@ -100,6 +105,16 @@ def input_to_proto(view: InputView) -> input_pb2.Input:
             model_id=given.model_id, vector=given.vector, num_dimensions=len(given.vector)
         )
     return message
+
+
+def _add_concept(data: data_pb2.Data, concept: dict[str, Any]) -> None:
+    """A stored concept into `data`: directly when it holds only the fields callers set
+    (what CreateInputs stores), else through json_format (older rows, other fields)."""
+    value = concept.get("value", 0.0)
+    if concept.keys() <= _CONCEPT_KEYS and type(value) in (float, int):
+        data.concepts.add(id=concept.get("id", ""), name=concept.get("name", ""), value=value)
+    else:
+        parse_stored(concept, data.concepts.add())
 
 
 def _set_media_info(data: data_pb2.Data, media_type: MediaType, info: dict[str, Any]) -> None:
@@ -148,7 +163,7 @@ def input_filter_query(
         ids=tuple(ids) if ids else None,
         dataset_id=dataset_id,
         media_types=media_types or None,
-        metadata=struct_to_dict(message.metadata) if message.HasField("metadata") else None,
+        metadata=struct_json(message.metadata) if message.HasField("metadata") else None,
         concept_ids=tuple(message.concept_ids) or None,
         negative_concept_ids=tuple(message.negative_concept_ids) or None,
         annotated=states.get(message.annotation_state),

@@ -1,4 +1,4 @@
-"""CreateInputs with regions and frames: they become an annotation of the new input, in the
+"""CreateInputs with regions and frames: each becomes an annotation of the new input, in the
 transaction that creates it, checked as CreateAnnotations checks them (issue 10, point 2)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from datasetd.v1 import input_service_pb2 as api
 
 from tests.conftest import Caller
 from tests.e2e.test_annotations import BOX, box, concepts, list_all
-from tests.e2e.test_inputs import CREATED, INVALID, create, image_input, list_ids
+from tests.e2e.test_inputs import CREATED, DUPLICATE, INVALID, create, image_input, list_ids
 from tests.helpers import call_error
 from tests.unit.test_media import mp4
 
@@ -41,7 +41,7 @@ def video_with_frame(input_id: str, number: int) -> input_pb2.Input:
     )
 
 
-async def test_regions_and_frames_are_read_back_as_the_inputs_annotation(
+async def test_each_region_and_frame_is_read_back_as_an_annotation_of_its_own(
     inputs: Inputs, annotations: Annotations, caller: Caller
 ) -> None:
     image = image_input("img", concepts=concepts("pet"))
@@ -57,21 +57,80 @@ async def test_regions_and_frames_are_read_back_as_the_inputs_annotation(
     assert not response.results[0].input.data.regions
 
     found = await list_all(annotations, caller, input_ids=["img"])
-    assert [a.input_level for a in found] == [True, False]
+    assert [a.input_level for a in found] == [True, False, False]
     assert [c.id for c in found[0].data.concepts] == ["pet"]
-    regions = found[1].data.regions
-    assert regions[0].id == "b1" and regions[0].data.concepts[0].id == "cat"
+    # One annotation per region, as CreateAnnotations stores one box each; a region the
+    # caller named names its annotation, the other gets an id derived from the input.
+    cat, dog = found[1], found[2]
+    assert [len(cat.data.regions), len(dog.data.regions)] == [1, 1]
+    assert cat.id == cat.data.regions[0].id == "b1"
+    assert cat.data.regions[0].data.concepts[0].id == "cat"
     assert (
-        regions[0].region_info.bounding_box.bottom_row
+        cat.data.regions[0].region_info.bounding_box.bottom_row
         == image.data.regions[0].region_info.bounding_box.bottom_row
     )
-    assert len(regions[1].id) == 32  # generated, so that updates can address it
-    assert regions[1].data.concepts[0].id == "dog"
+    assert len(dog.id) == 32 and dog.data.regions[0].id == dog.id
+    assert dog.data.regions[0].data.concepts[0].id == "dog"
 
     (video,) = await list_all(annotations, caller, input_ids=["vid"])
+    assert video.id == "vid-f"
     assert [f.id for f in video.data.frames] == ["vid-f"]
     assert video.data.frames[0].frame_info.number == 25
     assert video.data.frames[0].data.regions[0].id == "fox"
+
+
+async def test_derived_annotation_ids_are_the_same_for_the_same_input_and_position(
+    inputs: Inputs, annotations: Annotations, caller: Caller
+) -> None:
+    """A re-run after deleting the inputs gives the regions the same ids again."""
+    batch = [boxed("one"), boxed("two")]
+    for item in batch:
+        item.data.regions[0].id = ""
+    await create(inputs, caller, batch)
+    first = sorted((a.input_id, a.id) for a in await list_all(annotations, caller))
+    await inputs.DeleteInputs(
+        api.DeleteInputsRequest(app_id=caller.app_id, ids=["one", "two"]),
+        metadata=caller.metadata,
+    )
+    await create(inputs, caller, batch)
+    again = sorted((a.input_id, a.id) for a in await list_all(annotations, caller))
+    assert first == again and len({i for _, i in first}) == 2
+
+
+async def test_an_annotation_id_already_taken_fails_only_its_input(
+    inputs: Inputs, annotations: Annotations, caller: Caller
+) -> None:
+    await create(inputs, caller, [boxed("first")])
+    # "first-box" names the annotation of the first input's region.
+    taken = boxed("second")
+    taken.data.regions[0].id = "first-box"
+    response = await create(inputs, caller, [taken, boxed("third")])
+    assert [r.outcome for r in response.results] == [DUPLICATE, CREATED]
+    assert [e.field for e in response.results[0].errors] == ["inputs[0].data.regions[0].id"]
+    assert sorted(await list_ids(inputs, caller)) == ["first", "third"]
+    stored = sorted((a.input_id, a.id) for a in await list_all(annotations, caller))
+    assert stored == [("first", "first-box"), ("third", "third-box")]
+
+    # The same input again: its id is what is taken, and what the result names.
+    again = await create(inputs, caller, [boxed("first")])
+    assert [r.outcome for r in again.results] == [DUPLICATE]
+    assert [e.field for e in again.results[0].errors] == ["inputs[0].id"]
+
+    error = await call_error(create(inputs, caller, [boxed("fourth"), taken], atomic=True))
+    assert error.code == grpc.StatusCode.ALREADY_EXISTS
+    assert list(error.fields) == ["inputs[1].data.regions[0].id"]
+    assert sorted(await list_ids(inputs, caller)) == ["first", "third"]
+
+
+async def test_a_region_id_repeated_across_inputs_of_a_request_fails_the_later_input(
+    inputs: Inputs, annotations: Annotations, caller: Caller
+) -> None:
+    a, b = boxed("a"), boxed("b")
+    b.data.regions[0].id = "a-box"
+    response = await create(inputs, caller, [a, b])
+    assert [r.outcome for r in response.results] == [CREATED, INVALID]
+    assert [e.field for e in response.results[1].errors] == ["inputs[1].data.regions[0].id"]
+    assert [a.id for a in await list_all(annotations, caller)] == ["a-box"]
 
 
 async def test_an_input_with_invalid_regions_is_invalid_and_nothing_of_it_is_stored(

@@ -808,3 +808,47 @@ async def test_a_write_outside_a_transaction_is_refreshed_at_creation(
     await build(versions, caller, "ds", "v1")
     members = await content_of_version(db, caller, "ds", "v1")
     assert members["w"].title == "by hand"
+
+
+async def test_content_computed_at_ingest_is_what_a_refresh_computes(
+    versions: Versions, inputs: Inputs, datasets: Datasets, caller: Caller, db: Database
+) -> None:
+    """CreateInputs computes new inputs' content from what it wrote; reading them back
+    (the refresh every other change goes through) must give the very same bytes."""
+    await new_dataset(datasets, caller, "ds")
+    boxed = image_input(
+        "boxed",
+        concepts=concepts("cat", "dog", value=1.0) + concepts("cow", value=0.0),
+        regions=[
+            box("", "cat", top=0.1, left=0.2, bottom=0.5, right=0.6),
+            box("named", "dog", top=0.2, left=0.1, bottom=0.4, right=0.3),
+        ],
+        metadata=metadata({"split": "train", "n": 1.5, "tags": ["a", "b"], "nested": {"k": None}}),
+        geo=data_pb2.Geo(geo_point=data_pb2.GeoPoint(longitude=13.4, latitude=52.5)),
+    )
+    boxed.title = "a title"
+    url = input_pb2.Input(
+        id="url",
+        data=data_pb2.Data(
+            image=data_pb2.Image(
+                url="https://images.invalid/x.jpg",
+                image_info=data_pb2.ImageInfo(width=640, height=480),
+            ),
+            regions=[box("", "car", top=0.0, left=0.0, bottom=1.0, right=1.0)],
+        ),
+    )
+    items = [boxed, url, text_input("text", "some words"), image_input("plain")]
+    for item in items:
+        item.dataset_ids.append("ds")
+    await create(inputs, caller, items)
+    async with db.connection() as conn:
+        rows = await conn.fetch(
+            "SELECT id, content_hash FROM inputs WHERE app_id = $1 ORDER BY id", caller.app_id
+        )
+        at_ingest = {r["id"]: r["content_hash"] for r in rows}
+        assert None not in at_ingest.values()
+        # Stale again, as any change makes them: the version's creation reads them back.
+        await conn.execute("UPDATE inputs SET content_hash = NULL WHERE app_id = $1", caller.app_id)
+    await build(versions, caller, "ds", "v1")
+    refreshed = {input_id: digest for input_id, _, digest in await content(db, caller, "ds", "v1")}
+    assert refreshed == at_ingest

@@ -20,9 +20,10 @@ from service.client.sources import (
     Failure,
     UploadItem,
 )
-from service.client.upload.engine import Outcome, call
+from service.client.upload.engine import REGIONS_REFUSED, Outcome, call
 from service.client.upload.failures import annotation_failure, input_failure
 from service.client.upload.messages import (
+    Boxed,
     Unreadable,
     annotation_message,
     annotation_source,
@@ -105,6 +106,10 @@ def run_inputs(rpc: Rpc, dataset_id: str, batch: Batch, token: bytes) -> list[Ou
     for result in response.results:
         index, item = sent[result.index]
         input_id, source = describe(item)
+        if isinstance(item, Boxed) and _regions_only(result):
+            refused = Failure(index, input_id, "boxes refused", source, REGIONS_REFUSED)
+            outcomes.append((index, refused))
+            continue
         failure = result_failure(
             index,
             result.input_id or input_id,
@@ -116,6 +121,16 @@ def run_inputs(rpc: Rpc, dataset_id: str, batch: Batch, token: bytes) -> list[Ou
         )
         outcomes.append((index, failure))
     return outcomes
+
+
+def _regions_only(result: input_service_pb2.InputResult) -> bool:
+    """Whether an input failed for its regions alone."""
+    regions = f"inputs[{result.index}].data.regions"
+    return (
+        result.outcome != errors_pb2.ITEM_OUTCOME_CREATED
+        and bool(result.errors)
+        and all(e.field.startswith(regions) for e in result.errors)
+    )
 
 
 def run_stream(

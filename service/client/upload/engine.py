@@ -28,6 +28,11 @@ TRANSIENT = frozenset(
     }
 )
 
+# The code of a boxed input refused for its boxes alone (a box outside the image, an
+# annotation id taken): the upload sends it again without them, and the boxes through
+# CreateAnnotations, so that as before only the bad box fails. Never logged.
+REGIONS_REFUSED = "regions_refused"
+
 Outcome = tuple[int, Failure | None]  # (index, None when created)
 Work = Callable[[Batch], list[Outcome]]
 
@@ -79,7 +84,8 @@ class Engine:
                 for future in finished:
                     for outcome in future.result():
                         done += 1
-                        failed += outcome[1] is not None
+                        failure = outcome[1]
+                        failed += failure is not None and failure.code != REGIONS_REFUSED
                         yield outcome
                 self.progress.advance(done, failed)
         finally:

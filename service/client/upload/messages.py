@@ -2,12 +2,18 @@
 
 Everything here is deterministic: the same item gives the same bytes, so request ids and
 generated annotation ids are the same on every run (see `service.client.uploads`).
+
+A new input's boxes travel in its CreateInputs (`Boxed`): each box is one region of
+`data.regions`, and the server stores each region as an annotation of its own named by
+the region's id. The region id is the id the box's CreateAnnotations would have used,
+so both routes give the same annotations (one per box, same ids).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +22,20 @@ from google.protobuf import json_format
 
 from service.client.sources import AnnotationItem, UploadItem, hashed_id
 
-InputLike = UploadItem | input_pb2.Input
 AnnotationLike = AnnotationItem | annotation_pb2.Annotation
-InputItems = Iterable[InputLike]
+
+
+@dataclass(frozen=True)
+class Boxed:
+    """A new input uploaded with its boxes in one CreateInputs: `boxes` are (index in the
+    upload's annotations, annotation) pairs, each one box and nothing else (`foldable`)."""
+
+    item: UploadItem
+    boxes: tuple[tuple[int, AnnotationLike], ...]
+
+
+InputLike = UploadItem | input_pb2.Input | Boxed
+InputItems = Iterable[UploadItem | input_pb2.Input]
 AnnotationItems = Iterable[AnnotationLike]
 
 
@@ -40,6 +57,8 @@ def request_id_of(prefix: str, request: Any, token: bytes = b"") -> str:
 
 def describe(item: InputLike) -> tuple[str, str]:
     """The input id and the source an item is logged under."""
+    if isinstance(item, Boxed):
+        item = item.item
     if isinstance(item, input_pb2.Input):
         return item.id, item.title or item.id
     return item.input_id, item.source or item.path or item.url or item.input_id
@@ -51,7 +70,10 @@ def annotation_source(item: AnnotationLike) -> str:
 
 
 def item_json(item: InputLike | annotation_pb2.Annotation) -> dict[str, Any]:
-    """The failure-log form of an item, from which `retry` rebuilds it."""
+    """The failure-log form of an item, from which `retry` rebuilds it. A boxed input's
+    boxes are logged as annotation rows of their own (`service.client.uploads`)."""
+    if isinstance(item, Boxed):
+        item = item.item
     if isinstance(item, UploadItem):
         return item.to_json()
     message: dict[str, Any] = json_format.MessageToDict(item, preserving_proto_field_name=True)
@@ -74,6 +96,10 @@ def _concepts(ids: Iterable[str]) -> list[data_pb2.Concept]:
 
 def input_message(item: InputLike, dataset_id: str, with_media: bool = True) -> input_pb2.Input:
     """The Input to create; `with_media=False` leaves the bytes out (they are streamed)."""
+    if isinstance(item, Boxed):
+        message = input_message(item.item, dataset_id, with_media)
+        message.data.regions.extend(box_region(a) for _, a in item.boxes)
+        return message
     if isinstance(item, input_pb2.Input):
         message = input_pb2.Input()
         message.CopyFrom(item)
@@ -142,3 +168,21 @@ def annotation_message(item: AnnotationLike) -> annotation_pb2.Annotation:
         body = message.data.SerializeToString(deterministic=True).hex()
         message.id = hashed_id("ann-", message.input_id, body)
     return message
+
+
+def foldable(item: AnnotationLike) -> bool:
+    """Whether an annotation is exactly one box, so that it can travel as a region of its
+    input's CreateInputs and be stored as the same annotation."""
+    if isinstance(item, AnnotationItem):
+        return len(item.boxes) == 1 and not item.concepts and not item.metadata
+    fields = [f.name for f, _ in item.data.ListFields()]
+    return fields == ["regions"] and len(item.data.regions) == 1 and not item.annotation_info
+
+
+def box_region(item: AnnotationLike) -> data_pb2.Region:
+    """The region of a `foldable` annotation, named by the annotation's id."""
+    message = annotation_message(item)
+    region = data_pb2.Region()
+    region.CopyFrom(message.data.regions[0])
+    region.id = message.id
+    return region

@@ -10,13 +10,16 @@ from typing import Any, Literal
 from datasetd.v1 import input_pb2
 
 from service.client.sources import UploadItem
-from service.client.upload.messages import AnnotationLike, InputLike
+from service.client.upload.messages import AnnotationLike, Boxed, InputLike, foldable
 
 MAX_BATCH = 128
 # The server takes 128 MB per call; half of it leaves room for protobuf overhead.
 BATCH_BYTES = 64 * 1024 * 1024
 # Bigger files go through UploadInput one by one, streamed from disk.
 STREAM_BYTES = 32 * 1024 * 1024
+# The server keeps at most 1,000 annotations per input, one of them its input-level one;
+# an input with more boxes sends them all through CreateAnnotations, which says which fail.
+MAX_BOXES = 999
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class Batch:
 
 def size_of(item: InputLike) -> int:
     """The bytes an item adds to a request, estimated without reading its file."""
+    if isinstance(item, Boxed):
+        return size_of(item.item) + sum(64 for _ in item.boxes)
     if isinstance(item, input_pb2.Input):
         return item.ByteSize()
     if item.path is not None:
@@ -60,6 +65,34 @@ def plan_inputs(
         size += item_size
     if batch:
         yield Batch("inputs", batch)
+
+
+def fold_boxes(
+    inputs: Iterable[tuple[int, InputLike]],
+    annotations: Iterable[tuple[int, AnnotationLike]],
+    stream_bytes: int = STREAM_BYTES,
+) -> tuple[list[tuple[int, InputLike]], set[int]]:
+    """The inputs with the boxes of each new input folded into it (`Boxed`), and the
+    indexes of the annotations folded. Streamed files keep theirs apart: an UploadInput
+    header takes no regions (the media they are checked against come after it)."""
+    boxes: dict[str, list[tuple[int, AnnotationLike]]] = {}
+    for index, annotation in annotations:
+        if foldable(annotation):
+            boxes.setdefault(annotation.input_id, []).append((index, annotation))
+    folded: set[int] = set()
+    result: list[tuple[int, InputLike]] = []
+    for index, item in inputs:
+        if isinstance(item, UploadItem) and not (
+            item.path is not None and size_of(item) > stream_bytes
+        ):
+            # pop: of two items with one id (the second fails), only the first has them.
+            mine = boxes.pop(item.input_id, [])
+            if 0 < len(mine) <= MAX_BOXES:
+                folded.update(i for i, _ in mine)
+                result.append((index, Boxed(item, tuple(mine))))
+                continue
+        result.append((index, item))
+    return result, folded
 
 
 def plan_annotations(
