@@ -203,10 +203,14 @@ class Dataset(Versions):
         )
 
     def upload_inputs(
-        self, inputs: _uploads.InputItems, **options: Unpack[_uploads.UploadOptions]
+        self,
+        inputs: _uploads.InputItems,
+        annotations: _uploads.AnnotationItems = (),
+        **options: Unpack[_uploads.UploadOptions],
     ) -> _uploads.UploadResult:
-        """Uploads `UploadItem`s (or `input_pb2.Input` messages) into this dataset."""
-        return _uploads.upload_inputs(self.rpc, self.id, inputs, **options)
+        """Uploads `UploadItem`s (or `input_pb2.Input` messages) into this dataset, and
+        `annotations` on them: the boxes of new inputs travel in their CreateInputs."""
+        return _uploads.upload_inputs(self.rpc, self.id, inputs, annotations, **options)
 
     def upload_annotations(
         self, annotations: _uploads.AnnotationItems, **options: Unpack[_uploads.UploadOptions]
@@ -221,7 +225,7 @@ class Dataset(Versions):
         labels: bool = True,
         **options: Unpack[_uploads.UploadOptions],
     ) -> _uploads.UploadResult:
-        """Uploads a COCO detection dataset: the images, then their boxes."""
+        """Uploads a COCO detection dataset: the images with their boxes."""
         return _uploads.upload_coco(
             self.rpc, self.id, images_dir, annotations_json, labels, **options
         )

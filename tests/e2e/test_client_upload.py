@@ -677,9 +677,8 @@ async def test_upload_inputs_with_boxes_fails_only_the_bad_box(
     log = tmp_path / "log.csv"
     before = calls(CREATE_ANNOTATIONS)
     result = await run(
-        lambda: uploads.upload_inputs(
-            client.rpc, dataset.id, items, boxes, show_progress=False, failure_log=log
-        )
+        # Through the dataset handle, as a user calls it.
+        lambda: dataset.upload_inputs(items, boxes, show_progress=False, failure_log=log)
     )
     assert (result.created, result.failed) == (3, 0)
     assert (result.annotations_created, result.annotations_failed) == (3, 1)
