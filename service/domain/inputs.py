@@ -356,8 +356,8 @@ class InputService:
             # was sent with. A new input has no annotation but its input-level one, and
             # region_annotations keeps within the per-input limit.
             annotations = [a for p in prepared if p.input.id in inserted for a in p.annotations]
-            written = await self.annotations.insert_many(annotations)
-            if len(written) != len(annotations):
+            written = await self.annotations.add_many(annotations)
+            if written != len(annotations):
                 # Ids checked free above were taken by a concurrent writer.
                 raise Aborted(
                     "annotation ids of the inputs' regions were taken meanwhile; nothing was "

@@ -381,6 +381,10 @@ class AnnotationRepository(Protocol):
         """Inserts the annotations whose ids are free; returns those inserted, as stored."""
         ...
 
+    async def add_many(self, annotations: list[Annotation]) -> int:
+        """insert_many without reading the rows back: how many were inserted."""
+        ...
+
     async def get_many(
         self, app_id: str, ids: list[str], *, lock: bool = False
     ) -> list[Annotation]: ...

@@ -53,6 +53,11 @@ ORDER BY t.n
 ON CONFLICT (app_id, id) DO NOTHING
 RETURNING {_COLUMNS}
 """
+# The same insert when the caller needs only how many were written (CreateInputs).
+INSERT_COUNTED = f"""
+WITH written AS ({INSERT.replace(f"RETURNING {_COLUMNS}", "RETURNING 1")})
+SELECT count(*) FROM written
+"""
 GET_MANY = f"""
 SELECT {_COLUMNS} FROM annotations a WHERE a.app_id = $1 AND a.id = ANY($2::text[])
 ORDER BY a.id
@@ -119,6 +124,18 @@ class PgAnnotationRepository(Repository):
 
     async def insert_many(self, annotations: list[Annotation]) -> list[Annotation]:
         return await self._write(INSERT, annotations, [a.input_id for a in annotations])
+
+    async def add_many(self, annotations: list[Annotation]) -> int:
+        if not annotations:
+            return 0
+        count: int = await self._db.fetchval(
+            INSERT_COUNTED,
+            annotations[0].app_id,
+            [a.id for a in annotations],
+            [a.input_id for a in annotations],
+            *_content_columns(annotations),
+        )
+        return count
 
     async def get_many(
         self, app_id: str, ids: list[str], *, lock: bool = False
