@@ -12,7 +12,8 @@ fresh dataset and a bounding-box annotation on every second input (CreateAnnotat
    shows SUCCESS: s, inputs/s, archive MB; the server's peak RSS meanwhile (VmRSS sampled
    every 50 ms from /proc, and VmHWM), against the archive's size: memory stays bounded.
 3. raw limits of the same run: the version's stored Input bytes (read with asyncpg from
-   version_inputs, outside the timing) parsed into `datasetd.v1.Input` messages, then
+   input_contents through version_inputs, outside the timing) parsed into
+   `datasetd.v1.Input` messages, then
    serialized as InputBatch entries of 1,000 into a zipfile (ZIP_STORED) in a temporary
    file; and, as the export does, the stored bytes framed as InputBatch entries without
    re-serializing them; and the latter with ZIP_DEFLATED, as the export compresses its
@@ -92,10 +93,11 @@ CHANNEL_OPTIONS: Final = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", 64 * MiB),
 ]
+# The members' content, by the references the version holds (input_contents, shared).
 STORED_BYTES: Final = """
-SELECT data FROM version_inputs
-WHERE app_id = $1 AND dataset_id = $2 AND version_id = $3
-ORDER BY position
+SELECT c.data FROM version_inputs v JOIN input_contents c ON c.hash = v.content_hash
+WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3
+ORDER BY v.position
 """
 
 

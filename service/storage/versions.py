@@ -113,7 +113,14 @@ WITH filled AS (
                 $7::float8[], $8::timestamptz[])
          AS t(hash, media_type, metadata, concepts, annotated, longitude, latitude, created_at)
     WHERE c.hash = t.hash
-    RETURNING c.hash)
+    RETURNING c.hash),
+-- Their members' input_seq too (creation order, which never changes; search orders and
+-- matches live inputs by it): NULL only if the input was deleted since.
+sequenced AS (
+    UPDATE version_inputs v SET input_seq = i.seq
+    FROM filled f, inputs i
+    WHERE v.content_hash = f.hash AND v.input_seq IS NULL
+      AND i.app_id = v.app_id AND i.id = v.input_id)
 INSERT INTO version_embeddings (app_id, dataset_id, version_id, input_id, embedding_id)
 SELECT v.app_id, v.dataset_id, v.version_id, v.input_id, e.id
 FROM filled f

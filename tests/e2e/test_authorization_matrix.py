@@ -54,8 +54,7 @@ from service.domain.models import AppRole, Collaborator, DatasetRole, KeyKind, U
 from service.storage.access import PgCollaboratorRepository, PgUserRepository
 from service.storage.api_keys import PgApiKeyRepository
 from service.storage.db import Database
-from tests.conftest import Caller
-from tests.e2e.test_versions import wait_for
+from tests.e2e.test_versions import READY
 
 SERVICES = [
     module.DESCRIPTOR.services_by_name[name]
@@ -771,13 +770,14 @@ async def world(server: Running, channel: grpc.aio.Channel) -> World:
     )
     assert made.created_count == 1, made
     versions = dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel)
-    await versions.CreateDatasetVersion(
+    created = await versions.CreateDatasetVersion(
         dataset_version_service_pb2.CreateDatasetVersionRequest(
             app_id=app_id, dataset_id="ds", version=dataset_version_pb2.DatasetVersion(id="v1")
         ),
         metadata=owner,
     )
-    await wait_for(versions, Caller(app_id, owner_secret), "ds", "v1")
+    # READY when created: exportable at once.
+    assert created.version.status.code == READY, created.version.status
     export = await versions.ExportDatasetVersion(
         dataset_version_service_pb2.ExportDatasetVersionRequest(
             app_id=app_id,

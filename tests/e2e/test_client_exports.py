@@ -119,10 +119,11 @@ async def test_versions_create_wait_list_get_delete(
     assert first.metrics["/"]["bounding_boxes_count"] == 6
     assert first.created_at is not None and first.created_at.tzinfo is not None
 
-    pending = await run(lambda: ds.create_version("v2", wait=False))
-    assert pending.status in ("PENDING", "IN_PROGRESS", "READY")
+    # READY when created, whether the library waits or not; waiting returns at once.
+    unwaited = await run(lambda: ds.create_version("v2", wait=False))
+    assert (unwaited.status, unwaited.inputs_count) == ("READY", 7)
     second = await run(lambda: ds.wait_version("v2"))
-    assert second.status == "READY"
+    assert second.status == "READY" and second.inputs_count == 7
 
     listed = await run(lambda: [v.id for v in ds.list_versions(page_size=1)])
     assert listed == ["v2", "v1"]

@@ -2,7 +2,8 @@
 
 Every acknowledged input must be present with bytes matching their hash, a
 retry with the same request id must not duplicate anything, and after the
-orphan sweeper runs no unreferenced blob may remain.
+orphan sweeper runs no unreferenced blob may remain. A server killed while it creates a
+version leaves no trace of it or all of it, READY.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import secrets
 import signal
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from datasetd.v1 import (
@@ -33,8 +35,11 @@ from PIL import Image
 from service.storage.blobs import REFERENCED, ContentAddressedBlobStore
 from service.storage.db import Database
 from tests.conftest import Caller, Stack, new_caller, object_store, stack_env
-from tests.e2e.test_versions import IN_PROGRESS, READY, get_version, metrics_of, table_locked
+from tests.e2e.test_versions import READY, get_version, metrics_of, table_locked
 from tests.processes import ServerProcess, clean_env, run_server, stub_for
+
+if TYPE_CHECKING:
+    from datasetd.v1.dataset_version_service_pb2_grpc import DatasetVersionServiceAsyncStub
 
 BATCH = 128
 
@@ -153,42 +158,53 @@ async def _check_no_orphans_after_sweep(db: Database, stack: Stack) -> None:
 
 
 VERSION_INPUTS = 1500
-TAKEOVER_TIMEOUT_SECONDS = 60.0
+# The statement CreateDatasetVersion runs after it recorded the members (the ontology
+# governing the dataset, storage/ontologies.py GOVERNING): a kill while it waits finds the
+# version's row and its 1,500 references written, uncommitted.
+GOVERNING_READ = "%FROM project_datasets pd%"
+SETTLE_SECONDS = 30.0
+
+# Per version of "big": its row, its references and whether each one's content is there
+# and is what its hash says.
+VERSION_ROWS = """
+SELECT v.id, v.status, v.percent, v.input_count, count(vi.position) AS members,
+       count(vi.position) FILTER (WHERE c.hash IS NULL OR sha256(c.data) <> c.hash) AS broken
+FROM dataset_versions v
+LEFT JOIN version_inputs vi
+    ON (vi.app_id, vi.dataset_id, vi.version_id) = (v.app_id, v.dataset_id, v.id)
+LEFT JOIN input_contents c ON c.hash = vi.content_hash
+WHERE v.app_id = $1 AND v.dataset_id = 'big'
+GROUP BY v.id, v.status, v.percent, v.input_count
+"""
+ORPHAN_MEMBERS = """
+SELECT count(*) FROM version_inputs vi
+WHERE vi.app_id = $1 AND NOT EXISTS (
+    SELECT 1 FROM dataset_versions v
+    WHERE (v.app_id, v.dataset_id, v.id) = (vi.app_id, vi.dataset_id, vi.version_id))
+"""
 
 
-async def _version_state(db: Database, app: str, version_id: str) -> tuple[str, int, int, int]:
-    """(status, percent, members, members without content) of the version."""
+async def _versions(db: Database, app: str) -> dict[str, tuple[str, int, int, int, int]]:
+    """(status, percent, input_count, members, members without intact content) by version."""
     async with db.connection() as conn:
-        row = await conn.fetchrow(
-            "SELECT v.status, v.percent, count(vi.position) AS members,"
-            " count(vi.position) FILTER (WHERE vi.data IS NULL) AS unbuilt"
-            " FROM dataset_versions v LEFT JOIN version_inputs vi"
-            " ON (vi.app_id, vi.dataset_id, vi.version_id) = (v.app_id, v.dataset_id, v.id)"
-            " WHERE v.app_id = $1 AND v.dataset_id = 'big' AND v.id = $2"
-            " GROUP BY v.status, v.percent",
-            app,
-            version_id,
-        )
-    assert row is not None
-    return row["status"], row["percent"], row["members"], row["unbuilt"]
+        rows = await conn.fetch(VERSION_ROWS, app)
+        assert await conn.fetchval(ORPHAN_MEMBERS, app) == 0
+    return {
+        r["id"]: (r["status"], r["percent"], r["input_count"], r["members"], r["broken"])
+        for r in rows
+    }
 
 
-async def _kill(server: ServerProcess, db: Database, app: str) -> None:
-    server.process.send_signal(signal.SIGKILL)
-    await server.process.wait()
-    status, _, members, unbuilt = await _version_state(db, app, "v1")
-    assert members == VERSION_INPUTS
-    # Pages commit one by one, but READY comes only with every member captured.
-    assert not (status == "ready" and unbuilt), (status, unbuilt)
+def _complete(state: tuple[str, int, int, int, int]) -> bool:
+    return state == ("ready", 100, VERSION_INPUTS, VERSION_INPUTS, 0)
 
 
-async def _create_inputs_and_version(server: ServerProcess, db: Database, caller: Caller) -> None:
-    """1,500 text inputs in "big", then version v1, killed while its build is IN_PROGRESS."""
+async def _create_inputs(server: ServerProcess, caller: Caller) -> None:
+    """1,500 text inputs in dataset "big"."""
     app = caller.app_id
     async with grpc.aio.insecure_channel(server.address) as channel:
         datasets = dataset_service_pb2_grpc.DatasetServiceStub(channel)
         stub = input_service_pb2_grpc.InputServiceStub(channel)
-        versions = dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel)
         await datasets.CreateDataset(
             dapi.CreateDatasetRequest(app_id=app, dataset=dataset_pb2.Dataset(id="big")),
             metadata=caller.metadata,
@@ -205,86 +221,134 @@ async def _create_inputs_and_version(server: ServerProcess, db: Database, caller
             await stub.CreateInputs(
                 api.CreateInputsRequest(app_id=app, inputs=items), metadata=caller.metadata
             )
-        # The build stops at its first read of annotations: IN_PROGRESS, no page stored.
-        async with table_locked(db, "annotations"):
-            version = dataset_version_pb2.DatasetVersion(id="v1")
-            await versions.CreateDatasetVersion(
-                vapi.CreateDatasetVersionRequest(app_id=app, dataset_id="big", version=version),
-                metadata=caller.metadata,
-            )
-            deadline = asyncio.get_running_loop().time() + 30
-            while (await get_version(versions, caller, "big", "v1")).status.code != IN_PROGRESS:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.02)
-            await _kill(server, db, app)
 
 
-async def _restart_until_ready(
-    env: dict[str, str], db: Database, caller: Caller, job_id: int, kills: list[str]
-) -> dataset_version_pb2.DatasetVersion:
-    """Restarts the server until v1 is READY. The job is taken over once the dead process's
-    lease expires (by the new process, or by the test's in-process server, whichever claims
-    first). While the new process holds it, it is killed once more, after a page was stored,
-    if that moment is seen before the build ends."""
-    deadline = asyncio.get_running_loop().time() + TAKEOVER_TIMEOUT_SECONDS
+def version_stub(channel: grpc.aio.Channel) -> DatasetVersionServiceAsyncStub:
+    return dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel)
+
+
+async def _create(
+    versions: DatasetVersionServiceAsyncStub,
+    caller: Caller,
+    version_id: str,
+) -> vapi.CreateDatasetVersionResponse:
+    version = dataset_version_pb2.DatasetVersion(id=version_id)
+    response: vapi.CreateDatasetVersionResponse = await versions.CreateDatasetVersion(
+        vapi.CreateDatasetVersionRequest(app_id=caller.app_id, dataset_id="big", version=version),
+        metadata=caller.metadata,
+    )
+    return response
+
+
+async def _backend_waiting(db: Database, pattern: str) -> int:
+    """The server's backend blocked on a lock in a statement matching `pattern`."""
+    deadline = asyncio.get_running_loop().time() + SETTLE_SECONDS
     while True:
-        async with run_server(env) as server, grpc.aio.insecure_channel(server.address) as channel:
-            versions = dataset_version_service_pb2_grpc.DatasetVersionServiceStub(channel)
-            while True:
-                version = await get_version(versions, caller, "big", "v1")
-                if version.status.code == READY:
-                    return version
-                assert asyncio.get_running_loop().time() < deadline, version.status
-                async with db.connection() as conn:
-                    holder = await conn.fetchval("SELECT locked_by FROM jobs WHERE id = $1", job_id)
-                mine = holder is not None and f":{server.pid}:" in holder
-                if len(kills) < 2 and mine and version.status.percent_completed > 0:
-                    await _kill(server, db, caller.app_id)
-                    kills.append(f"at {version.status.percent_completed}%")
-                    break
-                await asyncio.sleep(0.01)
+        async with db.connection() as conn:
+            pid = await conn.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE $1 AND pid <> pg_backend_pid()",
+                pattern,
+            )
+        if pid is not None:
+            return int(pid)
+        assert asyncio.get_running_loop().time() < deadline, "the creation never got there"
+        await asyncio.sleep(0.02)
 
 
-async def test_sigkill_during_version_build_never_leaves_a_partial_ready_version(
+async def _backend_gone(db: Database, pid: int) -> None:
+    deadline = asyncio.get_running_loop().time() + SETTLE_SECONDS
+    while True:
+        async with db.connection() as conn:
+            if not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+                return
+        assert asyncio.get_running_loop().time() < deadline, f"backend {pid} still there"
+        await asyncio.sleep(0.05)
+
+
+async def _kill(server: ServerProcess, call: asyncio.Future[Any]) -> str:
+    server.process.send_signal(signal.SIGKILL)
+    await server.process.wait()
+    try:
+        await call
+        return "acknowledged"
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        return "lost"
+
+
+async def test_sigkill_during_version_creation_leaves_no_version_or_a_complete_ready_one(
     stack: Stack, db: Database
 ) -> None:
+    """A version is READY when CreateDatasetVersion returns, in one transaction: a server
+    killed at any moment of it leaves either no trace of the version or all of it (every
+    member with its content, the metrics), never a partial or a building one."""
     caller = await new_caller(db)
     app = caller.app_id
     env = {
         **clean_env(),
         **{k: v for k, v in stack_env(stack).items() if k.startswith("DATASETD_")},
-        "DATASETD_JOB_LEASE": "2s",
         "DATASETD_MAINTENANCE_INTERVAL": "1h",
         "DATASETD_LOG_LEVEL": "WARNING",
     }
     async with run_server(env) as server:
-        await _create_inputs_and_version(server, db, caller)
-    kills = ["before the first page"]
-    async with db.connection() as conn:
-        job_id = await conn.fetchval(
-            "SELECT job_id FROM dataset_versions WHERE app_id = $1 AND id = 'v1'", app
-        )
-    version = await _restart_until_ready(env, db, caller, job_id, kills)
+        await _create_inputs(server, caller)
 
-    print(f"build killed {kills}")
-    assert metrics_of(version)["inputs_count"] == VERSION_INPUTS
-    assert await _version_state(db, app, "v1") == ("ready", 100, VERSION_INPUTS, 0)
+    # Killed while the creation waits, its members recorded: nothing of v1 remains.
+    async with run_server(env) as server, grpc.aio.insecure_channel(server.address) as channel:
+        versions = version_stub(channel)
+        async with table_locked(db, "project_datasets"):
+            call = asyncio.ensure_future(_create(versions, caller, "v1"))
+            backend = await _backend_waiting(db, GOVERNING_READ)
+            # It has written the members (uncommitted, invisible here).
+            async with db.connection() as conn:
+                assert await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE pid = $1 AND mode = 'RowExclusiveLock'"
+                    " AND relation = 'version_inputs'::regclass",
+                    backend,
+                )
+            assert await _kill(server, call) == "lost"
+        # Its transaction ends (rolled back) once it finds its client gone.
+        await _backend_gone(db, backend)
+    assert await _versions(db, app) == {}
+
+    # Kills at moments of the creation's course the test does not choose.
+    outcomes: list[str] = []
+    for round_, delay in enumerate((0.05, 0.15, 0.3, 0.5, 0.8, 1.5, 4.0)):
+        async with run_server(env) as server, grpc.aio.insecure_channel(server.address) as channel:
+            versions = version_stub(channel)
+            call = asyncio.ensure_future(_create(versions, caller, f"r{round_}"))
+            await asyncio.sleep(delay)
+            outcomes.append(await _kill(server, call))
+        await asyncio.sleep(0.5)
+        found = await _versions(db, app)
+        assert set(found) <= {f"r{n}" for n in range(round_ + 1)}, found
+        assert all(_complete(state) for state in found.values()), found
+        if outcomes[-1] == "acknowledged":
+            assert f"r{round_}" in found
+    print(f"creations killed: {outcomes}")
+
+    # A creation that nothing interrupts, and the retry of v1: READY, complete.
+    async with run_server(env) as server, grpc.aio.insecure_channel(server.address) as channel:
+        versions = version_stub(channel)
+        created = await _create(versions, caller, "v1")
+        assert created.version.status.code == READY
+        assert metrics_of(created.version)["inputs_count"] == VERSION_INPUTS
+        assert await get_version(versions, caller, "big", "v1") is not None
+    found = await _versions(db, app)
+    assert _complete(found["v1"]) and all(_complete(state) for state in found.values()), found
     async with db.connection() as conn:
-        rows = await conn.fetch(
-            "SELECT input_id, data, content_hash FROM version_inputs"
-            " WHERE app_id = $1 AND dataset_id = 'big' AND version_id = 'v1'",
+        members = await conn.fetch(
+            "SELECT vi.input_id, c.data FROM version_inputs vi"
+            " JOIN input_contents c ON c.hash = vi.content_hash"
+            " WHERE vi.app_id = $1 AND vi.dataset_id = 'big' AND vi.version_id = 'v1'",
             app,
         )
-        input_count = await conn.fetchval(
-            "SELECT input_count FROM dataset_versions WHERE app_id = $1 AND id = 'v1'", app
+        builds = await conn.fetchval(
+            "SELECT count(*) FROM jobs WHERE app_id = $1 AND kind = 'build_version'", app
         )
-        job = await conn.fetchrow("SELECT status, attempts FROM jobs WHERE id = $1", job_id)
-    assert input_count == VERSION_INPUTS
-    assert sorted(r["input_id"] for r in rows) == sorted(f"t{i}" for i in range(VERSION_INPUTS))
-    for row in rows:
-        assert row["data"] is not None
-        assert row["content_hash"] == hashlib.sha256(row["data"]).digest()
-    # Claimed by each killed process, then once more after the last lease expired.
-    assert job is not None
-    assert job["status"] == "succeeded"
-    assert job["attempts"] >= len(kills) + 1, (job["attempts"], kills)
+    assert sorted(r["input_id"] for r in members) == sorted(f"t{i}" for i in range(VERSION_INPUTS))
+    for row in members:
+        assert input_pb2.Input.FromString(row["data"]).id == row["input_id"]
+    # No build in the background: nothing was left to finish after the kills.
+    assert builds == 0

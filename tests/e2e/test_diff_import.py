@@ -34,6 +34,7 @@ from service.config import Config
 from service.domain.diffs import DiffService
 from service.domain.errors import Aborted
 from service.domain.models import Principal
+from service.domain.versions import RETIRED_BUILD
 from service.formats.snapshot import ProtobufContentConcepts
 from service.storage.db import Database
 from service.storage.diffs import PgVersionPairs
@@ -53,14 +54,11 @@ from tests.e2e.test_inputs import (
 )
 from tests.e2e.test_upload import download_stream
 from tests.e2e.test_versions import (
-    IN_PROGRESS,
     build,
     content,
     create_version,
     every_kind_of_content,
     parsed,
-    table_locked,
-    wait_for,
 )
 from tests.helpers import CallError, call_error, details_of, png_bytes
 
@@ -283,13 +281,18 @@ async def test_diff_needs_two_ready_versions_of_the_dataset(
     assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
     assert set(bad.fields) == {"dataset_id", "from_version_id", "to_version_id"}
 
-    async with table_locked(db, "annotations"):
-        await create_version(versions, caller, "ds", "v2")
-        await wait_for(versions, caller, "ds", "v2", IN_PROGRESS)
-        building = await call_error(diff(versions, caller, "ds", "v1", "v2"))
-    assert building.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert building.reason == "VERSION_NOT_READY" and "to_version_id" in building.message
-    await wait_for(versions, caller, "ds", "v2")
+    # A version that is not READY: one that was building when datasetd was upgraded,
+    # failed by migration 0014 (versions are READY when created now).
+    await create_version(versions, caller, "ds", "v2")
+    await db.execute(
+        "UPDATE dataset_versions SET status = 'failed', details = $2"
+        " WHERE app_id = $1 AND dataset_id = 'ds' AND id = 'v2'",
+        caller.app_id,
+        RETIRED_BUILD,
+    )
+    failed = await call_error(diff(versions, caller, "ds", "v1", "v2"))
+    assert failed.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert failed.reason == "VERSION_NOT_READY" and "to_version_id" in failed.message
 
     # Another app's key, naming this app.
     stranger = Caller(caller.app_id, (await new_caller(db)).key)

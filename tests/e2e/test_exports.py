@@ -36,27 +36,24 @@ from service.domain.clock import SystemClock
 from service.domain.exports import ExportBuilder, ExportService, ExportSettings
 from service.domain.jobs import Job, JobKind
 from service.domain.models import ExportFormat, ExportOptions, Principal, SplitOptions
-from service.domain.versions import VersionService
+from service.domain.versions import RETIRED_BUILD
 from service.formats.archives import Archives
 from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.db import Database
 from service.storage.exports import PgExportRepository
-from service.storage.inputs import PgMembershipRepository
 from service.storage.versions import PgVersionRepository
 from tests.conftest import Caller, new_caller
 from tests.e2e.test_annotations import TEXT, add, annotation, box, concepts, float32
 from tests.e2e.test_inputs import create, image_input, metadata, new_dataset, text_input
 from tests.e2e.test_versions import (
-    HeldJobs,
     build,
     content,
     create_version,
     every_kind_of_content,
     parsed,
-    table_locked,
-    wait_for,
 )
 from tests.helpers import call_error, download, png_bytes
+from tests.snapshots import HeldJobs, version_service
 from tests.unit.test_media import mp4
 
 if TYPE_CHECKING:
@@ -537,7 +534,7 @@ async def test_pages_do_not_change_the_archive(
     blobs = ContentAddressedBlobStore(db, objects)
     records = PgExportRepository(db)
     service = ExportService(
-        VersionService(PgVersionRepository(db), PgMembershipRepository(db), HeldJobs(db), db),
+        version_service(db, objects, HeldJobs(db)),
         records,
         HeldJobs(db),
         blobs,
@@ -754,17 +751,21 @@ async def test_bad_requests_name_the_field(
     missing = await call_error(get_export(versions, caller, "ds", "v1", "nope"))
     assert (missing.code, missing.reason) == (grpc.StatusCode.NOT_FOUND, "EXPORT_NOT_FOUND")
 
-    # A version still being built cannot be exported.
-    async with table_locked(db, "annotations"):
-        await create_version(versions, caller, "ds", "v2")
-        await wait_for(
-            versions, caller, "ds", "v2", status_pb2.STATUS_CODE_DATASET_VERSION_IN_PROGRESS
-        )
-        building = await call_error(request_export(versions, caller, "ds", "v2", PROTOBUF))
-        assert (building.code, building.reason) == (
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "VERSION_NOT_READY",
-        )
+    # A version that is not READY cannot be exported: one that was building when datasetd
+    # was upgraded, failed by migration 0014 (versions are READY when created now).
+    await create_version(versions, caller, "ds", "v2")
+    await db.execute(
+        "UPDATE dataset_versions SET status = 'failed', details = $3"
+        " WHERE app_id = $1 AND dataset_id = 'ds' AND id = $2",
+        caller.app_id,
+        "v2",
+        RETIRED_BUILD,
+    )
+    failed = await call_error(request_export(versions, caller, "ds", "v2", PROTOBUF))
+    assert (failed.code, failed.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "VERSION_NOT_READY",
+    )
 
     stranger = await new_caller(db)
     denied = await call_error(

@@ -883,7 +883,8 @@ CASES: Mapping[str, Case] = {
     ),
     "DatasetVersionService.CancelDatasetVersionBuild": Case(
         lambda env: _version_of_empty("DatasetVersionService.CancelDatasetVersionBuild", env),
-        # An empty dataset builds in milliseconds: the cancel may come after the end.
+        # A version is READY when created: the cancel, once it has read its fields, always
+        # ends in VERSION_BUILD_ENDED.
         ends=frozenset({grpc.StatusCode.FAILED_PRECONDITION}),
     ),
     "DatasetVersionService.ExportDatasetVersion": Case(

@@ -30,7 +30,7 @@ from service.domain.reencode import (
 )
 from service.media.probe import MediaProbes
 from service.media.transcode import FfmpegTranscoder
-from service.storage.blobs import ContentAddressedBlobStore, content_key
+from service.storage.blobs import ContentAddressedBlobStore, content_key, content_suffix
 from service.storage.db import Database
 from service.storage.inputs import PgInputRepository
 from service.storage.reencode import PgReencodeRepository
@@ -38,8 +38,9 @@ from tests.conftest import Caller, Stack, object_store
 from tests.e2e.test_cli import Cli, cli_env
 from tests.e2e.test_exports import PROTOBUF, batches, by_id, exported, options
 from tests.e2e.test_inputs import create, image_input, new_dataset
-from tests.e2e.test_versions import HeldJobs, build, builder, held_version, no_progress
+from tests.e2e.test_versions import build
 from tests.helpers import call_error
+from tests.snapshots import HeldJobs
 
 if TYPE_CHECKING:
     from datasetd.v1.dataset_service_pb2_grpc import DatasetServiceAsyncStub as Datasets
@@ -342,8 +343,7 @@ async def test_cli_reencode_dry_run_job_and_rename(
     assert (await get_input(inputs, caller, "clip")).title == "A clip"
 
 
-async def test_a_version_built_after_the_reencode_keeps_the_media_it_captured(
-    server: Running,
+async def test_a_version_created_right_after_the_reencode_holds_the_new_media(
     db: Database,
     inputs: Inputs,
     datasets: Datasets,
@@ -351,22 +351,27 @@ async def test_a_version_built_after_the_reencode_keeps_the_media_it_captured(
     caller: Caller,
     tmp_path: Path,
 ) -> None:
-    """Created before the re-encode, built after it: the version's content refers to the
-    new media, so the version must keep the new media alive and export it."""
+    """The re-encode's transaction refreshes the input's content: a version created as soon
+    as the job ends refers to the new media, in its content and in the original it keeps
+    alive, and exports it (versions are READY when created: there is no later build that
+    could read the input between the two)."""
     original = make_video(tmp_path, "late.avi", ["-c:v", "mjpeg"])
     await new_dataset(datasets, caller, "ds")
     await create(inputs, caller, [video_input("late", original, "ds")])
-    job = await held_version(server, caller, "late")
     started = await reencode(inputs, caller, ["late"])
     result = (await finished(inputs, caller, started.job.id)).results[0]
     assert result.outcome == api.REENCODE_OUTCOME_REENCODED
-    await builder(server, page_size=10).run(job, no_progress)
+    await build(versions, caller, "ds", "late")
 
-    key = await db.fetchval(
-        "SELECT blob_key FROM version_inputs WHERE app_id = $1 AND version_id = 'late'",
+    row = await db.fetchrow(
+        "SELECT v.blob_key, c.data FROM version_inputs v"
+        " JOIN input_contents c ON c.hash = v.content_hash"
+        " WHERE v.app_id = $1 AND v.dataset_id = 'ds' AND v.version_id = 'late'",
         caller.app_id,
     )
-    assert key == content_key(result.sha256)
+    assert row is not None and row["blob_key"] == content_key(result.sha256)
+    assert content_suffix(result.sha256).encode() in row["data"]
+    assert content_suffix(hashlib.sha256(original).hexdigest()).encode() not in row["data"]
     _, archive = await exported(versions, caller, "ds", "late", PROTOBUF, options(embed_media=True))
     captured = by_id(batches(archive, PROTOBUF)["all"])["late"].data.video
     assert hashlib.sha256(captured.base64).hexdigest() == result.sha256

@@ -18,6 +18,8 @@ from datasetd.v1 import input_service_pb2 as api
 from datasetd.v1 import search_service_pb2 as sapi
 from google.protobuf import timestamp_pb2
 
+from service.domain.versions import RETIRED_BUILD
+from service.storage.db import Database
 from tests.conftest import Caller
 from tests.e2e.test_inputs import metadata, new_dataset
 from tests.e2e.test_versions import build
@@ -485,6 +487,7 @@ async def test_bad_queries_are_refused_by_field_and_write_nothing(
     versions: Versions,
     search: Search,
     caller: Caller,
+    db: Database,
 ) -> None:
     await vector_inputs(inputs, caller)
     await new_dataset(datasets, caller, "ds")
@@ -595,40 +598,43 @@ async def test_bad_queries_are_refused_by_field_and_write_nothing(
             f == field or f.startswith(field + ".") or f.startswith(field + "[")
             for f in refused.fields
         ), (field, refused.fields)
-    # A version that is not READY: one whose build was cancelled.
+    # A version that is not READY: one that was building when datasetd was upgraded,
+    # failed by migration 0014 (versions are READY when created, there is no build to
+    # cancel: the cancel is refused).
     await create(inputs, caller, an_image("member"))
     await datasets.AddDatasetInputs(
         dapi.AddDatasetInputsRequest(app_id=caller.app_id, dataset_id="ds", input_ids=["member"]),
         metadata=caller.metadata,
     )
-    for attempt in range(10):
-        version_id = f"c{attempt}"
-        await versions.CreateDatasetVersion(
-            vapi.CreateDatasetVersionRequest(
-                app_id=caller.app_id,
-                dataset_id="ds",
-                version=dataset_version_pb2.DatasetVersion(id=version_id),
+    await versions.CreateDatasetVersion(
+        vapi.CreateDatasetVersionRequest(
+            app_id=caller.app_id,
+            dataset_id="ds",
+            version=dataset_version_pb2.DatasetVersion(id="failed"),
+        ),
+        metadata=caller.metadata,
+    )
+    ended = await call_error(
+        versions.CancelDatasetVersionBuild(
+            vapi.CancelDatasetVersionBuildRequest(
+                app_id=caller.app_id, dataset_id="ds", version_id="failed"
             ),
             metadata=caller.metadata,
         )
-        try:
-            await versions.CancelDatasetVersionBuild(
-                vapi.CancelDatasetVersionBuildRequest(
-                    app_id=caller.app_id, dataset_id="ds", version_id=version_id
-                ),
-                metadata=caller.metadata,
-            )
-        except grpc.aio.AioRpcError as error:
-            assert error.code() == PRECONDITION  # built before the cancel came
-            continue
-        pinned = search_pb2.SearchQuery(
-            scope=search_pb2.SearchScope(dataset_id="ds", version_id=version_id)
-        )
-        refused = await call_error(page(search, caller, pinned))
-        assert refused.code == PRECONDITION
-        assert refused.reason == "VERSION_NOT_READY"
-        assert "query.scope.version_id" in refused.fields
-        break
-    else:
-        raise AssertionError("every build finished before it could be cancelled")
+    )
+    assert (ended.code, ended.reason) == (PRECONDITION, "VERSION_BUILD_ENDED")
+    pinned = search_pb2.SearchQuery(
+        scope=search_pb2.SearchScope(dataset_id="ds", version_id="failed")
+    )
+    assert [h.input.id for h in (await page(search, caller, pinned)).hits] == ["member"]
+    await db.execute(
+        "UPDATE dataset_versions SET status = 'failed', details = $2"
+        " WHERE app_id = $1 AND dataset_id = 'ds' AND id = 'failed'",
+        caller.app_id,
+        RETIRED_BUILD,
+    )
+    refused = await call_error(page(search, caller, pinned))
+    assert refused.code == PRECONDITION
+    assert refused.reason == "VERSION_NOT_READY"
+    assert "query.scope.version_id" in refused.fields
     assert await ids(search, caller) == [*before, "member"]

@@ -105,7 +105,7 @@ def _png(seed: int) -> bytes:
 
 async def _add(world: World, app_id: str, items: list[Input]) -> None:
     async with world.db.transaction():
-        assert await world.inputs.insert_many(items) == {i.id for i in items}
+        assert set(await world.inputs.insert_many(items)) == {i.id for i in items}
 
 
 async def _image(world: World, app_id: str, input_id: str, data: bytes) -> Input:

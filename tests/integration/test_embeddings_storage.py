@@ -22,7 +22,6 @@ from service.domain.embeddings import (
     EmbeddingState,
     ModelSpec,
 )
-from service.domain.jobs import Job, JobKind
 from service.domain.maintenance import Maintenance
 from service.domain.models import (
     Annotation,
@@ -30,10 +29,7 @@ from service.domain.models import (
     GeoPoint,
     Input,
     MediaType,
-    Principal,
 )
-from service.domain.versions import VersionBuilder, VersionFields, VersionService
-from service.formats.snapshot import ProtobufSnapshotEncoder
 from service.media.probe import MediaProbes
 from service.storage.annotations import PgAnnotationRepository
 from service.storage.blobs import ContentAddressedBlobStore
@@ -47,11 +43,10 @@ from service.storage.embeddings import (
 )
 from service.storage.idempotency import PgIdempotencyRepository
 from service.storage.inputs import PgInputRepository, PgMembershipRepository
-from service.storage.jobs import PgJobQueue
-from service.storage.ontologies import PgOntologyRepository
 from service.storage.versions import PgVersionRepository
 from tests.conftest import Stack, object_store
 from tests.scratch import migrated_database
+from tests.snapshots import create_ready
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +103,7 @@ def text(app: str, input_id: str, content: str = "hello") -> Input:
 
 
 async def add(db: Database, *inputs: Input) -> None:
-    assert await PgInputRepository(db).insert_many(list(inputs)) == {i.id for i in inputs}
+    assert set(await PgInputRepository(db).insert_many(list(inputs))) == {i.id for i in inputs}
 
 
 async def rows(db: Database, app: str, input_id: str, model: EmbeddingModel) -> list[Any]:
@@ -125,63 +120,26 @@ async def delete_inputs(db: Database, app: str, *ids: str) -> None:
     assert sorted(await PgInputRepository(db).delete(app, list(ids))) == sorted(ids)
 
 
-# --- versions, built the way the job does -----------------------------------------------
-
-
-class HeldJobs(PgJobQueue):
-    """Queues build jobs under a kind no runner claims: the test runs them."""
-
-    async def enqueue(self, kind: JobKind, app_id: str, payload: dict[str, Any]) -> int:
-        job_id: int = await self._db.fetchval(
-            "INSERT INTO jobs (kind, app_id, payload) VALUES ('held-by-test', $1, $2) RETURNING id",
-            app_id,
-            payload,
-        )
-        return job_id
+# --- versions, created the way CreateDatasetVersion does ----------------------------------
 
 
 async def build_version(
     db: Database, stack: Stack, app: str, dataset_id: str, version_id: str
 ) -> None:
-    versions = PgVersionRepository(db)
-    service = VersionService(versions, PgMembershipRepository(db), HeldJobs(db), db)
-    principal = Principal("test", app, frozenset({"read", "write"}))
-    version = await service.create(principal, app, dataset_id, version_id, VersionFields())
-    assert version.job_id is not None
-    builder = VersionBuilder(
-        versions,
-        PgInputRepository(db),
-        PgAnnotationRepository(db),
-        PgOntologyRepository(db),
-        ContentAddressedBlobStore(db, object_store(stack)),
-        ProtobufSnapshotEncoder(),
-        db,
-        page_size=2,
-    )
-    job = Job(
-        version.job_id,
-        JobKind.BUILD_VERSION,
-        app,
-        {"dataset_id": dataset_id, "version_id": version_id},
-    )
-
-    async def progress(percent: int) -> None:
-        pass
-
-    await builder.run(job, progress)
-    built = await versions.get(app, dataset_id, version_id)
-    assert built is not None and built.status.value == "ready", built
+    await create_ready(db, object_store(stack), app, dataset_id, version_id)
 
 
 async def new_dataset(db: Database, app: str, dataset_id: str) -> None:
     await PgDatasetRepository(db).insert(Dataset(app, dataset_id))
 
 
+# What search filters a version's members by: the columns of the content they refer to.
 CAPTURE_COLUMNS = """
-SELECT input_id, input_seq, media_type, metadata, concepts, annotated, longitude, latitude,
-       created_at
-FROM version_inputs WHERE app_id = $1 AND dataset_id = $2 AND version_id = $3
-ORDER BY position
+SELECT v.input_id, v.input_seq, c.media_type, c.metadata, c.concepts, c.annotated,
+       c.longitude, c.latitude, c.created_at
+FROM version_inputs v JOIN input_contents c ON c.hash = v.content_hash
+WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3
+ORDER BY v.position
 """
 
 
@@ -526,12 +484,19 @@ async def test_a_version_captures_its_inputs_search_columns_and_vectors(
     assert await repo.vector_of(app, "cat", model, ("ds", "v1")) == (1.0, 0.0, 0.0, 0.0)
     assert await repo.vector_of(app, "cat", model) == (0.0, 0.0, 0.0, 1.0)
 
-    # Versions built before migration 0012: the maintenance loop fills the same columns
-    # from the serialized content, and captures the vectors current at that time.
+    # Content moved by migration 0014 from versions built before migration 0012: the
+    # maintenance loop fills the same columns from the serialized content, and captures
+    # the vectors current at that time.
     await db.execute(
-        "UPDATE version_inputs SET input_seq = NULL, media_type = NULL, metadata = NULL,"
-        " concepts = NULL, annotated = NULL, longitude = NULL, latitude = NULL,"
-        " created_at = NULL WHERE app_id = $1",
+        "UPDATE input_contents SET media_type = NULL, metadata = NULL, concepts = NULL,"
+        " annotated = NULL, longitude = NULL, latitude = NULL, created_at = NULL,"
+        " metrics = NULL WHERE hash IN (SELECT content_hash FROM version_inputs"
+        " WHERE app_id = $1 AND dataset_id = 'ds' AND version_id = 'v1')",
+        app,
+    )
+    await db.execute(
+        "UPDATE version_inputs SET input_seq = NULL"
+        " WHERE app_id = $1 AND dataset_id = 'ds' AND version_id = 'v1'",
         app,
     )
     await db.execute("DELETE FROM version_embeddings WHERE app_id = $1", app)

@@ -5,6 +5,7 @@ numpy, the HNSW path's recall and plan, and a version searched as it was capture
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
 import random
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from datasetd.v1 import input_pb2
+from datasetd.v1 import data_pb2, input_pb2
 
 from service.domain.embeddings import (
     EXACT_SCAN_LIMIT,
@@ -495,9 +496,22 @@ async def test_geo_radius_matches_the_great_circle_distance(db: Database) -> Non
     assert checked > 4000
 
 
+def snapshot_of(row: Row) -> bytes:
+    """The serialized snapshot of a world's input as the version holds it (what its hits
+    show): its metadata, geo point, creation time and positive concepts."""
+    message = input_pb2.Input(id=row.id)
+    message.created_at.FromDatetime(row.created_at)
+    message.data.metadata.update(row.metadata)
+    if row.geo is not None:
+        message.data.geo.geo_point.latitude, message.data.geo.geo_point.longitude = row.geo
+    for concept in sorted(row.concepts):
+        message.data.concepts.add(id=concept, value=1.0)
+    return message.SerializeToString()
+
+
 async def capture_version(db: Database, world: World, version_id: str) -> list[Row]:
-    """A READY version of the world's dataset, its search columns and vector references
-    filled as the build fills them; its members."""
+    """A READY version of the world's dataset, its content references, search columns and
+    vector references taken as CreateDatasetVersion takes them; its members."""
     app, ds = world.app_id, world.dataset_id
     await db.execute(
         "INSERT INTO dataset_versions (app_id, dataset_id, id, status)"
@@ -507,23 +521,40 @@ async def capture_version(db: Database, world: World, version_id: str) -> list[R
         version_id,
     )
     members = [r for r in world.rows if r.member]
-    # The capture, as the build fills it: the live columns and the current vectors.
+    # The capture, as CreateDatasetVersion takes it: each member refers to its input's
+    # content (input_contents: its snapshot and the search columns of the live rows).
+    snapshots = [snapshot_of(r) for r in members]
     await db.execute(
         """
-        INSERT INTO version_inputs (app_id, dataset_id, version_id, position, input_id, input_seq,
-            media_type, metadata, concepts, annotated, longitude, latitude, created_at)
-        SELECT i.app_id, $2, $3, (row_number() OVER (ORDER BY i.seq))::int, i.id, i.seq,
-               i.media_type, i.metadata,
+        INSERT INTO input_contents (hash, data, media_type, metadata, concepts, annotated,
+                                    longitude, latitude, created_at)
+        SELECT t.hash, t.data, i.media_type, i.metadata,
                ARRAY(SELECT DISTINCT unnest(a.positive_concepts) FROM annotations a
                      WHERE a.app_id = i.app_id AND a.input_id = i.id),
                EXISTS (SELECT 1 FROM annotations a WHERE a.app_id = i.app_id AND a.input_id = i.id),
                i.longitude, i.latitude, i.created_at
-        FROM inputs i WHERE i.app_id = $1 AND i.id = ANY($4::text[])
+        FROM unnest($2::text[], $3::bytea[], $4::bytea[]) AS t(id, hash, data)
+        JOIN inputs i ON i.app_id = $1 AND i.id = t.id
+        ON CONFLICT (hash) DO NOTHING
+        """,
+        app,
+        [r.id for r in members],
+        [hashlib.sha256(data).digest() for data in snapshots],
+        snapshots,
+    )
+    await db.execute(
+        """
+        INSERT INTO version_inputs (app_id, dataset_id, version_id, position, input_id, input_seq,
+                                    content_hash)
+        SELECT i.app_id, $2, $3, (row_number() OVER (ORDER BY i.seq))::int, i.id, i.seq, t.hash
+        FROM unnest($4::text[], $5::bytea[]) AS t(id, hash)
+        JOIN inputs i ON i.app_id = $1 AND i.id = t.id
         """,
         app,
         ds,
         version_id,
         [r.id for r in members],
+        [hashlib.sha256(data).digest() for data in snapshots],
     )
     await db.execute(
         "INSERT INTO version_embeddings (app_id, dataset_id, version_id, input_id, embedding_id)"
@@ -818,14 +849,32 @@ async def test_exact_duplicates_group_same_originals_and_same_texts(db: Database
         dataset_id,
     )
     members = [r for r in rows if r[4]]
+    # Each member refers to its content (its snapshot, with the text of a text input).
+    snapshots = [
+        input_pb2.Input(
+            id=r[0], data=data_pb2.Data(text=data_pb2.Text(raw=r[3])) if r[3] else None
+        ).SerializeToString()
+        for r in members
+    ]
+    hashes = [hashlib.sha256(data).digest() for data in snapshots]
+    await db.execute(
+        "INSERT INTO input_contents (hash, data, media_type, metadata)"
+        " SELECT t.hash, t.data, t.media_type, '{}' FROM unnest($1::bytea[], $2::bytea[],"
+        " $3::text[]) AS t(hash, data, media_type) ON CONFLICT (hash) DO NOTHING",
+        hashes,
+        snapshots,
+        [r[1] for r in members],
+    )
     await db.execute(
         "INSERT INTO version_inputs (app_id, dataset_id, version_id, position, input_id,"
-        " input_seq, media_type, blob_key)"
+        " input_seq, blob_key, content_hash)"
         " SELECT i.app_id, $2, 'v', (row_number() OVER (ORDER BY i.seq))::int, i.id, i.seq,"
-        " i.media_type, i.blob_key FROM inputs i WHERE i.app_id = $1 AND i.id = ANY($3::text[])",
+        " i.blob_key, t.hash FROM unnest($3::text[], $4::bytea[]) AS t(id, hash)"
+        " JOIN inputs i ON i.app_id = $1 AND i.id = t.id",
         app_id,
         dataset_id,
         [r[0] for r in members],
+        hashes,
     )
     images = [r for r in members if r[1] == "image"]
     await db.execute(
@@ -972,13 +1021,30 @@ async def test_a_version_hit_shows_its_snapshot(db: Database) -> None:
     snapshot = input_pb2.Input(id=relabelled.id, title="as captured")
     snapshot.data.metadata.update({"color": "captured"})
     snapshot.data.concepts.add(id="c9", value=1.0)
+    # The member refers to other content, with the same search columns.
+    data = snapshot.SerializeToString()
     await db.execute(
-        "UPDATE version_inputs SET data = $4"
+        "INSERT INTO input_contents (hash, data, media_type, metadata, concepts, annotated,"
+        " longitude, latitude, created_at)"
+        " SELECT $6, $4, c.media_type, c.metadata, c.concepts, c.annotated, c.longitude,"
+        " c.latitude, c.created_at FROM version_inputs v"
+        " JOIN input_contents c ON c.hash = v.content_hash"
+        " WHERE v.app_id = $1 AND v.dataset_id = $2 AND v.version_id = $3 AND v.input_id = $5"
+        " ON CONFLICT (hash) DO NOTHING",
+        app,
+        ds,
+        version_id,
+        data,
+        relabelled.id,
+        hashlib.sha256(data).digest(),
+    )
+    await db.execute(
+        "UPDATE version_inputs SET content_hash = $4"
         " WHERE app_id = $1 AND dataset_id = $2 AND version_id = $3 AND input_id = $5",
         app,
         ds,
         version_id,
-        snapshot.SerializeToString(),
+        hashlib.sha256(data).digest(),
         relabelled.id,
     )
     (hit,) = [h for h in await all_pages(repo, version, None, 100) if h.input.id == relabelled.id]

@@ -239,7 +239,7 @@ class ClarifaiVersions:
             versions = [dataset_version_pb2.DatasetVersion()]
         violations.raise_if_any()
         # All or nothing, like PostDatasets: a refusal of the n-th deletes the ones made
-        # before it. Each returns at once; its build runs in the background.
+        # before it. Each is READY when it returns (a snapshot by reference).
         created: list[dataset_version_pb2.DatasetVersion] = []
         try:
             for given in versions:
