@@ -179,6 +179,10 @@ class EmbeddingIndexer:
         while True:
             # Raises JobCancelled between batches once the job was cancelled.
             await progress(min(99, (position * 100 + min(90, len(seen) // self.batch)) // count))
+            if self.fetcher is None:
+                # URL-only inputs cannot be read: all of them fail at once, not per batch.
+                async with self.tx.transaction():
+                    await self.embeddings.fail_unfetched(model, URL_FETCHING_OFF)
             batch = await self.embeddings.pending(model, self.batch)
             if not batch:
                 return stored

@@ -236,6 +236,11 @@ class EmbeddingRepository(Protocol):
         it nor a recorded failure, oldest first."""
         ...
 
+    async def fail_unfetched(self, model: EmbeddingModel, error: str) -> int:
+        """Records `error` as the failure of every pending media input of the model that
+        only references a URL (no stored original); how many."""
+        ...
+
     async def apps_with_pending(self, model: EmbeddingModel) -> list[str]: ...
 
     async def ensure_indexes(self) -> None:

@@ -229,6 +229,16 @@ APPS_WITH_PENDING = f"""
 SELECT DISTINCT i.app_id FROM inputs i WHERE {_PENDING_WHERE} AND i.seq >= {{start}}
 ORDER BY 1
 """
+# Pending media inputs that only reference a URL, failed in one statement when the
+# installation does not fetch URLs (rather than read, and failed, a batch at a time).
+FAIL_UNFETCHED = f"""
+INSERT INTO embedding_failures (app_id, input_id, model_number, error)
+SELECT i.app_id, i.id, $1, $3 FROM inputs i
+WHERE {_PENDING_WHERE} AND i.seq >= {{start}}
+  AND i.media_type <> 'text' AND i.blob_key IS NULL AND i.source_url <> ''
+ON CONFLICT (app_id, input_id, model_number)
+DO UPDATE SET error = EXCLUDED.error, failed_at = now()
+"""
 LAST_SEQ = "SELECT coalesce(max(seq), 0) FROM inputs"
 
 # Models whose index is missing or left invalid by an interrupted build.
@@ -488,6 +498,14 @@ class PgEmbeddingRepository(Repository):
             )
             for r in rows
         ]
+
+    async def fail_unfetched(self, model: EmbeddingModel, error: str) -> int:
+        media = sorted(m.value for m in model.media_types)
+        hint = self._hints.get(model.number)
+        fresh = hint is not None and time.monotonic() - hint[1] < self._full_scan_seconds
+        start = hint[0] if fresh and hint is not None else 0
+        sql = FAIL_UNFETCHED.format(start=int(start))
+        return await self._db.affected(sql, model.number, media, error)
 
     async def apps_with_pending(self, model: EmbeddingModel) -> list[str]:
         media = sorted(m.value for m in model.media_types)

@@ -560,6 +560,15 @@ class _Repository:
         self.failures.update({input_id: error for _, input_id, error in failures})
         self._done({input_id for _, input_id, _ in failures})
 
+    async def fail_unfetched(self, model: EmbeddingModel, error: str) -> int:
+        unfetched = [
+            p
+            for p in self.waiting
+            if p.blob_key is None and p.media_type is not MediaType.TEXT and p.source_url
+        ]
+        await self.record_failures(model, [(p.app_id, p.input_id, error) for p in unfetched])
+        return len(unfetched)
+
     async def ensure_indexes(self) -> None:
         self.indexed += 1
 
