@@ -31,13 +31,17 @@ Mapping (also stated in the export's fidelity notes):
 
 Images and annotations are appended to temporary files per split as pages are written,
 and each split's JSON is assembled from them into the archive at the end, so neither is
-held in memory.
+held in memory. The archive is written in one pass over the version: category ids are
+only known once every image was seen (they are numbered in concept id order), so records
+carry a provisional `"category_id":-N` (the N-th concept seen), replaced by the final id
+as the split's JSON is assembled, a record (one per line) at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -97,13 +101,41 @@ class _SplitFiles:
 
 
 def _append(target: IO[bytes], before: int, records: list[dict[str, Any]]) -> None:
-    """Appends `records` after the `before` ones already in `target`."""
+    """Appends `records` after the `before` ones already in `target`, one per line (JSON
+    strings escape their newlines, so a line break is always between two records)."""
     if not records:
         return
     if before:
-        target.write(b",")
+        target.write(b",\n")
     encoded = json.dumps(records, ensure_ascii=False, separators=(",", ":"))
-    target.write(encoded[1:-1].encode())
+    target.write(encoded[1:-1].replace("},{", "},\n{").encode())
+
+
+# A provisional category id as _append wrote it; a string value cannot hold it (its
+# quotes would be escaped).
+_PROVISIONAL = re.compile(rb'"category_id":-(\d+)')
+# Lines of the temporary files remapped per step.
+_REMAP_CHUNK = 1 << 20
+
+
+def _remap(source: IO[bytes], final: list[int]) -> IO[bytes]:
+    """A temporary file with `source`'s records, each provisional category id replaced
+    by its final one (`final[n - 1]` for -n)."""
+
+    def replace(match: re.Match[bytes]) -> bytes:
+        return b'"category_id":%d' % final[int(match.group(1)) - 1]
+
+    # Returned open: the caller closes it once the archive holds it.
+    target = tempfile.TemporaryFile()  # noqa: SIM115
+    source.seek(0)
+    rest = b""
+    while chunk := source.read(_REMAP_CHUNK):
+        chunk = rest + chunk
+        cut = chunk.rfind(b"\n") + 1
+        rest = chunk[cut:]
+        target.write(_PROVISIONAL.sub(replace, chunk[:cut]))
+    target.write(_PROVISIONAL.sub(replace, rest))
+    return target
 
 
 def _pixels(value: float) -> float:
@@ -142,7 +174,8 @@ def _shoelace(xs: list[float], ys: list[float]) -> float:
 class CocoWriter:
     """An ArchiveWriter of COCO archives."""
 
-    needs_census = True
+    # One pass: categories are fixed at the end (provisional ids meanwhile).
+    needs_census = False
 
     def __init__(
         self,
@@ -167,8 +200,9 @@ class CocoWriter:
             "year": modified.year,
             "date_created": modified.isoformat(),
         }
-        # Concept ids from the census; categories are fixed at the first write.
-        self._concepts: set[str] = set()
+        # The concepts of the images, in the order first seen (the index + 1 is the
+        # provisional category id); the categories are fixed once all were seen.
+        self._concepts: dict[str, int] = {}
         self._categories: dict[str, int] | None = None
         self._category_records: list[dict[str, Any]] = []
         self._next_annotation = 1
@@ -181,8 +215,6 @@ class CocoWriter:
         return await asyncio.to_thread(labels_of, [m.data for m in members])
 
     async def write(self, split: str, members: list[VersionMember]) -> int:
-        if self._categories is None:
-            self._fix_categories()
         files = self._splits[split]
         # Only images have a place in COCO: the split counts what was written.
         images_before = files.image_count
@@ -193,6 +225,7 @@ class CocoWriter:
 
     async def finish(self) -> FidelityReport:
         try:
+            self._fix_categories()
             for split, files in self._splits.items():
                 await self._write_instances(split, files)
             await self._zip.close()
@@ -202,31 +235,30 @@ class CocoWriter:
         return FidelityReport(dict(sorted(self._dropped.items())), self._notes())
 
     def _fix_categories(self) -> None:
-        """The categories: the ontology's classes, if any, then the concepts of the census
+        """The categories: the ontology's classes, if any, then the concepts of the images
         that are not among them, numbered on from the ontology's highest number."""
         records = ontology_categories(self._ontology) if self._ontology is not None else []
         known = {record["name"] for record in records}
         first = self._ontology.last_category_id + 1 if self._ontology is not None else 1
         records += [
             {"id": number, "name": concept_id, "supercategory": ""}
-            for number, concept_id in enumerate(sorted(self._concepts - known), start=first)
+            for number, concept_id in enumerate(sorted(self._concepts.keys() - known), start=first)
         ]
         records.sort(key=lambda record: int(record["id"]))
         self._category_records = records
         self._categories = {record["name"]: record["id"] for record in records}
 
     def _observe(self, members_data: list[bytes]) -> list[frozenset[str]]:
-        """Notes the concepts of the members' images; the labels of every member (one
-        parse serves both)."""
-        found = []
-        for data in members_data:
-            message = parse(data)
-            content = message.data
-            if medium_of(content) == "image":
-                self._concepts.update(c.id for c in content.concepts)
-                self._concepts.update(c.id for r in content.regions for c in r.data.concepts)
-            found.append(positive_concepts(message))
-        return found
+        """The labels of every member (for a split's census)."""
+        return [positive_concepts(parse(data)) for data in members_data]
+
+    def _note_concepts(self, data: data_pb2.Data) -> None:
+        """Every concept of an image gets a category, the region's negative ones too."""
+        for concept in data.concepts:
+            self._provisional(concept.id)
+        for region in data.regions:
+            for concept in region.data.concepts:
+                self._provisional(concept.id)
 
     def _convert_page(
         self, files: _SplitFiles, members: list[VersionMember]
@@ -244,6 +276,7 @@ class CocoWriter:
         if medium != "image":
             self._drop_input(medium, data)
             return None
+        self._note_concepts(data)
         info = data.image.image_info
         file_name = message.id + _EXTENSIONS.get(info.format, f".{info.format.lower()}")
         image_id = member.position + 1
@@ -261,7 +294,7 @@ class CocoWriter:
                 self._dropped["media_not_embedded"] += 1
         if data.concepts:
             record["datasetd_concepts"] = [
-                {"concept_id": c.id, "category_id": self._category(c.id), "value": c.value}
+                {"concept_id": c.id, "category_id": self._provisional(c.id), "value": c.value}
                 for c in data.concepts
             ]
         for kind, present in (
@@ -307,7 +340,7 @@ class CocoWriter:
                 {
                     "id": self._next_annotation,
                     "image_id": image_id,
-                    "category_id": self._category(concept.id),
+                    "category_id": self._provisional(concept.id),
                     "bbox": bbox,
                     "area": area,
                     "segmentation": segmentation,
@@ -355,17 +388,25 @@ class CocoWriter:
         rle, area, mask_box = converted
         return [float(v) for v in mask_box], float(area), rle
 
-    def _category(self, concept_id: str) -> int:
-        assert self._categories is not None
-        category = self._categories.get(concept_id)
-        if category is None:
-            raise RuntimeError(f"concept {concept_id!r} was not seen by the census pass")
-        return category
+    def _provisional(self, concept_id: str) -> int:
+        """The concept's provisional category id: -n for the n-th concept seen."""
+        number = self._concepts.get(concept_id)
+        if number is None:
+            number = self._concepts[concept_id] = len(self._concepts) + 1
+        return -number
 
     async def _write_instances(self, split: str, files: _SplitFiles) -> None:
-        if self._categories is None:
-            # No member was written: the categories are still the ontology's.
-            self._fix_categories()
+        assert self._categories is not None
+        final = [self._categories[concept_id] for concept_id in self._concepts]
+        images = await asyncio.to_thread(_remap, files.images, final)
+        annotations = await asyncio.to_thread(_remap, files.annotations, final)
+        try:
+            await self._write_json(split, images, annotations)
+        finally:
+            images.close()
+            annotations.close()
+
+    async def _write_json(self, split: str, images: IO[bytes], annotations: IO[bytes]) -> None:
         head = json.dumps(
             {"info": self._info, "licenses": [], "categories": self._category_records},
             ensure_ascii=False,
@@ -374,9 +415,9 @@ class CocoWriter:
         # The object is reopened to append the two arrays streamed from the files.
         parts: list[bytes | IO[bytes]] = [
             head[:-1] + b',"images":[',
-            files.images,
+            images,
             b'],"annotations":[',
-            files.annotations,
+            annotations,
             b"]}",
         ]
         size = sum(len(p) if isinstance(p, bytes) else p.tell() for p in parts)
