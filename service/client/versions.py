@@ -181,6 +181,9 @@ class Versions:
         created = to_version_info(response.version)
         if not wait:
             return created
+        if created.status == READY:
+            # A snapshot by reference is READY when created: nothing to wait for.
+            return created
         return self.wait_version(created.id, timeout, show_progress, progress)
 
     def wait_version(
@@ -190,7 +193,8 @@ class Versions:
         show_progress: bool = False,
         progress: Progress | None = None,
     ) -> VersionInfo:
-        """Waits until the build ended; READY is returned, FAILURE raised."""
+        """Waits until the version left PENDING and IN_PROGRESS (a version created by a
+        release that built versions in the background); READY is returned, FAILURE raised."""
         return wait_for(
             lambda: self.get_version(version_id),
             READY,
