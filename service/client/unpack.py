@@ -560,8 +560,10 @@ def _coco_split(
     stats.annotations_count += len(annotations)
     stats.assets_count += split.count
     stats.splits[split_name] = split.count
+    # One string, one write: json.dump would write it in tens of thousands of pieces.
+    encoded = json.dumps(document, ensure_ascii=False)
     with (split.root / "annotations.json").open("w", encoding="utf-8") as out:
-        json.dump(document, out, ensure_ascii=False)
+        out.write(encoded)
 
 
 def _normalize(annotation: dict[str, Any], width: float, height: float) -> None:
