@@ -22,7 +22,7 @@ import ipaddress
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote, urljoin, urlsplit
@@ -254,7 +254,7 @@ class UrlFetcher:
         target: _Target,
         field: str,
     ) -> bytes:
-        try:
+        with _reading(target, field):
             if "chunked" in (headers.get("Transfer-Encoding") or "").lower():
                 return await self._read_chunked(reader, target, field)
             lengths = {value.strip() for value in headers.get_all("Content-Length") or []}
@@ -266,14 +266,6 @@ class UrlFetcher:
                     raise self._too_large(field, target, f"{length} bytes")
                 return await reader.readexactly(length)
             return await self._read_to_end(reader, target, field)
-        except asyncio.IncompleteReadError as exc:
-            raise _failed(
-                field,
-                f"{target.url} closed the connection after {len(exc.partial)} of "
-                f"{exc.expected} expected bytes",
-            ) from None
-        except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
-            raise _failed(field, f"reading {target.url} failed: {exc}") from None
 
     async def _read_head(
         self,
@@ -293,16 +285,8 @@ class UrlFetcher:
                     field, f"{target.url} answered the range request with an invalid Content-Range"
                 )
             total = span[1]
-        try:
+        with _reading(target, field):
             data, ended = await _read_prefix(reader, response.headers, target, field, size)
-        except asyncio.IncompleteReadError as exc:
-            raise _failed(
-                field,
-                f"{target.url} closed the connection after {len(exc.partial)} of "
-                f"{exc.expected} expected bytes",
-            ) from None
-        except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
-            raise _failed(field, f"reading {target.url} failed: {exc}") from None
         if response.status == 206:
             # A server may send less than asked; only the total tells where the body ends
             # (an unknown total: a short part must be the end).
@@ -566,6 +550,22 @@ def _non_public(address: IPAddress) -> str | None:
 
 def _forbidden(field: str, description: str) -> InvalidArgument:
     return InvalidArgument.field(field, description, reason="URL_FORBIDDEN")
+
+
+@contextlib.contextmanager
+def _reading(target: _Target, field: str) -> Iterator[None]:
+    """A read of the response body: a connection that ends early or fails is the input's
+    error, naming `field`."""
+    try:
+        yield
+    except asyncio.IncompleteReadError as exc:
+        raise _failed(
+            field,
+            f"{target.url} closed the connection after {len(exc.partial)} of "
+            f"{exc.expected} expected bytes",
+        ) from None
+    except (OSError, asyncio.LimitOverrunError, ValueError) as exc:
+        raise _failed(field, f"reading {target.url} failed: {exc}") from None
 
 
 def _failed(field: str, description: str) -> InvalidArgument:

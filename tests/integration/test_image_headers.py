@@ -79,6 +79,7 @@ class Server(ThreadingHTTPServer):
     ranges: list[str | None]
     open_now: int
     most_open: int
+    hold_until: int
     lock: threading.Lock
 
 
@@ -138,10 +139,18 @@ class Handler(BaseHTTPRequestHandler):
         self._head(302, Location=query["to"], Content_Length="0")
 
     def route_slow(self, name: str, query: dict[str, str]) -> None:
+        """Holds the read 0.5 s, or, with `hold_until` set, until that many are open at
+        once (reads made one after another never get there: each is held 10 s)."""
         with self.server.lock:
             self.server.open_now += 1
             self.server.most_open = max(self.server.most_open, self.server.open_now)
-        time.sleep(0.5)
+        wanted = self.server.hold_until
+        deadline = time.monotonic() + (10 if wanted else 0.5)
+        while time.monotonic() < deadline:
+            with self.server.lock:
+                if wanted and self.server.most_open >= wanted:
+                    break
+            time.sleep(0.02)
         with self.server.lock:
             self.server.open_now -= 1
         self.route_ranged(name, query)
@@ -150,7 +159,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def http_server() -> Iterator[tuple[Server, str]]:
     running = Server(("127.0.0.1", 0), Handler)
-    running.ranges, running.open_now, running.most_open = [], 0, 0
+    running.ranges, running.open_now, running.most_open, running.hold_until = [], 0, 0, 0
     running.lock = threading.Lock()
     thread = threading.Thread(target=running.serve_forever, daemon=True)
     thread.start()
@@ -260,6 +269,7 @@ async def test_a_batch_reads_its_url_images_concurrently(
     db: Database, stack: Stack, http_server: tuple[Server, str]
 ) -> None:
     running, base = http_server
+    running.hold_until = 8
     app = "headers-" + secrets.token_hex(4)
     principal = Principal("k", app, frozenset({"read", "write"}))
     inputs = dataclasses.replace(
@@ -290,7 +300,7 @@ async def test_a_batch_reads_its_url_images_concurrently(
     # Header reads are for images only: a text URL stays an unread reference.
     text = outcomes[9].view
     assert text is not None and text.input.blob is None and text.input.media_info == {}
-    # Eight slow reads (0.5 s each), all open at the same moment: the server counts them.
+    # The eight slow reads were all open at the same moment: the server counted them.
     assert running.most_open == 8
     assert len(running.ranges) == 8
 
