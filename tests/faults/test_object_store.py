@@ -90,8 +90,11 @@ async def store_goes_away(stack: FaultStack, plan: Plan) -> float:
             healed = time.monotonic()
             proxy.set_latency(0.0)
             health_back = await health.serving_again(healed, RECOVERY_SECONDS)
-            # The writers go on until uploads and an export made after healing succeed.
-            deadline = healed + RECOVERY_SECONDS + 20
+            # The writers go on until uploads and an export made after healing succeed. An
+            # export waits for the exports queued before it (one job slot, each retrying
+            # every 2 s while the store was away): on a loaded 2-core machine that took
+            # longer than 30 s once.
+            deadline = healed + RECOVERY_SECONDS + 50
             outcomes = writers.outcomes
             for _ in range(int((deadline - time.monotonic()) / 0.2)):
                 if outcomes.first_ok_started_after(
