@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from service.storage.db import Database, migrate
+from service.storage.db import Database, _migration_files, migrate
 
 
 @contextlib.asynccontextmanager
@@ -24,6 +24,21 @@ async def scratch_database(dsn: str, prefix: str) -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def migrate_before(conn: asyncpg.Connection[asyncpg.Record], version: int) -> None:
+    """Applies the migrations before `version` (and records them), as a database that a
+    release before it left: a test of `version` then migrates the rest."""
+    await conn.execute(
+        "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+        " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    for number, name, sql in _migration_files():
+        if number < version:
+            await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", number, name
+            )
 
 
 @contextlib.asynccontextmanager

@@ -35,10 +35,10 @@ from service.storage.api_keys import PgApiKeyRepository
 from service.storage.audit import PENDING_AUDIT, PendingAudit, PgAuditRepository
 from service.storage.blobs import ContentAddressedBlobStore
 from service.storage.datasets import PgDatasetRepository
-from service.storage.db import Database, _migration_files, migrate
+from service.storage.db import Database, migrate
 from service.storage.idempotency import PgIdempotencyRepository
 from tests.conftest import Stack, object_store
-from tests.scratch import migrated_database, scratch_database
+from tests.scratch import migrate_before, migrated_database, scratch_database
 
 ACCESS_MIGRATION = 13
 
@@ -604,18 +604,7 @@ async def test_migration_makes_each_bootstrap_key_the_owners_personal_key(stack:
     async with scratch_database(stack.dsn, "access_migration") as dsn:
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute(
-                "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
-                " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for version, name, sql in _migration_files():
-                if version < ACCESS_MIGRATION:
-                    await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                        version,
-                        name,
-                    )
+            await migrate_before(conn, ACCESS_MIGRATION)
             old: dict[str, ApiKey] = {}
             rows = [
                 ("main", "bootstrap", ["read", "write"], None),

@@ -25,7 +25,7 @@ from service.storage.diffs import PgVersionPairs
 from service.storage.exports import PgExportRepository
 from service.storage.versions import PgVersionRepository
 from tests.conftest import Stack, object_store
-from tests.scratch import scratch_database
+from tests.scratch import migrate_before, scratch_database
 from tests.snapshots import content_keeper, create_ready
 
 CONTENTS_MIGRATION = 14
@@ -116,18 +116,7 @@ async def migrated(stack: Stack) -> AsyncIterator[Database]:
     async with scratch_database(stack.dsn, "contents") as dsn:
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute(
-                "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
-                " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for version, name, sql in _migration_files():
-                if version < CONTENTS_MIGRATION:
-                    await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                        version,
-                        name,
-                    )
+            await migrate_before(conn, CONTENTS_MIGRATION)
             await conn.execute("INSERT INTO datasets (app_id, id) VALUES ($1, 'ds')", APP)
             for input_id, text in (("a", "alpha"), ("b", "beta, edited"), ("c", "gamma")):
                 await conn.execute(
